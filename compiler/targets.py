@@ -1,0 +1,53 @@
+"""Targets as ordered pass lists (DESIGN.md, Targets)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from compiler.cleanup import CleanupPass
+
+TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+
+
+class TargetError(ValueError):
+    """A target or precision that does not exist, or is not available yet."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    passes: tuple[Callable[[], ir.passes.PassBase], ...]
+    precisions: tuple[str, ...]
+    note: str
+
+
+_AVAILABLE = {
+    "portable": Target("portable", (CleanupPass,), ("fp32",),
+                       "canonical standard-op form (opset 18); Q/K/V packing and scale folding arrive with the passes issue"),
+}
+
+
+def get_target(name: str, precision: str = "fp32") -> Target:
+    if name not in TARGETS:
+        raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise TargetError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if name not in _AVAILABLE:
+        raise TargetError(f"target {name!r} is not available yet (it arrives with the compiler-passes issue); use --target portable")
+    target = _AVAILABLE[name]
+    if precision not in target.precisions:
+        raise TargetError(f"precision {precision} is not available yet for target {name!r}; use --precision fp32")
+    return target
+
+
+def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32") -> onnx.ModelProto:
+    """Run ``target``'s passes, in order, over a copy of ``model``."""
+    spec = get_target(target, precision)
+    ir_model = ir.serde.deserialize_model(model)
+    ir.passes.Sequential(*(make() for make in spec.passes))(ir_model)
+    return ir.serde.serialize_model(ir_model)

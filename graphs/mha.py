@@ -1,0 +1,171 @@
+"""The canonical, unfused ONNX form of torch.nn.MultiheadAttention (standard ops, opset 18).
+
+Every Reshape uses 0 (copy) or -1 and every sequence-dependent shape is computed with Shape, so
+one graph serves every batch size and length. Internally the graph is batch-first,
+(N, L, E) -> (N, H, L, hd); sequence-first inputs and outputs are transposed at the edges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from graphs.builder import GraphBuilder
+from graphs.spec import AttentionSpec
+from graphs.weights import AttentionWeights
+
+
+def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto:
+    g = GraphBuilder()
+    e, h, hd = spec.embed_dim, spec.num_heads, spec.head_dim
+
+    q_in = _batch_first(g, spec, "query")
+    k_in = q_in if spec.self_attention else _batch_first(g, spec, "key")
+    v_in = q_in if spec.self_attention else _batch_first(g, spec, "value")
+
+    w_q, w_k, w_v = weights.in_proj(spec)
+    b_q, b_k, b_v = weights.in_bias(spec) or (None, None, None)
+    q = _linear(g, "q_proj", q_in, w_q, b_q)
+    k = _linear(g, "k_proj", k_in, w_k, b_k)
+    v = _linear(g, "v_proj", v_in, w_v, b_v)
+    if spec.extra_keys:
+        k, v = _append_extra_keys(g, spec, weights, k, v)
+
+    split = g.ints("heads/shape", [0, 0, h, hd])
+    q_h = g.op("Transpose", [g.op("Reshape", [q, split], "heads/q/Reshape")], "heads/q/Transpose", perm=[0, 2, 1, 3])
+    k_t = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 3, 1])
+    v_h = g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")], "heads/v/Transpose", perm=[0, 2, 1, 3])
+
+    scores = g.op("MatMul", [q_h, k_t], "scores/MatMul")
+    scores = g.op("Mul", [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))], "scores/scale")
+    mask = _additive_mask(g, spec, q_in, k_in)
+    if mask is not None:
+        scores = g.op("Add", [scores, mask], "scores/add_mask")
+    probs = g.op("Softmax", [scores], "softmax/Softmax", axis=-1)
+    if spec.has_mask_input:
+        probs = _zero_fully_masked_rows(g, scores, probs)
+
+    context = g.op("MatMul", [probs, v_h], "context/MatMul")
+    context = g.op("Transpose", [context], "context/merge_heads/Transpose", perm=[0, 2, 1, 3])
+    context = g.op("Reshape", [context, g.ints("context/merge_heads/shape", [0, 0, e])], "context/merge_heads/Reshape")
+    w_o = weights.tensors["out_proj.weight"]
+    b_o = weights.tensors.get("out_proj.bias")
+    if spec.batch_first:
+        _linear(g, "out_proj", context, w_o, b_o, output="attn_output")
+    else:
+        out = _linear(g, "out_proj", context, w_o, b_o)
+        g.op("Transpose", [out], "out_proj/to_seq_first", outputs=["attn_output"], perm=[1, 0, 2])
+
+    if spec.need_weights:
+        if spec.average_attn_weights:
+            g.op("ReduceMean", [probs, g.ints("weights/head_axis", [1])], "weights/average_heads",
+                 outputs=["attn_output_weights"], keepdims=0)
+        else:
+            g.op("Identity", [probs], "weights/per_head", outputs=["attn_output_weights"])
+
+    return g.model("multi_head_attention", spec.inputs(), spec.outputs(),
+                   doc="torch.nn.MultiheadAttention, canonical form")
+
+
+def _batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
+    if spec.batch_first:
+        return name
+    return g.op("Transpose", [name], f"{name}/to_batch_first", perm=[1, 0, 2])
+
+
+def _linear(g: GraphBuilder, scope: str, x: str, weight: np.ndarray, bias: np.ndarray | None,
+            output: str | None = None) -> str:
+    """x @ weight.T + bias, torch's Linear, as MatMul and Add so later passes can pack them."""
+    last = output is not None
+    y = g.op("MatMul", [x, g.const(f"{scope}/weight_t", np.ascontiguousarray(weight.T))], f"{scope}/MatMul",
+             outputs=[output] if last and bias is None else None)
+    if bias is None:
+        return y
+    return g.op("Add", [y, g.const(f"{scope}/bias", bias)], f"{scope}/Add", outputs=[output] if last else None)
+
+
+def _append_extra_keys(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeights, k: str, v: str) -> tuple[str, str]:
+    """torch appends bias_k/bias_v, then a zero key and value, after the real keys of each batch entry."""
+    batch = g.op("Shape", [k], "extra_keys/batch", start=0, end=1)
+    shape = g.op("Concat", [batch, g.ints("extra_keys/row_shape", [1, spec.embed_dim])], "extra_keys/shape", axis=0)
+    ks, vs = [k], [v]
+    if spec.add_bias_kv:
+        ks.append(g.op("Expand", [g.const("bias_kv/bias_k", weights.tensors["bias_k"]), shape], "bias_kv/expand_k"))
+        vs.append(g.op("Expand", [g.const("bias_kv/bias_v", weights.tensors["bias_v"]), shape], "bias_kv/expand_v"))
+    if spec.add_zero_attn:
+        zeros = g.op("Expand", [g.const("zero_attn/zero", np.zeros((1, 1, spec.embed_dim), np.float32)), shape],
+                     "zero_attn/Expand")
+        ks.append(zeros)
+        vs.append(zeros)
+    return (g.op("Concat", ks, "extra_keys/concat_k", axis=1), g.op("Concat", vs, "extra_keys/concat_v", axis=1))
+
+
+def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str) -> str | None:
+    """Sum of every mask as float (0 allowed, -inf not), broadcastable to (N, H, L, S')."""
+    terms = []
+    if spec.key_padding_mask is not None:
+        m = _pad_extra_keys(g, spec, _as_float(g, "mask/key_padding", "key_padding_mask", spec.key_padding_mask), 2,
+                            "mask/key_padding")
+        terms.append(g.op("Unsqueeze", [m, g.ints("mask/key_padding/axes", [1, 2])], "mask/key_padding/Unsqueeze"))
+    if spec.attn_mask is not None:
+        rank = 3 if spec.attn_mask_3d else 2
+        m = _pad_extra_keys(g, spec, _as_float(g, "mask/attn", "attn_mask", spec.attn_mask), rank, "mask/attn")
+        if spec.attn_mask_3d:  # (N*H, L, S') -> (N, H, L, S')
+            lens = g.op("Shape", [m], "mask/attn/lengths", start=1)
+            shape = g.op("Concat", [g.ints("mask/attn/batch_heads", [-1, spec.num_heads]), lens], "mask/attn/shape", axis=0)
+            m = g.op("Reshape", [m, shape], "mask/attn/split_heads")
+        terms.append(m)
+    if spec.is_causal:
+        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in), 2, "mask/causal"))
+    if not terms:
+        return None
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        total = g.op("Add", [total, term], f"mask/combine_{i}")
+    return total
+
+
+def _as_float(g: GraphBuilder, scope: str, name: str, kind: str) -> str:
+    if kind == "float":
+        return name
+    return g.op("Where", [name, _neg_inf(g), _zero(g)], f"{scope}/bool_to_float")
+
+
+def _pad_extra_keys(g: GraphBuilder, spec: AttentionSpec, m: str, rank: int, scope: str) -> str:
+    """The appended bias and zero keys are always allowed: torch pads every mask with 0 for them."""
+    if not spec.extra_keys:
+        return m
+    pads = [0] * (2 * rank)
+    pads[-1] = spec.extra_keys
+    return g.op("Pad", [m, g.ints(f"{scope}/extra_keys_pads", pads)], f"{scope}/pad_extra_keys")
+
+
+def _causal(g: GraphBuilder, q_in: str, k_in: str) -> str:
+    """(L, S) with -inf where key j lies after query i (top-left aligned, as torch's SDPA)."""
+    squeeze0 = g.ints("mask/causal/axis0", [0])
+    tgt = g.op("Squeeze", [g.op("Shape", [q_in], "mask/causal/tgt_len", start=1, end=2), squeeze0], "mask/causal/tgt_scalar")
+    src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=1, end=2), squeeze0], "mask/causal/src_scalar")
+    zero, one = g.const("mask/causal/start", np.int64(0)), g.const("mask/causal/step", np.int64(1))
+    rows = g.op("Unsqueeze", [g.op("Range", [zero, tgt, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
+                "mask/causal/rows_col")
+    cols = g.op("Unsqueeze", [g.op("Range", [zero, src, one], "mask/causal/cols"), squeeze0], "mask/causal/cols_row")
+    future = g.op("Greater", [cols, rows], "mask/causal/future")
+    return g.op("Where", [future, _neg_inf(g), _zero(g)], "mask/causal/to_float")
+
+
+def _zero_fully_masked_rows(g: GraphBuilder, scores: str, probs: str) -> str:
+    """Softmax of an all -inf row is NaN; DESIGN.md asks for a zero context there instead."""
+    row_max = g.op("ReduceMax", [scores, g.ints("softmax/fully_masked/axis", [-1])], "softmax/fully_masked/ReduceMax",
+                   keepdims=1)
+    dead = g.op("IsInf", [row_max], "softmax/fully_masked/IsInf", detect_positive=0)
+    return g.op("Where", [dead, _zero(g), probs], "softmax/fully_masked/Where")
+
+
+def _neg_inf(g: GraphBuilder) -> str:
+    return g.const("mask/neg_inf", np.float32(-np.inf))
+
+
+def _zero(g: GraphBuilder) -> str:
+    return g.const("mask/zero", np.float32(0.0))

@@ -1,0 +1,190 @@
+"""The attention spec: torch.nn.MultiheadAttention's options plus the call options fixed at compile time.
+
+Names and defaults follow torch so that a spec reads like the module it describes. One deliberate
+difference: ``need_weights`` defaults to False (a deployment graph rarely wants the weights),
+where torch's forward defaults it to True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MaskKind = Literal["bool", "float"] | None
+MASK_KINDS = ("bool", "float")
+
+# Symbolic axis names of DESIGN.md contract 2.
+BATCH, TGT_LEN, SRC_LEN = "batch", "tgt_len", "src_len"
+
+
+class SpecError(ValueError):
+    """A spec option breaks a rule; the message names the option and the rule."""
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """Name, element type and shape (ints or symbolic names) of one graph input or output."""
+
+    name: str
+    dtype: Literal["float32", "bool"]
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    embed_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    bias: bool = True
+    add_bias_kv: bool = False
+    add_zero_attn: bool = False
+    kdim: int | None = None
+    vdim: int | None = None
+    batch_first: bool = False
+    # Call options, fixed at compile time.
+    self_attention: bool = False
+    key_padding_mask: MaskKind = None
+    attn_mask: MaskKind = None
+    attn_mask_3d: bool = False
+    is_causal: bool = False
+    need_weights: bool = False
+    average_attn_weights: bool = True
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # Derived quantities ---------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def k_dim(self) -> int:
+        return self.embed_dim if self.kdim is None else self.kdim
+
+    @property
+    def v_dim(self) -> int:
+        return self.embed_dim if self.vdim is None else self.vdim
+
+    @property
+    def packed_in_proj(self) -> bool:
+        """torch keeps one ``in_proj_weight`` exactly when key and value widths equal embed_dim."""
+        return self.k_dim == self.embed_dim and self.v_dim == self.embed_dim
+
+    @property
+    def extra_keys(self) -> int:
+        """Key columns torch appends after the real keys: one for bias_k, one for the zero key."""
+        return int(self.add_bias_kv) + int(self.add_zero_attn)
+
+    @property
+    def has_mask_input(self) -> bool:
+        return self.key_padding_mask is not None or self.attn_mask is not None
+
+    @property
+    def src_axis(self) -> str:
+        return TGT_LEN if self.self_attention else SRC_LEN
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> AttentionSpec:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SpecError(f"unknown spec option {unknown[0]!r}; the options are those of torch.nn.MultiheadAttention and its call")
+        missing = [n for n in ("embed_dim", "num_heads") if n not in options]
+        if missing:
+            raise SpecError(f"{missing[0]} is required")
+        return cls(**options)
+
+    # Graph signature (DESIGN.md contract 2) -------------------------------------------------
+
+    def _seq_shape(self, length: str, width: int) -> tuple[int | str, ...]:
+        return (BATCH, length, width) if self.batch_first else (length, BATCH, width)
+
+    def inputs(self) -> list[TensorSig]:
+        sigs = [TensorSig("query", "float32", self._seq_shape(TGT_LEN, self.embed_dim))]
+        if not self.self_attention:
+            sigs.append(TensorSig("key", "float32", self._seq_shape(SRC_LEN, self.k_dim)))
+            sigs.append(TensorSig("value", "float32", self._seq_shape(SRC_LEN, self.v_dim)))
+        if self.key_padding_mask is not None:
+            sigs.append(TensorSig("key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)))
+        if self.attn_mask is not None:
+            shape: tuple[int | str, ...] = (TGT_LEN, self.src_axis)
+            if self.attn_mask_3d:
+                shape = (f"{BATCH}*{self.num_heads}", *shape)
+            sigs.append(TensorSig("attn_mask", _mask_dtype(self.attn_mask), shape))
+        return sigs
+
+    def outputs(self) -> list[TensorSig]:
+        sigs = [TensorSig("attn_output", "float32", self._seq_shape(TGT_LEN, self.embed_dim))]
+        if self.need_weights:
+            keys = self.src_axis if not self.extra_keys else f"{self.src_axis}+{self.extra_keys}"
+            shape: tuple[int | str, ...] = (BATCH, TGT_LEN, keys)
+            if not self.average_attn_weights:
+                shape = (BATCH, self.num_heads, TGT_LEN, keys)
+            sigs.append(TensorSig("attn_output_weights", "float32", shape))
+        return sigs
+
+
+def _mask_dtype(kind: str) -> Literal["float32", "bool"]:
+    return "bool" if kind == "bool" else "float32"
+
+
+def _require_int(spec: AttentionSpec, name: str, *, optional: bool = False) -> None:
+    value = getattr(spec, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _validate(spec: AttentionSpec) -> None:
+    _require_int(spec, "embed_dim")
+    _require_int(spec, "num_heads")
+    _require_int(spec, "kdim", optional=True)
+    _require_int(spec, "vdim", optional=True)
+    if spec.embed_dim % spec.num_heads:
+        raise SpecError(f"embed_dim ({spec.embed_dim}) must be divisible by num_heads ({spec.num_heads})")
+    for name in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "self_attention",
+                 "attn_mask_3d", "is_causal", "need_weights", "average_attn_weights"):
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{name} must be True or False, got {getattr(spec, name)!r}")
+    if isinstance(spec.dropout, bool) or not isinstance(spec.dropout, (int, float)) or not 0.0 <= spec.dropout <= 1.0:
+        raise SpecError(f"dropout must be a probability between 0 and 1, got {spec.dropout!r}")
+    for name in ("key_padding_mask", "attn_mask"):
+        kind = getattr(spec, name)
+        if kind is not None and kind not in MASK_KINDS:
+            raise SpecError(f"{name} must be 'bool', 'float' or None, got {kind!r}")
+    if spec.attn_mask_3d and spec.attn_mask is None:
+        raise SpecError("attn_mask_3d needs an attn_mask input (set attn_mask to 'bool' or 'float')")
+    if spec.self_attention:
+        for name in ("kdim", "vdim"):
+            value = getattr(spec, name)
+            if value is not None and value != spec.embed_dim:
+                raise SpecError(
+                    f"self_attention uses the query as key and value, so {name} ({value}) must equal embed_dim ({spec.embed_dim}) or be unset"
+                )
+    if not spec.average_attn_weights and not spec.need_weights:
+        raise SpecError("average_attn_weights=False only applies with need_weights=True")
+
+
+def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:
+    """The spec of a live torch.nn.MultiheadAttention, plus the call options to compile it with."""
+    return AttentionSpec(
+        embed_dim=module.embed_dim,
+        num_heads=module.num_heads,
+        dropout=float(module.dropout),
+        bias=module.in_proj_bias is not None,
+        add_bias_kv=module.bias_k is not None,
+        add_zero_attn=bool(module.add_zero_attn),
+        kdim=None if module.kdim == module.embed_dim else module.kdim,
+        vdim=None if module.vdim == module.embed_dim else module.vdim,
+        batch_first=bool(module.batch_first),
+        **call_options,
+    )

@@ -1,0 +1,161 @@
+"""The numeric check: a compiled graph against torch and against the float64 NumPy reference.
+
+Error is reported as max absolute error and as that divided by the reference output's largest
+magnitude (its scale), per output, per reference, per shape. Query rows in which some head has
+every key masked are compared with the NumPy reference only: torch returns NaN there, where the
+contract (DESIGN.md) asks for a zero context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphs.spec import AttentionSpec
+from graphs.weights import AttentionWeights
+from runtime.reference import fully_masked_rows, mha_reference
+from runtime.session import Session
+
+Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
+DEFAULT_SHAPES: tuple[Shape, ...] = ((2, 5, 7), (3, 11, 4))
+FP32_TOLERANCE = 1e-5  # float32 rounding through two projections and a softmax stays near 1e-6 of scale
+
+
+def random_inputs(spec: AttentionSpec, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+    """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys."""
+    batch, tgt, src = shape
+    if spec.self_attention:
+        src = tgt
+
+    def seq(length: int, width: int) -> np.ndarray:
+        dims = (batch, length, width) if spec.batch_first else (length, batch, width)
+        return rng.standard_normal(dims).astype(np.float32)
+
+    def mask(kind: str, dims: tuple[int, ...]) -> np.ndarray:
+        blocked = rng.random(dims) < mask_rate
+        if kind == "bool":
+            return blocked
+        return np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
+
+    feeds = {"query": seq(tgt, spec.embed_dim)}
+    if not spec.self_attention:
+        feeds["key"] = seq(src, spec.k_dim)
+        feeds["value"] = seq(src, spec.v_dim)
+    if spec.key_padding_mask is not None:
+        feeds["key_padding_mask"] = mask(spec.key_padding_mask, (batch, src))
+    if spec.attn_mask is not None:
+        dims = (batch * spec.num_heads, tgt, src) if spec.attn_mask_3d else (tgt, src)
+        feeds["attn_mask"] = mask(spec.attn_mask, dims)
+    return feeds
+
+
+@dataclass
+class Comparison:
+    reference: str
+    shape: Shape
+    output: str
+    max_abs_error: float
+    max_rel_error: float
+    rows_excluded: int = 0
+
+
+@dataclass
+class CheckReport:
+    tolerance: float
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def worst_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.comparisons), default=float("nan"))
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.comparisons) and self.worst_rel_error <= self.tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "tolerance": self.tolerance, "worst_rel_error": self.worst_rel_error,
+                "comparisons": [asdict(c) for c in self.comparisons], "skipped": self.skipped}
+
+    def table(self) -> str:
+        lines = [f"{'reference':<10} {'batch,tgt,src':<14} {'output':<20} {'max abs err':>12} {'max rel err':>12}"]
+        for c in self.comparisons:
+            shape = ",".join(map(str, c.shape))
+            lines.append(f"{c.reference:<10} {shape:<14} {c.output:<20} {c.max_abs_error:>12.3e} {c.max_rel_error:>12.3e}")
+        for name, why in self.skipped.items():
+            lines.append(f"{name:<10} skipped: {why}")
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"{verdict}: worst relative error {self.worst_rel_error:.3e} (tolerance {self.tolerance:.0e})")
+        return "\n".join(lines)
+
+
+def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max abs error, max abs error / max |expected|); NaN must sit where the reference has NaN."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"output shape {actual.shape} differs from the reference's {expected.shape}")
+    if actual.size == 0:
+        return 0.0, 0.0
+    nan_a, nan_e = np.isnan(actual), np.isnan(expected)
+    if np.any(nan_a != nan_e):
+        return float("inf"), float("inf")
+    a, e = actual[~nan_e].astype(np.float64), expected[~nan_e]
+    if a.size == 0:
+        return 0.0, 0.0
+    same = (a == e)  # equal infinities have no error
+    abs_err = float(np.max(np.where(same, 0.0, np.abs(a - e))))
+    finite = np.abs(e[np.isfinite(e)])
+    scale = float(finite.max()) if finite.size else 1.0
+    return abs_err, abs_err / max(scale, np.finfo(np.float64).tiny)
+
+
+def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeights, *,
+                  shapes: Sequence[Shape] = DEFAULT_SHAPES, seed: int = 0, tolerance: float = FP32_TOLERANCE,
+                  use_torch: bool = True) -> CheckReport:
+    report = CheckReport(tolerance)
+    rng = np.random.default_rng(seed)
+    module = _torch_module(spec, weights, report) if use_torch else None
+    for shape in shapes:
+        feeds = random_inputs(spec, shape, rng)
+        got = session.run(feeds)
+        _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
+        if module is not None:
+            from runtime.torch_reference import torch_forward
+
+            dead = fully_masked_rows(spec, feeds).any(axis=1)  # (N, L): some head sees no key
+            _compare(report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead)
+    return report
+
+
+def _torch_module(spec: AttentionSpec, weights: AttentionWeights, report: CheckReport) -> Any:
+    try:
+        from runtime.torch_reference import torch_module
+
+        return torch_module(spec, weights)
+    except ImportError:
+        report.skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
+        return None
+
+
+def _compare(report: CheckReport, spec: AttentionSpec, reference: str, shape: Shape, got: Mapping[str, np.ndarray],
+             expected: Mapping[str, np.ndarray], dead: np.ndarray | None) -> None:
+    for name, want in expected.items():
+        actual = got[name]
+        excluded = 0
+        if dead is not None and dead.any():
+            keep = ~dead  # (N, L)
+            excluded = int(dead.sum())
+            actual, want = _rows(spec, name, actual, keep), _rows(spec, name, want, keep)
+        abs_err, rel_err = errors(actual, want)
+        report.comparisons.append(Comparison(reference, tuple(shape), name, abs_err, rel_err, excluded))
+
+
+def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The (batch, query) rows of an output selected by ``keep`` (N, L), whatever the output's layout."""
+    if output == "attn_output_weights":
+        return array[keep] if array.ndim == 3 else array.transpose(0, 2, 1, 3)[keep]
+    if spec.batch_first:
+        return array[keep]
+    return array.transpose(1, 0, 2)[keep]

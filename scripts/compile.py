@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Compile a torch.nn.MultiheadAttention into an ONNX graph for a deployment target (DESIGN.md contract 3)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from importlib import metadata
+from typing import Any, NoReturn
+
+import onnx
+
+from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
+from compiler.artifacts import ArtifactError, file_records, write_directory
+from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
+from graphs.builder import OPSET
+from runtime import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage plus a line
+        self.exit(2, f"compile.py: error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mha = p.add_argument_group("torch.nn.MultiheadAttention options")
+    mha.add_argument("--embed-dim", type=int, required=True)
+    mha.add_argument("--num-heads", type=int, required=True)
+    mha.add_argument("--kdim", type=int, default=None, help="key width (default: embed-dim)")
+    mha.add_argument("--vdim", type=int, default=None, help="value width (default: embed-dim)")
+    mha.add_argument("--batch-first", action="store_true", help="inputs and outputs are (batch, seq, feature)")
+    mha.add_argument("--no-bias", dest="bias", action="store_false", help="bias=False")
+    mha.add_argument("--add-bias-kv", action="store_true")
+    mha.add_argument("--add-zero-attn", action="store_true")
+    mha.add_argument("--dropout", type=float, default=0.0, help="recorded in the manifest; never applied (inference)")
+    call = p.add_argument_group("call options, fixed at compile time")
+    call.add_argument("--self-attention", action="store_true", help="key and value are the query: one input")
+    call.add_argument("--key-padding-mask", choices=("bool", "float"), default=None)
+    call.add_argument("--attn-mask", choices=("bool", "float"), default=None)
+    call.add_argument("--attn-mask-3d", action="store_true", help="attn_mask is (batch*num_heads, tgt_len, src_len)")
+    call.add_argument("--causal", action="store_true", help="built-in causal mask (no attn_mask input needed)")
+    call.add_argument("--need-weights", action="store_true", help="also output attn_output_weights")
+    call.add_argument("--no-average-attn-weights", dest="average_attn_weights", action="store_false",
+                      help="per-head weights (batch, num_heads, tgt_len, src_len)")
+    w = p.add_argument_group("weights")
+    w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
+    w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
+    out = p.add_argument_group("output")
+    out.add_argument("--target", choices=TARGETS, default="portable")
+    out.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    out.add_argument("--check", action="store_true", help="compare with torch and the float64 reference; store the figures")
+    out.add_argument("--out", required=True, help="output folder: model.onnx and manifest.json")
+    out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
+    out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
+    return p.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
+    return AttentionSpec(
+        embed_dim=args.embed_dim, num_heads=args.num_heads, dropout=args.dropout, bias=args.bias,
+        add_bias_kv=args.add_bias_kv, add_zero_attn=args.add_zero_attn, kdim=args.kdim, vdim=args.vdim,
+        batch_first=args.batch_first, self_attention=args.self_attention, key_padding_mask=args.key_padding_mask,
+        attn_mask=args.attn_mask, attn_mask_3d=args.attn_mask_3d, is_causal=args.causal,
+        need_weights=args.need_weights, average_attn_weights=args.average_attn_weights,
+    )
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("attention-compiler", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    spec = spec_from_args(args)
+    target = get_target(args.target, args.precision)
+    weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
+    model = compile_model(build_mha(spec, weights), target.name, args.precision)
+    onnx.checker.check_model(model, full_check=True)
+    data = model.SerializeToString()
+
+    check = None
+    if args.check:
+        from runtime.check import check_session
+        from runtime.ort import OrtSession
+
+        report = check_session(OrtSession(model), spec, weights)
+        print(report.table())
+        check = report.to_json()
+        if not report.passed:
+            raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds {report.tolerance:.0e}; nothing was written")
+
+    files = {"model.onnx": data}
+    manifest = {
+        "spec": spec.to_dict(),
+        "inputs": [s.to_json() for s in spec.inputs()],
+        "outputs": [s.to_json() for s in spec.outputs()],
+        "target": target.name,
+        "target_form": target.note,
+        "precision": args.precision,
+        "opset": OPSET,
+        "weights": dict(weights.source),
+        "tools": tool_versions(),
+        "files": file_records(files),
+        "check": check,
+    }
+    out = write_directory(args.out, files, manifest, force=args.force)
+    print(f"wrote {out / 'model.onnx'} ({len(data) / 2**20:.2f} MiB, {len(model.graph.node)} nodes, target {target.name}, {args.precision})")
+    print(f"wrote {out / 'manifest.json'}")
+    return manifest
+
+
+class CheckFailed(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (SpecError, WeightsError, TargetError, InputError) as exc:
+        if args.verbose:
+            raise
+        print(f"compile.py: error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckFailed, ArtifactError) as exc:
+        if args.verbose:
+            raise
+        print(f"compile.py: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
