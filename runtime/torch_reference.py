@@ -43,20 +43,29 @@ def torch_forward(spec: AttentionSpec, module: Any, inputs: Mapping[str, np.ndar
         seq = 1 if spec.batch_first else 0
         causal = torch.triu(torch.full((query.shape[seq], key.shape[seq]), float("-inf"), dtype=torch.float64), 1)
         if attn_mask is not None:
-            user = attn_mask if attn_mask.is_floating_point() else torch.zeros_like(causal).masked_fill(attn_mask, float("-inf"))
-            attn_mask = user + causal
+            attn_mask = _additive(attn_mask) + causal
         else:
             attn_mask = causal
     if kpm is not None and attn_mask is not None and kpm.dtype != attn_mask.dtype:
-        kpm = torch.zeros(kpm.shape, dtype=torch.float64).masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else kpm
-        attn_mask = torch.zeros(attn_mask.shape, dtype=torch.float64).masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask
+        kpm, attn_mask = _additive(kpm), _additive(attn_mask)  # what torch does, minus its warning
+    # The is_causal hint is honest only without appended keys: with them, torch's SDPA path would
+    # apply tril over the extended key axis and mask bias_k / the zero key, while its mask path
+    # (need_weights, or a key padding mask) keeps them allowed. We follow the mask.
+    hint = spec.is_causal and spec.attn_mask is None and not spec.extra_keys
     with torch.no_grad():
         out, weights = module(
             query, key, value, key_padding_mask=kpm, need_weights=spec.need_weights, attn_mask=attn_mask,
-            average_attn_weights=spec.average_attn_weights,
-            is_causal=spec.is_causal and spec.attn_mask is None,
+            average_attn_weights=spec.average_attn_weights, is_causal=hint,
         )
     result = {"attn_output": out.numpy()}
     if spec.need_weights:
         result["attn_output_weights"] = weights.numpy()
     return result
+
+
+def _additive(mask: Any) -> Any:
+    import torch
+
+    if mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))

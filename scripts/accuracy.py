@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Worst error of every target's graph over the core option matrix (runtime/matrix.py), per reference."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from compiler import compile_model
+from graphs import AttentionSpec, AttentionWeights, build_mha
+from runtime.check import check_session
+from runtime.matrix import SHAPES, option_matrix
+from runtime.ort import OrtSession
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--target", default="portable")
+    args = parser.parse_args(argv)
+    worst: dict[str, tuple[float, str]] = {}
+    cases = failed = 0
+    for case, options in option_matrix():
+        spec = AttentionSpec(**options)
+        weights = AttentionWeights.random(spec, seed=7)
+        report = check_session(OrtSession(compile_model(build_mha(spec, weights), args.target)), spec, weights,
+                               shapes=SHAPES, seed=1)
+        cases += 1
+        failed += not report.passed
+        for c in report.comparisons:
+            if c.max_rel_error > worst.get(c.reference, (-1.0, ""))[0]:
+                worst[c.reference] = (c.max_rel_error, f"{case} {c.output} at {c.shape}")
+    print(f"target {args.target}: {cases} graphs x {len(SHAPES)} shapes, {failed} over tolerance")
+    for reference, (err, where) in sorted(worst.items()):
+        print(f"  worst relative error vs {reference}: {err:.3e} ({where})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
