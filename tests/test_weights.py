@@ -21,6 +21,15 @@ def _state(spec):
     return {k: v.detach().numpy() for k, v in _module(spec).state_dict().items()}
 
 
+def _save(spec, path):
+    if path.suffix == ".safetensors":
+        save_file(_state(spec), str(path))
+    elif path.suffix == ".npz":
+        np.savez(path, **_state(spec))
+    else:
+        torch.save(_module(spec).state_dict(), path)
+
+
 @pytest.mark.parametrize("spec", [SPEC, SEPARATE, AttentionSpec(8, 2, bias=False)])
 def test_expected_keys_are_exactly_torchs(spec):
     state = _module(spec).state_dict()
@@ -32,12 +41,7 @@ def test_expected_keys_are_exactly_torchs(spec):
 def test_every_file_format_round_trips(tmp_path, suffix, spec):
     state = _state(spec)
     path = tmp_path / f"w{suffix}"
-    if suffix == ".safetensors":
-        save_file(state, str(path))
-    elif suffix == ".npz":
-        np.savez(path, **state)
-    else:
-        torch.save(_module(spec).state_dict(), path)
+    _save(spec, path)
     weights = AttentionWeights.from_file(spec, path)
     assert weights.source["format"] == suffix.lstrip(".")
     for key, value in state.items():
@@ -86,13 +90,7 @@ def test_in_proj_weight_is_refused_where_torch_keeps_separate_weights():
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".pt"])
 def test_truncated_files_give_a_clear_error(tmp_path, suffix):
     good = tmp_path / f"good{suffix}"
-    state = _state(SPEC)
-    if suffix == ".safetensors":
-        save_file(state, str(good))
-    elif suffix == ".npz":
-        np.savez(good, **state)
-    else:
-        torch.save(_module(SPEC).state_dict(), good)
+    _save(SPEC, good)
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(WeightsError, match=f"weights file '.*bad{suffix}'"):
