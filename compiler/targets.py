@@ -8,7 +8,11 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+
 from compiler.cleanup import CleanupPass
+from compiler.fold_scale import FoldScalePass
+from compiler.pack_projections import PackProjectionsPass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
@@ -27,8 +31,11 @@ class Target:
 
 
 _AVAILABLE = {
-    "portable": Target("portable", (CleanupPass,), ("fp32",),
-                       "canonical standard-op form (opset 18); Q/K/V packing and scale folding arrive with the passes issue"),
+    # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
+    # CSE first, so that projections of one tensor through duplicated layout ops are seen to share it.
+    "portable": Target("portable", (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass, CleanupPass),
+                       ("fp32",),
+                       "standard ops (opset 18), scale folded into the query projection, projections that share an input packed"),
 }
 
 

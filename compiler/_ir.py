@@ -1,0 +1,41 @@
+"""Small helpers over onnx_ir values that the passes share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The array behind an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and not producer.domain:
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` under a name not yet taken in ``graph``."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    unique, i = name, 1
+    while unique in taken:
+        i += 1
+        unique = f"{name}_{i}"
+    array = np.ascontiguousarray(array)
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=unique))
+    graph.register_initializer(value)
+    return value
+
+
+def only_use(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    """The single consumer of ``value``, or None when it has several or is a graph output."""
+    if value.is_graph_output() or len(value.uses()) != 1:
+        return None
+    return next(iter(value.uses())).node

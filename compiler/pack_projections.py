@@ -1,0 +1,74 @@
+"""Pack projections that read the same tensor (Q/K/V in self-attention, K/V when key is value) into one MatMul."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler._ir import constant, new_initializer, only_use
+
+
+class PackProjectionsPass(ir.passes.InPlacePass):
+    """x @ W_i (+ b_i) for i = 1..k over one x becomes Split(x @ [W_1 .. W_k] (+ [b_1 .. b_k]), axis=-1).
+
+    One wide GEMM replaces k narrow ones: the input is read once and the matmul kernel runs at
+    a better shape. A projection without bias gets zeros in the packed bias.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        groups: dict[ir.Value, list[ir.Node]] = defaultdict(list)
+        for node in graph:
+            if node.op_type == "MatMul" and not node.domain and _weight(node) is not None:
+                groups[node.inputs[0]].append(node)
+        modified = False
+        for x, matmuls in groups.items():
+            if len(matmuls) >= 2 and _pack(graph, x, matmuls):
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _weight(matmul: ir.Node) -> np.ndarray | None:
+    w = constant(matmul.inputs[1])
+    return w if w is not None and w.ndim == 2 and np.issubdtype(w.dtype, np.floating) else None
+
+
+def _bias(matmul: ir.Node, graph: ir.Graph) -> tuple[ir.Node, np.ndarray] | None:
+    add = only_use(matmul.outputs[0], graph)
+    if add is None or add.op_type != "Add" or add.domain:
+        return None
+    other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
+    b = constant(other)
+    width = _weight(matmul).shape[1]
+    return (add, b) if b is not None and b.shape == (width,) else None
+
+
+def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
+    weights = [_weight(m) for m in matmuls]
+    if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+        return False
+    biases = [_bias(m, graph) for m in matmuls]
+    finals = [b[0].outputs[0] if b else m.outputs[0] for m, b in zip(matmuls, biases)]
+    if any(v.is_graph_output() for v in finals):
+        return False
+    scopes = [(m.name or "").split("/")[0] for m in matmuls]
+    prefix = "".join(s[0] for s in scopes) + "_proj" if all(s.endswith("_proj") for s in scopes) else "packed_proj"
+    widths = [w.shape[1] for w in weights]
+
+    packed_w = new_initializer(graph, f"{prefix}/weight_t", np.concatenate(weights, axis=1))
+    nodes = [ir.node("MatMul", [x, packed_w], name=f"{prefix}/MatMul")]
+    y = nodes[-1].outputs[0]
+    if any(biases):
+        dtype = weights[0].dtype
+        packed_b = np.concatenate([b[1] if b else np.zeros(w, dtype) for b, w in zip(biases, widths)]).astype(dtype)
+        nodes.append(ir.node("Add", [y, new_initializer(graph, f"{prefix}/bias", packed_b)], name=f"{prefix}/Add"))
+        y = nodes[-1].outputs[0]
+    split = new_initializer(graph, f"{prefix}/split", np.asarray(widths, np.int64))
+    nodes.append(ir.node("Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split"))
+    graph.insert_before(matmuls[0], nodes)
+    for final, out in zip(finals, nodes[-1].outputs):
+        final.replace_all_uses_with(out)
+    graph.remove([n for m, b in zip(matmuls, biases) for n in ((m, b[0]) if b else (m,))], safe=True)
+    return True
