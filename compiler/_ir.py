@@ -39,3 +39,10 @@ def only_use(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
     if value.is_graph_output() or len(value.uses()) != 1:
         return None
     return next(iter(value.uses())).node
+
+
+def named(node: ir.Node) -> ir.Node:
+    """Name a new node's outputs after the node, as the graph builder does, so graphs stay readable."""
+    for i, value in enumerate(node.outputs):
+        value.name = node.name if len(node.outputs) == 1 else f"{node.name}:{i}"
+    return node

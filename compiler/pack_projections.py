@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, new_initializer, only_use
+from compiler._ir import constant, named, new_initializer, only_use
 
 
 class PackProjectionsPass(ir.passes.InPlacePass):
@@ -58,15 +58,15 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
     widths = [w.shape[1] for w in weights]
 
     packed_w = new_initializer(graph, f"{prefix}/weight_t", np.concatenate(weights, axis=1))
-    nodes = [ir.node("MatMul", [x, packed_w], name=f"{prefix}/MatMul")]
+    nodes = [named(ir.node("MatMul", [x, packed_w], name=f"{prefix}/MatMul"))]
     y = nodes[-1].outputs[0]
     if any(biases):
         dtype = weights[0].dtype
         packed_b = np.concatenate([b[1] if b else np.zeros(w, dtype) for b, w in zip(biases, widths)]).astype(dtype)
-        nodes.append(ir.node("Add", [y, new_initializer(graph, f"{prefix}/bias", packed_b)], name=f"{prefix}/Add"))
+        nodes.append(named(ir.node("Add", [y, new_initializer(graph, f"{prefix}/bias", packed_b)], name=f"{prefix}/Add")))
         y = nodes[-1].outputs[0]
     split = new_initializer(graph, f"{prefix}/split", np.asarray(widths, np.int64))
-    nodes.append(ir.node("Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split"))
+    nodes.append(named(ir.node("Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split")))
     graph.insert_before(matmuls[0], nodes)
     for final, out in zip(finals, nodes[-1].outputs):
         final.replace_all_uses_with(out)

@@ -12,6 +12,7 @@ from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 
 from compiler.cleanup import CleanupPass
 from compiler.fold_scale import FoldScalePass
+from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
 from compiler.pack_projections import PackProjectionsPass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
@@ -36,6 +37,10 @@ _AVAILABLE = {
     "portable": Target("portable", (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass, CleanupPass),
                        ("fp32",),
                        "standard ops (opset 18), scale folded into the query projection, projections that share an input packed"),
+    "ort-cpu": Target("ort-cpu", (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass,
+                                  FuseOrtMultiHeadAttentionPass, CleanupPass), ("fp32",),
+                      "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+                      "(left unfused with need_weights: that op cannot return the weights)"),
 }
 
 
@@ -50,6 +55,15 @@ def get_target(name: str, precision: str = "fp32") -> Target:
     if precision not in target.precisions:
         raise TargetError(f"precision {precision} is not available yet for target {name!r}; use --precision fp32")
     return target
+
+
+FUSED_OPS = ("MultiHeadAttention", "Attention")
+
+
+def attention_form(model: onnx.ModelProto) -> str:
+    """The form the attention core took in a compiled graph, for the manifest."""
+    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in model.graph.node if n.op_type in FUSED_OPS})
+    return ", ".join(fused) if fused else "unfused MatMul-Softmax-MatMul"
 
 
 def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32") -> onnx.ModelProto:

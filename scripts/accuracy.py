@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from compiler import compile_model
+from compiler import attention_form, compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import check_session
 from runtime.matrix import SHAPES, option_matrix
@@ -18,18 +18,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="portable")
     args = parser.parse_args(argv)
     worst: dict[str, tuple[float, str]] = {}
-    cases = failed = 0
+    cases = failed = fused = 0
     for case, options in option_matrix():
         spec = AttentionSpec(**options)
         weights = AttentionWeights.random(spec, seed=7)
-        report = check_session(OrtSession(compile_model(build_mha(spec, weights), args.target)), spec, weights,
-                               shapes=SHAPES, seed=1)
+        model = compile_model(build_mha(spec, weights), args.target)
+        report = check_session(OrtSession(model), spec, weights, shapes=SHAPES, seed=1)
         cases += 1
+        fused += not attention_form(model).startswith("unfused")
         failed += not report.passed
         for c in report.comparisons:
             if c.max_rel_error > worst.get(c.reference, (-1.0, ""))[0]:
                 worst[c.reference] = (c.max_rel_error, f"{case} {c.output} at {c.shape}")
-    print(f"target {args.target}: {cases} graphs x {len(SHAPES)} shapes, {failed} over tolerance")
+    print(f"target {args.target}: {cases} graphs x {len(SHAPES)} shapes, {fused} with a fused attention op, "
+          f"{failed} over tolerance")
     for reference, (err, where) in sorted(worst.items()):
         print(f"  worst relative error vs {reference}: {err:.3e} ({where})")
     return 1 if failed else 0

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import onnx
 
-from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
+from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from compiler.artifacts import ArtifactError, file_records, write_directory
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from graphs.builder import OPSET
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "outputs": [s.to_json() for s in spec.outputs()],
         "target": target.name,
         "target_form": target.note,
+        "attention_form": attention_form(model),
         "precision": args.precision,
         "opset": OPSET,
         "weights": dict(weights.source),

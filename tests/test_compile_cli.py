@@ -58,7 +58,7 @@ def test_trained_weights_from_safetensors_match_the_module(run_cli, tmp_path):
     ("args", "message"),
     [
         (["--embed-dim", 10, "--num-heads", 4], "compile.py: error: embed_dim (10) must be divisible by num_heads (4)"),
-        (["--embed-dim", 8, "--num-heads", 2, "--target", "ort-cpu"], "target 'ort-cpu' is not available yet"),
+        (["--embed-dim", 8, "--num-heads", 2, "--target", "tensorrt"], "target 'tensorrt' is not available yet"),
         (["--embed-dim", 8, "--num-heads", 2, "--precision", "fp16"], "precision fp16 is not available yet"),
         (["--embed-dim", 8, "--num-heads", 2, "--attn-mask", "int"], "argument --attn-mask: invalid choice: 'int'"),
         (["--embed-dim", 8, "--num-heads", 2, "--weights", "missing.safetensors"], "weights file 'missing.safetensors' does not exist"),

@@ -1,4 +1,4 @@
-"""The canonical graph on ONNX Runtime CPU against torch.nn.MultiheadAttention in float64.
+"""Every target's graph on ONNX Runtime CPU against torch.nn.MultiheadAttention in float64.
 
 Every structural variant meets every mask combination (runtime/matrix.py); weights are random with
 non-zero biases (torch initialises biases to zero, which would hide a missing bias). Each graph is
@@ -17,11 +17,12 @@ from runtime.matrix import SHAPES, option_matrix
 from runtime.ort import OrtSession
 
 
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
 @pytest.mark.parametrize("options", [pytest.param(o, id=i) for i, o in option_matrix()])
-def test_canonical_graph_matches_torch(options):
+def test_every_target_matches_torch(options, target):
     spec = AttentionSpec(**options)
     weights = AttentionWeights.random(spec, seed=7)
-    model = compile_model(build_mha(spec, weights), "portable")
+    model = compile_model(build_mha(spec, weights), target)
     report = check_session(OrtSession(model), spec, weights, shapes=SHAPES, seed=1)
     assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
     assert report.passed, report.table()

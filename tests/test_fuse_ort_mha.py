@@ -1,0 +1,75 @@
+"""FuseOrtMultiHeadAttentionPass alone and within the ort-cpu target."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler import compile_model
+from graphs import AttentionSpec, AttentionWeights, build_mha
+from runtime.check import errors, random_inputs
+from runtime.ort import OrtSession
+
+
+def _ops(model):
+    return collections.Counter((n.domain, n.op_type) for n in model.graph.node)
+
+
+def test_ort_cpu_self_attention_is_one_projection_one_fused_node_no_softmax():
+    spec = AttentionSpec(512, 8, batch_first=True, self_attention=True, key_padding_mask="bool")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    onnx.checker.check_model(model, full_check=True)
+    ops = _ops(model)
+    assert ops[("com.microsoft", "MultiHeadAttention")] == 1
+    assert ops[("", "Softmax")] == 0
+    order = [n.op_type for n in model.graph.node]
+    assert order[: order.index("MultiHeadAttention")].count("MatMul") == 1  # the packed Q/K/V projection
+    assert ops[("", "MatMul")] == 2  # that one, and out_proj after attention
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_need_weights_keeps_the_core_unfused(average):
+    spec = AttentionSpec(16, 4, need_weights=True, average_attn_weights=average, key_padding_mask="bool")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    ops = _ops(model)
+    assert ops[("com.microsoft", "MultiHeadAttention")] == 0 and ops[("", "Softmax")] == 1
+
+
+@pytest.mark.parametrize("options", [
+    {"key_padding_mask": "bool"},
+    {"key_padding_mask": "float", "attn_mask": "float", "attn_mask_3d": True},
+    {"attn_mask": "bool", "is_causal": True, "kdim": 6, "vdim": 6},
+])
+def test_fused_graph_keeps_the_fully_masked_row_rule(options):
+    """MultiHeadAttention alone returns NaN on such rows; the fused graph returns out_proj.bias."""
+    spec = AttentionSpec(16, 4, batch_first=True, **options)
+    weights = AttentionWeights.random(spec, seed=4)
+    canonical = build_mha(spec, weights)
+    fused = compile_model(canonical, "ort-cpu")
+    assert _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 1
+    feeds = random_inputs(spec, (3, 4, 6), np.random.default_rng(0))
+    if "key_padding_mask" in feeds:
+        feeds["key_padding_mask"][1] = True if spec.key_padding_mask == "bool" else -np.inf
+    if "attn_mask" in feeds:
+        feeds["attn_mask"][..., 2, :] = True if spec.attn_mask == "bool" else -np.inf
+    got, want = OrtSession(fused).run(feeds), OrtSession(canonical).run(feeds)
+    assert np.isfinite(got["attn_output"]).all()
+    assert errors(got["attn_output"], want["attn_output"])[1] <= 1e-5
+    if "attn_mask" in feeds:  # query row 2 sees no key in any batch entry
+        bias = np.broadcast_to(weights.tensors["out_proj.bias"], (3, 16))
+        np.testing.assert_allclose(got["attn_output"][:, 2], bias, rtol=0, atol=1e-6)
+
+
+def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
+    import json
+
+    result = run_cli("compile.py", "--embed-dim", 64, "--num-heads", 4, "--self-attention", "--causal",
+                     "--target", "ort-cpu", "--check", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["target"] == "ort-cpu" and "MultiHeadAttention" in manifest["target_form"]
+    assert manifest["attention_form"] == "com.microsoft.MultiHeadAttention"
+    assert manifest["check"]["passed"]
