@@ -39,22 +39,16 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     elsewhere (need_weights) are left unfused: this op cannot return the weights.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fused: list[str] = []
-        self.skipped: list[str] = []
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
         for node in list(graph):
             if node.op_type != "Softmax" or node.domain or node.graph is None:
                 continue
-            core = _match(node, graph, self.skipped)
+            core = _match(node, graph)
             if core is None:
                 continue
             _rewrite(graph, core)
-            self.fused.append(node.name or "Softmax")
             modified = True
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -82,7 +76,7 @@ def _heads(value: ir.Value, perm: list[int]) -> tuple[ir.Value, int, int] | None
     return reshape.inputs[0], int(shape[2]), int(shape[3])
 
 
-def _match(softmax: ir.Node, graph: ir.Graph, skipped: list[str]) -> _Core | None:
+def _match(softmax: ir.Node, graph: ir.Graph) -> _Core | None:
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return None
     nodes = [softmax]
@@ -95,8 +89,7 @@ def _match(softmax: ir.Node, graph: ir.Graph, skipped: list[str]) -> _Core | Non
         probs = consumer.outputs[0]
         consumer = only_use(probs, graph)
     if consumer is None or consumer.op_type != "MatMul" or consumer.inputs[0] is not probs:
-        skipped.append(f"{softmax.name}: the attention weights are used outside the core (need_weights)")
-        return None
+        return None  # the weights are used outside the core (need_weights)
     context_mm = consumer
     merge_t = only_use(context_mm.outputs[0], graph)
     merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None else None

@@ -42,10 +42,7 @@ def torch_forward(spec: AttentionSpec, module: Any, inputs: Mapping[str, np.ndar
     if spec.is_causal:
         seq = 1 if spec.batch_first else 0
         causal = torch.triu(torch.full((query.shape[seq], key.shape[seq]), float("-inf"), dtype=torch.float64), 1)
-        if attn_mask is not None:
-            attn_mask = _additive(attn_mask) + causal
-        else:
-            attn_mask = causal
+        attn_mask = causal if attn_mask is None else _additive(attn_mask) + causal
     if kpm is not None and attn_mask is not None and kpm.dtype != attn_mask.dtype:
         kpm, attn_mask = _additive(kpm), _additive(attn_mask)  # what torch does, minus its warning
     # The is_causal hint is honest only without appended keys: with them, torch's SDPA path would

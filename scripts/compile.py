@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class CheckFailed(RuntimeError):
+    """--check measured an error above tolerance."""
+
+
 def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
     return AttentionSpec(
         embed_dim=args.embed_dim, num_heads=args.num_heads, dropout=args.dropout, bias=args.bias,
@@ -115,10 +119,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"wrote {out / 'model.onnx'} ({len(data) / 2**20:.2f} MiB, {len(model.graph.node)} nodes, target {target.name}, {args.precision})")
     print(f"wrote {out / 'manifest.json'}")
     return manifest
-
-
-class CheckFailed(RuntimeError):
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:
