@@ -68,7 +68,7 @@ class AttentionWeights:
         tensors = {}
         for key, shape in expected.items():
             array = _as_numpy(key, state[key])
-            if not np.issubdtype(array.dtype, np.floating):
+            if not _is_float(array.dtype):
                 raise WeightsError(f"weight {key!r} has dtype {array.dtype}, expected a floating-point tensor")
             if tuple(array.shape) != shape:
                 raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
@@ -127,6 +127,11 @@ class AttentionWeights:
     def out_bias(self, spec: AttentionSpec) -> np.ndarray:
         """out_proj.bias, or zeros where the module has none (the fully-masked-row value)."""
         return self.tensors["out_proj.bias"] if spec.bias else np.zeros(spec.embed_dim, np.float32)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """NumPy floats, and the ml_dtypes floats (bfloat16, float8) that safetensors.numpy returns."""
+    return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float8"))
 
 
 def _names(keys: list[str]) -> str:

@@ -127,3 +127,12 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
     np.savez(path, in_proj_weight=np.array([{"a": 1}], dtype=object))
     with pytest.raises(WeightsError, match="not a readable .npz archive of arrays"):
         AttentionWeights.from_file(SPEC, path)
+
+
+def test_bf16_safetensors_load_through_torch(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    module = _module(SPEC).to(torch.bfloat16)
+    save_torch({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    weights = AttentionWeights.from_file(SPEC, tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(weights.tensors["in_proj_weight"], module.in_proj_weight.detach().float().numpy())
