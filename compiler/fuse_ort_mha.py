@@ -97,7 +97,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Core | None:
         return None
     v = _heads(context_mm.inputs[1], [0, 2, 1, 3])
 
-    scores = softmax.inputs[0]
+    scores = final_scores = softmax.inputs[0]
+    inner: list[ir.Value] = []  # score tensors between the scores MatMul and the mask Add
     mask = None
     add = _producer(scores, "Add")
     if add is not None:
@@ -105,6 +106,7 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Core | None:
         if mm_side is None:
             return None
         mask, scores = add.inputs[1 - mm_side], add.inputs[mm_side]
+        inner.append(scores)
         nodes.append(add)
     scale = 1.0
     mul = _producer(scores, "Mul")
@@ -114,10 +116,13 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Core | None:
             return None
         scale = float(factor.reshape(()))
         scores = next(x for x in mul.inputs if constant(x) is None)
+        inner.append(scores)
         nodes.append(mul)
     scores_mm = _producer(scores, "MatMul")
     if scores_mm is None:
         return None
+    if any(only_use(v, graph) is None for v in inner):
+        return None  # an intermediate score tensor is used outside the core
     q = _heads(scores_mm.inputs[0], [0, 2, 1, 3])
     k = _heads(scores_mm.inputs[1], [0, 2, 3, 1])
     if q is None or k is None or v is None or len({q[1:], k[1:], v[1:]}) != 1:
@@ -126,7 +131,7 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Core | None:
         where = nodes[1]
         dead = _producer(where.inputs[0], "IsInf")
         row_max = _producer(dead.inputs[0], "ReduceMax") if dead is not None else None
-        if row_max is None:
+        if row_max is None or row_max.inputs[0] is not final_scores:
             return None
         nodes += [dead, row_max]
     nodes += [scores_mm, context_mm, merge_t, merge_r]

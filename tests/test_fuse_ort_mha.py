@@ -73,3 +73,12 @@ def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
     assert manifest["target"] == "ort-cpu" and "MultiHeadAttention" in manifest["target_form"]
     assert manifest["attention_form"] == "com.microsoft.MultiHeadAttention"
     assert manifest["check"]["passed"]
+
+
+def test_scores_used_outside_the_core_stay_unfused():
+    """A graph that also outputs the raw scores cannot lose them to the fused op."""
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask="bool")
+    model = build_mha(spec, AttentionWeights.random(spec))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("scores/MatMul", onnx.TensorProto.FLOAT, None))
+    fused = compile_model(model, "ort-cpu")
+    assert _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 0 and _ops(fused)[("", "Softmax")] == 1
