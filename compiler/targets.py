@@ -2,59 +2,86 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
-
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 
 from compiler.cleanup import CleanupPass
+from compiler.float16 import Float16Pass
 from compiler.fold_scale import FoldScalePass
+from compiler.fuse_onnx_attention import ATTENTION_OPSET, FuseOnnxAttentionPass
 from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
+from compiler.guard_after_context import GuardAfterContextPass
+from compiler.opset import UpgradeOpsetPass
 from compiler.pack_projections import PackProjectionsPass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 
+PassFactory = Callable[[], ir.passes.PassBase]
+
 
 class TargetError(ValueError):
-    """A target or precision that does not exist, or is not available yet."""
+    """A target, form or precision that does not exist."""
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    passes: tuple[PassFactory, ...]
+    note: str
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    passes: tuple[Callable[[], ir.passes.PassBase], ...]
-    precisions: tuple[str, ...]
-    note: str
+    forms: tuple[Form, ...]  # the first is the default
+
+    def form(self, name: str | None) -> Form:
+        if name is None:
+            return self.forms[0]
+        for form in self.forms:
+            if form.name == name:
+                return form
+        raise TargetError(f"target {self.name!r} has no form {name!r}; choose one of "
+                          f"{', '.join(f.name for f in self.forms)}")
 
 
-_AVAILABLE = {
-    # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
-    # CSE first, so that projections of one tensor through duplicated layout ops are seen to share it.
-    "portable": Target("portable", (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass, CleanupPass),
-                       ("fp32",),
-                       "standard ops (opset 18), scale folded into the query projection, projections that share an input packed"),
-    "ort-cpu": Target("ort-cpu", (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass,
-                                  FuseOrtMultiHeadAttentionPass, CleanupPass), ("fp32",),
-                      "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-                      "(left unfused with need_weights: that op cannot return the weights)"),
+# Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
+# CSE first, so that projections of one tensor through duplicated layout ops are seen to share it.
+_PREPARE: tuple[PassFactory, ...] = (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass)
+_PORTABLE = Form("matmul-softmax", _PREPARE,
+                 "standard ops (opset 18), scale folded into the query projection, projections that share an input packed")
+_ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
+                       f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
+                       "(with need_weights its qk_matmul_output returns the weights)")
+_ORT = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass,),
+            "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+            "(left unfused with need_weights: that op cannot return the weights)")
+_TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
+                        "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
+                        "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")
+
+TARGET_SPECS = {
+    "portable": Target("portable", (_PORTABLE,)),
+    "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION,)),
+    "ort-cpu": Target("ort-cpu", (_ORT,)),
+    "ort-cuda": Target("ort-cuda", (_ORT,)),
+    "tensorrt": Target("tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)),  # the Attention op needs TensorRT 10.14+
 }
 
 
-def get_target(name: str, precision: str = "fp32") -> Target:
-    if name not in TARGETS:
+def get_target(name: str, precision: str = "fp32", form: str | None = None) -> tuple[Target, Form]:
+    if name not in TARGET_SPECS:
         raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     if precision not in PRECISIONS:
         raise TargetError(f"unknown precision {precision!r}; choose fp32 or fp16")
-    if name not in _AVAILABLE:
-        raise TargetError(f"target {name!r} is not available yet (it arrives with the compiler-passes issue); use --target portable")
-    target = _AVAILABLE[name]
-    if precision not in target.precisions:
-        raise TargetError(f"precision {precision} is not available yet for target {name!r}; use --precision fp32")
-    return target
+    target = TARGET_SPECS[name]
+    return target, target.form(form)
 
 
 FUSED_OPS = ("MultiHeadAttention", "Attention")
@@ -66,9 +93,12 @@ def attention_form(model: onnx.ModelProto) -> str:
     return ", ".join(fused) if fused else "unfused MatMul-Softmax-MatMul"
 
 
-def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32") -> onnx.ModelProto:
-    """Run ``target``'s passes, in order, over a copy of ``model``."""
-    spec = get_target(target, precision)
+def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None) -> onnx.ModelProto:
+    """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion."""
+    _, chosen = get_target(target, precision, form)
+    passes = [make() for make in chosen.passes]
+    if precision == "fp16":
+        passes.append(Float16Pass())
     ir_model = ir.serde.deserialize_model(model)
-    ir.passes.Sequential(*(make() for make in spec.passes))(ir_model)
+    ir.passes.Sequential(*passes, CleanupPass())(ir_model)
     return ir.serde.serialize_model(ir_model)

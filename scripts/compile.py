@@ -14,7 +14,6 @@ import onnx
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from compiler.artifacts import ArtifactError, file_records, write_directory
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
-from graphs.builder import OPSET
 from runtime import InputError
 
 
@@ -49,7 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
     out = p.add_argument_group("output")
     out.add_argument("--target", choices=TARGETS, default="portable")
-    out.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    out.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="fp16: half-precision weights and compute, float32 inputs, outputs and softmax")
+    out.add_argument("--form", default=None,
+                     help="the target's graph form where it offers several: tensorrt takes matmul-softmax (the default, "
+                          "TensorRT 8.6+) or attention-op (the standard Attention op, TensorRT 10.14+)")
     out.add_argument("--check", action="store_true", help="compare with torch and the float64 reference; store the figures")
     out.add_argument("--out", required=True, help="output folder: model.onnx and manifest.json")
     out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
@@ -71,6 +74,10 @@ def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
     )
 
 
+def opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def tool_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("attention-compiler", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch"):
@@ -83,18 +90,19 @@ def tool_versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = spec_from_args(args)
-    target = get_target(args.target, args.precision)
+    target, form = get_target(args.target, args.precision, args.form)
     weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
-    model = compile_model(build_mha(spec, weights), target.name, args.precision)
+    model = compile_model(build_mha(spec, weights), target.name, args.precision, form.name)
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
 
     check = None
     if args.check:
-        from runtime.check import check_session
+        from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session
         from runtime.ort import OrtSession
 
-        report = check_session(OrtSession(model), spec, weights)
+        tolerance = FP32_TOLERANCE if args.precision == "fp32" else FP16_TOLERANCE
+        report = check_session(OrtSession(model), spec, weights, tolerance=tolerance)
         print(report.table())
         check = report.to_json()
         if not report.passed:
@@ -106,10 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "inputs": [s.to_json() for s in spec.inputs()],
         "outputs": [s.to_json() for s in spec.outputs()],
         "target": target.name,
-        "target_form": target.note,
+        "form": form.name,
+        "target_form": form.note,
         "attention_form": attention_form(model),
         "precision": args.precision,
-        "opset": OPSET,
+        "opset": opset(model),
         "weights": dict(weights.source),
         "tools": tool_versions(),
         "files": file_records(files),

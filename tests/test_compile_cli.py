@@ -58,8 +58,9 @@ def test_trained_weights_from_safetensors_match_the_module(run_cli, tmp_path):
     ("args", "message"),
     [
         (["--embed-dim", 10, "--num-heads", 4], "compile.py: error: embed_dim (10) must be divisible by num_heads (4)"),
-        (["--embed-dim", 8, "--num-heads", 2, "--target", "tensorrt"], "target 'tensorrt' is not available yet"),
-        (["--embed-dim", 8, "--num-heads", 2, "--precision", "fp16"], "precision fp16 is not available yet"),
+        (["--embed-dim", 8, "--num-heads", 2, "--target", "tensorrt", "--form", "flash"],
+         "target 'tensorrt' has no form 'flash'; choose one of matmul-softmax, attention-op"),
+        (["--embed-dim", 8, "--num-heads", 2, "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
         (["--embed-dim", 8, "--num-heads", 2, "--attn-mask", "int"], "argument --attn-mask: invalid choice: 'int'"),
         (["--embed-dim", 8, "--num-heads", 2, "--weights", "missing.safetensors"], "weights file 'missing.safetensors' does not exist"),
     ],

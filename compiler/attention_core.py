@@ -1,0 +1,200 @@
+"""Find the attention core (scores, scale, mask, softmax, context) in a graph, and the pieces every
+fused form needs around it: a mask the fused op accepts and the fully-masked-row rule.
+
+The core is matched by structure, not by name: Reshape(x, [0, 0, H, hd]) + Transpose head splits,
+MatMul, [Mul by a scalar], [Add mask], Softmax, [the fully-masked guard Where(IsInf(ReduceMax))],
+MatMul, Transpose + Reshape head merge. Fusion passes rewrite what this module finds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler._ir import constant, named, new_initializer, only_use
+
+
+@dataclass
+class Core:
+    """A matched core: q, k, v in (N, L, E) form, its scale, additive mask and bounding nodes.
+
+    ``weights`` is the post-softmax (N, H, L, S) tensor when something outside the core reads it
+    (need_weights), else None. ``nodes`` are the nodes a fusion removes.
+    """
+
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    num_heads: int
+    head_dim: int
+    scale: float
+    mask: ir.Value | None
+    output: ir.Value
+    weights: ir.Value | None
+    softmax: ir.Node
+    context_matmul: ir.Node
+    guard: list[ir.Node]  # Where, IsInf, ReduceMax of the fully-masked guard; empty without one
+    nodes: list[ir.Node]
+
+    @property
+    def guarded(self) -> bool:
+        return bool(self.guard)
+
+
+def find_cores(graph: ir.Graph) -> list[Core]:
+    return [core for node in list(graph) if node.op_type == "Softmax" and not node.domain
+            if (core := _match(node, graph)) is not None]
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and not node.domain else None
+
+
+def _perm(node: ir.Node | None) -> list[int] | None:
+    return None if node is None else list(node.attributes.get_ints("perm", []))
+
+
+def _heads(value: ir.Value, perm: list[int]) -> tuple[ir.Value, int, int] | None:
+    """value = Transpose(Reshape(x, [0, 0, H, hd]), perm): (x, H, hd)."""
+    transpose = _producer(value, "Transpose")
+    if _perm(transpose) != perm:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    shape = constant(reshape.inputs[1]) if reshape is not None else None
+    if shape is None or shape.tolist()[:2] != [0, 0] or len(shape) != 4 or min(shape[2:]) <= 0:
+        return None
+    return reshape.inputs[0], int(shape[2]), int(shape[3])
+
+
+def _context_matmul(probs: ir.Value) -> tuple[ir.Node | None, bool]:
+    """(the one MatMul reading ``probs`` as its left operand, whether anything else reads probs)."""
+    matmuls = [node for node, i in probs.uses() if node.op_type == "MatMul" and not node.domain and i == 0]
+    if len(matmuls) != 1:
+        return None, False
+    return matmuls[0], probs.is_graph_output() or len(probs.uses()) > 1
+
+
+def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return None
+    nodes = [softmax]
+    probs = softmax.outputs[0]
+    guard: list[ir.Node] = []
+    where = only_use(probs, graph)
+    if where is not None and where.op_type == "Where" and where.inputs[2] is probs:
+        guard.append(where)
+        probs = where.outputs[0]
+    context_mm, weights_used = _context_matmul(probs)
+    if context_mm is None:
+        return None
+    merge_t = only_use(context_mm.outputs[0], graph)
+    merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None else None
+    if _perm(merge_t) != [0, 2, 1, 3] or merge_r is None or merge_r.op_type != "Reshape":
+        return None
+    v = _heads(context_mm.inputs[1], [0, 2, 1, 3])
+
+    scores = final_scores = softmax.inputs[0]
+    inner: list[ir.Value] = []  # score tensors between the scores MatMul and the mask Add
+    mask = None
+    add = _producer(scores, "Add")
+    if add is not None:
+        mm_side = next((i for i in (0, 1) if _producer(add.inputs[i], "MatMul") or _producer(add.inputs[i], "Mul")), None)
+        if mm_side is None:
+            return None
+        mask, scores = add.inputs[1 - mm_side], add.inputs[mm_side]
+        inner.append(scores)
+        nodes.append(add)
+    scale = 1.0
+    mul = _producer(scores, "Mul")
+    if mul is not None:
+        factor = next((constant(x) for x in mul.inputs if constant(x) is not None), None)
+        if factor is None or factor.size != 1:
+            return None
+        scale = float(factor.reshape(()))
+        scores = next(x for x in mul.inputs if constant(x) is None)
+        inner.append(scores)
+        nodes.append(mul)
+    scores_mm = _producer(scores, "MatMul")
+    if scores_mm is None:
+        return None
+    if any(only_use(x, graph) is None for x in inner):
+        return None  # an intermediate score tensor is used outside the core
+    q = _heads(scores_mm.inputs[0], [0, 2, 1, 3])
+    k = _heads(scores_mm.inputs[1], [0, 2, 3, 1])
+    if q is None or k is None or v is None or len({q[1:], k[1:], v[1:]}) != 1:
+        return None
+    if guard:  # the guard's ReduceMax/IsInf read the scores; they go with the core
+        dead = _producer(where.inputs[0], "IsInf")
+        row_max = _producer(dead.inputs[0], "ReduceMax") if dead is not None else None
+        if row_max is None or row_max.inputs[0] is not final_scores or len(final_scores.uses()) != 2:
+            return None
+        guard += [dead, row_max]
+    elif len(final_scores.uses()) != 1 or final_scores.is_graph_output():
+        return None
+    nodes += guard + [scores_mm, context_mm, merge_t, merge_r]
+    return Core(q[0], k[0], v[0], q[1], q[2], scale, mask, merge_r.outputs[0], probs if weights_used else None,
+                softmax, context_mm, guard, nodes)
+
+
+Emit = Callable[..., ir.Value]
+
+
+def emitter(graph: ir.Graph, new: list[ir.Node]) -> Emit:
+    """add(op, inputs, name, attrs, domain) -> the new node's first output; nodes collect in ``new``."""
+
+    def add(op: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
+        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"attention/{name}")))
+        return new[-1].outputs[0]
+
+    return add
+
+
+def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
+    """The additive mask broadcast to (N|1, H|1, L, S'): ONNX Runtime's fused ops want the query
+    and key axes in full, and keeping -inf as -inf keeps partially masked rows exact."""
+    if core.mask is None:
+        return None
+    lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
+                             add("Shape", [core.q], "tgt_len", {"start": 1, "end": 2}),
+                             add("Shape", [core.k], "src_len", {"start": 1, "end": 2})], "bias_shape", {"axis": 0})
+    return add("Expand", [core.mask, lengths], "attention_bias")
+
+
+def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
+    """(N|1, H|1, L, 1): True where the mask leaves a query no key (the whole row is -inf)."""
+    axis = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
+    return add("IsInf", [add("ReduceMax", [bias, axis], "fully_masked/ReduceMax", {"keepdims": 1})],
+               "fully_masked/IsInf", {"detect_positive": 0})
+
+
+def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit) -> ir.Value:
+    """A zero context on fully masked rows (DESIGN.md), whatever the fused op returned there."""
+    dead = add("Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]})  # (N|1, L, H|1, 1)
+    split = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
+    heads = add("Reshape", [context, split], "fully_masked/split_heads")
+    kept = add("Where", [dead, _zero(graph), heads], "fully_masked/Where")
+    merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
+    return add("Reshape", [kept, merge], "fully_masked/merge_heads")
+
+
+def zero_dead_weights(graph: ir.Graph, weights: ir.Value, dead: ir.Value, add: Emit) -> ir.Value:
+    return add("Where", [dead, _zero(graph), weights], "fully_masked/weights")
+
+
+def _zero(graph: ir.Graph) -> ir.Value:
+    return new_initializer(graph, "attention/zero", np.zeros((), np.float32))
+
+
+def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Value,
+                 weights: ir.Value | None = None) -> None:
+    """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``."""
+    graph.insert_before(core.nodes[-1], new)
+    core.output.replace_all_uses_with(context, replace_graph_outputs=True)
+    if core.weights is not None:
+        assert weights is not None, "a fusion that drops the weights must leave need_weights cores alone"
+        core.weights.replace_all_uses_with(weights, replace_graph_outputs=True)
+    graph.remove(core.nodes, safe=True)
