@@ -1,9 +1,14 @@
 """Find the attention core (scores, scale, mask, softmax, context) in a graph, and the pieces every
 fused form needs around it: a mask the fused op accepts and the fully-masked-row rule.
 
-The core is matched by structure, not by name: Reshape(x, [0, 0, H, hd]) + Transpose head splits,
-MatMul, [Mul by a scalar], [Add mask], Softmax, [the fully-masked guard Where(IsInf(ReduceMax))],
-MatMul, Transpose + Reshape head merge. Fusion passes rewrite what this module finds.
+Cores are matched by structure, not by name, in two forms:
+- BSD, the canonical graph's (graphs/mha.py): Reshape(x, [0, 0, H, hd]) + Transpose head splits,
+  MatMul, [Mul by a scalar], [Add mask], Softmax, [the fully-masked guard Where(IsInf(ReduceMax))],
+  MatMul, Transpose + Reshape head merge; q, k, v are (N, L, E).
+- BNSH, any graph whose heads are already split, as torch.onnx.export(dynamo=True) writes
+  scaled_dot_product_attention: [Mul/Div q by a scalar] MatMul [Mul/Div K^T by a scalar],
+  [Mul/Div], [Add mask], Softmax, MatMul, on rank-4 (N, H, L, hd) tensors; k holds K^T.
+Fusion passes rewrite what this module finds; ``survey`` says why a Softmax was not matched.
 """
 
 from __future__ import annotations
@@ -19,17 +24,19 @@ from compiler._ir import constant, named, new_initializer, only_use
 
 @dataclass
 class Core:
-    """A matched core: q, k, v in (N, L, E) form, its scale, additive mask and bounding nodes.
+    """A matched core: q, k, v (BSD: (N, L, E); BNSH: (N, H, L, hd), with k as K^T (N, H, hd, S)),
+    its scale, additive mask and bounding nodes. ``output`` has q's layout.
 
     ``weights`` is the post-softmax (N, H, L, S) tensor when something outside the core reads it
     (need_weights), else None. ``nodes`` are the nodes a fusion removes.
     """
 
+    layout: str  # "BSD" or "BNSH"
     q: ir.Value
     k: ir.Value
     v: ir.Value
-    num_heads: int
-    head_dim: int
+    num_heads: int | None  # None: a BNSH core whose head count the graph does not state
+    head_dim: int | None
     scale: float
     mask: ir.Value | None
     output: ir.Value
@@ -43,10 +50,25 @@ class Core:
     def guarded(self) -> bool:
         return bool(self.guard)
 
+    @property
+    def zeroes_dead_rows(self) -> bool:
+        """Whether the fused form must zero fully masked rows: where the graph did (our guard), and
+        in any masked BNSH core, where a graph from elsewhere would give NaN (DESIGN.md: never)."""
+        return self.mask is not None and (self.guarded or self.layout == "BNSH")
+
+    @property
+    def name(self) -> str:
+        return self.softmax.name or self.softmax.outputs[0].name or "Softmax"
+
+
+def survey(graph: ir.Graph) -> list[tuple[ir.Node, Core | str]]:
+    """Every Softmax of the graph with its core, or the reason it is not one."""
+    return [(node, _match(node, graph) or _match_bnsh(node, graph)) for node in list(graph)
+            if node.op_type == "Softmax" and not node.domain]
+
 
 def find_cores(graph: ir.Graph) -> list[Core]:
-    return [core for node in list(graph) if node.op_type == "Softmax" and not node.domain
-            if (core := _match(node, graph)) is not None]
+    return [found for _, found in survey(graph) if isinstance(found, Core)]
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -136,18 +158,86 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
     elif len(final_scores.uses()) != 1 or final_scores.is_graph_output():
         return None
     nodes += guard + [scores_mm, context_mm, merge_t, merge_r]
-    return Core(q[0], k[0], v[0], q[1], q[2], scale, mask, merge_r.outputs[0], probs if weights_used else None,
+    return Core("BSD", q[0], k[0], v[0], q[1], q[2], scale, mask, merge_r.outputs[0], probs if weights_used else None,
                 softmax, context_mm, guard, nodes)
+
+
+def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node | None]:
+    """value = Mul(x, c) or Div(x, c) with a scalar constant c, used once: (x, factor, node); else (value, 1, None)."""
+    node = value.producer()
+    if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value, graph) is None:
+        return value, 1.0, None
+    sides = (1,) if node.op_type == "Div" else (1, 0)
+    for side in sides:
+        c = constant(node.inputs[side])
+        if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
+            factor = float(c.reshape(()))
+            return node.inputs[1 - side], (1.0 / factor if node.op_type == "Div" else factor), node
+    return value, 1.0, None
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
+    """The heads-split form of scaled dot-product attention; a reason string where it is not that."""
+    probs = softmax.outputs[0]
+    if _rank(probs) != 4:
+        return "its rank is not known to be 4 (batch, heads, query, key)"
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return "it does not normalise over the key axis"
+    context_mm, weights_used = _context_matmul(probs)
+    if context_mm is None:
+        return "no single MatMul multiplies it with the values"
+    nodes = [softmax]
+    scores = softmax.inputs[0]
+    mask = None
+    add = _producer(scores, "Add")
+    if add is not None:
+        side = next((i for i in (0, 1) if (p := add.inputs[i].producer()) is not None and p.op_type in ("MatMul", "Mul", "Div")), None)
+        if side is None or only_use(add.inputs[side], graph) is None:
+            return "its scores are not a MatMul plus a mask"
+        mask, scores = add.inputs[1 - side], add.inputs[side]
+        nodes.append(add)
+    if only_use(softmax.inputs[0], graph) is None:
+        return "its scores are used outside the attention"
+    scores, post, mul = _scaled(scores, graph)
+    nodes += [mul] if mul is not None else []
+    scores_mm = _producer(scores, "MatMul")
+    if scores_mm is None or only_use(scores, graph) is None:
+        return "its scores are not a MatMul of queries and keys used only here"
+    q, q_scale, q_mul = _scaled(scores_mm.inputs[0], graph)
+    k, k_scale, k_mul = _scaled(scores_mm.inputs[1], graph)
+    v = context_mm.inputs[1]
+    if {_rank(q), _rank(k), _rank(v)} != {4}:
+        return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
+    nodes += [n for n in (q_mul, k_mul) if n is not None] + [scores_mm, context_mm]
+    heads, head_dim = q.shape[1], q.shape[3]
+    return Core("BNSH", q, k, v, heads if isinstance(heads, int) else None,
+                head_dim if isinstance(head_dim, int) else None, post * q_scale * k_scale, mask,
+                context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes)
 
 
 Emit = Callable[..., ir.Value]
 
 
-def emitter(graph: ir.Graph, new: list[ir.Node]) -> Emit:
-    """add(op, inputs, name, attrs, domain) -> the new node's first output; nodes collect in ``new``."""
+def unique_scope(graph: ir.Graph) -> str:
+    """'attention', or 'attention_2', ... where a graph already holds a fused core (decoders have two)."""
+    taken = {node.name.split("/")[0] for node in graph if node.name}
+    scope, i = "attention", 1
+    while scope in taken:
+        i += 1
+        scope = f"attention_{i}"
+    return scope
+
+
+def emitter(graph: ir.Graph, new: list[ir.Node], scope: str) -> Emit:
+    """add(op, inputs, name, attrs, domain) -> the new node's first output, named ``scope/name``;
+    nodes collect in ``new``."""
 
     def add(op: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
-        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"attention/{name}")))
+        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}")))
         return new[-1].outputs[0]
 
     return add
@@ -158,10 +248,17 @@ def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
     and key axes in full, and keeping -inf as -inf keeps partially masked rows exact."""
     if core.mask is None:
         return None
+    q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3)  # BNSH holds K^T
     lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
-                             add("Shape", [core.q], "tgt_len", {"start": 1, "end": 2}),
-                             add("Shape", [core.k], "src_len", {"start": 1, "end": 2})], "bias_shape", {"axis": 0})
+                             add("Shape", [core.q], "tgt_len", {"start": q_axis, "end": q_axis + 1}),
+                             add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})],
+                  "bias_shape", {"axis": 0})
     return add("Expand", [core.mask, lengths], "attention_bias")
+
+
+def keys_bnsh(core: Core, add: Emit) -> ir.Value:
+    """K as (N, H, S, hd) from a BNSH core's K^T."""
+    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]})
 
 
 def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
@@ -171,8 +268,12 @@ def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
                "fully_masked/IsInf", {"detect_positive": 0})
 
 
-def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit) -> ir.Value:
-    """A zero context on fully masked rows (DESIGN.md), whatever the fused op returned there."""
+def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit,
+                      layout: str = "BSD") -> ir.Value:
+    """A zero context on fully masked rows (DESIGN.md), whatever the fused op returned there.
+    ``context`` is (N, L, H*hd) for layout BSD, (N, H, L, hd) for BNSH."""
+    if layout == "BNSH":
+        return add("Where", [dead, _zero(graph), context], "fully_masked/Where")
     dead = add("Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]})  # (N|1, L, H|1, 1)
     split = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
     heads = add("Reshape", [context, split], "fully_masked/split_heads")

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.attention_core import (dead_rows, emitter, find_cores, full_bias, replace_core, zero_dead_context,
-                                     zero_dead_weights)
+from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unique_scope,
+                                     zero_dead_context, zero_dead_weights)
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
 
 
 class FuseOnnxAttentionPass(ir.passes.InPlacePass):
-    """The attention core (compiler/attention_core.py) -> one Attention node, 3-D form
-    (q_num_heads = kv_num_heads = H), the scale explicit.
+    """The attention core (compiler/attention_core.py) -> one Attention node: the 3-D form
+    (q_num_heads = kv_num_heads = H) for BSD cores, the 4-D form for BNSH cores; the scale explicit.
 
     With need_weights the op's qk_matmul_output (mode 3, after softmax) replaces the weights, so
     the core still fuses. The mask becomes attn_mask, full over query and key (ONNX Runtime
-    refuses a mask that only broadcasts there). Where the graph had the fully-masked guard, the
-    context and weights of rows whose whole mask row is -inf are set to 0 from the mask: the
-    operator spec leaves softmax over an all -inf row to the runtime.
+    refuses a mask that only broadcasts there). Rows whose whole mask row is -inf get a zero
+    context and zero weights, from the mask: the operator spec leaves softmax over an all -inf
+    row to the runtime.
     """
+
+    @staticmethod
+    def refuse(core: Core) -> str | None:
+        return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -29,22 +33,28 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             raise ir.passes.PassError(f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first")
         for core in cores:
             new: list[ir.Node] = []
-            add = emitter(graph, new)
+            scope = unique_scope(graph)
+            add = emitter(graph, new, scope)
             bias = full_bias(graph, core, add)
-            attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
+            if core.layout == "BSD":
+                attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
+                k = core.k
+            else:
+                attrs = {"scale": core.scale}
+                k = keys_bnsh(core, add)
             if core.weights is not None:
                 attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
-            node = ir.node("Attention", [core.q, core.k, core.v, bias], attrs, name="attention/Attention",
+            node = ir.node("Attention", [core.q, k, core.v, bias], attrs, name=f"{scope}/Attention",
                            num_outputs=4 if core.weights is not None else 1)
-            node.outputs[0].name = "attention/Attention"
+            node.outputs[0].name = f"{scope}/Attention"
             new.append(node)
             context, weights = node.outputs[0], None
             if core.weights is not None:
                 weights = node.outputs[3]
-                weights.name = "attention/Attention:weights"
-            if core.guarded and bias is not None:
+                weights.name = f"{scope}/Attention:weights"
+            if core.zeroes_dead_rows:
                 dead = dead_rows(graph, bias, add)
-                context = zero_dead_context(graph, core, context, dead, add)
+                context = zero_dead_context(graph, core, context, dead, add, core.layout)
                 if weights is not None:
                     weights = zero_dead_weights(graph, weights, dead, add)
             replace_core(graph, core, new, context, weights)

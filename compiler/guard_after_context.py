@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.attention_core import dead_rows, emitter, find_cores, zero_dead_weights
+from compiler.attention_core import dead_rows, emitter, find_cores, unique_scope, zero_dead_weights
 
 class GuardAfterContextPass(ir.passes.InPlacePass):
     """Where(IsInf(ReduceMax(scores)), 0, Softmax(scores)) @ V  ->  Where(dead, 0, Softmax(scores) @ V),
@@ -20,7 +20,8 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
         for core in cores:
             softmax, context_mm, where = core.softmax, core.context_matmul, core.guard[0]
             new: list[ir.Node] = []
-            add = emitter(graph, new)
+            scope = unique_scope(graph)
+            add = emitter(graph, new, scope)
             dead = dead_rows(graph, core.mask, add)
             kept = add("Where", [dead, where.inputs[1], context_mm.outputs[0]], "fully_masked/context")
             graph.insert_after(context_mm, new)
@@ -29,7 +30,7 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
             probs = where.outputs[0]
             if core.weights is not None:
                 weights_nodes: list[ir.Node] = []
-                weights = zero_dead_weights(graph, softmax.outputs[0], dead, emitter(graph, weights_nodes))
+                weights = zero_dead_weights(graph, softmax.outputs[0], dead, emitter(graph, weights_nodes, scope))
                 graph.insert_after(softmax, weights_nodes)
                 probs.replace_all_uses_with(weights)
             context_mm.replace_input_with(0, softmax.outputs[0])

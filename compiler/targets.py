@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass, ShapeInferencePass
 
 from compiler.cleanup import CleanupPass
 from compiler.float16 import Float16Pass
@@ -34,6 +34,7 @@ class Form:
     name: str
     passes: tuple[PassFactory, ...]
     note: str
+    fusion: type | None = None  # the pass that fuses the core, with its refuse(core) -> reason | None
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,19 @@ class Target:
                           f"{', '.join(f.name for f in self.forms)}")
 
 
+# Shape inference first: the matcher of heads-split cores needs ranks (graphs from elsewhere).
 # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
-# CSE first, so that projections of one tensor through duplicated layout ops are seen to share it.
-_PREPARE: tuple[PassFactory, ...] = (CommonSubexpressionEliminationPass, FoldScalePass, PackProjectionsPass)
+# CSE before both, so that projections of one tensor through duplicated layout ops are seen to share it.
+_PREPARE: tuple[PassFactory, ...] = (ShapeInferencePass, CommonSubexpressionEliminationPass, FoldScalePass,
+                                     PackProjectionsPass)
 _PORTABLE = Form("matmul-softmax", _PREPARE,
                  "standard ops (opset 18), scale folded into the query projection, projections that share an input packed")
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
-                       "(with need_weights its qk_matmul_output returns the weights)")
+                       "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
 _ORT = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass,),
             "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-            "(left unfused with need_weights: that op cannot return the weights)")
+            "(left unfused with need_weights: that op cannot return the weights)", FuseOrtMultiHeadAttentionPass)
 _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
                         "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
                         "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")

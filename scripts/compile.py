@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""Compile a torch.nn.MultiheadAttention into an ONNX graph for a deployment target (DESIGN.md contract 3)."""
+"""Compile a torch.nn.MultiheadAttention into an ONNX graph for a deployment target (DESIGN.md contract 3),
+or, with --onnx, run a target's pipeline over an existing graph (torch.onnx.export's, say)."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any, NoReturn
 
 import onnx
 
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from compiler.artifacts import ArtifactError, file_records, write_directory
+from compiler.ingest import IngestError
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
 
@@ -25,8 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mha = p.add_argument_group("torch.nn.MultiheadAttention options")
-    mha.add_argument("--embed-dim", type=int, required=True)
-    mha.add_argument("--num-heads", type=int, required=True)
+    mha.add_argument("--embed-dim", type=int, default=None, help="required unless --onnx")
+    mha.add_argument("--num-heads", type=int, default=None, help="required unless --onnx")
     mha.add_argument("--kdim", type=int, default=None, help="key width (default: embed-dim)")
     mha.add_argument("--vdim", type=int, default=None, help="value width (default: embed-dim)")
     mha.add_argument("--batch-first", action="store_true", help="inputs and outputs are (batch, seq, feature)")
@@ -46,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w = p.add_argument_group("weights")
     w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
     w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="compile this ONNX graph instead of building one from the options above")
     out = p.add_argument_group("output")
     out.add_argument("--target", choices=TARGETS, default="portable")
     out.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -57,7 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--out", required=True, help="output folder: model.onnx and manifest.json")
     out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    spec_flags = [f"--{a.dest.replace('_', '-')}" for g in (mha, call, w) for a in g._group_actions
+                  if getattr(args, a.dest) != a.default]
+    if args.onnx is not None and spec_flags:
+        p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
+    if args.onnx is None and (args.embed_dim is None or args.num_heads is None):
+        p.error("the following arguments are required: --embed-dim, --num-heads (or give --onnx FILE)")
+    return args
 
 
 class CheckFailed(RuntimeError):
@@ -89,37 +102,79 @@ def tool_versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.onnx is not None:
+        return run_onnx(args)
     spec = spec_from_args(args)
     target, form = get_target(args.target, args.precision, args.form)
     weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
     model = compile_model(build_mha(spec, weights), target.name, args.precision, form.name)
     onnx.checker.check_model(model, full_check=True)
-    data = model.SerializeToString()
-
     check = None
     if args.check:
-        from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session
+        from runtime.check import check_session
         from runtime.ort import OrtSession
 
-        tolerance = FP32_TOLERANCE if args.precision == "fp32" else FP16_TOLERANCE
-        report = check_session(OrtSession(model), spec, weights, tolerance=tolerance)
-        print(report.table())
-        check = report.to_json()
-        if not report.passed:
-            raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds {report.tolerance:.0e}; nothing was written")
+        check = _checked(check_session(OrtSession(model), spec, weights, tolerance=_tolerance(args)))
+    described = {"spec": spec.to_dict(), "inputs": [s.to_json() for s in spec.inputs()],
+                 "outputs": [s.to_json() for s in spec.outputs()]}
+    return _write(args, model, described, {"weights": dict(weights.source)}, check)
 
+
+def run_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    """The target's pipeline over an existing graph; --check compares it with that graph on ONNX Runtime CPU."""
+    from compiler.ingest import fusion_findings, load_onnx
+
+    target, form = get_target(args.target, args.precision, args.form)
+    original = load_onnx(args.onnx)
+    model = compile_model(original, target.name, args.precision, form.name)
+    onnx.checker.check_model(model, full_check=True)
+    findings = fusion_findings(original, model, form, attention_form(model))
+    for finding in findings:
+        print(finding)
+    if not findings:
+        print("no Softmax in the graph: nothing to fuse")
+    check = None
+    if args.check:
+        from runtime.check import check_against_graph
+        from runtime.ort import OrtSession
+
+        check = _checked(check_against_graph(OrtSession(model), OrtSession(original), tolerance=_tolerance(args)))
+    described = {"source": {"onnx": str(args.onnx), "sha256": hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest()},
+                 "inputs": graph_signature(model.graph.input, model.graph.initializer),
+                 "outputs": graph_signature(model.graph.output)}
+    fusion = {"fusion": [{"softmax": f.softmax, "fused": f.fused, "detail": f.detail} for f in findings]}
+    return _write(args, model, described, fusion, check)
+
+
+def _tolerance(args: argparse.Namespace) -> float:
+    from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE
+
+    return FP32_TOLERANCE if args.precision == "fp32" else FP16_TOLERANCE
+
+
+def _checked(report: Any) -> dict[str, Any]:
+    print(report.table())
+    if not report.passed:
+        raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
+                          f"{report.tolerance:.0e}; nothing was written")
+    return report.to_json()
+
+
+def _write(args: argparse.Namespace, model: onnx.ModelProto, described: dict[str, Any], extra: dict[str, Any],
+           check: dict[str, Any] | None) -> dict[str, Any]:
+    """DIR/model.onnx and DIR/manifest.json, atomically; the manifest of DESIGN.md contract 3."""
+    data = model.SerializeToString()
     files = {"model.onnx": data}
+    target, form = get_target(args.target, args.precision, args.form)
     manifest = {
-        "spec": spec.to_dict(),
-        "inputs": [s.to_json() for s in spec.inputs()],
-        "outputs": [s.to_json() for s in spec.outputs()],
+        **described,
         "target": target.name,
         "form": form.name,
         "target_form": form.note,
         "attention_form": attention_form(model),
+        **extra,
         "precision": args.precision,
         "opset": opset(model),
-        "weights": dict(weights.source),
         "tools": tool_versions(),
         "files": file_records(files),
         "check": check,
@@ -130,11 +185,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return manifest
 
 
+def graph_signature(values, initializers=()) -> list[dict[str, Any]]:
+    skip = {t.name for t in initializers}
+    return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+             "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]}
+            for v in values if v.name not in skip]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (SpecError, WeightsError, TargetError, InputError) as exc:
+    except (SpecError, WeightsError, TargetError, InputError, IngestError) as exc:
         if args.verbose:
             raise
         print(f"compile.py: error: {exc}", file=sys.stderr)

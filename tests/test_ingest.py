@@ -1,0 +1,190 @@
+"""--onnx ingest: the attention inside torch.onnx.export(dynamo=True) graphs of torch's own modules
+fuses on every fusing target, and the fused graph computes what the exported graph computed
+(ONNX Runtime CPU, fp32: 1e-5 of scale) and what torch computes (float64)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler import attention_form, compile_model, get_target
+from compiler.ingest import IngestError, fusion_findings, load_onnx
+from runtime.check import FP32_TOLERANCE, check_against_graph, graph_inputs
+from runtime.ort import OrtSession
+
+torch = pytest.importorskip("torch")
+
+E, H = 48, 4  # head_dim 12: the exporter's sqrt(scale) on q and k is not exact, so rounding differs
+
+
+class _Mha(torch.nn.Module):
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.attn, self.masked = torch.nn.MultiheadAttention(E, H, batch_first=True), masked
+
+    def forward(self, query, *masks):
+        kpm, am = masks if self.masked else (None, None)
+        return self.attn(query, query, query, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0]
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.layer, self.masked = torch.nn.TransformerEncoderLayer(E, H, 96, batch_first=True, dropout=0.0), masked
+
+    def forward(self, src, *masks):
+        return self.layer(src, src_key_padding_mask=masks[0] if masks else None)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.layer, self.masked = torch.nn.TransformerDecoderLayer(E, H, 96, dropout=0.0), masked
+
+    def forward(self, tgt, memory, *masks):
+        tgt_mask, memory_kpm = masks if masks else (None, None)
+        return self.layer(tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=memory_kpm)
+
+
+def _example(kind: str, masked: bool):
+    torch.manual_seed(0)
+    module = {"mha": _Mha, "encoder": _Encoder, "decoder": _Decoder}[kind](masked).eval()
+    for p in module.parameters():  # torch zero-initialises biases, which would hide a lost bias
+        torch.nn.init.normal_(p, std=0.2)
+    n, l, s = 2, 6, 7
+    if kind == "mha":
+        args = [torch.randn(n, l, E)]
+        dims = [{0: "batch", 1: "seq"}]
+        if masked:
+            args += [torch.rand(n, l) < 0.3, torch.randn(l, l)]
+            dims += [{0: "batch", 1: "seq"}, {0: "seq", 1: "seq"}]
+    elif kind == "encoder":
+        args, dims = [torch.randn(n, l, E)], [{0: "batch", 1: "seq"}]
+        if masked:
+            args.append(torch.rand(n, l) < 0.3)
+            dims.append({0: "batch", 1: "seq"})
+    else:
+        args = [torch.randn(l, n, E), torch.randn(s, n, E)]
+        dims = [{0: "tgt_len", 1: "batch"}, {0: "src_len", 1: "batch"}]
+        if masked:
+            args += [torch.nn.Transformer.generate_square_subsequent_mask(l), torch.rand(n, s) < 0.3]
+            dims += [{0: "tgt_len", 1: "tgt_len"}, {0: "batch", 1: "src_len"}]
+    for mask in args[1:]:
+        if mask.dtype == torch.bool:
+            mask[..., 0] = False  # no fully padded entry: torch gives NaN there
+    fixed = 2 if kind == "decoder" else 1  # forward(x, [memory,] *masks): the masks' dims nest as one tuple
+    masks = (tuple(dims[fixed:]),) if masked else ()
+    return module, tuple(args), (*dims[:fixed], *masks)
+
+
+CASES = [(kind, masked) for kind in ("mha", "encoder", "decoder") for masked in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(kind, masked) -> (module, example args, path of its exported graph); exporting takes seconds each."""
+    folder = tmp_path_factory.mktemp("exported")
+    out = {}
+    for kind, masked in CASES:
+        module, args, dims = _example(kind, masked)
+        path = folder / f"{kind}-{masked}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dims, verbose=False)
+        onnx.save(program.model_proto, path)
+        out[kind, masked] = (module, args, path)
+    return out
+
+
+@pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu", "tensorrt"])
+@pytest.mark.parametrize(("kind", "masked"), CASES)
+def test_exported_attention_fuses_and_keeps_outputs(exported, kind, masked, target):
+    module, args, path = exported[kind, masked]
+    original = load_onnx(path)
+    form = "attention-op" if target == "tensorrt" else None
+    compiled = compile_model(original, target, form=form)
+    onnx.checker.check_model(compiled, full_check=True)
+    cores = 2 if kind == "decoder" else 1
+    softmaxes = [n for n in original.graph.node if n.op_type == "Softmax"]
+    assert len(softmaxes) == cores
+    fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
+    assert len(fused) == cores and not any(n.op_type == "Softmax" for n in compiled.graph.node)
+    findings = fusion_findings(original, compiled, get_target(target, form=form)[1], attention_form(compiled))
+    assert [f.fused for f in findings] == [True] * cores
+
+    report = check_against_graph(OrtSession(compiled), OrtSession(original))
+    assert report.passed, report.table()
+    # and against torch itself, in float64, on the example inputs
+    feeds = {i.name: a.numpy() for i, a in zip(OrtSession(original).inputs, args)}
+    got = next(iter(OrtSession(compiled).run(feeds).values()))
+    with torch.no_grad():
+        want = module.double()(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
+    module.float()
+    assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
+
+
+def test_portable_leaves_exported_attention_alone_and_says_so(exported):
+    _, _, path = exported["decoder", True]
+    original = load_onnx(path)
+    compiled = compile_model(original, "portable")
+    findings = fusion_findings(original, compiled, get_target("portable")[1], attention_form(compiled))
+    assert len(findings) == 2 and not any(f.fused for f in findings)
+    assert all("keeps MatMul-Softmax-MatMul" in str(f) for f in findings)
+
+
+def test_cli_ingests_prints_what_it_fused_and_checks(exported, run_cli, tmp_path):
+    _, _, path = exported["encoder", True]
+    result = run_cli("compile.py", "--onnx", path, "--target", "ort-cpu", "--check", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "fused: attention at Softmax" in result.stdout and "com.microsoft.MultiHeadAttention" in result.stdout
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["fusion"][0]["fused"] and manifest["check"]["passed"]
+    assert [i["name"] for i in manifest["inputs"]] == [i.name for i in OrtSession(str(path)).inputs]
+
+
+def test_cli_refuses_spec_flags_with_onnx(exported, run_cli, tmp_path):
+    _, _, path = exported["mha", False]
+    result = run_cli("compile.py", "--onnx", path, "--embed-dim", 8, "--out", tmp_path / "o")
+    assert result.returncode == 2 and "--onnx compiles the graph as it is; drop --embed-dim" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.float_data[:]
+    tensor.external_data.add(key="location", value="../../etc/passwd")
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [tensor])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    with pytest.raises(IngestError, match="not a file inside the model's folder"):
+        load_onnx(path)
+
+
+def test_a_corrupt_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"\x00not a model")
+    with pytest.raises(IngestError, match="is not"):
+        load_onnx(path)
+
+
+def test_graph_inputs_never_mask_a_whole_row():
+    session = OrtSession(_tiny_masked_graph())
+    feeds = graph_inputs(session, {"n": 50}, np.random.default_rng(0), mask_rate=0.9)
+    assert feeds["mask"].shape == (50, 50) and not feeds["mask"][:, 0].any() and feeds["mask"].mean() > 0.8
+
+
+def _tiny_masked_graph() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Not", ["mask"], ["y"])], "g",
+                              [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", "n"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
