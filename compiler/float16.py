@@ -8,6 +8,7 @@ import onnx_ir as ir
 from compiler._ir import named
 
 FLOAT, FLOAT16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+_FP16_LOWEST = float(np.finfo(np.float16).min)
 
 
 class Float16Pass(ir.passes.InPlacePass):
@@ -36,6 +37,10 @@ class Float16Pass(ir.passes.InPlacePass):
                     value.type = ir.TensorType(FLOAT16)
         for node in [n for n in graph if n.op_type == "Softmax" and not n.domain]:
             _softmax_in_float32(graph, node)
+        for node in graph:  # a fused op's mask fill must stay finite in fp16
+            fill = node.attributes.get("mask_filter_value")
+            if node.domain == "com.microsoft" and fill is not None and fill.as_float() < _FP16_LOWEST:
+                node.attributes["mask_filter_value"] = ir.AttrFloat32("mask_filter_value", _FP16_LOWEST)
         if model.opset_imports.get("", 1) < 20:  # IsInf takes float16 from opset 20
             for node in [n for n in graph if n.op_type == "IsInf" and not n.domain]:
                 node.replace_input_with(0, _cast_before(graph, node, node.inputs[0], FLOAT))

@@ -82,3 +82,15 @@ def test_scores_used_outside_the_core_stay_unfused():
     model.graph.output.append(onnx.helper.make_tensor_value_info("scores/MatMul", onnx.TensorProto.FLOAT, None))
     fused = compile_model(model, "ort-cpu")
     assert _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 0 and _ops(fused)[("", "Softmax")] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_bool_key_padding_mask_goes_in_as_the_ops_key_padding_mask(precision):
+    """(N, S) int32 instead of an (N, 1, L, S) float bias; the fill stays finite in the precision."""
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask="bool")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu", precision)
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    assert len(mha.input) == 5 and mha.input[3] == "" and mha.input[4]  # key_padding_mask, no attention_bias
+    assert not any(n.op_type == "Expand" for n in model.graph.node)
+    fill = next(a.f for a in mha.attribute if a.name == "mask_filter_value")
+    assert np.isfinite(np.float16(fill) if precision == "fp16" else np.float32(fill)) and fill < -6e4
