@@ -273,20 +273,20 @@ def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.V
     """A zero context on fully masked rows (DESIGN.md), whatever the fused op returned there.
     ``context`` is (N, L, H*hd) for layout BSD, (N, H, L, hd) for BNSH."""
     if layout == "BNSH":
-        return add("Where", [dead, _zero(graph), context], "fully_masked/Where")
+        return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")
     dead = add("Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]})  # (N|1, L, H|1, 1)
     split = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
     heads = add("Reshape", [context, split], "fully_masked/split_heads")
-    kept = add("Where", [dead, _zero(graph), heads], "fully_masked/Where")
+    kept = add("Where", [dead, zero_scalar(graph), heads], "fully_masked/Where")
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
     return add("Reshape", [kept, merge], "fully_masked/merge_heads")
 
 
 def zero_dead_weights(graph: ir.Graph, weights: ir.Value, dead: ir.Value, add: Emit) -> ir.Value:
-    return add("Where", [dead, _zero(graph), weights], "fully_masked/weights")
+    return add("Where", [dead, zero_scalar(graph), weights], "fully_masked/weights")
 
 
-def _zero(graph: ir.Graph) -> ir.Value:
+def zero_scalar(graph: ir.Graph) -> ir.Value:
     return new_initializer(graph, "attention/zero", np.zeros((), np.float32))
 
 

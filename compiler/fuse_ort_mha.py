@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unique_scope,
-                                     zero_dead_context)
+                                     zero_dead_context, zero_scalar)
 
 MS_DOMAIN = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
@@ -97,5 +97,4 @@ def _zero_fully_padded(graph: ir.Graph, context: ir.Value, keep: ir.Value, add) 
                               new_initializer(graph, "attention/zero_i32", np.zeros((), np.int32))], "fully_masked/Equal")
     dead = add("Unsqueeze", [none_kept, new_initializer(graph, "attention/axis2", np.asarray([2], np.int64))],
                "fully_masked/Unsqueeze")  # (N, 1, 1)
-    zero = new_initializer(graph, "attention/zero", np.zeros((), np.float32))
-    return add("Where", [dead, zero, context], "fully_masked/Where")
+    return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")
