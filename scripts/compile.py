@@ -19,6 +19,7 @@ from compiler.artifacts import ArtifactError, file_records, write_directory
 from compiler.ingest import IngestError
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
+from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,28 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    mha = p.add_argument_group("torch.nn.MultiheadAttention options")
-    mha.add_argument("--embed-dim", type=int, default=None, help="required unless --onnx")
-    mha.add_argument("--num-heads", type=int, default=None, help="required unless --onnx")
-    mha.add_argument("--kdim", type=int, default=None, help="key width (default: embed-dim)")
-    mha.add_argument("--vdim", type=int, default=None, help="value width (default: embed-dim)")
-    mha.add_argument("--batch-first", action="store_true", help="inputs and outputs are (batch, seq, feature)")
-    mha.add_argument("--no-bias", dest="bias", action="store_false", help="bias=False")
-    mha.add_argument("--add-bias-kv", action="store_true")
-    mha.add_argument("--add-zero-attn", action="store_true")
-    mha.add_argument("--dropout", type=float, default=0.0, help="recorded in the manifest; never applied (inference)")
-    call = p.add_argument_group("call options, fixed at compile time")
-    call.add_argument("--self-attention", action="store_true", help="key and value are the query: one input")
-    call.add_argument("--key-padding-mask", choices=("bool", "float"), default=None)
-    call.add_argument("--attn-mask", choices=("bool", "float"), default=None)
-    call.add_argument("--attn-mask-3d", action="store_true", help="attn_mask is (batch*num_heads, tgt_len, src_len)")
-    call.add_argument("--causal", action="store_true", help="built-in causal mask (no attn_mask input needed)")
-    call.add_argument("--need-weights", action="store_true", help="also output attn_output_weights")
-    call.add_argument("--no-average-attn-weights", dest="average_attn_weights", action="store_false",
-                      help="per-head weights (batch, num_heads, tgt_len, src_len)")
-    w = p.add_argument_group("weights")
-    w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
-    w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
+    groups = add_spec_flags(p, embed_dim_help="required unless --onnx")
     p.add_argument("--onnx", default=None, metavar="FILE",
                    help="compile this ONNX graph instead of building one from the options above")
     out = p.add_argument_group("output")
@@ -64,8 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    spec_flags = [f"--{a.dest.replace('_', '-')}" for g in (mha, call, w) for a in g._group_actions
-                  if getattr(args, a.dest) != a.default]
+    spec_flags = given_spec_flags(args, groups)
     if args.onnx is not None and spec_flags:
         p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
     if args.onnx is None and (args.embed_dim is None or args.num_heads is None):
@@ -75,16 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 class CheckFailed(RuntimeError):
     """--check measured an error above tolerance."""
-
-
-def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
-    return AttentionSpec(
-        embed_dim=args.embed_dim, num_heads=args.num_heads, dropout=args.dropout, bias=args.bias,
-        add_bias_kv=args.add_bias_kv, add_zero_attn=args.add_zero_attn, kdim=args.kdim, vdim=args.vdim,
-        batch_first=args.batch_first, self_attention=args.self_attention, key_padding_mask=args.key_padding_mask,
-        attn_mask=args.attn_mask, attn_mask_3d=args.attn_mask_3d, is_causal=args.causal,
-        need_weights=args.need_weights, average_attn_weights=args.average_attn_weights,
-    )
 
 
 def opset(model: onnx.ModelProto) -> int:

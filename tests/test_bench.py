@@ -1,48 +1,169 @@
-"""scripts/bench.py --quick: runs end to end; every figure in its JSON is finite and positive, every
-point has the three backends, and the ratios are computed against the same run's torch eager."""
+"""scripts/bench.py end to end in quick mode (schema, finite positive figures, ratios against the
+same run's torch eager, the floor from the same run's rates), from spec flags and from a compiled
+folder, and its errors; the cost model and memory measurement it rests on."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 
-from runtime.timing import measure, self_attention_flops
+from graphs import AttentionSpec
+from runtime.cost import attended_pairs, attention_flops, attention_min_bytes
+from runtime.memory import PeakRss, predicted_growth
+from runtime.timing import measure
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
+
+POSITIVE = ("p50_s", "p90_s", "p99_s", "best_s", "tokens_per_s", "flops", "gflops", "min_bytes", "floor_s", "x_floor",
+            "ratio_to_eager", "ratio_to_exporter", "memory_peak_bytes")
 
 
-def test_quick_bench_writes_a_complete_json(run_cli, tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_cli("bench.py", "--quick", "--json", out)
-    assert result.returncode == 0, result.stderr
-    assert "| mask | length | backend |" in result.stdout
-    report = json.loads(out.read_text())
-    assert report["matmul_rate_gflops"] > 0 and report["machine"]["cores"] >= 1
+def _check_rows(report, backends, points):
     rows = report["rows"]
-    points = {(r["mask"], r["length"]) for r in rows}
-    assert points == {(m, n) for m in ("none", "bool") for n in (32, 64)}
+    assert not [r for r in rows if "skipped" in r]
+    assert {(r["batch"], r["length"]) for r in rows} == points
+    rates = report["rates"]
+    assert all(math.isfinite(v) and v > 0 for v in rates.values())
     for point in points:
-        backends = {r["backend"]: r for r in rows if (r["mask"], r["length"]) == point}
-        assert set(backends) == {"torch eager", "ort-cpu graph", "exporter graph"}
-        assert backends["torch eager"]["ratio_to_eager"] == 1.0
-        for r in backends.values():
-            assert r["ratio_to_eager"] == pytest.approx(r["p50_s"] / backends["torch eager"]["p50_s"])
-            assert r["rel_error_vs_eager"] <= 1e-5  # the same function, in float32
+        here = {r["backend"]: r for r in rows if (r["batch"], r["length"]) == point}
+        assert set(here) == backends
+        eager, exporter = here["torch eager"], here["exporter graph"]
+        assert eager["ratio_to_eager"] == 1.0 and exporter["ratio_to_exporter"] == 1.0
+        for r in here.values():
+            for key in POSITIVE:
+                assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+            assert r["memory_growth_bytes"] >= 0 and r["runs"] >= 5
+            assert r["p50_s"] <= r["p90_s"] <= r["p99_s"]
+            assert r["ratio_to_eager"] == pytest.approx(r["p50_s"] / eager["p50_s"])
+            assert r["ratio_to_exporter"] == pytest.approx(r["p50_s"] / exporter["p50_s"])
+            assert r["tokens_per_s"] == pytest.approx(point[0] * point[1] / r["p50_s"])
+            floor = max(r["flops"] / rates["matmul_fp32_flops"], r["min_bytes"] / rates["bandwidth_bytes_per_s"])
+            assert r["floor_s"] == pytest.approx(floor) and r["x_floor"] == pytest.approx(r["p50_s"] / floor)
+            assert 0 <= r["rel_error_vs_eager_fp32"] <= 1e-5  # every backend computes the same function in float32
+
+
+def test_quick_bench_from_spec_flags_writes_table_json_and_plot(run_cli, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run_cli("bench.py", "--quick", "--self-attention", "--batch-first", "--key-padding-mask", "bool",
+                     "--causal", "--json", out, "--plot", png)
+    assert result.returncode == 0, result.stderr
+    assert "| batch | length | backend |" in result.stdout and "ort-cpu graph" in result.stdout
+    report = json.loads(out.read_text())
+    _check_rows(report, {"torch eager", "torch sdpa", "exporter graph", "ort-cpu graph"},
+                {(b, n) for b in (1, 2) for n in (32, 64)})
+    spec = AttentionSpec.from_dict(report["spec"])
+    assert spec.is_causal and spec.key_padding_mask == "bool" and spec.embed_dim == 64
+    assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(run_cli, tmp_path):
+    folder = tmp_path / "compiled"
+    made = run_cli("compile.py", "--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
+                   "--target", "onnx-attention", "--out", folder)
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "bench.json"
+    result = run_cli("bench.py", folder, "--quick", "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["compiled"] == [{"target": "onnx-attention", "precision": "fp32", "form": "attention-op"}]
+    assert report["weights"] == {"kind": "random", "seed": 7}
+    # the rebuilt torch modules hold the folder's weights: outputs agree to float32 rounding
+    _check_rows(report, {"torch eager", "torch sdpa", "exporter graph", "onnx-attention graph"},
+                {(b, n) for b in (1, 2) for n in (32, 64)})
+
+
+def test_bench_errors_are_one_clear_line(run_cli, tmp_path):
+    folder = tmp_path / "compiled"
+    assert run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", "--out", folder).returncode == 0
+    clash = run_cli("bench.py", folder, "--causal", "--targets", "portable")
+    assert clash.returncode == 2 and "DIR fixes the spec" in clash.stderr and "--causal, --targets" in clash.stderr
+    wrong_device = run_cli("bench.py", "--targets", "ort-cuda")
+    assert wrong_device.returncode == 2 and "target ort-cuda does not run on --device cpu" in wrong_device.stderr
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    tampered = run_cli("bench.py", folder, "--quick")
+    assert tampered.returncode == 2 and "does not match the sha256" in tampered.stderr
+    assert "Traceback" not in tampered.stderr
+    if not torch.cuda.is_available():
+        no_gpu = run_cli("bench.py", "--quick", "--device", "cuda")
+        assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
+def test_quick_bench_on_gpu_times_torch_and_says_why_ort_rows_are_missing(run_cli, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "bench.json"
+    result = run_cli("bench.py", "--quick", "--device", "cuda", "--self-attention", "--precisions", "fp32", "fp16",
+                     "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["machine"]["gpu"] and report["rates"]["matmul_fp16_flops"] > 0
+    rows = report["rows"]
+    assert {r["backend"] for r in rows if "skipped" not in r} >= {"torch eager", "torch sdpa"}
     for r in rows:
-        for key in ("p50_s", "p90_s", "gflops", "matmul_rate_fraction", "ratio_to_eager", "ratio_to_exporter"):
-            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-        assert r["p90_s"] >= r["p50_s"] and r["runs"] >= 5
+        if r["backend"].endswith("graph") and "CUDAExecutionProvider" not in ort.get_available_providers():
+            assert "onnxruntime has no CUDAExecutionProvider" in r["skipped"]
+        elif "skipped" not in r:
+            assert r["memory"] == "cuda device" and r["p50_s"] > 0
+
+
+# The cost model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tgt,src,extra", [(5, 5, 0), (3, 7, 0), (7, 3, 0), (4, 4, 2), (6, 2, 1)])
+def test_causal_pairs_count_the_allowed_entries_of_the_mask(tgt, src, extra):
+    spec = AttentionSpec(8, 2, is_causal=True, add_bias_kv=extra >= 1, add_zero_attn=extra == 2)
+    allowed = ~np.triu(np.ones((tgt, src), bool), 1)  # query i sees keys 0..i, as torch's causal attn_mask
+    assert attended_pairs(spec, tgt, src) == allowed.sum() + tgt * extra
+    assert attended_pairs(AttentionSpec(8, 2), tgt, src) == tgt * src
 
 
 def test_flops_count_projections_and_both_attention_matmuls():
-    # L=2, E=3, batch 1: 4 projections of 2x3x3 MACs, scores and context 2x2x3 MACs each
-    assert self_attention_flops(1, 2, 3) == 2 * (4 * 18 + 2 * 12)
-    assert self_attention_flops(2, 2, 3) == 2 * self_attention_flops(1, 2, 3)
+    # cross-attention, E=4 (2 heads), kdim 3, vdim 5, L=2, S=6: projections 2*4*4 + 6*3*4 + 6*5*4 + 2*4*4 MACs;
+    # scores and context: 2*6 pairs x head_dim 2 x 2 heads each
+    spec = AttentionSpec(4, 2, kdim=3, vdim=5)
+    macs = 32 + 72 + 120 + 32 + 2 * (12 * 4)
+    assert attention_flops(spec, 1, 2, 6) == 2 * macs
+    assert attention_flops(spec, 3, 2, 6) == 3 * attention_flops(spec, 1, 2, 6)
+    causal = AttentionSpec(4, 2, self_attention=True, is_causal=True)
+    full = AttentionSpec(4, 2, self_attention=True)
+    # causal removes the hidden half of the L x L scores and context: 2 x (L^2 - L(L+1)/2) x E MACs
+    assert attention_flops(full, 1, 8) - attention_flops(causal, 1, 8) == 2 * 2 * (64 - 36) * 4
+
+
+def test_min_bytes_are_inputs_parameters_and_outputs_once():
+    spec = AttentionSpec(4, 2, key_padding_mask="bool", attn_mask="float", need_weights=True)
+    # query 2x3x4, key and value 2x5x4, output 2x3x4, weights 2x3x5 floats; masks 2x5 bool, 3x5 float;
+    # parameters 3*4*4 + 3*4 + 4*4 + 4
+    floats = 24 + 40 + 40 + 24 + 30
+    params = 48 + 12 + 16 + 4
+    assert attention_min_bytes(spec, 2, 3, 5) == 4 * floats + 10 + 4 * 15 + 4 * params
+    assert attention_min_bytes(spec, 2, 3, 5, weight_bytes=2) == 4 * floats + 10 + 4 * 15 + 2 * params
+
+
+# Measurement --------------------------------------------------------------------------------------
+
+
+def test_peak_rss_sees_a_transient_allocation_released_before_the_block_ends():
+    with PeakRss() as peak:
+        block = np.ones(2**25)  # 256 MiB, touched
+        del block
+    assert peak.growth >= 250 * 2**20 and peak.peak >= peak.growth
+
+
+def test_memory_prediction_follows_the_measured_growth():
+    assert predicted_growth([(1000, 10), (2000, 20)], 4000) == pytest.approx(40)  # linear
+    assert predicted_growth([(1000, 10), (2000, 40)], 4000) == pytest.approx(160)  # quadratic
+    assert predicted_growth([(1000, 10)], 3000) == pytest.approx(90)  # one point: assume quadratic
+    assert predicted_growth([], 3000) is None
 
 
 def test_measure_runs_at_least_the_minimum_and_orders_percentiles():
     calls = []
     timing = measure(lambda: calls.append(1), warmup=3, min_runs=7, min_seconds=0.0)
-    assert timing.runs == 7 and len(calls) == 10 and 0 <= timing.p50 <= timing.p90
+    assert timing.runs == 7 and len(calls) == 10 and 0 <= timing.p50 <= timing.p90 <= timing.p99
