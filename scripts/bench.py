@@ -140,7 +140,7 @@ def compile_all(spec: AttentionSpec, weights: AttentionWeights, targets: list[st
     compiled = []
     for target in targets:
         for precision in precisions:
-            _, chosen = get_target(target, precision, form if target in ("tensorrt",) or form is None else form)
+            _, chosen = get_target(target, precision, form)
             model = compile_model(build_mha(spec, weights), target, precision, chosen.name)
             compiled.append(Compiled(target, precision, chosen.name, model.SerializeToString()))
     return compiled
@@ -491,6 +491,9 @@ def _atomic_write(path: str, data: bytes) -> None:
     target = Path(path)
     with tempfile.NamedTemporaryFile(dir=target.parent or ".", prefix=f".{target.name}.", delete=False) as f:
         f.write(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile makes it private; the report is not
     os.replace(f.name, target)
 
 
