@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--runs", type=int, default=5, help="at least this many timed runs")
     run.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long timing each row")
     run.add_argument("--quick", action="store_true",
-                     help="a smoke run: embed_dim 64, 4 heads, batches 1 2, lengths 32 64, short timing")
+                     help="a smoke run: embed_dim 64, 4 heads, batches 1 2, lengths 32 64, short timing (unless given)")
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
     out.add_argument("--plot", default=None, help="write a log-log PNG of latency against length per backend")
@@ -80,8 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     ("--form", args.form)) if v]
         if clashing:
             p.error(f"DIR fixes the spec, weights, target and precision; drop {', '.join(clashing)}")
-    if args.quick:
-        args.batches, args.lengths, args.min_seconds, args.warmup, args.runs = [1, 2], [32, 64], 0.05, 1, 5
+    if args.quick:  # small sizes and short timing, where not given explicitly
+        for name, value in (("batches", [1, 2]), ("lengths", [32, 64]), ("min_seconds", 0.05), ("warmup", 1)):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     if args.embed_dim is None and args.num_heads is None:
         args.embed_dim, args.num_heads = (64, 4) if args.quick else (512, 8)
     for name in ("batches", "lengths"):
