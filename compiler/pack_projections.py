@@ -53,8 +53,7 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
     finals = [b[0].outputs[0] if b else m.outputs[0] for m, b in zip(matmuls, biases)]
     if any(v.is_graph_output() for v in finals):
         return False
-    scopes = [(m.name or "").split("/")[0] for m in matmuls]
-    prefix = "".join(s[0] for s in scopes) + "_proj" if all(s.endswith("_proj") for s in scopes) else "packed_proj"
+    prefix = _scope(graph, matmuls)
     widths = [w.shape[1] for w in weights]
 
     packed_w = new_initializer(graph, f"{prefix}/weight_t", np.concatenate(weights, axis=1))
@@ -72,3 +71,19 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
         final.replace_all_uses_with(out)
     graph.remove([n for m, b in zip(matmuls, biases) for n in ((m, b[0]) if b else (m,))], safe=True)
     return True
+
+
+def _scope(graph: ir.Graph, matmuls: list[ir.Node]) -> str:
+    """``q_proj``, ``k_proj``, ``v_proj`` (inside a block's ``self_attn/``, say) pack into ``qkv_proj``
+    under the same parent; any other group into ``packed_proj``; made unique in the graph."""
+    paths = [(m.name or "").split("/") for m in matmuls]
+    scopes = [p[-2] if len(p) >= 2 else "" for p in paths]
+    base = "".join(s[0] for s in scopes) + "_proj" if all(s.endswith("_proj") for s in scopes) else "packed_proj"
+    parent = paths[0][:-2] if all(p[:-2] == paths[0][:-2] for p in paths) else []
+    prefix = "/".join([*parent, base])
+    taken = {node.name for node in graph if node.name}
+    candidate, i = prefix, 1
+    while f"{candidate}/MatMul" in taken:
+        i += 1
+        candidate = f"{prefix}_{i}"
+    return candidate

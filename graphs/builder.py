@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,17 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+        self._prefix = ""
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Prefix the names of the nodes and constants added inside with ``name/`` (a block's sub-module)."""
+        outer = self._prefix
+        self._prefix = f"{outer}{name}/"
+        try:
+            yield
+        finally:
+            self._prefix = outer
 
     def _unique(self, name: str) -> str:
         candidate, i = name, 1
@@ -39,7 +51,7 @@ class GraphBuilder:
     def op(self, op_type: str, inputs: Sequence[str], name: str, *, outputs: Sequence[str] | None = None,
            n_outputs: int = 1, **attrs: Any) -> Any:
         """Add ``op_type`` named ``name`` (a scope such as ``q_proj/MatMul``)."""
-        node_name = self._unique(name)
+        node_name = self._unique(self._prefix + name)
         outs = list(outputs) if outputs is not None else [f"{node_name}:{i}" if n_outputs > 1 else node_name for i in range(n_outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
         return outs[0] if len(outs) == 1 else outs
@@ -51,7 +63,7 @@ class GraphBuilder:
             array = array.astype(np.float32)
         key = (str(array.dtype), array.tobytes(), array.shape)
         if key not in self._consts:
-            unique = self._unique(name)
+            unique = self._unique(self._prefix + name)
             self.initializers.append(numpy_helper.from_array(array, unique))
             self._consts[key] = unique
         return self._consts[key]

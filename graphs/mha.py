@@ -19,12 +19,27 @@ from graphs.weights import AttentionWeights
 
 def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto:
     g = GraphBuilder()
-    e, h, hd = spec.embed_dim, spec.num_heads, spec.head_dim
-
     q_in = _batch_first(g, spec, "query")
     k_in = q_in if spec.self_attention else _batch_first(g, spec, "key")
     v_in = q_in if spec.self_attention else _batch_first(g, spec, "value")
+    if spec.batch_first:
+        add_attention(g, spec, weights, q_in, k_in, v_in, output="attn_output")
+    else:
+        out = add_attention(g, spec, weights, q_in, k_in, v_in)
+        g.op("Transpose", [out], "out_proj/to_seq_first", outputs=["attn_output"], perm=[1, 0, 2])
+    return g.model("multi_head_attention", spec.inputs(), spec.outputs(),
+                   doc="torch.nn.MultiheadAttention, canonical form")
 
+
+def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeights, q_in: str, k_in: str, v_in: str, *,
+                  key_padding_mask: str = "key_padding_mask", attn_mask: str = "attn_mask",
+                  output: str | None = None) -> str:
+    """nn.MultiheadAttention over batch-first (N, L, E) values; returns the batch-first attn_output.
+
+    The mask inputs are named by the caller (a block's ``src_key_padding_mask``, say) and used
+    only where the spec has them; ``attn_output_weights`` is added as a graph value when asked.
+    """
+    h, hd = spec.num_heads, spec.head_dim
     w_q, w_k, w_v = weights.in_proj(spec)
     b_q, b_k, b_v = weights.in_bias(spec) or (None, None, None)
     q = _linear(g, "q_proj", q_in, w_q, b_q)
@@ -40,7 +55,7 @@ def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto
 
     scores = g.op("MatMul", [q_h, k_t], "scores/MatMul")
     scores = g.op("Mul", [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))], "scores/scale")
-    mask = _additive_mask(g, spec, q_in, k_in)
+    mask = _additive_mask(g, spec, q_in, k_in, key_padding_mask, attn_mask)
     if mask is not None:
         scores = g.op("Add", [scores, mask], "scores/add_mask")
     probs = g.op("Softmax", [scores], "softmax/Softmax", axis=-1)
@@ -49,14 +64,10 @@ def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto
 
     context = g.op("MatMul", [probs, v_h], "context/MatMul")
     context = g.op("Transpose", [context], "context/merge_heads/Transpose", perm=[0, 2, 1, 3])
-    context = g.op("Reshape", [context, g.ints("context/merge_heads/shape", [0, 0, e])], "context/merge_heads/Reshape")
-    w_o = weights.tensors["out_proj.weight"]
-    b_o = weights.tensors.get("out_proj.bias")
-    if spec.batch_first:
-        _linear(g, "out_proj", context, w_o, b_o, output="attn_output")
-    else:
-        out = _linear(g, "out_proj", context, w_o, b_o)
-        g.op("Transpose", [out], "out_proj/to_seq_first", outputs=["attn_output"], perm=[1, 0, 2])
+    context = g.op("Reshape", [context, g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])],
+                   "context/merge_heads/Reshape")
+    out = _linear(g, "out_proj", context, weights.tensors["out_proj.weight"], weights.tensors.get("out_proj.bias"),
+                  output=output)
 
     if spec.need_weights:
         if spec.average_attn_weights:
@@ -64,9 +75,7 @@ def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto
                  outputs=["attn_output_weights"], keepdims=0)
         else:
             g.op("Identity", [probs], "weights/per_head", outputs=["attn_output_weights"])
-
-    return g.model("multi_head_attention", spec.inputs(), spec.outputs(),
-                   doc="torch.nn.MultiheadAttention, canonical form")
+    return out
 
 
 def _batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
@@ -102,16 +111,16 @@ def _append_extra_keys(g: GraphBuilder, spec: AttentionSpec, weights: AttentionW
     return (g.op("Concat", ks, "extra_keys/concat_k", axis=1), g.op("Concat", vs, "extra_keys/concat_v", axis=1))
 
 
-def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str) -> str | None:
+def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str, kpm_name: str, attn_name: str) -> str | None:
     """Sum of every mask as float (0 allowed, -inf not), broadcastable to (N, H, L, S')."""
     terms = []
     if spec.key_padding_mask is not None:
-        m = _pad_extra_keys(g, spec, _as_float(g, "mask/key_padding", "key_padding_mask", spec.key_padding_mask), 2,
+        m = _pad_extra_keys(g, spec, _as_float(g, "mask/key_padding", kpm_name, spec.key_padding_mask), 2,
                             "mask/key_padding")
         terms.append(g.op("Unsqueeze", [m, g.ints("mask/key_padding/axes", [1, 2])], "mask/key_padding/Unsqueeze"))
     if spec.attn_mask is not None:
         rank = 3 if spec.attn_mask_3d else 2
-        m = _pad_extra_keys(g, spec, _as_float(g, "mask/attn", "attn_mask", spec.attn_mask), rank, "mask/attn")
+        m = _pad_extra_keys(g, spec, _as_float(g, "mask/attn", attn_name, spec.attn_mask), rank, "mask/attn")
         if spec.attn_mask_3d:  # (N*H, L, S') -> (N, H, L, S')
             lens = g.op("Shape", [m], "mask/attn/lengths", start=1)
             shape = g.op("Concat", [g.ints("mask/attn/batch_heads", [-1, spec.num_heads]), lens], "mask/attn/shape", axis=0)

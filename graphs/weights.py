@@ -52,40 +52,14 @@ class AttentionWeights:
 
     @classmethod
     def from_state_dict(cls, spec: AttentionSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> AttentionWeights:
-        expected = expected_shapes(spec)
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise WeightsError(
-                f"weights are missing {_names(missing)} that torch.nn.MultiheadAttention has for this spec"
-                f" (expected keys: {', '.join(expected)})"
-            )
-        extra = sorted(k for k in state if k not in expected)
-        if extra:
-            raise WeightsError(
-                f"weights hold unexpected {_names(extra)}; this spec takes exactly {', '.join(expected)}"
-                " (check bias, add_bias_kv, kdim and vdim)"
-            )
-        tensors = {}
-        for key, shape in expected.items():
-            array = _as_numpy(key, state[key])
-            if not _is_float(array.dtype):
-                raise WeightsError(f"weight {key!r} has dtype {array.dtype}, expected a floating-point tensor")
-            if tuple(array.shape) != shape:
-                raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
-            tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
+        tensors = checked_tensors(expected_shapes(spec), state, "torch.nn.MultiheadAttention",
+                                  "check bias, add_bias_kv, kdim and vdim")
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
     @classmethod
     def from_file(cls, spec: AttentionSpec, path: str | os.PathLike[str]) -> AttentionWeights:
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"weights file {str(path)!r} does not exist")
-        suffix = path.suffix.lower()
-        readers = {".safetensors": _read_safetensors, ".npz": _read_npz, ".pt": _read_torch, ".pth": _read_torch}
-        if suffix not in readers:
-            raise WeightsError(f"weights file {str(path)!r} has an unknown type; expected .safetensors, .npz or .pt")
-        state = readers[suffix](path)
-        return cls.from_state_dict(spec, state, {"kind": "file", "path": str(path), "format": suffix.lstrip(".")})
+        state = read_state_dict(path)
+        return cls.from_state_dict(spec, state, {"kind": "file", "path": str(path), "format": Path(path).suffix.lower().lstrip(".")})
 
     @classmethod
     def from_module(cls, spec: AttentionSpec, module: Any) -> AttentionWeights:
@@ -136,6 +110,39 @@ def _is_float(dtype: np.dtype) -> bool:
 
 def _names(keys: list[str]) -> str:
     return ("key " if len(keys) == 1 else "keys ") + ", ".join(repr(k) for k in keys)
+
+
+def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], owner: str,
+                    hint: str) -> dict[str, np.ndarray]:
+    """``state`` as float32 arrays, refused with one sentence unless its keys and shapes are ``expected``."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise WeightsError(f"weights are missing {_names(missing)} that {owner} has for this spec"
+                           f" (expected keys: {', '.join(expected)})")
+    extra = sorted(k for k in state if k not in expected)
+    if extra:
+        raise WeightsError(f"weights hold unexpected {_names(extra)}; this spec takes exactly {', '.join(expected)} ({hint})")
+    tensors = {}
+    for key, shape in expected.items():
+        array = _as_numpy(key, state[key])
+        if not _is_float(array.dtype):
+            raise WeightsError(f"weight {key!r} has dtype {array.dtype}, expected a floating-point tensor")
+        if tuple(array.shape) != shape:
+            raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
+        tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
+    return tensors
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A state_dict from .safetensors, .npz or .pt (torch.load with weights_only=True: no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {str(path)!r} does not exist")
+    readers = {".safetensors": _read_safetensors, ".npz": _read_npz, ".pt": _read_torch, ".pth": _read_torch}
+    suffix = path.suffix.lower()
+    if suffix not in readers:
+        raise WeightsError(f"weights file {str(path)!r} has an unknown type; expected .safetensors, .npz or .pt")
+    return readers[suffix](path)
 
 
 def _as_numpy(key: str, value: Any) -> np.ndarray:

@@ -1,0 +1,235 @@
+"""Transformer blocks around the attention: torch.nn.TransformerEncoderLayer and
+TransformerDecoderLayer, as specs, weights (their state_dict key names) and canonical graphs.
+
+A block's attention is built by the same code as bare attention (graphs/mha.py), under the
+scope of its torch sub-module (``self_attn``, ``multihead_attn``), so every fusion that finds
+attention in a bare graph finds it inside a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from graphs.builder import GraphBuilder
+from graphs.mha import _batch_first, _linear, add_attention
+from graphs.spec import BATCH, SRC_LEN, TGT_LEN, AttentionSpec, MaskKind, SpecError, TensorSig, _mask_dtype
+from graphs.weights import AttentionWeights, checked_tensors, expected_shapes, read_state_dict
+
+BLOCKS = ("mha", "encoder", "decoder")
+ACTIVATIONS = ("relu", "gelu")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The options of TransformerEncoderLayer / TransformerDecoderLayer (torch's defaults; d_model
+    and nhead under the attention's names) and which masks the graph takes as inputs."""
+
+    block: Literal["encoder", "decoder"]
+    embed_dim: int
+    num_heads: int
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    layer_norm_eps: float = 1e-5
+    batch_first: bool = False
+    norm_first: bool = False
+    bias: bool = True
+    # Mask inputs: the self-attention's (src_* or tgt_*), and the decoder's memory masks.
+    key_padding_mask: MaskKind = None
+    attn_mask: MaskKind = None
+    is_causal: bool = False
+    memory_key_padding_mask: MaskKind = None
+    memory_mask: MaskKind = None
+
+    def __post_init__(self) -> None:
+        if self.block not in ("encoder", "decoder"):
+            raise SpecError(f"block must be 'encoder' or 'decoder', got {self.block!r}")
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if isinstance(self.dim_feedforward, bool) or not isinstance(self.dim_feedforward, int) or self.dim_feedforward <= 0:
+            raise SpecError(f"dim_feedforward must be a positive integer, got {self.dim_feedforward!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise SpecError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        if self.block == "encoder":
+            for name in ("memory_key_padding_mask", "memory_mask"):
+                if getattr(self, name) is not None:
+                    raise SpecError(f"{name} belongs to the decoder block; the encoder has no memory")
+        self.self_attention_spec()  # validates embed_dim, num_heads, masks and dropout
+        self.cross_attention_spec()
+
+    # The attention inside, always batch-first: the block transposes at its edges -----------------
+
+    def self_attention_spec(self) -> AttentionSpec:
+        return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
+                             self_attention=True, key_padding_mask=self.key_padding_mask, attn_mask=self.attn_mask,
+                             is_causal=self.is_causal)
+
+    def cross_attention_spec(self) -> AttentionSpec:
+        return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
+                             key_padding_mask=self.memory_key_padding_mask, attn_mask=self.memory_mask)
+
+    @property
+    def prefix(self) -> str:
+        return "src" if self.block == "encoder" else "tgt"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> BlockSpec:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SpecError(f"unknown block option {unknown[0]!r}; the options are those of torch.nn.Transformer*Layer")
+        return cls(**options)
+
+    # Graph signature (DESIGN.md contract 2: the names of the layers' forward arguments) ---------
+
+    def _seq(self, name: str, length: str) -> TensorSig:
+        shape = (BATCH, length, self.embed_dim) if self.batch_first else (length, BATCH, self.embed_dim)
+        return TensorSig(name, "float32", shape)
+
+    def inputs(self) -> list[TensorSig]:
+        p = self.prefix
+        sigs = [self._seq(p, TGT_LEN)]
+        if self.block == "decoder":
+            sigs.append(self._seq("memory", SRC_LEN))
+        if self.attn_mask:
+            sigs.append(TensorSig(f"{p}_mask", _mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
+        if self.memory_mask:
+            sigs.append(TensorSig("memory_mask", _mask_dtype(self.memory_mask), (TGT_LEN, SRC_LEN)))
+        if self.key_padding_mask:
+            sigs.append(TensorSig(f"{p}_key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, TGT_LEN)))
+        if self.memory_key_padding_mask:
+            sigs.append(TensorSig("memory_key_padding_mask", _mask_dtype(self.memory_key_padding_mask), (BATCH, SRC_LEN)))
+        return sigs
+
+    def outputs(self) -> list[TensorSig]:
+        return [self._seq("output", TGT_LEN)]
+
+
+def block_shapes(spec: BlockSpec) -> dict[str, tuple[int, ...]]:
+    """The state_dict keys and shapes torch's layer has for this spec."""
+    e, f = spec.embed_dim, spec.dim_feedforward
+    shapes = {f"self_attn.{k}": s for k, s in expected_shapes(spec.self_attention_spec()).items()}
+    if spec.block == "decoder":
+        shapes |= {f"multihead_attn.{k}": s for k, s in expected_shapes(spec.cross_attention_spec()).items()}
+    linears = {"linear1": (f, e), "linear2": (e, f)}
+    for name, shape in linears.items():
+        shapes[f"{name}.weight"] = shape
+        if spec.bias:
+            shapes[f"{name}.bias"] = (shape[0],)
+    for i in range(1, 4 if spec.block == "decoder" else 3):
+        shapes[f"norm{i}.weight"] = (e,)
+        if spec.bias:
+            shapes[f"norm{i}.bias"] = (e,)
+    return shapes
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Checked float32 tensors keyed as in the layer's state_dict; ``source`` says where they came from."""
+
+    tensors: Mapping[str, np.ndarray]
+    source: Mapping[str, Any]
+
+    @classmethod
+    def from_state_dict(cls, spec: BlockSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> BlockWeights:
+        owner = "torch.nn.TransformerEncoderLayer" if spec.block == "encoder" else "torch.nn.TransformerDecoderLayer"
+        tensors = checked_tensors(block_shapes(spec), state, owner, "check --block, --dim-feedforward and bias")
+        return cls(tensors, dict(source or {"kind": "state_dict"}))
+
+    @classmethod
+    def from_file(cls, spec: BlockSpec, path: str | os.PathLike[str]) -> BlockWeights:
+        source = {"kind": "file", "path": str(path), "format": os.path.splitext(str(path))[1].lower().lstrip(".")}
+        return cls.from_state_dict(spec, read_state_dict(path), source)
+
+    @classmethod
+    def from_module(cls, spec: BlockSpec, module: Any) -> BlockWeights:
+        state = {k: v.detach().to("cpu").double().numpy() for k, v in module.state_dict().items()}
+        return cls.from_state_dict(spec, state, {"kind": "module", "type": type(module).__name__})
+
+    @classmethod
+    def random(cls, spec: BlockSpec, seed: int = 0) -> BlockWeights:
+        """Seeded init in torch's scale; biases and LayerNorm parameters are non-zero and not one,
+        so that a check exercises them."""
+        rng = np.random.default_rng(seed)
+        state = {}
+        for key, shape in block_shapes(spec).items():
+            if len(shape) == 2:
+                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+                state[key] = rng.uniform(-limit, limit, size=shape)
+            elif key.startswith("norm") and key.endswith("weight"):
+                state[key] = rng.normal(1.0, 0.1, size=shape)
+            else:
+                state[key] = rng.normal(0.0, 0.1 if key.endswith("bias") else 0.5, size=shape)
+        return cls.from_state_dict(spec, state, {"kind": "random", "seed": seed})
+
+    def attention(self, module: str, spec: AttentionSpec) -> AttentionWeights:
+        prefix = f"{module}."
+        return AttentionWeights({k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)},
+                                {"kind": "block", "module": module})
+
+
+def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
+    g = GraphBuilder()
+    p = spec.prefix
+    x = _batch_first(g, spec, p)
+    memory = _batch_first(g, spec, "memory") if spec.block == "decoder" else None
+    sa_spec = spec.self_attention_spec()
+
+    def self_attention(h: str) -> str:
+        with g.scope("self_attn"):
+            return add_attention(g, sa_spec, weights.attention("self_attn", sa_spec), h, h, h,
+                                 key_padding_mask=f"{p}_key_padding_mask", attn_mask=f"{p}_mask")
+
+    def cross_attention(h: str) -> str:
+        ca_spec = spec.cross_attention_spec()
+        with g.scope("multihead_attn"):
+            return add_attention(g, ca_spec, weights.attention("multihead_attn", ca_spec), h, memory, memory,
+                                 key_padding_mask="memory_key_padding_mask", attn_mask="memory_mask")
+
+    sublayers = [("norm1", self_attention)]
+    if spec.block == "decoder":
+        sublayers.append(("norm2", cross_attention))
+    sublayers.append((f"norm{len(sublayers) + 1}", lambda h: _feed_forward(g, spec, weights, h)))
+    for i, (norm, sublayer) in enumerate(sublayers):
+        with g.scope(f"residual{i + 1}"):
+            if spec.norm_first:  # x + f(norm(x))
+                x = g.op("Add", [x, sublayer(_layer_norm(g, spec, weights, norm, x))], "Add")
+            else:  # norm(x + f(x))
+                x = _layer_norm(g, spec, weights, norm, g.op("Add", [x, sublayer(x)], "Add"))
+    if spec.batch_first:
+        g.op("Identity", [x], "output/Identity", outputs=["output"])
+    else:
+        g.op("Transpose", [x], "output/to_seq_first", outputs=["output"], perm=[1, 0, 2])
+    name = "transformer_encoder_layer" if spec.block == "encoder" else "transformer_decoder_layer"
+    return g.model(name, spec.inputs(), spec.outputs(), doc=f"torch.nn.Transformer{spec.block.capitalize()}Layer, canonical form")
+
+
+def _layer_norm(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, name: str, x: str) -> str:
+    scale = g.const(f"{name}/weight", weights.tensors[f"{name}.weight"])
+    inputs = [x, scale] + ([g.const(f"{name}/bias", weights.tensors[f"{name}.bias"])] if spec.bias else [])
+    return g.op("LayerNormalization", inputs, f"{name}/LayerNormalization", axis=-1, epsilon=float(spec.layer_norm_eps))
+
+
+def _feed_forward(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, x: str) -> str:
+    """linear2(activation(linear1(x))); GELU is torch's exact (erf) form, 0.5 x (1 + erf(x / sqrt 2))."""
+    t = weights.tensors
+    h = _linear(g, "linear1", x, t["linear1.weight"], t.get("linear1.bias"))
+    if spec.activation == "relu":
+        h = g.op("Relu", [h], "activation/Relu")
+    else:
+        erf = g.op("Erf", [g.op("Div", [h, g.const("activation/sqrt2", np.float32(math.sqrt(2.0)))], "activation/Div")],
+                   "activation/Erf")
+        half = g.op("Mul", [h, g.const("activation/half", np.float32(0.5))], "activation/Mul_half")
+        h = g.op("Mul", [half, g.op("Add", [erf, g.const("activation/one", np.float32(1.0))], "activation/Add_one")],
+                 "activation/Mul")
+    return _linear(g, "linear2", h, t["linear2.weight"], t.get("linear2.bias"))
