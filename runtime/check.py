@@ -181,6 +181,48 @@ def graph_inputs(session: Session, sizes: Mapping[str, int], rng: np.random.Gene
     return feeds
 
 
+def block_inputs(spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+    """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
+    key 0, so no query row is fully masked (torch gives NaN there; DESIGN.md a zero context)."""
+    batch, tgt, src = shape
+    sizes = {"batch": batch, "tgt_len": tgt, "src_len": src}
+    feeds = {}
+    for sig in spec.inputs():
+        dims = tuple(sizes[d] if isinstance(d, str) else d for d in sig.shape)
+        if "mask" in sig.name:
+            blocked = rng.random(dims) < mask_rate
+            blocked[..., 0] = False
+            feeds[sig.name] = blocked if sig.dtype == "bool" else np.where(
+                blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
+        else:
+            feeds[sig.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def check_block_session(session: Session, spec: Any, weights: Any, *, shapes: Sequence[Shape] = DEFAULT_SHAPES,
+                        seed: int = 0, tolerance: float = FP32_TOLERANCE) -> CheckReport:
+    """A compiled encoder or decoder block against torch's layer and the NumPy composition."""
+    from runtime.block_reference import block_reference, torch_block, torch_block_forward
+
+    report = CheckReport(tolerance)
+    rng = np.random.default_rng(seed)
+    try:
+        module = torch_block(spec, weights)
+    except ImportError:
+        module = None
+        report.skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
+    for shape in shapes:
+        feeds = block_inputs(spec, shape, rng)
+        got = session.run(feeds)
+        references = [("numpy", block_reference(spec, weights, feeds))]
+        if module is not None:
+            references.append(("torch", torch_block_forward(spec, module, feeds)))
+        for name, want in references:
+            abs_err, rel_err = errors(got["output"], want["output"])
+            report.comparisons.append(Comparison(name, tuple(shape), "output", abs_err, rel_err))
+    return report
+
+
 def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE,
                         seed: int = 0) -> CheckReport:
     """A compiled graph against the graph it came from, at two sizes of every symbolic axis.

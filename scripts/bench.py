@@ -121,6 +121,8 @@ def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights,
         raise BenchError(f"{folder!r} is not a folder compile.py wrote (no readable manifest.json and model.onnx: {exc})") from exc
     if "spec" not in manifest:
         raise BenchError(f"{folder!r} holds a graph compiled with --onnx; bench.py needs the spec, so compile from spec flags")
+    if "block" in manifest["spec"]:
+        raise BenchError(f"{folder!r} holds a {manifest['spec']['block']} block; bench.py times bare attention (--block mha)")
     if hashlib.sha256(model).hexdigest() != manifest["files"]["model.onnx"]["sha256"]:
         raise BenchError(f"{folder}/model.onnx does not match the sha256 in its manifest.json; recompile it")
     if manifest["target"] not in DEVICE_TARGETS[device]:

@@ -19,7 +19,7 @@ from compiler.artifacts import ArtifactError, file_records, write_directory
 from compiler.ingest import IngestError
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
-from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
+from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = add_spec_flags(p, embed_dim_help="required unless --onnx")
+    block_group = add_block_flags(p)
     p.add_argument("--onnx", default=None, metavar="FILE",
                    help="compile this ONNX graph instead of building one from the options above")
     out = p.add_argument_group("output")
@@ -44,11 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    spec_flags = given_spec_flags(args, groups)
+    spec_flags = given_spec_flags(args, [*groups, block_group])
     if args.onnx is not None and spec_flags:
         p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
     if args.onnx is None and (args.embed_dim is None or args.num_heads is None):
         p.error("the following arguments are required: --embed-dim, --num-heads (or give --onnx FILE)")
+    if args.onnx is None and (problem := check_block_flags(args, block_group, groups)):
+        p.error(problem)
     return args
 
 
@@ -71,19 +74,26 @@ def tool_versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Bare attention or a block, built from the spec flags; --check compares with torch and NumPy."""
     if args.onnx is not None:
         return run_onnx(args)
-    spec = spec_from_args(args)
+    from runtime.check import check_block_session, check_session
+
+    if args.block == "mha":
+        spec, weights_type, build, check_fn = spec_from_args(args), AttentionWeights, build_mha, check_session
+    else:
+        from graphs.blocks import BlockWeights, build_block
+
+        spec, weights_type, build, check_fn = block_spec_from_args(args), BlockWeights, build_block, check_block_session
     target, form = get_target(args.target, args.precision, args.form)
-    weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
-    model = compile_model(build_mha(spec, weights), target.name, args.precision, form.name)
+    weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
+    model = compile_model(build(spec, weights), target.name, args.precision, form.name)
     onnx.checker.check_model(model, full_check=True)
     check = None
     if args.check:
-        from runtime.check import check_session
         from runtime.ort import OrtSession
 
-        check = _checked(check_session(OrtSession(model), spec, weights, tolerance=_tolerance(args)))
+        check = _checked(check_fn(OrtSession(model), spec, weights, tolerance=_tolerance(args)))
     described = {"spec": spec.to_dict(), "inputs": [s.to_json() for s in spec.inputs()],
                  "outputs": [s.to_json() for s in spec.outputs()]}
     return _write(args, model, described, {"weights": dict(weights.source)}, check)

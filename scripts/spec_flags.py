@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from graphs import AttentionSpec
+from graphs.blocks import ACTIVATIONS, BLOCKS, BlockSpec
 
 
 def add_spec_flags(p: argparse.ArgumentParser, *, embed_dim_help: str) -> list[argparse._ArgumentGroup]:
@@ -47,4 +48,48 @@ def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
         batch_first=args.batch_first, self_attention=args.self_attention, key_padding_mask=args.key_padding_mask,
         attn_mask=args.attn_mask, attn_mask_3d=args.attn_mask_3d, is_causal=args.causal,
         need_weights=args.need_weights, average_attn_weights=args.average_attn_weights,
+    )
+
+
+# Blocks: torch.nn.TransformerEncoderLayer / TransformerDecoderLayer around the attention ------------
+
+MHA_ONLY = ("kdim", "vdim", "add_bias_kv", "add_zero_attn", "self_attention", "attn_mask_3d", "need_weights",
+            "average_attn_weights")
+
+
+def add_block_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    b = p.add_argument_group("blocks (torch.nn.TransformerEncoderLayer / TransformerDecoderLayer)")
+    b.add_argument("--block", choices=BLOCKS, default="mha",
+                   help="mha: bare attention; encoder / decoder: the layer, its masks from --key-padding-mask, "
+                        "--attn-mask and --causal (src_* or tgt_*)")
+    b.add_argument("--dim-feedforward", type=int, default=2048)
+    b.add_argument("--activation", choices=ACTIVATIONS, default="relu")
+    b.add_argument("--layer-norm-eps", type=float, default=1e-5)
+    b.add_argument("--norm-first", action="store_true", help="pre-norm: x + f(norm(x)); default post-norm")
+    b.add_argument("--memory-key-padding-mask", choices=("bool", "float"), default=None, help="decoder only")
+    b.add_argument("--memory-mask", choices=("bool", "float"), default=None, help="decoder only")
+    return b
+
+
+def check_block_flags(args: argparse.Namespace, block_group: argparse._ArgumentGroup,
+                      spec_groups: list[argparse._ArgumentGroup]) -> str | None:
+    """The reason the flags do not fit --block, or None."""
+    if args.block == "mha":
+        given = [f for f in given_spec_flags(args, [block_group]) if f != "--block"]
+        verb = "describes" if len(given) == 1 else "describe"
+        return f"{', '.join(given)} {verb} a block; add --block encoder or decoder" if given else None
+    wrong = [f for f in given_spec_flags(args, spec_groups) if f.lstrip("-").replace("-", "_") in MHA_ONLY]
+    if wrong:
+        verb = "applies" if len(wrong) == 1 else "apply"
+        return f"{', '.join(wrong)} {verb} to bare attention only (--block mha), not to --block {args.block}"
+    return None
+
+
+def block_spec_from_args(args: argparse.Namespace) -> BlockSpec:
+    return BlockSpec(
+        block=args.block, embed_dim=args.embed_dim, num_heads=args.num_heads, dim_feedforward=args.dim_feedforward,
+        dropout=args.dropout, activation=args.activation, layer_norm_eps=args.layer_norm_eps,
+        batch_first=args.batch_first, norm_first=args.norm_first, bias=args.bias,
+        key_padding_mask=args.key_padding_mask, attn_mask=args.attn_mask, is_causal=args.causal,
+        memory_key_padding_mask=args.memory_key_padding_mask, memory_mask=args.memory_mask,
     )

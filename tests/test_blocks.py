@@ -1,0 +1,121 @@
+"""Encoder and decoder blocks: every target ONNX Runtime CPU runs matches torch.nn.TransformerEncoderLayer /
+TransformerDecoderLayer (eval, float64, non-zero random biases and LayerNorm parameters) and the NumPy
+composition within 1e-5 at two shapes, with key padding and causal masks, post- and pre-norm, relu and
+gelu; the attention inside is fused; weights come from the layers' own state_dicts."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from compiler import compile_model
+from graphs import SpecError, WeightsError
+from graphs.blocks import BlockSpec, BlockWeights, build_block
+from runtime.check import FP32_TOLERANCE, check_block_session
+from runtime.ort import OrtSession
+
+torch = pytest.importorskip("torch")
+
+TARGETS = [("portable", None), ("onnx-attention", None), ("ort-cpu", None), ("tensorrt", None), ("tensorrt", "attention-op")]
+FUSED = {"onnx-attention": "Attention", "ort-cpu": "MultiHeadAttention", "attention-op": "Attention"}
+
+
+@pytest.mark.parametrize("target,form", TARGETS, ids=lambda x: str(x))
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("block", ["encoder", "decoder"])
+def test_block_matches_torch_layer(block, norm_first, activation, target, form):
+    spec = BlockSpec(block, 16, 4, dim_feedforward=40, activation=activation, norm_first=norm_first,
+                     batch_first=norm_first, key_padding_mask="bool", is_causal=True,
+                     memory_key_padding_mask="bool" if block == "decoder" else None)
+    weights = BlockWeights.random(spec, seed=3)
+    model = compile_model(build_block(spec, weights), target, "fp32", form)
+    report = check_block_session(OrtSession(model), spec, weights)
+    assert report.passed and not report.skipped, report.table()
+    assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    attentions = 1 if block == "encoder" else 2
+    fused = FUSED.get(form or target)
+    if fused:
+        assert ops[fused] == attentions and ops["Softmax"] == 0, ops
+    else:
+        assert ops["Softmax"] == attentions
+    assert ops["LayerNormalization"] == attentions + 1
+
+
+@pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
+def test_decoder_with_every_mask_of_both_kinds(target):
+    spec = BlockSpec("decoder", 16, 4, dim_feedforward=24, key_padding_mask="float", attn_mask="bool",
+                     memory_key_padding_mask="bool", memory_mask="float", is_causal=True, bias=False)
+    weights = BlockWeights.random(spec, seed=5)
+    assert [s.name for s in spec.inputs()] == ["tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask",
+                                               "memory_key_padding_mask"]
+    report = check_block_session(OrtSession(compile_model(build_block(spec, weights), target)), spec, weights)
+    assert report.passed, report.table()
+
+
+def test_block_weights_from_a_trained_layer_file_through_the_cli(run_cli, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, activation="gelu", batch_first=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # torch zero-initialises biases; make them count
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(path))
+    out = tmp_path / "out"
+    result = run_cli("compile.py", "--block", "encoder", "--embed-dim", "32", "--num-heads", "4", "--dim-feedforward", "64",
+                     "--activation", "gelu", "--batch-first", "--key-padding-mask", "bool", "--weights", path,
+                     "--target", "ort-cpu", "--check", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["spec"]["block"] == "encoder" and manifest["check"]["passed"]
+    assert manifest["check"]["worst_rel_error"] <= FP32_TOLERANCE
+    assert [i["name"] for i in manifest["inputs"]] == ["src", "src_key_padding_mask"]
+    assert [o["name"] for o in manifest["outputs"]] == ["output"]
+    # the file holds exactly what torch's layer computes
+    session = OrtSession(out / "model.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 6, 32)).astype(np.float32)
+    kpm = np.zeros((2, 6), bool)
+    kpm[1, 4:] = True
+    with torch.no_grad():
+        want = layer.double().eval()(torch.from_numpy(x).double(), src_key_padding_mask=torch.from_numpy(kpm)).numpy()
+    got = session.run({"src": x, "src_key_padding_mask": kpm})["output"]
+    assert np.abs(got - want).max() / np.abs(want).max() <= FP32_TOLERANCE
+
+
+def test_block_weights_with_wrong_keys_or_shapes_are_refused():
+    spec = BlockSpec("encoder", 8, 2, dim_feedforward=16)
+    state = dict(BlockWeights.random(spec).tensors)
+    with pytest.raises(WeightsError, match="missing key 'norm2.bias'"):
+        BlockWeights.from_state_dict(spec, {k: v for k, v in state.items() if k != "norm2.bias"})
+    with pytest.raises(WeightsError, match=r"'linear1.weight' has shape \(16, 4\), expected \(16, 8\)"):
+        BlockWeights.from_state_dict(spec, {**state, "linear1.weight": np.zeros((16, 4))})
+    decoder = BlockSpec("decoder", 8, 2, dim_feedforward=16)
+    with pytest.raises(WeightsError, match="TransformerDecoderLayer"):
+        BlockWeights.from_state_dict(decoder, state)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(block="encoder", memory_mask="bool"), "memory_mask belongs to the decoder block"),
+    (dict(block="encoder", activation="tanh"), "activation must be one of relu, gelu"),
+    (dict(block="decoder", dim_feedforward=0), "dim_feedforward must be a positive integer"),
+    (dict(block="encoder", layer_norm_eps=-1.0), "layer_norm_eps must be a positive number"),
+    (dict(block="encoder", num_heads=3), "divisible"),
+])
+def test_block_spec_errors_name_the_option(options, message):
+    with pytest.raises(SpecError, match=message):
+        BlockSpec(**{"embed_dim": 8, "num_heads": 2, **options})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--block", "decoder", "--attn-mask-3d", "--attn-mask", "bool"], "--attn-mask-3d applies to bare attention only"),
+    (["--norm-first", "--activation", "gelu"], "--activation, --norm-first describe a block"),
+])
+def test_cli_refuses_flags_of_the_other_kind(run_cli, tmp_path, args, message):
+    result = run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", *args, "--out", tmp_path / "x")
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "x").exists()
