@@ -19,6 +19,7 @@ from compiler.artifacts import ArtifactError, file_records, write_directory
 from compiler.ingest import IngestError
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
+from config import ConfigError, namespace_from_config
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
@@ -41,10 +42,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="the target's graph form where it offers several: tensorrt takes matmul-softmax (the default, "
                           "TensorRT 8.6+) or attention-op (the standard Attention op, TensorRT 10.14+)")
     out.add_argument("--check", action="store_true", help="compare with torch and the float64 reference; store the figures")
-    out.add_argument("--out", required=True, help="output folder: model.onnx and manifest.json")
+    out.add_argument("--out", default=None, help="output folder: model.onnx and manifest.json (required)")
     out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
-    args = p.parse_args(argv)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    namespace = argparse.Namespace()
+    if known.config:
+        try:
+            namespace = namespace_from_config(p, known.config)
+        except ConfigError as exc:
+            p.exit(2, f"compile.py: error: {exc}\n")
+    args = p.parse_args(argv, namespace=namespace)
+    if args.out is None:
+        p.error("the following arguments are required: --out (on the command line or in --config)")
     spec_flags = given_spec_flags(args, [*groups, block_group])
     if args.onnx is not None and spec_flags:
         p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
@@ -155,6 +169,9 @@ def _write(args: argparse.Namespace, model: onnx.ModelProto, described: dict[str
         "precision": args.precision,
         "opset": opset(model),
         "tools": tool_versions(),
+        "options": {k: v for k, v in sorted(vars(args).items()) if k not in ("verbose", "force", "config")},
+        "config": {"path": args.config, "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest()}
+        if args.config else None,
         "files": file_records(files),
         "check": check,
     }
