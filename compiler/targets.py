@@ -15,6 +15,7 @@ from compiler.float16 import Float16Pass
 from compiler.fold_scale import FoldScalePass
 from compiler.fuse_onnx_attention import ATTENTION_OPSET, FuseOnnxAttentionPass
 from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
+from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass
 from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
 from compiler.pack_projections import PackProjectionsPass
@@ -62,9 +63,10 @@ _PORTABLE = Form("matmul-softmax", _PREPARE,
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
                        "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
-_ORT = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass,),
+_ORT = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
             "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-            "(left unfused with need_weights: that op cannot return the weights)", FuseOrtMultiHeadAttentionPass)
+            "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
+            "as SkipLayerNormalization and GELU as Gelu", FuseOrtMultiHeadAttentionPass)
 _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
                         "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
                         "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")

@@ -43,7 +43,13 @@ def test_block_matches_torch_layer(block, norm_first, activation, target, form):
         assert ops[fused] == attentions and ops["Softmax"] == 0, ops
     else:
         assert ops["Softmax"] == attentions
-    assert ops["LayerNormalization"] == attentions + 1
+    norms = attentions + 1
+    if target == "ort-cpu":  # residual LayerNorms -> SkipLayerNormalization; pre-norm's first LN has no residual
+        plain = 1 if norm_first else 0
+        assert (ops["SkipLayerNormalization"], ops["LayerNormalization"]) == (norms - plain, plain), ops
+        assert (ops["Gelu"], ops["Erf"]) == ((1, 0) if activation == "gelu" else (0, 0)), ops
+    else:
+        assert ops["LayerNormalization"] == norms and ops["SkipLayerNormalization"] == 0
 
 
 @pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
@@ -54,6 +60,19 @@ def test_decoder_with_every_mask_of_both_kinds(target):
     assert [s.name for s in spec.inputs()] == ["tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask",
                                                "memory_key_padding_mask"]
     report = check_block_session(OrtSession(compile_model(build_block(spec, weights), target)), spec, weights)
+    assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_fp16_blocks_stay_within_fp16_tolerance(target, norm_first):
+    from runtime.check import FP16_TOLERANCE
+
+    spec = BlockSpec("decoder", 16, 4, dim_feedforward=40, activation="gelu", norm_first=norm_first,
+                     key_padding_mask="bool", is_causal=True)
+    weights = BlockWeights.random(spec, seed=4)
+    model = compile_model(build_block(spec, weights), target, "fp16")
+    report = check_block_session(OrtSession(model), spec, weights, tolerance=FP16_TOLERANCE)
     assert report.passed, report.table()
 
 
@@ -119,3 +138,24 @@ def test_block_spec_errors_name_the_option(options, message):
 def test_cli_refuses_flags_of_the_other_kind(run_cli, tmp_path, args, message):
     result = run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", *args, "--out", tmp_path / "x")
     assert result.returncode == 2 and message in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_norm_gelu_pass_alone_keeps_the_outputs_and_fuses():
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass
+    from runtime.check import block_inputs, errors
+
+    spec = BlockSpec("encoder", 16, 4, dim_feedforward=24, activation="gelu", norm_first=True, batch_first=True)
+    weights = BlockWeights.random(spec, seed=6)
+    before = build_block(spec, weights)
+    model = ir.serde.deserialize_model(before)
+    ShapeInferencePass()(model)  # the pass checks ranks, as in every target's pipeline
+    assert FuseOrtNormGeluPass()(model).modified
+    after = ir.serde.serialize_model(model)
+    ops = collections.Counter(n.op_type for n in after.graph.node)
+    assert ops["Gelu"] == 1 and ops["SkipLayerNormalization"] == 1 and ops["Erf"] == 0
+    feeds = block_inputs(spec, (2, 7, 7), np.random.default_rng(0))
+    want, got = OrtSession(before).run(feeds)["output"], OrtSession(after).run(feeds)["output"]
+    assert errors(got, want)[1] <= 1e-6  # the same float32 arithmetic, regrouped

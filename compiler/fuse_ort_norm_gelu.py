@@ -1,0 +1,93 @@
+"""ONNX Runtime's fused block ops for the ort targets: LayerNormalization over a residual Add
+becomes com.microsoft.SkipLayerNormalization, and the exact erf GELU becomes com.microsoft.Gelu.
+
+Written as onnxscript rewrite rules (pattern / check / rewrite). In a pre-norm block the residual
+sum is also the next sub-layer's input, so that rule keeps it as SkipLayerNormalization's
+fourth output (input_skip_bias_sum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from compiler._ir import constant
+
+MS = "com.microsoft"
+
+
+def _gelu_erf(op, x):  # noqa: ANN001, ANN202: pattern functions take the rewriter's op builder
+    return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0))
+
+
+def _gelu(op, x):  # noqa: ANN001, ANN202
+    return op.Gelu(x, _domain=MS)
+
+
+def _residual_norm_BSD(op, x, skip, gamma, beta, epsilon):  # noqa: ANN001, ANN202
+    return op.LayerNormalization(op.Add(x, skip), gamma, beta, axis=-1, epsilon=epsilon)
+
+
+def _residual_norm_no_bias_BSD(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
+    return op.LayerNormalization(op.Add(x, skip), gamma, axis=-1, epsilon=epsilon)
+
+
+def _residual_norm_kept_sum_BSD(op, x, skip, gamma, beta, epsilon):  # noqa: ANN001, ANN202
+    total = op.Add(x, skip)
+    return op.LayerNormalization(total, gamma, beta, axis=-1, epsilon=epsilon), total
+
+
+def _residual_norm_no_bias_kept_sum_BSD(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
+    total = op.Add(x, skip)
+    return op.LayerNormalization(total, gamma, axis=-1, epsilon=epsilon), total
+
+
+def _skip_norm(op, x, skip, gamma, beta, epsilon):  # noqa: ANN001, ANN202
+    return op.SkipLayerNormalization(x, skip, gamma, beta, epsilon=epsilon.value, _domain=MS)
+
+
+def _skip_norm_no_bias(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
+    return op.SkipLayerNormalization(x, skip, gamma, epsilon=epsilon.value, _domain=MS)
+
+
+def _skip_norm_kept_sum(op, x, skip, gamma, beta, epsilon):  # noqa: ANN001, ANN202
+    out, _, _, total = op.SkipLayerNormalization(x, skip, gamma, beta, epsilon=epsilon.value, _domain=MS, _outputs=4)
+    return out, total
+
+
+def _skip_norm_no_bias_kept_sum(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
+    out, _, _, total = op.SkipLayerNormalization(x, skip, gamma, epsilon=epsilon.value, _domain=MS, _outputs=4)
+    return out, total
+
+
+def _same_shape_3d(context, x, skip, gamma, **_) -> bool:  # noqa: ANN001
+    """SkipLayerNormalization wants (batch, seq, hidden) input and skip and a 1-D gamma over hidden."""
+    g = constant(gamma)
+    return (g is not None and g.ndim == 1 and x.shape is not None and skip.shape is not None
+            and len(x.shape) == 3 and len(skip.shape) == 3 and x.shape[-1] == skip.shape[-1] == g.shape[0])
+
+
+_RULES = pattern.RewriteRuleSet([
+    pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf"),
+    pattern.RewriteRule(_residual_norm_BSD, _skip_norm, _same_shape_3d, name="SkipLayerNorm"),
+    pattern.RewriteRule(_residual_norm_no_bias_BSD, _skip_norm_no_bias, _same_shape_3d, name="SkipLayerNormNoBias"),
+    pattern.RewriteRule(_residual_norm_kept_sum_BSD, _skip_norm_kept_sum, _same_shape_3d, name="SkipLayerNormSum"),
+    pattern.RewriteRule(_residual_norm_no_bias_kept_sum_BSD, _skip_norm_no_bias_kept_sum, _same_shape_3d,
+                        name="SkipLayerNormNoBiasSum"),
+], commute=True)
+
+
+class FuseOrtNormGeluPass(ir.passes.InPlacePass):
+    """The block ops ONNX Runtime has fused kernels for; bare attention graphs have none of them.
+    Needs shapes (SkipLayerNormalization takes 3-D input only): run after shape inference."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = _RULES.apply_to_model(model)
+        if count:
+            model.opset_imports.setdefault(MS, 1)
+        return ir.passes.PassResult(model, bool(count))
+
+
+__all__ = ["FuseOrtNormGeluPass"]
