@@ -24,19 +24,15 @@ def file_records(files: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
     return {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()}
 
 
-def write_directory(out: str | os.PathLike[str], files: Mapping[str, bytes], manifest: Mapping[str, Any],
+def write_directory(out: str | os.PathLike[str], files: Mapping[str, bytes], manifest: Mapping[str, Any] | None,
                     *, force: bool = False) -> Path:
-    """Write ``files`` and ``manifest.json`` into a temporary folder beside ``out``, then rename it into place.
+    """Write ``files`` (and ``manifest.json`` unless None) into a temporary folder beside ``out``, then rename it into place.
 
     An existing non-empty ``out`` is refused unless ``force``; with ``force`` it is replaced only
     once the new folder is complete.
     """
     out = Path(out).absolute()
-    if out.exists() and not force:
-        if not out.is_dir():
-            raise ArtifactError(f"output path {str(out)!r} exists and is not a folder")
-        if any(out.iterdir()):
-            raise ArtifactError(f"output folder {str(out)!r} already exists and is not empty; pass --force to replace it")
+    check_writable(out, force=force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -46,14 +42,26 @@ def write_directory(out: str | os.PathLike[str], files: Mapping[str, bytes], man
     except OSError as exc:
         raise ArtifactError(f"cannot create a folder beside {str(out)!r}: {exc.strerror or exc}") from exc
     try:
-        for name, data in files.items():
+        for name, data in files.items():  # a name may hold subfolders: "attention/1/model.onnx"
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             _write(staging / name, data)
-        _write(staging / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+        if manifest is not None:
+            _write(staging / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def check_writable(out: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Refuse an existing non-empty ``out`` unless ``force``: called before any work is written."""
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        if not out.is_dir():
+            raise ArtifactError(f"output path {str(out)!r} exists and is not a folder")
+        if any(out.iterdir()):
+            raise ArtifactError(f"output folder {str(out)!r} already exists and is not empty; pass --force to replace it")
 
 
 def _write(path: Path, data: bytes) -> None:

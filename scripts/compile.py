@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import platform
 import sys
 from importlib import metadata
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 import onnx
 
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
-from compiler.artifacts import ArtifactError, file_records, write_directory
+from compiler.artifacts import ArtifactError, check_writable, file_records, write_directory
 from compiler.ingest import IngestError
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
@@ -43,7 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "TensorRT 8.6+) or attention-op (the standard Attention op, TensorRT 10.14+)")
     out.add_argument("--check", action="store_true", help="compare with torch and the float64 reference; store the figures")
     out.add_argument("--out", default=None, help="output folder: model.onnx and manifest.json (required)")
-    out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out folder")
+    out.add_argument("--force", action="store_true", help="replace an existing, non-empty --out (and --triton-repo) folder")
+    out.add_argument("--triton-repo", default=None, metavar="DIR",
+                     help="also write a Triton Inference Server model repository: DIR/NAME/config.pbtxt, DIR/NAME/1/model.onnx")
+    out.add_argument("--triton-model-name", default="attention", help="NAME of the model in --triton-repo")
+    out.add_argument("--triton-max-batch", type=int, default=8,
+                     help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it")
@@ -59,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv, namespace=namespace)
     if args.out is None:
         p.error("the following arguments are required: --out (on the command line or in --config)")
+    if args.triton_repo is not None and args.target == "tensorrt":
+        p.error("--triton-repo serves the ONNX on Triton's onnxruntime backend; a tensorrt_plan needs model.engine, "
+                "which compile.py does not build yet: use --target ort-cuda or onnx-attention")
+    if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
+        p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
     if args.onnx is not None and spec_flags:
         p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
@@ -175,9 +186,20 @@ def _write(args: argparse.Namespace, model: onnx.ModelProto, described: dict[str
         "files": file_records(files),
         "check": check,
     }
+    repo = None
+    if args.triton_repo is not None:
+        from compiler.triton import triton_config
+
+        check_writable(args.triton_repo, force=args.force)  # before anything is written
+        config, manifest["triton"] = triton_config(model, args.triton_model_name, args.triton_max_batch)
+        manifest["triton"]["repo"] = str(args.triton_repo)
+        repo = {f"{args.triton_model_name}/config.pbtxt": config.encode(), f"{args.triton_model_name}/1/model.onnx": data}
     out = write_directory(args.out, files, manifest, force=args.force)
     print(f"wrote {out / 'model.onnx'} ({len(data) / 2**20:.2f} MiB, {len(model.graph.node)} nodes, target {target.name}, {args.precision})")
     print(f"wrote {out / 'manifest.json'}")
+    if repo is not None:
+        write_directory(args.triton_repo, repo, None, force=args.force)
+        print(f"wrote {Path(args.triton_repo) / args.triton_model_name} (Triton: {manifest['triton']['note'] or 'dynamic batching'})")
     return manifest
 
 

@@ -1,0 +1,75 @@
+"""compile.py --triton-repo: a Triton model repository whose config.pbtxt parses with the model_config
+protobuf tritonclient ships and names the graph's inputs and outputs, dtypes and dynamic dims."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+model_config = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+from google.protobuf import text_format  # noqa: E402
+
+
+def _parse(path):
+    config = model_config.ModelConfig()
+    text_format.Parse(path.read_text(), config)
+    return config
+
+
+def _tensors(entries):
+    return [(t.name, model_config.DataType.Name(t.data_type), list(t.dims)) for t in entries]
+
+
+def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    result = run_cli("compile.py", "--embed-dim", "32", "--num-heads", "4", "--batch-first", "--self-attention",
+                     "--key-padding-mask", "bool", "--target", "ort-cpu", "--out", out, "--triton-repo", repo,
+                     "--triton-model-name", "mha", "--triton-max-batch", "16")
+    assert result.returncode == 0, result.stderr
+    config = _parse(repo / "mha" / "config.pbtxt")
+    assert (config.name, config.platform, config.max_batch_size) == ("mha", "onnxruntime_onnx", 16)
+    assert config.HasField("dynamic_batching")
+    assert _tensors(config.input) == [("query", "TYPE_FP32", [-1, 32]), ("key_padding_mask", "TYPE_BOOL", [-1])]
+    assert _tensors(config.output) == [("attn_output", "TYPE_FP32", [-1, 32])]
+    assert (repo / "mha" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["triton"]["dynamic_batching"] and manifest["triton"]["repo"] == str(repo)
+
+
+def test_unbatched_inputs_list_every_dim_without_batching(run_cli, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_cli("compile.py", "--embed-dim", "16", "--num-heads", "2", "--attn-mask", "float", "--need-weights",
+                     "--out", tmp_path / "out", "--triton-repo", repo)
+    assert result.returncode == 0, result.stderr
+    config = _parse(repo / "attention" / "config.pbtxt")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert _tensors(config.input) == [("query", "TYPE_FP32", [-1, -1, 16]), ("key", "TYPE_FP32", [-1, -1, 16]),
+                                      ("value", "TYPE_FP32", [-1, -1, 16]), ("attn_mask", "TYPE_FP32", [-1, -1])]
+    assert _tensors(config.output) == [("attn_output", "TYPE_FP32", [-1, -1, 16]),
+                                       ("attn_output_weights", "TYPE_FP32", [-1, -1, -1])]
+    assert "query, key, value, attn_mask, attn_output have no leading batch axis" in result.stdout
+
+
+def test_encoder_block_repository(run_cli, tmp_path):
+    repo = tmp_path / "repo"
+    result = run_cli("compile.py", "--block", "encoder", "--embed-dim", "16", "--num-heads", "2", "--dim-feedforward", "32",
+                     "--batch-first", "--key-padding-mask", "bool", "--precision", "fp16", "--target", "ort-cuda",
+                     "--out", tmp_path / "out", "--triton-repo", repo)
+    assert result.returncode == 0, result.stderr
+    config = _parse(repo / "attention" / "config.pbtxt")
+    assert _tensors(config.input) == [("src", "TYPE_FP32", [-1, 16]), ("src_key_padding_mask", "TYPE_BOOL", [-1])]
+    assert _tensors(config.output) == [("output", "TYPE_FP32", [-1, 16])]  # fp16 inside, float32 at the edges
+
+
+def test_refusals_write_nothing(run_cli, tmp_path):
+    trt = run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", "--target", "tensorrt", "--out", tmp_path / "a",
+                  "--triton-repo", tmp_path / "r")
+    assert trt.returncode == 2 and "tensorrt_plan needs model.engine" in trt.stderr
+    repo = tmp_path / "taken"
+    repo.mkdir()
+    (repo / "other").write_text("x")
+    taken = run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", "--out", tmp_path / "b", "--triton-repo", repo)
+    assert taken.returncode == 1 and "already exists and is not empty" in taken.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
