@@ -21,7 +21,8 @@ import onnx
 from graphs.builder import GraphBuilder
 from graphs.mha import _batch_first, _linear, add_attention
 from graphs.spec import BATCH, SRC_LEN, TGT_LEN, AttentionSpec, MaskKind, SpecError, TensorSig, _mask_dtype
-from graphs.weights import AttentionWeights, checked_tensors, expected_shapes, read_state_dict
+from graphs.weights import (AttentionWeights, checked_tensors, expected_shapes, file_source, module_state, random_state,
+                            read_state_dict)
 
 BLOCKS = ("mha", "encoder", "decoder")
 ACTIVATIONS = ("relu", "gelu")
@@ -148,29 +149,15 @@ class BlockWeights:
 
     @classmethod
     def from_file(cls, spec: BlockSpec, path: str | os.PathLike[str]) -> BlockWeights:
-        source = {"kind": "file", "path": str(path), "format": os.path.splitext(str(path))[1].lower().lstrip(".")}
-        return cls.from_state_dict(spec, read_state_dict(path), source)
+        return cls.from_state_dict(spec, read_state_dict(path), file_source(path))
 
     @classmethod
     def from_module(cls, spec: BlockSpec, module: Any) -> BlockWeights:
-        state = {k: v.detach().to("cpu").double().numpy() for k, v in module.state_dict().items()}
-        return cls.from_state_dict(spec, state, {"kind": "module", "type": type(module).__name__})
+        return cls.from_state_dict(spec, module_state(module), {"kind": "module", "type": type(module).__name__})
 
     @classmethod
     def random(cls, spec: BlockSpec, seed: int = 0) -> BlockWeights:
-        """Seeded init in torch's scale; biases and LayerNorm parameters are non-zero and not one,
-        so that a check exercises them."""
-        rng = np.random.default_rng(seed)
-        state = {}
-        for key, shape in block_shapes(spec).items():
-            if len(shape) == 2:
-                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
-                state[key] = rng.uniform(-limit, limit, size=shape)
-            elif key.startswith("norm") and key.endswith("weight"):
-                state[key] = rng.normal(1.0, 0.1, size=shape)
-            else:
-                state[key] = rng.normal(0.0, 0.1 if key.endswith("bias") else 0.5, size=shape)
-        return cls.from_state_dict(spec, state, {"kind": "random", "seed": seed})
+        return cls.from_state_dict(spec, random_state(block_shapes(spec), seed), {"kind": "random", "seed": seed})
 
     def attention(self, module: str, spec: AttentionSpec) -> AttentionWeights:
         prefix = f"{module}."

@@ -58,28 +58,18 @@ class AttentionWeights:
 
     @classmethod
     def from_file(cls, spec: AttentionSpec, path: str | os.PathLike[str]) -> AttentionWeights:
-        state = read_state_dict(path)
-        return cls.from_state_dict(spec, state, {"kind": "file", "path": str(path), "format": Path(path).suffix.lower().lstrip(".")})
+        return cls.from_state_dict(spec, read_state_dict(path), file_source(path))
 
     @classmethod
     def from_module(cls, spec: AttentionSpec, module: Any) -> AttentionWeights:
         """A live torch.nn.MultiheadAttention (any dtype or device)."""
-        state = {k: v.detach().to("cpu").double().numpy() for k, v in module.state_dict().items()}
-        return cls.from_state_dict(spec, state, {"kind": "module", "type": type(module).__name__})
+        return cls.from_state_dict(spec, module_state(module), {"kind": "module", "type": type(module).__name__})
 
     @classmethod
     def random(cls, spec: AttentionSpec, seed: int = 0) -> AttentionWeights:
         """Seeded init in torch's scale (xavier-uniform weights); biases are non-zero, unlike torch's,
         so that a check exercises them."""
-        rng = np.random.default_rng(seed)
-        state = {}
-        for key, shape in expected_shapes(spec).items():
-            if len(shape) == 2:
-                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
-                state[key] = rng.uniform(-limit, limit, size=shape)
-            else:
-                state[key] = rng.normal(0.0, 0.1 if key.endswith("bias") else 0.5, size=shape)
-        return cls.from_state_dict(spec, state, {"kind": "random", "seed": seed})
+        return cls.from_state_dict(spec, random_state(expected_shapes(spec), seed), {"kind": "random", "seed": seed})
 
     # Views the graph builder and references use ---------------------------------------------
 
@@ -131,6 +121,31 @@ def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str,
             raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
         tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
     return tensors
+
+
+def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded tensors in torch's scale: xavier-uniform matrices; biases non-zero (torch zeroes
+    them) and LayerNorm scales near, not at, one, so that a check exercises every parameter."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if len(shape) == 2:
+            limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+            state[key] = rng.uniform(-limit, limit, size=shape)
+        elif key.startswith("norm") and key.endswith("weight"):
+            state[key] = rng.normal(1.0, 0.1, size=shape)
+        else:
+            state[key] = rng.normal(0.0, 0.1 if key.endswith("bias") else 0.5, size=shape)
+    return state
+
+
+def module_state(module: Any) -> dict[str, np.ndarray]:
+    """A live torch module's state_dict as float64 arrays (any dtype or device)."""
+    return {k: v.detach().to("cpu").double().numpy() for k, v in module.state_dict().items()}
+
+
+def file_source(path: str | os.PathLike[str]) -> dict[str, str]:
+    return {"kind": "file", "path": str(path), "format": Path(path).suffix.lower().lstrip(".")}
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target

@@ -18,7 +18,7 @@ import onnx
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from compiler.artifacts import ArtifactError, check_writable, file_records, write_directory
 from compiler.ingest import IngestError
-from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
+from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
 from config import ConfigError, namespace_from_config
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
