@@ -3,12 +3,22 @@ FLOP/s and memory bandwidth that bound what any graph can reach on it."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for figures that are only meaningful with the machine named."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)

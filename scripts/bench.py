@@ -27,7 +27,7 @@ from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, bui
 from runtime.check import random_inputs
 from runtime.cost import attention_flops, attention_min_bytes
 from runtime.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
-from runtime.timing import Timing, measure, measure_cuda
+from runtime.timing import Timing, cpu_name, measure, measure_cuda
 from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 BASELINES = ("eager", "sdpa", "exporter")
@@ -418,19 +418,13 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def machine(device: str, threads: int) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     versions = {}
     for dist in ("attention-compiler", "onnxruntime", "onnxruntime-gpu", "torch", "onnx", "numpy", "tensorrt"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions, "onnxruntime_providers": ort.get_available_providers()}
     if device == "cuda":
         import torch

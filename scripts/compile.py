@@ -6,27 +6,44 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
+import json
+import os
 import platform
+import re
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import onnx
 
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
-from compiler.artifacts import ArtifactError, check_writable, file_records, write_directory
+from compiler.artifacts import (EXTERNAL_DATA, ArtifactError, check_writable, file_records, needs_external_data, save_model,
+                                staged_directory, write_directory, write_file, write_manifest)
+from compiler.report import graph_summary, render_report
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
 from config import ConfigError, namespace_from_config
+from console import Console
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage plus a line
         self.exit(2, f"compile.py: error: {message} (see --help)\n")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers BATCH,TGT,SRC such as 1,128,128, got {text!r}")
+    return sizes  # type: ignore[return-value]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +67,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--triton-model-name", default="attention", help="NAME of the model in --triton-repo")
     out.add_argument("--triton-max-batch", type=int, default=8,
                      help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off")
+    out.add_argument("--external-data", choices=("auto", "always"), default="auto",
+                     help="weights in DIR/model.onnx.data beside model.onnx: auto, once they pass protobuf's 2 GB limit")
+    out.add_argument("--report", action="store_true",
+                     help="also write DIR/report.html: spec, graph before and after the passes, check and latency figures")
+    out.add_argument("--latency", action="store_true",
+                     help="time the graph before and after the passes on ONNX Runtime CPU; figures go in the manifest")
+    out.add_argument("--latency-shape", type=_shape, default=(1, 128, 128), metavar="BATCH,TGT,SRC",
+                     help="input sizes for --latency (SRC is ignored where keys are the query)")
+    out.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    out.add_argument("--json", action="store_true",
+                     help="print a JSON summary (the manifest, the paths) on stdout; other lines go to stderr")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it")
@@ -98,56 +126,63 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Bare attention or a block, built from the spec flags; --check compares with torch and NumPy."""
     if args.onnx is not None:
-        return run_onnx(args)
-    from runtime.check import check_block_session, check_session
+        return run_onnx(args, console)
+    from runtime.check import block_inputs, check_block_session, check_session, random_inputs
 
     if args.block == "mha":
-        spec, weights_type, build, check_fn = spec_from_args(args), AttentionWeights, build_mha, check_session
+        spec, weights_type, build, check_fn, inputs = spec_from_args(args), AttentionWeights, build_mha, check_session, random_inputs
     else:
         from graphs.blocks import BlockWeights, build_block
 
-        spec, weights_type, build, check_fn = block_spec_from_args(args), BlockWeights, build_block, check_block_session
-    target, form = get_target(args.target, args.precision, args.form)
-    weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
-    model = compile_model(build(spec, weights), target.name, args.precision, form.name)
-    onnx.checker.check_model(model, full_check=True)
-    check = None
-    if args.check:
-        from runtime.ort import OrtSession
-
-        check = _checked(check_fn(OrtSession(model), spec, weights, tolerance=_tolerance(args)))
+        spec, weights_type, build, check_fn, inputs = (block_spec_from_args(args), BlockWeights, build_block,
+                                                       check_block_session, block_inputs)
+    get_target(args.target, args.precision, args.form)
+    with console.step("building the graph"):
+        weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
+        built = build(spec, weights)
+    with console.step(f"running the {args.target} passes"):
+        model = compile_model(built, args.target, args.precision, args.form)
     described = {"spec": spec.to_dict(), "inputs": [s.to_json() for s in spec.inputs()],
                  "outputs": [s.to_json() for s in spec.outputs()]}
-    return _write(args, model, described, {"weights": dict(weights.source)}, check)
+    return _emit(args, console, built, model, described, {"weights": dict(weights.source)},
+                 checker=lambda session: check_fn(session, spec, weights, tolerance=_tolerance(args)),
+                 feeds=lambda session: inputs(spec, args.latency_shape, np.random.default_rng(0)))
 
 
-def run_onnx(args: argparse.Namespace) -> dict[str, Any]:
+def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The target's pipeline over an existing graph; --check compares it with that graph on ONNX Runtime CPU."""
     from compiler.ingest import fusion_findings, load_onnx
+    from runtime.check import check_against_graph, graph_inputs
 
-    target, form = get_target(args.target, args.precision, args.form)
-    original = load_onnx(args.onnx)
-    model = compile_model(original, target.name, args.precision, form.name)
-    onnx.checker.check_model(model, full_check=True)
+    _, form = get_target(args.target, args.precision, args.form)
+    with console.step("reading the graph"):
+        original = load_onnx(args.onnx)
+    with console.step(f"running the {args.target} passes"):
+        model = compile_model(original, args.target, args.precision, form.name)
     findings = fusion_findings(original, model, form, attention_form(model))
     for finding in findings:
-        print(finding)
+        console.say(str(finding))
     if not findings:
-        print("no Softmax in the graph: nothing to fuse")
-    check = None
-    if args.check:
-        from runtime.check import check_against_graph
+        console.say("no Softmax in the graph: nothing to fuse")
+
+    def checker(session: Any) -> Any:
         from runtime.ort import OrtSession
 
-        check = _checked(check_against_graph(OrtSession(model), OrtSession(original), tolerance=_tolerance(args)))
+        return check_against_graph(session, OrtSession(original), tolerance=_tolerance(args))
+
+    def feeds(session: Any) -> dict[str, np.ndarray]:  # axes named like batch take BATCH, all others TGT
+        batch, tgt, _ = args.latency_shape
+        sizes = {d: batch if "batch" in d.lower() else tgt for s in session.inputs for d in s.shape if isinstance(d, str)}
+        return graph_inputs(session, sizes, np.random.default_rng(0))
+
     described = {"source": {"onnx": str(args.onnx), "sha256": hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest()},
                  "inputs": graph_signature(model.graph.input, model.graph.initializer),
                  "outputs": graph_signature(model.graph.output)}
     fusion = {"fusion": [{"softmax": f.softmax, "fused": f.fused, "detail": f.detail} for f in findings]}
-    return _write(args, model, described, fusion, check)
+    return _emit(args, console, original, model, described, fusion, checker=checker, feeds=feeds)
 
 
 def _tolerance(args: argparse.Namespace) -> float:
@@ -156,20 +191,18 @@ def _tolerance(args: argparse.Namespace) -> float:
     return FP32_TOLERANCE if args.precision == "fp32" else FP16_TOLERANCE
 
 
-def _checked(report: Any) -> dict[str, Any]:
-    print(report.table())
-    if not report.passed:
-        raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
-                          f"{report.tolerance:.0e}; nothing was written")
-    return report.to_json()
+def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, model: onnx.ModelProto,
+          described: dict[str, Any], extra: dict[str, Any], *, checker: Callable[[Any], Any],
+          feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
+    """DIR/model.onnx (and model.onnx.data), manifest.json (DESIGN.md contract 3) and report.html, all
+    staged beside DIR: the ONNX is validated, checked and timed as written, and DIR appears only whole."""
+    from runtime.ort import OrtSession
 
-
-def _write(args: argparse.Namespace, model: onnx.ModelProto, described: dict[str, Any], extra: dict[str, Any],
-           check: dict[str, Any] | None) -> dict[str, Any]:
-    """DIR/model.onnx and DIR/manifest.json, atomically; the manifest of DESIGN.md contract 3."""
-    data = model.SerializeToString()
-    files = {"model.onnx": data}
     target, form = get_target(args.target, args.precision, args.form)
+    external = args.external_data == "always" or needs_external_data(model)
+    check_writable(args.out, force=args.force)
+    if args.triton_repo is not None:
+        check_writable(args.triton_repo, force=args.force)
     manifest = {
         **described,
         "target": target.name,
@@ -180,27 +213,75 @@ def _write(args: argparse.Namespace, model: onnx.ModelProto, described: dict[str
         "precision": args.precision,
         "opset": opset(model),
         "tools": tool_versions(),
-        "options": {k: v for k, v in sorted(vars(args).items()) if k not in ("verbose", "force", "config")},
+        "options": {k: v for k, v in sorted(vars(args).items()) if k not in ("verbose", "force", "config", "quiet", "json")},
         "config": {"path": args.config, "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest()}
         if args.config else None,
-        "files": file_records(files),
-        "check": check,
+        "graph": graph_summary(before, model),
     }
-    repo = None
+    triton_text = None
     if args.triton_repo is not None:
         from compiler.triton import triton_config
 
-        check_writable(args.triton_repo, force=args.force)  # before anything is written
-        config, manifest["triton"] = triton_config(model, args.triton_model_name, args.triton_max_batch)
+        triton_text, manifest["triton"] = triton_config(model, args.triton_model_name, args.triton_max_batch)
         manifest["triton"]["repo"] = str(args.triton_repo)
-        repo = {f"{args.triton_model_name}/config.pbtxt": config.encode(), f"{args.triton_model_name}/1/model.onnx": data}
-    out = write_directory(args.out, files, manifest, force=args.force)
-    print(f"wrote {out / 'model.onnx'} ({len(data) / 2**20:.2f} MiB, {len(model.graph.node)} nodes, target {target.name}, {args.precision})")
-    print(f"wrote {out / 'manifest.json'}")
-    if repo is not None:
+    with staged_directory(args.out, force=args.force) as staging:
+        path = staging / "model.onnx"
+        with console.step("writing model.onnx" + (f" with its weights in {EXTERNAL_DATA}" if external else "")):
+            names = save_model(model, staging, external=external)
+        with console.step("validating the ONNX (onnx.checker, full check)"):
+            onnx.checker.check_model(str(path), full_check=True)
+        manifest["files"] = file_records(staging, names)
+        manifest["check"] = None
+        if args.check:
+            with console.step("checking against the references"):
+                report = checker(OrtSession(path))
+            console.say(report.table())
+            if not report.passed:
+                raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
+                                  f"{report.tolerance:.0e}; nothing was written")
+            manifest["check"] = report.to_json()
+        manifest["latency"] = None
+        if args.latency:
+            with console.step("measuring latency before and after the passes"):
+                manifest["latency"] = measure_latency(before, path, feeds, args.latency_shape)
+            t = manifest["latency"]
+            console.say(f"latency p50 at {t['shape']}: {t['before']['p50_s'] * 1e3:.3f} ms before the passes, "
+                        f"{t['after']['p50_s'] * 1e3:.3f} ms after ({t['ratio_p50']:.2f}x), {t['where']}")
+        if args.report:
+            page = render_report(manifest, before, onnx.load(str(path), load_external_data=False))
+            write_file(staging / "report.html", page.encode())
+            manifest["files"].update(file_records(staging, ["report.html"]))
+        write_manifest(staging, manifest)
+    out = Path(args.out).absolute()
+    size = sum(r["bytes"] for name, r in manifest["files"].items() if name.startswith("model.onnx"))
+    console.say(f"wrote {out / 'model.onnx'} ({size / 2**20:.2f} MiB{', weights in ' + EXTERNAL_DATA if external else ''}, "
+                f"{len(model.graph.node)} nodes, target {target.name}, {args.precision})")
+    console.say(f"wrote {out / 'manifest.json'}")
+    if args.report:
+        console.say(f"wrote {out / 'report.html'}")
+    if triton_text is not None:
+        name = args.triton_model_name
+        repo = {f"{name}/config.pbtxt": triton_text.encode(), **{f"{name}/1/{n}": out / n for n in names}}
         write_directory(args.triton_repo, repo, None, force=args.force)
-        print(f"wrote {Path(args.triton_repo) / args.triton_model_name} (Triton: {manifest['triton']['note'] or 'dynamic batching'})")
+        console.say(f"wrote {Path(args.triton_repo) / name} (Triton: {manifest['triton']['note'] or 'dynamic batching'})")
     return manifest
+
+
+def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any], dict[str, np.ndarray]],
+                    shape: tuple[int, int, int]) -> dict[str, Any]:
+    """p50/p90/p99 of the graph before and after the passes on ONNX Runtime CPU, same inputs, same run."""
+    import onnxruntime
+
+    from runtime.ort import OrtSession
+    from runtime.timing import cpu_name, measure
+
+    sessions = {"before": OrtSession(before), "after": OrtSession(after)}
+    inputs = feeds(sessions["after"])
+    timings = {name: measure(lambda s=s: s.run(inputs), warmup=3, min_runs=10, min_seconds=1.0).to_json()
+               for name, s in sessions.items()}
+    return {"shape": list(shape), **timings, "ratio_p50": timings["after"]["p50_s"] / timings["before"]["p50_s"],
+            "where": f"ONNX Runtime {onnxruntime.__version__} CPUExecutionProvider on {cpu_name()} "
+                     f"({os.cpu_count()} logical CPUs)"}
 
 
 def graph_signature(values, initializers=()) -> list[dict[str, Any]]:
@@ -212,18 +293,22 @@ def graph_signature(values, initializers=()) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console = Console(quiet=args.quiet, json_mode=args.json)
     try:
-        run(args)
-    except (SpecError, WeightsError, TargetError, InputError, IngestError) as exc:
+        manifest = run(args, console)
+    except (SpecError, WeightsError, TargetError, InputError, IngestError, CheckFailed, ArtifactError) as exc:
         if args.verbose:
             raise
+        status = 1 if isinstance(exc, (CheckFailed, ArtifactError)) else 2
         print(f"compile.py: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckFailed, ArtifactError) as exc:
-        if args.verbose:
-            raise
-        print(f"compile.py: error: {exc}", file=sys.stderr)
-        return 1
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "exit_status": status}))
+        return status
+    if args.json:
+        out = Path(args.out).absolute()
+        print(json.dumps({"ok": True, "out": str(out), "report": str(out / "report.html") if args.report else None,
+                          "triton_repo": str(Path(args.triton_repo).absolute()) if args.triton_repo else None,
+                          "manifest": manifest}, indent=2))
     return 0
 
 

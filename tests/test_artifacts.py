@@ -5,7 +5,7 @@ from compiler import artifacts
 
 def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
     calls = []
-    real = artifacts._write
+    real = artifacts.write_file
 
     def failing(path, data):
         calls.append(path.name)
@@ -13,7 +13,7 @@ def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(artifacts, "_write", failing)
+    monkeypatch.setattr(artifacts, "write_file", failing)
     with pytest.raises(OSError, match="No space left"):
         artifacts.write_directory(tmp_path / "out", {"model.onnx": b"abc"}, {"a": 1})
     assert calls == ["model.onnx", "manifest.json"]
@@ -23,7 +23,7 @@ def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
 def test_force_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
     artifacts.write_directory(out, {"model.onnx": b"old"}, {})
-    monkeypatch.setattr(artifacts, "_write", lambda path, data: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(artifacts, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError):
         artifacts.write_directory(out, {"model.onnx": b"new"}, {}, force=True)
     assert (out / "model.onnx").read_bytes() == b"old"
