@@ -102,9 +102,14 @@ def _latency(latency: Mapping[str, Any] | None) -> str:
         return "<p>Not measured: compile with <code>--latency</code>.</p>"
     rows = [[name, *(f"{t[k] * 1e3:.3f}" for k in ("p50_s", "p90_s", "p99_s", "best_s")), _n(t["runs"])]
             for name, t in (("before the passes", latency["before"]), ("after the passes", latency["after"]))]
-    return (f"<p>{_e(latency['where'])}, inputs of shape {_e(latency['shape'])} (batch, tgt_len, src_len). "
+    return (f"<p>{_e(latency['where'])}, inputs {_e(input_shapes(latency['inputs']))}. "
             f"After/before at p50: <b>{latency['ratio_p50']:.2f}x</b>.</p>"
             + _table(["graph", "p50 ms", "p90 ms", "p99 ms", "best ms", "runs"], [[r[0], *map(_Num, r[1:5]), r[5]] for r in rows]))
+
+
+def input_shapes(inputs: Mapping[str, list[int]]) -> str:
+    """``{"src": [1, 128, 256]}`` as ``src 1x128x256``."""
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in inputs.items())
 
 
 def _section(title: str, body: str) -> str:

@@ -7,7 +7,6 @@ against the floor this device's own matmul rate and memory bandwidth set."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
+from compiler.artifacts import file_records
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime.check import random_inputs
 from runtime.cost import attention_flops, attention_min_bytes
@@ -106,7 +106,7 @@ class Compiled:
     target: str
     precision: str
     form: str
-    model: bytes
+    model: bytes | str  # serialized, or the path of a compile.py folder's model.onnx (its external data beside it)
 
 
 def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights, Compiled]:
@@ -114,15 +114,17 @@ def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights,
     path = Path(folder)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-        model = (path / "model.onnx").read_bytes()
-    except (OSError, ValueError) as exc:
+        files = [name for name in manifest["files"] if name.startswith("model.onnx")]
+        found = file_records(path, files)
+    except (OSError, ValueError, KeyError) as exc:
         raise BenchError(f"{folder!r} is not a folder compile.py wrote (no readable manifest.json and model.onnx: {exc})") from exc
     if "spec" not in manifest:
         raise BenchError(f"{folder!r} holds a graph compiled with --onnx; bench.py needs the spec, so compile from spec flags")
     if "block" in manifest["spec"]:
         raise BenchError(f"{folder!r} holds a {manifest['spec']['block']} block; bench.py times bare attention (--block mha)")
-    if hashlib.sha256(model).hexdigest() != manifest["files"]["model.onnx"]["sha256"]:
-        raise BenchError(f"{folder}/model.onnx does not match the sha256 in its manifest.json; recompile it")
+    for name in files:
+        if found[name]["sha256"] != manifest["files"][name]["sha256"]:
+            raise BenchError(f"{folder}/{name} does not match the sha256 in its manifest.json; recompile it")
     if manifest["target"] not in DEVICE_TARGETS[device]:
         raise BenchError(f"{folder!r} is compiled for {manifest['target']}, which does not run on --device {device}")
     spec = AttentionSpec.from_dict(manifest["spec"])
@@ -134,7 +136,7 @@ def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights,
     else:
         raise BenchError(f"the weights of {folder!r} came from {source.get('kind', 'an unknown source')}, which bench.py "
                          "cannot load again; compile with --weights FILE")
-    return spec, weights, Compiled(manifest["target"], manifest["precision"], manifest["form"], model)
+    return spec, weights, Compiled(manifest["target"], manifest["precision"], manifest["form"], str(path / "model.onnx"))
 
 
 def compile_all(spec: AttentionSpec, weights: AttentionWeights, targets: list[str], precisions: list[str],

@@ -22,7 +22,7 @@ import onnx
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from compiler.artifacts import (EXTERNAL_DATA, ArtifactError, check_writable, file_records, needs_external_data, save_model,
                                 staged_directory, write_directory, write_file, write_manifest)
-from compiler.report import graph_summary, render_report
+from compiler.report import graph_summary, input_shapes, render_report
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
@@ -36,14 +36,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"compile.py: error: {message} (see --help)\n")
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def _shape(text: str) -> tuple[int, int, int] | dict[str, int]:
+    """BATCH,TGT,SRC, or (for --onnx graphs) AXIS=SIZE,... naming the graph's symbolic axes."""
     try:
-        sizes = tuple(int(v) for v in text.split(","))
+        if "=" in text:
+            sizes = {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+            if sizes and min(sizes.values()) >= 1 and all(sizes):
+                return sizes
+        else:
+            shape = tuple(int(v) for v in text.split(","))
+            if len(shape) == 3 and min(shape) >= 1:
+                return shape  # type: ignore[return-value]
     except ValueError:
-        sizes = ()
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers BATCH,TGT,SRC such as 1,128,128, got {text!r}")
-    return sizes  # type: ignore[return-value]
+        pass
+    raise argparse.ArgumentTypeError(f"expected three positive integers BATCH,TGT,SRC such as 1,128,128 (or AXIS=SIZE,... "
+                                     f"for --onnx), got {text!r}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--latency", action="store_true",
                      help="time the graph before and after the passes on ONNX Runtime CPU; figures go in the manifest")
     out.add_argument("--latency-shape", type=_shape, default=(1, 128, 128), metavar="BATCH,TGT,SRC",
-                     help="input sizes for --latency (SRC is ignored where keys are the query)")
+                     help="input sizes for --latency (SRC is ignored where keys are the query); for --onnx also AXIS=SIZE,... "
+                          "naming every symbolic axis")
     out.add_argument("--quiet", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true",
                      help="print a JSON summary (the manifest, the paths) on stdout; other lines go to stderr")
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                  "outputs": [s.to_json() for s in spec.outputs()]}
     return _emit(args, console, built, model, described, {"weights": dict(weights.source)},
                  checker=lambda session: check_fn(session, spec, weights, tolerance=_tolerance(args)),
-                 feeds=lambda session: inputs(spec, args.latency_shape, np.random.default_rng(0)))
+                 feeds=lambda session: inputs(spec, _spec_shape(args.latency_shape), np.random.default_rng(0)))
 
 
 def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -173,16 +181,33 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
         return check_against_graph(session, OrtSession(original), tolerance=_tolerance(args))
 
-    def feeds(session: Any) -> dict[str, np.ndarray]:  # axes named like batch take BATCH, all others TGT
-        batch, tgt, _ = args.latency_shape
-        sizes = {d: batch if "batch" in d.lower() else tgt for s in session.inputs for d in s.shape if isinstance(d, str)}
-        return graph_inputs(session, sizes, np.random.default_rng(0))
+    def feeds(session: Any) -> dict[str, np.ndarray]:
+        return graph_inputs(session, onnx_axis_sizes(session.inputs, args.latency_shape), np.random.default_rng(0))
 
     described = {"source": {"onnx": str(args.onnx), "sha256": hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest()},
                  "inputs": graph_signature(model.graph.input, model.graph.initializer),
                  "outputs": graph_signature(model.graph.output)}
     fusion = {"fusion": [{"softmax": f.softmax, "fused": f.fused, "detail": f.detail} for f in findings]}
     return _emit(args, console, original, model, described, fusion, checker=checker, feeds=feeds)
+
+
+def _spec_shape(shape: tuple[int, int, int] | dict[str, int]) -> tuple[int, int, int]:
+    if isinstance(shape, dict):
+        raise SpecError("--latency-shape AXIS=SIZE names the axes of an --onnx graph; give BATCH,TGT,SRC for a spec")
+    return shape
+
+
+def onnx_axis_sizes(inputs: list[Any], shape: tuple[int, int, int] | dict[str, int]) -> dict[str, int]:
+    """Sizes for an ingested graph's symbolic axes. From BATCH,TGT,SRC: the axes named like batch take
+    BATCH, or where none is, the axes first in some input; every other axis TGT. AXIS=SIZE names them all."""
+    axes = list(dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str)))
+    if isinstance(shape, dict):
+        if sorted(shape) != sorted(axes):
+            raise SpecError(f"--latency-shape names axes {', '.join(sorted(shape))}; the graph's symbolic axes are "
+                            f"{', '.join(axes)}")
+        return dict(shape)
+    batch = {d for d in axes if "batch" in d.lower()} or {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], str)}
+    return {d: shape[0] if d in batch else shape[1] for d in axes}
 
 
 def _tolerance(args: argparse.Namespace) -> float:
@@ -243,9 +268,9 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         manifest["latency"] = None
         if args.latency:
             with console.step("measuring latency before and after the passes"):
-                manifest["latency"] = measure_latency(before, path, feeds, args.latency_shape)
+                manifest["latency"] = measure_latency(before, path, feeds)
             t = manifest["latency"]
-            console.say(f"latency p50 at {t['shape']}: {t['before']['p50_s'] * 1e3:.3f} ms before the passes, "
+            console.say(f"latency p50 with {input_shapes(t['inputs'])}: {t['before']['p50_s'] * 1e3:.3f} ms before the passes, "
                         f"{t['after']['p50_s'] * 1e3:.3f} ms after ({t['ratio_p50']:.2f}x), {t['where']}")
         if args.report:
             page = render_report(manifest, before, onnx.load(str(path), load_external_data=False))
@@ -267,8 +292,7 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
     return manifest
 
 
-def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any], dict[str, np.ndarray]],
-                    shape: tuple[int, int, int]) -> dict[str, Any]:
+def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
     """p50/p90/p99 of the graph before and after the passes on ONNX Runtime CPU, same inputs, same run."""
     import onnxruntime
 
@@ -279,7 +303,7 @@ def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any],
     inputs = feeds(sessions["after"])
     timings = {name: measure(lambda s=s: s.run(inputs), warmup=3, min_runs=10, min_seconds=1.0).to_json()
                for name, s in sessions.items()}
-    return {"shape": list(shape), **timings, "ratio_p50": timings["after"]["p50_s"] / timings["before"]["p50_s"],
+    return {"inputs": {name: list(value.shape) for name, value in inputs.items()}, **timings, "ratio_p50": timings["after"]["p50_s"] / timings["before"]["p50_s"],
             "where": f"ONNX Runtime {onnxruntime.__version__} CPUExecutionProvider on {cpu_name()} "
                      f"({os.cpu_count()} logical CPUs)"}
 

@@ -63,8 +63,9 @@ def test_quick_bench_from_spec_flags_writes_table_json_and_plot(run_cli, tmp_pat
 def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(run_cli, tmp_path):
     folder = tmp_path / "compiled"
     made = run_cli("compile.py", "--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
-                   "--target", "onnx-attention", "--out", folder)
+                   "--target", "onnx-attention", "--external-data", "always", "--out", folder)
     assert made.returncode == 0, made.stderr
+    assert (folder / "model.onnx.data").exists()  # bench.py loads the model with its external data
     out = tmp_path / "bench.json"
     result = run_cli("bench.py", folder, "--quick", "--json", out)
     assert result.returncode == 0, result.stderr
@@ -88,6 +89,13 @@ def test_bench_errors_are_one_clear_line(run_cli, tmp_path):
     tampered = run_cli("bench.py", folder, "--quick")
     assert tampered.returncode == 2 and "does not match the sha256" in tampered.stderr
     assert "Traceback" not in tampered.stderr
+    external = tmp_path / "external"
+    assert run_cli("compile.py", "--embed-dim", "32", "--num-heads", "2", "--external-data", "always",
+                   "--out", external).returncode == 0
+    data = external / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\1")
+    tampered = run_cli("bench.py", external, "--quick")
+    assert tampered.returncode == 2 and "model.onnx.data does not match the sha256" in tampered.stderr
     if not torch.cuda.is_available():
         no_gpu = run_cli("bench.py", "--quick", "--device", "cuda")
         assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr

@@ -57,9 +57,9 @@ def test_report_holds_the_figures_of_the_manifest(run_cli, tmp_path):
     for c in manifest["check"]["comparisons"]:
         assert f"{c['max_rel_error']:.3e}" in page
     latency = manifest["latency"]
-    assert latency["shape"] == [2, 16, 16] and latency["before"]["runs"] >= 10 and latency["after"]["runs"] >= 10
+    assert latency["inputs"] == {"src": [2, 16, 32], "src_key_padding_mask": [2, 16]} and latency["before"]["runs"] >= 10 and latency["after"]["runs"] >= 10
     assert latency["ratio_p50"] == pytest.approx(latency["after"]["p50_s"] / latency["before"]["p50_s"])
-    assert f"{latency['after']['p50_s'] * 1e3:.3f}" in page and f"{latency['ratio_p50']:.2f}x" in page
+    assert "src 2x16x32, src_key_padding_mask 2x16" in page and f"{latency['after']['p50_s'] * 1e3:.3f}" in page and f"{latency['ratio_p50']:.2f}x" in page
     # readable offline: nothing fetched, nothing run
     assert not re.search(r"<script|<link|src=|url\((?!#)", page)
     assert f"wrote {out / 'report.html'}" in result.stdout
@@ -101,7 +101,7 @@ def test_quiet_prints_nothing_and_still_writes(run_cli, tmp_path):
 def test_bad_latency_shape_is_one_line(run_cli, tmp_path):
     result = run_cli("compile.py", "--embed-dim", 16, "--num-heads", 2, "--latency-shape", "1,0", "--out", tmp_path / "x")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "expected three positive integers BATCH,TGT,SRC such as 1,128,128, got '1,0'" in result.stderr
+    assert "expected three positive integers BATCH,TGT,SRC such as 1,128,128 (or AXIS=SIZE,... for --onnx), got '1,0'" in result.stderr
 
 
 class _Stream(io.StringIO):
@@ -188,3 +188,15 @@ def test_a_failed_check_half_way_leaves_no_folder_and_keeps_the_old_one(tmp_path
     assert "check failed: worst relative error" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mha"]  # no fresh, no staging folder
     assert (out / "model.onnx").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_onnx_axis_sizes_from_batch_tgt_src_or_names():
+    from runtime.signature import InputSpec
+
+    inputs = [InputSpec("src", np.dtype(np.float32), ("s28", "s25", 512)), InputSpec("mask", np.dtype(np.bool_), ("s28", "s25"))]
+    assert compile_script.onnx_axis_sizes(inputs, (2, 64, 9)) == {"s28": 2, "s25": 64}
+    seq_first = [InputSpec("query", np.dtype(np.float32), ("tgt_len", "batch", 8))]
+    assert compile_script.onnx_axis_sizes(seq_first, (2, 64, 9)) == {"batch": 2, "tgt_len": 64}
+    assert compile_script.onnx_axis_sizes(seq_first, {"batch": 3, "tgt_len": 5}) == {"batch": 3, "tgt_len": 5}
+    with pytest.raises(compile_script.SpecError, match="the graph's symbolic axes are tgt_len, batch"):
+        compile_script.onnx_axis_sizes(seq_first, {"batch": 3})
