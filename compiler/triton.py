@@ -9,7 +9,7 @@ import onnx
 
 _TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BOOL: "TYPE_BOOL",
           onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.DOUBLE: "TYPE_FP64"}
-PLATFORM = "onnxruntime_onnx"
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # version 1 holds model.onnx or model.plan
 
 
 def _tensors(values: Any, skip: set[str]) -> list[tuple[str, str, list[int | str]]]:
@@ -23,10 +23,13 @@ def _tensors(values: Any, skip: set[str]) -> list[tuple[str, str, list[int | str
     return out
 
 
-def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int) -> tuple[str, dict[str, Any]]:
+def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int,
+                  platform: str = "onnxruntime_onnx") -> tuple[str, dict[str, Any]]:
     """config.pbtxt and what it chose. Dynamic batching needs batch as the first axis of every input
     and output (Triton stacks requests along it); otherwise max_batch_size is 0 and every dim is
     listed, -1 where dynamic, and the summary says which tensor prevented batching."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown Triton platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
     initializers = {t.name for t in model.graph.initializer}
     inputs, outputs = _tensors(model.graph.input, initializers), _tensors(model.graph.output, set())
     unbatched = [n for n, _, dims in inputs + outputs if not dims or dims[0] != "batch"]
@@ -38,12 +41,12 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int) -> tup
         shown = ", ".join(str(d) if isinstance(d, int) else "-1" for d in listed)
         return f'  {{\n    name: "{tname}"\n    data_type: {dtype}\n    dims: [ {shown} ]\n  }}'
 
-    lines = [f'name: "{name}"', f'platform: "{PLATFORM}"', f"max_batch_size: {max_batch_size if batching else 0}",
+    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size if batching else 0}",
              "input [\n" + ",\n".join(entry(t) for t in inputs) + "\n]",
              "output [\n" + ",\n".join(entry(t) for t in outputs) + "\n]"]
     if batching:
         lines.append("dynamic_batching { }")
-    summary = {"model_name": name, "platform": PLATFORM, "max_batch_size": max_batch_size if batching else 0,
+    summary = {"model_name": name, "platform": platform, "max_batch_size": max_batch_size if batching else 0,
                "dynamic_batching": batching,
                "note": None if batching else (f"no dynamic batching: {', '.join(unbatched)} "
                                               f"{'has' if len(unbatched) == 1 else 'have'} no leading batch axis"

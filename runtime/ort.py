@@ -1,35 +1,95 @@
-"""ONNX Runtime backend."""
+"""ONNX Runtime backend: the CPU, CUDA and TensorRT execution providers.
+
+On a GPU provider, torch CUDA tensors are bound in place through IO binding and the outputs are
+written straight into torch CUDA tensors, so nothing crosses to the host on a call; NumPy inputs
+are copied to the device and back by ONNX Runtime, as ``run`` does.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from runtime.session import Session
-from runtime.signature import InputSpec, input_specs
+from runtime.session import BackendUnavailable, Session
+from runtime.signature import input_specs, resolve_shape
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+PROVIDERS = {  # by device, in priority order; the CPU provider runs what the others leave
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bool)": np.bool_,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """Raise BackendUnavailable, saying how to get it, for a provider this onnxruntime lacks."""
+    available = ort.get_available_providers()
+    for provider in providers:
+        if provider not in available:
+            hint = ("install onnxruntime-gpu in place of onnxruntime (pip uninstall -y onnxruntime && "
+                    "pip install -e '.[gpu]') on a machine with CUDA" if provider in GPU_PROVIDERS else "")
+            if provider == "TensorrtExecutionProvider":
+                hint += ", and TensorRT's libraries (pip install -e '.[tensorrt]')"
+            raise BackendUnavailable(f"onnxruntime {ort.__version__} has no {provider} (it has {', '.join(available)})"
+                                     + (f"; {hint}" if hint else ""))
 
 
 class OrtSession(Session):
     def __init__(self, model: onnx.ModelProto | str | os.PathLike[str],
-                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                 options: ort.SessionOptions | None = None) -> None:
+                 providers: Sequence[str] = PROVIDERS["cpu"],
+                 options: ort.SessionOptions | None = None,
+                 provider_options: Sequence[Mapping[str, Any]] | None = None) -> None:
+        check_providers(providers)
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
         self._inputs = input_specs(proto)
         source = proto.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-        self._session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        self._session = ort.InferenceSession(source, sess_options=options, providers=list(providers),
+                                             provider_options=[dict(o) for o in provider_options] if provider_options else None)
         self._outputs = [o.name for o in self._session.get_outputs()]
-
-    @property
-    def inputs(self) -> list[InputSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
+        self._output_meta = {o.name: (o.shape, _TYPES.get(o.type)) for o in self._session.get_outputs()}
+        self.on_gpu = providers[0] in GPU_PROVIDERS
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self._session.run(self._outputs, dict(feeds))))
+
+    def _run_torch(self, feeds: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
+        device = next(iter(feeds.values())).device
+        if not self.on_gpu or device.type != "cuda":
+            return super()._run_torch(feeds, sizes)
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        binding = self._session.io_binding()
+        kept = {name: value.contiguous() for name, value in feeds.items()}  # alive until the run ends
+        for name, value in kept.items():
+            binding.bind_input(name, "cuda", index, _numpy_dtype(value), tuple(value.shape), value.data_ptr())
+        outputs: dict[str, Any] = {}
+        for name in self._outputs:
+            declared, dtype = self._output_meta[name]
+            shape = resolve_shape([d if isinstance(d, (int, str)) else None for d in declared], sizes)
+            if shape is None or dtype is None:  # a shape the inputs do not fix: ONNX Runtime allocates it
+                binding.bind_output(name, "cuda", index)
+                continue
+            outputs[name] = torch.empty(shape, dtype=_torch_dtype(torch, dtype), device=device)
+            binding.bind_output(name, "cuda", index, dtype, shape, outputs[name].data_ptr())
+        torch.cuda.synchronize(device)  # the inputs' producers are done before ONNX Runtime's stream reads them
+        self._session.run_with_iobinding(binding)
+        if len(outputs) < len(self._outputs):
+            copied = dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
+            outputs.update({n: torch.from_numpy(copied[n]).to(device) for n in self._outputs if n not in outputs})
+        return {name: outputs[name] for name in self._outputs}
+
+
+def _numpy_dtype(tensor: Any) -> np.dtype:
+    return np.dtype(str(tensor.dtype).removeprefix("torch."))
+
+
+def _torch_dtype(torch: Any, dtype: Any) -> Any:
+    return getattr(torch, np.dtype(dtype).name if np.dtype(dtype) != np.bool_ else "bool")

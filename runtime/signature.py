@@ -6,6 +6,7 @@ product of ``batch`` and 8 (the 3-D attn_mask's leading axis).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,24 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> None:
+def is_torch(value: object) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
+
+
+def dtype_of(value: object) -> np.dtype | None:
+    """The NumPy dtype of a numpy array or torch tensor; None for anything else."""
+    if isinstance(value, np.ndarray):
+        return value.dtype
+    if is_torch(value):
+        try:
+            return np.dtype(str(value.dtype).removeprefix("torch."))  # type: ignore[attr-defined]
+        except TypeError:  # bfloat16 and other dtypes NumPy lacks
+            return np.dtype(object)
+    return None
+
+
+def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dict[str, int]:
+    """Raise InputError for the first input that does not fit; return the size of every symbolic axis."""
     names = [s.name for s in specs]
     for name in feeds:
         if name not in names:
@@ -52,16 +70,19 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> Non
         if spec.name not in feeds:
             raise InputError(f"missing input {spec.name!r}; this graph takes {', '.join(names)}")
         value = feeds[spec.name]
-        if not isinstance(value, np.ndarray):
-            raise InputError(f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray of {spec.dtype}")
-        if value.dtype != spec.dtype:
-            raise InputError(f"input {spec.name!r} has dtype {value.dtype}, expected {spec.dtype}")
-        if value.ndim != len(spec.shape):
-            raise InputError(f"input {spec.name!r} has rank {value.ndim} (shape {value.shape}), expected rank {len(spec.shape)} {_show(spec.shape)}")
-        for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+        dtype = dtype_of(value)
+        if dtype is None:
+            raise InputError(f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
+                             f"of {spec.dtype}")
+        if dtype != spec.dtype:
+            raise InputError(f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}")
+        shape = tuple(value.shape)  # type: ignore[attr-defined]
+        if len(shape) != len(spec.shape):
+            raise InputError(f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}")
+        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
             if isinstance(want, int):
                 if want != got:
-                    raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {_show(spec.shape)}")
+                    raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}")
             elif isinstance(want, str) and "*" in want:
                 deferred.append((spec, axis, want, got))
             elif isinstance(want, str):
@@ -78,7 +99,23 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> Non
             raise InputError(
                 f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} (from {bound[symbol][1]!r})"
             )
+    return {symbol: size for symbol, (size, _) in bound.items()}
 
 
-def _show(shape: tuple[int | str | None, ...]) -> str:
+def resolve_shape(shape: Sequence[int | str | None], sizes: Mapping[str, int]) -> tuple[int, ...] | None:
+    """A declared shape (``batch``, ``batch*8``, ``src_len+1``) at the given axis sizes; None if some axis is unknown."""
+    dims = []
+    for dim in shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+            continue
+        match = re.fullmatch(r"(\w+)(?:([*+])(\d+))?", dim or "")
+        if not match or match.group(1) not in sizes:
+            return None
+        base, op, k = sizes[match.group(1)], match.group(2), int(match.group(3) or 0)
+        dims.append(base * k if op == "*" else base + k if op == "+" else base)
+    return tuple(dims)
+
+
+def show_shape(shape: tuple[int | str | None, ...]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

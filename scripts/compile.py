@@ -26,6 +26,9 @@ from compiler.report import graph_summary, input_shapes, render_report
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
+from runtime.profiles import ProfileError
+from runtime.session import BackendUnavailable
+from runtime.trt_engine import EngineBuildError
 from config import ConfigError, namespace_from_config
 from console import Console
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
@@ -74,6 +77,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--triton-model-name", default="attention", help="NAME of the model in --triton-repo")
     out.add_argument("--triton-max-batch", type=int, default=8,
                      help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off")
+    trt = p.add_argument_group("TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)")
+    trt.add_argument("--max-batch", type=int, default=None, help="profile: batch from 1 to this, opt half of it (default 8)")
+    trt.add_argument("--max-len", type=int, default=None,
+                     help="profile: every sequence axis from 1 to this, opt half of it (default 512)")
+    for kind in ("min", "opt", "max"):
+        trt.add_argument(f"--{kind}-shapes", default=None, metavar="NAME:DxD...,...",
+                         help=f"profile {kind} shape of every dynamic input, spelled as trtexec's --{kind}Shapes")
+    trt.add_argument("--engine-cache", default=None, metavar="DIR",
+                     help="built engines and the timing cache ($ATTENTION_COMPILER_CACHE or ~/.cache/attention-compiler/tensorrt)")
+    trt.add_argument("--allow-no-engine", action="store_true",
+                     help="exit 0 when TensorRT or a GPU is missing and only model.onnx could be written")
     out.add_argument("--external-data", choices=("auto", "always"), default="auto",
                      help="weights in DIR/model.onnx.data beside model.onnx: auto, once they pass protobuf's 2 GB limit")
     out.add_argument("--report", action="store_true",
@@ -101,9 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv, namespace=namespace)
     if args.out is None:
         p.error("the following arguments are required: --out (on the command line or in --config)")
-    if args.triton_repo is not None and args.target == "tensorrt":
-        p.error("--triton-repo serves the ONNX on Triton's onnxruntime backend; a tensorrt_plan needs model.engine, "
-                "which compile.py does not build yet: use --target ort-cuda or onnx-attention")
+    engine_flags = [f"--{k.replace('_', '-')}" for k in ENGINE_FLAGS if getattr(args, k) not in (None, False)]
+    if engine_flags and args.target != "tensorrt":
+        p.error(f"{', '.join(engine_flags)} shape{'s' if len(engine_flags) == 1 else ''} the TensorRT engine; "
+                "it applies to --target tensorrt only")
+    if (args.min_shapes, args.opt_shapes, args.max_shapes).count(None) not in (0, 3):
+        p.error("--min-shapes, --opt-shapes and --max-shapes go together: give all three, or none and --max-batch/--max-len")
+    if args.min_shapes is not None and (args.max_batch is not None or args.max_len is not None):
+        p.error("--max-batch/--max-len and --min/--opt/--max-shapes both set the profile; give one or the other")
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
@@ -114,6 +133,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.onnx is None and (problem := check_block_flags(args, block_group, groups)):
         p.error(problem)
     return args
+
+
+ENGINE_FLAGS = ("max_batch", "max_len", "min_shapes", "opt_shapes", "max_shapes", "engine_cache", "allow_no_engine")
+
+
+class NoEngine(RuntimeError):
+    """--target tensorrt wrote the ONNX but could not build model.engine here."""
 
 
 class CheckFailed(RuntimeError):
@@ -243,11 +269,18 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         if args.config else None,
         "graph": graph_summary(before, model),
     }
+    profile = no_engine = None
+    if target.name == "tensorrt":
+        profile, no_engine = engine_plan(args, model)
+        manifest["engine"] = {"built": False, "reason": no_engine, "precision": args.precision,
+                              "profile": profile.to_json(), "trtexec": profile.trtexec()}
     triton_text = None
     if args.triton_repo is not None:
         from compiler.triton import triton_config
 
-        triton_text, manifest["triton"] = triton_config(model, args.triton_model_name, args.triton_max_batch)
+        max_batch = args.triton_max_batch if profile is None else min(args.triton_max_batch, _profile_batch(profile))
+        triton_text, manifest["triton"] = triton_config(model, args.triton_model_name, max_batch,
+                                                        "onnxruntime_onnx" if profile is None else "tensorrt_plan")
         manifest["triton"]["repo"] = str(args.triton_repo)
     with staged_directory(args.out, force=args.force) as staging:
         path = staging / "model.onnx"
@@ -265,6 +298,9 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
                 raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
                                   f"{report.tolerance:.0e}; nothing was written")
             manifest["check"] = report.to_json()
+        if profile is not None and no_engine is None:
+            names.append("model.engine")
+            manifest["engine"] = build_engine_file(args, console, staging, manifest, profile, checker)
         manifest["latency"] = None
         if args.latency:
             with console.step("measuring latency before and after the passes"):
@@ -284,12 +320,78 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
     console.say(f"wrote {out / 'manifest.json'}")
     if args.report:
         console.say(f"wrote {out / 'report.html'}")
+    if "model.engine" in names:
+        console.say(f"wrote {out / 'model.engine'} (TensorRT {manifest['engine']['tensorrt']}, {manifest['engine']['gpu']}"
+                    f"{', from the engine cache' if manifest['engine']['from_cache'] else ''})")
     if triton_text is not None:
         name = args.triton_model_name
-        repo = {f"{name}/config.pbtxt": triton_text.encode(), **{f"{name}/1/{n}": out / n for n in names}}
+        served = {"model.plan": out / "model.engine"} if profile is not None else {n: out / n for n in names}
+        repo = {f"{name}/config.pbtxt": triton_text.encode(), **{f"{name}/1/{n}": p for n, p in served.items()}}
         write_directory(args.triton_repo, repo, None, force=args.force)
         console.say(f"wrote {Path(args.triton_repo) / name} (Triton: {manifest['triton']['note'] or 'dynamic batching'})")
+    if no_engine is not None:
+        message = f"no model.engine: {no_engine}; wrote the ONNX and its manifest only"
+        if not args.allow_no_engine:
+            raise NoEngine(f"{message} (pass --allow-no-engine to accept that)")
+        console.say(message)
     return manifest
+
+
+def engine_plan(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[Any, str | None]:
+    """The engine's optimization profile (checked here, with or without TensorRT) and why no engine
+    can be built on this machine (None when it can)."""
+    from runtime.profiles import parse_shapes, profile_from_limits, profile_from_shapes
+    from runtime.signature import input_specs
+    from runtime.trt_engine import tensorrt_unavailable
+
+    inputs = input_specs(model)
+    if args.min_shapes is not None:
+        profile = profile_from_shapes(inputs, parse_shapes(args.min_shapes, "--min-shapes"),
+                                      parse_shapes(args.opt_shapes, "--opt-shapes"), parse_shapes(args.max_shapes, "--max-shapes"))
+    else:
+        profile = profile_from_limits(inputs, 8 if args.max_batch is None else args.max_batch,
+                                      512 if args.max_len is None else args.max_len)
+    reason = tensorrt_unavailable()
+    if reason is not None and args.triton_repo is not None:
+        raise NoEngine(f"--triton-repo with --target tensorrt serves model.engine, which cannot be built here: {reason}; "
+                       "nothing was written")
+    return profile, reason
+
+
+def build_engine_file(args: argparse.Namespace, console: Console, staging: Path, manifest: dict[str, Any], profile: Any,
+                      checker: Callable[[Any], Any]) -> dict[str, Any]:
+    """staging/model.engine, from the engine cache or built; with --check, the engine is checked too."""
+    from runtime.engine_cache import EngineCache
+    from runtime.signature import InputError, input_specs
+    from runtime.trt_engine import TensorRTSession, engine_for
+
+    model_files = {n: r["sha256"] for n, r in manifest["files"].items() if n.startswith("model.onnx")}
+    with console.step("building the TensorRT engine (minutes for a new model)"):
+        engine, info = engine_for(staging / "model.onnx", model_files, profile, args.precision,
+                                  EngineCache(args.engine_cache), phase=lambda p: console.say(f"  TensorRT: {p}"))
+    write_file(staging / "model.engine", engine)
+    manifest["files"].update(file_records(staging, ["model.engine"]))
+    record = {**manifest["engine"], "built": True, "reason": None, **info.to_json(), "check": None}
+    if args.check:
+        inputs = input_specs(onnx.load(str(staging / "model.onnx"), load_external_data=False))
+        try:
+            with console.step("checking the engine against the references"):
+                report = checker(TensorRTSession(engine, inputs, profile))
+        except InputError as exc:  # the check's shapes lie outside a profile the user chose
+            record["check"] = {"skipped": str(exc)}
+            console.say(f"engine not checked: {exc}")
+        else:
+            console.say("TensorRT engine:\n" + report.table())
+            if not report.passed:
+                raise CheckFailed(f"engine check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
+                                  f"{report.tolerance:.0e}; nothing was written")
+            record["check"] = report.to_json()
+    return record
+
+
+def _profile_batch(profile: Any) -> int:
+    """The largest batch every input's profile allows (Triton's max_batch_size may not pass it)."""
+    return min(hi[0] for _, _, hi in profile.shapes.values())
 
 
 def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -320,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(quiet=args.quiet, json_mode=args.json)
     try:
         manifest = run(args, console)
-    except (SpecError, WeightsError, TargetError, InputError, IngestError, CheckFailed, ArtifactError) as exc:
+    except (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError, CheckFailed, ArtifactError,
+            NoEngine, BackendUnavailable, EngineBuildError) as exc:
         if args.verbose:
             raise
-        status = 1 if isinstance(exc, (CheckFailed, ArtifactError)) else 2
+        status = 2 if isinstance(exc, (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError)) else 1
         print(f"compile.py: error: {exc}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc), "exit_status": status}))

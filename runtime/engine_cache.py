@@ -1,0 +1,61 @@
+"""Where built TensorRT engines and timing caches are kept, so an unchanged model is never rebuilt.
+
+An engine is valid only for the exact ONNX, TensorRT version, GPU, profile and build settings it
+was built with; the key hashes all of them, so any change is a miss rather than a wrong engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV = "ATTENTION_COMPILER_CACHE"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "attention-compiler" / "tensorrt")
+
+
+def engine_key(model_sha256: Mapping[str, str], tensorrt_version: str, gpu: str, profile: Mapping[str, Any],
+               settings: Mapping[str, Any]) -> str:
+    """sha256 over everything an engine depends on: the model files' hashes, TensorRT's version, the
+    GPU's name (with its compute capability), the profile and the build settings (precision, flags)."""
+    described = {"model": dict(sorted(model_sha256.items())), "tensorrt": tensorrt_version, "gpu": gpu,
+                 "profile": profile, "settings": dict(settings)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+class EngineCache:
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    def engine_path(self, key: str) -> Path:
+        return self.root / f"{key}.engine"
+
+    def timing_cache_path(self, tensorrt_version: str, gpu: str) -> Path:
+        """One timing cache per TensorRT version and GPU: its entries are per-kernel, shared by every model."""
+        return self.root / f"timing-{tensorrt_version}-{re.sub(r'[^A-Za-z0-9.]+', '_', gpu)}.cache"
+
+    def load(self, key: str) -> bytes | None:
+        try:
+            return self.engine_path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def store(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` under the cache root whole or not at all (concurrent builds may race)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
