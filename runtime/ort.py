@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from runtime.profiles import Profile
 from runtime.session import BackendUnavailable, Session
 from runtime.signature import input_specs, resolve_shape
 
@@ -26,6 +27,17 @@ PROVIDERS = {  # by device, in priority order; the CPU provider runs what the ot
 }
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bool)": np.bool_,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+def tensorrt_provider_options(profile: Profile, precision: str, cache_root: str | os.PathLike[str]) -> dict[str, Any]:
+    """ONNX Runtime TensorRT provider options for the same profile, precision and caches as the native
+    engine (its profile shapes take trtexec's spelling), so that provider does not rebuild per shape."""
+    shapes = profile.trtexec()
+    return {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": os.path.join(os.fspath(cache_root), "onnxruntime"), "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": os.path.join(os.fspath(cache_root), "onnxruntime"),
+            "trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+            "trt_profile_max_shapes": shapes["max"]}
 
 
 def check_providers(providers: Sequence[str]) -> None:

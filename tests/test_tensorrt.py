@@ -18,7 +18,7 @@ from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime import InputError
 from runtime.check import check_session, random_inputs
 from runtime.engine_cache import EngineCache, engine_key
-from runtime.ort import PROVIDERS, OrtSession
+from runtime.ort import PROVIDERS, OrtSession, tensorrt_provider_options
 from runtime.profiles import ProfileError, check_in_profile, parse_shapes, profile_from_limits, profile_from_shapes
 from runtime.session import BackendUnavailable
 from runtime.signature import input_specs
@@ -123,6 +123,14 @@ def test_engine_key_changes_with_everything_an_engine_depends_on(tmp_path):
     cache.store(cache.engine_path(key), b"engine bytes")
     assert cache.load(key) == b"engine bytes" and sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{key}.engine"]
     assert cache.timing_cache_path("10.14.1", "NVIDIA H100 (sm_90)").name == "timing-10.14.1-NVIDIA_H100_sm_90_.cache"
+
+
+def test_onnxruntime_tensorrt_provider_gets_the_same_profile(tmp_path):
+    profile = profile_from_limits(_inputs(AttentionSpec(16, 2, batch_first=True, self_attention=True)), 4, 64)
+    options = tensorrt_provider_options(profile, "fp16", tmp_path)
+    assert options["trt_profile_min_shapes"] == "query:1x1x16" and options["trt_profile_max_shapes"] == "query:4x64x16"
+    assert options["trt_profile_opt_shapes"] == "query:2x32x16" and options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "onnxruntime")
 
 
 def test_engine_cache_root_follows_the_environment(tmp_path, monkeypatch):
