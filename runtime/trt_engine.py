@@ -109,7 +109,7 @@ def build_engine(onnx_path: Path, profile: Profile, precision: str, *, timing_ca
         trt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(trt_profile)
     known = timing_cache.read_bytes() if timing_cache.exists() else b""
-    config.set_timing_cache(config.create_timing_cache(known), ignore_mismatch=False)
+    config.set_timing_cache(config.create_timing_cache(known), False)  # False: a cache made on another device is not used
     if phase is not None:
         monitor = _monitor(trt, phase)
         config.progress_monitor = monitor
