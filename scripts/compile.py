@@ -78,14 +78,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--triton-max-batch", type=int, default=8,
                      help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off")
     trt = p.add_argument_group("TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)")
-    trt.add_argument("--max-batch", type=int, default=None, help="profile: batch from 1 to this, opt half of it (default 8)")
+    # None marks "not given" (it conflicts with the shape flags); "%(default).0s" prints nothing but keeps the
+    # help formatter from adding "(default: None)" after the real default.
+    trt.add_argument("--max-batch", type=int, default=None,
+                     help="profile: batch from 1 to this, opt half of it (default: 8)%(default).0s")
     trt.add_argument("--max-len", type=int, default=None,
-                     help="profile: every sequence axis from 1 to this, opt half of it (default 512)")
+                     help="profile: every sequence axis from 1 to this, opt half of it (default: 512)%(default).0s")
     for kind in ("min", "opt", "max"):
         trt.add_argument(f"--{kind}-shapes", default=None, metavar="NAME:DxD...,...",
-                         help=f"profile {kind} shape of every dynamic input, spelled as trtexec's --{kind}Shapes")
+                         help=f"profile {kind} shape of every dynamic input, spelled as trtexec's --{kind}Shapes"
+                              "%(default).0s")
     trt.add_argument("--engine-cache", default=None, metavar="DIR",
-                     help="built engines and the timing cache ($ATTENTION_COMPILER_CACHE or ~/.cache/attention-compiler/tensorrt)")
+                     help="built engines and the timing cache (default: $ATTENTION_COMPILER_CACHE or "
+                          "~/.cache/attention-compiler/tensorrt)%(default).0s")
     trt.add_argument("--allow-no-engine", action="store_true",
                      help="exit 0 when TensorRT or a GPU is missing and only model.onnx could be written")
     out.add_argument("--external-data", choices=("auto", "always"), default="auto",
