@@ -61,10 +61,8 @@ def save_model(model: onnx.ModelProto, folder: Path, *, external: bool) -> list[
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA,
                     size_threshold=1024)
     names = ["model.onnx"] + ([EXTERNAL_DATA] if (folder / EXTERNAL_DATA).exists() else [])
-    umask = os.umask(0)
-    os.umask(umask)
     for name in names:
-        (folder / name).chmod(0o666 & ~umask)  # onnx creates the data file private; the artifact is not
+        (folder / name).chmod(0o666 & ~_umask())  # onnx creates the data file private; the artifact is not
         with open(folder / name, "rb") as f:
             os.fsync(f.fileno())
     return names
@@ -83,9 +81,7 @@ def staged_directory(out: str | os.PathLike[str], *, force: bool = False) -> Ite
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is not
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
     except OSError as exc:
         raise ArtifactError(f"cannot create a folder beside {str(out)!r}: {exc.strerror or exc}") from exc
     try:
@@ -125,6 +121,12 @@ def check_writable(out: str | os.PathLike[str], *, force: bool = False) -> None:
             raise ArtifactError(f"output path {str(out)!r} exists and is not a folder")
         if any(out.iterdir()):
             raise ArtifactError(f"output folder {str(out)!r} already exists and is not empty; pass --force to replace it")
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def write_file(path: Path, data: bytes) -> None:

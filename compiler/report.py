@@ -37,7 +37,7 @@ def render_report(manifest: Mapping[str, Any], before: onnx.ModelProto, after: o
     parts.append(_section("Files", _table(["file", "bytes", "sha256"],
                                           [[name, _n(r["bytes"]), _Html(f"<code>{_e(r['sha256'])}</code>")]
                                            for name, r in manifest["files"].items()])))
-    parts.append(_section("Tools", _rows({k: v for k, v in manifest["tools"].items()})))
+    parts.append(_section("Tools", _rows(manifest["tools"])))
     parts.append("</body></html>\n")
     return "".join(parts)
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from runtime.profiles import Profile
 from runtime.session import BackendUnavailable, Session
-from runtime.signature import input_specs, resolve_shape
+from runtime.signature import dtype_of, input_specs, resolve_shape, torch_dtype
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 PROVIDERS = {  # by device, in priority order; the CPU provider runs what the others leave
@@ -81,7 +81,7 @@ class OrtSession(Session):
         binding = self._session.io_binding()
         kept = {name: value.contiguous() for name, value in feeds.items()}  # alive until the run ends
         for name, value in kept.items():
-            binding.bind_input(name, "cuda", index, _numpy_dtype(value), tuple(value.shape), value.data_ptr())
+            binding.bind_input(name, "cuda", index, dtype_of(value), tuple(value.shape), value.data_ptr())
         outputs: dict[str, Any] = {}
         for name in self._outputs:
             declared, dtype = self._output_meta[name]
@@ -89,7 +89,7 @@ class OrtSession(Session):
             if shape is None or dtype is None:  # a shape the inputs do not fix: ONNX Runtime allocates it
                 binding.bind_output(name, "cuda", index)
                 continue
-            outputs[name] = torch.empty(shape, dtype=_torch_dtype(torch, dtype), device=device)
+            outputs[name] = torch.empty(shape, dtype=torch_dtype(dtype), device=device)
             binding.bind_output(name, "cuda", index, dtype, shape, outputs[name].data_ptr())
         torch.cuda.synchronize(device)  # the inputs' producers are done before ONNX Runtime's stream reads them
         self._session.run_with_iobinding(binding)
@@ -97,11 +97,3 @@ class OrtSession(Session):
             copied = dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
             outputs.update({n: torch.from_numpy(copied[n]).to(device) for n in self._outputs if n not in outputs})
         return {name: outputs[name] for name in self._outputs}
-
-
-def _numpy_dtype(tensor: Any) -> np.dtype:
-    return np.dtype(str(tensor.dtype).removeprefix("torch."))
-
-
-def _torch_dtype(torch: Any, dtype: Any) -> Any:
-    return getattr(torch, np.dtype(dtype).name if np.dtype(dtype) != np.bool_ else "bool")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,6 +57,13 @@ def dtype_of(value: object) -> np.dtype | None:
         except TypeError:  # bfloat16 and other dtypes NumPy lacks
             return np.dtype(object)
     return None
+
+
+def torch_dtype(dtype: np.dtype) -> Any:
+    """The torch dtype of a NumPy dtype (float32, float16, bool, int64...)."""
+    import torch
+
+    return getattr(torch, np.dtype(dtype).name)
 
 
 def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dict[str, int]:

@@ -20,7 +20,7 @@ import numpy as np
 from runtime.engine_cache import EngineCache, engine_key
 from runtime.profiles import Profile, check_in_profile
 from runtime.session import BackendUnavailable, Session
-from runtime.signature import InputSpec
+from runtime.signature import InputSpec, torch_dtype
 
 
 class EngineBuildError(RuntimeError):
@@ -197,7 +197,7 @@ class TensorRTSession(Session):
         outputs = {}
         for name in self._outputs:
             shape = tuple(self._context.get_tensor_shape(name))
-            dtype = getattr(torch, np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))).name)
+            dtype = torch_dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             outputs[name] = torch.empty(shape, dtype=dtype, device=device)
             self._context.set_tensor_address(name, outputs[name].data_ptr())
         stream = torch.cuda.current_stream(device)

@@ -28,6 +28,7 @@ from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
 from runtime.profiles import ProfileError
 from runtime.session import BackendUnavailable
+from runtime.signature import input_specs
 from runtime.trt_engine import EngineBuildError
 from config import ConfigError, namespace_from_config
 from console import Console
@@ -305,7 +306,7 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
             manifest["check"] = report.to_json()
         if profile is not None and no_engine is None:
             names.append("model.engine")
-            manifest["engine"] = build_engine_file(args, console, staging, manifest, profile, checker)
+            manifest["engine"] = build_engine_file(args, console, staging, manifest, profile, input_specs(model), checker)
         manifest["latency"] = None
         if args.latency:
             with console.step("measuring latency before and after the passes"):
@@ -346,7 +347,6 @@ def engine_plan(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[Any, 
     """The engine's optimization profile (checked here, with or without TensorRT) and why no engine
     can be built on this machine (None when it can)."""
     from runtime.profiles import parse_shapes, profile_from_limits, profile_from_shapes
-    from runtime.signature import input_specs
     from runtime.trt_engine import tensorrt_unavailable
 
     inputs = input_specs(model)
@@ -364,10 +364,9 @@ def engine_plan(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[Any, 
 
 
 def build_engine_file(args: argparse.Namespace, console: Console, staging: Path, manifest: dict[str, Any], profile: Any,
-                      checker: Callable[[Any], Any]) -> dict[str, Any]:
+                      inputs: list[Any], checker: Callable[[Any], Any]) -> dict[str, Any]:
     """staging/model.engine, from the engine cache or built; with --check, the engine is checked too."""
     from runtime.engine_cache import EngineCache
-    from runtime.signature import InputError, input_specs
     from runtime.trt_engine import TensorRTSession, engine_for
 
     model_files = {n: r["sha256"] for n, r in manifest["files"].items() if n.startswith("model.onnx")}
@@ -378,7 +377,6 @@ def build_engine_file(args: argparse.Namespace, console: Console, staging: Path,
     manifest["files"].update(file_records(staging, ["model.engine"]))
     record = {**manifest["engine"], "built": True, "reason": None, **info.to_json(), "check": None}
     if args.check:
-        inputs = input_specs(onnx.load(str(staging / "model.onnx"), load_external_data=False))
         try:
             with console.step("checking the engine against the references"):
                 report = checker(TensorRTSession(engine, inputs, profile))
