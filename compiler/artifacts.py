@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -74,7 +75,8 @@ def staged_directory(out: str | os.PathLike[str], *, force: bool = False) -> Ite
     when it raises, so ``out`` is never seen half-written.
 
     An existing non-empty ``out`` is refused unless ``force``; with ``force`` it is replaced only
-    once the new folder is complete.
+    once the new folder is complete. Without ``force`` the final rename is the check, so of two runs
+    into one folder exactly one wins and the other's files are removed, never mixed in.
     """
     out = Path(out).absolute()
     check_writable(out, force=force)
@@ -86,7 +88,7 @@ def staged_directory(out: str | os.PathLike[str], *, force: bool = False) -> Ite
         raise ArtifactError(f"cannot create a folder beside {str(out)!r}: {exc.strerror or exc}") from exc
     try:
         yield staging
-        _replace(staging, out)
+        _replace(staging, out, force=force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -136,19 +138,26 @@ def write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _replace(staging: Path, out: Path) -> None:
+def _replace(staging: Path, out: Path, *, force: bool) -> None:
     old = None
-    if out.exists():
+    if force and out.exists():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         else:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)
     try:
-        os.rename(staging, out)
+        os.rename(staging, out)  # atomic; refused when out is a non-empty folder (another run's)
     except OSError as exc:
+        kept = ""
         if old is not None:
-            os.replace(old / out.name, out)
-        raise ArtifactError(f"cannot move the finished output into {str(out)!r}: {exc.strerror or exc}") from exc
+            try:
+                os.replace(old / out.name, out)
+            except OSError:
+                kept = f"; the folder it replaced is kept at {str(old / out.name)!r}"
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise ArtifactError(f"output folder {str(out)!r} was written by another run while this one worked; "
+                                f"this run's files were discarded{kept}") from exc
+        raise ArtifactError(f"cannot move the finished output into {str(out)!r}: {exc.strerror or exc}{kept}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

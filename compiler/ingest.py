@@ -59,6 +59,7 @@ class Finding:
     softmax: str  # the Softmax's output name in the input graph
     fused: bool
     detail: str
+    attention: bool = True  # False: this Softmax is no attention core
 
     def __str__(self) -> str:
         return f"{'fused' if self.fused else 'left alone'}: attention at Softmax '{self.softmax}': {self.detail}"
@@ -76,7 +77,7 @@ def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form,
         if name not in remaining:
             findings.append(Finding(name, True, f"into {fused_form}"))
         elif not isinstance(found, Core):
-            findings.append(Finding(name, False, f"not an attention core: {found}"))
+            findings.append(Finding(name, False, f"not an attention core: {found}", attention=False))
         elif form.fusion is None:
             findings.append(Finding(name, False, f"the {form.name} form keeps MatMul-Softmax-MatMul"))
         else:

@@ -119,7 +119,13 @@ def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str,
             raise WeightsError(f"weight {key!r} has dtype {array.dtype}, expected a floating-point tensor")
         if tuple(array.shape) != shape:
             raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
-        tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
+        bad = np.size(tensors[key]) - np.count_nonzero(np.isfinite(tensors[key]))
+        if bad:
+            where = " once cast to float32, which cannot hold its values" if np.isfinite(array.astype(np.float64)).all() else ""
+            raise WeightsError(f"weight {key!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}{where}; "
+                               "every output would be NaN, expected finite weights")
     return tensors
 
 

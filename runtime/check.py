@@ -114,12 +114,12 @@ def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeights, *,
                   shapes: Sequence[Shape] = DEFAULT_SHAPES, seed: int = 0, tolerance: float = FP32_TOLERANCE,
-                  use_torch: bool = True) -> CheckReport:
+                  use_torch: bool = True, mask_rate: float = 0.2) -> CheckReport:
     report = CheckReport(tolerance)
     rng = np.random.default_rng(seed)
     module = _torch_module(spec, weights, report) if use_torch else None
     for shape in shapes:
-        feeds = random_inputs(spec, shape, rng)
+        feeds = random_inputs(spec, shape, rng, mask_rate)
         got = session.run(feeds)
         _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
         if module is not None:

@@ -69,9 +69,10 @@ def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mappin
         v = np.concatenate([v, np.zeros((n * h, 1, hd))], axis=1)
 
     scores = (q * np.sqrt(1.0 / hd)) @ k.transpose(0, 2, 1)
-    scores = scores + combined_mask(spec, inputs, n, tgt, src)
+    mask = combined_mask(spec, inputs, n, tgt, src)
+    scores = scores + mask
     row_max = scores.max(axis=-1, keepdims=True)
-    dead = np.isneginf(row_max)
+    dead = np.all(np.isneginf(mask), axis=-1, keepdims=True)  # the contract's rows: every key masked, whatever the data
     with np.errstate(invalid="ignore"):
         exp = np.exp(scores - np.where(dead, 0.0, row_max))
         probs = np.where(dead, 0.0, exp / np.where(dead, 1.0, exp.sum(axis=-1, keepdims=True)))

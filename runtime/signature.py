@@ -1,7 +1,8 @@
 """Input checks every backend runs before its run call, read from the model's declared inputs.
 
 Symbolic axes bind on first sight and must agree afterwards; an axis named ``batch*8`` is the
-product of ``batch`` and 8 (the 3-D attn_mask's leading axis).
+product of ``batch`` and 8 (the 3-D attn_mask's leading axis). No dynamic axis may be 0: some
+backends compute an empty batch or sequence and some refuse it, so every backend refuses it here.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dic
             if isinstance(want, int):
                 if want != got:
                     raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}")
+            elif got == 0:
+                raise InputError(f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
+                                 "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
+                                 "batches and sequences: skip the call instead)")
             elif isinstance(want, str) and "*" in want:
                 deferred.append((spec, axis, want, got))
             elif isinstance(want, str):

@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_m
 from compiler.artifacts import (EXTERNAL_DATA, ArtifactError, check_writable, file_records, needs_external_data, save_model,
                                 staged_directory, write_directory, write_file, write_manifest)
 from compiler.report import graph_summary, input_shapes, render_report
+from compiler.resources import MemoryBoundError
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from runtime import InputError
@@ -31,7 +33,7 @@ from runtime.session import BackendUnavailable
 from runtime.signature import input_specs
 from runtime.trt_engine import EngineBuildError
 from config import ConfigError, namespace_from_config
-from console import Console
+from console import Console, emit
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
@@ -78,13 +80,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--triton-model-name", default="attention", help="NAME of the model in --triton-repo")
     out.add_argument("--triton-max-batch", type=int, default=8,
                      help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off")
-    trt = p.add_argument_group("TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)")
+    bounds = p.add_argument_group("maximum shape and memory (every target)")
     # None marks "not given" (it conflicts with the shape flags); "%(default).0s" prints nothing but keeps the
     # help formatter from adding "(default: None)" after the real default.
-    trt.add_argument("--max-batch", type=int, default=None,
-                     help="profile: batch from 1 to this, opt half of it (default: 8)%(default).0s")
-    trt.add_argument("--max-len", type=int, default=None,
-                     help="profile: every sequence axis from 1 to this, opt half of it (default: 512)%(default).0s")
+    bounds.add_argument("--max-batch", type=int, default=None,
+                        help="the largest batch the graph will see; tensorrt: the profile's batch runs 1 to this, opt "
+                             "half of it (default: 8 for tensorrt, else unbounded)%(default).0s")
+    bounds.add_argument("--max-len", type=int, default=None,
+                        help="the longest sequence the graph will see; tensorrt: the profile's sequence axes run 1 to "
+                             "this, opt half of it (default: 512 for tensorrt, else unbounded)%(default).0s")
+    bounds.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
+                        help="refuse to compile when one call at the maximum shape would need more than this "
+                             "(16GiB, 512MB...; default: this machine's memory)%(default).0s")
+    trt = p.add_argument_group("TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)")
     for kind in ("min", "opt", "max"):
         trt.add_argument(f"--{kind}-shapes", default=None, metavar="NAME:DxD...,...",
                          help=f"profile {kind} shape of every dynamic input, spelled as trtexec's --{kind}Shapes"
@@ -106,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--quiet", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true",
                      help="print a JSON summary (the manifest, the paths) on stdout; other lines go to stderr")
-    out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
+    out.add_argument("--verbose", action="store_true", help="with an error, also print its traceback (the detail behind the one-line message)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it")
     pre = argparse.ArgumentParser(add_help=False)
@@ -129,6 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--min-shapes, --opt-shapes and --max-shapes go together: give all three, or none and --max-batch/--max-len")
     if args.min_shapes is not None and (args.max_batch is not None or args.max_len is not None):
         p.error("--max-batch/--max-len and --min/--opt/--max-shapes both set the profile; give one or the other")
+    for flag in ("max_batch", "max_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.memory_limit is not None and (args.onnx is not None or not _bounded(args)):
+        p.error("--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
+                + (" (not --onnx)" if args.onnx is not None else ""))
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
@@ -141,7 +155,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-ENGINE_FLAGS = ("max_batch", "max_len", "min_shapes", "opt_shapes", "max_shapes", "engine_cache", "allow_no_engine")
+def _size(text: str) -> int:
+    from compiler.resources import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bounded(args: argparse.Namespace) -> bool:
+    """Whether the graph has a declared maximum shape: given, or the TensorRT profile's defaults."""
+    return args.max_batch is not None or args.max_len is not None or (args.target == "tensorrt" and args.min_shapes is None)
+
+
+def max_shape(args: argparse.Namespace) -> Any:
+    from compiler.resources import Shape
+
+    batch = 8 if args.max_batch is None else args.max_batch
+    length = 512 if args.max_len is None else args.max_len
+    return Shape(batch, length, length)
+
+
+def memory_bound(args: argparse.Namespace, spec: Any) -> dict[str, Any] | None:
+    """The estimate at the declared maximum shape, refused (MemoryBoundError) above the limit."""
+    from compiler.resources import attention_parts, block_parts, check_memory, machine_memory
+
+    if not _bounded(args):
+        return None
+    shape = max_shape(args)
+    limit, source = args.memory_limit, "--memory-limit"
+    if limit is None:
+        limit, source = machine_memory(), "this machine's memory; set --memory-limit"
+    parts = (attention_parts if args.block == "mha" else block_parts)(spec, shape, args.precision, args.target)
+    record = {"max_shape": vars(shape), "limit_bytes": limit, "limit_source": source, "parts": parts,
+              "estimate_bytes": sum(parts.values())}
+    if limit is not None:
+        check_memory(parts, shape, limit, source)
+    return record
+
+
+ENGINE_FLAGS = ("min_shapes", "opt_shapes", "max_shapes", "engine_cache", "allow_no_engine")
 
 
 class NoEngine(RuntimeError):
@@ -180,6 +234,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         spec, weights_type, build, check_fn, inputs = (block_spec_from_args(args), BlockWeights, build_block,
                                                        check_block_session, block_inputs)
     get_target(args.target, args.precision, args.form)
+    memory = memory_bound(args, spec)
     with console.step("building the graph"):
         weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
         built = build(spec, weights)
@@ -187,7 +242,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         model = compile_model(built, args.target, args.precision, args.form)
     described = {"spec": spec.to_dict(), "inputs": [s.to_json() for s in spec.inputs()],
                  "outputs": [s.to_json() for s in spec.outputs()]}
-    return _emit(args, console, built, model, described, {"weights": dict(weights.source)},
+    return _emit(args, console, built, model, described, {"weights": dict(weights.source), "memory": memory},
                  checker=lambda session: check_fn(session, spec, weights, tolerance=_tolerance(args)),
                  feeds=lambda session: inputs(spec, _spec_shape(args.latency_shape), np.random.default_rng(0)))
 
@@ -205,8 +260,13 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     findings = fusion_findings(original, model, form, attention_form(model))
     for finding in findings:
         console.say(str(finding))
-    if not findings:
-        console.say("no Softmax in the graph: nothing to fuse")
+    if not any(f.attention for f in findings):
+        if args.precision != "fp32":
+            raise IngestError(f"{args.onnx!r} holds no attention, so the passes leave it as it is; --precision "
+                              f"{args.precision} converts attention graphs only, give fp32 to copy it unchanged")
+        console.say(f"no attention in the graph ({'no Softmax' if not findings else 'no Softmax is an attention core'}): "
+                    "model.onnx is the input graph, unchanged")
+        model = original
 
     def checker(session: Any) -> Any:
         from runtime.ort import OrtSession
@@ -354,8 +414,8 @@ def engine_plan(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[Any, 
         profile = profile_from_shapes(inputs, parse_shapes(args.min_shapes, "--min-shapes"),
                                       parse_shapes(args.opt_shapes, "--opt-shapes"), parse_shapes(args.max_shapes, "--max-shapes"))
     else:
-        profile = profile_from_limits(inputs, 8 if args.max_batch is None else args.max_batch,
-                                      512 if args.max_len is None else args.max_len)
+        shape = max_shape(args)
+        profile = profile_from_limits(inputs, shape.batch, shape.tgt_len)
     reason = tensorrt_unavailable()
     if reason is not None and args.triton_repo is not None:
         raise NoEngine(f"--triton-repo with --target tensorrt serves model.engine, which cannot be built here: {reason}; "
@@ -420,26 +480,41 @@ def graph_signature(values, initializers=()) -> list[dict[str, Any]]:
             for v in values if v.name not in skip]
 
 
+USER_ERRORS = (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError, MemoryBoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; 2 for a bad option or input, 1 for a failed check or a missing backend, 3 for a
+    fault of ours. Every failure is one line on stderr; --verbose adds the traceback."""
     args = parse_args(argv)
     console = Console(quiet=args.quiet, json_mode=args.json)
     try:
         manifest = run(args, console)
-    except (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError, CheckFailed, ArtifactError,
-            NoEngine, BackendUnavailable, EngineBuildError) as exc:
+    except KeyboardInterrupt:
+        emit("compile.py: interrupted; nothing was written", sys.stderr)
+        return 130
+    except Exception as exc:
+        known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
+        status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3
+        message = str(exc) if known else (f"internal error {type(exc).__name__}: {_first_line(exc)}; nothing was written "
+                                          "(please report it, with the --verbose traceback)")
         if args.verbose:
-            raise
-        status = 2 if isinstance(exc, (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError)) else 1
-        print(f"compile.py: error: {exc}", file=sys.stderr)
+            emit(traceback.format_exc().rstrip(), sys.stderr)
+        emit(f"compile.py: error: {message}", sys.stderr)
         if args.json:
-            print(json.dumps({"ok": False, "error": str(exc), "exit_status": status}))
+            emit(json.dumps({"ok": False, "error": message, "exit_status": status}), sys.stdout)
         return status
     if args.json:
         out = Path(args.out).absolute()
-        print(json.dumps({"ok": True, "out": str(out), "report": str(out / "report.html") if args.report else None,
-                          "triton_repo": str(Path(args.triton_repo).absolute()) if args.triton_repo else None,
-                          "manifest": manifest}, indent=2))
+        emit(json.dumps({"ok": True, "out": str(out), "report": str(out / "report.html") if args.report else None,
+                         "triton_repo": str(Path(args.triton_repo).absolute()) if args.triton_repo else None,
+                         "manifest": manifest}, indent=2), sys.stdout)
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"
 
 
 if __name__ == "__main__":

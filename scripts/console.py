@@ -1,11 +1,13 @@
 """What a command-line script tells its user: lines of output, and progress for slow steps.
 
 With --json, stdout carries only the JSON summary, so the lines move to stderr; --quiet drops both.
+A reader that goes away (``compile.py ... | head -1``) does not stop the work: later lines are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ class Console:
 
     def say(self, text: str) -> None:
         if self._lines is not None:
-            print(text, file=self._lines, flush=True)
+            emit(text, self._lines)
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
@@ -40,10 +42,10 @@ class Console:
                 return
             shown.set()
             if not tty:
-                print(f"{label}...", file=stream, flush=True)
+                emit(f"{label}...", stream)
             while True:
                 if tty:
-                    print(f"\r{label}... {time.perf_counter() - start:.0f} s", end="", file=stream, flush=True)
+                    emit(f"\r{label}... {time.perf_counter() - start:.0f} s", stream, end="")
                 if done.wait(self._tick):
                     return
 
@@ -57,5 +59,15 @@ class Console:
             done.set()
             watcher.join()
             if shown.is_set():
-                print(f"{chr(13) if tty else ''}{label}: {outcome} in {time.perf_counter() - start:.1f} s",
-                      file=stream, flush=True)
+                emit(f"{chr(13) if tty else ''}{label}: {outcome} in {time.perf_counter() - start:.1f} s", stream)
+
+
+def emit(text: str, stream: TextIO, end: str = "\n") -> None:
+    """print, but a closed pipe points the stream at /dev/null instead of raising (and again at exit)."""
+    try:
+        print(text, end=end, file=stream, flush=True)
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):  # not a real file: nothing to redirect
+            pass
