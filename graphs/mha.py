@@ -50,8 +50,17 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
 
     split = g.ints("heads/shape", [0, 0, h, hd])
     q_h = g.op("Transpose", [g.op("Reshape", [q, split], "heads/q/Reshape")], "heads/q/Transpose", perm=[0, 2, 1, 3])
-    k_t = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 3, 1])
-    v_h = g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")], "heads/v/Transpose", perm=[0, 2, 1, 3])
+    if spec.kv_cache:  # present = past followed by this step's keys and values, (N, H, past_len + L, hd)
+        k_h = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 1, 3])
+        present_k = g.op("Concat", ["past_key", k_h], "cache/present_key", outputs=["present_key"], axis=2)
+        k_t = g.op("Transpose", [present_k], "cache/keys_transposed", perm=[0, 1, 3, 2])
+        v_h = g.op("Concat", ["past_value", g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")],
+                                                 "heads/v/Transpose", perm=[0, 2, 1, 3])],
+                   "cache/present_value", outputs=["present_value"], axis=2)
+        k_in = present_k  # the causal mask reads the key length from axis 2, past included
+    else:
+        k_t = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 3, 1])
+        v_h = g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")], "heads/v/Transpose", perm=[0, 2, 1, 3])
 
     scores = g.op("MatMul", [q_h, k_t], "scores/MatMul")
     scores = g.op("Mul", [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))], "scores/scale")
@@ -127,7 +136,7 @@ def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str, k
             m = g.op("Reshape", [m, shape], "mask/attn/split_heads")
         terms.append(m)
     if spec.is_causal:
-        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in), 2, "mask/causal"))
+        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in, key_axis=2 if spec.kv_cache else 1), 2, "mask/causal"))
     if not terms:
         return None
     total = terms[0]
@@ -151,13 +160,18 @@ def _pad_extra_keys(g: GraphBuilder, spec: AttentionSpec, m: str, rank: int, sco
     return g.op("Pad", [m, g.ints(f"{scope}/extra_keys_pads", pads)], f"{scope}/pad_extra_keys")
 
 
-def _causal(g: GraphBuilder, q_in: str, k_in: str) -> str:
-    """(L, S) with -inf where key j lies after query i (top-left aligned, as torch's SDPA)."""
+def _causal(g: GraphBuilder, q_in: str, k_in: str, key_axis: int = 1) -> str:
+    """(L, S) with -inf where key j lies after query i. Queries are the last L of the S positions, so
+    with a KV cache query i sits at past_len + i; without one L = S (self-attention) or the mask is
+    top-left aligned, as torch's SDPA."""
     squeeze0 = g.ints("mask/causal/axis0", [0])
     tgt = g.op("Squeeze", [g.op("Shape", [q_in], "mask/causal/tgt_len", start=1, end=2), squeeze0], "mask/causal/tgt_scalar")
-    src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=1, end=2), squeeze0], "mask/causal/src_scalar")
+    src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=key_axis, end=key_axis + 1), squeeze0],
+               "mask/causal/src_scalar")
     zero, one = g.const("mask/causal/start", np.int64(0)), g.const("mask/causal/step", np.int64(1))
-    rows = g.op("Unsqueeze", [g.op("Range", [zero, tgt, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
+    first = g.op("Sub", [src, tgt], "mask/causal/past_len") if key_axis == 2 else zero
+    end = src if key_axis == 2 else tgt
+    rows = g.op("Unsqueeze", [g.op("Range", [first, end, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
                 "mask/causal/rows_col")
     cols = g.op("Unsqueeze", [g.op("Range", [zero, src, one], "mask/causal/cols"), squeeze0], "mask/causal/cols_row")
     future = g.op("Greater", [cols, rows], "mask/causal/future")

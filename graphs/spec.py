@@ -14,8 +14,9 @@ from typing import Any, Literal
 MaskKind = Literal["bool", "float"] | None
 MASK_KINDS = ("bool", "float")
 
-# Symbolic axis names of DESIGN.md contract 2.
-BATCH, TGT_LEN, SRC_LEN = "batch", "tgt_len", "src_len"
+# Symbolic axis names of DESIGN.md contract 2; past_len is a KV cache's length, and may be 0.
+BATCH, TGT_LEN, SRC_LEN, PAST_LEN = "batch", "tgt_len", "src_len", "past_len"
+TOTAL_LEN = f"{PAST_LEN}+{TGT_LEN}"  # the keys a cached step attends to: the past, then this step's
 
 
 class SpecError(ValueError):
@@ -53,6 +54,8 @@ class AttentionSpec:
     is_causal: bool = False
     need_weights: bool = False
     average_attn_weights: bool = True
+    # Autoregressive decoding: past_key/past_value in, present_key/present_value out.
+    kv_cache: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -87,7 +90,13 @@ class AttentionSpec:
 
     @property
     def src_axis(self) -> str:
+        if self.kv_cache:
+            return TOTAL_LEN
         return TGT_LEN if self.self_attention else SRC_LEN
+
+    def cache_shape(self, length: str) -> tuple[int | str, ...]:
+        """(batch, num_heads, length, head_dim): ONNX Runtime's and the Attention op's past/present layout."""
+        return (BATCH, self.num_heads, length, self.head_dim)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +121,9 @@ class AttentionSpec:
         if not self.self_attention:
             sigs.append(TensorSig("key", "float32", self._seq_shape(SRC_LEN, self.k_dim)))
             sigs.append(TensorSig("value", "float32", self._seq_shape(SRC_LEN, self.v_dim)))
+        if self.kv_cache:
+            sigs += [TensorSig("past_key", "float32", self.cache_shape(PAST_LEN)),
+                     TensorSig("past_value", "float32", self.cache_shape(PAST_LEN))]
         if self.key_padding_mask is not None:
             sigs.append(TensorSig("key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)))
         if self.attn_mask is not None:
@@ -129,6 +141,9 @@ class AttentionSpec:
             if not self.average_attn_weights:
                 shape = (BATCH, self.num_heads, TGT_LEN, keys)
             sigs.append(TensorSig("attn_output_weights", "float32", shape))
+        if self.kv_cache:
+            sigs += [TensorSig("present_key", "float32", self.cache_shape(TOTAL_LEN)),
+                     TensorSig("present_value", "float32", self.cache_shape(TOTAL_LEN))]
         return sigs
 
 
@@ -152,7 +167,7 @@ def _validate(spec: AttentionSpec) -> None:
     if spec.embed_dim % spec.num_heads:
         raise SpecError(f"embed_dim ({spec.embed_dim}) must be divisible by num_heads ({spec.num_heads})")
     for name in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "self_attention",
-                 "attn_mask_3d", "is_causal", "need_weights", "average_attn_weights"):
+                 "attn_mask_3d", "is_causal", "need_weights", "average_attn_weights", "kv_cache"):
         if not isinstance(getattr(spec, name), bool):
             raise SpecError(f"{name} must be True or False, got {getattr(spec, name)!r}")
     if isinstance(spec.dropout, bool) or not isinstance(spec.dropout, (int, float)) or not 0.0 <= spec.dropout <= 1.0:
@@ -172,6 +187,16 @@ def _validate(spec: AttentionSpec) -> None:
                 )
     if not spec.average_attn_weights and not spec.need_weights:
         raise SpecError("average_attn_weights=False only applies with need_weights=True")
+    if spec.kv_cache:
+        if not (spec.self_attention and spec.is_causal):
+            raise SpecError("kv_cache needs self_attention=True and is_causal=True: a cache carries one sequence's keys "
+                            "forward, and only causal attention leaves earlier outputs unchanged by later tokens")
+        for name, why in (("add_bias_kv", "torch appends bias_k after the whole sequence"),
+                          ("add_zero_attn", "torch appends the zero key after the whole sequence"),
+                          ("attn_mask", "the causal mask is built in and key_padding_mask covers past and new keys"),
+                          ("need_weights", "a cached step returns attn_output and the cache only")):
+            if getattr(spec, name):
+                raise SpecError(f"kv_cache does not combine with {name} ({why})")
 
 
 def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:

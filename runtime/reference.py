@@ -22,8 +22,9 @@ def combined_mask(spec: AttentionSpec, inputs: Mapping[str, np.ndarray], batch: 
     if spec.attn_mask is not None:
         m = _to_additive(inputs["attn_mask"])
         total += m if m.ndim == 3 else m[None]
-    if spec.is_causal:
-        total += np.where(np.arange(src)[None, :] > np.arange(tgt)[:, None], -np.inf, 0.0)[None]
+    if spec.is_causal:  # with a KV cache, query i is position past_len + i
+        offset = src - tgt if spec.kv_cache else 0
+        total += np.where(np.arange(src)[None, :] > np.arange(tgt)[:, None] + offset, -np.inf, 0.0)[None]
     if spec.key_padding_mask is not None:
         kpm = _to_additive(inputs["key_padding_mask"])  # (N, S)
         total += np.repeat(kpm, h, axis=0)[:, None, :]
@@ -36,6 +37,8 @@ def fully_masked_rows(spec: AttentionSpec, inputs: Mapping[str, np.ndarray]) -> 
     k = q if spec.self_attention else inputs["key"]
     batch_axis, seq_axis = (0, 1) if spec.batch_first else (1, 0)
     n, tgt, src = q.shape[batch_axis], q.shape[seq_axis], k.shape[seq_axis]
+    if spec.kv_cache:
+        src += inputs["past_key"].shape[2]
     mask = combined_mask(spec, inputs, n, tgt, src)
     return np.all(np.isneginf(mask), axis=-1).reshape(n, spec.num_heads, tgt)
 
@@ -67,6 +70,10 @@ def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mappin
     if spec.add_zero_attn:
         k = np.concatenate([k, np.zeros((n * h, 1, hd))], axis=1)
         v = np.concatenate([v, np.zeros((n * h, 1, hd))], axis=1)
+    if spec.kv_cache:  # (N, H, P, hd) -> (N*H, P, hd), the same head order as the fold above
+        past = [inputs[name].astype(np.float64).reshape(n * h, -1, hd) for name in ("past_key", "past_value")]
+        k, v = np.concatenate([past[0], k], axis=1), np.concatenate([past[1], v], axis=1)
+        src = k.shape[1]
 
     scores = (q * np.sqrt(1.0 / hd)) @ k.transpose(0, 2, 1)
     mask = combined_mask(spec, inputs, n, tgt, src)
@@ -84,6 +91,8 @@ def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mappin
     if spec.need_weights:
         w = probs.reshape(n, h, tgt, -1)
         result["attn_output_weights"] = w.mean(axis=1) if spec.average_attn_weights else w
+    if spec.kv_cache:
+        result["present_key"], result["present_value"] = (x.reshape(n, h, src, hd) for x in (k, v))
     return result
 
 

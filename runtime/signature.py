@@ -1,8 +1,9 @@
 """Input checks every backend runs before its run call, read from the model's declared inputs.
 
 Symbolic axes bind on first sight and must agree afterwards; an axis named ``batch*8`` is the
-product of ``batch`` and 8 (the 3-D attn_mask's leading axis). No dynamic axis may be 0: some
-backends compute an empty batch or sequence and some refuse it, so every backend refuses it here.
+product of ``batch`` and 8 (the 3-D attn_mask's leading axis), ``past_len+tgt_len`` a sum. No
+dynamic axis but a KV cache's ``past_len`` may be 0: some backends compute an empty batch or
+sequence and some refuse it, so every backend refuses it here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+
+MAY_BE_EMPTY = frozenset({"past_len"})  # a KV cache before the first step
 
 
 class InputError(ValueError):
@@ -92,11 +96,11 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dic
             if isinstance(want, int):
                 if want != got:
                     raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}")
-            elif got == 0:
+            elif got == 0 and want not in MAY_BE_EMPTY:
                 raise InputError(f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
                                  "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
                                  "batches and sequences: skip the call instead)")
-            elif isinstance(want, str) and "*" in want:
+            elif isinstance(want, str) and ("*" in want or "+" in want):
                 deferred.append((spec, axis, want, got))
             elif isinstance(want, str):
                 if want in bound and bound[want][0] != got:
@@ -105,29 +109,31 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dic
                         f"input {spec.name!r} has {want}={got} on axis {axis}, but {first_name!r} gave {want}={first_size}"
                     )
                 bound.setdefault(want, (got, spec.name))
+    sizes = {symbol: size for symbol, (size, _) in bound.items()}
     for spec, axis, want, got in deferred:
-        symbol, factor = want.split("*")
-        expected = bound[symbol][0] * int(factor) if symbol in bound else None
+        expected = evaluate(want, sizes)
         if expected is not None and expected != got:
-            raise InputError(
-                f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} (from {bound[symbol][1]!r})"
-            )
-    return {symbol: size for symbol, (size, _) in bound.items()}
+            sources = ", ".join(f"{s}={sizes[s]} from {bound[s][1]!r}" for s in re.findall(r"[A-Za-z_]\w*", want))
+            raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} ({sources})")
+    return sizes
+
+
+def evaluate(dim: str, sizes: Mapping[str, int]) -> int | None:
+    """A symbolic dim (``batch``, ``batch*8``, ``src_len+1``, ``past_len+tgt_len``) at the given sizes; None if unknown."""
+    match = re.fullmatch(r"(\w+)(?:([*+])(\w+))?", dim or "")
+    if not match:
+        return None
+    terms = [sizes.get(t) if not t.isdigit() else int(t) for t in (match.group(1), match.group(3) or "0")]
+    if None in terms:
+        return None
+    a, b = terms
+    return a * b if match.group(2) == "*" else a + b
 
 
 def resolve_shape(shape: Sequence[int | str | None], sizes: Mapping[str, int]) -> tuple[int, ...] | None:
-    """A declared shape (``batch``, ``batch*8``, ``src_len+1``) at the given axis sizes; None if some axis is unknown."""
-    dims = []
-    for dim in shape:
-        if isinstance(dim, int):
-            dims.append(dim)
-            continue
-        match = re.fullmatch(r"(\w+)(?:([*+])(\d+))?", dim or "")
-        if not match or match.group(1) not in sizes:
-            return None
-        base, op, k = sizes[match.group(1)], match.group(2), int(match.group(3) or 0)
-        dims.append(base * k if op == "*" else base + k if op == "+" else base)
-    return tuple(dims)
+    """A declared shape at the given axis sizes; None if some axis is unknown."""
+    dims = [dim if isinstance(dim, int) else evaluate(dim or "", sizes) for dim in shape]
+    return None if None in dims else tuple(dims)  # type: ignore[return-value]
 
 
 def show_shape(shape: tuple[int | str | None, ...]) -> str:

@@ -42,7 +42,7 @@ def _edit(**changes):
         ({"key": np.zeros((4, 5, 16), np.float32)}, "input 'key' has batch=4 on axis 0, but 'query' gave batch=2"),
         ({"value": np.zeros((2, 6, 16), np.float32)}, "input 'value' has src_len=6 on axis 1, but 'key' gave src_len=5"),
         ({"key_padding_mask": np.zeros((3, 5), bool)}, "input 'key_padding_mask' has batch=3 on axis 0, but 'query' gave batch=2"),
-        ({"attn_mask": np.zeros((4, 3, 5), np.float32)}, "input 'attn_mask' has size 4 on axis 0, expected batch*4 = 8 (from 'query')"),
+        ({"attn_mask": np.zeros((4, 3, 5), np.float32)}, "input 'attn_mask' has size 4 on axis 0, expected batch*4 = 8 (batch=2 from 'query')"),
         ({"attn_mask": np.zeros((8, 3, 4), np.float32)}, "input 'attn_mask' has src_len=4 on axis 2, but 'key' gave src_len=5"),
         ({"query": [[1.0]]}, "input 'query' is a list, expected a numpy.ndarray or torch.Tensor of float32"),
     ],
