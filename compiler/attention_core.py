@@ -23,6 +23,18 @@ from compiler._ir import constant, named, new_initializer, only_use
 
 
 @dataclass
+class Cache:
+    """The KV cache around a BSD core: present = Concat(past, this step's heads) on the length axis,
+    (N, H, past_len + L, hd); the core's k and v are this step's (N, L, E)."""
+
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    nodes: list[ir.Node]  # the two Concats and the K^T Transpose, removed by a fusion that takes the cache
+
+
+@dataclass
 class Core:
     """A matched core: q, k, v (BSD: (N, L, E); BNSH: (N, H, L, hd), with k as K^T (N, H, hd, S)),
     its scale, additive mask and bounding nodes. ``output`` has q's layout.
@@ -45,6 +57,7 @@ class Core:
     context_matmul: ir.Node
     guard: list[ir.Node]  # Where, IsInf, ReduceMax of the fully-masked guard; empty without one
     nodes: list[ir.Node]
+    cache: Cache | None = None
 
     @property
     def guarded(self) -> bool:
@@ -147,6 +160,9 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
         return None  # an intermediate score tensor is used outside the core
     q = _heads(scores_mm.inputs[0], [0, 2, 1, 3])
     k = _heads(scores_mm.inputs[1], [0, 2, 3, 1])
+    cache = None
+    if k is None and v is None and (cached := _cached(scores_mm.inputs[1], context_mm.inputs[1])) is not None:
+        k, v, cache = cached
     if q is None or k is None or v is None or len({q[1:], k[1:], v[1:]}) != 1:
         return None
     if guard:  # the guard's ReduceMax/IsInf read the scores; they go with the core
@@ -159,7 +175,24 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
         return None
     nodes += guard + [scores_mm, context_mm, merge_t, merge_r]
     return Core("BSD", q[0], k[0], v[0], q[1], q[2], scale, mask, merge_r.outputs[0], probs if weights_used else None,
-                softmax, context_mm, guard, nodes)
+                softmax, context_mm, guard, nodes, cache)
+
+
+def _cached(keys_t: ir.Value, values: ir.Value) -> tuple[tuple, tuple, Cache] | None:
+    """K^T = Transpose(Concat(past_key, heads(k)), [0, 1, 3, 2]) and V = Concat(past_value, heads(v)),
+    the Concats on axis 2 (graphs/mha.py with kv_cache): the heads of k and v, and the cache."""
+    transpose = _producer(keys_t, "Transpose")
+    if _perm(transpose) != [0, 1, 3, 2]:
+        return None
+    concat_k, concat_v = _producer(transpose.inputs[0], "Concat"), _producer(values, "Concat")
+    if concat_k is None or concat_v is None or any(len(c.inputs) != 2 or c.attributes.get_int("axis", 0) != 2
+                                                   for c in (concat_k, concat_v)):
+        return None
+    k, v = _heads(concat_k.inputs[1], [0, 2, 1, 3]), _heads(concat_v.inputs[1], [0, 2, 1, 3])
+    if k is None or v is None:
+        return None
+    return k, v, Cache(concat_k.inputs[0], concat_v.inputs[0], concat_k.outputs[0], concat_v.outputs[0],
+                       [transpose, concat_k, concat_v])
 
 
 def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node | None]:
@@ -249,9 +282,11 @@ def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
     if core.mask is None:
         return None
     q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3)  # BNSH holds K^T
+    src = add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})
+    if core.cache is not None:  # the keys are the past's, then this step's
+        src = add("Add", [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src], "total_len")
     lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
-                             add("Shape", [core.q], "tgt_len", {"start": q_axis, "end": q_axis + 1}),
-                             add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})],
+                             add("Shape", [core.q], "tgt_len", {"start": q_axis, "end": q_axis + 1}), src],
                   "bias_shape", {"axis": 0})
     return add("Expand", [core.mask, lengths], "attention_bias")
 
@@ -291,11 +326,20 @@ def zero_scalar(graph: ir.Graph) -> ir.Value:
 
 
 def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Value,
-                 weights: ir.Value | None = None) -> None:
-    """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``."""
+                 weights: ir.Value | None = None, present: tuple[ir.Value, ir.Value] | None = None) -> None:
+    """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``, and
+    a cache's present_key/present_value the fused op's ``present`` (under the same names)."""
     graph.insert_before(core.nodes[-1], new)
     core.output.replace_all_uses_with(context, replace_graph_outputs=True)
     if core.weights is not None:
         assert weights is not None, "a fusion that drops the weights must leave need_weights cores alone"
         core.weights.replace_all_uses_with(weights, replace_graph_outputs=True)
     graph.remove(core.nodes, safe=True)
+    if core.cache is not None:
+        assert present is not None, "a fusion that drops the cache must leave cached cores alone"
+        old = (core.cache.present_key, core.cache.present_value)
+        for value, fused in zip(old, present):
+            value.replace_all_uses_with(fused, replace_graph_outputs=True)
+        graph.remove(core.cache.nodes, safe=True)
+        for value, fused in zip(old, present):
+            fused.name, fused.type, fused.shape = value.name, value.type, value.shape

@@ -19,7 +19,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
     the core still fuses. The mask becomes attn_mask, full over query and key (ONNX Runtime
     refuses a mask that only broadcasts there). Rows whose whole mask row is -inf get a zero
     context and zero weights, from the mask: the operator spec leaves softmax over an all -inf
-    row to the runtime.
+    row to the runtime. A KV cache goes in as past_key/past_value and comes out as present_key/
+    present_value; the causal mask stays in attn_mask, since the op's is_causal aligns top-left.
     """
 
     @staticmethod
@@ -44,8 +45,10 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 k = keys_bnsh(core, add)
             if core.weights is not None:
                 attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
-            node = ir.node("Attention", [core.q, k, core.v, bias], attrs, name=f"{scope}/Attention",
-                           num_outputs=4 if core.weights is not None else 1)
+            cache = core.cache
+            past = [cache.past_key, cache.past_value] if cache is not None else []
+            node = ir.node("Attention", [core.q, k, core.v, bias, *past], attrs, name=f"{scope}/Attention",
+                           num_outputs=4 if core.weights is not None else 3 if cache is not None else 1)
             node.outputs[0].name = f"{scope}/Attention"
             new.append(node)
             context, weights = node.outputs[0], None
@@ -57,5 +60,5 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 context = zero_dead_context(graph, core, context, dead, add, core.layout)
                 if weights is not None:
                     weights = zero_dead_weights(graph, weights, dead, add)
-            replace_core(graph, core, new, context, weights)
+            replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
         return ir.passes.PassResult(model, bool(cores))

@@ -22,7 +22,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     from the mask alone. A mask that is only a bool key padding mask goes in as the op's
     ``key_padding_mask`` instead, (N, S) rather than a float (N, 1, L, S) bias, which ONNX Runtime's
     CPU kernel also runs about twice as fast at length 4096 (docs/BENCHMARKS.md). A BNSH core's query is merged to (N, L, E) for the op and its keys and
-    values go in as BNSH, which the op takes as they are.
+    values go in as BNSH, which the op takes as they are. A KV cache goes in as the op's past_key and
+    past_value, and its present outputs become the graph's.
     """
 
     @staticmethod
@@ -53,8 +54,13 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             if padding is not None:
                 keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
                 attrs["mask_filter_value"] = _LOWEST
-            context = add("MultiHeadAttention", [q, k, core.v, None, keep, bias], "MultiHeadAttention", attrs,
-                          domain=MS_DOMAIN)
+            cache = core.cache
+            node = ir.node("MultiHeadAttention", [q, k, core.v, None, keep, bias] +
+                           ([cache.past_key, cache.past_value] if cache is not None else []), attrs, domain=MS_DOMAIN,
+                           name=f"{scope}/MultiHeadAttention", num_outputs=3 if cache is not None else 1)
+            node.outputs[0].name = f"{scope}/MultiHeadAttention"
+            new.append(node)
+            context = node.outputs[0]
             if core.zeroes_dead_rows and keep is not None:
                 context = _zero_fully_padded(graph, context, keep, add)
             elif core.zeroes_dead_rows:
@@ -64,7 +70,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                                         np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
                 context = add("Transpose", [add("Reshape", [context, split], "context_bsnh")], "context_bnsh",
                               {"perm": [0, 2, 1, 3]})
-            replace_core(graph, core, new, context)
+            replace_core(graph, core, new, context, present=tuple(node.outputs[1:]) if cache is not None else None)
         if cores:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, bool(cores))

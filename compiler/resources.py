@@ -53,6 +53,8 @@ def attention_parts(spec: AttentionSpec, shape: Shape, precision: str, target: s
         parts["attention scores (batch x heads x tgt_len x keys, float32)"] = FLOAT32 * n * h * tgt * keys
     if spec.key_padding_mask is not None or spec.attn_mask is not None or spec.is_causal:
         parts["combined mask"] = FLOAT32 * n * h * tgt * keys
+    if spec.kv_cache:  # past in, present out, for keys and values
+        parts["KV cache (past and present)"] = FLOAT32 * 4 * n * keys * e
     if spec.need_weights:
         heads = 1 if spec.average_attn_weights else h
         parts["attn_output_weights"] = FLOAT32 * n * heads * tgt * keys

@@ -57,7 +57,6 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
         v_h = g.op("Concat", ["past_value", g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")],
                                                  "heads/v/Transpose", perm=[0, 2, 1, 3])],
                    "cache/present_value", outputs=["present_value"], axis=2)
-        k_in = present_k  # the causal mask reads the key length from axis 2, past included
     else:
         k_t = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 3, 1])
         v_h = g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")], "heads/v/Transpose", perm=[0, 2, 1, 3])
@@ -136,7 +135,8 @@ def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str, k
             m = g.op("Reshape", [m, shape], "mask/attn/split_heads")
         terms.append(m)
     if spec.is_causal:
-        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in, key_axis=2 if spec.kv_cache else 1), 2, "mask/causal"))
+        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in, past="past_key" if spec.kv_cache else None), 2,
+                                     "mask/causal"))
     if not terms:
         return None
     total = terms[0]
@@ -160,17 +160,21 @@ def _pad_extra_keys(g: GraphBuilder, spec: AttentionSpec, m: str, rank: int, sco
     return g.op("Pad", [m, g.ints(f"{scope}/extra_keys_pads", pads)], f"{scope}/pad_extra_keys")
 
 
-def _causal(g: GraphBuilder, q_in: str, k_in: str, key_axis: int = 1) -> str:
-    """(L, S) with -inf where key j lies after query i. Queries are the last L of the S positions, so
-    with a KV cache query i sits at past_len + i; without one L = S (self-attention) or the mask is
+def _causal(g: GraphBuilder, q_in: str, k_in: str, past: str | None = None) -> str:
+    """(L, S) with -inf where key j lies after query i. With a KV cache the keys are the past's and
+    then the query's own, so query i sits at past_len + i (lengths read from the inputs, not from
+    present, so a fused op can produce present). Without one, L = S (self-attention) or the mask is
     top-left aligned, as torch's SDPA."""
     squeeze0 = g.ints("mask/causal/axis0", [0])
     tgt = g.op("Squeeze", [g.op("Shape", [q_in], "mask/causal/tgt_len", start=1, end=2), squeeze0], "mask/causal/tgt_scalar")
-    src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=key_axis, end=key_axis + 1), squeeze0],
-               "mask/causal/src_scalar")
     zero, one = g.const("mask/causal/start", np.int64(0)), g.const("mask/causal/step", np.int64(1))
-    first = g.op("Sub", [src, tgt], "mask/causal/past_len") if key_axis == 2 else zero
-    end = src if key_axis == 2 else tgt
+    if past is None:
+        src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=1, end=2), squeeze0], "mask/causal/src_scalar")
+        first, end = zero, tgt
+    else:
+        first = g.op("Squeeze", [g.op("Shape", [past], "mask/causal/past_len", start=2, end=3), squeeze0],
+                     "mask/causal/past_scalar")
+        src = end = g.op("Add", [first, tgt], "mask/causal/total_len")
     rows = g.op("Unsqueeze", [g.op("Range", [first, end, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
                 "mask/causal/rows_col")
     cols = g.op("Unsqueeze", [g.op("Range", [zero, src, one], "mask/causal/cols"), squeeze0], "mask/causal/cols_row")

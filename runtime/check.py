@@ -9,6 +9,7 @@ contract (DESIGN.md) asks for a zero context.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,9 +27,10 @@ FP16_TOLERANCE = 1e-2  # float16 has an 11-bit significand (epsilon 9.8e-4); a f
 
 
 def random_inputs(spec: AttentionSpec, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
-    """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys."""
+    """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys. With a KV cache,
+    shape's SRC is the past's length and the cache is random."""
     batch, tgt, src = shape
-    if spec.self_attention:
+    if spec.self_attention and not spec.kv_cache:
         src = tgt
 
     def seq(length: int, width: int) -> np.ndarray:
@@ -42,6 +44,10 @@ def random_inputs(spec: AttentionSpec, shape: Shape, rng: np.random.Generator, m
         return np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
 
     feeds = {"query": seq(tgt, spec.embed_dim)}
+    if spec.kv_cache:  # SRC is the past's length; the keys are the past's and the query's
+        for name in ("past_key", "past_value"):
+            feeds[name] = rng.standard_normal((batch, spec.num_heads, src, spec.head_dim)).astype(np.float32)
+        src += tgt
     if not spec.self_attention:
         feeds["key"] = seq(src, spec.k_dim)
         feeds["value"] = seq(src, spec.v_dim)
@@ -120,14 +126,50 @@ def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeigh
     module = _torch_module(spec, weights, report) if use_torch else None
     for shape in shapes:
         feeds = random_inputs(spec, shape, rng, mask_rate)
+        tokens = None
+        if spec.kv_cache:  # a cache torch can be compared with: the one a prefill of random tokens leaves
+            feeds, tokens = _consistent_cache(spec, weights, feeds, shape[2], rng)
         got = session.run(feeds)
         _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
         if module is not None:
             from runtime.torch_reference import torch_forward
 
             dead = fully_masked_rows(spec, feeds).any(axis=1)  # (N, L): some head sees no key
-            _compare(report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead)
+            if tokens is None:
+                _compare(report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead)
+            else:
+                _compare(report, spec, "torch", shape, got, _torch_cached(spec, weights, module, feeds, tokens), dead)
     return report
+
+
+def _consistent_cache(spec: AttentionSpec, weights: AttentionWeights, feeds: dict[str, np.ndarray], past_len: int,
+                      rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``feeds`` with past_key/past_value replaced by the cache of ``past_len`` random tokens; those tokens."""
+    from runtime.generation import cache_of
+
+    query = feeds["query"]
+    batch = query.shape[0 if spec.batch_first else 1]
+    dims = (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
+    tokens = rng.standard_normal(dims).astype(np.float32)
+    past_key, past_value = cache_of(spec, weights, tokens)
+    return {**feeds, "past_key": past_key, "past_value": past_value}, tokens
+
+
+def _torch_cached(spec: AttentionSpec, weights: AttentionWeights, module: Any, feeds: Mapping[str, np.ndarray],
+                  past_tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """torch's one causal pass over past and new tokens: the new tokens' rows of attn_output, and
+    the whole sequence's keys and values (from the weights, as torch projects them) as present."""
+    from runtime.generation import cache_of
+    from runtime.torch_reference import torch_forward
+
+    axis = 1 if spec.batch_first else 0
+    full_spec = dataclasses.replace(spec, kv_cache=False)
+    tokens = np.concatenate([past_tokens, feeds["query"]], axis=axis)
+    inputs = {"query": tokens, **{k: v for k, v in feeds.items() if k == "key_padding_mask"}}
+    out = torch_forward(full_spec, module, inputs)["attn_output"]
+    new = np.arange(past_tokens.shape[axis], tokens.shape[axis])
+    present_key, present_value = cache_of(spec, weights, tokens)
+    return {"attn_output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
 
 
 def _torch_module(spec: AttentionSpec, weights: AttentionWeights, report: CheckReport) -> Any:
@@ -145,7 +187,7 @@ def _compare(report: CheckReport, spec: AttentionSpec, reference: str, shape: Sh
     for name, want in expected.items():
         actual = got[name]
         excluded = 0
-        if dead is not None and dead.any():
+        if dead is not None and dead.any() and not name.startswith("present"):  # the cache has no query rows
             keep = ~dead  # (N, L)
             excluded = int(dead.sum())
             actual, want = _rows(spec, name, actual, keep), _rows(spec, name, want, keep)

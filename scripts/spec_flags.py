@@ -29,6 +29,9 @@ def add_spec_flags(p: argparse.ArgumentParser, *, embed_dim_help: str) -> list[a
     call.add_argument("--need-weights", action="store_true", help="also output attn_output_weights")
     call.add_argument("--no-average-attn-weights", dest="average_attn_weights", action="store_false",
                       help="per-head weights (batch, num_heads, tgt_len, src_len)")
+    call.add_argument("--kv-cache", action="store_true",
+                      help="autoregressive decoding (needs --causal and --self-attention): inputs past_key/past_value, "
+                           "outputs present_key/present_value, (batch, num_heads, length, head_dim)")
     w = p.add_argument_group("weights")
     w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
     w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
@@ -47,14 +50,14 @@ def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
         add_bias_kv=args.add_bias_kv, add_zero_attn=args.add_zero_attn, kdim=args.kdim, vdim=args.vdim,
         batch_first=args.batch_first, self_attention=args.self_attention, key_padding_mask=args.key_padding_mask,
         attn_mask=args.attn_mask, attn_mask_3d=args.attn_mask_3d, is_causal=args.causal,
-        need_weights=args.need_weights, average_attn_weights=args.average_attn_weights,
+        need_weights=args.need_weights, average_attn_weights=args.average_attn_weights, kv_cache=args.kv_cache,
     )
 
 
 # Blocks: torch.nn.TransformerEncoderLayer / TransformerDecoderLayer around the attention ------------
 
 MHA_ONLY = ("kdim", "vdim", "add_bias_kv", "add_zero_attn", "self_attention", "attn_mask_3d", "need_weights",
-            "average_attn_weights")
+            "average_attn_weights", "kv_cache")
 
 
 def add_block_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
