@@ -1,6 +1,7 @@
 """Property-based equivalence over the whole spec space (hypothesis).
 
-Each example draws a spec (every torch option, every mask kind, head_dim and num_heads down to 1),
+Each example draws a spec (every torch option, every mask kind, head_dim and num_heads down to 1,
+KV-cache steps against torch's one causal pass over past and new tokens),
 a shape (lengths down to 1), a share of masked keys (none, some, all) and a seed, compiles it for
 every target ONNX Runtime CPU runs, and compares each graph with the float64 NumPy reference and
 with torch in float64. Tolerances: fp32 1e-5 of the output's scale (float32 rounding through two
@@ -39,6 +40,9 @@ def specs(draw: st.DrawFn) -> AttentionSpec:
     width = st.none() if self_attention else st.none() | st.integers(1, 9)
     attn_mask = draw(MASKS)
     need_weights = draw(st.booleans())
+    if self_attention and draw(st.booleans()):  # a KV-cache step: SRC is then the past's length, 1 to 6
+        return AttentionSpec(heads * head_dim, heads, bias=draw(st.booleans()), batch_first=draw(st.booleans()),
+                             self_attention=True, key_padding_mask=draw(MASKS), is_causal=True, kv_cache=True)
     return AttentionSpec(
         heads * head_dim, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
         add_zero_attn=draw(st.booleans()), kdim=draw(width), vdim=draw(width), batch_first=draw(st.booleans()),
@@ -78,7 +82,7 @@ def test_every_cpu_target_equals_numpy_and_torch(precision, spec, shape, mask_ra
             assert c.max_abs_error <= tolerance * scale[c.output], f"{target} {precision} {spec}\n{report.table()}"
 
 
-UNMASKED = {"key_padding_mask": None, "attn_mask": None, "attn_mask_3d": False, "is_causal": False}
+UNMASKED = {"key_padding_mask": None, "attn_mask": None, "attn_mask_3d": False, "is_causal": False, "kv_cache": False}
 
 
 @given(spec=specs(), shape=SHAPES, seed=st.integers(0, 2**16), data=st.data())

@@ -1,0 +1,153 @@
+"""KV-cache graphs: a prefill and single-token steps equal one causal pass of torch over the whole
+sequence, on every target ONNX Runtime CPU runs; the fused forms take the cache as the ops' past
+and present; the loop helper and the input checks.
+
+Tolerance: 1e-5 of the output's scale against torch in float64 (float32 rounding through two
+projections and a softmax stays near 1e-7 of scale here).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from compiler import compile_model
+from graphs import AttentionSpec, AttentionWeights, SpecError, build_mha
+from runtime import InputError
+from runtime.check import FP32_TOLERANCE, random_inputs
+from runtime.generation import KvCacheLoop, cache_of
+from runtime.ort import OrtSession
+from runtime.torch_reference import torch_forward, torch_module
+
+CPU_TARGETS = ("portable", "onnx-attention", "ort-cpu", "tensorrt")
+
+
+def _spec(**options) -> AttentionSpec:
+    return AttentionSpec(16, 4, self_attention=True, is_causal=True, kv_cache=True, **options)
+
+
+def _take(spec, x, start, stop):
+    return x[:, start:stop] if spec.batch_first else x[start:stop]
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS)
+@pytest.mark.parametrize(("prompt", "steps", "batch", "padding", "batch_first"), [
+    (1, 1, 1, None, False),
+    (6, 3, 2, "bool", True),
+    (4, 5, 3, "float", False),
+    (9, 2, 2, None, True),
+], ids=["P1-k1-N1", "P6-k3-N2-bool-left-padding", "P4-k5-N3-float-padding", "P9-k2-N2"])
+def test_prefill_then_steps_equal_one_causal_torch_pass(target, prompt, steps, batch, padding, batch_first):
+    spec = _spec(key_padding_mask=padding, batch_first=batch_first)
+    full = AttentionSpec(16, 4, self_attention=True, is_causal=True, key_padding_mask=padding, batch_first=batch_first)
+    weights = AttentionWeights.random(spec, seed=prompt)
+    rng = np.random.default_rng(steps)
+    total = prompt + steps
+    tokens = rng.standard_normal((batch, total, 16) if batch_first else (total, batch, 16)).astype(np.float32)
+    feeds, kpm = {"query": tokens}, None
+    if padding is not None:  # prompts of different lengths, padded on the left; the new tokens are real
+        blocked = np.zeros((batch, total), bool)
+        for n in range(batch):
+            blocked[n, :n] = True
+        kpm = blocked if padding == "bool" else np.where(blocked, -np.inf, 0.0).astype(np.float32)
+        feeds["key_padding_mask"] = kpm
+    want = torch_forward(full, torch_module(full, weights), feeds)["attn_output"]
+
+    loop = KvCacheLoop(OrtSession(compile_model(build_mha(spec, weights), target, "fp32")), spec)
+    outputs = [loop.prefill(_take(spec, tokens, 0, prompt), None if kpm is None else kpm[:, :prompt])]
+    outputs += [loop.step(_take(spec, tokens, i, i + 1)) for i in range(prompt, total)]
+    got = np.concatenate(outputs, axis=1 if batch_first else 0)
+    assert loop.past_len == total
+
+    live = ~np.array([[kpm is not None and (np.asarray(kpm[n, :i + 1]) != 0).all() for i in range(total)]
+                      for n in range(batch)])  # torch gives NaN where a query sees only padding
+    got_rows, want_rows = (got, want) if batch_first else (got.transpose(1, 0, 2), want.transpose(1, 0, 2))
+    scale = np.abs(want_rows[live]).max()
+    assert np.abs(got_rows[live] - want_rows[live]).max() <= FP32_TOLERANCE * scale
+    assert np.isfinite(got).all()  # rows that see only padding take the zero context, never NaN
+
+
+@pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
+def test_the_fused_op_takes_the_cache_as_past_and_gives_present(target):
+    spec = _spec(key_padding_mask="bool")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), target, "fp32")
+    fused = [n for n in model.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
+    assert len(fused) == 1 and not any(n.op_type == "Softmax" for n in model.graph.node)
+    node = fused[0]
+    past = node.input[6:8] if target == "ort-cpu" else node.input[4:6]
+    assert list(past) == ["past_key", "past_value"] and list(node.output[1:3]) == ["present_key", "present_value"]
+    cache_concats = [n for n in model.graph.node if n.op_type == "Concat" and set(n.input) & {"past_key", "past_value"}]
+    assert cache_concats == []
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_an_empty_past_is_a_prefill_and_present_is_the_cache(target):
+    spec = _spec()
+    weights = AttentionWeights.random(spec)
+    session = OrtSession(compile_model(build_mha(spec, weights), target, "fp32"))
+    feeds = random_inputs(spec, (2, 5, 0), np.random.default_rng(0))
+    assert feeds["past_key"].shape == (2, 4, 0, 4)
+    out = session.run(feeds)
+    want_key, want_value = cache_of(spec, weights, feeds["query"])
+    np.testing.assert_allclose(out["present_key"], want_key, rtol=0, atol=1e-5 * np.abs(want_key).max())
+    np.testing.assert_allclose(out["present_value"], want_value, rtol=0, atol=1e-5 * np.abs(want_value).max())
+    with pytest.raises(InputError, match="input 'query' has tgt_len=0"):
+        session.run(random_inputs(spec, (2, 0, 3), np.random.default_rng(0)))
+    wrong = random_inputs(spec, (2, 3, 4), np.random.default_rng(0))
+    wrong["past_value"] = wrong["past_value"][:, :, :2]
+    with pytest.raises(InputError, match="input 'past_value' has past_len=2 on axis 2, but 'past_key' gave past_len=4"):
+        session.run(wrong)
+
+
+def test_a_key_padding_mask_must_cover_past_and_new_keys():
+    spec = _spec(key_padding_mask="bool")
+    session = OrtSession(build_mha(spec, AttentionWeights.random(spec)))
+    feeds = random_inputs(spec, (2, 3, 4), np.random.default_rng(0))
+    feeds["key_padding_mask"] = feeds["key_padding_mask"][:, :4]
+    with pytest.raises(InputError, match=r"input 'key_padding_mask' has size 4 on axis 1, expected past_len\+tgt_len = 7 "
+                                         r"\(past_len=4 from 'past_key', tgt_len=3 from 'query'\)"):
+        session.run(feeds)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(is_causal=False), "kv_cache needs self_attention=True and is_causal=True"),
+    (dict(self_attention=False), "kv_cache needs self_attention=True and is_causal=True"),
+    (dict(add_bias_kv=True), "kv_cache does not combine with add_bias_kv"),
+    (dict(add_zero_attn=True), "kv_cache does not combine with add_zero_attn"),
+    (dict(attn_mask="bool"), "kv_cache does not combine with attn_mask"),
+    (dict(need_weights=True), "kv_cache does not combine with need_weights"),
+])
+def test_spec_rules(options, message):
+    with pytest.raises(SpecError, match=message):
+        AttentionSpec(16, 4, **{"self_attention": True, "is_causal": True, "kv_cache": True, **options})
+
+
+def test_the_loop_refuses_what_does_not_fit():
+    spec = _spec()
+    loop = KvCacheLoop(OrtSession(build_mha(spec, AttentionWeights.random(spec))), spec)
+    loop.prefill(np.zeros((3, 2, 16), np.float32))
+    with pytest.raises(InputError, match="input 'query' has batch=1, but the cache holds batch=2; call prefill"):
+        loop.step(np.zeros((1, 1, 16), np.float32))
+    with pytest.raises(InputError, match="this graph takes no key_padding_mask"):
+        loop.step(np.zeros((1, 2, 16), np.float32), np.zeros((2, 1), bool))
+    plain = AttentionSpec(16, 4, self_attention=True, is_causal=True)
+    with pytest.raises(InputError, match="KvCacheLoop needs a graph compiled with kv_cache=True"):
+        KvCacheLoop(OrtSession(build_mha(plain, AttentionWeights.random(plain))), plain)
+
+
+def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
+    out = tmp_path / "kv"
+    result = run_cli("compile.py", "--embed-dim", 32, "--num-heads", 4, "--self-attention", "--causal", "--kv-cache",
+                     "--key-padding-mask", "bool", "--batch-first", "--target", "ort-cpu", "--check", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["attention_form"] == "com.microsoft.MultiHeadAttention" and manifest["check"]["passed"]
+    assert {c["output"] for c in manifest["check"]["comparisons"] if c["reference"] == "torch"} == {
+        "attn_output", "present_key", "present_value"}
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "tgt_len", 32], ["batch", 4, "past_len", 8],
+                                                        ["batch", 4, "past_len", 8], ["batch", "past_len+tgt_len"]]
+    refused = run_cli("compile.py", "--embed-dim", 32, "--num-heads", 4, "--kv-cache", "--out", tmp_path / "no")
+    assert refused.returncode == 2 and "kv_cache needs self_attention=True and is_causal=True" in refused.stderr
+    block = run_cli("compile.py", "--embed-dim", 32, "--num-heads", 4, "--block", "decoder", "--causal", "--kv-cache",
+                    "--out", tmp_path / "no")
+    assert block.returncode == 2 and "--kv-cache applies to bare attention only" in block.stderr
