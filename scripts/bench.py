@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long timing each row")
     run.add_argument("--quick", action="store_true",
                      help="a smoke run: embed_dim 64, 4 heads, batches 1 2, lengths 32 64, short timing (unless given)")
+    decode = p.add_argument_group("decoding (--decode: a KV-cache graph against recomputing; implies --self-attention "
+                                  "--causal)")
+    decode.add_argument("--decode", action="store_true",
+                        help="per-token latency of N new tokens after a P-token prompt: the KV-cache graph of each target, "
+                             "the plain graph recomputing causal attention over the prefix, and torch eager doing the same")
+    decode.add_argument("--prompt", type=int, default=2048, help="P, the prompt's length")
+    decode.add_argument("--new-tokens", type=int, default=32, help="N, tokens decoded one at a time")
     out = p.add_argument_group("output")
     out.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
     out.add_argument("--plot", default=None, help="write a log-log PNG of latency against length per backend")
@@ -78,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     ("--form", args.form)) if v]
         if clashing:
             p.error(f"DIR fixes the spec, weights, target and precision; drop {', '.join(clashing)}")
+    if args.decode:
+        if args.dir is not None or args.device != "cpu":
+            p.error("--decode builds its graphs from the spec flags and runs on --device cpu")
+        if args.prompt < 1 or args.new_tokens < 2:
+            p.error("--prompt must be at least 1 and --new-tokens at least 2 (the first step warms up)")
+        args.self_attention = args.causal = True
     if args.quick:  # small sizes and short timing, where not given explicitly
         for name, value in (("batches", [1, 2]), ("lengths", [32, 64]), ("min_seconds", 0.05), ("warmup", 1)):
             if getattr(args, name) == p.get_default(name):
@@ -458,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec, weights = spec_from_args(args), None
         weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
+        if args.decode:
+            return run_decode(args, spec, weights, args.threads or os.cpu_count() or 1)
         compiled = compile_all(spec, weights, args.targets, args.precisions, args.form)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -482,6 +497,24 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(rows, args.plot, title)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def run_decode(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeights, threads: int) -> int:
+    from decode_bench import decode_rows, decode_table
+
+    batch = args.batches[0]
+    print(f"decoding {args.new_tokens} tokens after a {args.prompt}-token prompt, batch {batch}, embed_dim "
+          f"{spec.embed_dim}, {spec.num_heads} heads, {args.precisions[0]}, {threads} threads; the first step warms up")
+    rows = decode_rows(spec, weights, args.targets, args.precisions[0], args.prompt, args.new_tokens, batch, threads,
+                       torch_eager="eager" in args.baselines)
+    print(decode_table(rows))
+    if args.json:
+        report = {"machine": machine("cpu", threads), "spec": spec.to_dict(), "weights": dict(weights.source),
+                  "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens, "batch": batch,
+                               "precision": args.precisions[0]}, "rows": rows}
+        _atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
     return 0
 
 

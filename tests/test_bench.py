@@ -175,3 +175,22 @@ def test_measure_runs_at_least_the_minimum_and_orders_percentiles():
     calls = []
     timing = measure(lambda: calls.append(1), warmup=3, min_runs=7, min_seconds=0.0)
     assert timing.runs == 7 and len(calls) == 10 and 0 <= timing.p50 <= timing.p90 <= timing.p99
+
+
+def test_decode_bench_times_every_way_to_the_same_last_token(run_cli, tmp_path):
+    out = tmp_path / "decode.json"
+    result = run_cli("bench.py", "--decode", "--embed-dim", 32, "--num-heads", 4, "--prompt", 48, "--new-tokens", 4,
+                     "--batches", 2, "--targets", "ort-cpu", "onnx-attention", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "decoding 4 tokens after a 48-token prompt, batch 2" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["settings"] == {"prompt": 48, "new_tokens": 4, "batch": 2, "precision": "fp32"}
+    rows = {r["backend"]: r for r in report["rows"]}
+    assert set(rows) == {"ort-cpu KV cache", "ort-cpu recompute", "onnx-attention KV cache", "onnx-attention recompute",
+                         "torch eager recompute"}
+    for r in rows.values():
+        assert r["steps_timed"] == 3 and 0 < r["p50_s"] and r["tokens_per_s"] > 0
+        assert r["last_token_max_abs_diff"] <= 1e-5  # every way computes the same token (outputs near 1 in size)
+    assert rows["ort-cpu KV cache"]["prefill_s"] > 0 and rows["ort-cpu recompute"]["prefill_s"] is None
+    refused = run_cli("bench.py", "--decode", "--new-tokens", 1)
+    assert refused.returncode == 2 and "--new-tokens at least 2" in refused.stderr

@@ -1,0 +1,95 @@
+"""bench.py --decode: per-token latency of autoregressive decoding with a KV-cache graph, against
+recomputing full causal attention over the whole prefix at every step (the plain compiled graph,
+and torch eager nn.MultiheadAttention), all in one run on the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from compiler import compile_model
+from graphs import AttentionSpec, AttentionWeights, build_mha
+from runtime.generation import KvCacheLoop
+from runtime.ort import OrtSession
+
+
+def decode_rows(spec: AttentionSpec, weights: AttentionWeights, targets: list[str], precision: str, prompt: int,
+                new_tokens: int, batch: int, threads: int, torch_eager: bool = True) -> list[dict[str, Any]]:
+    """One row per way of producing the new tokens' attention outputs: its per-token p50, mean and
+    tokens per second, and how far its last output lies from the KV-cache graph's."""
+    cached_spec = dataclasses.replace(spec, kv_cache=True)
+    rng = np.random.default_rng(0)
+    total = prompt + new_tokens
+    tokens = rng.standard_normal((batch, total, spec.embed_dim) if spec.batch_first else (total, batch, spec.embed_dim))
+    tokens = tokens.astype(np.float32)
+    axis = 1 if spec.batch_first else 0
+    take = lambda start, stop: np.take(tokens, np.arange(start, stop), axis=axis)  # noqa: E731
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    rows, reference = [], None
+    for target in targets:
+        loop = KvCacheLoop(OrtSession(compile_model(build_mha(cached_spec, weights), target, precision), options=options),
+                           cached_spec)
+        start = time.perf_counter()
+        loop.prefill(take(0, prompt))
+        prefill_s = time.perf_counter() - start
+        times, last = _timed([lambda i=i: loop.step(take(i, i + 1)) for i in range(prompt, total)])
+        reference = last if reference is None else reference
+        rows.append(_row(f"{target} KV cache", target, batch, times, last, reference, prefill_s=prefill_s))
+        plain = OrtSession(compile_model(build_mha(spec, weights), target, precision), options=options)
+        times, out = _timed([lambda i=i: plain.run({"query": take(0, i + 1)})["attn_output"] for i in range(prompt, total)])
+        rows.append(_row(f"{target} recompute", target, batch, times, np.take(out, [-1], axis=axis), reference))
+    if torch_eager:
+        rows.append(_torch_row(spec, weights, take, prompt, total, axis, batch, threads, reference))
+    return rows
+
+
+def _torch_row(spec: AttentionSpec, weights: AttentionWeights, take, prompt: int, total: int, axis: int, batch: int,
+                threads: int, reference: np.ndarray) -> dict[str, Any]:
+    import torch
+
+    from runtime.torch_reference import call_arguments, torch_module
+
+    torch.set_num_threads(threads)
+    module = torch_module(spec, weights, dtype=torch.float32)
+
+    def step(i: int) -> np.ndarray:
+        args, kwargs = call_arguments(spec, {"query": torch.from_numpy(take(0, i + 1))})
+        with torch.no_grad():
+            return module(*args, **kwargs)[0].numpy()
+
+    times, out = _timed([lambda i=i: step(i) for i in range(prompt, total)])
+    return _row("torch eager recompute", "torch", batch, times, np.take(out, [-1], axis=axis), reference)
+
+
+def _timed(calls: list) -> tuple[list[float], np.ndarray]:
+    calls[0]()  # the first step warms up, untimed; the rest follow it in order (the cache grows)
+    times, out = [], None
+    for call in calls[1:] if len(calls) > 1 else calls:
+        start = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def _row(backend: str, target: str, batch: int, times: list[float], last: np.ndarray, reference: np.ndarray,
+         prefill_s: float | None = None) -> dict[str, Any]:
+    """``tokens_per_s`` counts one token per sequence of the batch per step."""
+    return {"backend": backend, "target": target, "steps_timed": len(times), "p50_s": float(np.median(times)),
+            "mean_s": float(np.mean(times)), "tokens_per_s": batch * len(times) / float(np.sum(times)), "prefill_s": prefill_s,
+            "last_token_max_abs_diff": float(np.abs(np.asarray(last, np.float64) - reference).max())}
+
+
+def decode_table(rows: list[dict[str, Any]]) -> str:
+    base = {r["target"]: r["p50_s"] for r in rows if r["backend"].endswith("KV cache")}
+    first = next(iter(base.values()))
+    lines = [f"{'backend':<28} {'p50 ms/token':>13} {'tokens/s':>10} {'vs KV cache':>12} {'last-token diff':>16}"]
+    for r in rows:
+        ratio = r["p50_s"] / base.get(r["target"], first)
+        lines.append(f"{r['backend']:<28} {r['p50_s'] * 1e3:>13.3f} {r['tokens_per_s']:>10.1f} "
+                     f"{ratio:>11.1f}x {r['last_token_max_abs_diff']:>16.2e}")
+    return "\n".join(lines)
