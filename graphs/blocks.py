@@ -20,7 +20,8 @@ import onnx
 
 from graphs.builder import GraphBuilder
 from graphs.mha import _batch_first, _linear, add_attention
-from graphs.spec import BATCH, SRC_LEN, TGT_LEN, AttentionSpec, MaskKind, SpecError, TensorSig, _mask_dtype
+from graphs.spec import (BATCH, PAST_LEN, SRC_LEN, TGT_LEN, TOTAL_LEN, AttentionSpec, MaskKind, SpecError, TensorSig,
+                         _mask_dtype)
 from graphs.weights import (AttentionWeights, checked_tensors, expected_shapes, file_source, module_state, random_state,
                             read_state_dict)
 
@@ -49,6 +50,8 @@ class BlockSpec:
     is_causal: bool = False
     memory_key_padding_mask: MaskKind = None
     memory_mask: MaskKind = None
+    # Autoregressive decoding (decoder only): the self-attention's past/present keys and values.
+    kv_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.block not in ("encoder", "decoder"):
@@ -63,7 +66,9 @@ class BlockSpec:
             for name in ("memory_key_padding_mask", "memory_mask"):
                 if getattr(self, name) is not None:
                     raise SpecError(f"{name} belongs to the decoder block; the encoder has no memory")
-        self.self_attention_spec()  # validates embed_dim, num_heads, masks and dropout
+        if self.kv_cache and self.block != "decoder":
+            raise SpecError("kv_cache belongs to the decoder block: an encoder attends over its whole input")
+        self.self_attention_spec()  # validates embed_dim, num_heads, masks, dropout and kv_cache
         self.cross_attention_spec()
 
     # The attention inside, always batch-first: the block transposes at its edges -----------------
@@ -71,7 +76,7 @@ class BlockSpec:
     def self_attention_spec(self) -> AttentionSpec:
         return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
                              self_attention=True, key_padding_mask=self.key_padding_mask, attn_mask=self.attn_mask,
-                             is_causal=self.is_causal)
+                             is_causal=self.is_causal, kv_cache=self.kv_cache)
 
     def cross_attention_spec(self) -> AttentionSpec:
         return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
@@ -102,18 +107,26 @@ class BlockSpec:
         sigs = [self._seq(p, TGT_LEN)]
         if self.block == "decoder":
             sigs.append(self._seq("memory", SRC_LEN))
+        if self.kv_cache:
+            cache = self.self_attention_spec().cache_shape(PAST_LEN)
+            sigs += [TensorSig("past_key", "float32", cache), TensorSig("past_value", "float32", cache)]
         if self.attn_mask:
             sigs.append(TensorSig(f"{p}_mask", _mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
         if self.memory_mask:
             sigs.append(TensorSig("memory_mask", _mask_dtype(self.memory_mask), (TGT_LEN, SRC_LEN)))
         if self.key_padding_mask:
-            sigs.append(TensorSig(f"{p}_key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, TGT_LEN)))
+            keys = TOTAL_LEN if self.kv_cache else TGT_LEN
+            sigs.append(TensorSig(f"{p}_key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, keys)))
         if self.memory_key_padding_mask:
             sigs.append(TensorSig("memory_key_padding_mask", _mask_dtype(self.memory_key_padding_mask), (BATCH, SRC_LEN)))
         return sigs
 
     def outputs(self) -> list[TensorSig]:
-        return [self._seq("output", TGT_LEN)]
+        sigs = [self._seq("output", TGT_LEN)]
+        if self.kv_cache:
+            cache = self.self_attention_spec().cache_shape(TOTAL_LEN)
+            sigs += [TensorSig("present_key", "float32", cache), TensorSig("present_value", "float32", cache)]
+        return sigs
 
 
 def block_shapes(spec: BlockSpec) -> dict[str, tuple[int, ...]]:

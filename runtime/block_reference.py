@@ -18,6 +18,7 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     p, t = spec.prefix, {k: v.astype(np.float64) for k, v in weights.tensors.items()}
+    present: dict[str, np.ndarray] = {}
 
     def batch_first(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float64) if spec.batch_first else x.astype(np.float64).transpose(1, 0, 2)
@@ -30,7 +31,11 @@ def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str,
             feeds["key_padding_mask"] = inputs[kpm]
         if mask in inputs:
             feeds["attn_mask"] = inputs[mask]
-        return mha_reference(sub, weights.attention(module, sub), feeds)["attn_output"]
+        if sub.kv_cache:
+            feeds |= {"past_key": inputs["past_key"], "past_value": inputs["past_value"]}
+        out = mha_reference(sub, weights.attention(module, sub), feeds)
+        present.update({k: v for k, v in out.items() if k.startswith("present")})
+        return out["attn_output"]
 
     def norm(name: str, x: np.ndarray) -> np.ndarray:
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
@@ -52,7 +57,7 @@ def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str,
     sublayers.append((f"norm{len(sublayers) + 1}", feed_forward))
     for name, sublayer in sublayers:
         x = x + sublayer(norm(name, x)) if spec.norm_first else norm(name, x + sublayer(x))
-    return {"output": x if spec.batch_first else x.transpose(1, 0, 2)}
+    return {"output": x if spec.batch_first else x.transpose(1, 0, 2), **present}
 
 
 def torch_block(spec: BlockSpec, weights: BlockWeights, *, dtype: Any = None) -> Any:

@@ -18,6 +18,7 @@ import numpy as np
 from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 from runtime.reference import fully_masked_rows, mha_reference
+from runtime.signature import evaluate
 from runtime.session import Session
 
 Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
@@ -227,10 +228,10 @@ def block_inputs(spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: f
     """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
     key 0, so no query row is fully masked (torch gives NaN there; DESIGN.md a zero context)."""
     batch, tgt, src = shape
-    sizes = {"batch": batch, "tgt_len": tgt, "src_len": src}
+    sizes = {"batch": batch, "tgt_len": tgt, "src_len": src, "past_len": src}  # a cache as long as the memory
     feeds = {}
     for sig in spec.inputs():
-        dims = tuple(sizes[d] if isinstance(d, str) else d for d in sig.shape)
+        dims = tuple(evaluate(d, sizes) if isinstance(d, str) else d for d in sig.shape)
         if "mask" in sig.name:
             blocked = rng.random(dims) < mask_rate
             blocked[..., 0] = False
@@ -255,14 +256,57 @@ def check_block_session(session: Session, spec: Any, weights: Any, *, shapes: Se
         report.skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
     for shape in shapes:
         feeds = block_inputs(spec, shape, rng)
+        past_tokens = None
+        if spec.kv_cache:
+            feeds, past_tokens = _consistent_block_cache(spec, weights, feeds, shape[2], rng)
         got = session.run(feeds)
         references = [("numpy", block_reference(spec, weights, feeds))]
         if module is not None:
-            references.append(("torch", torch_block_forward(spec, module, feeds)))
+            references.append(("torch", torch_block_forward(spec, module, feeds) if past_tokens is None
+                               else _torch_block_cached(spec, weights, module, feeds, past_tokens)))
         for name, want in references:
-            abs_err, rel_err = errors(got["output"], want["output"])
-            report.comparisons.append(Comparison(name, tuple(shape), "output", abs_err, rel_err))
+            for output, expected in want.items():
+                abs_err, rel_err = errors(got[output], expected)
+                report.comparisons.append(Comparison(name, tuple(shape), output, abs_err, rel_err))
     return report
+
+
+def _block_cache(spec: Any, weights: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The self-attention cache a decoder block leaves for ``tokens`` (its input, the graph's layout):
+    the keys and values of what its self-attention reads, the input or (pre-norm) norm1 of it."""
+    from runtime.generation import cache_of
+
+    x = tokens.astype(np.float64) if spec.batch_first else tokens.astype(np.float64).transpose(1, 0, 2)
+    if spec.norm_first:
+        t = weights.tensors
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + spec.layer_norm_eps) * t["norm1.weight"]
+        x = x + t["norm1.bias"] if spec.bias else x
+    sub = spec.self_attention_spec()  # batch-first
+    return cache_of(sub, weights.attention("self_attn", sub), x)
+
+
+def _consistent_block_cache(spec: Any, weights: Any, feeds: dict[str, np.ndarray], past_len: int,
+                            rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    x = feeds[spec.prefix]
+    batch = x.shape[0 if spec.batch_first else 1]
+    dims = (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
+    tokens = rng.standard_normal(dims).astype(np.float32)
+    past_key, past_value = _block_cache(spec, weights, tokens)
+    return {**feeds, "past_key": past_key, "past_value": past_value}, tokens
+
+
+def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str, np.ndarray],
+                        past_tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """torch's layer over past and new tokens in one causal pass: the new tokens' rows, and the cache."""
+    from runtime.block_reference import torch_block_forward
+
+    axis = 1 if spec.batch_first else 0
+    tokens = np.concatenate([past_tokens, feeds[spec.prefix]], axis=axis)
+    inputs = {k: v for k, v in feeds.items() if not k.startswith("past")} | {spec.prefix: tokens}
+    out = torch_block_forward(dataclasses.replace(spec, kv_cache=False), module, inputs)["output"]
+    present_key, present_value = _block_cache(spec, weights, tokens)
+    new = np.arange(past_tokens.shape[axis], tokens.shape[axis])
+    return {"output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
 
 
 def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE,

@@ -20,17 +20,23 @@ from runtime.signature import InputError, check_inputs
 
 
 class KvCacheLoop:
-    """``prefill(prompt)`` then ``step(token)``, each returning that call's attn_output as NumPy.
+    """``prefill(prompt)`` then ``step(token)``, each returning that call's output as NumPy, for a
+    KV-cache attention graph (input ``query``) or decoder block (input ``tgt``; ``memory`` and its
+    masks go in as keyword arguments, the same at every step).
 
     ``key_padding_mask`` follows the graph: True (or -inf) marks a padded key. The loop keeps the
     mask of every key seen so far; a call gives the mask of its new keys only, or nothing when they
     are all real (left-padded prompts of different lengths, then real tokens).
     """
 
-    def __init__(self, session: OrtSession, spec: AttentionSpec, device: str = "cpu") -> None:
+    def __init__(self, session: OrtSession, spec: AttentionSpec | Any, device: str = "cpu") -> None:
         if not spec.kv_cache:
             raise InputError("KvCacheLoop needs a graph compiled with kv_cache=True (compile.py --kv-cache)")
         self.session, self.spec, self.device = session, spec, device
+        block = not isinstance(spec, AttentionSpec)
+        self._attention = spec.self_attention_spec() if block else spec
+        self._input, self._output = ("tgt", "output") if block else ("query", "attn_output")
+        self._padding_name = "tgt_key_padding_mask" if block else "key_padding_mask"
         self.reset()
 
     def reset(self) -> None:
@@ -41,23 +47,26 @@ class KvCacheLoop:
     def past_len(self) -> int:
         return 0 if self._past is None else int(self._past[0].shape()[2])
 
-    def prefill(self, query: np.ndarray, key_padding_mask: np.ndarray | None = None) -> np.ndarray:
+    def prefill(self, query: np.ndarray, key_padding_mask: np.ndarray | None = None, **other: np.ndarray) -> np.ndarray:
         self.reset()
-        return self.step(query, key_padding_mask)
+        return self.step(query, key_padding_mask, **other)
 
-    def step(self, query: np.ndarray, key_padding_mask: np.ndarray | None = None) -> np.ndarray:
-        spec = self.spec
+    def step(self, query: np.ndarray, key_padding_mask: np.ndarray | None = None, **other: np.ndarray) -> np.ndarray:
+        spec, heads = self.spec, self._attention
         batch = query.shape[0 if spec.batch_first else 1] if query.ndim == 3 else 0
-        past = self._past or tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, spec.num_heads, 0, spec.head_dim),
+        past = self._past or tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads.num_heads, 0, heads.head_dim),
                                                                             np.float32), self.device) for _ in range(2))
-        feeds: dict[str, Any] = {"query": query}
+        feeds: dict[str, Any] = {self._input: query, **other}
         if spec.key_padding_mask is not None:
-            feeds["key_padding_mask"] = self._extend_padding(query, key_padding_mask)
+            feeds[self._padding_name] = self._extend_padding(query, key_padding_mask)
         elif key_padding_mask is not None:
-            raise InputError("this graph takes no key_padding_mask (compile it with --key-padding-mask)")
+            raise InputError(f"this graph takes no {self._padding_name} (compile it with --key-padding-mask)")
         check_inputs([i for i in self.session.inputs if i.name in feeds], feeds)
+        missing = [i.name for i in self.session.inputs if i.name not in feeds and not i.name.startswith("past_")]
+        if missing:
+            raise InputError(f"missing input {missing[0]!r}; give it to prefill and step as a keyword argument")
         if past[0].shape()[0] != batch:
-            raise InputError(f"input 'query' has batch={batch}, but the cache holds batch={past[0].shape()[0]}; "
+            raise InputError(f"input {self._input!r} has batch={batch}, but the cache holds batch={past[0].shape()[0]}; "
                              "call prefill to start a new batch")
         binding = self.session._session.io_binding()
         for name, value in feeds.items():
@@ -70,8 +79,8 @@ class KvCacheLoop:
         outputs = dict(zip(self.session.output_names, binding.get_outputs()))
         self._past = (outputs["present_key"], outputs["present_value"])
         if spec.key_padding_mask is not None:
-            self._padding = feeds["key_padding_mask"]
-        return outputs["attn_output"].numpy()
+            self._padding = feeds[self._padding_name]
+        return outputs[self._output].numpy()
 
     def _extend_padding(self, query: np.ndarray, new: np.ndarray | None) -> np.ndarray:
         """The mask over past and new keys: the kept mask, then ``new`` (or all real)."""

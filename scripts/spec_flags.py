@@ -57,7 +57,7 @@ def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
 # Blocks: torch.nn.TransformerEncoderLayer / TransformerDecoderLayer around the attention ------------
 
 MHA_ONLY = ("kdim", "vdim", "add_bias_kv", "add_zero_attn", "self_attention", "attn_mask_3d", "need_weights",
-            "average_attn_weights", "kv_cache")
+            "average_attn_weights")
 
 
 def add_block_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -94,5 +94,5 @@ def block_spec_from_args(args: argparse.Namespace) -> BlockSpec:
         dropout=args.dropout, activation=args.activation, layer_norm_eps=args.layer_norm_eps,
         batch_first=args.batch_first, norm_first=args.norm_first, bias=args.bias,
         key_padding_mask=args.key_padding_mask, attn_mask=args.attn_mask, is_causal=args.causal,
-        memory_key_padding_mask=args.memory_key_padding_mask, memory_mask=args.memory_mask,
+        memory_key_padding_mask=args.memory_key_padding_mask, memory_mask=args.memory_mask, kv_cache=args.kv_cache,
     )
