@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from runtime.signature import InputError, InputSpec, show_shape
+from runtime.signature import MAY_BE_EMPTY, InputError, InputSpec, show_shape
 
 Shape = tuple[int, ...]
 KINDS = ("min", "opt", "max")
@@ -63,13 +63,18 @@ def profile_from_limits(inputs: Sequence[InputSpec], max_batch: int, max_len: in
     opt is half of max, rounded up, a middle the kernels are tuned for."""
     if max_batch < 1 or max_len < 1:
         raise ProfileError(f"--max-batch and --max-len must be at least 1, got {max_batch} and {max_len}")
+    half = -(-max_len // 2)
     ranges = {"batch": (1, -(-max_batch // 2), max_batch)}
+    if any("past_len" in s.shape for s in inputs):  # a KV cache: past and new together stay within max_len,
+        # the past may be empty (a prefill), and opt is a decoding step (one new token after half the length)
+        ranges |= {"past_len": (0, half, max_len - 1), "tgt_len": (1, 1, max_len),
+                   "past_len+tgt_len": (1, half + 1, max_len)}
 
     def axis(dim: int | str | None) -> tuple[int, int, int]:
         if isinstance(dim, int):
             return dim, dim, dim
         symbol, op, k = _split(dim)
-        lo, opt, hi = ranges.get(symbol, (1, -(-max_len // 2), max_len))
+        lo, opt, hi = ranges.get(dim if dim in ranges else symbol, (1, half, max_len))
         return _apply(lo, op, k), _apply(opt, op, k), _apply(hi, op, k)
 
     shapes = {}
@@ -106,9 +111,10 @@ def profile_from_shapes(inputs: Sequence[InputSpec], min_shapes: Mapping[str, Sh
                     raise ProfileError(f"{flag} gives {s.name!r} size {got} on axis {axis}, which is fixed at {want}")
         for axis in range(len(s.shape)):
             lo, opt, hi = (t[axis] for t in triple)
-            if not 1 <= lo <= opt <= hi:
+            least = 0 if s.shape[axis] in MAY_BE_EMPTY else 1
+            if not least <= lo <= opt <= hi:
                 raise ProfileError(f"input {s.name!r} axis {axis} ({s.shape[axis]}) has min {lo}, opt {opt}, max {hi}; "
-                                   "expected 1 <= min <= opt <= max")
+                                   f"expected {least} <= min <= opt <= max")
         shapes[s.name] = triple
     profile = Profile(shapes)
     _check_symbols(inputs, profile)

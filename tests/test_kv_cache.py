@@ -199,3 +199,23 @@ def test_compile_a_cached_decoder_block_checks_against_torch(run_cli, tmp_path):
     assert manifest["check"]["passed"] and [o["name"] for o in manifest["outputs"]] == ["output", "present_key", "present_value"]
     assert {c["output"] for c in manifest["check"]["comparisons"] if c["reference"] == "torch"} == {
         "output", "present_key", "present_value"}
+
+
+def test_tensorrt_profile_of_a_cached_graph_lets_the_past_be_empty():
+    """Computed on CPU: past and new keys together stay within --max-len, the past runs from 0 (a
+    prefill), and opt is a decoding step, one token after half the length."""
+    from runtime.profiles import check_in_profile, profile_from_limits
+    from runtime.signature import input_specs
+
+    spec = _spec(key_padding_mask="bool")
+    inputs = input_specs(build_mha(spec, AttentionWeights.random(spec)))
+    profile = profile_from_limits(inputs, max_batch=4, max_len=256)
+    assert profile.trtexec() == {
+        "min": "query:1x1x16,past_key:1x4x0x4,past_value:1x4x0x4,key_padding_mask:1x1",
+        "opt": "query:1x2x16,past_key:2x4x128x4,past_value:2x4x128x4,key_padding_mask:2x129",
+        "max": "query:256x4x16,past_key:4x4x255x4,past_value:4x4x255x4,key_padding_mask:4x256"}
+    check_in_profile(inputs, profile, {"query": (7, 2, 16), "past_key": (2, 4, 0, 4), "past_value": (2, 4, 0, 4),
+                                       "key_padding_mask": (2, 7)})
+    with pytest.raises(InputError, match="past_key"):
+        check_in_profile(inputs, profile, {"query": (1, 2, 16), "past_key": (2, 4, 256, 4), "past_value": (2, 4, 256, 4),
+                                           "key_padding_mask": (2, 257)})
