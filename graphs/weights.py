@@ -181,7 +181,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise WeightsError(f"weights file {str(path)!r} is not a readable safetensors file ({_first_line(exc)})") from exc
+        raise WeightsError(f"weights file {str(path)!r} is not a readable safetensors file ({first_line(exc)})") from exc
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def _read_npz(path: Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as archive:
             return {k: archive[k] for k in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise WeightsError(f"weights file {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})") from exc
+        raise WeightsError(f"weights file {str(path)!r} is not a readable .npz archive of arrays ({first_line(exc)})") from exc
 
 
 def _read_torch(path: Path) -> dict[str, Any]:
@@ -201,13 +201,13 @@ def _read_torch(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise WeightsError(
-            f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): {_first_line(exc)}"
+            f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): {first_line(exc)}"
         ) from exc
     if not isinstance(state, Mapping):
         raise WeightsError(f"weights file {str(path)!r} holds a {type(state).__name__}, expected a state_dict of tensors")
     return dict(state)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -129,7 +129,9 @@ def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeigh
         feeds = random_inputs(spec, shape, rng, mask_rate)
         tokens = None
         if spec.kv_cache:  # a cache torch can be compared with: the one a prefill of random tokens leaves
-            feeds, tokens = _consistent_cache(spec, weights, feeds, shape[2], rng)
+            from runtime.generation import cache_of
+
+            feeds, tokens = _with_cache(spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t))
         got = session.run(feeds)
         _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
         if module is not None:
@@ -143,16 +145,14 @@ def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeigh
     return report
 
 
-def _consistent_cache(spec: AttentionSpec, weights: AttentionWeights, feeds: dict[str, np.ndarray], past_len: int,
-                      rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``feeds`` with past_key/past_value replaced by the cache of ``past_len`` random tokens; those tokens."""
-    from runtime.generation import cache_of
-
-    query = feeds["query"]
-    batch = query.shape[0 if spec.batch_first else 1]
+def _with_cache(spec: Any, feeds: dict[str, np.ndarray], name: str, past_len: int, rng: np.random.Generator,
+                cache: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``feeds`` with past_key/past_value replaced by ``cache`` (tokens -> keys, values) of ``past_len``
+    random tokens laid out as input ``name``; those tokens."""
+    batch = feeds[name].shape[0 if spec.batch_first else 1]
     dims = (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
     tokens = rng.standard_normal(dims).astype(np.float32)
-    past_key, past_value = cache_of(spec, weights, tokens)
+    past_key, past_value = cache(tokens)
     return {**feeds, "past_key": past_key, "past_value": past_value}, tokens
 
 
@@ -258,7 +258,8 @@ def check_block_session(session: Session, spec: Any, weights: Any, *, shapes: Se
         feeds = block_inputs(spec, shape, rng)
         past_tokens = None
         if spec.kv_cache:
-            feeds, past_tokens = _consistent_block_cache(spec, weights, feeds, shape[2], rng)
+            feeds, past_tokens = _with_cache(spec, feeds, spec.prefix, shape[2], rng,
+                                             lambda t: _block_cache(spec, weights, t))
         got = session.run(feeds)
         references = [("numpy", block_reference(spec, weights, feeds))]
         if module is not None:
@@ -283,16 +284,6 @@ def _block_cache(spec: Any, weights: Any, tokens: np.ndarray) -> tuple[np.ndarra
         x = x + t["norm1.bias"] if spec.bias else x
     sub = spec.self_attention_spec()  # batch-first
     return cache_of(sub, weights.attention("self_attn", sub), x)
-
-
-def _consistent_block_cache(spec: Any, weights: Any, feeds: dict[str, np.ndarray], past_len: int,
-                            rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    x = feeds[spec.prefix]
-    batch = x.shape[0 if spec.batch_first else 1]
-    dims = (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
-    tokens = rng.standard_normal(dims).astype(np.float32)
-    past_key, past_value = _block_cache(spec, weights, tokens)
-    return {**feeds, "past_key": past_key, "past_value": past_value}, tokens
 
 
 def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str, np.ndarray],

@@ -27,6 +27,7 @@ from compiler.report import graph_summary, input_shapes, render_report
 from compiler.resources import MemoryBoundError
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
+from graphs.weights import first_line
 from runtime import InputError
 from runtime.profiles import ProfileError
 from runtime.session import BackendUnavailable
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
         status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3
-        message = str(exc) if known else (f"internal error {type(exc).__name__}: {_first_line(exc)}; nothing was written "
+        message = str(exc) if known else (f"internal error {type(exc).__name__}: {first_line(exc)}; nothing was written "
                                           "(please report it, with the --verbose traceback)")
         if args.verbose:
             emit(traceback.format_exc().rstrip(), sys.stderr)
@@ -510,11 +511,6 @@ def main(argv: list[str] | None = None) -> int:
                          "triton_repo": str(Path(args.triton_repo).absolute()) if args.triton_repo else None,
                          "manifest": manifest}, indent=2), sys.stdout)
     return 0
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else "(no message)"
 
 
 if __name__ == "__main__":
