@@ -7,6 +7,8 @@ from typing import Any
 
 import onnx
 
+from compiler.output_folders import TRITON_MARKER
+
 _TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BOOL: "TYPE_BOOL",
           onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.DOUBLE: "TYPE_FP64"}
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # version 1 holds model.onnx or model.plan
@@ -41,7 +43,7 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int,
         shown = ", ".join(str(d) if isinstance(d, int) else "-1" for d in listed)
         return f'  {{\n    name: "{tname}"\n    data_type: {dtype}\n    dims: [ {shown} ]\n  }}'
 
-    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size if batching else 0}",
+    lines = [TRITON_MARKER, f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size if batching else 0}",
              "input [\n" + ",\n".join(entry(t) for t in inputs) + "\n]",
              "output [\n" + ",\n".join(entry(t) for t in outputs) + "\n]"]
     if batching:

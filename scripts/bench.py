@@ -7,6 +7,7 @@ against the floor this device's own matmul rate and memory bandwidth set."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -23,11 +24,13 @@ import onnxruntime as ort
 
 from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
 from compiler.artifacts import file_records
+from compiler.output_folders import ArtifactError, OutputRefused, check_output_file, write_file_atomically
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime.check import random_inputs
 from runtime.cost import attention_flops, attention_min_bytes
 from runtime.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
 from runtime.timing import Timing, cpu_name, measure, measure_cuda
+from signals import Stopped, stop_as_exception
 from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 BASELINES = ("eager", "sdpa", "exporter")
@@ -79,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out.add_argument("--plot", default=None, help="write a log-log PNG of latency against length per backend")
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
+    for flag in ("json", "plot"):  # checked now, not after a benchmark of many minutes
+        if getattr(args, flag) is not None:
+            try:
+                check_output_file(getattr(args, flag), f"--{flag}")
+            except OutputRefused as exc:
+                p.error(str(exc))
     if args.dir is not None:
         clashing = given_spec_flags(args, groups)
         clashing += [f for f, v in (("--targets", args.targets), ("--precisions", args.precisions != ["fp32"]),
@@ -428,7 +437,9 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_file_atomically(Path(path), buffer.getvalue())
     plt.close(fig)
 
 
@@ -452,12 +463,16 @@ def machine(device: str, threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
-    except (BenchError, SpecError, WeightsError, TargetError) as exc:
+        with stop_as_exception():
+            return run(args)
+    except Stopped as stop:
+        print(f"bench.py: stopped by {stop}", file=sys.stderr)
+        return stop.exit_status
+    except (BenchError, SpecError, WeightsError, TargetError, ArtifactError) as exc:
         if args.verbose:
             raise
         print(f"bench.py: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, ArtifactError) else 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -492,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
               "settings": {k: getattr(args, k) for k in ("batches", "lengths", "baselines", "warmup", "runs", "min_seconds")},
               "rows": rows}
     if args.json:
-        _atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, title)
@@ -513,19 +528,9 @@ def run_decode(args: argparse.Namespace, spec: AttentionSpec, weights: Attention
         report = {"machine": machine("cpu", threads), "spec": spec.to_dict(), "weights": dict(weights.source),
                   "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens, "batch": batch,
                                "precision": args.precisions[0]}, "rows": rows}
-        _atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return 0
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    target = Path(path)
-    with tempfile.NamedTemporaryFile(dir=target.parent or ".", prefix=f".{target.name}.", delete=False) as f:
-        f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile makes it private; the report is not
-    os.replace(f.name, target)
 
 
 if __name__ == "__main__":

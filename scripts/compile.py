@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 
 from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
-from compiler.artifacts import (EXTERNAL_DATA, ArtifactError, check_writable, file_records, needs_external_data, save_model,
-                                staged_directory, write_directory, write_file, write_manifest)
+from compiler.artifacts import EXTERNAL_DATA, file_records, needs_external_data, save_model, write_file, write_manifest
+from compiler.output_folders import (WRITTEN_BY, ArtifactError, Output, OutputRefused, check_apart, check_path_text, claim,
+                                     show, staged)
 from compiler.report import graph_summary, input_shapes, render_report
 from compiler.resources import MemoryBoundError
 from compiler.ingest import IngestError
@@ -35,6 +36,7 @@ from runtime.signature import input_specs
 from runtime.trt_engine import EngineBuildError
 from config import ConfigError, namespace_from_config
 from console import Console, emit
+from signals import Stopped, stop_as_exception
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
@@ -318,10 +320,8 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
 
     target, form = get_target(args.target, args.precision, args.form)
     external = args.external_data == "always" or needs_external_data(model)
-    check_writable(args.out, force=args.force)
-    if args.triton_repo is not None:
-        check_writable(args.triton_repo, force=args.force)
     manifest = {
+        "written_by": WRITTEN_BY,
         **described,
         "target": target.name,
         "form": form.name,
@@ -331,7 +331,7 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         "precision": args.precision,
         "opset": opset(model),
         "tools": tool_versions(),
-        "options": {k: v for k, v in sorted(vars(args).items()) if k not in ("verbose", "force", "config", "quiet", "json")},
+        "options": {k: v for k, v in sorted(vars(args).items()) if k not in ("verbose", "force", "config", "quiet", "json", "outputs")},
         "config": {"path": args.config, "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest()}
         if args.config else None,
         "graph": graph_summary(before, model),
@@ -349,7 +349,9 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         triton_text, manifest["triton"] = triton_config(model, args.triton_model_name, max_batch,
                                                         "onnxruntime_onnx" if profile is None else "tensorrt_plan")
         manifest["triton"]["repo"] = str(args.triton_repo)
-    with staged_directory(args.out, force=args.force) as staging:
+    outputs = args.outputs
+    with staged(*outputs) as stagings:
+        staging = stagings[0]
         path = staging / "model.onnx"
         with console.step("writing model.onnx" + (f" with its weights in {EXTERNAL_DATA}" if external else "")):
             names = save_model(model, staging, external=external)
@@ -380,6 +382,8 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
             write_file(staging / "report.html", page.encode())
             manifest["files"].update(file_records(staging, ["report.html"]))
         write_manifest(staging, manifest)
+        if triton_text is not None:
+            write_triton_model(stagings[1], triton_text, staging, names, engine=profile is not None)
     out = Path(args.out).absolute()
     size = sum(r["bytes"] for name, r in manifest["files"].items() if name.startswith("model.onnx"))
     console.say(f"wrote {out / 'model.onnx'} ({size / 2**20:.2f} MiB{', weights in ' + EXTERNAL_DATA if external else ''}, "
@@ -391,17 +395,53 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         console.say(f"wrote {out / 'model.engine'} (TensorRT {manifest['engine']['tensorrt']}, {manifest['engine']['gpu']}"
                     f"{', from the engine cache' if manifest['engine']['from_cache'] else ''})")
     if triton_text is not None:
-        name = args.triton_model_name
-        served = {"model.plan": out / "model.engine"} if profile is not None else {n: out / n for n in names}
-        repo = {f"{name}/config.pbtxt": triton_text.encode(), **{f"{name}/1/{n}": p for n, p in served.items()}}
-        write_directory(args.triton_repo, repo, None, force=args.force)
-        console.say(f"wrote {Path(args.triton_repo) / name} (Triton: {manifest['triton']['note'] or 'dynamic batching'})")
+        console.say(f"wrote {Path(args.triton_repo) / args.triton_model_name} "
+                    f"(Triton: {manifest['triton']['note'] or 'dynamic batching'})")
     if no_engine is not None:
         message = f"no model.engine: {no_engine}; wrote the ONNX and its manifest only"
         if not args.allow_no_engine:
             raise NoEngine(f"{message} (pass --allow-no-engine to accept that)")
         console.say(message)
     return manifest
+
+
+def write_triton_model(folder: Path, config: str, staging: Path, names: list[str], *, engine: bool) -> None:
+    """config.pbtxt and version 1 of the Triton model, copied from the output folder's files."""
+    import shutil
+
+    write_file(folder / "config.pbtxt", config.encode())
+    (folder / "1").mkdir()
+    served = {"model.plan": "model.engine"} if engine else {n: n for n in names}
+    for name, source in served.items():
+        shutil.copyfile(staging / source, folder / "1" / name)
+        with open(folder / "1" / name, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def claim_outputs(args: argparse.Namespace) -> list[Output]:
+    """--out, and the Triton model folder, checked before any work: never a file, the working folder or
+    a parent of it, a repository, the other output, a folder holding an input, or (with --force) a
+    folder compile.py did not write."""
+    outputs = [claim(args.out, force=args.force, flag="--out")]
+    if args.triton_repo is not None:
+        check_path_text(args.triton_repo, "--triton-repo")
+        repo = Path(os.path.realpath(args.triton_repo))
+        if repo.exists() and not repo.is_dir():
+            raise OutputRefused(f"--triton-repo {show(args.triton_repo)} is a file, not a folder")
+        model = claim(os.path.join(args.triton_repo, args.triton_model_name), force=args.force, flag="--triton-repo",
+                      owner="triton")
+        check_apart(outputs[0], model, (args.triton_repo, repo))
+        outputs.append(model)
+    for flag in ("onnx", "weights", "config"):
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        source = Path(os.path.realpath(given))
+        for output in outputs:
+            if source.is_relative_to(output.path):
+                raise OutputRefused(f"--{flag} {show(given)} lies inside {output.flag} {show(output.given)}, which this run "
+                                    "would replace; copy it elsewhere first")
+    return outputs
 
 
 def engine_plan(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[Any, str | None]:
@@ -481,7 +521,7 @@ def graph_signature(values, initializers=()) -> list[dict[str, Any]]:
             for v in values if v.name not in skip]
 
 
-USER_ERRORS = (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError, MemoryBoundError)
+USER_ERRORS = (SpecError, WeightsError, TargetError, InputError, IngestError, ProfileError, MemoryBoundError, OutputRefused)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,10 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(quiet=args.quiet, json_mode=args.json)
     try:
-        manifest = run(args, console)
+        with stop_as_exception():
+            args.outputs = claim_outputs(args)
+            manifest = run(args, console)
     except KeyboardInterrupt:
         emit("compile.py: interrupted; nothing was written", sys.stderr)
         return 130
+    except Stopped as stop:
+        emit(f"compile.py: stopped by {stop}; nothing was written", sys.stderr)
+        return stop.exit_status
     except Exception as exc:
         known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
         status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3

@@ -1,6 +1,13 @@
 import pytest
 
-from compiler import artifacts
+from compiler import artifacts, output_folders
+
+
+def _write(out, files, *, force=False):
+    with output_folders.staged_directory(out, force=force) as staging:
+        for name, data in files.items():
+            artifacts.write_file(staging / name, data)
+        artifacts.write_manifest(staging, {"files": {name: {} for name in files}})
 
 
 def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
@@ -15,22 +22,22 @@ def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(artifacts, "write_file", failing)
     with pytest.raises(OSError, match="No space left"):
-        artifacts.write_directory(tmp_path / "out", {"model.onnx": b"abc"}, {"a": 1})
+        _write(tmp_path / "a" / "out", {"model.onnx": b"abc"})
     assert calls == ["model.onnx", "manifest.json"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # nor the parent folder it made
 
 
 def test_force_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    artifacts.write_directory(out, {"model.onnx": b"old"}, {})
+    _write(out, {"model.onnx": b"old"})
     monkeypatch.setattr(artifacts, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError):
-        artifacts.write_directory(out, {"model.onnx": b"new"}, {}, force=True)
+        _write(out, {"model.onnx": b"new"}, force=True)
     assert (out / "model.onnx").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_an_empty_existing_folder_is_used(tmp_path):
     (tmp_path / "out").mkdir()
-    artifacts.write_directory(tmp_path / "out", {"model.onnx": b"x"}, {"k": 1})
+    _write(tmp_path / "out", {"model.onnx": b"x"})
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx"]

@@ -88,8 +88,13 @@ def test_existing_output_is_refused_then_replaced_with_force(run_cli, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("keep me")
     result = run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--out", out)
-    assert result.returncode == 1 and "already exists and is not empty; pass --force" in result.stderr
+    assert result.returncode == 2 and "already exists and is not empty; pass --force" in result.stderr
     assert (out / "old.txt").read_text() == "keep me"
+    result = run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--out", out, "--force")
+    assert result.returncode == 2 and "was not written by compile.py (it has no readable manifest.json)" in result.stderr
+    assert (out / "old.txt").read_text() == "keep me"
+    (out / "old.txt").unlink()
+    assert run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--out", out).returncode == 0
     result = run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--seed", 3, "--out", out, "--force")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]

@@ -63,10 +63,28 @@ def test_encoder_block_repository(run_cli, tmp_path):
     assert _tensors(config.output) == [("output", "TYPE_FP32", [-1, 16])]  # fp16 inside, float32 at the edges
 
 
-def test_refusals_write_nothing(run_cli, tmp_path):
-    repo = tmp_path / "taken"
-    repo.mkdir()
-    (repo / "other").write_text("x")
-    taken = run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", "--out", tmp_path / "b", "--triton-repo", repo)
-    assert taken.returncode == 1 and "already exists and is not empty" in taken.stderr
-    assert not (tmp_path / "b").exists()
+def test_a_repository_keeps_its_other_models_and_force_replaces_only_ours(tmp_path, capsys):
+    """Only REPO/NAME is this run's; another model beside it stays, and a NAME folder that compile.py
+    did not write is refused even with --force, before any work."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compile as compile_script
+
+    repo = tmp_path / "repo"
+    (repo / "other" / "1").mkdir(parents=True)
+    (repo / "other" / "config.pbtxt").write_text('name: "other"\n')
+    args = ["--embed-dim", "8", "--num-heads", "2", "--quiet", "--triton-repo", str(repo)]
+    assert compile_script.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["attention", "other"]
+    assert _parse(repo / "attention" / "config.pbtxt").name == "attention"
+    assert compile_script.main([*args, "--out", str(tmp_path / "b"), "--seed", "1"]) == 2
+    assert "--triton-repo folder" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert compile_script.main([*args, "--out", str(tmp_path / "b"), "--seed", "1", "--force"]) == 0
+    assert (repo / "attention" / "1" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert compile_script.main([*args, "--triton-model-name", "other", "--out", str(tmp_path / "c"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "--triton-repo folder" in err and "was not written by compile.py (its config.pbtxt was not written" in err
+    assert (repo / "other" / "config.pbtxt").read_text() == 'name: "other"\n' and not (tmp_path / "c").exists()
