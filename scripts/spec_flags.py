@@ -34,8 +34,19 @@ def add_spec_flags(p: argparse.ArgumentParser, *, embed_dim_help: str) -> list[a
                            "outputs present_key/present_value, (batch, num_heads, length, head_dim)")
     w = p.add_argument_group("weights")
     w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
-    w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when --weights is absent")
+    w.add_argument("--seed", type=seed, default=0, help="seed of the random initialisation when --weights is absent")
     return [mha, call, w]
+
+
+def seed(text: str) -> int:
+    """A seed NumPy takes: a whole number from 0 to 2**64-1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64-1, got {text[:40]!r}")
+    return value
 
 
 def given_spec_flags(args: argparse.Namespace, groups: list[argparse._ArgumentGroup]) -> list[str]:

@@ -41,7 +41,7 @@ def test_json_config_equals_the_same_flags(run_cli, tmp_path):
 
 @pytest.mark.parametrize("text,suffix,message", [
     ('{"embed_dim": 8, "heads": 2}', ".json", "unknown option 'heads'"),
-    ('{"embed_dim": "eight", "num_heads": 2}', ".json", "embed_dim must be int, got 'eight'"),
+    ('{"embed_dim": "eight", "num_heads": 2}', ".json", "embed_dim must be an integer, got 'eight'"),
     ('{"target": "gpu"}', ".json", "target must be one of portable"),
     ('{"causal": "yes"}', ".json", "causal must be true or false"),
     ("[1", ".json", "is not valid JSON"),
@@ -61,3 +61,77 @@ def test_config_without_out_is_refused(run_cli, tmp_path):
     config.write_text('{"embed_dim": 8, "num_heads": 2}')
     result = run_cli("compile.py", "--config", config)
     assert result.returncode == 2 and "--out (on the command line or in --config)" in result.stderr
+
+
+# Hostile and surprising files (docs/RELIABILITY.md) ---------------------------------------------
+
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+from runtime.memory import PeakRss  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import compile as compile_script  # noqa: E402
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+
+
+def _config_refused(tmp_path, capsys, path, message):
+    """exit 2, one line under 400 characters holding ``message``, in bounded time and memory."""
+    started = time.monotonic()
+    with PeakRss() as peak, pytest.raises(SystemExit) as exit_:  # argparse's exit: refused while parsing
+        compile_script.main(["--config", str(path), "--embed-dim", "8", "--num-heads", "2", "--out", str(tmp_path / "out")])
+    status = exit_.value.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and len(err) < 400 and message in err, err
+    assert time.monotonic() - started < 3 and peak.growth < 200 * 2**20, (time.monotonic() - started, peak.growth)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hostile_config_files_are_refused_fast_in_little_memory(tmp_path, capsys):
+    import os
+
+    (tmp_path / "laughs.yaml").write_text(LAUGHS)  # 9**8 strings once expanded, in 380 bytes
+    _config_refused(tmp_path, capsys, tmp_path / "laughs.yaml", "expands to more than 10000 values")
+    _config_refused(tmp_path, capsys, "/dev/zero", "is not a regular file")
+    os.mkfifo(tmp_path / "fifo.yaml")  # nobody writes: reading it would block forever
+    _config_refused(tmp_path, capsys, tmp_path / "fifo.yaml", "is not a regular file")
+    (tmp_path / "big.json").write_bytes(b" " * (2**20 + 1))
+    _config_refused(tmp_path, capsys, tmp_path / "big.json", "more than a config file may have")
+    (tmp_path / "long.json").write_text(json.dumps({"target": "x" * 500_000}))
+    _config_refused(tmp_path, capsys, tmp_path / "long.json", "target must be one of portable")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    _config_refused(tmp_path, capsys, tmp_path / "deep.json", "is not valid JSON")
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("float.yaml", "seed: 16.7\n", "seed: "),
+    ("float.json", '{"embed_dim": 16.7}', "embed_dim must be an integer, got 16.7"),
+    ("overflow.json", '{"embed_dim": 1e400}', "embed_dim must be an integer, got inf"),
+    ("nan.yaml", "dropout: .nan\n", "dropout must be a finite number, got nan"),
+    ("base60.yaml", "seed: 1:0\n", "seed: 1:0 is a base-60 number in YAML 1.1 (1:0 would mean 60)"),
+    ("octal.yaml", "seed: 010\n", "seed: 010 is an octal number in YAML 1.1 (it would mean 8)"),
+    ("twice.yaml", "seed: 1\nseed: 2\n", "option 'seed' is given twice (line 2)"),
+    ("twice.json", '{"seed": 1, "seed": 2}', "option 'seed' is given twice"),
+    ("key.yaml", "1: 2\n", "has the key 1 (int); option names are text"),
+    ("utf16.yaml", "seed: 5\n".encode("utf-16-le"), "holds NUL bytes: UTF-16 without a byte-order mark"),
+    ("latin1.yaml", "out: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text"),
+    ("negative.yaml", "seed: -1\n", "seed: expected a whole number from 0 to 2**64-1, got '-1'"),
+])
+def test_surprising_config_values_are_refused_naming_the_key(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    _config_refused(tmp_path, capsys, path, message)
+
+
+def test_config_values_in_their_natural_types_are_taken(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes("latency_shape: [1, 8, 8]\nmemory_limit: 17179869184\nmax_len: 64\nseed: 0x10\n"
+                       .encode("utf-16"))  # with its byte-order mark
+    out = tmp_path / "out"
+    assert compile_script.main(["--config", str(config), "--embed-dim", "8", "--num-heads", "2", "--quiet",
+                                "--out", str(out)]) == 0
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    assert (options["latency_shape"], options["memory_limit"], options["seed"]) == ([1, 8, 8], 17179869184, 16)
