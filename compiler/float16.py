@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from compiler._ir import named
@@ -51,6 +53,30 @@ class Float16Pass(ir.passes.InPlacePass):
             if _is_float(value):
                 graph.outputs[i] = _cast_output(graph, value)
         return ir.passes.PassResult(model, True)
+
+
+_WEIGHT_OPS = {"MatMul": (1,), "Gemm": (1, 2), "LayerNormalization": (1, 2), "Conv": (1, 2)}
+
+
+def weight_beyond_float16(model: onnx.ModelProto) -> tuple[str, float] | None:
+    """The first weight (a MatMul, Gemm, Conv or LayerNormalization initializer, or a bias added to a
+    MatMul) whose values float16 cannot hold, with its largest magnitude; None when every weight fits.
+    Other constants may pass the range on purpose (a -1e9 mask fill, which float16 holds as -inf)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    matmuls = {out for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for out in n.output}
+    for node in model.graph.node:
+        indices = _WEIGHT_OPS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and matmuls.intersection(node.input):
+            indices = (0, 1)
+        for index in indices:
+            tensor = initializers.get(node.input[index]) if index < len(node.input) else None
+            if tensor is None or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+                continue
+            values = onnx.numpy_helper.to_array(tensor)
+            peak = float(np.max(np.abs(values))) if values.size else 0.0
+            if peak > -_FP16_LOWEST:
+                return tensor.name, peak
+    return None
 
 
 def _is_float(value: ir.Value) -> bool:

@@ -147,6 +147,13 @@ def block_shapes(spec: BlockSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+BLOCK_HINT = "check --block, --dim-feedforward and bias"
+
+
+def _owner(spec: BlockSpec) -> str:
+    return "torch.nn.TransformerEncoderLayer" if spec.block == "encoder" else "torch.nn.TransformerDecoderLayer"
+
+
 @dataclass(frozen=True)
 class BlockWeights:
     """Checked float32 tensors keyed as in the layer's state_dict; ``source`` says where they came from."""
@@ -156,13 +163,13 @@ class BlockWeights:
 
     @classmethod
     def from_state_dict(cls, spec: BlockSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> BlockWeights:
-        owner = "torch.nn.TransformerEncoderLayer" if spec.block == "encoder" else "torch.nn.TransformerDecoderLayer"
-        tensors = checked_tensors(block_shapes(spec), state, owner, "check --block, --dim-feedforward and bias")
+        tensors = checked_tensors(block_shapes(spec), state, _owner(spec), BLOCK_HINT)
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
     @classmethod
     def from_file(cls, spec: BlockSpec, path: str | os.PathLike[str]) -> BlockWeights:
-        return cls.from_state_dict(spec, read_state_dict(path), file_source(path))
+        return cls.from_state_dict(spec, read_state_dict(path, block_shapes(spec), _owner(spec), BLOCK_HINT),
+                                   file_source(path))
 
     @classmethod
     def from_module(cls, spec: BlockSpec, module: Any) -> BlockWeights:

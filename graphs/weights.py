@@ -1,13 +1,12 @@
 """Weights of a torch.nn.MultiheadAttention, under torch's own state_dict key names.
 
-Files are read without running code: safetensors and npz (``allow_pickle=False``) need no torch;
-``.pt`` goes through ``torch.load(weights_only=True)``.
+Files are read by graphs/weight_files.py, which runs no code from them and checks what they declare
+against the spec before reading their data.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from graphs.spec import AttentionSpec
+from graphs.weight_files import WeightsError, check_dtype, check_keys, check_shape, read_state_dict, torch_array
 
-
-class WeightsError(ValueError):
-    """Weights that do not fit the spec, or a file that cannot be read as weights."""
+OWNER = "torch.nn.MultiheadAttention"
+HINT = "check bias, add_bias_kv, kdim and vdim"
 
 
 def expected_shapes(spec: AttentionSpec) -> dict[str, tuple[int, ...]]:
@@ -52,13 +51,13 @@ class AttentionWeights:
 
     @classmethod
     def from_state_dict(cls, spec: AttentionSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> AttentionWeights:
-        tensors = checked_tensors(expected_shapes(spec), state, "torch.nn.MultiheadAttention",
-                                  "check bias, add_bias_kv, kdim and vdim")
+        tensors = checked_tensors(expected_shapes(spec), state, OWNER, HINT)
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
     @classmethod
     def from_file(cls, spec: AttentionSpec, path: str | os.PathLike[str]) -> AttentionWeights:
-        return cls.from_state_dict(spec, read_state_dict(path), file_source(path))
+        state = read_state_dict(path, expected_shapes(spec), OWNER, HINT)
+        return cls.from_state_dict(spec, state, file_source(path))
 
     @classmethod
     def from_module(cls, spec: AttentionSpec, module: Any) -> AttentionWeights:
@@ -93,32 +92,14 @@ class AttentionWeights:
         return self.tensors["out_proj.bias"] if spec.bias else np.zeros(spec.embed_dim, np.float32)
 
 
-def _is_float(dtype: np.dtype) -> bool:
-    """NumPy floats, and the ml_dtypes floats (bfloat16, float8) that safetensors.numpy returns."""
-    return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float8"))
-
-
-def _names(keys: list[str]) -> str:
-    return ("key " if len(keys) == 1 else "keys ") + ", ".join(repr(k) for k in keys)
-
-
 def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], owner: str,
                     hint: str) -> dict[str, np.ndarray]:
-    """``state`` as float32 arrays, refused with one sentence unless its keys and shapes are ``expected``."""
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise WeightsError(f"weights are missing {_names(missing)} that {owner} has for this spec"
-                           f" (expected keys: {', '.join(expected)})")
-    extra = sorted(k for k in state if k not in expected)
-    if extra:
-        raise WeightsError(f"weights hold unexpected {_names(extra)}; this spec takes exactly {', '.join(expected)} ({hint})")
+    """``state`` as float32 arrays, refused with one sentence unless its keys are ``expected`` and its
+    tensors are finite floats of the expected shapes."""
+    check_keys(expected, list(state), owner, hint)
     tensors = {}
     for key, shape in expected.items():
-        array = _as_numpy(key, state[key])
-        if not _is_float(array.dtype):
-            raise WeightsError(f"weight {key!r} has dtype {array.dtype}, expected a floating-point tensor")
-        if tuple(array.shape) != shape:
-            raise WeightsError(f"weight {key!r} has shape {tuple(array.shape)}, expected {shape} for this spec")
+        array = _as_numpy(key, state[key], shape)
         with np.errstate(over="ignore"):
             tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
         bad = np.size(tensors[key]) - np.count_nonzero(np.isfinite(tensors[key]))
@@ -127,6 +108,20 @@ def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str,
             raise WeightsError(f"weight {key!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}{where}; "
                                "every output would be NaN, expected finite weights")
     return tensors
+
+
+FLOAT16_MAX = 65504.0
+
+
+def check_precision_range(tensors: Mapping[str, np.ndarray], precision: str) -> None:
+    """WeightsError naming the first tensor whose values float16 cannot hold, for ``--precision fp16``."""
+    if precision != "fp16":
+        return
+    for key, value in tensors.items():
+        peak = float(np.max(np.abs(value))) if value.size else 0.0
+        if peak > FLOAT16_MAX:
+            raise WeightsError(f"weight {key!r} holds values up to {peak:.4g}, beyond float16's range (±{FLOAT16_MAX:g}): "
+                               "with --precision fp16 every output would be inf; use --precision fp32")
 
 
 def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
@@ -154,60 +149,11 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, str]:
     return {"kind": "file", "path": str(path), "format": Path(path).suffix.lower().lstrip(".")}
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A state_dict from .safetensors, .npz or .pt (torch.load with weights_only=True: no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {str(path)!r} does not exist")
-    readers = {".safetensors": _read_safetensors, ".npz": _read_npz, ".pt": _read_torch, ".pth": _read_torch}
-    suffix = path.suffix.lower()
-    if suffix not in readers:
-        raise WeightsError(f"weights file {str(path)!r} has an unknown type; expected .safetensors, .npz or .pt")
-    return readers[suffix](path)
-
-
-def _as_numpy(key: str, value: Any) -> np.ndarray:
+def _as_numpy(key: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(value, np.ndarray):
+        check_dtype(key, value.dtype.name)  # ml_dtypes' bfloat16 is named so; its float8s are refused
+        check_shape(key, value.shape, shape)
         return value
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor; bf16 has no numpy dtype
-        return value.detach().to("cpu").double().numpy()
+        return torch_array(key, value, shape)
     raise WeightsError(f"weight {key!r} is a {type(value).__name__}, expected a tensor")
-
-
-def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise WeightsError(f"weights file {str(path)!r} is not a readable safetensors file ({first_line(exc)})") from exc
-
-
-def _read_npz(path: Path) -> dict[str, Any]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise WeightsError(f"weights file {str(path)!r} is not a readable .npz archive of arrays ({first_line(exc)})") from exc
-
-
-def _read_torch(path: Path) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError as exc:
-        raise WeightsError(f"reading {str(path)!r} needs torch; install the 'torch' extra or save the weights as .safetensors") from exc
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise WeightsError(
-            f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): {first_line(exc)}"
-        ) from exc
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"weights file {str(path)!r} holds a {type(state).__name__}, expected a state_dict of tensors")
-    return dict(state)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

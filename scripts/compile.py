@@ -28,7 +28,8 @@ from compiler.report import graph_summary, input_shapes, render_report
 from compiler.resources import MemoryBoundError
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
-from graphs.weights import first_line
+from graphs.weight_files import first_line
+from graphs.weights import check_precision_range
 from runtime import InputError
 from runtime.profiles import ProfileError
 from runtime.session import BackendUnavailable
@@ -240,6 +241,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     memory = memory_bound(args, spec)
     with console.step("building the graph"):
         weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
+        check_precision_range(weights.tensors, args.precision)
         built = build(spec, weights)
     with console.step(f"running the {args.target} passes"):
         model = compile_model(built, args.target, args.precision, args.form)
@@ -252,12 +254,16 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The target's pipeline over an existing graph; --check compares it with that graph on ONNX Runtime CPU."""
+    from compiler.float16 import weight_beyond_float16
     from compiler.ingest import fusion_findings, load_onnx
     from runtime.check import check_against_graph, graph_inputs
 
     _, form = get_target(args.target, args.precision, args.form)
     with console.step("reading the graph"):
         original = load_onnx(args.onnx)
+    if args.precision == "fp16" and (beyond := weight_beyond_float16(original)) is not None:
+        raise IngestError(f"initializer {beyond[0]!r} of {args.onnx!r} holds values up to {beyond[1]:.4g}, beyond "
+                          "float16's range (±65504): with --precision fp16 its outputs would be inf; use --precision fp32")
     with console.step(f"running the {args.target} passes"):
         model = compile_model(original, args.target, args.precision, form.name)
     findings = fusion_findings(original, model, form, attention_form(model))

@@ -122,10 +122,11 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_npz_with_pickled_objects_is_refused(tmp_path):
+def test_npz_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "obj.npz"
-    np.savez(path, in_proj_weight=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(WeightsError, match="not a readable .npz archive of arrays"):
+    np.savez(path, **{**_state(SPEC), "in_proj_weight": np.array([{"a": 1}], dtype=object)})
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("the pickle was loaded"))
+    with pytest.raises(WeightsError, match=r"weight 'in_proj_weight' holds Python objects \(a pickle, which is never loaded"):
         AttentionWeights.from_file(SPEC, path)
 
 
