@@ -74,10 +74,27 @@ class Core:
         return self.softmax.name or self.softmax.outputs[0].name or "Softmax"
 
 
+def unfusable(core: Core) -> str | None:
+    """Why no fused op can take ``core``, whatever the target: their ``scale`` must be positive (the
+    standard Attention op refuses anything else, and MultiHeadAttention reads 0 as 1/sqrt(head_dim))."""
+    if not (np.isfinite(core.scale) and core.scale > 0):
+        return f"its scale ({core.scale:g}) is not a positive number, and the fused ops take only a positive scale"
+    return None
+
+
 def survey(graph: ir.Graph) -> list[tuple[ir.Node, Core | str]]:
     """Every Softmax of the graph with its core, or the reason it is not one."""
     return [(node, _match(node, graph) or _match_bnsh(node, graph)) for node in list(graph)
             if node.op_type == "Softmax" and not node.domain]
+
+
+def over_keys(softmax: ir.Node, graph: ir.Graph, rank: int = 4) -> bool:
+    """Whether a Softmax of a rank-``rank`` tensor normalises over its last axis alone, by its opset's
+    rule: before opset 13 the axis defaults to 1 and the input is flattened to 2-D at it, from 13 on
+    it defaults to -1 and is one axis. Either way only the last axis is attention over keys."""
+    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 13))
+    axis = softmax.attributes.get_int("axis", 1 if opset < 13 else -1)
+    return axis % rank == rank - 1 if -rank <= axis < rank else False
 
 
 def find_cores(graph: ir.Graph) -> list[Core]:
@@ -114,7 +131,7 @@ def _context_matmul(probs: ir.Value) -> tuple[ir.Node | None, bool]:
 
 
 def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
-    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+    if not over_keys(softmax, graph):
         return None
     nodes = [softmax]
     probs = softmax.outputs[0]
@@ -218,8 +235,8 @@ def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     probs = softmax.outputs[0]
     if _rank(probs) != 4:
         return "its rank is not known to be 4 (batch, heads, query, key)"
-    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
-        return "it does not normalise over the key axis"
+    if not over_keys(softmax, graph):
+        return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
     context_mm, weights_used = _context_matmul(probs)
     if context_mm is None:
         return "no single MatMul multiplies it with the values"
@@ -328,18 +345,20 @@ def zero_scalar(graph: ir.Graph) -> ir.Value:
 def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Value,
                  weights: ir.Value | None = None, present: tuple[ir.Value, ir.Value] | None = None) -> None:
     """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``, and
-    a cache's present_key/present_value the fused op's ``present`` (under the same names)."""
+    a cache's present_key/present_value the fused op's ``present``. Where one of those was a graph
+    output, the new value takes its name, type and shape, so the graph's signature stays the same."""
     graph.insert_before(core.nodes[-1], new)
-    core.output.replace_all_uses_with(context, replace_graph_outputs=True)
+    replaced = [(core.output, context)]
     if core.weights is not None:
         assert weights is not None, "a fusion that drops the weights must leave need_weights cores alone"
-        core.weights.replace_all_uses_with(weights, replace_graph_outputs=True)
-    graph.remove(core.nodes, safe=True)
+        replaced.append((core.weights, weights))
     if core.cache is not None:
         assert present is not None, "a fusion that drops the cache must leave cached cores alone"
-        old = (core.cache.present_key, core.cache.present_value)
-        for value, fused in zip(old, present):
-            value.replace_all_uses_with(fused, replace_graph_outputs=True)
-        graph.remove(core.cache.nodes, safe=True)
-        for value, fused in zip(old, present):
-            fused.name, fused.type, fused.shape = value.name, value.type, value.shape
+        replaced += list(zip((core.cache.present_key, core.cache.present_value), present))
+    outputs = [old for old, _ in replaced if old.is_graph_output()]
+    for old, fused in replaced:
+        old.replace_all_uses_with(fused, replace_graph_outputs=True)
+    graph.remove(core.nodes + (core.cache.nodes if core.cache is not None else []), safe=True)
+    for old, fused in replaced:
+        if old in outputs or (core.cache is not None and fused in present):
+            fused.name, fused.type, fused.shape = old.name, old.type, old.shape

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unique_scope,
-                                     zero_dead_context, zero_dead_weights)
+from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unfusable,
+                                     unique_scope, zero_dead_context, zero_dead_weights)
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -25,11 +25,11 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
 
     @staticmethod
     def refuse(core: Core) -> str | None:
-        return None
+        return unfusable(core)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        cores = find_cores(graph)
+        cores = [core for core in find_cores(graph) if self.refuse(core) is None]
         if cores and model.opset_imports.get("", 1) < ATTENTION_OPSET:
             raise ir.passes.PassError(f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first")
         for core in cores:

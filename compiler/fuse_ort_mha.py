@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
-from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unique_scope,
-                                     zero_dead_context, zero_scalar)
+from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unfusable,
+                                     unique_scope, zero_dead_context, zero_scalar)
 
 MS_DOMAIN = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
@@ -32,7 +32,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             return "its weights are used outside the attention, and MultiHeadAttention cannot return them"
         if core.num_heads is None or core.head_dim is None:
             return "the graph does not state its head count and head size, which MultiHeadAttention needs"
-        return None
+        return unfusable(core)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -18,7 +18,7 @@ import numpy as np
 from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 from runtime.reference import fully_masked_rows, mha_reference
-from runtime.signature import evaluate
+from runtime.signature import InputError, evaluate
 from runtime.session import Session
 
 Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
@@ -220,7 +220,9 @@ def graph_inputs(session: Session, sizes: Mapping[str, int], rng: np.random.Gene
         elif spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         else:
-            raise ValueError(f"input {spec.name!r} has dtype {spec.dtype}; the check only makes float and bool inputs")
+            kind = spec.onnx_type if spec.dtype == np.dtype(object) else str(spec.dtype)
+            raise InputError(f"input {spec.name!r} is {kind}; --check and --latency make float and bool inputs only, so "
+                             "compile this graph without them")
     return feeds
 
 

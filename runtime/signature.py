@@ -32,8 +32,9 @@ _DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT1
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dtype: np.dtype
+    dtype: np.dtype  # object where NumPy has no such type (bfloat16, string...): ``onnx_type`` names it
     shape: tuple[int | str | None, ...]
+    onnx_type: str = ""
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -44,7 +45,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        specs.append(InputSpec(vi.name, _DTYPES.get(tensor.elem_type, np.dtype(object)), dims))
+        specs.append(InputSpec(vi.name, _DTYPES.get(tensor.elem_type, np.dtype(object)), dims,
+                               onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+                               if tensor.elem_type in onnx.TensorProto.DataType.values() else "unknown"))
     return specs
 
 
@@ -88,7 +91,8 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dic
             raise InputError(f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
                              f"of {spec.dtype}")
         if dtype != spec.dtype:
-            raise InputError(f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}")
+            raise InputError(f"input {spec.name!r} has dtype {dtype}, expected {spec.onnx_type or spec.dtype}"
+                             if spec.dtype == np.dtype(object) else f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}")
         shape = tuple(value.shape)  # type: ignore[attr-defined]
         if len(shape) != len(spec.shape):
             raise InputError(f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}")

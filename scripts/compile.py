@@ -278,9 +278,7 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         model = original
 
     def checker(session: Any) -> Any:
-        from runtime.ort import OrtSession
-
-        return check_against_graph(session, OrtSession(original), tolerance=_tolerance(args))
+        return check_against_graph(session, input_session(original, args.onnx), tolerance=_tolerance(args))
 
     def feeds(session: Any) -> dict[str, np.ndarray]:
         return graph_inputs(session, onnx_axis_sizes(session.inputs, args.latency_shape), np.random.default_rng(0))
@@ -321,9 +319,7 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
           described: dict[str, Any], extra: dict[str, Any], *, checker: Callable[[Any], Any],
           feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
     """DIR/model.onnx (and model.onnx.data), manifest.json (DESIGN.md contract 3) and report.html, all
-    staged beside DIR: the ONNX is validated, checked and timed as written, and DIR appears only whole."""
-    from runtime.ort import OrtSession
-
+    staged beside DIR: the ONNX is validated, loaded, checked and timed as written, and DIR appears only whole."""
     target, form = get_target(args.target, args.precision, args.form)
     external = args.external_data == "always" or needs_external_data(model)
     manifest = {
@@ -363,11 +359,13 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
             names = save_model(model, staging, external=external)
         with console.step("validating the ONNX (onnx.checker, full check)"):
             onnx.checker.check_model(str(path), full_check=True)
+        with console.step("loading it in ONNX Runtime"):
+            session = loaded_session(path, before if args.onnx is not None else None, args.onnx)
         manifest["files"] = file_records(staging, names)
         manifest["check"] = None
         if args.check:
             with console.step("checking against the references"):
-                report = checker(OrtSession(path))
+                report = checker(session)
             console.say(report.table())
             if not report.passed:
                 raise CheckFailed(f"check failed: worst relative error {report.worst_rel_error:.3e} exceeds "
@@ -379,7 +377,7 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
         manifest["latency"] = None
         if args.latency:
             with console.step("measuring latency before and after the passes"):
-                manifest["latency"] = measure_latency(before, path, feeds)
+                manifest["latency"] = measure_latency(before, session, feeds, args.onnx)
             t = manifest["latency"]
             console.say(f"latency p50 with {input_shapes(t['inputs'])}: {t['before']['p50_s'] * 1e3:.3f} ms before the passes, "
                         f"{t['after']['p50_s'] * 1e3:.3f} ms after ({t['ratio_p50']:.2f}x), {t['where']}")
@@ -409,6 +407,39 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
             raise NoEngine(f"{message} (pass --allow-no-engine to accept that)")
         console.say(message)
     return manifest
+
+
+class UnloadableModel(RuntimeError):
+    """The graph compile.py wrote does not load in ONNX Runtime (a fault of ours: exit 3)."""
+
+
+def _ort_problem(exc: BaseException) -> str:
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))[:300]
+
+
+def input_session(original: onnx.ModelProto, source: str) -> Any:
+    """The input graph of --onnx in ONNX Runtime, for the check and the latency; IngestError (the
+    input's fault, exit 2) where ONNX Runtime refuses it."""
+    from runtime.ort import OrtSession
+
+    try:
+        return OrtSession(original)
+    except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...
+        raise IngestError(f"ONNX Runtime cannot load {source!r} itself: {_ort_problem(exc)}") from None
+
+
+def loaded_session(path: Path, original: onnx.ModelProto | None, source: str | None) -> Any:
+    """The written model in an ONNX Runtime CPU session, so that no folder appears with a model
+    ONNX Runtime refuses. Where the input graph is refused too, the fault is the input's."""
+    from runtime.ort import OrtSession
+
+    try:
+        return OrtSession(path)
+    except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...
+        if original is not None:
+            input_session(original, source)
+        raise UnloadableModel(f"the compiled model does not load in ONNX Runtime: {_ort_problem(exc)}; nothing was "
+                              "written (please report it, with the --verbose traceback)") from exc
 
 
 def write_triton_model(folder: Path, config: str, staging: Path, names: list[str], *, engine: bool) -> None:
@@ -504,14 +535,16 @@ def _profile_batch(profile: Any) -> int:
     return min(hi[0] for _, _, hi in profile.shapes.values())
 
 
-def measure_latency(before: onnx.ModelProto, after: Path, feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
-    """p50/p90/p99 of the graph before and after the passes on ONNX Runtime CPU, same inputs, same run."""
+def measure_latency(before: onnx.ModelProto, after: Any, feeds: Callable[[Any], dict[str, np.ndarray]],
+                    source: str | None) -> dict[str, Any]:
+    """p50/p90/p99 of the graph before and after the passes on ONNX Runtime CPU, same inputs, same run;
+    ``after`` is the written model's session, ``source`` the --onnx file ``before`` came from."""
     import onnxruntime
 
     from runtime.ort import OrtSession
     from runtime.timing import cpu_name, measure
 
-    sessions = {"before": OrtSession(before), "after": OrtSession(after)}
+    sessions = {"before": input_session(before, source) if source is not None else OrtSession(before), "after": after}
     inputs = feeds(sessions["after"])
     timings = {name: measure(lambda s=s: s.run(inputs), warmup=3, min_runs=10, min_seconds=1.0).to_json()
                for name, s in sessions.items()}
@@ -548,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
         status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3
-        message = str(exc) if known else (f"internal error {type(exc).__name__}: {first_line(exc)}; nothing was written "
+        message = str(exc) if known or isinstance(exc, UnloadableModel) else (f"internal error {type(exc).__name__}: {first_line(exc)}; nothing was written "
                                           "(please report it, with the --verbose traceback)")
         if args.verbose:
             emit(traceback.format_exc().rstrip(), sys.stderr)
