@@ -82,7 +82,7 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.comparisons) and self.worst_rel_error <= self.tolerance
+        return bool(self.comparisons) and bool(self.worst_rel_error <= self.tolerance)
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "tolerance": self.tolerance, "worst_rel_error": self.worst_rel_error,
@@ -116,7 +116,7 @@ def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     abs_err = float(np.max(np.where(same, 0.0, np.abs(a - e))))
     finite = np.abs(e[np.isfinite(e)])
     scale = float(finite.max()) if finite.size else 1.0
-    return abs_err, abs_err / max(scale, np.finfo(np.float64).tiny)
+    return abs_err, float(abs_err / max(scale, np.finfo(np.float64).tiny))
 
 
 def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeights, *,
@@ -296,6 +296,10 @@ def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str
     axis = 1 if spec.batch_first else 0
     tokens = np.concatenate([past_tokens, feeds[spec.prefix]], axis=axis)
     inputs = {k: v for k, v in feeds.items() if not k.startswith("past")} | {spec.prefix: tokens}
+    if "memory_mask" in inputs:  # (tgt_len, S) covers the new rows; the past rows' masks cannot reach them
+        mask = inputs["memory_mask"]
+        past_rows = np.zeros((past_tokens.shape[axis], *mask.shape[1:]), mask.dtype)
+        inputs["memory_mask"] = np.concatenate([past_rows, mask], axis=0)
     out = torch_block_forward(dataclasses.replace(spec, kv_cache=False), module, inputs)["output"]
     present_key, present_value = _block_cache(spec, weights, tokens)
     new = np.arange(past_tokens.shape[axis], tokens.shape[axis])

@@ -325,3 +325,29 @@ def test_the_estimate_is_near_the_measured_peak(target):
         session.run(feeds)
     estimate = sum(attention_parts(spec, Shape(4, 1024, 1024), "fp32", target).values())
     assert 0.8 <= peak.growth / estimate <= 1.25, (peak.growth, estimate)
+
+
+# Checks that used to stop with an internal error -----------------------------------------------
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_a_cached_decoder_with_a_memory_mask_checks_against_torch(tmp_path, mask):
+    """The check runs torch over past and new tokens; the memory mask must cover the past rows too."""
+    out = tmp_path / "decoder"
+    assert compile_script.main(["--block", "decoder", "--embed-dim", "16", "--num-heads", "2", "--dim-feedforward", "32",
+                                "--causal", "--kv-cache", "--memory-mask", mask, "--memory-key-padding-mask", "bool",
+                                "--check", "--quiet", "--out", str(out)]) == 0
+    check = json.loads((out / "manifest.json").read_text())["check"]
+    assert check["passed"] and {c["reference"] for c in check["comparisons"]} == {"numpy", "torch"}
+
+
+def test_zero_weights_pass_the_check_and_the_manifest_is_json(tmp_path):
+    from safetensors.numpy import save_file
+
+    state = {k: v.astype(np.float32) for k, v in random_state(expected_shapes(AttentionSpec(16, 2)), 0).items()}
+    state["out_proj.weight"][:] = 0
+    state["out_proj.bias"][:] = 0  # as torch initialises it: every output is 0, a check against zeros
+    save_file(state, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "out"
+    assert compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--weights", str(tmp_path / "w.safetensors"),
+                                "--check", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["check"]["passed"] is True
