@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ class TensorRTSession(Session):
         if self._engine is None:
             raise EngineBuildError("TensorRT could not load this engine (built by another TensorRT version or GPU?)")
         self._context = self._engine.create_execution_context()
+        self._lock = threading.Lock()  # one execution context: its shapes and addresses are per call
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._profile = profile or self._built_profile()
@@ -186,6 +188,11 @@ class TensorRTSession(Session):
         return self._execute(feeds)
 
     def _execute(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One call at a time: threads sharing the session wait for each other."""
+        with self._lock:
+            return self._execute_alone(feeds)
+
+    def _execute_alone(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
         trt = self._trt

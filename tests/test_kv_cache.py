@@ -135,6 +135,70 @@ def test_the_loop_refuses_what_does_not_fit():
         KvCacheLoop(OrtSession(build_mha(plain, AttentionWeights.random(plain))), plain)
 
 
+def test_the_loop_names_bad_inputs_as_session_run_does():
+    """Wrong inputs to the loop get OrtSession.run's InputError lines, not ONNX Runtime's or Python's."""
+    import torch
+
+    spec = _spec(key_padding_mask="bool", batch_first=True)
+    weights = AttentionWeights.random(spec)
+    loop = KvCacheLoop(OrtSession(build_mha(spec, weights)), spec)
+    prompt = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
+    cases = [
+        (lambda: loop.prefill(prompt, np.zeros((2, 5), bool)),
+         r"key_padding_mask for the new keys has shape \(2, 5\) and dtype bool; expected \(2, 3\) of bool"),
+        (lambda: loop.prefill(prompt, np.zeros((2, 3), np.float32)), "has shape \\(2, 3\\) and dtype float32; expected"),
+        (lambda: loop.prefill(prompt[0, 0]), r"input 'query' has rank 1 \(shape \(16,\)\), expected rank 3"),
+        (lambda: loop.prefill(prompt.tolist()), "input 'query' is a list, expected a numpy.ndarray or torch.Tensor of float32"),
+        (lambda: loop.prefill(prompt.astype(np.float64)), "input 'query' has dtype float64, expected float32"),
+        (lambda: loop.prefill(prompt, memory=prompt), "unexpected input 'memory'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=message):
+            call()
+    graded = torch.from_numpy(prompt).requires_grad_()
+    np.testing.assert_array_equal(loop.prefill(graded), KvCacheLoop(loop.session, spec).prefill(prompt))
+    for other, message in ((_spec(batch_first=True), "it takes a key_padding_mask that the spec does not"),
+                           (AttentionSpec(16, 2, self_attention=True, is_causal=True, kv_cache=True, batch_first=True,
+                                          key_padding_mask="bool"), r"its past_key has shape \('batch', 4, 'past_len', 4\)")):
+        with pytest.raises(InputError, match=f"the session's graph does not match the spec given to KvCacheLoop: {message}"):
+            KvCacheLoop(loop.session, other)
+
+
+def test_a_loop_used_from_a_second_thread_refuses_it():
+    import threading
+
+    from runtime.generation import LoopInUse
+
+    spec = _spec()
+    loop = KvCacheLoop(OrtSession(build_mha(spec, AttentionWeights.random(spec))), spec)
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow:  # the first call waits inside ONNX Runtime until the second has been refused
+        def __init__(self, session):
+            self.session = session
+
+        def io_binding(self):
+            return self.session.io_binding()
+
+        def run_with_iobinding(self, binding):
+            inside.set()
+            release.wait(10)
+            return self.session.run_with_iobinding(binding)
+
+    loop.session._session = Slow(loop.session._session)
+    token = np.zeros((1, 1, 16), np.float32)
+    first = threading.Thread(target=loop.prefill, args=(token,))
+    first.start()
+    assert inside.wait(10)
+    with pytest.raises(LoopInUse, match="running a call from another thread; .* give each thread its own loop"):
+        loop.step(token)
+    release.set()
+    first.join()
+    assert loop.past_len == 1  # the first call finished; the refused one changed nothing
+    loop.step(token)
+    assert loop.past_len == 2
+
+
 def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
     out = tmp_path / "kv"
     result = run_cli("compile.py", "--embed-dim", 32, "--num-heads", 4, "--self-attention", "--causal", "--kv-cache",
