@@ -17,7 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from graphs.spec import AttentionSpec
+import onnx
+
+from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY, AttentionSpec
 
 FLOAT32 = 4
 
@@ -61,6 +63,14 @@ def attention_parts(spec: AttentionSpec, shape: Shape, precision: str, target: s
     return parts
 
 
+def declare_maxima(model: onnx.ModelProto, max_batch: int | None, max_len: int | None) -> None:
+    """Record the declared largest batch and length in the model's metadata, where every Session
+    reads them and refuses larger inputs."""
+    for key, value in ((MAX_BATCH_KEY, max_batch), (MAX_LEN_KEY, max_len)):
+        if value is not None:
+            model.metadata_props.add(key=key, value=str(value))
+
+
 def _bias_params(spec: AttentionSpec) -> int:
     return (4 * spec.embed_dim if spec.bias else 0) + (2 * spec.embed_dim if spec.add_bias_kv else 0)
 
@@ -83,14 +93,39 @@ def block_parts(spec: Any, shape: Shape, precision: str, target: str) -> dict[st
 
 def check_memory(parts: dict[str, int], shape: Shape, limit: int, limit_source: str) -> int:
     """The total of ``parts``; MemoryBoundError naming the largest part when it passes ``limit``."""
+    return _check(parts, f"at its declared maximum shape ({shape}) this graph needs", "per call", limit, limit_source,
+                  "lower --max-batch or --max-len, or raise --memory-limit")
+
+
+def _check(parts: dict[str, int], what: str, per: str, limit: int, limit_source: str, advice: str) -> int:
     total = sum(parts.values())
     if total > limit:
         name, size = max(parts.items(), key=lambda item: item[1])
         raise MemoryBoundError(
-            f"at its declared maximum shape ({shape}) this graph needs about {show_bytes(total)} per call, mostly "
-            f"the {name} ({show_bytes(size)}), more than the memory limit of {show_bytes(limit)} ({limit_source}); "
-            "lower --max-batch or --max-len, or raise --memory-limit")
+            f"{what} about {show_bytes(total)}{' ' + per if per else ''}, mostly the {name} ({show_bytes(size)}), more "
+            f"than the memory limit of {show_bytes(limit)} ({limit_source}); {advice}")
     return total
+
+
+# Bytes compile.py holds per weight while it builds, packs, serialises, loads and checks a graph:
+# float64 initialisation, float32 weights, the ONNX and IR copies, ONNX Runtime's session and, with
+# --check, torch's float64 module. Measured 37-42 (docs/RELIABILITY.md, "The memory bound").
+WORK_BYTES_PER_PARAMETER = 48
+
+
+def work_parts(parameters: int, latency: dict[str, int] | None = None) -> dict[str, int]:
+    """What compiling (and checking, and timing one call at the latency shape) holds at its peak."""
+    parts = {f"weights as they are built, written and checked ({parameters:,} parameters)":
+             WORK_BYTES_PER_PARAMETER * parameters}
+    for name, size in (latency or {}).items():
+        if name != "weights":
+            parts[f"{name} of one call at the --latency-shape"] = 2 * size  # before and after the passes
+    return parts
+
+
+def check_work(parts: dict[str, int], limit: int, limit_source: str) -> int:
+    return _check(parts, "compiling this graph needs", "", limit, limit_source,
+                  "lower --embed-dim, --dim-feedforward or --latency-shape, or raise --memory-limit")
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,

@@ -17,6 +17,10 @@ MASK_KINDS = ("bool", "float")
 # Symbolic axis names of DESIGN.md contract 2; past_len is a KV cache's length, and may be 0.
 BATCH, TGT_LEN, SRC_LEN, PAST_LEN = "batch", "tgt_len", "src_len", "past_len"
 TOTAL_LEN = f"{PAST_LEN}+{TGT_LEN}"  # the keys a cached step attends to: the past, then this step's
+# The largest shape a graph was compiled for (compile.py --max-batch/--max-len), kept in the model's
+# metadata_props so that every Session over it refuses larger inputs: batch, and every sequence axis.
+MAX_BATCH_KEY, MAX_LEN_KEY = "attention_compiler.max_batch", "attention_compiler.max_len"
+LENGTH_AXES = (TGT_LEN, SRC_LEN, PAST_LEN, TOTAL_LEN)
 
 
 class SpecError(ValueError):

@@ -120,7 +120,7 @@ class KvCacheLoop:
             raise InputError(f"missing input {missing[0]!r}; give it to prefill and step as a keyword argument")
         past_shape = (batch, heads.num_heads, self.past_len, heads.head_dim)
         stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), past_shape, (0,) * 4)  # no memory
-        check_inputs(self.session.inputs, {**feeds, "past_key": stand_in, "past_value": stand_in})
+        check_inputs(self.session.inputs, {**feeds, "past_key": stand_in, "past_value": stand_in}, self.session.maxima)
         past = self._past or tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros(past_shape, np.float32), self.device)
                                    for _ in range(2))
         binding = self.session._session.io_binding()

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from runtime.profiles import Profile
 from runtime.session import BackendUnavailable, Session
-from runtime.signature import dtype_of, input_specs, resolve_shape, torch_dtype
+from runtime.signature import declared_maxima, dtype_of, input_specs, resolve_shape, torch_dtype
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 PROVIDERS = {  # by device, in priority order; the CPU provider runs what the others leave
@@ -57,10 +57,13 @@ class OrtSession(Session):
     def __init__(self, model: onnx.ModelProto | str | os.PathLike[str],
                  providers: Sequence[str] = PROVIDERS["cpu"],
                  options: ort.SessionOptions | None = None,
-                 provider_options: Sequence[Mapping[str, Any]] | None = None) -> None:
+                 provider_options: Sequence[Mapping[str, Any]] | None = None, *, maxima: bool = True) -> None:
+        """``maxima``: refuse inputs past the largest batch and length the model declares (compile.py
+        --max-batch/--max-len); False for a check at shapes of its own."""
         check_providers(providers)
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
         self._inputs = input_specs(proto)
+        self._maxima = declared_maxima(proto) if maxima else {}
         source = proto.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self._session = ort.InferenceSession(source, sess_options=options, providers=list(providers),
                                              provider_options=[dict(o) for o in provider_options] if provider_options else None)

@@ -26,6 +26,7 @@ class Session(abc.ABC):
 
     _inputs: list[InputSpec]
     _outputs: list[str]
+    _maxima: dict[str, int] = {}  # the declared largest batch / length (graphs/spec.py MAX_*_KEY); empty: none
 
     @property
     def inputs(self) -> list[InputSpec]:
@@ -34,6 +35,10 @@ class Session(abc.ABC):
     @property
     def output_names(self) -> list[str]:
         return self._outputs
+
+    @property
+    def maxima(self) -> dict[str, int]:
+        return dict(self._maxima)
 
     @abc.abstractmethod
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
@@ -47,7 +52,7 @@ class Session(abc.ABC):
         return {name: torch.from_numpy(out).to(device) for name, out in self._run(arrays).items()}
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        sizes = check_inputs(self.inputs, feeds)
+        sizes = check_inputs(self.inputs, feeds, self._maxima)
         kinds = {is_torch(v) for v in feeds.values()}
         if kinds == {True}:
             if len({str(v.device) for v in feeds.values()}) > 1:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphs.spec import BATCH, LENGTH_AXES, MAX_BATCH_KEY, MAX_LEN_KEY
 
 MAY_BE_EMPTY = frozenset({"past_len"})  # a KV cache before the first step
 
@@ -74,8 +75,20 @@ def torch_dtype(dtype: np.dtype) -> Any:
     return getattr(torch, np.dtype(dtype).name)
 
 
-def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dict[str, int]:
-    """Raise InputError for the first input that does not fit; return the size of every symbolic axis."""
+def declared_maxima(model: onnx.ModelProto) -> dict[str, int]:
+    """The largest batch and length the model was compiled for (its metadata), by axis kind."""
+    props = {p.key: p.value for p in model.metadata_props}
+    maxima = {}
+    for kind, key in (("batch", MAX_BATCH_KEY), ("length", MAX_LEN_KEY)):
+        if props.get(key, "").isdigit():
+            maxima[kind] = int(props[key])
+    return maxima
+
+
+def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object],
+                 maxima: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Raise InputError for the first input that does not fit (with ``maxima``, also one past the
+    declared largest batch or length); return the size of every symbolic axis."""
     names = [s.name for s in specs]
     for name in feeds:
         if name not in names:
@@ -119,7 +132,23 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object]) -> dic
         if expected is not None and expected != got:
             sources = ", ".join(f"{s}={sizes[s]} from {bound[s][1]!r}" for s in re.findall(r"[A-Za-z_]\w*", want))
             raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} ({sources})")
+    if maxima:
+        _check_maxima(sizes, {s: n for s, (_, n) in bound.items()}, maxima)
     return sizes
+
+
+def _check_maxima(sizes: Mapping[str, int], sources: Mapping[str, str], maxima: Mapping[str, int]) -> None:
+    axes = dict(sizes)
+    if (total := evaluate(LENGTH_AXES[-1], sizes)) is not None:
+        axes[LENGTH_AXES[-1]] = total
+        sources = {**sources, LENGTH_AXES[-1]: sources[LENGTH_AXES[0]]}
+    for symbol, size in axes.items():
+        kind = "batch" if symbol == BATCH else "length" if symbol in LENGTH_AXES else None
+        limit = maxima.get(kind) if kind else None
+        if limit is not None and size > limit:
+            flag = f"--max-{'batch' if kind == 'batch' else 'len'}"
+            raise InputError(f"input {sources[symbol]!r} has {symbol}={size}, more than the {limit} this graph was compiled "
+                             f"for ({flag} {limit}); recompile with a larger {flag}, or split the call")
 
 
 def evaluate(dim: str, sizes: Mapping[str, int]) -> int | None:

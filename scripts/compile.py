@@ -25,7 +25,7 @@ from compiler.artifacts import EXTERNAL_DATA, file_records, needs_external_data,
 from compiler.output_folders import (WRITTEN_BY, ArtifactError, Output, OutputRefused, check_apart, check_path_text, claim,
                                      show, staged)
 from compiler.report import graph_summary, input_shapes, render_report
-from compiler.resources import MemoryBoundError
+from compiler.resources import MemoryBoundError, declare_maxima
 from compiler.ingest import IngestError
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
 from graphs.weight_files import first_line
@@ -144,9 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("max_batch", "max_len"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.memory_limit is not None and (args.onnx is not None or not _bounded(args)):
-        p.error("--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
-                + (" (not --onnx)" if args.onnx is not None else ""))
+    if args.memory_limit is not None and args.onnx is not None:
+        p.error("--memory-limit bounds a graph built from a spec (its weights, its check, and one call at its maximum "
+                "shape); an --onnx graph is compiled as it is")
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
@@ -181,17 +181,22 @@ def max_shape(args: argparse.Namespace) -> Any:
     return Shape(batch, length, length)
 
 
-def memory_bound(args: argparse.Namespace, spec: Any) -> dict[str, Any] | None:
-    """The estimate at the declared maximum shape, refused (MemoryBoundError) above the limit."""
-    from compiler.resources import attention_parts, block_parts, check_memory, machine_memory
+def memory_bound(args: argparse.Namespace, spec: Any, parameters: int) -> dict[str, Any] | None:
+    """The memory of the work (building, checking, timing) and, with a declared maximum shape, of one
+    call there; MemoryBoundError above the limit, before anything is allocated."""
+    from compiler.resources import Shape, attention_parts, block_parts, check_memory, check_work, machine_memory, work_parts
 
-    if not _bounded(args):
-        return None
-    shape = max_shape(args)
     limit, source = args.memory_limit, "--memory-limit"
     if limit is None:
         limit, source = machine_memory(), "this machine's memory; set --memory-limit"
-    parts = (attention_parts if args.block == "mha" else block_parts)(spec, shape, args.precision, args.target)
+    parts_of = attention_parts if args.block == "mha" else block_parts
+    latency = parts_of(spec, Shape(*_spec_shape(args.latency_shape)), args.precision, "portable") if args.latency else None
+    if limit is not None:
+        check_work(work_parts(parameters, latency), limit, source)
+    if not _bounded(args):
+        return None
+    shape = max_shape(args)
+    parts = parts_of(spec, shape, args.precision, args.target)
     record = {"max_shape": vars(shape), "limit_bytes": limit, "limit_source": source, "parts": parts,
               "estimate_bytes": sum(parts.values())}
     if limit is not None:
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         spec, weights_type, build, check_fn, inputs = (block_spec_from_args(args), BlockWeights, build_block,
                                                        check_block_session, block_inputs)
     get_target(args.target, args.precision, args.form)
-    memory = memory_bound(args, spec)
+    memory = memory_bound(args, spec, parameters(spec))
     with console.step("building the graph"):
         weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
         check_precision_range(weights.tensors, args.precision)
@@ -290,6 +295,17 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return _emit(args, console, original, model, described, fusion, checker=checker, feeds=feeds)
 
 
+def parameters(spec: Any) -> int:
+    """How many weights the spec's module holds."""
+    import math
+
+    from graphs.blocks import BlockSpec, block_shapes
+    from graphs.weights import expected_shapes
+
+    shapes = block_shapes(spec) if isinstance(spec, BlockSpec) else expected_shapes(spec)
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def _spec_shape(shape: tuple[int, int, int] | dict[str, int]) -> tuple[int, int, int]:
     if isinstance(shape, dict):
         raise SpecError("--latency-shape AXIS=SIZE names the axes of an --onnx graph; give BATCH,TGT,SRC for a spec")
@@ -322,6 +338,8 @@ def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, m
     staged beside DIR: the ONNX is validated, loaded, checked and timed as written, and DIR appears only whole."""
     target, form = get_target(args.target, args.precision, args.form)
     external = args.external_data == "always" or needs_external_data(model)
+    if args.onnx is None:  # an ingested graph's axes have names of its own
+        declare_maxima(model, args.max_batch, args.max_len)
     manifest = {
         "written_by": WRITTEN_BY,
         **described,
@@ -434,7 +452,7 @@ def loaded_session(path: Path, original: onnx.ModelProto | None, source: str | N
     from runtime.ort import OrtSession
 
     try:
-        return OrtSession(path)
+        return OrtSession(path, maxima=False)  # the check's and the timing's shapes are their own
     except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...
         if original is not None:
             input_session(original, source)

@@ -293,9 +293,74 @@ def test_a_graph_past_the_memory_limit_at_its_maximum_shape_is_refused(run_cli, 
     assert memory["estimate_bytes"] == sum(memory["parts"].values()) < 64 * 2**20
 
 
-def test_memory_limit_needs_a_maximum_shape(run_cli, tmp_path):
-    result = run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--memory-limit", "1GiB", "--out", tmp_path / "out")
-    _one_line_error(result, 2, "--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch")
+@pytest.mark.parametrize(("args", "message"), [
+    (["--embed-dim", "1000000"], "compiling this graph needs about 174.6 TiB, mostly the weights as they are built"),
+    # 2 x 16 x 1e11 + 1e11 + 16 feed-forward weights, 1088 attention, 64 LayerNorm
+    (["--block", "encoder", "--dim-feedforward", "100000000000"], "(3,300,000,001,168 parameters)"),
+    (["--latency", "--latency-shape", "1,100000,100000"], "mostly the attention scores (batch x heads x tgt_len x keys, "
+                                                          "float32) of one call at the --latency-shape"),
+])
+def test_the_work_is_estimated_and_refused_before_it_starts(tmp_path, capsys, args, message):
+    """No MemoryError half-way: what building, checking and timing would hold is estimated first."""
+    with PeakRss() as peak:
+        status = compile_script.main(["--embed-dim", "16", "--num-heads", "2", *args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and message in err and "more than the memory limit of" in err, err
+    assert peak.growth < 100 * 2**20 and not (tmp_path / "out").exists()
+
+
+def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
+    from compiler.resources import work_parts
+
+    compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--check", "--quiet", "--out", str(tmp_path / "warm")])
+    with PeakRss() as peak:
+        assert compile_script.main(["--embed-dim", "1024", "--num-heads", "8", "--check", "--quiet",
+                                    "--out", str(tmp_path / "out")]) == 0
+    estimate = sum(work_parts(compile_script.parameters(AttentionSpec(1024, 8))).values())
+    assert 0.5 * estimate < peak.growth < estimate, (peak.growth, estimate)
+
+
+def test_memory_limit_bounds_the_work_with_or_without_a_maximum_shape(tmp_path, capsys):
+    args = ["--embed-dim", "256", "--num-heads", "2", "--out", str(tmp_path / "out")]
+    from compiler.resources import WORK_BYTES_PER_PARAMETER, show_bytes
+
+    assert compile_script.main([*args, "--memory-limit", "1MiB"]) == 2
+    weights = 4 * 256 * 256 + 4 * 256  # in_proj, out_proj and their biases
+    assert f"compiling this graph needs about {show_bytes(WORK_BYTES_PER_PARAMETER * weights)}" in capsys.readouterr().err
+    assert compile_script.main([*args, "--memory-limit", "64MiB", "--quiet"]) == 0
+    with pytest.raises(SystemExit):
+        compile_script.main(["--onnx", str(tmp_path / "out" / "model.onnx"), "--memory-limit", "1GiB", "--out",
+                             str(tmp_path / "again")])
+    assert "an --onnx graph is compiled as it is" in capsys.readouterr().err
+
+
+def test_a_session_refuses_inputs_past_the_declared_maxima(tmp_path):
+    """--max-batch 1 --max-len 16 used to run at (2, 32768) and try to take gigabytes."""
+    out = tmp_path / "out"
+    assert compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--self-attention", "--max-batch", "1",
+                                "--max-len", "16", "--check", "--quiet", "--out", str(out)]) == 0
+    session = OrtSession(out / "model.onnx")
+    assert session.maxima == {"batch": 1, "length": 16}
+    assert session.run({"query": np.zeros((16, 1, 16), np.float32)})["attn_output"].shape == (16, 1, 16)
+    with pytest.raises(InputError, match=r"input 'query' has tgt_len=32768, more than the 16 this graph was compiled for "
+                                         r"\(--max-len 16\)"):
+        session.run({"query": np.zeros((32768, 1, 16), np.float32)})
+    with pytest.raises(InputError, match="has batch=2, more than the 1 .* --max-batch"):
+        session.run({"query": np.zeros((4, 2, 16), np.float32)})
+
+
+def test_a_kv_cache_loop_stops_at_the_declared_maximum_length(tmp_path):
+    from runtime.generation import KvCacheLoop
+
+    out = tmp_path / "out"
+    args = ["--embed-dim", "16", "--num-heads", "2", "--self-attention", "--causal", "--kv-cache", "--max-len", "4"]
+    assert compile_script.main([*args, "--quiet", "--out", str(out)]) == 0
+    spec = AttentionSpec(16, 2, self_attention=True, is_causal=True, kv_cache=True)
+    loop = KvCacheLoop(OrtSession(out / "model.onnx"), spec)
+    loop.prefill(np.zeros((3, 1, 16), np.float32))
+    loop.step(np.zeros((1, 1, 16), np.float32))
+    with pytest.raises(InputError, match=r"has past_len\+tgt_len=5, more than the 4 .*\(--max-len 4\)"):
+        loop.step(np.zeros((1, 1, 16), np.float32))
 
 
 def test_the_estimate_counts_what_the_shape_needs():
