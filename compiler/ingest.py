@@ -14,6 +14,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from compiler.attention_core import Core, survey
 from compiler.targets import Form
+from graphs.weight_files import first_line
 
 
 class IngestError(ValueError):
@@ -38,8 +39,15 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     load_external_data_for_model(model, str(folder))
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise IngestError(f"'{path}' is not a valid ONNX model: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # ValidationError, or what the checker meets while describing damage (UnicodeDecodeError)
+        raise IngestError(f"'{path}' is not a valid ONNX model: {first_line(exc)[:200]}") from exc
+    try:  # what the passes will read it as; onnx.checker lets some damage through (names that are not UTF-8)
+        ir.serde.deserialize_model(model)
+    except Exception as exc:  # onnx_ir raises SerdeError around the cause
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise IngestError(f"'{path}' is not a readable ONNX graph: {first_line(cause)[:200]}") from exc
     initializers = {t.name for t in model.graph.initializer}
     if not [i for i in model.graph.input if i.name not in initializers]:
         raise IngestError(f"'{path}' has no inputs: it computes a constant, so there is nothing to compile or check")
@@ -77,8 +85,8 @@ def _check_external(path: Path, folder: Path, tensor: onnx.TensorProto) -> None:
         return IngestError(f"initializer '{tensor.name[:80]}' of '{path}' points at external data {location[:80]!r}, "
                            f"{why}")
 
-    if not location or "\0" in location:
-        raise refuse("which is not a file name (empty, or holding a NUL byte)")
+    if not isinstance(location, str) or not location or "\0" in location:
+        raise refuse("which is not a file name (empty, not UTF-8, or holding a NUL byte)")
     target = (folder / location).resolve()
     if not target.is_relative_to(folder) or not target.is_file():
         raise refuse("which is not a file inside the model's folder")

@@ -23,6 +23,7 @@ import os
 import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,16 @@ def _read_npz(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], ow
                 with archive.open(members[key]) as f:
                     state[key] = np.lib.format.read_array(f, allow_pickle=False)
             return state
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
+    except _ZIP_ERRORS as exc:
         if isinstance(exc, WeightsError):
             raise
         raise bad(first_line(exc)) from exc
+
+
+# What zipfile and zlib raise for a damaged archive: a bad header, a bad stream, a wrong CRC, an
+# encrypted or unknown-compression member, a size field past what Python can seek.
+_ZIP_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error,
+               struct.error, OverflowError)
 
 
 def _npy_header(f: Any, key: str, shape: tuple[int, ...], bad: Any) -> np.dtype:
@@ -196,15 +203,15 @@ def _npy_header(f: Any, key: str, shape: tuple[int, ...], bad: Any) -> np.dtype:
 
 def _read_torch(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str) -> dict[str, Any]:
     limit = sum(_nbytes(s, 8) for s in expected.values()) + ARCHIVE_ALLOWANCE
-    if zipfile.is_zipfile(path):
-        try:
+    try:
+        if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 declared = sum(info.file_size for info in archive.infolist())
-        except (OSError, zipfile.BadZipFile, ValueError) as exc:
-            raise WeightsError(f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
-                               f"{first_line(exc)}") from exc
-    else:
-        declared = size  # torch's legacy format: one pickle stream, no larger than the file
+        else:
+            declared = size  # torch's legacy format: one pickle stream, no larger than the file
+    except _ZIP_ERRORS as exc:
+        raise WeightsError(f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
+                           f"{first_line(exc)}") from exc
     if declared > limit:
         raise WeightsError(f"weights file {str(path)!r} declares {declared} bytes, more than the {limit} that this "
                            "spec's tensors need even in float64; save only this module's state_dict")

@@ -231,7 +231,7 @@ def _external(folder, *, length=None, offset=None, location="w.bin", data=16):
     (dict(offset=32, length=16), "declaring bytes 32 to 48, past the end of its 16-byte file"),
     (dict(offset=-4), "declaring bytes -4 to 16, past the end"),
     (dict(length="many"), "with an offset or length that is not a number"),
-    (dict(location="w\0.bin", data=None), "which is not a file name (empty, or holding a NUL byte)"),
+    (dict(location="w\0.bin", data=None), "which is not a file name (empty, not UTF-8, or holding a NUL byte)"),
     (dict(data=32), "declaring 32 bytes where its dtype and dims [4] need 16"),  # no length: the rest of the file
 ])
 def test_external_data_declarations_are_checked_before_reading(tmp_path, declared, message):
