@@ -30,7 +30,7 @@ from runtime.check import random_inputs
 from runtime.cost import attention_flops, attention_min_bytes
 from runtime.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
 from runtime.timing import Timing, cpu_name, measure, measure_cuda
-from signals import Stopped, stop_as_exception
+from signals import Signals, Stopped, stop_as_exception
 from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 BASELINES = ("eager", "sdpa", "exporter")
@@ -462,12 +462,13 @@ def machine(device: str, threads: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signals = Signals()
     try:
-        with stop_as_exception():
+        with stop_as_exception() as signals:
             return run(args)
-    except Stopped as stop:
-        print(f"bench.py: stopped by {stop}", file=sys.stderr)
-        return stop.exit_status
+    except (Stopped, KeyboardInterrupt):
+        print(f"bench.py: {'interrupted' if signals.exit_status == 130 else 'stopped by ' + signals.name}", file=sys.stderr)
+        return signals.exit_status
     except (BenchError, SpecError, WeightsError, TargetError, ArtifactError) as exc:
         if args.verbose:
             raise

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from runtime.signature import input_specs
 from runtime.trt_engine import EngineBuildError
 from config import ConfigError, namespace_from_config
 from console import Console, emit
-from signals import Stopped, stop_as_exception
+from signals import Signals, Stopped, stop_as_exception
 from spec_flags import add_block_flags, add_spec_flags, block_spec_from_args, check_block_flags, given_spec_flags, spec_from_args
 
 
@@ -586,33 +587,42 @@ def main(argv: list[str] | None = None) -> int:
     fault of ours. Every failure is one line on stderr; --verbose adds the traceback."""
     args = parse_args(argv)
     console = Console(quiet=args.quiet, json_mode=args.json)
+    signals = Signals()
     try:
-        with stop_as_exception():
+        with stop_as_exception() as signals:
             args.outputs = claim_outputs(args)
             manifest = run(args, console)
-    except KeyboardInterrupt:
-        emit("compile.py: interrupted; nothing was written", sys.stderr)
-        return 130
-    except Stopped as stop:
-        emit(f"compile.py: stopped by {stop}; nothing was written", sys.stderr)
-        return stop.exit_status
-    except Exception as exc:
-        known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
-        status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3
-        message = str(exc) if known or isinstance(exc, UnloadableModel) else (f"internal error {type(exc).__name__}: {first_line(exc)}; nothing was written "
-                                          "(please report it, with the --verbose traceback)")
-        if args.verbose:
-            emit(traceback.format_exc().rstrip(), sys.stderr)
-        emit(f"compile.py: error: {message}", sys.stderr)
-        if args.json:
-            emit(json.dumps({"ok": False, "error": message, "exit_status": status}), sys.stdout)
-        return status
+    except BaseException as exc:
+        if signals.signum is None and isinstance(exc, (KeyboardInterrupt, Stopped)):  # outside our handler's reach
+            signals.signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else exc.signum
+        if signals.signum is not None:  # whatever the signal broke on its way out, it was a stop
+            stopped = "interrupted" if signals.signum == signal.SIGINT else f"stopped by {signals.name}"
+            emit(f"compile.py: {stopped}; nothing was written", sys.stderr)
+            return signals.exit_status
+        if not isinstance(exc, Exception):
+            raise
+        return _failed(args, exc)
     if args.json:
         out = Path(args.out).absolute()
         emit(json.dumps({"ok": True, "out": str(out), "report": str(out / "report.html") if args.report else None,
                          "triton_repo": str(Path(args.triton_repo).absolute()) if args.triton_repo else None,
                          "manifest": manifest}, indent=2), sys.stdout)
     return 0
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """One line on stderr (and the --json object) for a failure; its exit status."""
+    known = isinstance(exc, (*USER_ERRORS, CheckFailed, ArtifactError, NoEngine, BackendUnavailable, EngineBuildError))
+    status = 2 if isinstance(exc, USER_ERRORS) else 1 if known else 3
+    message = str(exc) if known or isinstance(exc, UnloadableModel) else (
+        f"internal error {type(exc).__name__}: {first_line(exc)}; nothing was written (please report it, with the "
+        "--verbose traceback)")
+    if args.verbose:
+        emit("".join(traceback.format_exception(exc)).rstrip(), sys.stderr)
+    emit(f"compile.py: error: {message}", sys.stderr)
+    if args.json:
+        emit(json.dumps({"ok": False, "error": message, "exit_status": status}), sys.stdout)
+    return status
 
 
 if __name__ == "__main__":

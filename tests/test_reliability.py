@@ -416,3 +416,15 @@ def test_zero_weights_pass_the_check_and_the_manifest_is_json(tmp_path):
     assert compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--weights", str(tmp_path / "w.safetensors"),
                                 "--check", "--quiet", "--out", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["check"]["passed"] is True
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2**64-1, got '-1'"),
+    (["--seed", "1e3"], "argument --seed: expected a whole number"),
+    (["--max-len", "0"], "--max-len must be at least 1, got 0"),
+])
+def test_bad_numbers_on_the_command_line_are_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        compile_script.main(["--embed-dim", "8", "--num-heads", "2", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
