@@ -107,16 +107,19 @@ def _check(parts: dict[str, int], what: str, per: str, limit: int, limit_source:
     return total
 
 
-# Bytes compile.py holds per weight while it builds, packs, serialises, loads and checks a graph:
-# float64 initialisation, float32 weights, the ONNX and IR copies, ONNX Runtime's session and, with
-# --check, torch's float64 module. Measured 37-42 (docs/RELIABILITY.md, "The memory bound").
-WORK_BYTES_PER_PARAMETER = 48
+# What compile.py holds while it builds, packs, serialises, loads and checks a graph: per weight,
+# the float64 initialisation, float32 weights, the ONNX and IR copies, ONNX Runtime's session and,
+# with --check, torch's float64 module; and what torch and ONNX Runtime take whatever the size.
+# Measured 29 bytes per weight above about 190 MB (docs/RELIABILITY.md, "The memory bound").
+WORK_BYTES_PER_PARAMETER = 32
+WORK_FIXED_BYTES = 256 * 2**20
 
 
 def work_parts(parameters: int, latency: dict[str, int] | None = None) -> dict[str, int]:
     """What compiling (and checking, and timing one call at the latency shape) holds at its peak."""
     parts = {f"weights as they are built, written and checked ({parameters:,} parameters)":
-             WORK_BYTES_PER_PARAMETER * parameters}
+             WORK_BYTES_PER_PARAMETER * parameters,
+             "sessions and references, whatever the size": WORK_FIXED_BYTES}
     for name, size in (latency or {}).items():
         if name != "weights":
             parts[f"{name} of one call at the --latency-shape"] = 2 * size  # before and after the passes
@@ -125,7 +128,7 @@ def work_parts(parameters: int, latency: dict[str, int] | None = None) -> dict[s
 
 def check_work(parts: dict[str, int], limit: int, limit_source: str) -> int:
     return _check(parts, "compiling this graph needs", "", limit, limit_source,
-                  "lower --embed-dim, --dim-feedforward or --latency-shape, or raise --memory-limit")
+                  "lower --embed-dim, --dim-feedforward or --latency-shape, or compile on a machine with more memory")
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,

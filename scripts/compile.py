@@ -145,9 +145,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("max_batch", "max_len"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.memory_limit is not None and args.onnx is not None:
-        p.error("--memory-limit bounds a graph built from a spec (its weights, its check, and one call at its maximum "
-                "shape); an --onnx graph is compiled as it is")
+    if args.memory_limit is not None and (args.onnx is not None or not _bounded(args)):
+        p.error("--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
+                + (" (not --onnx)" if args.onnx is not None else ""))
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
@@ -183,20 +183,21 @@ def max_shape(args: argparse.Namespace) -> Any:
 
 
 def memory_bound(args: argparse.Namespace, spec: Any, parameters: int) -> dict[str, Any] | None:
-    """The memory of the work (building, checking, timing) and, with a declared maximum shape, of one
-    call there; MemoryBoundError above the limit, before anything is allocated."""
+    """MemoryBoundError, before anything is allocated, when the work (building, checking, timing)
+    would not fit this machine's memory, or one call at the declared maximum shape would pass
+    --memory-limit; the estimate at that shape, for the manifest."""
     from compiler.resources import Shape, attention_parts, block_parts, check_memory, check_work, machine_memory, work_parts
 
-    limit, source = args.memory_limit, "--memory-limit"
-    if limit is None:
-        limit, source = machine_memory(), "this machine's memory; set --memory-limit"
     parts_of = attention_parts if args.block == "mha" else block_parts
     latency = parts_of(spec, Shape(*_spec_shape(args.latency_shape)), args.precision, "portable") if args.latency else None
-    if limit is not None:
-        check_work(work_parts(parameters, latency), limit, source)
+    if (memory := machine_memory()) is not None:
+        check_work(work_parts(parameters, latency), memory, "this machine's memory")
     if not _bounded(args):
         return None
     shape = max_shape(args)
+    limit, source = args.memory_limit, "--memory-limit"
+    if limit is None:
+        limit, source = memory, "this machine's memory; set --memory-limit"
     parts = parts_of(spec, shape, args.precision, args.target)
     record = {"max_shape": vars(shape), "limit_bytes": limit, "limit_source": source, "parts": parts,
               "estimate_bytes": sum(parts.values())}
