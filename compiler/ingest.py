@@ -36,11 +36,11 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     for tensor in _tensors(model.graph):
         if uses_external_data(tensor):
             _check_external(path, folder, tensor)
-    load_external_data_for_model(model, str(folder))
-    try:
-        onnx.checker.check_model(model)
+    try:  # from the file: in memory with its external data, a model past 2 GB is too large for the checker
+        onnx.checker.check_model(str(path))
     except Exception as exc:  # ValidationError, or what the checker meets while describing damage (UnicodeDecodeError)
         raise IngestError(f"'{path}' is not a valid ONNX model: {first_line(exc)[:200]}") from exc
+    load_external_data_for_model(model, str(folder))
     try:  # what the passes will read it as; onnx.checker lets some damage through (names that are not UTF-8)
         ir.serde.deserialize_model(model)
     except Exception as exc:  # onnx_ir raises SerdeError around the cause

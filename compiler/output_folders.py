@@ -160,8 +160,11 @@ def _protected(real: Path) -> str | None:
         return "is a parent of the working folder"
     if home.is_relative_to(real):
         return "is the home folder or a parent of it"
-    if (real / ".git").exists():
-        return "is a git repository"
+    try:
+        if (real / ".git").exists():
+            return "is a git repository"
+    except OSError:  # a folder we may not look into is no place to write either; the claim says why
+        pass
     if Path(__file__).resolve().is_relative_to(real):
         return "holds this tool's own code"
     return None
