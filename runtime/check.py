@@ -18,7 +18,7 @@ import numpy as np
 from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 from runtime.reference import fully_masked_rows, mha_reference
-from runtime.signature import InputError, evaluate
+from runtime.signature import evaluate
 from runtime.session import Session
 
 Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
@@ -205,27 +205,6 @@ def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray)
     return array.transpose(1, 0, 2)[keep]
 
 
-def graph_inputs(session: Session, sizes: Mapping[str, int], rng: np.random.Generator,
-                 mask_rate: float = 0.2) -> dict[str, np.ndarray]:
-    """Random inputs for any graph, from its declared inputs: each symbolic axis takes its size
-    from ``sizes`` (3 when absent). Bool inputs and float inputs named like masks block about
-    ``mask_rate`` of the last axis but never its first entry, so no row is fully masked."""
-    feeds = {}
-    for spec in session.inputs:
-        dims = tuple(d if isinstance(d, int) else sizes.get(d or "", 3) for d in spec.shape)
-        if spec.dtype == np.bool_ or (spec.dtype.kind == "f" and "mask" in spec.name):
-            blocked = rng.random(dims) < mask_rate
-            blocked[..., :1] = False
-            feeds[spec.name] = blocked if spec.dtype == np.bool_ else np.where(blocked, -np.inf, 0).astype(spec.dtype)
-        elif spec.dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
-        else:
-            kind = spec.onnx_type if spec.dtype == np.dtype(object) else str(spec.dtype)
-            raise InputError(f"input {spec.name!r} is {kind}; --check and --latency make float and bool inputs only, so "
-                             "compile this graph without them")
-    return feeds
-
-
 def block_inputs(spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
     """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
     key 0, so no query row is fully masked (torch gives NaN there; DESIGN.md a zero context)."""
@@ -306,21 +285,32 @@ def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str
     return {"output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
 
 
-def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE,
-                        seed: int = 0) -> CheckReport:
-    """A compiled graph against the graph it came from, at two sizes of every symbolic axis.
-    Entries the original leaves NaN (torch's fully masked rows) are not compared."""
+def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE, seed: int = 0,
+                        ranges: Mapping[str, int] | None = None,
+                        inputs: Mapping[str, np.ndarray] | None = None) -> CheckReport:
+    """A compiled graph against the graph it came from: on ``inputs`` where given, else on random
+    inputs (runtime/graph_inputs.py; token ids within ``ranges``) at two sizes of every symbolic axis.
+    Entries the original leaves NaN (torch's fully masked rows) are not compared; outputs that are
+    not floats must be equal."""
+    from runtime.graph_inputs import graph_inputs
+
     report = CheckReport(tolerance)
     rng = np.random.default_rng(seed)
     symbols = sorted({d for s in original.inputs for d in s.shape if isinstance(d, str)})
-    for size in (5, 11):
-        sizes = {name: size + i for i, name in enumerate(symbols)}
-        feeds = graph_inputs(original, sizes, rng)
+    feed_sets = [dict(inputs)] if inputs is not None else [
+        graph_inputs(original.inputs, {name: size + i for i, name in enumerate(symbols)}, rng, ranges=ranges)
+        for size in (5, 11)]
+    for feeds in feed_sets:
         want, got = original.run(feeds), session.run(feeds)
+        shape = tuple(feeds[original.inputs[0].name].shape)
         for name, expected in want.items():
+            if expected.dtype.kind != "f":
+                same = got[name].shape == expected.shape and bool(np.array_equal(got[name], expected))
+                report.comparisons.append(Comparison("input graph", shape, name, 0.0 if same else float("inf"),
+                                                     0.0 if same else float("inf")))
+                continue
             nan = np.isnan(expected)
             actual = np.where(nan, 0, got[name])
             abs_err, rel_err = errors(actual, np.where(nan, 0, expected))
-            shape = tuple(feeds[original.inputs[0].name].shape)
             report.comparisons.append(Comparison("input graph", shape, name, abs_err, rel_err, int(nan.sum())))
     return report

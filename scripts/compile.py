@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     block_group = add_block_flags(p)
     p.add_argument("--onnx", default=None, metavar="FILE",
                    help="compile this ONNX graph instead of building one from the options above")
+    p.add_argument("--inputs", default=None, metavar="FILE.npz",
+                   help="with --onnx: real inputs for --check and --latency, one array per graph input (default: "
+                        "random ones that fit: token ids inside the embedding table, masks with some padding)")
     out = p.add_argument_group("output")
     out.add_argument("--target", choices=TARGETS, default="portable")
     out.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -151,6 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         p.error("--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'")
     spec_flags = given_spec_flags(args, [*groups, block_group])
+    if args.inputs is not None and args.onnx is None:
+        p.error("--inputs gives real inputs to an --onnx graph; a graph built from a spec is checked on its own inputs")
     if args.onnx is not None and spec_flags:
         p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
     if args.onnx is None and (args.embed_dim is None or args.num_heads is None):
@@ -263,7 +268,8 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The target's pipeline over an existing graph; --check compares it with that graph on ONNX Runtime CPU."""
     from compiler.float16 import weight_beyond_float16
     from compiler.ingest import fusion_findings, load_onnx
-    from runtime.check import check_against_graph, graph_inputs
+    from runtime.check import check_against_graph
+    from runtime.graph_inputs import graph_inputs, index_ranges, read_inputs
 
     _, form = get_target(args.target, args.precision, args.form)
     with console.step("reading the graph"):
@@ -284,11 +290,18 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     "model.onnx is the input graph, unchanged")
         model = original
 
+    ranges = index_ranges(original)
+    given = None if args.inputs is None else read_inputs(args.inputs, input_specs(original))
+
     def checker(session: Any) -> Any:
-        return check_against_graph(session, input_session(original, args.onnx), tolerance=_tolerance(args))
+        return check_against_graph(session, input_session(original, args.onnx), tolerance=_tolerance(args),
+                                   ranges=ranges, inputs=given)
 
     def feeds(session: Any) -> dict[str, np.ndarray]:
-        return graph_inputs(session, onnx_axis_sizes(session.inputs, args.latency_shape), np.random.default_rng(0))
+        if given is not None:
+            return given
+        return graph_inputs(session.inputs, onnx_axis_sizes(session.inputs, args.latency_shape), np.random.default_rng(0),
+                            ranges=ranges)
 
     described = {"source": {"onnx": str(args.onnx), "sha256": hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest()},
                  "inputs": graph_signature(model.graph.input, model.graph.initializer),

@@ -331,8 +331,8 @@ def test_a_core_value_that_is_a_graph_output_keeps_its_name_and_type(tmp_path, c
 
 @pytest.mark.parametrize(("make", "check", "message"), [
     (lambda p: _core(p, repeat_name=True), False, "ONNX Runtime cannot load"),
-    (lambda p: _core(p, extra_input=TensorProto.BFLOAT16), True, "input 'extra' is bfloat16; --check and --latency make"),
-    (lambda p: _core(p, extra_input=TensorProto.STRING), True, "input 'extra' is string; --check and --latency make"),
+    (lambda p: _core(p, extra_input=TensorProto.BFLOAT16), True, "input 'extra' is bfloat16, so --check and --latency cannot make it"),
+    (lambda p: _core(p, extra_input=TensorProto.STRING), True, "input 'extra' is string, so --check and --latency cannot make it"),
 ])
 def test_graphs_onnx_runtime_or_the_check_cannot_take_are_one_line(tmp_path, capsys, make, check, message):
     source = make(tmp_path / "m.onnx")

@@ -13,8 +13,10 @@ import pytest
 
 from compiler import attention_form, compile_model, get_target
 from compiler.ingest import IngestError, fusion_findings, load_onnx
-from runtime.check import FP32_TOLERANCE, check_against_graph, graph_inputs
+from runtime.check import FP32_TOLERANCE, check_against_graph
+from runtime.graph_inputs import graph_inputs
 from runtime.ort import OrtSession
+from runtime.signature import InputError
 
 torch = pytest.importorskip("torch")
 
@@ -177,7 +179,7 @@ def test_a_corrupt_file_is_one_clear_error(tmp_path):
 
 def test_graph_inputs_never_mask_a_whole_row():
     session = OrtSession(_tiny_masked_graph())
-    feeds = graph_inputs(session, {"n": 50}, np.random.default_rng(0), mask_rate=0.9)
+    feeds = graph_inputs(session.inputs, {"n": 50}, np.random.default_rng(0), mask_rate=0.9)
     assert feeds["mask"].shape == (50, 50) and not feeds["mask"][:, 0].any() and feeds["mask"].mean() > 0.8
 
 
@@ -188,3 +190,63 @@ def _tiny_masked_graph() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", "n"])],
                               [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", "n"])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _token_model(path):
+    """ids -> Cast -> Gather(table of 50 rows); + a 0/1 attention_mask as a float bias: a text model's inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "table")
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids32"], ["embedded"]),
+             helper.make_node("Cast", ["attention_mask"], ["keep"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["keep", "axis"], ["keep3"]),
+             helper.make_node("Mul", ["embedded", "keep3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                                          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [table, numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_token_ids_are_drawn_inside_the_embedding_table_and_masks_pad_some_keys(tmp_path):
+    from runtime.graph_inputs import index_ranges
+
+    model = onnx.load(_token_model(tmp_path / "m.onnx"))
+    ranges = index_ranges(model)
+    assert ranges == {"input_ids": 50}  # found through the Cast; the mask reaches no table
+    feeds = graph_inputs(OrtSession(model).inputs, {"batch": 40, "seq": 30}, np.random.default_rng(0), ranges=ranges)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() == 49
+    assert mask.dtype == np.int64 and set(np.unique(mask)) == {0, 1} and (mask[:, 0] == 1).all() and 0.1 < 1 - mask.mean() < 0.3
+    with pytest.raises(InputError, match="input 'input_ids' is int64 and reaches no embedding table, so --check and "
+                                         "--latency cannot make it; give real inputs with --inputs FILE.npz"):
+        graph_inputs(OrtSession(model).inputs, {}, np.random.default_rng(0))
+
+
+def test_a_text_graph_is_checked_and_timed_on_token_inputs_or_the_given_ones(tmp_path, capsys):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compile as compile_script
+
+    source = _token_model(tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    assert compile_script.main(["--onnx", str(source), "--check", "--latency", "--latency-shape", "2,7,7", "--quiet",
+                                "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["passed"] and manifest["latency"]["inputs"] == {"input_ids": [2, 7], "attention_mask": [2, 7]}
+    given = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.array([[1, 1, 0]])}
+    np.savez(tmp_path / "inputs.npz", **given)
+    assert compile_script.main(["--onnx", str(source), "--check", "--latency", "--inputs", str(tmp_path / "inputs.npz"),
+                                "--quiet", "--out", str(tmp_path / "given")]) == 0
+    manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert [c["shape"] for c in manifest["check"]["comparisons"]] == [[1, 3]]
+    assert manifest["latency"]["inputs"] == {"input_ids": [1, 3], "attention_mask": [1, 3]}
+    np.savez(tmp_path / "wrong.npz", input_ids=given["input_ids"])
+    assert compile_script.main(["--onnx", str(source), "--check", "--inputs", str(tmp_path / "wrong.npz"),
+                                "--out", str(tmp_path / "wrong")]) == 2
+    assert "holds input_ids; the graph takes input_ids, attention_mask (missing attention_mask)" in capsys.readouterr().err

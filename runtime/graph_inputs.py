@@ -1,0 +1,118 @@
+"""Inputs for a graph that came from elsewhere (compile.py --onnx): random ones that mean something to
+it, or the user's own from an .npz file.
+
+A text model takes integer token ids and an integer or bool attention mask, not floats. Ids are drawn
+inside the embedding table that reads them (the Gather whose indices they are, through Casts and
+reshapes), so a check never indexes past a table; masks pad some keys but never a whole row, so no
+query is left with nothing to attend to (torch gives NaN there, DESIGN.md a zero context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from runtime.signature import InputError, InputSpec
+
+# Ops that carry an index tensor to a Gather without changing what its values mean.
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice", "Concat", "Tile"}
+INPUTS_LIMIT = 2**30  # bytes an --inputs file may declare; far past any one call a check makes
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
+    """For each integer graph input that indexes an embedding table: the table's row count (the
+    smallest, where it reaches several)."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    users: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, index))
+    integer = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    ranges = {}
+    for value in model.graph.input:
+        if value.type.tensor_type.elem_type not in integer or value.name in tables:
+            continue
+        rows, seen, frontier = [], {value.name}, [value.name]
+        while frontier:
+            for node, index in users.get(frontier.pop(), []):
+                if node.op_type == "Gather" and not node.domain and index == 1 and node.input[0] in tables:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    rows.append(tables[node.input[0]][axis])
+                elif node.op_type in _PASS_THROUGH and not node.domain and index == 0:
+                    fresh = [o for o in node.output if o not in seen]
+                    seen.update(fresh)
+                    frontier += fresh
+        if rows:
+            ranges[value.name] = min(rows)
+    return ranges
+
+
+def _looks_like_mask(name: str) -> bool:
+    return "mask" in name.lower()
+
+
+def graph_inputs(inputs: list[InputSpec], sizes: Mapping[str, int], rng: np.random.Generator, *,
+                 ranges: Mapping[str, int] | None = None, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+    """Random inputs from the graph's declared ``inputs``; each symbolic axis takes its size from
+    ``sizes`` (3 when absent).
+    - bool inputs, and float or integer inputs named like masks: about ``mask_rate`` of the last axis
+      padded, never its first entry (bool: True pads, as torch's key_padding_mask; float: -inf is
+      added; integer: 0 pads, 1 attends, as Hugging Face's attention_mask);
+    - integer inputs in ``ranges`` (from ``index_ranges``): ids from 0 to the table's rows;
+    - float inputs: standard normal.
+    Anything else is an InputError naming the input and pointing at --inputs."""
+    feeds = {}
+    for spec in inputs:
+        dims = tuple(d if isinstance(d, int) else sizes.get(d or "", 3) for d in spec.shape)
+        kind = spec.dtype.kind
+        if spec.dtype == np.bool_ or (kind in "fiu" and _looks_like_mask(spec.name)):
+            padded = rng.random(dims) < mask_rate
+            padded[..., :1] = False
+            feeds[spec.name] = (padded if spec.dtype == np.bool_ else np.where(padded, -np.inf, 0).astype(spec.dtype)
+                                if kind == "f" else (~padded).astype(spec.dtype))
+        elif kind in "iu" and ranges and spec.name in ranges:
+            feeds[spec.name] = rng.integers(0, ranges[spec.name], dims).astype(spec.dtype)
+        elif kind == "f":
+            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        else:
+            what = spec.onnx_type if spec.dtype == np.dtype(object) else f"{spec.dtype} and reaches no embedding table"
+            raise InputError(f"input {spec.name!r} is {what}, so --check and --latency cannot make it; give real inputs "
+                             "with --inputs FILE.npz (one array per input name)")
+    return feeds
+
+
+def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, one per graph input, checked (names, dtypes, ranks) against the
+    graph and bounded in size before any array is read; pickles are never loaded."""
+    import zipfile
+
+    path = Path(path)
+    names = {s.name: s for s in inputs}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {i.filename.removesuffix(".npy"): i for i in archive.infolist()}
+            declared = sum(i.file_size for i in archive.infolist())
+            if declared > INPUTS_LIMIT:
+                raise InputError(f"--inputs {str(path)!r} declares {declared} bytes, more than {INPUTS_LIMIT}")
+            missing = [n for n in names if n not in members]
+            extra = sorted(m for m in members if m not in names)
+            if missing or extra:
+                raise InputError(f"--inputs {str(path)!r} holds {', '.join(sorted(members)) or 'nothing'}; the graph takes "
+                                 f"{', '.join(names)}" + (f" (missing {', '.join(missing)})" if missing else ""))
+            arrays = {}
+            for name in names:
+                with archive.open(members[name]) as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except InputError:
+        raise
+    except Exception as exc:  # zipfile, zlib and NumPy raise several types for a damaged archive
+        raise InputError(f"--inputs {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})") from exc
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
