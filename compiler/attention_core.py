@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer, only_use
+from compiler.shape_values import entries, scalar
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Core:
     guard: list[ir.Node]  # Where, IsInf, ReduceMax of the fully-masked guard; empty without one
     nodes: list[ir.Node]
     cache: Cache | None = None
+    extra_masks: tuple[ir.Value, ...] = ()  # further additive biases (relative position, causal...): summed with mask
+    k_transposed: bool = True  # a BNSH core's k is K^T (N, H, hd, S); False: K (N, H, S, hd)
 
     @property
     def guarded(self) -> bool:
@@ -222,51 +225,210 @@ def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node 
         c = constant(node.inputs[side])
         if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
             factor = float(c.reshape(()))
+        elif c is None and _is_float_value(node.inputs[side]) and (computed := scalar(node.inputs[side])) is not None:
+            factor = computed  # a scale legacy exporters compute from the head size: Sqrt(1 / Sqrt(hd))
+        else:
+            continue
+        if factor != 0:
             return node.inputs[1 - side], (1.0 / factor if node.op_type == "Div" else factor), node
     return value, 1.0, None
+
+
+def _is_float_value(value: ir.Value) -> bool:
+    return value.type is not None and value.type.dtype in _FLOATS
 
 
 def _rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
 
 
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def _same_float_cast(node: ir.Node | None) -> bool:
+    """A Cast between two float types of the same width (a no-op an exporter leaves: float to float)."""
+    if node is None or node.op_type != "Cast" or node.domain:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    return x.type is not None and y.type is not None and x.type.dtype == y.type.dtype and x.type.dtype in _FLOATS
+
+
+def _nan_guard(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
+    """value -> Where(IsNaN(value), 0, value), torch's guard after SDPA's softmax: (its output, its nodes)."""
+    uses = [node for node, _ in value.uses()]
+    if len(uses) != 2 or value.is_graph_output():
+        return None
+    isnan = next((n for n in uses if n.op_type == "IsNaN" and not n.domain), None)
+    where = next((n for n in uses if n.op_type == "Where" and not n.domain), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not value:
+        return None
+    zero = constant(where.inputs[1])
+    if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0 or len(isnan.outputs[0].uses()) != 1:
+        return None
+    return where.outputs[0], [isnan, where]
+
+
+def _after_softmax(probs: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
+    """Follow the probabilities through no-op Casts and torch's NaN guard: (the value the context
+    MatMul reads, the nodes passed). The guard zeroes rows whose every score is -inf; a masked
+    BNSH core's fusion zeroes the same rows from its mask (``zeroes_dead_rows``)."""
+    nodes: list[ir.Node] = []
+    while True:
+        use = only_use(probs, graph)
+        if _same_float_cast(use):
+            nodes.append(use)
+            probs = use.outputs[0]
+        elif (guard := _nan_guard(probs)) is not None:
+            probs, passed = guard
+            nodes += passed
+        else:
+            return probs, nodes
+
+
+def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
+    """Whether ``value`` is the query-key product, through scalings, casts and added biases."""
+    node = value.producer()
+    if node is None or node.domain or depth == 0:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type in ("Mul", "Div", "Cast"):
+        return any(constant(x) is None and _reaches_scores(x, depth - 1) for x in node.inputs[:1 if node.op_type == "Div" else 2])
+    if node.op_type == "Add":
+        return any(_reaches_scores(x, depth - 1) for x in node.inputs)
+    return False
+
+
+def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value], list[ir.Node]] | str:
+    """Peel the additive biases off the scores (a padding mask, a causal mask, a relative position
+    bias; any number, in any order): (the scaled product, the biases, the Add nodes)."""
+    biases: list[ir.Value] = []
+    nodes: list[ir.Node] = []
+    while (add := _producer(scores, "Add")) is not None:
+        sides = [i for i in (0, 1) if _reaches_scores(add.inputs[i])]
+        if len(sides) != 1:
+            return "its scores are not a MatMul plus masks"
+        if only_use(add.inputs[sides[0]], graph) is None:
+            return "an intermediate score tensor is used outside the attention"
+        biases.append(add.inputs[1 - sides[0]])
+        nodes.append(add)
+        scores = add.inputs[sides[0]]
+        while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+            nodes.append(scores.producer())
+            scores = scores.producer().inputs[0]
+    return scores, biases[::-1], nodes
+
+
+def _reshape_dims(node: ir.Node) -> list[int | None] | None:
+    """The target shape of a Reshape, entry by entry: an int where the graph fixes it, computed or
+    constant (compiler/shape_values.py), None where it is a dynamic axis."""
+    found = entries(node.inputs[1])
+    if found is None or any(d is not None and not float(d).is_integer() for d in found[0]):
+        return None
+    return [None if d is None else int(d) for d in found[0]]
+
+
+def _split_heads(value: ir.Value, axes: tuple[int, int]) -> tuple[int, int] | None:
+    """(heads, head size) of a rank-4 value, from its shape or, failing that, from the Reshape that
+    made it (through one Transpose): ``axes`` are where heads and head size sit in ``value``."""
+    if value.shape is not None and len(value.shape) == 4:
+        heads, size = value.shape[axes[0]], value.shape[axes[1]]
+        if isinstance(heads, int) and isinstance(size, int):
+            return heads, size
+    node = _unscaled(value).producer()
+    perm = list(range(4))
+    if node is not None and node.op_type == "Transpose" and not node.domain:
+        perm = list(node.attributes.get_ints("perm", [3, 2, 1, 0]))
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Reshape" or node.domain:
+        return None
+    dims = _reshape_dims(node)
+    if dims is None or len(dims) != 4:
+        return None
+    source = node.inputs[0].shape
+    if source is not None and len(source) == 3 and isinstance(source[2], int) and dims[2:].count(-1) == 1:
+        known = dims[3] if dims[2] == -1 else dims[2]  # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
+        if known and known > 0 and source[2] % known == 0:
+            dims[2 if dims[2] == -1 else 3] = source[2] // known
+    heads, size = dims[perm[axes[0]]], dims[perm[axes[1]]]
+    return (heads, size) if heads is not None and size is not None and heads > 0 and size > 0 else None
+
+
+def _unscaled(value: ir.Value) -> ir.Value:
+    """``value`` before a Mul or Div by a scalar, which changes no shape."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Mul", "Div") and not node.domain and scalar(node.inputs[1]) is not None:
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+def _keys(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, bool, list[ir.Node]]:
+    """The keys the scores MatMul reads: (K^T, True) as it is, or (K, False) where K^T is
+    Transpose(K, [0, 1, 3, 2]) or torch's 3-D detour Reshape(Transpose(Reshape(K, 3-D), [0, 2, 1]), 4-D);
+    with the nodes passed."""
+    transpose = _producer(value, "Transpose")
+    if transpose is not None and _perm(transpose) == [0, 1, 3, 2] and only_use(value, graph) is not None:
+        return transpose.inputs[0], False, [transpose]
+    outer = _producer(value, "Reshape")
+    middle = _producer(outer.inputs[0], "Transpose") if outer is not None else None
+    inner = _producer(middle.inputs[0], "Reshape") if middle is not None else None
+    if inner is not None and _perm(middle) == [0, 2, 1] and _rank(inner.inputs[0]) == 4 and all(
+            only_use(v, graph) is not None for v in (value, outer.inputs[0], middle.inputs[0])):
+        return inner.inputs[0], False, [outer, middle, inner]
+    return value, True, []
+
+
 def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
-    """The heads-split form of scaled dot-product attention; a reason string where it is not that."""
+    """The heads-split form of scaled dot-product attention, as exporters write it; a reason string
+    where it is not that. Between the scores MatMul and the softmax: scalings and any number of
+    added biases; after the softmax: no-op Casts and torch's NaN guard; the keys as K^T, or as K
+    through a Transpose or torch's 3-D detour."""
     probs = softmax.outputs[0]
     if _rank(probs) != 4:
         return "its rank is not known to be 4 (batch, heads, query, key)"
     if not over_keys(softmax, graph):
         return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
-    context_mm, weights_used = _context_matmul(probs)
+    read, after = _after_softmax(probs, graph)
+    context_mm, weights_used = _context_matmul(read)
     if context_mm is None:
         return "no single MatMul multiplies it with the values"
-    nodes = [softmax]
+    if weights_used and after:
+        return "its weights are used outside the attention past a Cast or NaN guard"
+    nodes = [softmax, *after]
     scores = softmax.inputs[0]
-    mask = None
-    add = _producer(scores, "Add")
-    if add is not None:
-        side = next((i for i in (0, 1) if (p := add.inputs[i].producer()) is not None and p.op_type in ("MatMul", "Mul", "Div")), None)
-        if side is None or only_use(add.inputs[side], graph) is None:
-            return "its scores are not a MatMul plus a mask"
-        mask, scores = add.inputs[1 - side], add.inputs[side]
-        nodes.append(add)
-    if only_use(softmax.inputs[0], graph) is None:
+    if only_use(scores, graph) is None:
         return "its scores are used outside the attention"
-    scores, post, mul = _scaled(scores, graph)
-    nodes += [mul] if mul is not None else []
+    while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+        nodes.append(scores.producer())
+        scores = scores.producer().inputs[0]
+    peeled = _biases(scores, graph)
+    if isinstance(peeled, str):
+        return peeled
+    scores, biases, adds = peeled
+    nodes += adds
+    post = 1.0
+    while True:
+        scores, factor, mul = _scaled(scores, graph)
+        if mul is None:
+            break
+        post *= factor
+        nodes.append(mul)
     scores_mm = _producer(scores, "MatMul")
     if scores_mm is None or only_use(scores, graph) is None:
         return "its scores are not a MatMul of queries and keys used only here"
     q, q_scale, q_mul = _scaled(scores_mm.inputs[0], graph)
     k, k_scale, k_mul = _scaled(scores_mm.inputs[1], graph)
+    k, k_transposed, key_nodes = _keys(k, graph)
     v = context_mm.inputs[1]
     if {_rank(q), _rank(k), _rank(v)} != {4}:
         return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
-    nodes += [n for n in (q_mul, k_mul) if n is not None] + [scores_mm, context_mm]
-    heads, head_dim = q.shape[1], q.shape[3]
-    return Core("BNSH", q, k, v, heads if isinstance(heads, int) else None,
-                head_dim if isinstance(head_dim, int) else None, post * q_scale * k_scale, mask,
-                context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes)
+    nodes += [n for n in (q_mul, k_mul) if n is not None] + key_nodes + [scores_mm, context_mm]
+    heads = _split_heads(q, (1, 3)) or _split_heads(k, (1, 2) if k_transposed else (1, 3)) or _split_heads(v, (1, 3))
+    mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
+    return Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
+                context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes,
+                extra_masks=extra, k_transposed=k_transposed)
 
 
 Emit = Callable[..., ir.Value]
@@ -298,19 +460,22 @@ def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
     and key axes in full, and keeping -inf as -inf keeps partially masked rows exact."""
     if core.mask is None:
         return None
-    q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3)  # BNSH holds K^T
+    mask = core.mask
+    for i, extra in enumerate(core.extra_masks):
+        mask = add("Add", [mask, extra], f"biases_{i + 1}")
+    q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3 if core.k_transposed else 2)
     src = add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})
     if core.cache is not None:  # the keys are the past's, then this step's
         src = add("Add", [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src], "total_len")
     lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
                              add("Shape", [core.q], "tgt_len", {"start": q_axis, "end": q_axis + 1}), src],
                   "bias_shape", {"axis": 0})
-    return add("Expand", [core.mask, lengths], "attention_bias")
+    return add("Expand", [mask, lengths], "attention_bias")
 
 
 def keys_bnsh(core: Core, add: Emit) -> ir.Value:
-    """K as (N, H, S, hd) from a BNSH core's K^T."""
-    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]})
+    """K as (N, H, S, hd) from a BNSH core's keys."""
+    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]}) if core.k_transposed else core.k
 
 
 def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 from runtime.reference import fully_masked_rows, mha_reference
-from runtime.signature import evaluate
+from runtime.signature import InputError, evaluate
 from runtime.session import Session
 
 Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
@@ -285,6 +286,20 @@ def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str
     return {"output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
 
 
+def _run_original(original: Session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The input graph's outputs; an InputError (the input graph's fault, not ours) where ONNX Runtime
+    cannot run it on these inputs: an export that fixed a dynamic axis at its traced size, say."""
+    try:
+        return original.run(feeds)
+    except InputError:
+        raise
+    except Exception as exc:  # onnxruntime raises Fail, RuntimeException, InvalidArgument...
+        shapes = ", ".join(f"{name} {'x'.join(map(str, value.shape))}" for name, value in feeds.items())
+        detail = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip().splitlines()[0])[:200]
+        raise InputError(f"the input graph itself fails in ONNX Runtime on inputs of {shapes}: {detail}; give inputs it "
+                         "takes with --inputs FILE.npz (or --latency-shape for --latency)") from exc
+
+
 def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE, seed: int = 0,
                         ranges: Mapping[str, int] | None = None,
                         inputs: Mapping[str, np.ndarray] | None = None) -> CheckReport:
@@ -301,7 +316,7 @@ def check_against_graph(session: Session, original: Session, *, tolerance: float
         graph_inputs(original.inputs, {name: size + i for i, name in enumerate(symbols)}, rng, ranges=ranges)
         for size in (5, 11)]
     for feeds in feed_sets:
-        want, got = original.run(feeds), session.run(feeds)
+        want, got = _run_original(original, feeds), session.run(feeds)
         shape = tuple(feeds[original.inputs[0].name].shape)
         for name, expected in want.items():
             if expected.dtype.kind != "f":
