@@ -61,6 +61,7 @@ class Core:
     cache: Cache | None = None
     extra_masks: tuple[ir.Value, ...] = ()  # further additive biases (relative position, causal...): summed with mask
     k_transposed: bool = True  # a BNSH core's k is K^T (N, H, hd, S); False: K (N, H, S, hd)
+    nan_guarded: bool = False  # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
 
     @property
     def guarded(self) -> bool:
@@ -68,9 +69,10 @@ class Core:
 
     @property
     def zeroes_dead_rows(self) -> bool:
-        """Whether the fused form must zero fully masked rows: where the graph did (our guard), and
-        in any masked BNSH core, where a graph from elsewhere would give NaN (DESIGN.md: never)."""
-        return self.mask is not None and (self.guarded or self.layout == "BNSH")
+        """Whether the fused form must zero fully masked rows: where the graph did, with our guard or
+        torch's NaN guard. Elsewhere such a row is what the graph makes it (NaN for an all -inf row,
+        uniform for an all-lowest one), and the fused ops, adding the same bias, make it the same."""
+        return self.mask is not None and (self.guarded or self.nan_guarded)
 
     @property
     def name(self) -> str:
@@ -390,6 +392,7 @@ def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     if not over_keys(softmax, graph):
         return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
     read, after = _after_softmax(probs, graph)
+    nan_guarded = any(node.op_type == "IsNaN" for node in after)
     context_mm, weights_used = _context_matmul(read)
     if context_mm is None:
         return "no single MatMul multiplies it with the values"
@@ -428,7 +431,7 @@ def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
     return Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
                 context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes,
-                extra_masks=extra, k_transposed=k_transposed)
+                extra_masks=extra, k_transposed=k_transposed, nan_guarded=nan_guarded)
 
 
 Emit = Callable[..., ir.Value]
@@ -455,15 +458,25 @@ def emitter(graph: ir.Graph, new: list[ir.Node], scope: str) -> Emit:
     return add
 
 
-def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
-    """The additive mask broadcast to (N|1, H|1, L, S'): ONNX Runtime's fused ops want the query
-    and key axes in full, and keeping -inf as -inf keeps partially masked rows exact."""
+def combined_mask(core: Core, add: Emit) -> ir.Value | None:
+    """The core's additive masks summed, as the graph broadcast them: None without a mask."""
     if core.mask is None:
         return None
     mask = core.mask
     for i, extra in enumerate(core.extra_masks):
         mask = add("Add", [mask, extra], f"biases_{i + 1}")
+    return mask
+
+
+def full_bias(graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None) -> ir.Value | None:
+    """``mask`` (combined_mask's) broadcast to (N|1, H|1, L, S'): ONNX Runtime's fused ops want the
+    query and key axes in full, and keeping -inf as -inf keeps partially masked rows exact. A mask
+    whose shape already states both axes (an exporter's full 4-D mask) goes in as it is."""
+    if mask is None:
+        return None
     q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3 if core.k_transposed else 2)
+    if core.cache is None and _states(mask, 2, core.q, q_axis) and _states(mask, 3, core.k, k_axis):
+        return mask
     src = add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})
     if core.cache is not None:  # the keys are the past's, then this step's
         src = add("Add", [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src], "total_len")
@@ -473,13 +486,28 @@ def full_bias(graph: ir.Graph, core: Core, add: Emit) -> ir.Value | None:
     return add("Expand", [mask, lengths], "attention_bias")
 
 
+def _states(mask: ir.Value, axis: int, other: ir.Value, other_axis: int) -> bool:
+    """Whether a rank-4 ``mask``'s ``axis`` is known to be ``other``'s ``other_axis`` (the same size
+    or the same symbolic dim), so that nothing broadcasts there."""
+    if mask.shape is None or len(mask.shape) != 4 or other.shape is None or len(other.shape) <= other_axis:
+        return False
+    a, b = mask.shape[axis], other.shape[other_axis]
+    return a == b and (isinstance(a, int) or (a is not None and getattr(a, "value", None) is not None))
+
+
 def keys_bnsh(core: Core, add: Emit) -> ir.Value:
     """K as (N, H, S, hd) from a BNSH core's keys."""
     return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]}) if core.k_transposed else core.k
 
 
+def rank4(mask: ir.Value) -> ir.Value | None:
+    """The mask itself where it is known to be rank 4, so the dead rows are read before the broadcast."""
+    return mask if mask.shape is not None and len(mask.shape) == 4 else None
+
+
 def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
-    """(N|1, H|1, L, 1): True where the mask leaves a query no key (the whole row is -inf)."""
+    """(N|1, H|1, L|1, 1): True where the rank-4 mask leaves a query no key (the whole row is -inf).
+    Read from the mask before it is broadcast, this costs one pass over the mask, not over (N, H, L, S)."""
     axis = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
     return add("IsInf", [add("ReduceMax", [bias, axis], "fully_masked/ReduceMax", {"keepdims": 1})],
                "fully_masked/IsInf", {"detect_positive": 0})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unfusable,
-                                     unique_scope, zero_dead_context, zero_dead_weights)
+from compiler.attention_core import (Core, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh, rank4, replace_core,
+                                     unfusable, unique_scope, zero_dead_context, zero_dead_weights)
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -36,7 +36,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(graph, new, scope)
-            bias = full_bias(graph, core, add)
+            mask = combined_mask(core, add)
+            bias = full_bias(graph, core, add, mask)
             if core.layout == "BSD":
                 attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
                 k = core.k
@@ -56,7 +57,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 weights = node.outputs[3]
                 weights.name = f"{scope}/Attention:weights"
             if core.zeroes_dead_rows:
-                dead = dead_rows(graph, bias, add)
+                dead = dead_rows(graph, rank4(mask) or bias, add)
                 context = zero_dead_context(graph, core, context, dead, add, core.layout)
                 if weights is not None:
                     weights = zero_dead_weights(graph, weights, dead, add)

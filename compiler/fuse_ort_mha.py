@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
-from compiler.attention_core import (Core, dead_rows, emitter, find_cores, full_bias, keys_bnsh, replace_core, unfusable,
-                                     unique_scope, zero_dead_context, zero_scalar)
+from compiler.attention_core import (Core, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh, rank4, replace_core,
+                                     unfusable, unique_scope, zero_dead_context, zero_scalar)
 
 MS_DOMAIN = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
@@ -42,7 +42,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             scope = unique_scope(graph)
             add = emitter(graph, new, scope)
             padding = _bool_key_padding(core)
-            bias = full_bias(graph, core, add) if padding is None else None
+            mask = combined_mask(core, add) if padding is None else None
+            bias = full_bias(graph, core, add, mask)
             q, k = core.q, core.k
             if core.layout == "BNSH":
                 merge = new_initializer(graph, "attention/merge_shape",
@@ -64,7 +65,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             if core.zeroes_dead_rows and keep is not None:
                 context = _zero_fully_padded(graph, context, keep, add)
             elif core.zeroes_dead_rows:
-                context = zero_dead_context(graph, core, context, dead_rows(graph, bias, add), add)
+                context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias, add), add)
             if core.layout == "BNSH":
                 split = new_initializer(graph, "attention/heads_shape",
                                         np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))

@@ -15,7 +15,7 @@ from compiler.float16 import Float16Pass
 from compiler.fold_scale import FoldScalePass
 from compiler.fuse_onnx_attention import ATTENTION_OPSET, FuseOnnxAttentionPass
 from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
-from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass
+from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass, ResidualSumPass
 from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
 from compiler.pack_projections import PackProjectionsPass
@@ -63,10 +63,16 @@ _PORTABLE = Form("matmul-softmax", _PREPARE,
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
                        "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
-_ORT = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
-            "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-            "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
-            "as SkipLayerNormalization and GELU as Gelu", FuseOrtMultiHeadAttentionPass)
+_ORT_CPU = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass,
+                                                     functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
+                "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+                "(left unfused with need_weights: that op cannot return the weights); GELU as Gelu; residual sums "
+                "before a LayerNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
+                "(its SkipLayerNormalization is slower there)", FuseOrtMultiHeadAttentionPass)
+_ORT_CUDA = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
+                 "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+                 "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
+                 "as SkipLayerNormalization and GELU as Gelu", FuseOrtMultiHeadAttentionPass)
 _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
                         "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
                         "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")
@@ -74,8 +80,8 @@ _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
 TARGET_SPECS = {
     "portable": Target("portable", (_PORTABLE,)),
     "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION,)),
-    "ort-cpu": Target("ort-cpu", (_ORT,)),
-    "ort-cuda": Target("ort-cuda", (_ORT,)),
+    "ort-cpu": Target("ort-cpu", (_ORT_CPU,)),
+    "ort-cuda": Target("ort-cuda", (_ORT_CUDA,)),
     "tensorrt": Target("tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)),  # the Attention op needs TensorRT 10.14+
 }
 
