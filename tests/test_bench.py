@@ -77,28 +77,42 @@ def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(run_cli, t
                 {(b, n) for b in (1, 2) for n in (32, 64)})
 
 
-def test_bench_errors_are_one_clear_line(run_cli, tmp_path):
+def test_bench_errors_are_one_clear_line(tmp_path, capsys):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench as bench_script
+    import compile as compile_script
+
+    def bench(*argv):  # in this process: a refusal while parsing is argparse's SystemExit
+        try:
+            status = bench_script.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            status = exit_.code
+        return status, capsys.readouterr().err
+
     folder = tmp_path / "compiled"
-    assert run_cli("compile.py", "--embed-dim", "8", "--num-heads", "2", "--out", folder).returncode == 0
-    clash = run_cli("bench.py", folder, "--causal", "--targets", "portable")
-    assert clash.returncode == 2 and "DIR fixes the spec" in clash.stderr and "--causal, --targets" in clash.stderr
-    wrong_device = run_cli("bench.py", "--targets", "ort-cuda")
-    assert wrong_device.returncode == 2 and "target ort-cuda does not run on --device cpu" in wrong_device.stderr
+    assert compile_script.main(["--embed-dim", "8", "--num-heads", "2", "--quiet", "--out", str(folder)]) == 0
+    status, err = bench(folder, "--causal", "--targets", "portable")
+    assert status == 2 and "DIR fixes the spec" in err and "--causal, --targets" in err
+    status, err = bench("--targets", "ort-cuda")
+    assert status == 2 and "target ort-cuda does not run on --device cpu" in err
     model = folder / "model.onnx"
     model.write_bytes(model.read_bytes() + b"\0")
-    tampered = run_cli("bench.py", folder, "--quick")
-    assert tampered.returncode == 2 and "does not match the sha256" in tampered.stderr
-    assert "Traceback" not in tampered.stderr
+    status, err = bench(folder, "--quick")
+    assert status == 2 and "does not match the sha256" in err and "Traceback" not in err
     external = tmp_path / "external"
-    assert run_cli("compile.py", "--embed-dim", "32", "--num-heads", "2", "--external-data", "always",
-                   "--out", external).returncode == 0
+    assert compile_script.main(["--embed-dim", "32", "--num-heads", "2", "--external-data", "always", "--quiet",
+                                "--out", str(external)]) == 0
     data = external / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\1")
-    tampered = run_cli("bench.py", external, "--quick")
-    assert tampered.returncode == 2 and "model.onnx.data does not match the sha256" in tampered.stderr
+    status, err = bench(external, "--quick")
+    assert status == 2 and "model.onnx.data does not match the sha256" in err
     if not torch.cuda.is_available():
-        no_gpu = run_cli("bench.py", "--quick", "--device", "cuda")
-        assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
+        status, err = bench("--quick", "--device", "cuda")
+        assert status == 2 and "needs a CUDA GPU" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
