@@ -14,6 +14,7 @@ Fusion passes rewrite what this module finds; ``survey`` says why a Softmax was 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -429,9 +430,62 @@ def _match_bnsh(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     nodes += [n for n in (q_mul, k_mul) if n is not None] + key_nodes + [scores_mm, context_mm]
     heads = _split_heads(q, (1, 3)) or _split_heads(k, (1, 2) if k_transposed else (1, 3)) or _split_heads(v, (1, 3))
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
-    return Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
+    core = Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
                 context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes,
                 extra_masks=extra, k_transposed=k_transposed, nan_guarded=nan_guarded)
+    return _as_bsd(core, graph) or core
+
+
+def _same_dim(a: object, b: object) -> bool:
+    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
+
+
+def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir.Value | None:
+    """x where ``value`` = Transpose(Reshape(x, (B, L, heads, size)), perm) and x is (B, L, heads*size):
+    the exporter's head split, undone."""
+    transpose = _producer(value, "Transpose")
+    reshape = _producer(transpose.inputs[0], "Reshape") if transpose is not None and _perm(transpose) == perm else None
+    if reshape is None:
+        return None
+    x, dims = reshape.inputs[0], _reshape_dims(reshape)
+    if x.shape is None or len(x.shape) != 3 or dims is None or len(dims) != 4:
+        return None
+    out = reshape.outputs[0].shape
+    for axis in (0, 1):  # the batch and length are kept: copied (0), or the same dims by shape inference
+        if dims[axis] != 0 and not (dims[axis] is not None and dims[axis] > 0 and dims[axis] == x.shape[axis]) and not (
+                out is not None and len(out) == 4 and _same_dim(out[axis], x.shape[axis])):
+            return None
+    if dims[2] not in (heads, -1) or dims[3] not in (size, -1) or dims[2:].count(-1) > 1:
+        return None
+    if not (isinstance(x.shape[2], int) and x.shape[2] == heads * size):
+        return None
+    return x
+
+
+def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
+    """The same core with the exporter's head split and merge looked through: q, k, v as the (N, L, E)
+    projections and the output as the (N, L, E) merge, as our own graphs hold them, so the fused op
+    reads and writes them directly instead of a Transpose/Reshape round trip on each side."""
+    if core.num_heads is None or core.head_dim is None or core.weights is not None or core.cache is not None:
+        return None
+    h, d = core.num_heads, core.head_dim
+    q = _merged_heads(core.q, [0, 2, 1, 3], h, d)
+    k = _merged_heads(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], h, d)
+    v = _merged_heads(core.v, [0, 2, 1, 3], h, d)
+    merge_t = only_use(core.output, graph)
+    merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None and _perm(merge_t) == [0, 2, 1, 3] else None
+    if q is None or k is None or v is None or merge_r is None or merge_r.op_type != "Reshape" or merge_r.domain:
+        return None
+    dims, source = _reshape_dims(merge_r), merge_t.outputs[0].shape
+    out = merge_r.outputs[0].shape
+    if dims is None or len(dims) != 3 or dims[2] not in (h * d, -1):
+        return None
+    for axis in (0, 1):
+        if dims[axis] != 0 and not (out is not None and len(out) == 3 and source is not None and len(source) == 4
+                                    and _same_dim(out[axis], source[axis])):
+            return None
+    return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
+                               nodes=[*core.nodes, merge_t, merge_r], k_transposed=True)
 
 
 Emit = Callable[..., ir.Value]

@@ -27,6 +27,10 @@ def _gelu_erf(op, x):  # noqa: ANN001, ANN202: pattern functions take the rewrit
     return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0))
 
 
+def _gelu_erf_half_outside(op, x):  # noqa: ANN001, ANN202: x * (0.5 * (erf(x / sqrt 2) + 1)), as torch's exporter writes it
+    return op.Mul(x, op.Mul(0.5, op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0)))
+
+
 def _gelu(op, x):  # noqa: ANN001, ANN202
     return op.Gelu(x, _domain=MS)
 
@@ -74,7 +78,8 @@ def _same_shape_3d(context, x, skip, gamma, **_) -> bool:  # noqa: ANN001
             and len(x.shape) == 3 and len(skip.shape) == 3 and x.shape[-1] == skip.shape[-1] == g.shape[0])
 
 
-_GELU = pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf")
+_GELU = [pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf"),
+         pattern.RewriteRule(_gelu_erf_half_outside, _gelu, name="GeluErfHalfOutside")]
 _SKIP_NORM = [
     pattern.RewriteRule(_residual_norm_BSD, _skip_norm, _same_shape_3d, name="SkipLayerNorm"),
     pattern.RewriteRule(_residual_norm_no_bias_BSD, _skip_norm_no_bias, _same_shape_3d, name="SkipLayerNormNoBias"),
@@ -91,7 +96,7 @@ class FuseOrtNormGeluPass(ir.passes.InPlacePass):
 
     def __init__(self, skip_norm: bool = True) -> None:
         super().__init__()
-        self.rules = pattern.RewriteRuleSet([_GELU, *(_SKIP_NORM if skip_norm else [])], commute=True)
+        self.rules = pattern.RewriteRuleSet([*_GELU, *(_SKIP_NORM if skip_norm else [])], commute=True)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = self.rules.apply_to_model(model)

@@ -68,6 +68,7 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
     nodes.append(named(ir.node("Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split")))
     graph.insert_before(matmuls[0], nodes)
     for final, out in zip(finals, nodes[-1].outputs):
+        out.type, out.shape = final.type, final.shape  # what the later passes read (a head split's width, say)
         final.replace_all_uses_with(out)
     graph.remove([n for m, b in zip(matmuls, biases) for n in ((m, b[0]) if b else (m,))], safe=True)
     return True

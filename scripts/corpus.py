@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""The corpus benchmark: compile.py --onnx over what users bring (scripts/model_zoo.py: Hugging Face
+BERT, GPT-2 and ViT, sdpa and eager, and torch's TransformerEncoder and Transformer, from both
+exporters), in one run:
+- cores found and fused on ort-cpu and onnx-attention, and the worst error against the input graph;
+- latency on ONNX Runtime CPU of the input graph, our ort-cpu and onnx-attention graphs, onnxscript's
+  optimize_for_ort and ONNX Runtime's transformers optimizer, all timed in turns (each round runs every
+  session once; idle sessions do not spin) at one batch and sequence length; each graph's ratio to the
+  input graph is the median over rounds of the ratio within a round, so the machine's drift cancels;
+- each input graph against the floor its MatMuls set at ONNX Runtime's own MatMul rate on this machine.
+
+    python scripts/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
+
+Needs the transformers extra: pip install -e '.[transformers]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import model_zoo
+from compiler import attention_form, compile_model, get_target
+from compiler.ingest import fusion_findings, load_onnx
+from compiler.output_folders import check_output_file, write_file_atomically
+from runtime.check import check_against_graph
+from runtime.graph_inputs import graph_inputs, index_ranges
+from runtime.ort import OrtSession
+from runtime.signature import input_specs
+from runtime.timing import Timing, cpu_matmul_rate, cpu_name
+
+TARGETS = ("ort-cpu", "onnx-attention")
+MODEL_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "torch-encoder": "bert", "torch-transformer": "bert"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", nargs="+", choices=model_zoo.FAMILIES, default=list(model_zoo.FAMILIES))
+    p.add_argument("--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS))
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512, help="sequence length of the timed inputs (ViT: the image gives ~this)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=30, help="at least this many timed rounds")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long per model")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads; 0: all cores")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "attention-compiler", "zoo"),
+                   help="exported models are kept here between runs")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
+    args = p.parse_args(argv)
+    for flag in ("markdown", "json"):
+        if getattr(args, flag) is not None:
+            check_output_file(getattr(args, flag), f"--{flag}")
+    return args
+
+
+def _session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions take turns on the cores
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _optimize_for_ort(path: Path, folder: Path) -> Path:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(path))
+    optimize_for_ort(model)
+    out = folder / "optimize_for_ort.onnx"
+    ir.save(model, str(out), external_data="optimize_for_ort.onnx.data")
+    return out
+
+
+def _ort_transformers(path: Path, folder: Path, family: str, size: model_zoo.Size) -> Path:
+    from onnxruntime.transformers import optimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimizer.optimize_model(str(path), model_type=MODEL_TYPES[family], num_heads=size.heads,
+                                             hidden_size=size.hidden, opt_level=0)
+    out = folder / "ort_transformers.onnx"
+    optimized.save_model_to_file(str(out), use_external_data_format=True)
+    return out
+
+
+def matmul_flops(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float | None:
+    """FLOPs of the graph's MatMuls and Gemms at these inputs, from ONNX shape inference with the
+    input shapes fixed; None where a MatMul's shapes stay unknown."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # noqa: BLE001: shape inference fails on some exports; the floor is then unknown
+        return None
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
+    total = 0.0
+    for node in inferred.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not a or not b or None in a or None in b:
+            return None
+        if node.op_type == "Gemm":
+            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+            m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+            n = b[0] if next((x.i for x in node.attribute if x.name == "transB"), 0) else b[1]
+            total += 2.0 * m * k * n
+        else:
+            batch = math.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))) if len(a) > 2 or len(b) > 2 else 1
+            total += 2.0 * batch * (a[-2] if len(a) > 1 else 1) * a[-1] * b[-1]
+    return total
+
+
+def time_in_turns(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], rounds: int,
+                  min_seconds: float) -> dict[str, list[float]]:
+    """Each round runs every session once, in a rotating order, so that the machine's drifts touch
+    them all alike: the times of each session, round by round."""
+    names = list(sessions)
+    for name in names:
+        for _ in range(3):
+            sessions[name].run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start, r = time.perf_counter(), 0
+    while r < rounds or time.perf_counter() - start < min_seconds:
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feeds)
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+    return times
+
+
+def timed_inputs(entry: model_zoo.Entry, model: onnx.ModelProto, batch: int, seq: int) -> dict[str, np.ndarray]:
+    sizes = {"batch": batch, "sequence": seq, "target": seq}
+    return graph_inputs(input_specs(model), sizes, np.random.default_rng(0), ranges=index_ranges(model))
+
+
+def run_entry(entry: model_zoo.Entry, args: argparse.Namespace, folder: Path, rate: float) -> dict[str, Any]:
+    path = model_zoo.export(entry, args.cache)
+    original = load_onnx(path)
+    row: dict[str, Any] = {"model": entry.name, "family": entry.family, "implementation": entry.implementation,
+                           "exporter": entry.exporter}
+    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")  # the legacy export fixed them
+    given = model_zoo.example_inputs(entry) if fixed_shapes else None
+    compiled = {}
+    for target in TARGETS:
+        _, form = get_target(target)
+        model = compile_model(original, target)
+        findings = [f for f in fusion_findings(original, model, form, attention_form(model)) if f.attention]
+        report = check_against_graph(OrtSession(model), OrtSession(original), ranges=index_ranges(original), inputs=given)
+        row[target] = {"cores": len(findings), "fused": sum(f.fused for f in findings),
+                       "worst_rel_error": report.worst_rel_error}
+        compiled[target] = model
+    sessions = {"input": _session(str(path), args.threads)}
+    sessions.update({target: _session(model, args.threads) for target, model in compiled.items()})
+    for name, make in (("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
+                       ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size))):
+        try:
+            sessions[name] = _session(str(make()), args.threads)
+        except Exception as exc:  # noqa: BLE001: a baseline that fails is a finding, not the end of the run
+            row[name] = {"failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"}
+    feeds = given if fixed_shapes else timed_inputs(entry, original, args.batch, args.seq)
+    row["inputs"] = {name: list(value.shape) for name, value in feeds.items()}
+    for name in [n for n in sessions if n != "input"]:  # a baseline that fails on the inputs is left out of the timing
+        try:
+            sessions[name].run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            row[name] = {"failed": f"{type(exc).__name__} at run: {str(exc).strip().splitlines()[0][:120]}"}
+            del sessions[name]
+    times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
+    base = np.asarray(times["input"])
+    for name, series in times.items():  # the ratio within each round, then its median: drift cancels round by round
+        row.setdefault(name, {}).update({**Timing.of(series).to_json(),
+                                         "ratio_to_input": float(np.median(np.asarray(series) / base))})
+    flops = matmul_flops(onnx.load(str(path), load_external_data=False), feeds)
+    row["matmul_flops"] = flops
+    row["floor_s"] = flops / rate if flops else None
+    return row
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    entry = row.get(name, {})
+    if "failed" in entry:
+        return "failed"
+    return f"{entry['ratio_to_input']:.2f}x" if "ratio_to_input" in entry else "-"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | exporter | cores | fused ort-cpu / onnx-attention | worst rel. error | input p50 (ms) | x floor | "
+             "ort-cpu | onnx-attention | optimize_for_ort | ORT transformers optimizer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = "-".join(p for p in (r["family"], r["implementation"]) if p)
+        error = max(r[t]["worst_rel_error"] for t in TARGETS)
+        floor = f"{r['input']['p50_s'] / r['floor_s']:.1f}" if r.get("floor_s") else "-"
+        lines.append(f"| {name} | {r['exporter']} | {r['ort-cpu']['cores']} | {r['ort-cpu']['fused']} / "
+                     f"{r['onnx-attention']['fused']} | {error:.1e} | {r['input']['p50_s'] * 1e3:.2f} | {floor} | "
+                     f"{_cell(r, 'ort-cpu')} | {_cell(r, 'onnx-attention')} | {_cell(r, 'optimize_for_ort')} | "
+                     f"{_cell(r, 'ort_transformers')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
+    rate = cpu_matmul_rate(threads=threads)
+    print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
+          f"{rate / 1e9:.1f} GFLOP/s; batch {args.batch}, sequence {args.seq}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in model_zoo.entries(size, tuple(args.families)):
+            if entry.exporter not in args.exporters:
+                continue
+            folder = Path(tmp) / entry.name
+            folder.mkdir()
+            rows.append(run_entry(entry, args, folder, rate))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        write_file_atomically(Path(args.markdown), (text + "\n").encode())
+    if args.json:
+        report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+                              "onnxruntime": ort.__version__, "matmul_fp32_flops": rate},
+                  "settings": {k: getattr(args, k) for k in ("hidden", "heads", "layers", "seq", "batch", "rounds",
+                                                             "min_seconds")}, "rows": rows}
+        write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
