@@ -63,6 +63,7 @@ class Core:
     extra_masks: tuple[ir.Value, ...] = ()  # further additive biases (relative position, causal...): summed with mask
     k_transposed: bool = True  # a BNSH core's k is K^T (N, H, hd, S); False: K (N, H, S, hd)
     nan_guarded: bool = False  # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
+    output_rows: bool = False  # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
 
     @property
     def guarded(self) -> bool:
@@ -440,6 +441,50 @@ def _same_dim(a: object, b: object) -> bool:
     return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
 
 
+def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> bool:
+    """Whether a Reshape's ``axis`` keeps ``source``'s ``source_axis``: the target says 0 (copy), or
+    gives the same size, or reads it from Shape(source) (as legacy exporters compute it), or shape
+    inference found the two dims the same."""
+    dims = _reshape_dims(reshape)
+    if dims is None or axis >= len(dims):
+        return False
+    size = source.shape[source_axis] if source.shape is not None and len(source.shape) > source_axis else None
+    if dims[axis] == 0 or (dims[axis] is not None and dims[axis] > 0 and dims[axis] == size):
+        return True
+    if dims[axis] is None and _shape_entry(reshape.inputs[1], axis) == (source, source_axis):
+        return True
+    out = reshape.outputs[0].shape
+    return out is not None and len(out) > axis and size is not None and _same_dim(out[axis], size)
+
+
+def _shape_entry(shape: ir.Value, position: int) -> tuple[ir.Value, int] | None:
+    """(t, i) where entry ``position`` of a Concat'ed shape is Shape(t)[i]: Unsqueeze(Gather(Shape(t), i))
+    or Slice(Shape(t), i, i + 1)."""
+    concat = _producer(shape, "Concat")
+    if concat is None:
+        return None
+    offset = 0
+    for piece in concat.inputs:
+        length = piece.shape[0] if piece.shape is not None and len(piece.shape) == 1 else None
+        if not isinstance(length, int):
+            return None
+        if offset <= position < offset + length:
+            break
+        offset += length
+    else:
+        return None
+    node = piece.producer()
+    if node is not None and node.op_type == "Unsqueeze" and not node.domain:
+        node = node.inputs[0].producer()
+    if node is None or node.domain or node.op_type not in ("Gather", "Slice") or length != 1:
+        return None
+    shape_node = _producer(node.inputs[0], "Shape")
+    index = constant(node.inputs[1])
+    if shape_node is None or index is None or index.size != 1 or shape_node.attributes.get_int("start", 0) != 0:
+        return None
+    return shape_node.inputs[0], int(index.reshape(-1)[0])
+
+
 def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir.Value | None:
     """x where ``value`` = Transpose(Reshape(x, (B, L, heads, size)), perm) and x is (B, L, heads*size):
     the exporter's head split, undone."""
@@ -450,11 +495,8 @@ def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir
     x, dims = reshape.inputs[0], _reshape_dims(reshape)
     if x.shape is None or len(x.shape) != 3 or dims is None or len(dims) != 4:
         return None
-    out = reshape.outputs[0].shape
-    for axis in (0, 1):  # the batch and length are kept: copied (0), or the same dims by shape inference
-        if dims[axis] != 0 and not (dims[axis] is not None and dims[axis] > 0 and dims[axis] == x.shape[axis]) and not (
-                out is not None and len(out) == 4 and _same_dim(out[axis], x.shape[axis])):
-            return None
+    if not (_keeps(reshape, 0, x, 0) and _keeps(reshape, 1, x, 1)):  # the batch and length stay where they are
+        return None
     if dims[2] not in (heads, -1) or dims[3] not in (size, -1) or dims[2:].count(-1) > 1:
         return None
     if not (isinstance(x.shape[2], int) and x.shape[2] == heads * size):
@@ -476,13 +518,17 @@ def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
     merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None and _perm(merge_t) == [0, 2, 1, 3] else None
     if q is None or k is None or v is None or merge_r is None or merge_r.op_type != "Reshape" or merge_r.domain:
         return None
-    dims, source = _reshape_dims(merge_r), merge_t.outputs[0].shape
-    out = merge_r.outputs[0].shape
+    dims = _reshape_dims(merge_r)
+    if dims is not None and len(dims) == 2 and dims[0] == -1 and dims[1] == h * d:  # (N*L, E), rows for a Gemm
+        return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
+                                   nodes=[*core.nodes, merge_t, merge_r], k_transposed=True, output_rows=True)
     if dims is None or len(dims) != 3 or dims[2] not in (h * d, -1):
         return None
-    for axis in (0, 1):
-        if dims[axis] != 0 and not (out is not None and len(out) == 3 and source is not None and len(source) == 4
-                                    and _same_dim(out[axis], source[axis])):
+    for axis in (0, 1):  # the context's batch and length are the query's
+        entry = _shape_entry(merge_r.inputs[1], axis)
+        if not (_keeps(merge_r, axis, merge_t.outputs[0], axis) or _keeps(merge_r, axis, q, axis) or (
+                entry is not None and entry[1] == axis and entry[0].shape is not None and len(entry[0].shape) > axis
+                and q.shape is not None and _same_dim(entry[0].shape[axis], q.shape[axis]))):
             return None
     return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
                                nodes=[*core.nodes, merge_t, merge_r], k_transposed=True)
@@ -587,6 +633,14 @@ def zero_dead_weights(graph: ir.Graph, weights: ir.Value, dead: ir.Value, add: E
 
 def zero_scalar(graph: ir.Graph) -> ir.Value:
     return new_initializer(graph, "attention/zero", np.zeros((), np.float32))
+
+
+def as_output(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Value:
+    """A BSD context (N, L, E) in the shape the core's output had: the same, or its rows (N*L, E)."""
+    if not core.output_rows:
+        return context
+    rows = new_initializer(graph, "attention/rows_shape", np.asarray([-1, core.num_heads * core.head_dim], np.int64))
+    return add("Reshape", [context, rows], "context_rows")
 
 
 def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Value,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.attention_core import (Core, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh, rank4, replace_core,
-                                     unfusable, unique_scope, zero_dead_context, zero_dead_weights)
+from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
+                                     rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_dead_weights)
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -61,5 +61,6 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 context = zero_dead_context(graph, core, context, dead, add, core.layout)
                 if weights is not None:
                     weights = zero_dead_weights(graph, weights, dead, add)
+            context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
         return ir.passes.PassResult(model, bool(cores))

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
-from compiler.attention_core import (Core, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh, rank4, replace_core,
-                                     unfusable, unique_scope, zero_dead_context, zero_scalar)
+from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
+                                     rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 
 MS_DOMAIN = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
@@ -71,6 +71,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                                         np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
                 context = add("Transpose", [add("Reshape", [context, split], "context_bsnh")], "context_bnsh",
                               {"perm": [0, 2, 1, 3]})
+            context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, present=tuple(node.outputs[1:]) if cache is not None else None)
         if cores:
             model.opset_imports.setdefault(MS_DOMAIN, 1)

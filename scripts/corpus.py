@@ -10,6 +10,8 @@ exporters), in one run:
 - each input graph against the floor its MatMuls set at ONNX Runtime's own MatMul rate on this machine.
 
     python scripts/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
+    python scripts/corpus.py --layernorm    # why ort-cpu keeps Add and LayerNormalization apart
+
 
 Needs the transformers extra: pip install -e '.[transformers]'.
 """
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="exported models are kept here between runs")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
+    p.add_argument("--layernorm", action="store_true",
+                   help="only time a residual LayerNorm three ways: Add + LayerNormalization, Sum + LayerNormalization, "
+                        "com.microsoft.SkipLayerNormalization")
     args = p.parse_args(argv)
     for flag in ("markdown", "json"):
         if getattr(args, flag) is not None:
@@ -224,9 +229,49 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def layernorm_table(threads: int, rounds: int) -> str:
+    """A residual LayerNorm at (1, L, E) three ways, in turns: what ONNX Runtime runs for each form."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(form: str, width: int) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(np.ones(width, np.float32), "g"), numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+        if form == "SkipLayerNormalization":
+            nodes = [helper.make_node(form, ["x", "r", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-5)]
+        else:
+            nodes = [helper.make_node(form.split(" ")[0], ["x", "r"], ["s"]),
+                     helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", width]) for n in ("x", "r", "y")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
+                                 opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+    forms = ("Add + LayerNormalization", "Sum + LayerNormalization", "SkipLayerNormalization")
+    lines = ["| E | L | " + " | ".join(forms) + " | SkipLayerNormalization / Add + LN |", "|---|---|---|---|---|---|"]
+    for width in (256, 768):
+        for length in (128, 512, 2048):
+            sessions = {}
+            for form in forms:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                if form.startswith("Add"):  # ONNX Runtime would fuse the pair into SkipLayerNormalization itself
+                    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                sessions[form] = ort.InferenceSession(model(form, width).SerializeToString(), options,
+                                                      providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(0).standard_normal((1, length, width)).astype(np.float32)
+            times = time_in_turns(sessions, {"x": x, "r": x}, rounds, 0.5)
+            p50 = {form: float(np.median(t)) for form, t in times.items()}
+            lines.append(f"| {width} | {length} | " + " | ".join(f"{p50[f] * 1e3:.3f} ms" for f in forms)
+                         + f" | {float(np.median(np.asarray(times[forms[2]]) / np.asarray(times[forms[0]]))):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
+    if args.layernorm:
+        print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}")
+        print(layernorm_table(threads, max(args.rounds, 100)))
+        return 0
     size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
     rate = cpu_matmul_rate(threads=threads)
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "

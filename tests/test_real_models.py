@@ -49,3 +49,25 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, 
     assert len(cores) == CORES.get(entry.family, SIZE.layers)
     assert all(f["fused"] for f in cores), [f["detail"] for f in cores if not f["fused"]]
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
+
+
+def test_the_corpus_benchmark_writes_its_table_and_figures(tmp_path):
+    """scripts/corpus.py end to end on one small model: every column filled from one run."""
+    import corpus
+
+    out = tmp_path / "corpus.json"
+    assert corpus.main(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden", "32", "--heads", "2",
+                        "--layers", "1", "--seq", "16", "--rounds", "3", "--min-seconds", "0", "--cache",
+                        str(tmp_path / "zoo"), "--json", str(out), "--markdown", str(tmp_path / "corpus.md")]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["ort-cpu"]["cores"] == row["ort-cpu"]["fused"] == row["onnx-attention"]["fused"] == 1
+    assert row["ort-cpu"]["worst_rel_error"] <= 1e-5 and row["inputs"] == {"src": [1, 16, 32], "src_key_padding_mask": [1, 16]}
+    for name in ("input", "ort-cpu", "onnx-attention"):
+        assert row[name]["runs"] >= 3 and row[name]["p50_s"] > 0 and row[name]["ratio_to_input"] > 0
+    assert row["input"]["ratio_to_input"] == 1.0
+    assert report["machine"]["matmul_fp32_flops"] > 0
+    table = (tmp_path / "corpus.md").read_text()
+    assert "| torch-encoder | dynamo | 1 | 1 / 1 |" in table
+    lines = corpus.layernorm_table(threads=1, rounds=2).splitlines()
+    assert len(lines) == 2 + 6 and all(line.count("ms") == 3 for line in lines[2:])
