@@ -124,9 +124,22 @@ class Finding:
     fused: bool
     detail: str
     attention: bool = True  # False: this Softmax is no attention core
+    layer: str = ""  # the module it came from, where the exporter said: "encoder.layer.0.attention.self"
 
     def __str__(self) -> str:
-        return f"{'fused' if self.fused else 'left alone'}: attention at Softmax '{self.softmax}': {self.detail}"
+        where = f" ({self.layer})" if self.layer else ""
+        return f"{'fused' if self.fused else 'left alone'}: attention at Softmax '{self.softmax}'{where}: {self.detail}"
+
+
+def layer_of(node: ir.Node) -> str:
+    """The module a node came from: torch's dynamo exporter records its name scopes in the node's
+    metadata; the legacy exporter names nodes by module path (``/m/encoder/layer.0/.../Softmax``)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        return names[-2] if len(names) >= 2 else ""
+    name = node.name or ""
+    return ".".join(p for p in name.split("/")[:-1] if p) if name.startswith("/") else ""
 
 
 def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form, fused_form: str) -> list[Finding]:
@@ -137,13 +150,13 @@ def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form,
     remaining = {out for node in after.graph.node if node.op_type == "Softmax" for out in node.output}
     findings = []
     for node, found in survey(model.graph):
-        name = node.outputs[0].name
+        name, layer = node.outputs[0].name, layer_of(node)
         if name not in remaining:
-            findings.append(Finding(name, True, f"into {fused_form}"))
+            findings.append(Finding(name, True, f"into {fused_form}", layer=layer))
         elif not isinstance(found, Core):
-            findings.append(Finding(name, False, f"not an attention core: {found}", attention=False))
+            findings.append(Finding(name, False, f"not an attention core: {found}", attention=False, layer=layer))
         elif form.fusion is None:
-            findings.append(Finding(name, False, f"the {form.name} form keeps MatMul-Softmax-MatMul"))
+            findings.append(Finding(name, False, f"the {form.name} form keeps MatMul-Softmax-MatMul", layer=layer))
         else:
-            findings.append(Finding(name, False, form.fusion.refuse(found) or "the fusion did not apply"))
+            findings.append(Finding(name, False, form.fusion.refuse(found) or "the fusion did not apply", layer=layer))
     return findings

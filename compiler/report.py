@@ -57,7 +57,8 @@ def _what(manifest: Mapping[str, Any]) -> dict[str, Any]:
     else:
         rows["source"] = f"{manifest['source']['onnx']} (sha256 {manifest['source']['sha256']})"
         for finding in manifest.get("fusion", []):
-            rows[f"Softmax {finding['softmax']}"] = ("fused: " if finding["fused"] else "left alone: ") + finding["detail"]
+            layer = f" ({finding['layer']})" if finding.get("layer") else ""
+            rows[f"Softmax {finding['softmax']}{layer}"] = ("fused: " if finding["fused"] else "left alone: ") + finding["detail"]
     if manifest.get("config"):
         rows["config"] = f"{manifest['config']['path']} (sha256 {manifest['config']['sha256']})"
     return rows

@@ -306,7 +306,7 @@ def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     described = {"source": {"onnx": str(args.onnx), "sha256": hashlib.sha256(Path(args.onnx).read_bytes()).hexdigest()},
                  "inputs": graph_signature(model.graph.input, model.graph.initializer),
                  "outputs": graph_signature(model.graph.output)}
-    fusion = {"fusion": [{"softmax": f.softmax, "fused": f.fused, "detail": f.detail} for f in findings]}
+    fusion = {"fusion": [{"softmax": f.softmax, "layer": f.layer, "fused": f.fused, "detail": f.detail} for f in findings]}
     return _emit(args, console, original, model, described, fusion, checker=checker, feeds=feeds)
 
 

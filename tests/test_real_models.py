@@ -48,6 +48,8 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, 
     cores = [f for f in manifest["fusion"] if f["fused"] or "not an attention core" not in f["detail"]]
     assert len(cores) == CORES.get(entry.family, SIZE.layers)
     assert all(f["fused"] for f in cores), [f["detail"] for f in cores if not f["fused"]]
+    layers = [f["layer"] for f in cores]  # each core named by the module it came from, one module each
+    assert all(layers) and len(set(layers)) == len(layers), layers
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
