@@ -229,7 +229,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def layernorm_table(threads: int, rounds: int) -> str:
+def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
     """A residual LayerNorm at (1, L, E) three ways, in turns: what ONNX Runtime runs for each form."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -258,7 +258,7 @@ def layernorm_table(threads: int, rounds: int) -> str:
                 sessions[form] = ort.InferenceSession(model(form, width).SerializeToString(), options,
                                                       providers=["CPUExecutionProvider"])
             x = np.random.default_rng(0).standard_normal((1, length, width)).astype(np.float32)
-            times = time_in_turns(sessions, {"x": x, "r": x}, rounds, 0.5)
+            times = time_in_turns(sessions, {"x": x, "r": x}, rounds, min_seconds)
             p50 = {form: float(np.median(t)) for form, t in times.items()}
             lines.append(f"| {width} | {length} | " + " | ".join(f"{p50[f] * 1e3:.3f} ms" for f in forms)
                          + f" | {float(np.median(np.asarray(times[forms[2]]) / np.asarray(times[forms[0]]))):.2f}x |")
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(layernorm_table(threads, max(args.rounds, 100)))
         return 0
     size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
-    rate = cpu_matmul_rate(threads=threads)
+    rate = cpu_matmul_rate(threads=threads, min_seconds=min(1.0, max(0.1, args.min_seconds / 3)))
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
           f"{rate / 1e9:.1f} GFLOP/s; batch {args.batch}, sequence {args.seq}", flush=True)
     rows = []

@@ -29,9 +29,13 @@ CORES = {"torch-transformer": 6}  # 2 encoder layers; 2 decoder layers of self- 
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("zoo")
-    return {entry.name: model_zoo.export(entry, cache) for entry in ENTRIES}
+def zoo(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module")
+def exported(zoo):
+    return {entry.name: model_zoo.export(entry, zoo) for entry in ENTRIES}
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
@@ -53,23 +57,24 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, 
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
-def test_the_corpus_benchmark_writes_its_table_and_figures(tmp_path):
-    """scripts/corpus.py end to end on one small model: every column filled from one run."""
+def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_path):
+    """scripts/corpus.py end to end on one small model (exported above): every column filled from one run."""
     import corpus
 
     out = tmp_path / "corpus.json"
-    assert corpus.main(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden", "32", "--heads", "2",
-                        "--layers", "1", "--seq", "16", "--rounds", "3", "--min-seconds", "0", "--cache",
-                        str(tmp_path / "zoo"), "--json", str(out), "--markdown", str(tmp_path / "corpus.md")]) == 0
+    assert corpus.main(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden", str(SIZE.hidden), "--heads",
+                        str(SIZE.heads), "--layers", str(SIZE.layers), "--seq", "16", "--rounds", "3", "--min-seconds", "0",
+                        "--cache", str(zoo), "--json", str(out), "--markdown", str(tmp_path / "corpus.md")]) == 0
     report = json.loads(out.read_text())
     (row,) = report["rows"]
-    assert row["ort-cpu"]["cores"] == row["ort-cpu"]["fused"] == row["onnx-attention"]["fused"] == 1
-    assert row["ort-cpu"]["worst_rel_error"] <= 1e-5 and row["inputs"] == {"src": [1, 16, 32], "src_key_padding_mask": [1, 16]}
+    assert row["ort-cpu"]["cores"] == row["ort-cpu"]["fused"] == row["onnx-attention"]["fused"] == SIZE.layers
+    assert row["ort-cpu"]["worst_rel_error"] <= 1e-5
+    assert row["inputs"] == {"src": [1, 16, SIZE.hidden], "src_key_padding_mask": [1, 16]}
     for name in ("input", "ort-cpu", "onnx-attention"):
         assert row[name]["runs"] >= 3 and row[name]["p50_s"] > 0 and row[name]["ratio_to_input"] > 0
     assert row["input"]["ratio_to_input"] == 1.0
     assert report["machine"]["matmul_fp32_flops"] > 0
     table = (tmp_path / "corpus.md").read_text()
-    assert "| torch-encoder | dynamo | 1 | 1 / 1 |" in table
-    lines = corpus.layernorm_table(threads=1, rounds=2).splitlines()
+    assert f"| torch-encoder | dynamo | {SIZE.layers} | {SIZE.layers} / {SIZE.layers} |" in table
+    lines = corpus.layernorm_table(threads=1, rounds=2, min_seconds=0).splitlines()
     assert len(lines) == 2 + 6 and all(line.count("ms") == 3 for line in lines[2:])
