@@ -332,7 +332,7 @@ def _reshape_dims(node: ir.Node) -> list[int | None] | None:
     return [None if d is None else int(d) for d in found[0]]
 
 
-def _split_heads(value: ir.Value, axes: tuple[int, int]) -> tuple[int, int] | None:
+def _split_heads(value: ir.Value, axes: tuple[int, int], depth: int = 6) -> tuple[int, int] | None:
     """(heads, head size) of a rank-4 value, from its shape or, failing that, from the Reshape that
     made it (through one Transpose): ``axes`` are where heads and head size sit in ``value``."""
     if value.shape is not None and len(value.shape) == 4:
@@ -340,6 +340,12 @@ def _split_heads(value: ir.Value, axes: tuple[int, int]) -> tuple[int, int] | No
         if isinstance(heads, int) and isinstance(size, int):
             return heads, size
     node = _unscaled(value).producer()
+    if node is not None and not node.domain and node.op_type in _SHAPE_KEEPING and depth > 0:
+        # through rotary embeddings (q * cos + rotate_half(q) * sin) and the like: the operands that tell agree.
+        # One head says nothing here: an operand broadcast over the heads (cos, sin) has one.
+        told = {h for x in node.inputs[1 if node.op_type == "Where" else 0:] if x is not None
+                and (h := _split_heads(x, axes, depth - 1)) is not None and h[0] > 1}
+        return told.pop() if len(told) == 1 else None
     perm = list(range(4))
     if node is not None and node.op_type == "Transpose" and not node.domain:
         perm = list(node.attributes.get_ints("perm", [3, 2, 1, 0]))
@@ -356,6 +362,9 @@ def _split_heads(value: ir.Value, axes: tuple[int, int]) -> tuple[int, int] | No
             dims[2 if dims[2] == -1 else 3] = source[2] // known
     heads, size = dims[perm[axes[0]]], dims[perm[axes[1]]]
     return (heads, size) if heads is not None and size is not None and heads > 0 and size > 0 else None
+
+
+_SHAPE_KEEPING = ("Add", "Sub", "Mul", "Neg", "Cast", "Where")  # elementwise: a head split before is one after
 
 
 def _unscaled(value: ir.Value) -> ir.Value:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The corpus benchmark: compile.py --onnx over what users bring (scripts/model_zoo.py: Hugging Face
-BERT, GPT-2 and ViT, sdpa and eager, and torch's TransformerEncoder and Transformer, from both
+BERT, GPT-2, ViT and Llama, sdpa and eager, and torch's TransformerEncoder and Transformer, from both
 exporters), in one run:
 - cores found and fused on ort-cpu and onnx-attention, and the worst error against the input graph;
 - latency on ONNX Runtime CPU of the input graph, our ort-cpu and onnx-attention graphs, onnxscript's
@@ -44,7 +44,8 @@ from runtime.signature import input_specs
 from runtime.timing import Timing, cpu_matmul_rate, cpu_name
 
 TARGETS = ("ort-cpu", "onnx-attention")
-MODEL_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "torch-encoder": "bert", "torch-transformer": "bert"}
+MODEL_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "llama": "gpt2", "torch-encoder": "bert",
+               "torch-transformer": "bert"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

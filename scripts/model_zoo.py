@@ -3,7 +3,8 @@
 
 Hugging Face transformers models (the optional extra ``transformers``) are built from small configs
 with random weights, never downloaded: BertModel and GPT2Model (token ids and an attention mask) and
-ViTModel (pixels), each with ``attn_implementation`` "sdpa" (transformers' default) and "eager"; and
+ViTModel (pixels) and LlamaModel (grouped-query attention: half as many key/value heads, and rotary
+embeddings), each with ``attn_implementation`` "sdpa" (transformers' default) and "eager"; and
 torch's own nn.TransformerEncoder (with a key padding mask) and nn.Transformer (causal target mask).
 Exports are cached on disk under a key of the model, its config and the tool versions. Needs torch.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("bert", "gpt2", "vit", "torch-encoder", "torch-transformer")
+FAMILIES = ("bert", "gpt2", "vit", "llama", "torch-encoder", "torch-transformer")
 IMPLEMENTATIONS = ("sdpa", "eager")
 EXPORTERS = ("dynamo", "legacy")
 
@@ -52,7 +53,7 @@ class Entry:
 
     @property
     def kind(self) -> str:
-        return "text" if self.family in ("bert", "gpt2") else "image" if self.family == "vit" else "sequence"
+        return "text" if self.family in ("bert", "gpt2", "llama") else "image" if self.family == "vit" else "sequence"
 
 
 def entries(size: Size = Size(), families: tuple[str, ...] = FAMILIES) -> Iterator[Entry]:
@@ -92,7 +93,7 @@ def _module(entry: Entry) -> Any:
     """The module to export, taking its inputs positionally."""
     torch.manual_seed(0)
     s = entry.size
-    if entry.family in ("bert", "gpt2", "vit"):
+    if entry.family in ("bert", "gpt2", "vit", "llama"):
         import transformers
 
         impl = {"attn_implementation": entry.implementation}
@@ -104,6 +105,11 @@ def _module(entry: Entry) -> Any:
             config = transformers.GPT2Config(n_embd=s.hidden, n_head=s.heads, n_layer=s.layers, vocab_size=1000,
                                              n_positions=4096, bos_token_id=0, eos_token_id=0, **impl)
             return _Text(transformers.GPT2Model(config), use_cache=False).eval()
+        if entry.family == "llama":
+            config = transformers.LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads,
+                                              num_key_value_heads=max(1, s.heads // 2), num_hidden_layers=s.layers,
+                                              intermediate_size=2 * s.hidden, vocab_size=1000, **impl)
+            return _Text(transformers.LlamaModel(config), use_cache=False).eval()
         config = transformers.ViTConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_hidden_layers=s.layers,
                                         intermediate_size=2 * s.hidden, image_size=s.image, patch_size=16, **impl)
         return _Image(transformers.ViTModel(config, add_pooling_layer=False)).eval()
