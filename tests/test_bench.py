@@ -45,12 +45,23 @@ def _check_rows(report, backends, points):
             assert 0 <= r["rel_error_vs_eager_fp32"] <= 1e-5  # every backend computes the same function in float32
 
 
-def test_quick_bench_from_spec_flags_writes_table_json_and_plot(run_cli, tmp_path):
+def _in_process(script: str):
+    """scripts/<script>.py imported into this process (its torch import is paid once for the suite)."""
+    import importlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(script)
+
+
+def test_quick_bench_from_spec_flags_writes_table_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = run_cli("bench.py", "--quick", "--self-attention", "--batch-first", "--key-padding-mask", "bool",
-                     "--causal", "--json", out, "--plot", png)
-    assert result.returncode == 0, result.stderr
-    assert "| batch | length | backend |" in result.stdout and "ort-cpu graph" in result.stdout
+    assert _in_process("bench").main(["--quick", "--self-attention", "--batch-first", "--key-padding-mask", "bool",
+                                      "--causal", "--json", str(out), "--plot", str(png)]) == 0
+    stdout = capsys.readouterr().out
+    assert "| batch | length | backend |" in stdout and "ort-cpu graph" in stdout
     report = json.loads(out.read_text())
     _check_rows(report, {"torch eager", "torch sdpa", "exporter graph", "ort-cpu graph"},
                 {(b, n) for b in (1, 2) for n in (32, 64)})
@@ -60,15 +71,14 @@ def test_quick_bench_from_spec_flags_writes_table_json_and_plot(run_cli, tmp_pat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(run_cli, tmp_path):
+def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(tmp_path):
     folder = tmp_path / "compiled"
-    made = run_cli("compile.py", "--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
-                   "--target", "onnx-attention", "--external-data", "always", "--out", folder)
-    assert made.returncode == 0, made.stderr
+    assert _in_process("compile").main(["--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
+                                        "--target", "onnx-attention", "--external-data", "always", "--quiet",
+                                        "--out", str(folder)]) == 0
     assert (folder / "model.onnx.data").exists()  # bench.py loads the model with its external data
     out = tmp_path / "bench.json"
-    result = run_cli("bench.py", folder, "--quick", "--json", out)
-    assert result.returncode == 0, result.stderr
+    assert _in_process("bench").main([str(folder), "--quick", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["compiled"] == [{"target": "onnx-attention", "precision": "fp32", "form": "attention-op"}]
     assert report["weights"] == {"kind": "random", "seed": 7}
@@ -78,13 +88,7 @@ def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(run_cli, t
 
 
 def test_bench_errors_are_one_clear_line(tmp_path, capsys):
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench as bench_script
-    import compile as compile_script
+    bench_script, compile_script = _in_process("bench"), _in_process("compile")
 
     def bench(*argv):  # in this process: a refusal while parsing is argparse's SystemExit
         try:
