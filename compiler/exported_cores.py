@@ -1,0 +1,343 @@
+"""Attention as exporters write it: heads split into (N, H, L, hd) tensors, with what torch's two
+exporters put around the core. Between the scores MatMul and the Softmax: scalings (constant, or
+computed from the head size at run time) and any number of added biases; after it: no-op Casts and
+torch SDPA's NaN guard; the keys as K^T, as K under a Transpose, or through torch's 3-D detour. Where
+the heads are an exporter's split of (N, L, E) projections and the context goes through its merge,
+the core is given in BSD form, as compiler/attention_core.py finds our own graphs' cores, so that
+a fused op reads the projections and writes the merge directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler._ir import constant, only_use
+from compiler.attention_core import Core, context_matmul, over_keys, perm_of, producer_of
+from compiler.shape_values import entries, scalar
+
+
+def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node | None]:
+    """value = Mul(x, c) or Div(x, c) with a scalar constant c, used once: (x, factor, node); else (value, 1, None)."""
+    node = value.producer()
+    if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value, graph) is None:
+        return value, 1.0, None
+    sides = (1,) if node.op_type == "Div" else (1, 0)
+    for side in sides:
+        c = constant(node.inputs[side])
+        if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
+            factor = float(c.reshape(()))
+        elif c is None and _is_float_value(node.inputs[side]) and (computed := scalar(node.inputs[side])) is not None:
+            factor = computed  # a scale legacy exporters compute from the head size: Sqrt(1 / Sqrt(hd))
+        else:
+            continue
+        if factor != 0:
+            return node.inputs[1 - side], (1.0 / factor if node.op_type == "Div" else factor), node
+    return value, 1.0, None
+
+
+def _is_float_value(value: ir.Value) -> bool:
+    return value.type is not None and value.type.dtype in _FLOATS
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def _same_float_cast(node: ir.Node | None) -> bool:
+    """A Cast between two float types of the same width (a no-op an exporter leaves: float to float)."""
+    if node is None or node.op_type != "Cast" or node.domain:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    return x.type is not None and y.type is not None and x.type.dtype == y.type.dtype and x.type.dtype in _FLOATS
+
+
+def _nan_guard(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
+    """value -> Where(IsNaN(value), 0, value), torch's guard after SDPA's softmax: (its output, its nodes)."""
+    uses = [node for node, _ in value.uses()]
+    if len(uses) != 2 or value.is_graph_output():
+        return None
+    isnan = next((n for n in uses if n.op_type == "IsNaN" and not n.domain), None)
+    where = next((n for n in uses if n.op_type == "Where" and not n.domain), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not value:
+        return None
+    zero = constant(where.inputs[1])
+    if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0 or len(isnan.outputs[0].uses()) != 1:
+        return None
+    return where.outputs[0], [isnan, where]
+
+
+def _after_softmax(probs: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
+    """Follow the probabilities through no-op Casts and torch's NaN guard: (the value the context
+    MatMul reads, the nodes passed). The guard zeroes rows whose every score is -inf; a masked
+    BNSH core's fusion zeroes the same rows from its mask (``zeroes_dead_rows``)."""
+    nodes: list[ir.Node] = []
+    while True:
+        use = only_use(probs, graph)
+        if _same_float_cast(use):
+            nodes.append(use)
+            probs = use.outputs[0]
+        elif (guard := _nan_guard(probs)) is not None:
+            probs, passed = guard
+            nodes += passed
+        else:
+            return probs, nodes
+
+
+def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
+    """Whether ``value`` is the query-key product, through scalings, casts and added biases."""
+    node = value.producer()
+    if node is None or node.domain or depth == 0:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type in ("Mul", "Div", "Cast"):
+        return any(constant(x) is None and _reaches_scores(x, depth - 1) for x in node.inputs[:1 if node.op_type == "Div" else 2])
+    if node.op_type == "Add":
+        return any(_reaches_scores(x, depth - 1) for x in node.inputs)
+    return False
+
+
+def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value], list[ir.Node]] | str:
+    """Peel the additive biases off the scores (a padding mask, a causal mask, a relative position
+    bias; any number, in any order): (the scaled product, the biases, the Add nodes)."""
+    biases: list[ir.Value] = []
+    nodes: list[ir.Node] = []
+    while (add := producer_of(scores, "Add")) is not None:
+        sides = [i for i in (0, 1) if _reaches_scores(add.inputs[i])]
+        if len(sides) != 1:
+            return "its scores are not a MatMul plus masks"
+        if only_use(add.inputs[sides[0]], graph) is None:
+            return "an intermediate score tensor is used outside the attention"
+        biases.append(add.inputs[1 - sides[0]])
+        nodes.append(add)
+        scores = add.inputs[sides[0]]
+        while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+            nodes.append(scores.producer())
+            scores = scores.producer().inputs[0]
+    return scores, biases[::-1], nodes
+
+
+def _reshape_dims(node: ir.Node) -> list[int | None] | None:
+    """The target shape of a Reshape, entry by entry: an int where the graph fixes it, computed or
+    constant (compiler/shape_values.py), None where it is a dynamic axis."""
+    found = entries(node.inputs[1])
+    if found is None or any(d is not None and not float(d).is_integer() for d in found[0]):
+        return None
+    return [None if d is None else int(d) for d in found[0]]
+
+
+def _split_heads(value: ir.Value, axes: tuple[int, int], depth: int = 6) -> tuple[int, int] | None:
+    """(heads, head size) of a rank-4 value, from its shape or, failing that, from the Reshape that
+    made it (through one Transpose): ``axes`` are where heads and head size sit in ``value``."""
+    if value.shape is not None and len(value.shape) == 4:
+        heads, size = value.shape[axes[0]], value.shape[axes[1]]
+        if isinstance(heads, int) and isinstance(size, int):
+            return heads, size
+    node = _unscaled(value).producer()
+    if node is not None and not node.domain and node.op_type in _SHAPE_KEEPING and depth > 0:
+        # through rotary embeddings (q * cos + rotate_half(q) * sin) and the like: the operands that tell agree.
+        # One head says nothing here: an operand broadcast over the heads (cos, sin) has one.
+        told = {h for x in node.inputs[1 if node.op_type == "Where" else 0:] if x is not None
+                and (h := _split_heads(x, axes, depth - 1)) is not None and h[0] > 1}
+        return told.pop() if len(told) == 1 else None
+    perm = list(range(4))
+    if node is not None and node.op_type == "Transpose" and not node.domain:
+        perm = list(node.attributes.get_ints("perm", [3, 2, 1, 0]))
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Reshape" or node.domain:
+        return None
+    dims = _reshape_dims(node)
+    if dims is None or len(dims) != 4:
+        return None
+    source = node.inputs[0].shape
+    if source is not None and len(source) == 3 and isinstance(source[2], int) and dims[2:].count(-1) == 1:
+        known = dims[3] if dims[2] == -1 else dims[2]  # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
+        if known and known > 0 and source[2] % known == 0:
+            dims[2 if dims[2] == -1 else 3] = source[2] // known
+    heads, size = dims[perm[axes[0]]], dims[perm[axes[1]]]
+    return (heads, size) if heads is not None and size is not None and heads > 0 and size > 0 else None
+
+
+_SHAPE_KEEPING = ("Add", "Sub", "Mul", "Neg", "Cast", "Where")  # elementwise: a head split before is one after
+
+
+def _unscaled(value: ir.Value) -> ir.Value:
+    """``value`` before a Mul or Div by a scalar, which changes no shape."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Mul", "Div") and not node.domain and scalar(node.inputs[1]) is not None:
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+def _keys(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, bool, list[ir.Node]]:
+    """The keys the scores MatMul reads: (K^T, True) as it is, or (K, False) where K^T is
+    Transpose(K, [0, 1, 3, 2]) or torch's 3-D detour Reshape(Transpose(Reshape(K, 3-D), [0, 2, 1]), 4-D);
+    with the nodes passed."""
+    transpose = producer_of(value, "Transpose")
+    if transpose is not None and perm_of(transpose) == [0, 1, 3, 2] and only_use(value, graph) is not None:
+        return transpose.inputs[0], False, [transpose]
+    outer = producer_of(value, "Reshape")
+    middle = producer_of(outer.inputs[0], "Transpose") if outer is not None else None
+    inner = producer_of(middle.inputs[0], "Reshape") if middle is not None else None
+    if inner is not None and perm_of(middle) == [0, 2, 1] and _rank(inner.inputs[0]) == 4 and all(
+            only_use(v, graph) is not None for v in (value, outer.inputs[0], middle.inputs[0])):
+        return inner.inputs[0], False, [outer, middle, inner]
+    return value, True, []
+
+
+def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
+    """The heads-split form of scaled dot-product attention, as exporters write it; a reason string
+    where it is not that. Between the scores MatMul and the softmax: scalings and any number of
+    added biases; after the softmax: no-op Casts and torch's NaN guard; the keys as K^T, or as K
+    through a Transpose or torch's 3-D detour."""
+    probs = softmax.outputs[0]
+    if _rank(probs) != 4:
+        return "its rank is not known to be 4 (batch, heads, query, key)"
+    if not over_keys(softmax, graph):
+        return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
+    read, after = _after_softmax(probs, graph)
+    nan_guarded = any(node.op_type == "IsNaN" for node in after)
+    context_mm, weights_used = context_matmul(read)
+    if context_mm is None:
+        return "no single MatMul multiplies it with the values"
+    if weights_used and after:
+        return "its weights are used outside the attention past a Cast or NaN guard"
+    nodes = [softmax, *after]
+    scores = softmax.inputs[0]
+    if only_use(scores, graph) is None:
+        return "its scores are used outside the attention"
+    while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+        nodes.append(scores.producer())
+        scores = scores.producer().inputs[0]
+    peeled = _biases(scores, graph)
+    if isinstance(peeled, str):
+        return peeled
+    scores, biases, adds = peeled
+    nodes += adds
+    post = 1.0
+    while True:
+        scores, factor, mul = _scaled(scores, graph)
+        if mul is None:
+            break
+        post *= factor
+        nodes.append(mul)
+    scores_mm = producer_of(scores, "MatMul")
+    if scores_mm is None or only_use(scores, graph) is None:
+        return "its scores are not a MatMul of queries and keys used only here"
+    q, q_scale, q_mul = _scaled(scores_mm.inputs[0], graph)
+    k, k_scale, k_mul = _scaled(scores_mm.inputs[1], graph)
+    k, k_transposed, key_nodes = _keys(k, graph)
+    v = context_mm.inputs[1]
+    if {_rank(q), _rank(k), _rank(v)} != {4}:
+        return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
+    nodes += [n for n in (q_mul, k_mul) if n is not None] + key_nodes + [scores_mm, context_mm]
+    heads = _split_heads(q, (1, 3)) or _split_heads(k, (1, 2) if k_transposed else (1, 3)) or _split_heads(v, (1, 3))
+    mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
+    core = Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
+                context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes,
+                extra_masks=extra, k_transposed=k_transposed, nan_guarded=nan_guarded)
+    return _as_bsd(core, graph) or core
+
+
+def _same_dim(a: object, b: object) -> bool:
+    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
+
+
+def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> bool:
+    """Whether a Reshape's ``axis`` keeps ``source``'s ``source_axis``: the target says 0 (copy), or
+    gives the same size, or reads it from Shape(source) (as legacy exporters compute it), or shape
+    inference found the two dims the same."""
+    dims = _reshape_dims(reshape)
+    if dims is None or axis >= len(dims):
+        return False
+    size = source.shape[source_axis] if source.shape is not None and len(source.shape) > source_axis else None
+    if dims[axis] == 0 or (dims[axis] is not None and dims[axis] > 0 and dims[axis] == size):
+        return True
+    if dims[axis] is None and _shape_entry(reshape.inputs[1], axis) == (source, source_axis):
+        return True
+    out = reshape.outputs[0].shape
+    return out is not None and len(out) > axis and size is not None and _same_dim(out[axis], size)
+
+
+def _shape_entry(shape: ir.Value, position: int) -> tuple[ir.Value, int] | None:
+    """(t, i) where entry ``position`` of a Concat'ed shape is Shape(t)[i]: Unsqueeze(Gather(Shape(t), i))
+    or Slice(Shape(t), i, i + 1)."""
+    concat = producer_of(shape, "Concat")
+    if concat is None:
+        return None
+    offset = 0
+    for piece in concat.inputs:
+        length = piece.shape[0] if piece.shape is not None and len(piece.shape) == 1 else None
+        if not isinstance(length, int):
+            return None
+        if offset <= position < offset + length:
+            break
+        offset += length
+    else:
+        return None
+    node = piece.producer()
+    if node is not None and node.op_type == "Unsqueeze" and not node.domain:
+        node = node.inputs[0].producer()
+    if node is None or node.domain or node.op_type not in ("Gather", "Slice") or length != 1:
+        return None
+    shape_node = producer_of(node.inputs[0], "Shape")
+    index = constant(node.inputs[1])
+    if shape_node is None or index is None or index.size != 1 or shape_node.attributes.get_int("start", 0) != 0:
+        return None
+    return shape_node.inputs[0], int(index.reshape(-1)[0])
+
+
+def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir.Value | None:
+    """x where ``value`` = Transpose(Reshape(x, (B, L, heads, size)), perm) and x is (B, L, heads*size):
+    the exporter's head split, undone."""
+    transpose = producer_of(value, "Transpose")
+    reshape = producer_of(transpose.inputs[0], "Reshape") if transpose is not None and perm_of(transpose) == perm else None
+    if reshape is None:
+        return None
+    x, dims = reshape.inputs[0], _reshape_dims(reshape)
+    if x.shape is None or len(x.shape) != 3 or dims is None or len(dims) != 4:
+        return None
+    if not (_keeps(reshape, 0, x, 0) and _keeps(reshape, 1, x, 1)):  # the batch and length stay where they are
+        return None
+    if dims[2] not in (heads, -1) or dims[3] not in (size, -1) or dims[2:].count(-1) > 1:
+        return None
+    if not (isinstance(x.shape[2], int) and x.shape[2] == heads * size):
+        return None
+    return x
+
+
+def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
+    """The same core with the exporter's head split and merge looked through: q, k, v as the (N, L, E)
+    projections and the output as the (N, L, E) merge, as our own graphs hold them, so the fused op
+    reads and writes them directly instead of a Transpose/Reshape round trip on each side."""
+    if core.num_heads is None or core.head_dim is None or core.weights is not None or core.cache is not None:
+        return None
+    h, d = core.num_heads, core.head_dim
+    q = _merged_heads(core.q, [0, 2, 1, 3], h, d)
+    k = _merged_heads(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], h, d)
+    v = _merged_heads(core.v, [0, 2, 1, 3], h, d)
+    merge_t = only_use(core.output, graph)
+    merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None and perm_of(merge_t) == [0, 2, 1, 3] else None
+    if q is None or k is None or v is None or merge_r is None or merge_r.op_type != "Reshape" or merge_r.domain:
+        return None
+    dims = _reshape_dims(merge_r)
+    if dims is not None and len(dims) == 2 and dims[0] == -1 and dims[1] == h * d:  # (N*L, E), rows for a Gemm
+        return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
+                                   nodes=[*core.nodes, merge_t, merge_r], k_transposed=True, output_rows=True)
+    if dims is None or len(dims) != 3 or dims[2] not in (h * d, -1):
+        return None
+    for axis in (0, 1):  # the context's batch and length are the query's
+        entry = _shape_entry(merge_r.inputs[1], axis)
+        if not (_keeps(merge_r, axis, merge_t.outputs[0], axis) or _keeps(merge_r, axis, q, axis) or (
+                entry is not None and entry[1] == axis and entry[0].shape is not None and len(entry[0].shape) > axis
+                and q.shape is not None and _same_dim(entry[0].shape[axis], q.shape[axis]))):
+            return None
+    return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
+                               nodes=[*core.nodes, merge_t, merge_r], k_transposed=True)
