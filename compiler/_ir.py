@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 
@@ -46,3 +48,13 @@ def named(node: ir.Node) -> ir.Node:
     for i, value in enumerate(node.outputs):
         value.name = node.name if len(node.outputs) == 1 else f"{node.name}:{i}"
     return node
+
+
+def module_path(name: str, metadata: Mapping[str, str]) -> str:
+    """The module a node came from: torch's dynamo exporter records its name scopes in the node's
+    metadata; the legacy exporter names nodes by module path (``/m/encoder/layer.0/.../Softmax``)."""
+    scopes = metadata.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        return names[-2] if len(names) >= 2 else ""
+    return ".".join(p for p in name.split("/")[:-1] if p) if name.startswith("/") else ""

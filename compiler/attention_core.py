@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, named, new_initializer, only_use
+from compiler._ir import constant, module_path, named, new_initializer, only_use
 
 
 @dataclass
@@ -334,6 +334,10 @@ def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Va
     a cache's present_key/present_value the fused op's ``present``. Where one of those was a graph
     output, the new value takes its name, type and shape, so the graph's signature stays the same."""
     graph.insert_before(core.nodes[-1], new)
+    for node in new:  # the module the core came from, as the exporter recorded it (report.html shows it)
+        node.metadata_props.update({k: v for k, v in core.softmax.metadata_props.items() if k.startswith("pkg.torch")})
+        if not node.metadata_props and (layer := module_path(core.softmax.name or "", {})):
+            node.metadata_props["pkg.torch.onnx.name_scopes"] = repr(["", layer, node.op_type])
     replaced = [(core.output, context)]
     if core.weights is not None:
         assert weights is not None, "a fusion that drops the weights must leave need_weights cores alone"

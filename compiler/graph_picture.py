@@ -8,6 +8,8 @@ from collections import Counter, deque
 
 import onnx
 
+from compiler._ir import module_path
+
 ANCHORS = ("MultiHeadAttention", "Attention", "Softmax")  # the fused core if there is one, else its Softmax
 NODE_HEIGHT, LAYER_GAP, NODE_GAP, CHAR_WIDTH, MARGIN = 30, 26, 14, 7.2, 12
 COLOURS = {"MultiHeadAttention": "#f4a259", "Attention": "#f4a259", "Softmax": "#8ecae6", "MatMul": "#d9d9d9",
@@ -50,7 +52,8 @@ def attention_nodes(model: onnx.ModelProto, limit: int = 40) -> list[onnx.NodePr
 
 def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
     """A top-down layered drawing of ``nodes`` (in graph order) with the graph inputs they read and
-    the graph outputs they write; boxes hold the op, the tooltip the node's name."""
+    the graph outputs they write; boxes hold the op, the tooltip the node's name and the module it
+    came from, where the exporter recorded it."""
     weights = {t.name for t in model.graph.initializer}
     graph_inputs = [v.name for v in model.graph.input if v.name not in weights]
     graph_outputs = {v.name for v in model.graph.output}
@@ -62,7 +65,9 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
         boxes.append((name, "graph input", "#ffffff"))
     for n in nodes:
         me = len(boxes)
-        boxes.append((op_name(n).replace("com.microsoft.", "ms."), n.name or n.op_type, COLOURS.get(n.op_type, "#f2f2f2")))
+        module = module_path(n.name, {p.key: p.value for p in n.metadata_props})
+        tip = (n.name or n.op_type) + (f" ({module})" if module else "")
+        boxes.append((op_name(n).replace("com.microsoft.", "ms."), tip, COLOURS.get(n.op_type, "#f2f2f2")))
         edges += [(index[v], me) for v in n.input if v in index]
         index.update({v: me for v in n.output if v})
     for n in nodes:

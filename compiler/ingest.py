@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnx_ir.passes.common import ShapeInferencePass
 
+from compiler._ir import module_path
 from compiler.attention_core import Core, survey
 from compiler.targets import Form
 from graphs.weight_files import first_line
@@ -132,14 +133,7 @@ class Finding:
 
 
 def layer_of(node: ir.Node) -> str:
-    """The module a node came from: torch's dynamo exporter records its name scopes in the node's
-    metadata; the legacy exporter names nodes by module path (``/m/encoder/layer.0/.../Softmax``)."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-        return names[-2] if len(names) >= 2 else ""
-    name = node.name or ""
-    return ".".join(p for p in name.split("/")[:-1] if p) if name.startswith("/") else ""
+    return module_path(node.name or "", node.metadata_props)
 
 
 def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form, fused_form: str) -> list[Finding]:

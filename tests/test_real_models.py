@@ -55,6 +55,13 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, 
     assert all(f["fused"] for f in cores), [f["detail"] for f in cores if not f["fused"]]
     layers = [f["layer"] for f in cores]  # each core named by the module it came from, one module each
     assert all(layers) and len(set(layers)) == len(layers), layers
+    import onnx
+
+    from compiler._ir import module_path
+
+    fused = [n for n in onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph.node
+             if n.op_type in ("MultiHeadAttention", "Attention")]  # and the fused op says so too (report.html's drawing)
+    assert sorted(module_path(n.name, {p.key: p.value for p in n.metadata_props}) for n in fused) == sorted(layers)
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
