@@ -10,7 +10,7 @@ import pytest
 
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
-from runtime.check import errors, random_inputs
+from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session, errors, random_inputs
 from runtime.ort import OrtSession
 
 
@@ -84,13 +84,22 @@ def test_scores_used_outside_the_core_stay_unfused():
     assert _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 0 and _ops(fused)[("", "Softmax")] == 1
 
 
+@pytest.mark.parametrize("mask", ["bool", "float"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_bool_key_padding_mask_goes_in_as_the_ops_key_padding_mask(precision):
-    """(N, S) int32 instead of an (N, 1, L, S) float bias; the fill stays finite in the precision."""
-    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask="bool")
-    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu", precision)
+def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask):
+    """No mask input at all, so ONNX Runtime's CPU kernel takes its flash path: each query head gets one
+    more entry (1/scale) and each key head the key's bias, so scale * q'.k' = scale * q.k + bias. No
+    (N, 1, L, S) bias is built, and the masked keys' bias stays finite in the precision."""
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask=mask)
+    weights = AttentionWeights.random(spec)
+    model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
     mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
-    assert len(mha.input) == 5 and mha.input[3] == "" and mha.input[4]  # key_padding_mask, no attention_bias
+    assert len([i for i in mha.input if i]) == 3  # query, key, value
     assert not any(n.op_type == "Expand" for n in model.graph.node)
-    fill = next(a.f for a in mha.attribute if a.name == "mask_filter_value")
-    assert np.isfinite(np.float16(fill) if precision == "fp16" else np.float32(fill)) and fill < -6e4
+    floor = next(t for t in model.graph.initializer if t.name.endswith("key_bias_floor"))
+    assert np.isfinite(onnx.numpy_helper.to_array(floor)).all() and onnx.numpy_helper.to_array(floor) < -6e4
+    shapes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert shapes["attention/widened_merge_shape"].tolist() == [0, 0, 4 * (4 + 1)]  # head size 4 + 1
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    report = check_session(OrtSession(model), spec, weights, tolerance=tolerance)
+    assert report.passed, report.table()
