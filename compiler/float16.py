@@ -26,12 +26,12 @@ class Float16Pass(ir.passes.InPlacePass):
         for value in graph.initializers.values():
             if _is_float(value):
                 array = value.const_value.numpy()
-                if value.name.endswith("key_bias_floor"):  # a masked key's bias stays finite, as in float32
+                if "key_bias_floor" in value.name:  # a masked key's bias stays finite, as in float32
                     array = np.maximum(array, _FP16_LOWEST)
                 value.const_value = ir.tensor(array.astype(np.float16), name=value.name)
                 value.type = ir.TensorType(FLOAT16)
         edges = set(graph.inputs) | set(graph.outputs)
-        for node in graph:
+        for node in ir.traversal.RecursiveGraphIterator(graph):  # a Loop's body too (compiler/mask_forms.py)
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == FLOAT:
                     node.attributes[attr.name] = ir.AttrTensor(attr.name, ir.tensor(attr.value.numpy().astype(np.float16)))

@@ -8,23 +8,30 @@ import onnx_ir as ir
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
+from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, bsd_inputs, causal_bias, causal_blocks, dead_causal_rows,
+                                 floored, mask_terms, summed)
 
-MS_DOMAIN = "com.microsoft"
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
 
 class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
-    """The attention core (compiler/attention_core.py) -> one MultiHeadAttention node.
+    """The attention core (compiler/attention_core.py) -> one MultiHeadAttention node, or, for a causal
+    mask on the CPU, query blocks of them.
 
-    The additive mask becomes ``attention_bias`` (broadcast over batch and heads, full over query
-    and key), so -inf stays -inf: partially masked rows match torch exactly. MultiHeadAttention
-    returns NaN for a row with every key masked; those rows get a zero context again (DESIGN.md),
-    from the mask alone. A mask that is only a bool key padding mask goes in as the op's
-    ``key_padding_mask`` instead, (N, S) rather than a float (N, 1, L, S) bias, which ONNX Runtime's
-    CPU kernel also runs about twice as fast at length 4096 (docs/BENCHMARKS.md). A BNSH core's query is merged to (N, L, E) for the op and its keys and
-    values go in as BNSH, which the op takes as they are. A KV cache goes in as the op's past_key and
-    past_value, and its present outputs become the graph's.
+    ONNX Runtime's CPU kernel runs flash attention only without any mask input, so with
+    ``flash_forms`` the masks it can take another way go that way (compiler/mask_forms.py): a mask
+    that depends on the key alone (padding) becomes one more head dimension; a causal self-attention
+    mask, with or without padding, becomes query blocks whose visible past is flash attention. Any
+    other mask becomes ``attention_bias`` (broadcast over batch and heads, full over query and key),
+    so -inf stays -inf: partially masked rows match torch exactly. Rows with every key masked get a
+    zero context (DESIGN.md), from the mask alone, where the graph zeroed them. A BNSH core's query
+    is merged to (N, L, E) for the op. A KV cache goes in as the op's past_key and past_value (a bool
+    key padding mask as its key_padding_mask), and its present outputs become the graph's.
     """
+
+    def __init__(self, flash_forms: bool = False) -> None:
+        super().__init__()
+        self.flash_forms = flash_forms  # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
 
     @staticmethod
     def refuse(core: Core) -> str | None:
@@ -42,13 +49,23 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             scope = unique_scope(graph)
             add = emitter(graph, new, scope)
             cache = core.cache
-            padding = _bool_key_padding(core) if cache is not None else None
-            mask = combined_mask(core, add) if padding is None else None
-            attrs = {"num_heads": core.num_heads, "scale": core.scale}
-            keep = bias = None
-            if cache is None and _keys_only(mask):  # the flash kernel, with the mask as one more head dimension
-                q, k, v = _mask_in_head_dims(graph, core, mask, add)
+            terms = mask_terms(core) if cache is None and self.flash_forms else None
+            if terms is not None and terms.causal and not terms.other:  # query blocks, flash left of the diagonal
+                raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
+                context = _causal(graph, core, raw, add, scope)
+                if core.zeroes_dead_rows and raw is not None:
+                    context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
+            elif terms is not None and terms.key_only:  # the flash kernel, with the mask as one more head dimension
+                raw = summed(terms.keys, add, "key_bias_terms")
+                q, k, v, _ = bsd_inputs(graph, core, add, floored(graph, raw, add), False)
+                node = _mha(q, k, v, None, None, core, scope, {})
+                new.append(node)
+                context = node.outputs[0]
+                if core.zeroes_dead_rows:
+                    context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
             else:
+                padding = _bool_key_padding(core) if cache is not None else None
+                mask = combined_mask(core, add) if padding is None else None
                 bias = full_bias(graph, core, add, mask)
                 q, k, v = core.q, core.k, core.v
                 if core.layout == "BNSH":
@@ -56,19 +73,16 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                                             np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
                     q = add("Reshape", [add("Transpose", [q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
                     k = keys_bnsh(core, add)
-            if padding is not None:
-                keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
-                attrs["mask_filter_value"] = _LOWEST
-            node = ir.node("MultiHeadAttention", [q, k, v, None, keep, bias] +
-                           ([cache.past_key, cache.past_value] if cache is not None else []), attrs, domain=MS_DOMAIN,
-                           name=f"{scope}/MultiHeadAttention", num_outputs=3 if cache is not None else 1)
-            node.outputs[0].name = f"{scope}/MultiHeadAttention"
-            new.append(node)
-            context = node.outputs[0]
-            if core.zeroes_dead_rows and keep is not None:
-                context = _zero_fully_padded(graph, context, keep, add)
-            elif core.zeroes_dead_rows:
-                context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add)
+                keep = None
+                if padding is not None:
+                    keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
+                node = _mha(q, k, v, keep, bias, core, scope, {"mask_filter_value": _LOWEST} if keep is not None else {})
+                new.append(node)
+                context = node.outputs[0]
+                if core.zeroes_dead_rows and keep is not None:
+                    context = _zero_fully_padded(graph, context, keep, add)
+                elif core.zeroes_dead_rows:
+                    context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add)
             if core.layout == "BNSH":
                 split = new_initializer(graph, "attention/heads_shape",
                                         np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
@@ -81,48 +95,41 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(cores))
 
 
-def _keys_only(mask: ir.Value | None) -> bool:
-    """Whether the mask is known to depend on the key alone, (N|1, H|1, 1, S): a padding mask."""
-    return mask is not None and mask.shape is not None and len(mask.shape) == 4 and mask.shape[2] == 1
+def _causal(graph: ir.Graph, core: Core, raw: ir.Value | None, add, scope: str) -> ir.Value:
+    """Causal self-attention (N, L, E), with the key bias ``raw`` if any: in query blocks from length
+    CAUSAL_FROM on; below it the blocks' extra work costs more than they save, and one
+    MultiHeadAttention with the causal bias is faster (docs/BENCHMARKS.md, "Masks")."""
+    branches = []
+    for name in ("blocks", "one_op"):
+        nodes: list[ir.Node] = []
+        emit = emitter(graph, nodes, f"{scope}/{name}")
+        if name == "blocks":
+            q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
+            context = causal_blocks(graph, core, q, k, v, dq, emit, f"{scope}/{name}")
+        else:
+            q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
+            bias = causal_bias(graph, q, emit)
+            node = _mha(q, k, v, None, emit("Add", [bias, raw], "bias") if raw is not None else bias, core, f"{scope}/{name}", {})
+            nodes.append(node)
+            context = node.outputs[0]
+        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
+    length = add("Shape", [core.q], "causal/query_length", {"start": 1 if core.layout == "BSD" else 2,
+                                                             "end": 2 if core.layout == "BSD" else 3})
+    long = add("GreaterOrEqual", [length, new_initializer(graph, "attention/causal_from", np.asarray([CAUSAL_FROM], np.int64))],
+               "causal/long")
+    return add("If", [long], "causal/If", {"then_branch": branches[0], "else_branch": branches[1]})
 
 
-KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a row of -inf would turn a flash block's running max into NaN
-
-
-def _mask_in_head_dims(graph: ir.Graph, core: Core, mask: ir.Value, add) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """q, k, v for MultiHeadAttention with no mask input, so its CPU kernel takes the flash path. A mask
-    that depends on the key alone is an additive bias b[n, h, s]: each head of q gets one more
-    dimension holding 1/scale and each head of k one holding b, so scale * (q'.k') = scale * q.k + b.
-    v keeps its head size; the op takes the query-key and value head sizes apart. Where the mask says
-    -inf, the bias is KEY_BIAS_FLOOR instead: exp of it is 0 all the same, and fully masked rows are
-    zeroed from the mask itself."""
-    h, d = core.num_heads, core.head_dim
-    ints = lambda name, values: new_initializer(graph, f"attention/{name}", np.asarray(values, np.int64))  # noqa: E731
-    widen = ints("widen_head", [0, 0, 0, 0, 0, 0, 0, 1])  # one more entry at the end of the last axis
-    inverse_scale = new_initializer(graph, "attention/inverse_scale", np.asarray(1.0 / core.scale, np.float32))
-    floor = new_initializer(graph, "attention/key_bias_floor", np.asarray(KEY_BIAS_FLOOR, np.float32))
-    bias = add("Max", [mask, floor], "key_bias")  # (N|1, H|1, 1, S)
-    if core.layout == "BSD":
-        split, merge = ints("heads_shape", [0, 0, h, d]), ints("widened_merge_shape", [0, 0, h * (d + 1)])
-        q = add("Pad", [add("Reshape", [core.q, split], "query_heads"), widen, inverse_scale], "query_widened")
-        q = add("Reshape", [q, merge], "query_bsd")
-        bias = add("Transpose", [bias], "key_bias_bshd", {"perm": [0, 3, 1, 2]})  # (N|1, S, H|1, 1)
-        keys = add("Reshape", [core.k, split], "key_heads")
-    else:
-        merge = ints("widened_merge_shape", [0, 0, h * (d + 1)])
-        q = add("Pad", [core.q, widen, inverse_scale], "query_widened")
-        q = add("Reshape", [add("Transpose", [q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
-        bias = add("Transpose", [bias], "key_bias_bnsh", {"perm": [0, 1, 3, 2]})  # (N|1, H|1, S, 1)
-        keys = keys_bnsh(core, add)
-    keys = add("Pad", [keys, widen, zero_scalar(graph)], "key_widened")
-    bias = add("Pad", [bias, ints("bias_first", [0, 0, 0, d, 0, 0, 0, 0]), zero_scalar(graph)], "key_bias_last")
-    k = add("Add", [keys, bias], "key_with_bias")
-    v = core.v
-    if core.layout == "BNSH":  # the op takes 4-D keys and values of one head size only: give both as (N, S, E)
-        k = add("Transpose", [k], "key_bshd", {"perm": [0, 2, 1, 3]})
-        v = add("Reshape", [add("Transpose", [v], "value_bshd", {"perm": [0, 2, 1, 3]}), ints("merge_shape", [0, 0, h * d])],
-                "value_bsd")
-    return q, add("Reshape", [k, merge], "key_bsd"), v
+def _mha(q: ir.Value, k: ir.Value, v: ir.Value, keep: ir.Value | None, bias: ir.Value | None, core: Core, scope: str,
+         attrs: dict) -> ir.Node:
+    cache = core.cache
+    node = ir.node("MultiHeadAttention", [q, k, v, None, keep, bias] +
+                   ([cache.past_key, cache.past_value] if cache is not None else []),
+                   {"num_heads": core.num_heads, "scale": core.scale, **attrs}, domain=MS_DOMAIN,
+                   name=f"{scope}/MultiHeadAttention", num_outputs=3 if cache is not None else 1)
+    node.outputs[0].name = f"{scope}/MultiHeadAttention"
+    return node
 
 
 def _bool_key_padding(core: Core) -> ir.Value | None:

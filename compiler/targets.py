@@ -63,10 +63,11 @@ _PORTABLE = Form("matmul-softmax", _PREPARE,
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
                        "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
-_ORT_CPU = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass,
+_ORT_CPU = Form("ms-multihead-attention", _PREPARE + (functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
                                                      functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
                 "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-                "(left unfused with need_weights: that op cannot return the weights); GELU as Gelu; residual sums "
+                "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
+                "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; residual sums "
                 "before a LayerNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
                 "(its SkipLayerNormalization is slower there)", FuseOrtMultiHeadAttentionPass)
 _ORT_CUDA = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
@@ -100,8 +101,17 @@ FUSED_OPS = ("MultiHeadAttention", "Attention")
 
 def attention_form(model: onnx.ModelProto) -> str:
     """The form the attention core took in a compiled graph, for the manifest."""
-    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in model.graph.node if n.op_type in FUSED_OPS})
+    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in _nodes(model.graph) if n.op_type in FUSED_OPS})
     return ", ".join(fused) if fused else "unfused MatMul-Softmax-MatMul"
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node, those of If and Loop bodies too (a causal core runs in query blocks there)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attr.g)
 
 
 def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None) -> onnx.ModelProto:

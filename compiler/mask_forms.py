@@ -1,0 +1,260 @@
+"""Exact forms of an attention mask that keep ONNX Runtime's CPU MultiHeadAttention on its flash path.
+
+That kernel runs flash attention (linear memory, no (N, H, L, S) score tensor) only when it gets no
+mask at all: any key_padding_mask, attention_bias or unidirectional sends it to the path that writes
+every score. So the mask is moved out of the op's inputs:
+- a mask that depends on the key alone (padding) becomes one more dimension of each head
+  (``widen_heads``): q.k + bias = [q, 1].[k, bias];
+- a causal mask becomes query blocks (``causal_blocks``): the keys left of a block's diagonal are
+  all visible, which is flash attention; the diagonal block is small and computed in the graph,
+  and the two are merged by their softmax denominators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler._ir import constant, named, new_initializer
+from compiler.attention_core import Core, Emit, keys_bnsh, producer_of
+
+MS_DOMAIN = "com.microsoft"
+KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
+CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
+CAUSAL_FROM = 1024  # the shortest length that goes in blocks
+
+
+@dataclass
+class MaskTerms:
+    """The additive terms a core's mask is the sum of, sorted by what they depend on."""
+
+    keys: list[ir.Value] = field(default_factory=list)  # rank 4, (N|1, H|1, 1, S): padding
+    causal: bool = False  # query i sees keys 0..i, with L = S (self-attention)
+    other: list[ir.Value] = field(default_factory=list)
+
+    @property
+    def key_only(self) -> bool:
+        return bool(self.keys) and not self.causal and not self.other
+
+
+def mask_terms(core: Core) -> MaskTerms:
+    terms = MaskTerms()
+    pending = [core.mask, *core.extra_masks] if core.mask is not None else []
+    while pending:
+        term = pending.pop()
+        if (add := producer_of(term, "Add")) is not None and len(pending) < 8:
+            pending += list(add.inputs)
+        elif _is_self_causal(term) and not terms.causal:
+            terms.causal = True
+        elif term.shape is not None and len(term.shape) == 4 and term.shape[2] == 1:
+            terms.keys.append(term)
+        else:
+            terms.other.append(term)
+    return terms
+
+
+def _is_self_causal(term: ir.Value) -> bool:
+    """Where(Greater(cols, rows), -inf, 0) with rows = Range(0, n) on axis 0 and cols = Range(0, n) on
+    axis 1, one n (graphs/mha.py's causal mask of a self-attention): key j is hidden from query i > j."""
+    where = producer_of(term, "Where")
+    greater = producer_of(where.inputs[0], "Greater") if where is not None else None
+    if greater is None or not _is_scalar(where.inputs[1], -np.inf) or not _is_scalar(where.inputs[2], 0.0):
+        return False
+    cols, rows = (_unsqueezed_range(x, axis) for x, axis in zip(greater.inputs, (0, 1)))
+    return cols is not None and rows is not None and (cols is rows or (cols.inputs[1] is rows.inputs[1] and
+                                                                        _is_scalar(rows.inputs[0], 0)))
+
+
+def _unsqueezed_range(value: ir.Value, axis: int) -> ir.Node | None:
+    """Range(0, n, 1) for value = Unsqueeze(it, [axis])."""
+    unsqueeze = producer_of(value, "Unsqueeze")
+    axes = constant(unsqueeze.inputs[1]) if unsqueeze is not None and len(unsqueeze.inputs) > 1 else None
+    if axes is None or axes.tolist() != [axis]:
+        return None
+    range_ = producer_of(unsqueeze.inputs[0], "Range")
+    if range_ is None or not _is_scalar(range_.inputs[0], 0) or not _is_scalar(range_.inputs[2], 1):
+        return None
+    return range_
+
+
+def _is_scalar(value: ir.Value | None, expected: float) -> bool:
+    array = constant(value)
+    return array is not None and array.size == 1 and float(array.reshape(())) == expected
+
+
+def _ints(graph: ir.Graph, name: str, values) -> ir.Value:
+    return new_initializer(graph, f"attention/{name}", np.asarray(values, np.int64))
+
+
+def _floats(graph: ir.Graph, name: str, values) -> ir.Value:
+    return new_initializer(graph, f"attention/{name}", np.asarray(values, np.float32))
+
+
+def summed(terms: list[ir.Value], add: Emit, name: str) -> ir.Value:
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        total = add("Add", [total, term], f"{name}_{i + 1}")
+    return total
+
+
+def floored(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
+    """A key bias (N|1, H|1, 1, S) with -inf raised to KEY_BIAS_FLOOR: exp of it is 0 all the same, and
+    a fully masked row is zeroed from the mask itself where the graph asks for that."""
+    return add("Max", [bias, _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)], "key_bias")
+
+
+def bsd_inputs(graph: ir.Graph, core: Core, add: Emit, bias: ir.Value | None, scaled: bool
+               ) -> tuple[ir.Value, ir.Value, ir.Value, int]:
+    """q, k, v as (N, L, H*dq), (N, S, H*dq), (N, S, H*hd), and dq. ``scaled``: q times the core's
+    scale, for an op that runs with scale 1. With a key bias (N|1, H|1, 1, S), each query head gets one
+    more entry and each key head the key's bias, so that scale * q'.k' = scale * q.k + bias (dq = hd + 1);
+    values keep their head size."""
+    h, d = core.num_heads, core.head_dim
+    split, merge = _ints(graph, "heads_shape", [0, 0, h, d]), _ints(graph, "merge_shape", [0, 0, h * d])
+    q = core.q
+    if scaled and core.scale != 1.0:
+        q = add("Mul", [q, _floats(graph, "scale", core.scale)], "query_scaled")
+    query_entry = 1.0 if scaled else 1.0 / core.scale
+    if core.layout == "BSD":
+        k, v = core.k, core.v
+    else:  # BNSH: the op takes 4-D keys and values of one head size only, so all three go in as (N, S, E)
+        q = add("Reshape", [add("Transpose", [q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
+        k = add("Reshape", [add("Transpose", [keys_bnsh(core, add)], "key_bsnh", {"perm": [0, 2, 1, 3]}), merge],
+                "key_bsd")
+        v = add("Reshape", [add("Transpose", [core.v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge], "value_bsd")
+    if bias is None:
+        return q, k, v, d
+    widen = _ints(graph, "widen_head", [0, 0, 0, 0, 0, 0, 0, 1])  # one more entry at the end of the last axis
+    widened_merge = _ints(graph, "widened_merge_shape", [0, 0, h * (d + 1)])
+    q = add("Pad", [add("Reshape", [q, split], "query_heads"), widen, _floats(graph, "query_entry", query_entry)],
+            "query_widened")
+    bias = add("Transpose", [bias], "key_bias_bshd", {"perm": [0, 3, 1, 2]})  # (N|1, S, H|1, 1)
+    bias = add("Pad", [bias, _ints(graph, "bias_last", [0, 0, 0, d, 0, 0, 0, 0]), _floats(graph, "zero", 0.0)],
+               "key_bias_last")
+    k = add("Add", [add("Pad", [add("Reshape", [k, split], "key_heads"), widen, _floats(graph, "zero", 0.0)],
+                        "key_widened"), bias], "key_with_bias")
+    return (add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd"),
+            v, d + 1)
+
+
+def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, dq: int, add: Emit,
+                  scope: str) -> ir.Value:
+    """Causal self-attention of BSD q (scaled already: the op runs with scale 1), k, v of head sizes dq,
+    dq, hd, as (N, L, H*hd), without any (L, S) tensor.
+
+    Queries go in blocks of b = min(L, CAUSAL_BLOCK) (q, k, v padded with zeros to a multiple of b: a
+    padded key lies after every real query, so no real query sees it). For block i:
+    - the diagonal block is computed in the graph: scores s (N, H, b, b) with the causal triangle,
+      their row maximum m, p = exp(s - m), z = sum(p), u = p @ v;
+    - the keys before it, all visible, go to MultiHeadAttention with no mask (flash), with one more
+      key first: kappa, whose score is m (one more query entry m, kappa's 1 there, 0 for every real
+      key) and whose value is one more column (1 for kappa, 0 for real keys). The op returns
+      r = sum_j e^(s_j) v_j / (Z + e^m) and x = e^m / (Z + e^m), with Z the visible keys' sum;
+    - the two merge exactly: out = (r + x u) / ((1 - x) + x z). Nothing divides by x, so a row whose
+      past outweighs its diagonal by more than exp's range (x = 0) is r, as it should be.
+    """
+    h, dv = core.num_heads, core.head_dim
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
+    axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
+    length = add("Shape", [q], "causal/length", {"start": 1, "end": 2})
+    block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "causal/block_len")
+    blocks = add("Div", [add("Sub", [add("Add", [length, block], "causal/length_up"), ints("one", [1])],
+                             "causal/length_up_1"), block], "causal/blocks")
+    pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "causal/padded"), length],
+                                                              "causal/extra"), ints("zeros1", [0])],
+               "causal/pads", {"axis": 0})
+    qp, kp, vp = (add("Pad", [x, pads], f"causal/{name}_padded") for x, name in ((q, "query"), (k, "key"), (v, "value")))
+    q_heads = add("Reshape", [qp, ints("causal/q_heads_shape", [0, 0, h, dq])], "causal/query_heads")  # (N, Lp, H, dq)
+    k_heads = add("Reshape", [kp, ints("causal/k_heads_shape", [0, 0, h, dq])], "causal/key_heads")
+    v_heads = add("Reshape", [vp, ints("causal/v_heads_shape", [0, 0, h, dv])], "causal/value_heads")
+    q_bnsh = add("Transpose", [q_heads], "causal/query_bnsh", {"perm": [0, 2, 1, 3]})
+    k_t = add("Transpose", [k_heads], "causal/key_bnhs", {"perm": [0, 2, 3, 1]})
+    v_bnsh = add("Transpose", [v_heads], "causal/value_bnsh", {"perm": [0, 2, 1, 3]})
+    batch = add("Shape", [q], "causal/batch", {"start": 0, "end": 1})
+    zero = _floats(graph, "zero", 0.0)
+
+    def with_kappa(heads: ir.Value, size: int, name: str) -> ir.Value:
+        """(N, 1 + Lp, H*(size+1)): kappa first, then ``heads`` with a zero entry appended to each head."""
+        one_hot = np.zeros((1, 1, h, size + 1), np.float32)
+        one_hot[..., -1] = 1.0
+        kappa = add("Expand", [_floats(graph, f"causal/kappa_{name}_one_hot", one_hot),
+                               add("Concat", [batch, ints(f"causal/kappa_{name}_dims", [1, h, size + 1])],
+                                   f"causal/kappa_{name}_shape", {"axis": 0})], f"causal/kappa_{name}")
+        widened = add("Pad", [heads, ints("widen_head", [0, 0, 0, 0, 0, 0, 0, 1]), zero], f"causal/{name}_widened")
+        rows = add("Concat", [kappa, widened], f"causal/{name}_with_kappa", {"axis": 1})
+        return add("Reshape", [rows, ints(f"causal/{name}_kappa_merge", [0, 0, h * (size + 1)])], f"causal/{name}_kappa_bsd")
+
+    keys, values = with_kappa(k_heads, dq, "key"), with_kappa(v_heads, dv, "value")
+    triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)[None, None]
+    triangle = add("Slice", [_floats(graph, "causal/triangle", triangle), ints("zeros2", [0, 0]),
+                             add("Concat", [block, block], "causal/block_square", {"axis": 0}), ints("axes23", [2, 3])],
+                   "causal/triangle_block")
+    floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
+
+    body: list[ir.Node] = []
+    scope = f"{scope}/causal/block"
+
+    def op(op_type: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
+        body.append(named(ir.node(op_type, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}")))
+        return body[-1].outputs[0]
+
+    index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
+    start = op("Mul", [index, block], "start")
+    end = op("Add", [start, block], "end")
+    q_block = op("Slice", [q_bnsh, start, end, axis2], "query")  # (N, H, b, dq)
+    scores = op("Add", [op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"), triangle],
+                "causal_scores")  # (N, H, b, b)
+    top = op("Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top")  # (N, H, b, 1)
+    p = op("Exp", [op("Sub", [scores, top], "shifted")], "exp")
+    z = op("ReduceSum", [p, last], "denominator", {"keepdims": 1})
+    u = op("MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator")  # (N, H, b, hd)
+    query = op("Concat", [op("Slice", [q_heads, start, end, axis1], "query_heads"),
+                          op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]})], "query_kappa", {"axis": -1})
+    query = op("Reshape", [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])], "query_kappa_bsd")
+    past = op("Add", [start, ints("one", [1])], "past_end")
+    attended = op("MultiHeadAttention", [query, op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
+                                         op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values")],
+                  "MultiHeadAttention", {"num_heads": h, "scale": 1.0}, MS_DOMAIN)  # (N, b, H*(hd+1))
+    attended = op("Transpose", [op("Reshape", [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])], "past_heads")],
+                  "past_bnsh", {"perm": [0, 2, 1, 3]})
+    r = op("Slice", [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last], "past_context")
+    x = op("Slice", [attended, ints("causal/value_size", [dv]), ints("causal/value_size_1", [dv + 1]), last], "kappa_weight")
+    merged = op("Div", [op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
+                        op("Add", [op("Sub", [_floats(graph, "one", 1.0), x], "past_share"), op("Mul", [x, z], "diagonal_z")],
+                           "denominator_sum")], "context")
+    merged = op("Reshape", [op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
+                            ints("merge_shape", [0, 0, h * dv])], "context_bsd")
+    done = op("Identity", [go_on], "go_on_out")
+    done.type, merged.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
+    loop_body = ir.Graph([index, go_on], [done, merged], nodes=body, name=f"{scope}/body")
+    trips = add("Squeeze", [blocks, ints("zero1", [0])], "causal/trips")
+    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "causal/run")  # Loop's condition, true
+    stacked = add("Loop", [trips, run], "causal/Loop",
+                  {"body": loop_body})  # (blocks, N, b, H*hd)
+    context = add("Reshape", [add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
+                              ints("merge_shape", [0, -1, h * dv])], "causal/context_padded")
+    return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
+
+
+def causal_bias(graph: ir.Graph, q: ir.Value, add: Emit) -> ir.Value:
+    """(1, 1, L, L): -inf where key j lies after query i, for BSD q (N, L, E)."""
+    length = add("Squeeze", [add("Shape", [q], "causal_mask/length", {"start": 1, "end": 2}), _ints(graph, "axis0", [0])],
+                 "causal_mask/length_scalar")
+    rows = add("Range", [_ints(graph, "zero_i64", 0), length, _ints(graph, "one_i64", 1)], "causal_mask/positions")
+    future = add("Greater", [add("Unsqueeze", [rows, _ints(graph, "axes01", [0, 1, 2])], "causal_mask/keys"),
+                             add("Unsqueeze", [rows, _ints(graph, "axes013", [0, 1, 3])], "causal_mask/queries")],
+                 "causal_mask/future")
+    return add("Where", [future, _floats(graph, "neg_inf", -np.inf), _floats(graph, "zero", 0.0)], "causal_mask/bias")
+
+
+def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
+    """(N|1, H|1, L, 1): True where query i sees no key among 0..i that the key bias (not floored) leaves
+    above -inf."""
+    hidden = add("IsInf", [bias], "hidden_key", {"detect_positive": 0})
+    visible = add("Cast", [add("Not", [hidden], "visible_key")], "visible_key_count", {"to": ir.DataType.FLOAT})
+    seen = add("CumSum", [visible, _ints(graph, "last_axis_scalar", -1)], "visible_so_far")
+    dead = add("Less", [seen, _floats(graph, "half", 0.5)], "fully_masked/none_visible")
+    return add("Transpose", [dead], "fully_masked/rows", {"perm": [0, 1, 3, 2]})

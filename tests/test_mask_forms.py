@@ -1,0 +1,103 @@
+"""The mask forms of the ort-cpu target (compiler/mask_forms.py): masks kept off MultiHeadAttention's
+inputs, so that ONNX Runtime's CPU kernel runs flash attention, and results equal to the float64
+reference (fp32 1e-5, fp16 1e-2) on every row: padded per row, fully masked, lengths that are not
+a multiple of the block."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import compiler.fuse_ort_mha
+import compiler.mask_forms
+from compiler import compile_model
+from graphs import AttentionSpec, AttentionWeights, build_mha
+from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, errors, random_inputs
+from runtime.ort import OrtSession
+from runtime.reference import mha_reference
+
+
+def _subgraphs(graph: onnx.GraphProto) -> dict[str, onnx.GraphProto]:
+    return {attr.name: attr.g for node in graph.node for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH}
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs_of(node):
+            yield from _all_nodes(sub)
+
+
+def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 4 queries from length 8 on, so short inputs cover both forms and ragged last blocks."""
+    monkeypatch.setattr(compiler.mask_forms, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(compiler.fuse_ort_mha, "CAUSAL_FROM", 8)
+
+
+def test_causal_attention_runs_in_query_blocks_with_no_mask_on_the_op():
+    """The long form holds no (L, S) tensor: no Range builds positions outside the short form, and its
+    MultiHeadAttention takes query, key and value only (the flash path)."""
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, is_causal=True, key_padding_mask="bool")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    onnx.checker.check_model(model, full_check=True)
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    blocks = next(a.g for a in branch.attribute if a.name == "then_branch")
+    short = next(a.g for a in branch.attribute if a.name == "else_branch")
+    long_form = [n for n in model.graph.node] + list(_all_nodes(blocks))
+    assert not any(n.op_type in ("Range", "Softmax") for n in long_form)
+    loop_ops = [n for n in _all_nodes(blocks) if n.op_type == "MultiHeadAttention"]
+    assert len(loop_ops) == 1 and len([i for i in loop_ops[0].input if i]) == 3
+    assert [n.op_type for n in _all_nodes(short) if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
+
+
+def _padded(feeds: dict, kind: str | None, length: int) -> dict:
+    """Batch 0: every key masked; 1: the first half masked (its first rows see nothing); 2: the last key."""
+    if kind is not None:
+        mask = feeds["key_padding_mask"]
+        fill, keep = (True, False) if kind == "bool" else (-np.inf, 0.0)
+        mask[...] = keep
+        mask[0] = fill
+        mask[1, : length // 2] = fill
+        mask[2, length - 1:] = fill
+    return feeds
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("padding", [None, "bool", "float"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision, padding, batch_first):
+    """Lengths below, at and past the block and the switch to blocks (1, 4, 8, 11, 16), per-row padding;
+    rows with no visible key are zero before out_proj (DESIGN.md), so they equal out_proj.bias."""
+    spec = AttentionSpec(16, 4, batch_first=batch_first, self_attention=True, is_causal=True, key_padding_mask=padding)
+    weights = AttentionWeights.random(spec, seed=3)
+    session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu", precision))
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    for length in (1, 4, 8, 11, 16):
+        feeds = _padded(random_inputs(spec, (3, length, length), np.random.default_rng(length)), padding, length)
+        got = session.run(feeds)["attn_output"]
+        want = mha_reference(spec, weights, feeds)["attn_output"]
+        assert np.isfinite(got).all()
+        assert errors(got, want)[1] <= tolerance, (length, errors(got, want))
+
+
+def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks):
+    """The merge never divides by the extra key's weight: a row whose earlier key scores 100 above its
+    diagonal block (exp underflows there) still equals the reference."""
+    spec = AttentionSpec(8, 1, batch_first=True, self_attention=True, is_causal=True, bias=False)
+    identity = np.eye(8, dtype=np.float32)
+    weights = AttentionWeights.from_state_dict(spec, {"in_proj_weight": np.vstack([identity] * 3),
+                                                      "out_proj.weight": identity})  # q = k = v = x
+    x = np.zeros((1, 12, 8), np.float32)
+    x[0, :, 0] = 1.0
+    x[0, 0, 0] = 300.0  # key 0 scores 300 / sqrt(8) = 106 against every later query, the others about 0.4
+    x[0, 1:, 1] = np.linspace(-1, 1, 11)
+    session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu"))
+    got = session.run({"query": x})["attn_output"]
+    want = mha_reference(spec, weights, {"query": x})["attn_output"]
+    assert np.isfinite(got).all() and errors(got, want)[1] <= FP32_TOLERANCE
