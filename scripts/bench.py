@@ -7,6 +7,7 @@ against the floor this device's own matmul rate and memory bandwidth set."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -34,6 +35,13 @@ from signals import Signals, Stopped, stop_as_exception
 from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 BASELINES = ("eager", "sdpa", "exporter")
+MASKS = {  # --masks: the spec's mask options for each kind (bench_inputs draws the masks themselves)
+    "none": {},
+    "padding": {"key_padding_mask": "bool"},
+    "causal": {"is_causal": True},
+    "causal+padding": {"is_causal": True, "key_padding_mask": "bool"},
+    "float-2d": {"attn_mask": "float"},
+}
 DEVICE_TARGETS = {"cpu": ("portable", "onnx-attention", "ort-cpu"), "cuda": ("portable", "onnx-attention", "ort-cuda", "tensorrt")}
 
 
@@ -57,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32"], help="not with DIR")
     sweep.add_argument("--form", default=None, help="the targets' graph form where they offer several")
     sweep.add_argument("--batches", nargs="+", type=int, default=[1])
+    sweep.add_argument("--masks", nargs="+", choices=list(MASKS), default=None,
+                       help="one sweep per mask kind on a self-attention (padding: per-row trailing padding; float-2d: "
+                            "an (L, S) float attn_mask, about 20%% -inf), with each row also against the unmasked one; "
+                            "not with DIR or the spec's own mask flags")
     sweep.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 2048, 4096],
                        help="query length; key and value have the same length")
     sweep.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
@@ -94,6 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     ("--form", args.form)) if v]
         if clashing:
             p.error(f"DIR fixes the spec, weights, target and precision; drop {', '.join(clashing)}")
+    if args.masks is not None:
+        own = [flag for flag, value in (("--key-padding-mask", args.key_padding_mask), ("--attn-mask", args.attn_mask),
+                                        ("--causal", args.causal), ("--kv-cache", args.kv_cache), ("--decode", args.decode),
+                                        ("DIR", args.dir)) if value]
+        if own:
+            p.error(f"--masks sets the masks itself; drop {', '.join(own)}")
+        args.self_attention = True
     if args.decode:
         if args.dir is not None or args.device != "cpu":
             p.error("--decode builds its graphs from the spec flags and runs on --device cpu")
@@ -223,9 +242,16 @@ def torch_runner(fn: Callable[[Mapping[str, Any]], Any], feeds: Mapping[str, np.
 
 
 def bench_inputs(spec: AttentionSpec, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs in the graph's layout; masks block about 20% of keys but never key 0, so no
-    query row is fully masked (torch would return NaN there)."""
+    """Random inputs in the graph's layout. A key padding mask pads each row at its end, as batched
+    serving does: at batch 1 the last 20% of keys; at batch 2 and more row 0 not at all, row 1 its
+    last 30%, the others between 0 and 50% (drawn). An attn_mask blocks about 20% of keys at random.
+    Key 0 is never masked, so no query row is fully masked (torch would return NaN there)."""
     feeds = random_inputs(spec, (batch, length, length), rng)
+    if "key_padding_mask" in feeds:
+        padded = [0.2] if batch == 1 else [0.0, 0.3] + list(rng.uniform(0.0, 0.5, batch - 2))
+        keep = np.arange(length)[None, :] < np.ceil(length * (1 - np.asarray(padded)))[:, None]
+        mask = feeds["key_padding_mask"]
+        feeds["key_padding_mask"] = ~keep if mask.dtype == np.bool_ else np.where(keep, 0.0, -np.inf).astype(mask.dtype)
     for name in ("key_padding_mask", "attn_mask"):
         if name in feeds:
             feeds[name][..., 0] = False if feeds[name].dtype == np.bool_ else 0.0
@@ -383,6 +409,15 @@ def _relate(rows: list[dict[str, Any]], point: Mapping[str, int], spec: Attentio
         eager["fp32"]["rel_error_vs_eager_fp32"] = 0.0
 
 
+def _relate_masks(rows: list[dict[str, Any]]) -> None:
+    """Each masked row against the same backend's unmasked row at the same point."""
+    key = lambda r: (r["backend"], r["precision"], r["batch"], r["length"])  # noqa: E731
+    unmasked = {key(r): r for r in rows if r["mask"] == "none" and "skipped" not in r}
+    for r in rows:
+        if "skipped" not in r and key(r) in unmasked:
+            r["ratio_to_unmasked"] = r["p50_s"] / unmasked[key(r)]["p50_s"]
+
+
 def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
@@ -391,22 +426,26 @@ def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["batch", "length", "backend", "prec", "p50 ms", "p90 ms", "p99 ms", "runs", "x eager", "x exporter",
-            "tokens/s", "GFLOP/s", "floor ms", "x floor", "mem +MiB", "rel err"]
+    masks = any("mask" in r for r in rows)
+    head = (["mask"] if masks else []) + [
+        "batch", "length", "backend", "prec", "p50 ms", "p90 ms", "p99 ms", "runs", "x eager", "x exporter",
+        *(["x no mask"] if masks else []), "tokens/s", "GFLOP/s", "floor ms", "x floor", "mem +MiB", "rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     for r in rows:
+        mask = f"| {r['mask']} " if masks else ""
         if "skipped" in r:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | skipped: {r['skipped']} |")
+            lines.append(f"{mask}| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | skipped: {r['skipped']} |")
             continue
         floor = f"{r['floor_s'] * 1e3:.3g} ({r['floor_bound'][0]})"
+        unmasked = f"{f(r.get('ratio_to_unmasked'), '.2f')} | " if masks else ""
         lines.append(
-            f"| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | {r['p50_s'] * 1e3:.3f} | "
+            f"{mask}| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | {r['p50_s'] * 1e3:.3f} | "
             f"{r['p90_s'] * 1e3:.3f} | {r['p99_s'] * 1e3:.3f} | {r['runs']} | {f(r['ratio_to_eager'], '.2f')} | "
-            f"{f(r['ratio_to_exporter'], '.2f')} | {r['tokens_per_s']:.4g} | {r['gflops']:.1f} | {floor} | "
+            f"{f(r['ratio_to_exporter'], '.2f')} | {unmasked}{r['tokens_per_s']:.4g} | {r['gflops']:.1f} | {floor} | "
             f"{r['x_floor']:.1f} | {r['memory_growth_bytes'] / 2**20:.1f} | {f(r['rel_error_vs_eager_fp32'], '.1e')} |")
     return "\n".join(lines)
 
@@ -489,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
         weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
         if args.decode:
             return run_decode(args, spec, weights, args.threads or os.cpu_count() or 1)
-        compiled = compile_all(spec, weights, args.targets, args.precisions, args.form)
+        compiled = compile_all(spec, weights, args.targets, args.precisions, args.form) if args.masks is None else []
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     rates = device_rates(args.device, threads, min(1.0, max(args.min_seconds, 0.2)))
@@ -497,7 +536,16 @@ def run(args: argparse.Namespace) -> int:
           + (f", {rates['matmul_fp16_flops'] / 1e9:.1f} fp16" if args.device == "cuda" else "")
           + f"; bandwidth {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({threads} threads)")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = sweep(args, spec, weights, compiled, rates, Path(tmp))
+        if args.masks is None:
+            rows = sweep(args, spec, weights, compiled, rates, Path(tmp))
+        else:
+            rows = []
+            for kind in args.masks:
+                print(f"mask: {kind}", file=sys.stderr, flush=True)
+                masked = dataclasses.replace(spec, **MASKS[kind])
+                compiled = compile_all(masked, weights, args.targets, args.precisions, args.form)
+                rows += [{"mask": kind, **r} for r in sweep(args, masked, weights, compiled, rates, Path(tmp))]
+            _relate_masks(rows)
     print(table(rows))
     title = (f"{args.device}, embed_dim {spec.embed_dim}, {spec.num_heads} heads"
              + "".join(f", {k}" for k in ("key_padding_mask", "attn_mask") if getattr(spec, k))
@@ -505,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"machine": machine(args.device, threads), "device": args.device, "rates": rates, "spec": spec.to_dict(),
               "weights": dict(weights.source), "source": args.dir,
               "compiled": [{"target": c.target, "precision": c.precision, "form": c.form} for c in compiled],
-              "settings": {k: getattr(args, k) for k in ("batches", "lengths", "baselines", "warmup", "runs", "min_seconds")},
+              "settings": {k: getattr(args, k) for k in ("batches", "lengths", "masks", "baselines", "warmup", "runs", "min_seconds")},
               "rows": rows}
     if args.json:
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())

@@ -71,6 +71,31 @@ def test_quick_bench_from_spec_flags_writes_table_json_and_plot(tmp_path, capsys
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_masks_sweep_one_spec_per_kind_each_row_against_its_unmasked_row(tmp_path, capsys):
+    out = tmp_path / "masks.json"
+    assert _in_process("bench").main(["--quick", "--masks", "none", "causal", "float-2d", "--lengths", "16",
+                                      "--batches", "2", "--baselines", "sdpa", "--json", str(out)]) == 0
+    assert "| mask | batch | length |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mask"], r["backend"]) for r in rows] == [(m, b) for m in ("none", "causal", "float-2d")
+                                                          for b in ("torch sdpa", "ort-cpu graph")]
+    unmasked = {r["backend"]: r["p50_s"] for r in rows if r["mask"] == "none"}
+    for r in rows:
+        assert r["ratio_to_unmasked"] == pytest.approx(r["p50_s"] / unmasked[r["backend"]])
+
+
+def test_bench_padding_is_trailing_and_differs_per_row():
+    """Batched serving pads each sequence at its end: row 0 not at all, row 1 its last 30%."""
+    bench = _in_process("bench")
+    spec = AttentionSpec(16, 2, batch_first=True, self_attention=True, key_padding_mask="bool")
+    mask = bench.bench_inputs(spec, 4, 10, np.random.default_rng(0))["key_padding_mask"]
+    assert not mask[0].any() and mask[1].tolist() == [False] * 7 + [True] * 3
+    for row in mask:  # padding, if any, is one run at the end
+        assert row.tolist() == sorted(row.tolist())
+    single = bench.bench_inputs(spec, 1, 10, np.random.default_rng(0))["key_padding_mask"]
+    assert single.tolist() == [[False] * 8 + [True] * 2]
+
+
 def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(tmp_path):
     folder = tmp_path / "compiled"
     assert _in_process("compile").main(["--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
