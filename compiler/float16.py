@@ -47,8 +47,8 @@ class Float16Pass(ir.passes.InPlacePass):
             if node.domain == "com.microsoft" and fill is not None and fill.as_float() < _FP16_LOWEST:
                 node.attributes["mask_filter_value"] = ir.AttrFloat32("mask_filter_value", _FP16_LOWEST)
         if model.opset_imports.get("", 1) < 20:  # IsInf takes float16 from opset 20
-            for node in [n for n in graph if n.op_type == "IsInf" and not n.domain]:
-                node.replace_input_with(0, _cast_before(graph, node, node.inputs[0], FLOAT))
+            for node in [n for n in ir.traversal.RecursiveGraphIterator(graph) if n.op_type == "IsInf" and not n.domain]:
+                node.replace_input_with(0, _cast_before(node.graph, node, node.inputs[0], FLOAT))
         for value in [v for v in graph.inputs if _is_float(v)]:
             for edge in _layout_edge(value):
                 _cast_after(graph, edge, FLOAT16)

@@ -8,8 +8,8 @@ import onnx_ir as ir
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, bsd_inputs, causal_bias, causal_blocks, dead_causal_rows,
-                                 floored, mask_terms, summed)
+from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, MaskTerms, as_4d, bsd_inputs, causal_bias, causal_blocks,
+                                 dead_causal_rows, floored, mask_terms, query_blocks, summed)
 
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
@@ -50,10 +50,10 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             add = emitter(graph, new, scope)
             cache = core.cache
             terms = mask_terms(core) if cache is None and self.flash_forms else None
-            if terms is not None and terms.causal and not terms.other:  # query blocks, flash left of the diagonal
+            if terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-                context = _causal(graph, core, raw, add, scope)
-                if core.zeroes_dead_rows and raw is not None:
+                context = _by_length(graph, core, terms, raw, add, scope)
+                if core.zeroes_dead_rows and raw is not None and not terms.other:
                     context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
             elif terms is not None and terms.key_only:  # the flash kernel, with the mask as one more head dimension
                 raw = summed(terms.keys, add, "key_bias_terms")
@@ -95,23 +95,38 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(cores))
 
 
-def _causal(graph: ir.Graph, core: Core, raw: ir.Value | None, add, scope: str) -> ir.Value:
-    """Causal self-attention (N, L, E), with the key bias ``raw`` if any: in query blocks from length
-    CAUSAL_FROM on; below it the blocks' extra work costs more than they save, and one
-    MultiHeadAttention with the causal bias is faster (docs/BENCHMARKS.md, "Masks")."""
+def _blockable(terms: MaskTerms) -> bool:
+    """Whether every term's query axis is known (its rank is): a block takes its rows of each."""
+    return all(t.shape is not None and len(t.shape) >= 2 for t in terms.other)
+
+
+def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | None, add, scope: str) -> ir.Value:
+    """Masked attention (N, L, E), with the key bias ``raw`` if any, in query blocks from length
+    CAUSAL_FROM on: a causal mask alone with flash attention left of the diagonal (causal_blocks),
+    any other mask with its rows per block (query_blocks). Below that length the blocks' extra work
+    costs more than they save, and one MultiHeadAttention with the whole bias is faster
+    (docs/BENCHMARKS.md, "Masks"); its bias is built inside that branch, so a long input never
+    builds it. Fully masked rows are zeroed inside the branches where the mask has such terms."""
+    zero_dead = core.zeroes_dead_rows and bool(terms.other)
     branches = []
     for name in ("blocks", "one_op"):
         nodes: list[ir.Node] = []
         emit = emitter(graph, nodes, f"{scope}/{name}")
-        if name == "blocks":
+        if name == "blocks" and not terms.other:
             q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
             context = causal_blocks(graph, core, q, k, v, dq, emit, f"{scope}/{name}")
+        elif name == "blocks":
+            context = query_blocks(graph, core, terms, raw, emit, f"{scope}/{name}", zero_dead)
         else:
             q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
-            bias = causal_bias(graph, q, emit)
-            node = _mha(q, k, v, None, emit("Add", [bias, raw], "bias") if raw is not None else bias, core, f"{scope}/{name}", {})
+            parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)] + ([causal_bias(graph, q, emit)] if terms.causal else [])
+            bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
+            bias = full_bias(graph, core, emit, bias) if terms.other else bias
+            node = _mha(q, k, v, None, bias, core, f"{scope}/{name}", {})
             nodes.append(node)
             context = node.outputs[0]
+            if zero_dead:
+                context = zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit)
         context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
     length = add("Shape", [core.q], "causal/query_length", {"start": 1 if core.layout == "BSD" else 2,

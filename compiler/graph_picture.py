@@ -10,9 +10,10 @@ import onnx
 
 from compiler._ir import module_path
 
-ANCHORS = ("MultiHeadAttention", "Attention", "Softmax")  # the fused core if there is one, else its Softmax
+# the fused core if there is one (an If: a masked core in query blocks, compiler/mask_forms.py), else its Softmax
+ANCHORS = ("MultiHeadAttention", "Attention", "If", "Softmax")
 NODE_HEIGHT, LAYER_GAP, NODE_GAP, CHAR_WIDTH, MARGIN = 30, 26, 14, 7.2, 12
-COLOURS = {"MultiHeadAttention": "#f4a259", "Attention": "#f4a259", "Softmax": "#8ecae6", "MatMul": "#d9d9d9",
+COLOURS = {"MultiHeadAttention": "#f4a259", "Attention": "#f4a259", "If": "#f4a259", "Softmax": "#8ecae6", "MatMul": "#d9d9d9",
            "SkipLayerNormalization": "#b5e48c", "LayerNormalization": "#b5e48c", "Gelu": "#cdb4db"}
 
 

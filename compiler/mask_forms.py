@@ -258,3 +258,106 @@ def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     seen = add("CumSum", [visible, _ints(graph, "last_axis_scalar", -1)], "visible_so_far")
     dead = add("Less", [seen, _floats(graph, "half", 0.5)], "fully_masked/none_visible")
     return add("Transpose", [dead], "fully_masked/rows", {"perm": [0, 1, 3, 2]})
+
+
+def query_blocks(graph: ir.Graph, core: Core, terms: MaskTerms, key_bias: ir.Value | None, add: Emit, scope: str,
+                 zero_dead: bool) -> ir.Value:
+    """Attention (N, L, E) with any additive mask, in blocks of b = min(L, CAUSAL_BLOCK) queries, so
+    that MultiHeadAttention (on its masked path) holds (N, H, b, S) scores instead of (N, H, L, S):
+    each block takes its rows of every mask term (a causal term is made anew for its rows; terms
+    that broadcast over queries go in whole). Blocks all have b rows, the last one overlapping its
+    predecessor, so the Loop's outputs stack; the overlap is dropped after it. ``zero_dead``: rows
+    whose every key is -inf get a zero context, read from each block's bias."""
+    h, d = core.num_heads, core.head_dim
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
+    q, k, v, _ = bsd_inputs(graph, core, add, None, False)
+    to_bnsh = {"perm": [0, 2, 1, 3]}
+    heads = ints("heads_shape", [0, 0, h, d])
+    # keys and values as BNSH once: the op takes them as they are (no copy per block)
+    k = add("Transpose", [add("Reshape", [k, heads], "blocks/key_heads")], "blocks/key_bnsh", to_bnsh)
+    v = add("Transpose", [add("Reshape", [v, heads], "blocks/value_heads")], "blocks/value_bnsh", to_bnsh)
+    length = add("Shape", [q], "blocks/length", {"start": 1, "end": 2})
+    keys = add("Shape", [k], "blocks/keys", {"start": 2, "end": 3})
+    block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "blocks/block_len")
+    one = ints("one", [1])
+    count = add("Div", [add("Sub", [add("Add", [length, block], "blocks/length_up"), one], "blocks/length_up_1"), block],
+                "blocks/count")
+    last_start = add("Sub", [length, block], "blocks/last_start")
+    axis1 = ints("axis1", [1])
+
+    body: list[ir.Node] = []
+    inner = f"{scope}/blocks/block"
+
+    def op(op_type: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
+        body.append(named(ir.node(op_type, inputs, attrs or {}, domain=domain, name=f"{inner}/{name}")))
+        return body[-1].outputs[0]
+
+    index = ir.Value(name=f"{inner}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    go_on = ir.Value(name=f"{inner}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it
+    start = op("Min", [op("Mul", [index, block], "start_unclamped"), last_start], "start")
+    end = op("Add", [start, block], "end")
+    parts = []
+    for i, term in enumerate(terms.other):
+        parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
+    if terms.causal:
+        rows = op("Unsqueeze", [op("Range", [op("Squeeze", [start], "start_scalar"), op("Squeeze", [end], "end_scalar"),
+                                             _ints(graph, "one_i64", 1)], "positions"), ints("axes013", [0, 1, 3])],
+                  "query_positions")
+        cols = op("Unsqueeze", [op("Range", [_ints(graph, "zero_i64", 0), op("Squeeze", [keys], "keys_scalar"),
+                                             _ints(graph, "one_i64", 1)], "key_positions"), ints("axes012", [0, 1, 2])],
+                  "key_positions_row")
+        parts.append(op("Where", [op("Greater", [cols, rows], "future"), _floats(graph, "neg_inf", -np.inf),
+                                  _floats(graph, "zero", 0.0)], "causal"))
+    if key_bias is not None:
+        parts.append(key_bias)
+    bias = parts[0]
+    for i, part in enumerate(parts[1:]):
+        bias = op("Add", [bias, part], f"bias_{i + 1}")
+    query = op("Slice", [q, start, end, axis1], "query")
+    context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
+                 {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
+    if zero_dead:
+        dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
+                  {"detect_positive": 0})  # (N|1, H|1, b, 1)
+        context = op("Reshape", [op("Where", [op("Transpose", [dead], "dead_bshd", to_bnsh), _floats(graph, "zero", 0.0),
+                                              op("Reshape", [context, heads], "context_heads")], "zeroed"),
+                                 ints("merge_shape", [0, 0, h * d])], "context_zeroed")
+    done = op("Identity", [go_on], "go_on_out")
+    done.type, context.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
+    loop_body = ir.Graph([index, go_on], [done, context], nodes=body, name=f"{inner}/body")
+    trips = add("Squeeze", [count, ints("zero1", [0])], "blocks/trips")
+    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "blocks/run")  # Loop's condition, true
+    stacked = add("Loop", [trips, run], "blocks/Loop", {"body": loop_body})  # (count, N, b, E)
+    # all blocks but the last in order, then the rows of the last that the one before it did not cover
+    head = add("Slice", [stacked, ints("zero1", [0]), add("Sub", [count, one], "blocks/but_last"), ints("axis0", [0])],
+               "blocks/but_last_blocks")
+    head = add("Reshape", [add("Transpose", [head], "blocks/head_first", {"perm": [1, 0, 2, 3]}),
+                           ints("merge_shape", [0, -1, h * d])], "blocks/head")
+    tail = add("Squeeze", [add("Slice", [stacked, add("Sub", [count, one], "blocks/last"), count, ints("axis0", [0])],
+                               "blocks/last_block"), ints("axis0", [0])], "blocks/last_rows")
+    covered = add("Mul", [add("Sub", [count, one], "blocks/covered_blocks"), block], "blocks/covered")
+    tail = add("Slice", [tail, add("Sub", [covered, last_start], "blocks/overlap"), block, axis1], "blocks/tail")
+    return add("Concat", [head, tail], "blocks/context", {"axis": 1})
+
+
+def _rows_of(graph: ir.Graph, term: ir.Value, start: ir.Value, end: ir.Value, op, name: str) -> ir.Value:
+    """Rows [start, end) of a mask term's query axis (its second last), as a 4-D bias; a term whose
+    query axis is 1 (it broadcasts) keeps it, whatever the graph's shapes say, by clamping."""
+    rank = len(term.shape)
+    axis = _ints(graph, f"axis{rank - 2}", [rank - 2])
+    if term.shape[rank - 2] != 1:
+        one = _ints(graph, "one", [1])
+        size = op("Shape", [term], f"{name}/rows", {"start": rank - 2, "end": rank - 1})
+        first = op("Min", [start, op("Sub", [size, one], f"{name}/last_row")], f"{name}/first")
+        stop = op("Max", [op("Min", [end, size], f"{name}/stop_clamped"), op("Add", [first, one], f"{name}/one_row")],
+                  f"{name}/stop")
+        term = op("Slice", [term, first, stop, axis], f"{name}/block_rows")
+    return as_4d(graph, term, op, name, rank)
+
+
+def as_4d(graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | None = None) -> ir.Value:
+    """A mask term of rank 2 or 3 with leading axes of 1, as it broadcasts against (N, H, L, S)."""
+    rank = len(term.shape) if rank is None else rank
+    if rank >= 4:
+        return term
+    return add("Unsqueeze", [term, _ints(graph, f"leading_{4 - rank}", list(range(4 - rank)))], f"{name}/as_4d")

@@ -113,7 +113,8 @@ def test_exported_attention_fuses_and_keeps_outputs(exported, kind, masked, targ
     cores = 2 if kind == "decoder" else 1
     softmaxes = [n for n in original.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == cores
-    fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
+    # a masked core on ort-cpu runs in query blocks, inside an If (compiler/mask_forms.py)
+    fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "If")]
     assert len(fused) == cores and not any(n.op_type == "Softmax" for n in compiled.graph.node)
     findings = fusion_findings(original, compiled, get_target(target, form=form)[1], attention_form(compiled))
     assert [f.fused for f in findings] == [True] * cores

@@ -101,3 +101,33 @@ def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks):
     got = session.run({"query": x})["attn_output"]
     want = mha_reference(spec, weights, {"query": x})["attn_output"]
     assert np.isfinite(got).all() and errors(got, want)[1] <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("options", [
+    {"attn_mask": "float"},
+    {"attn_mask": "bool", "attn_mask_3d": True},
+    {"attn_mask": "float", "key_padding_mask": "bool"},
+    {"attn_mask": "bool", "is_causal": True, "key_padding_mask": "float"},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_any_mask_goes_in_query_blocks_equal_to_the_reference(small_blocks, precision, options):
+    """Each block takes its rows of every term (a causal term made anew for them): lengths 1 to 11,
+    a row whose every key is masked, keys longer than queries (cross-attention)."""
+    self_attention = options.get("is_causal", False)
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=self_attention, **options)
+    weights = AttentionWeights.random(spec, seed=2)
+    model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    blocks = next(a.g for a in branch.attribute if a.name == "then_branch")
+    assert "Loop" in [n.op_type for n in blocks.node] and not any(n.op_type == "Expand" for n in _all_nodes(blocks))
+    session = OrtSession(model)
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    for length, keys in ((1, 1), (5, 5), (8, 8), (11, 11), (9, 13)):
+        if self_attention and length != keys:
+            continue
+        feeds = random_inputs(spec, (3, length, keys), np.random.default_rng(length))
+        feeds["attn_mask"][..., min(2, length - 1), :] = True if spec.attn_mask == "bool" else -np.inf
+        got = session.run(feeds)["attn_output"]
+        want = mha_reference(spec, weights, feeds)["attn_output"]
+        assert np.isfinite(got).all()
+        assert errors(got, want)[1] <= tolerance, (length, keys, errors(got, want))

@@ -106,8 +106,17 @@ def test_tensorrt_forms(form):
     _assert_same(model, compiled, _feeds(spec))
 
 
-def test_ort_cuda_graph_is_the_ort_cpu_graph():
-    """Both run com.microsoft MultiHeadAttention; ONNX Runtime CPU checks the graph CUDA would run."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_cuda_graph_keeps_its_masks_on_the_op_and_computes_what_the_canonical_graph_does(precision):
+    """CUDA's MultiHeadAttention takes the masks into its own kernels, so its graph gives them to the
+    op (one node, attention_bias) where the CPU graph lowers them (compiler/mask_forms.py); ONNX
+    Runtime CPU, which runs the same op, checks the graph CUDA would run."""
     model = build_mha(MASKED, AttentionWeights.random(MASKED))
-    assert compile_model(model, "ort-cuda") == compile_model(model, "ort-cpu")
-    assert compile_model(model, "ort-cuda", "fp16") == compile_model(model, "ort-cpu", "fp16")
+    cuda = compile_model(model, "ort-cuda", precision)
+    fused = [n for n in cuda.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == 1 and len(fused[0].input) == 6 and fused[0].input[5]  # attention_bias
+    assert not any(n.op_type in ("If", "Loop") for n in cuda.graph.node)
+    assert any(n.op_type == "If" for n in compile_model(model, "ort-cpu", precision).graph.node)
+    feeds = _feeds(MASKED)
+    got, want = OrtSession(cuda).run(feeds)["attn_output"], OrtSession(model).run(feeds)["attn_output"]
+    assert errors(got, want)[1] <= (1e-5 if precision == "fp32" else 1e-2)
