@@ -8,8 +8,8 @@ import onnx_ir as ir
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, MaskTerms, as_4d, bsd_inputs, causal_bias, causal_blocks,
-                                 dead_causal_rows, floored, mask_terms, query_blocks, summed)
+from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
+                                 causal_blocks, dead_causal_rows, floored, mask_terms, padded_rows, query_blocks, summed)
 
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
@@ -55,12 +55,9 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                 context = _by_length(graph, core, terms, raw, add, scope)
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
                     context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
-            elif terms is not None and terms.key_only:  # the flash kernel, with the mask as one more head dimension
+            elif terms is not None and terms.key_only:  # flash, each entry's keys cut after its last visible one
                 raw = summed(terms.keys, add, "key_bias_terms")
-                q, k, v, _ = bsd_inputs(graph, core, add, floored(graph, raw, add), False)
-                node = _mha(q, k, v, None, None, core, scope, {})
-                new.append(node)
-                context = node.outputs[0]
+                context = _padding(graph, core, raw, add, scope)
                 if core.zeroes_dead_rows:
                     context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
             else:
@@ -108,32 +105,58 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
     (docs/BENCHMARKS.md, "Masks"); its bias is built inside that branch, so a long input never
     builds it. Fully masked rows are zeroed inside the branches where the mask has such terms."""
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
+
+    def blocks(emit, name: str) -> ir.Value:
+        if terms.other:
+            return query_blocks(graph, core, terms, raw, emit, name, zero_dead)
+        q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
+        return causal_blocks(graph, core, q, k, v, dq, emit, name)
+
+    def one_op(emit, name: str) -> ir.Value:
+        q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
+        parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
+        parts += [causal_bias(graph, q, emit)] if terms.causal else []
+        bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
+        bias = full_bias(graph, core, emit, bias) if terms.other else bias
+        context = _emit_mha(emit, q, k, v, bias, core)
+        return zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit) if zero_dead else context
+
+    return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
+
+
+def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.Value:
+    """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
+    on one batch entry at a time with its trailing padding cut (padded_rows); below it, where a call
+    per entry costs more than the cut saves, the whole batch with the mask as one more head
+    dimension. Both take the op's flash path."""
+
+    def one_op(emit, name: str) -> ir.Value:
+        q, k, v, _ = bsd_inputs(graph, core, emit, floored(graph, raw, emit), False)
+        return _emit_mha(emit, q, k, v, None, core)
+
+    return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op)
+
+
+def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short) -> ir.Value:
+    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E)
+    inside its branch, so that only the branch taken runs."""
     branches = []
-    for name in ("blocks", "one_op"):
+    for name, build in (("long", long), ("short", short)):
         nodes: list[ir.Node] = []
-        emit = emitter(graph, nodes, f"{scope}/{name}")
-        if name == "blocks" and not terms.other:
-            q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
-            context = causal_blocks(graph, core, q, k, v, dq, emit, f"{scope}/{name}")
-        elif name == "blocks":
-            context = query_blocks(graph, core, terms, raw, emit, f"{scope}/{name}", zero_dead)
-        else:
-            q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
-            parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)] + ([causal_bias(graph, q, emit)] if terms.causal else [])
-            bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-            bias = full_bias(graph, core, emit, bias) if terms.other else bias
-            node = _mha(q, k, v, None, bias, core, f"{scope}/{name}", {})
-            nodes.append(node)
-            context = node.outputs[0]
-            if zero_dead:
-                context = zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit)
+        context = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
         context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
-    length = add("Shape", [core.q], "causal/query_length", {"start": 1 if core.layout == "BSD" else 2,
-                                                             "end": 2 if core.layout == "BSD" else 3})
-    long = add("GreaterOrEqual", [length, new_initializer(graph, "attention/causal_from", np.asarray([CAUSAL_FROM], np.int64))],
-               "causal/long")
-    return add("If", [long], "causal/If", {"then_branch": branches[0], "else_branch": branches[1]})
+    axis = 1 if core.layout == "BSD" else 2
+    length = add("Shape", [core.q], "query_length", {"start": axis, "end": axis + 1})
+    long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
+                     "long_input")
+    return add("If", [long_input], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+
+
+def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:
+    """MultiHeadAttention(q, k, v, attention_bias=bias) with the core's heads and scale: its output."""
+    return emit("MultiHeadAttention", [q, k, v, None, None, bias] if bias is not None else [q, k, v], "MultiHeadAttention",
+                {"num_heads": core.num_heads, "scale": core.scale}, MS_DOMAIN)
 
 
 def _mha(q: ir.Value, k: ir.Value, v: ir.Value, keep: ir.Value | None, bias: ir.Value | None, core: Core, scope: str,

@@ -21,6 +21,21 @@ def op_name(node: onnx.NodeProto) -> str:
     return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
+def _label(node: onnx.NodeProto) -> str:
+    """A node's box: its op, and for an If or Loop the fused attention op it runs (a masked core in
+    query blocks, compiler/mask_forms.py)."""
+    inner = {op_name(n) for n in _inside(node) if n.op_type in ("MultiHeadAttention", "Attention")}
+    return f"{node.op_type}: {', '.join(sorted(inner))}" if inner else op_name(node)
+
+
+def _inside(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for inner in attr.g.node:
+                yield inner
+                yield from _inside(inner)
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Nodes per operator (``com.microsoft.MultiHeadAttention`` keeps its domain), most frequent first."""
     counts = Counter(op_name(n) for n in model.graph.node)
@@ -68,7 +83,7 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
         me = len(boxes)
         module = module_path(n.name, {p.key: p.value for p in n.metadata_props})
         tip = (n.name or n.op_type) + (f" ({module})" if module else "")
-        boxes.append((op_name(n).replace("com.microsoft.", "ms."), tip, COLOURS.get(n.op_type, "#f2f2f2")))
+        boxes.append((_label(n).replace("com.microsoft.", "ms."), tip, COLOURS.get(n.op_type, "#f2f2f2")))
         edges += [(index[v], me) for v in n.input if v in index]
         index.update({v: me for v in n.output if v})
     for n in nodes:

@@ -18,12 +18,13 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer
-from compiler.attention_core import Core, Emit, keys_bnsh, producer_of
+from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
 
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
-CAUSAL_FROM = 1024  # the shortest length that goes in blocks
+CAUSAL_FROM = 1024  # the shortest query length that goes in blocks
+ROWS_FROM = 512  # the shortest query length whose padding is cut per batch entry
 
 
 @dataclass
@@ -126,6 +127,15 @@ def bsd_inputs(graph: ir.Graph, core: Core, add: Emit, bias: ir.Value | None, sc
         v = add("Reshape", [add("Transpose", [core.v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge], "value_bsd")
     if bias is None:
         return q, k, v, d
+    q, k = widen_heads(graph, q, k, bias, h, d, query_entry, add)
+    return q, k, v, d + 1
+
+
+def widen_heads(graph: ir.Graph, q: ir.Value, k: ir.Value, bias: ir.Value, h: int, d: int, query_entry: float,
+                add: Emit) -> tuple[ir.Value, ir.Value]:
+    """BSD q (N, L, H*d) and k (N, S, H*d) with one more entry per head: ``query_entry`` in q, the key's
+    bias (N|1, H|1, 1, S) in k, so that q'.k' = q.k + query_entry * bias."""
+    split = _ints(graph, "heads_shape", [0, 0, h, d])
     widen = _ints(graph, "widen_head", [0, 0, 0, 0, 0, 0, 0, 1])  # one more entry at the end of the last axis
     widened_merge = _ints(graph, "widened_merge_shape", [0, 0, h * (d + 1)])
     q = add("Pad", [add("Reshape", [q, split], "query_heads"), widen, _floats(graph, "query_entry", query_entry)],
@@ -135,8 +145,7 @@ def bsd_inputs(graph: ir.Graph, core: Core, add: Emit, bias: ir.Value | None, sc
                "key_bias_last")
     k = add("Add", [add("Pad", [add("Reshape", [k, split], "key_heads"), widen, _floats(graph, "zero", 0.0)],
                         "key_widened"), bias], "key_with_bias")
-    return (add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd"),
-            v, d + 1)
+    return add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd")
 
 
 def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, dq: int, add: Emit,
@@ -195,10 +204,7 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
 
     body: list[ir.Node] = []
     scope = f"{scope}/causal/block"
-
-    def op(op_type: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
-        body.append(named(ir.node(op_type, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}")))
-        return body[-1].outputs[0]
+    op = emitter(graph, body, scope)
 
     index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
@@ -287,10 +293,7 @@ def query_blocks(graph: ir.Graph, core: Core, terms: MaskTerms, key_bias: ir.Val
 
     body: list[ir.Node] = []
     inner = f"{scope}/blocks/block"
-
-    def op(op_type: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
-        body.append(named(ir.node(op_type, inputs, attrs or {}, domain=domain, name=f"{inner}/{name}")))
-        return body[-1].outputs[0]
+    op = emitter(graph, body, inner)
 
     index = ir.Value(name=f"{inner}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     go_on = ir.Value(name=f"{inner}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it
@@ -361,3 +364,70 @@ def as_4d(graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | Non
     if rank >= 4:
         return term
     return add("Unsqueeze", [term, _ints(graph, f"leading_{4 - rank}", list(range(4 - rank)))], f"{name}/as_4d")
+
+
+def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: str) -> ir.Value:
+    """Attention (N, L, E) with a key-only mask ``raw`` (N|1, H|1, 1, S), one batch entry at a time,
+    its keys cut after the last one above -inf in any head (exp gives the cut keys 0 exactly, so
+    nothing changes): trailing padding, as batched serving pads, costs nothing. An entry whose kept
+    bias is all zero runs MultiHeadAttention on its q, k, v as they are; any other takes the bias as
+    one more head dimension (widen_heads). Both are the op's flash path. Fully masked entries keep
+    one key and are zeroed by the caller, from the mask."""
+    h, d = core.num_heads, core.head_dim
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
+    q, k, v, _ = bsd_inputs(graph, core, add, None, False)
+    one, axis0, axis1, last = ints("one", [1]), ints("axis0", [0]), ints("axis1", [1]), ints("last_axis", [-1])
+    keys = add("Shape", [raw], "rows/keys", {"start": 3, "end": 4})
+    positions = add("Cast", [add("Range", [_ints(graph, "one_i64", 1), add("Add", [
+        add("Squeeze", [keys, axis0], "rows/keys_scalar"), _ints(graph, "one_i64", 1)], "rows/keys_1"),
+        _ints(graph, "one_i64", 1)], "rows/positions_1")], "rows/positions", {"to": ir.DataType.FLOAT})  # 1..S
+    visible = add("Cast", [add("Not", [add("IsInf", [raw], "rows/hidden", {"detect_positive": 0})], "rows/visible")],
+                  "rows/visible_f", {"to": ir.DataType.FLOAT})
+    ends = add("ReduceMax", [add("Mul", [visible, positions], "rows/visible_at"), ints("axes123", [1, 2, 3])],
+               "rows/last_visible", {"keepdims": 0})  # (N|1,)
+    ends = add("Cast", [add("Max", [ends, _floats(graph, "one", 1.0)], "rows/at_least_one")], "rows/ends",
+               {"to": ir.DataType.INT64})
+
+    body: list[ir.Node] = []
+    inner = f"{scope}/rows/row"
+    op = emitter(graph, body, inner)
+
+    index = ir.Value(name=f"{inner}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    go_on = ir.Value(name=f"{inner}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it
+    first = op("Unsqueeze", [index, axis0], "first")
+    after = op("Add", [first, one], "after")
+    mask_row = op("Min", [first, op("Sub", [op("Shape", [raw], "mask_rows", {"start": 0, "end": 1}), one], "last_mask_row")],
+                  "mask_row")  # a mask that broadcasts over the batch has one row for all
+    mask_after = op("Add", [mask_row, one], "mask_after")
+    end = op("Slice", [ends, mask_row, mask_after, axis0], "end")
+    query = op("Slice", [q, first, after, axis0], "query")
+    key = op("Slice", [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1], "key")
+    value = op("Slice", [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1], "value")
+    bias = op("Slice", [op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"), ints("zero1", [0]), end, last], "bias")
+    nonzero = op("ReduceMax", [op("Cast", [op("Not", [op("Equal", [bias, _floats(graph, "zero", 0.0)], "zero_bias")],
+                                              "nonzero_bias")], "nonzero", {"to": ir.DataType.FLOAT})],
+                 "any_nonzero", {"keepdims": 0})
+    plain = op("Less", [nonzero, _floats(graph, "half", 0.5)], "plain")
+    branches = []
+    for name in ("plain", "widened"):
+        nodes: list[ir.Node] = []
+        emit = emitter(graph, nodes, f"{inner}/{name}")
+        if name == "plain":
+            qb, kb = query, key
+            attrs = {"num_heads": h, "scale": core.scale}
+        else:
+            qb, kb = widen_heads(graph, query, key, emit("Max", [bias, _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)],
+                                                         "key_bias"), h, d, 1.0 / core.scale, emit)
+            attrs = {"num_heads": h, "scale": core.scale}
+        context = emit("MultiHeadAttention", [qb, kb, value], "MultiHeadAttention", attrs, MS_DOMAIN)  # (1, L, H*hd)
+        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{inner}/{name}"))
+    context = op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+    done = op("Identity", [go_on], "go_on_out")
+    done.type, context.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
+    loop_body = ir.Graph([index, go_on], [done, context], nodes=body, name=f"{inner}/body")
+    trips = add("Squeeze", [add("Shape", [q], "rows/batch", {"start": 0, "end": 1}), axis0], "rows/trips")
+    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "rows/run")  # Loop's condition, true
+    stacked = add("Loop", [trips, run], "rows/Loop", {"body": loop_body})  # (N, 1, L, H*hd)
+    return add("Squeeze", [stacked, axis1], "rows/context")
+
