@@ -9,7 +9,8 @@ from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, dead_causal_rows, floored, mask_terms, padded_rows, query_blocks, summed)
+                                 causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, padded_rows, query_blocks,
+                                 rows_alike, summed)
 
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
@@ -112,6 +113,16 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
         q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
         return causal_blocks(graph, core, q, k, v, dq, emit, name)
 
+    def padding_or_blocks(emit, name: str) -> ir.Value:
+        """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
+
+        def padded(inner, inner_name: str) -> ir.Value:
+            key_bias = summed(first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []), inner, "key_bias")
+            context = padded_rows(graph, core, key_bias, inner, inner_name)
+            return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner) if zero_dead else context
+
+        return _if(graph, rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
+
     def one_op(emit, name: str) -> ir.Value:
         q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
@@ -121,7 +132,9 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
         context = _emit_mha(emit, q, k, v, bias, core)
         return zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit) if zero_dead else context
 
-    return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
+    if terms.causal:
+        return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
+    return _switch(graph, core, add, scope, ROWS_FROM, padding_or_blocks, one_op)
 
 
 def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.Value:
@@ -138,19 +151,24 @@ def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.
 
 
 def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short) -> ir.Value:
-    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E)
-    inside its branch, so that only the branch taken runs."""
-    branches = []
-    for name, build in (("long", long), ("short", short)):
-        nodes: list[ir.Node] = []
-        context = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
-        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
-        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
+    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E)."""
     axis = 1 if core.layout == "BSD" else 2
     length = add("Shape", [core.q], "query_length", {"start": axis, "end": axis + 1})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")
-    return add("If", [long_input], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+    return _if(graph, long_input, scope, add, long, short)
+
+
+def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise) -> ir.Value:
+    """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) inside its
+    branch, so that only the branch taken runs."""
+    branches = []
+    for name, build in (("then", then), ("else", otherwise)):
+        nodes: list[ir.Node] = []
+        context = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
+        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
+    return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]})
 
 
 def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:

@@ -49,7 +49,7 @@ def mask_terms(core: Core) -> MaskTerms:
             pending += list(add.inputs)
         elif _is_self_causal(term) and not terms.causal:
             terms.causal = True
-        elif term.shape is not None and len(term.shape) == 4 and term.shape[2] == 1:
+        elif term.shape is not None and len(term.shape) == 4 and term.shape[2] == 1 and term.shape[3] != 1:
             terms.keys.append(term)
         else:
             terms.other.append(term)
@@ -368,11 +368,12 @@ def as_4d(graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | Non
 
 def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: str) -> ir.Value:
     """Attention (N, L, E) with a key-only mask ``raw`` (N|1, H|1, 1, S), one batch entry at a time,
-    its keys cut after the last one above -inf in any head (exp gives the cut keys 0 exactly, so
-    nothing changes): trailing padding, as batched serving pads, costs nothing. An entry whose kept
+    its keys cut after the last one above KEY_BIAS_FLOOR in any head (-inf, or the float minimum
+    Hugging Face masks with: exp gives the cut keys 0 exactly beside any kept key, so nothing
+    changes; an entry with no such key keeps them all, and so its uniform row): trailing padding,
+    as batched serving pads, costs nothing. An entry whose kept
     bias is all zero runs MultiHeadAttention on its q, k, v as they are; any other takes the bias as
-    one more head dimension (widen_heads). Both are the op's flash path. Fully masked entries keep
-    one key and are zeroed by the caller, from the mask."""
+    one more head dimension (widen_heads). Both are the op's flash path."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     q, k, v, _ = bsd_inputs(graph, core, add, None, False)
@@ -381,12 +382,14 @@ def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: st
     positions = add("Cast", [add("Range", [_ints(graph, "one_i64", 1), add("Add", [
         add("Squeeze", [keys, axis0], "rows/keys_scalar"), _ints(graph, "one_i64", 1)], "rows/keys_1"),
         _ints(graph, "one_i64", 1)], "rows/positions_1")], "rows/positions", {"to": ir.DataType.FLOAT})  # 1..S
-    visible = add("Cast", [add("Not", [add("IsInf", [raw], "rows/hidden", {"detect_positive": 0})], "rows/visible")],
+    floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
+    visible = add("Cast", [add("Not", [add("LessOrEqual", [raw, floor], "rows/hidden")], "rows/visible")],
                   "rows/visible_f", {"to": ir.DataType.FLOAT})
     ends = add("ReduceMax", [add("Mul", [visible, positions], "rows/visible_at"), ints("axes123", [1, 2, 3])],
-               "rows/last_visible", {"keepdims": 0})  # (N|1,)
-    ends = add("Cast", [add("Max", [ends, _floats(graph, "one", 1.0)], "rows/at_least_one")], "rows/ends",
-               {"to": ir.DataType.INT64})
+               "rows/last_visible", {"keepdims": 0})  # (N|1,); 0: no key visible
+    all_keys = add("Cast", [keys], "rows/keys_f", {"to": ir.DataType.FLOAT})
+    ends = add("Cast", [add("Where", [add("Less", [ends, _floats(graph, "half", 0.5)], "rows/none_visible"), all_keys, ends],
+                            "rows/kept")], "rows/ends", {"to": ir.DataType.INT64})
 
     body: list[ir.Node] = []
     inner = f"{scope}/rows/row"
@@ -431,3 +434,29 @@ def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: st
     stacked = add("Loop", [trips, run], "rows/Loop", {"body": loop_body})  # (N, 1, L, H*hd)
     return add("Squeeze", [stacked, axis1], "rows/context")
 
+
+
+def rows_alike(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> ir.Value:
+    """(1,) bool: whether every query row of every term equals its first row, so that the terms are a
+    key-only mask after all (a padding mask the exporter expanded to (N, 1, L, S), as Hugging Face
+    models build theirs). One pass over the terms, which the graph holds anyway."""
+    checks = []
+    for i, term in enumerate(terms):
+        axis = _ints(graph, f"axis{len(term.shape) - 2}", [len(term.shape) - 2])
+        first = add("Slice", [term, _ints(graph, "zero1", [0]), _ints(graph, "one", [1]), axis], f"rows_alike/first_{i}")
+        same = add("Cast", [add("Equal", [term, first], f"rows_alike/equal_{i}")], f"rows_alike/equal_f_{i}",
+                   {"to": ir.DataType.FLOAT})
+        checks.append(add("ReduceMin", [same], f"rows_alike/all_{i}", {"keepdims": 0}))
+    total = summed(checks, add, "rows_alike/sum")
+    return add("Unsqueeze", [add("GreaterOrEqual", [total, _floats(graph, "terms_count", len(terms) - 0.5)],
+                                 "rows_alike/all"), _ints(graph, "axis0", [0])], "rows_alike/flag")
+
+
+def first_rows(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> list[ir.Value]:
+    """Each term's first query row, as a key bias (N|1, H|1, 1, S)."""
+    out = []
+    for i, term in enumerate(terms):
+        axis = _ints(graph, f"axis{len(term.shape) - 2}", [len(term.shape) - 2])
+        row = add("Slice", [term, _ints(graph, "zero1", [0]), _ints(graph, "one", [1]), axis], f"first_row_{i}")
+        out.append(as_4d(graph, row, add, f"first_row_{i}", len(term.shape)))
+    return out

@@ -121,7 +121,7 @@ def test_any_mask_goes_in_query_blocks_equal_to_the_reference(small_blocks, prec
     model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
     branch = next(n for n in model.graph.node if n.op_type == "If")
     blocks = next(a.g for a in branch.attribute if a.name == "then_branch")
-    assert "Loop" in [n.op_type for n in blocks.node] and not any(n.op_type == "Expand" for n in _all_nodes(blocks))
+    assert "Loop" in [n.op_type for n in _all_nodes(blocks)] and not any(n.op_type == "Expand" for n in _all_nodes(blocks))
     session = OrtSession(model)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
     for length, keys in ((1, 1), (5, 5), (8, 8), (11, 11), (9, 13)):
@@ -165,3 +165,26 @@ def test_padding_is_cut_per_entry_and_equal_to_the_reference(small_blocks, preci
         want = mha_reference(spec, weights, feeds)["attn_output"]
         assert np.isfinite(got).all()
         assert errors(got, want)[1] <= tolerance, (length, errors(got, want))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_mask_whose_rows_all_match_runs_as_padding(small_blocks, precision):
+    """An (L, S) mask with every row alike (a padding mask an exporter expanded over the queries, as
+    Hugging Face models build theirs) is found so at run time and cut like padding; rows that differ
+    go to query blocks. Both equal the reference, with the float minimum as the masked value too."""
+    spec = AttentionSpec(16, 4, batch_first=True, attn_mask="float")
+    weights = AttentionWeights.random(spec, seed=6)
+    session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu", precision))
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    lowest = float(np.finfo(np.float32).min)
+    for length, masked in ((9, -np.inf), (12, lowest), (12, None)):
+        feeds = random_inputs(spec, (2, length, length + 2), np.random.default_rng(length))
+        if masked is not None:
+            row = np.zeros(length + 2, np.float32)
+            row[length - 3:] = masked  # trailing padding
+            row[1] = -0.5
+            feeds["attn_mask"] = np.broadcast_to(row, (length, length + 2)).copy()
+        got = session.run(feeds)["attn_output"]
+        want = mha_reference(spec, weights, feeds)["attn_output"]
+        assert np.isfinite(got).all()
+        assert errors(got, want)[1] <= tolerance, (length, masked, errors(got, want))
