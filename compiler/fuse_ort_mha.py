@@ -8,7 +8,7 @@ import onnx_ir as ir
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
+from compiler.mask_forms import (BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
                                  causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, padded_rows, query_blocks,
                                  rows_alike, summed)
 
@@ -99,12 +99,13 @@ def _blockable(terms: MaskTerms) -> bool:
 
 
 def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | None, add, scope: str) -> ir.Value:
-    """Masked attention (N, L, E), with the key bias ``raw`` if any, in query blocks from length
-    CAUSAL_FROM on: a causal mask alone with flash attention left of the diagonal (causal_blocks),
-    any other mask with its rows per block (query_blocks). Below that length the blocks' extra work
-    costs more than they save, and one MultiHeadAttention with the whole bias is faster
-    (docs/BENCHMARKS.md, "Masks"); its bias is built inside that branch, so a long input never
-    builds it. Fully masked rows are zeroed inside the branches where the mask has such terms."""
+    """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
+    blocks from length CAUSAL_FROM on, with flash attention left of the diagonal (causal_blocks);
+    any other mask from BLOCKS_FROM on as padding where its rows all match at run time, else in query
+    blocks with its rows per block (query_blocks), which bound memory rather than save time. Below
+    those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
+    "Masks"); its bias is built inside that branch, so a long input never builds it. Fully masked
+    rows are zeroed inside the branches where the mask has such terms."""
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
 
     def blocks(emit, name: str) -> ir.Value:
@@ -132,20 +133,20 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
         context = _emit_mha(emit, q, k, v, bias, core)
         return zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit) if zero_dead else context
 
-    if terms.causal:
+    if not terms.other:
         return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
-    return _switch(graph, core, add, scope, ROWS_FROM, padding_or_blocks, one_op)
+    return _switch(graph, core, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op)
 
 
 def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.Value:
     """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
-    on one batch entry at a time with its trailing padding cut (padded_rows); below it, where a call
-    per entry costs more than the cut saves, the whole batch with the mask as one more head
-    dimension. Both take the op's flash path."""
+    on one batch entry at a time with its trailing padding cut, on the op's flash path (padded_rows);
+    below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
+    "Masks")."""
 
     def one_op(emit, name: str) -> ir.Value:
-        q, k, v, _ = bsd_inputs(graph, core, emit, floored(graph, raw, emit), False)
-        return _emit_mha(emit, q, k, v, None, core)
+        q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
+        return _emit_mha(emit, q, k, v, full_bias(graph, core, emit, raw), core)
 
     return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op)
 

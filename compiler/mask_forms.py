@@ -24,7 +24,8 @@ MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
 CAUSAL_FROM = 1024  # the shortest query length that goes in blocks
-ROWS_FROM = 512  # the shortest query length whose padding is cut per batch entry
+ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
+BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
 
 
 @dataclass

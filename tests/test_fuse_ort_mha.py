@@ -87,18 +87,27 @@ def test_scores_used_outside_the_core_stay_unfused():
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask):
+def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask, monkeypatch):
     """No mask input at all, so ONNX Runtime's CPU kernel takes its flash path: each query head gets one
     more entry (1/scale) and each key head the key's bias, so scale * q'.k' = scale * q.k + bias. No
-    (N, 1, L, S) bias is built, and the masked keys' bias stays finite in the precision."""
+    (N, 1, L, S) bias is built, and the masked keys' bias stays finite in the precision. (The form of
+    long inputs; ROWS_FROM is lowered so that the check's short inputs take it.)"""
+    import compiler.fuse_ort_mha
+
+    monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 1)
     spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask=mask)
     weights = AttentionWeights.random(spec)
     model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
-    branch = next(n for n in model.graph.node if n.op_type == "If")  # short inputs: the whole batch at once
-    mha = next(n for a in branch.attribute if a.name == "else_branch" for n in a.g.node if n.op_type == "MultiHeadAttention")
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    rows = next(a.g for a in branch.attribute if a.name == "then_branch")
+    loop = next(n for n in rows.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    per_entry = next(n for n in body.node if n.op_type == "If")
+    widened = next(a.g for a in per_entry.attribute if a.name == "else_branch")
+    mha = next(n for n in widened.node if n.op_type == "MultiHeadAttention")
     assert len([i for i in mha.input if i]) == 3  # query, key, value
-    assert not any(n.op_type == "Expand" for n in model.graph.node)
-    floor = next(t for t in model.graph.initializer if t.name.endswith("key_bias_floor"))
+    assert not any(n.op_type == "Expand" for n in rows.node)
+    floor = next(t for t in model.graph.initializer if "key_bias_floor" in t.name)
     assert np.isfinite(onnx.numpy_helper.to_array(floor)).all() and onnx.numpy_helper.to_array(floor) < -6e4
     shapes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert shapes["attention/widened_merge_shape"].tolist() == [0, 0, 4 * (4 + 1)]  # head size 4 + 1

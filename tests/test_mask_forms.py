@@ -40,6 +40,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(compiler.mask_forms, "CAUSAL_BLOCK", 4)
     monkeypatch.setattr(compiler.fuse_ort_mha, "CAUSAL_FROM", 8)
     monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 8)
+    monkeypatch.setattr(compiler.fuse_ort_mha, "BLOCKS_FROM", 8)
 
 
 def test_causal_attention_runs_in_query_blocks_with_no_mask_on_the_op():
@@ -140,14 +141,14 @@ def test_any_mask_goes_in_query_blocks_equal_to_the_reference(small_blocks, prec
 def test_padding_is_cut_per_entry_and_equal_to_the_reference(small_blocks, precision, padding):
     """From ROWS_FROM on, each batch entry runs alone with its keys cut after its last visible one:
     trailing padding (entries 1, 2), none (3), all (0), and a hole inside (4); a float mask with
-    finite biases as well (5) takes the widened form. Short inputs take the batched form."""
+    finite biases as well (5) takes the widened form. Short inputs take one op with the bias."""
     spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask=padding)
     weights = AttentionWeights.random(spec, seed=5)
     model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
     branch = next(n for n in model.graph.node if n.op_type == "If")
     rows = next(a.g for a in branch.attribute if a.name == "then_branch")
     assert "Loop" in [n.op_type for n in rows.node]
-    assert all(len([i for i in n.input if i]) == 3 for n in _all_nodes(model.graph) if n.op_type == "MultiHeadAttention")
+    assert all(len([i for i in n.input if i]) == 3 for n in _all_nodes(rows) if n.op_type == "MultiHeadAttention")
     session = OrtSession(model)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
     for length in (3, 8, 13):
