@@ -65,12 +65,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                 padding = _bool_key_padding(core) if cache is not None else None
                 mask = combined_mask(core, add) if padding is None else None
                 bias = full_bias(graph, core, add, mask)
-                q, k, v = core.q, core.k, core.v
-                if core.layout == "BNSH":
-                    merge = new_initializer(graph, "attention/merge_shape",
-                                            np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
-                    q = add("Reshape", [add("Transpose", [q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
-                    k = keys_bnsh(core, add)
+                q, k, v = _op_inputs(graph, core, add)
                 keep = None
                 if padding is not None:
                     keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
@@ -124,14 +119,16 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
 
         return _if(graph, rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
 
+    q, k, v = _op_inputs(graph, core, add)  # outside the If: inside it ONNX Runtime runs them slower
+
     def one_op(emit, name: str) -> ir.Value:
-        q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
         parts += [causal_bias(graph, q, emit)] if terms.causal else []
-        bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-        bias = full_bias(graph, core, emit, bias) if terms.other else bias
+        summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
+        bias = full_bias(graph, core, emit, summed_bias) if terms.other else summed_bias
         context = _emit_mha(emit, q, k, v, bias, core)
-        return zero_dead_context(graph, core, context, dead_rows(graph, bias, emit), emit) if zero_dead else context
+        # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
+        return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
 
     if not terms.other:
         return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
@@ -145,15 +142,20 @@ def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.
     "Masks")."""
 
     def one_op(emit, name: str) -> ir.Value:
-        q, k, v, _ = bsd_inputs(graph, core, emit, None, False)
+        q, k, v = _op_inputs(graph, core, emit)
         return _emit_mha(emit, q, k, v, full_bias(graph, core, emit, raw), core)
 
     return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op)
 
 
 def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short) -> ir.Value:
-    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E)."""
+    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
+    where the graph fixes the length, the one that applies, with no If (its subgraph costs ONNX Runtime
+    a few percent: docs/BENCHMARKS.md, "Masks")."""
     axis = 1 if core.layout == "BSD" else 2
+    fixed = core.q.shape[axis] if core.q.shape is not None and len(core.q.shape) > axis else None
+    if isinstance(fixed, int):
+        return (long if fixed >= threshold else short)(add, scope)
     length = add("Shape", [core.q], "query_length", {"start": axis, "end": axis + 1})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")
@@ -170,6 +172,16 @@ def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise) 
         context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
     return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+
+
+def _op_inputs(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """q, k, v for one MultiHeadAttention with a mask input (its non-flash kernel): q as (N, L, E); a
+    BNSH core's keys and values stay BNSH, which that kernel takes without a copy."""
+    if core.layout == "BSD":
+        return core.q, core.k, core.v
+    merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
+    q = add("Reshape", [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
+    return q, keys_bnsh(core, add), core.v
 
 
 def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:

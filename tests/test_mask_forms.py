@@ -189,3 +189,24 @@ def test_a_mask_whose_rows_all_match_runs_as_padding(small_blocks, precision):
         want = mha_reference(spec, weights, feeds)["attn_output"]
         assert np.isfinite(got).all()
         assert errors(got, want)[1] <= tolerance, (length, masked, errors(got, want))
+
+
+def test_the_threshold_script_times_each_form_and_restores_the_thresholds(capsys):
+    """scripts/mask_thresholds.py: one row per point, each form against one op in the same rounds."""
+    import importlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    script = importlib.import_module("mask_thresholds")
+    before = {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS}
+    assert script.main(["--mask", "causal", "--embed-dim", "16", "--num-heads", "2", "--points", "1x8", "2x5",
+                        "--seconds", "0.05"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 1", "8"], ["| 2", "5"]]
+    for row in rows:
+        ratios = [float(cell.strip(" |x")) for cell in row.split(" | ")[3:]]
+        assert all(0 < r < 100 for r in ratios)
+    assert {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS} == before
+    assert compiler.fuse_ort_mha.mask_terms is compiler.mask_forms.mask_terms
