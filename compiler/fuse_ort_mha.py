@@ -141,8 +141,9 @@ def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.
     below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
     "Masks")."""
 
+    q, k, v = _op_inputs(graph, core, add)  # outside the If: inside it ONNX Runtime runs them slower
+
     def one_op(emit, name: str) -> ir.Value:
-        q, k, v = _op_inputs(graph, core, emit)
         return _emit_mha(emit, q, k, v, full_bias(graph, core, emit, raw), core)
 
     return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op)
