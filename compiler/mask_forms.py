@@ -23,7 +23,7 @@ from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
-CAUSAL_FROM = 1024  # the shortest query length that goes in blocks
+CAUSAL_FROM = 2048  # the shortest query length whose causal mask goes in blocks
 ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
 BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
 
