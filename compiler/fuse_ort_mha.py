@@ -11,6 +11,7 @@ from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, 
 from compiler.mask_forms import (BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
                                  causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, padded_rows, query_blocks,
                                  rows_alike, summed)
+from graphs.spec import MAX_LEN_KEY
 
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
@@ -44,6 +45,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        declared = model.metadata_props.get(MAX_LEN_KEY)
+        self.max_len = int(declared) if declared is not None and declared.isdigit() else None
         cores = [core for core in find_cores(graph) if self.refuse(core) is None]
         for core in cores:
             new: list[ir.Node] = []
@@ -53,12 +56,12 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             terms = mask_terms(core) if cache is None and self.flash_forms else None
             if terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-                context = _by_length(graph, core, terms, raw, add, scope)
+                context = _by_length(graph, core, terms, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
                     context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
             elif terms is not None and terms.key_only:  # flash, each entry's keys cut after its last visible one
                 raw = summed(terms.keys, add, "key_bias_terms")
-                context = _padding(graph, core, raw, add, scope)
+                context = _padding(graph, core, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows:
                     context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
             else:
@@ -93,7 +96,8 @@ def _blockable(terms: MaskTerms) -> bool:
     return all(t.shape is not None and len(t.shape) >= 2 for t in terms.other)
 
 
-def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | None, add, scope: str) -> ir.Value:
+def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | None, add, scope: str,
+               max_len: int | None) -> ir.Value:
     """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
     blocks from length CAUSAL_FROM on, with flash attention left of the diagonal (causal_blocks);
     any other mask from BLOCKS_FROM on as padding where its rows all match at run time, else in query
@@ -131,11 +135,11 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
         return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
 
     if not terms.other:
-        return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op)
-    return _switch(graph, core, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op)
+        return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
+    return _switch(graph, core, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
 
 
-def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.Value:
+def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str, max_len: int | None) -> ir.Value:
     """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
     on one batch entry at a time with its trailing padding cut, on the op's flash path (padded_rows);
     below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
@@ -146,17 +150,20 @@ def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str) -> ir.
     def one_op(emit, name: str) -> ir.Value:
         return _emit_mha(emit, q, k, v, full_bias(graph, core, emit, raw), core)
 
-    return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op)
+    return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op,
+                   max_len)
 
 
-def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short) -> ir.Value:
+def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short, max_len: int | None) -> ir.Value:
     """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
-    where the graph fixes the length, the one that applies, with no If (its subgraph costs ONNX Runtime
-    a few percent: docs/BENCHMARKS.md, "Masks")."""
+    where the graph fixes the length, or declares a largest one (--max-len) below the threshold, the
+    one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks")."""
     axis = 1 if core.layout == "BSD" else 2
     fixed = core.q.shape[axis] if core.q.shape is not None and len(core.q.shape) > axis else None
     if isinstance(fixed, int):
         return (long if fixed >= threshold else short)(add, scope)
+    if max_len is not None and max_len < threshold:
+        return short(add, scope)
     length = add("Shape", [core.q], "query_length", {"start": axis, "end": axis + 1})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")

@@ -65,9 +65,12 @@ def attention_parts(spec: AttentionSpec, shape: Shape, precision: str, target: s
 
 def declare_maxima(model: onnx.ModelProto, max_batch: int | None, max_len: int | None) -> None:
     """Record the declared largest batch and length in the model's metadata, where every Session
-    reads them and refuses larger inputs."""
+    reads them and refuses larger inputs (and the ort-cpu passes leave out forms for longer ones)."""
     for key, value in ((MAX_BATCH_KEY, max_batch), (MAX_LEN_KEY, max_len)):
         if value is not None:
+            kept = [p for p in model.metadata_props if p.key != key]
+            del model.metadata_props[:]
+            model.metadata_props.extend(kept)
             model.metadata_props.add(key=key, value=str(value))
 
 

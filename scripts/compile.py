@@ -255,6 +255,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         weights = weights_type.from_file(spec, args.weights) if args.weights else weights_type.random(spec, args.seed)
         check_precision_range(weights.tensors, args.precision)
         built = build(spec, weights)
+        declare_maxima(built, args.max_batch, args.max_len)  # the passes need no forms for longer inputs
     with console.step(f"running the {args.target} passes"):
         model = compile_model(built, args.target, args.precision, args.form)
     described = {"spec": spec.to_dict(), "inputs": [s.to_json() for s in spec.inputs()],

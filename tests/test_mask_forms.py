@@ -210,3 +210,18 @@ def test_the_threshold_script_times_each_form_and_restores_the_thresholds(capsys
         assert all(0 < r < 100 for r in ratios)
     assert {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS} == before
     assert compiler.fuse_ort_mha.mask_terms is compiler.mask_forms.mask_terms
+
+
+def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tmp_path):
+    """compile.py --max-len 64 declares that no input is longer, so a causal and padded core gets one op
+    and no If (which costs ONNX Runtime a few percent on short inputs); without it the If is there.
+    The declaration is in the metadata once, where every session also enforces it."""
+    common = ["--embed-dim", "16", "--num-heads", "4", "--self-attention", "--batch-first", "--causal",
+              "--key-padding-mask", "bool", "--target", "ort-cpu", "--quiet"]
+    assert run_cli("compile.py", *common, "--max-len", "64", "--out", tmp_path / "short").returncode == 0
+    assert run_cli("compile.py", *common, "--out", tmp_path / "any").returncode == 0
+    short, any_length = (onnx.load(tmp_path / name / "model.onnx") for name in ("short", "any"))
+    assert not any(n.op_type in ("If", "Loop") for n in short.graph.node)
+    assert [n.op_type for n in short.graph.node].count("MultiHeadAttention") == 1
+    assert any(n.op_type == "If" for n in any_length.graph.node)
+    assert [p.value for p in short.metadata_props if p.key == "attention_compiler.max_len"] == ["64"]
