@@ -245,12 +245,15 @@ def emitter(graph: ir.Graph, new: list[ir.Node], scope: str) -> Emit:
 
 def combined_mask(core: Core, add: Emit) -> ir.Value | None:
     """The core's additive masks summed, as the graph broadcast them: None without a mask."""
-    if core.mask is None:
-        return None
-    mask = core.mask
-    for i, extra in enumerate(core.extra_masks):
-        mask = add("Add", [mask, extra], f"biases_{i + 1}")
-    return mask
+    return summed([core.mask, *core.extra_masks], add, "biases") if core.mask is not None else None
+
+
+def summed(terms: list[ir.Value], add: Emit, name: str) -> ir.Value:
+    """The terms added up in order, each Add named ``name_i``."""
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        total = add("Add", [total, term], f"{name}_{i + 1}")
+    return total
 
 
 def full_bias(graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None) -> ir.Value | None:

@@ -12,13 +12,14 @@ every score. So the mask is moved out of the op's inputs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer
-from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
+from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of, summed
 
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
@@ -92,13 +93,6 @@ def _ints(graph: ir.Graph, name: str, values) -> ir.Value:
 
 def _floats(graph: ir.Graph, name: str, values) -> ir.Value:
     return new_initializer(graph, f"attention/{name}", np.asarray(values, np.float32))
-
-
-def summed(terms: list[ir.Value], add: Emit, name: str) -> ir.Value:
-    total = terms[0]
-    for i, term in enumerate(terms[1:]):
-        total = add("Add", [total, term], f"{name}_{i + 1}")
-    return total
 
 
 def floored(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
@@ -203,44 +197,37 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
                    "causal/triangle_block")
     floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
 
-    body: list[ir.Node] = []
     scope = f"{scope}/causal/block"
-    op = emitter(graph, body, scope)
 
-    index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
-    go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
-    start = op("Mul", [index, block], "start")
-    end = op("Add", [start, block], "end")
-    q_block = op("Slice", [q_bnsh, start, end, axis2], "query")  # (N, H, b, dq)
-    scores = op("Add", [op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"), triangle],
-                "causal_scores")  # (N, H, b, b)
-    top = op("Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top")  # (N, H, b, 1)
-    p = op("Exp", [op("Sub", [scores, top], "shifted")], "exp")
-    z = op("ReduceSum", [p, last], "denominator", {"keepdims": 1})
-    u = op("MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator")  # (N, H, b, hd)
-    query = op("Concat", [op("Slice", [q_heads, start, end, axis1], "query_heads"),
-                          op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]})], "query_kappa", {"axis": -1})
-    query = op("Reshape", [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])], "query_kappa_bsd")
-    past = op("Add", [start, ints("one", [1])], "past_end")
-    attended = op("MultiHeadAttention", [query, op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
-                                         op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values")],
-                  "MultiHeadAttention", {"num_heads": h, "scale": 1.0}, MS_DOMAIN)  # (N, b, H*(hd+1))
-    attended = op("Transpose", [op("Reshape", [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])], "past_heads")],
-                  "past_bnsh", {"perm": [0, 2, 1, 3]})
-    r = op("Slice", [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last], "past_context")
-    x = op("Slice", [attended, ints("causal/value_size", [dv]), ints("causal/value_size_1", [dv + 1]), last], "kappa_weight")
-    merged = op("Div", [op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
-                        op("Add", [op("Sub", [_floats(graph, "one", 1.0), x], "past_share"), op("Mul", [x, z], "diagonal_z")],
-                           "denominator_sum")], "context")
-    merged = op("Reshape", [op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
-                            ints("merge_shape", [0, 0, h * dv])], "context_bsd")
-    done = op("Identity", [go_on], "go_on_out")
-    done.type, merged.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
-    loop_body = ir.Graph([index, go_on], [done, merged], nodes=body, name=f"{scope}/body")
-    trips = add("Squeeze", [blocks, ints("zero1", [0])], "causal/trips")
-    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "causal/run")  # Loop's condition, true
-    stacked = add("Loop", [trips, run], "causal/Loop",
-                  {"body": loop_body})  # (blocks, N, b, H*hd)
+    def step(op: Emit, index: ir.Value) -> ir.Value:
+        start = op("Mul", [index, block], "start")
+        end = op("Add", [start, block], "end")
+        q_block = op("Slice", [q_bnsh, start, end, axis2], "query")  # (N, H, b, dq)
+        scores = op("Add", [op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"), triangle],
+                    "causal_scores")  # (N, H, b, b)
+        top = op("Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top")  # (N, H, b, 1)
+        p = op("Exp", [op("Sub", [scores, top], "shifted")], "exp")
+        z = op("ReduceSum", [p, last], "denominator", {"keepdims": 1})
+        u = op("MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator")  # (N, H, b, hd)
+        query = op("Concat", [op("Slice", [q_heads, start, end, axis1], "query_heads"),
+                              op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]})], "query_kappa", {"axis": -1})
+        query = op("Reshape", [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])], "query_kappa_bsd")
+        past = op("Add", [start, ints("one", [1])], "past_end")
+        attended = op("MultiHeadAttention", [query, op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
+                                             op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values")],
+                      "MultiHeadAttention", {"num_heads": h, "scale": 1.0}, MS_DOMAIN)  # (N, b, H*(hd+1))
+        attended = op("Transpose", [op("Reshape", [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])], "past_heads")],
+                      "past_bnsh", {"perm": [0, 2, 1, 3]})
+        r = op("Slice", [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last], "past_context")
+        x = op("Slice", [attended, ints("causal/value_size", [dv]), ints("causal/value_size_1", [dv + 1]), last], "kappa_weight")
+        merged = op("Div", [op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
+                            op("Add", [op("Sub", [_floats(graph, "one", 1.0), x], "past_share"), op("Mul", [x, z], "diagonal_z")],
+                               "denominator_sum")], "context")
+        merged = op("Reshape", [op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
+                                ints("merge_shape", [0, 0, h * dv])], "context_bsd")
+        return merged
+
+    stacked = _loop(graph, add, blocks, "causal", scope, step)  # (blocks, N, b, H*hd)
     context = add("Reshape", [add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
                               ints("merge_shape", [0, -1, h * dv])], "causal/context_padded")
     return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
@@ -292,46 +279,40 @@ def query_blocks(graph: ir.Graph, core: Core, terms: MaskTerms, key_bias: ir.Val
     last_start = add("Sub", [length, block], "blocks/last_start")
     axis1 = ints("axis1", [1])
 
-    body: list[ir.Node] = []
     inner = f"{scope}/blocks/block"
-    op = emitter(graph, body, inner)
 
-    index = ir.Value(name=f"{inner}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
-    go_on = ir.Value(name=f"{inner}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it
-    start = op("Min", [op("Mul", [index, block], "start_unclamped"), last_start], "start")
-    end = op("Add", [start, block], "end")
-    parts = []
-    for i, term in enumerate(terms.other):
-        parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
-    if terms.causal:
-        rows = op("Unsqueeze", [op("Range", [op("Squeeze", [start], "start_scalar"), op("Squeeze", [end], "end_scalar"),
-                                             _ints(graph, "one_i64", 1)], "positions"), ints("axes013", [0, 1, 3])],
-                  "query_positions")
-        cols = op("Unsqueeze", [op("Range", [_ints(graph, "zero_i64", 0), op("Squeeze", [keys], "keys_scalar"),
-                                             _ints(graph, "one_i64", 1)], "key_positions"), ints("axes012", [0, 1, 2])],
-                  "key_positions_row")
-        parts.append(op("Where", [op("Greater", [cols, rows], "future"), _floats(graph, "neg_inf", -np.inf),
-                                  _floats(graph, "zero", 0.0)], "causal"))
-    if key_bias is not None:
-        parts.append(key_bias)
-    bias = parts[0]
-    for i, part in enumerate(parts[1:]):
-        bias = op("Add", [bias, part], f"bias_{i + 1}")
-    query = op("Slice", [q, start, end, axis1], "query")
-    context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
-                 {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
-    if zero_dead:
-        dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
-                  {"detect_positive": 0})  # (N|1, H|1, b, 1)
-        context = op("Reshape", [op("Where", [op("Transpose", [dead], "dead_bshd", to_bnsh), _floats(graph, "zero", 0.0),
-                                              op("Reshape", [context, heads], "context_heads")], "zeroed"),
-                                 ints("merge_shape", [0, 0, h * d])], "context_zeroed")
-    done = op("Identity", [go_on], "go_on_out")
-    done.type, context.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
-    loop_body = ir.Graph([index, go_on], [done, context], nodes=body, name=f"{inner}/body")
-    trips = add("Squeeze", [count, ints("zero1", [0])], "blocks/trips")
-    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "blocks/run")  # Loop's condition, true
-    stacked = add("Loop", [trips, run], "blocks/Loop", {"body": loop_body})  # (count, N, b, E)
+    def step(op: Emit, index: ir.Value) -> ir.Value:
+        start = op("Min", [op("Mul", [index, block], "start_unclamped"), last_start], "start")
+        end = op("Add", [start, block], "end")
+        parts = []
+        for i, term in enumerate(terms.other):
+            parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
+        if terms.causal:
+            rows = op("Unsqueeze", [op("Range", [op("Squeeze", [start], "start_scalar"), op("Squeeze", [end], "end_scalar"),
+                                                 _ints(graph, "one_i64", 1)], "positions"), ints("axes013", [0, 1, 3])],
+                      "query_positions")
+            cols = op("Unsqueeze", [op("Range", [_ints(graph, "zero_i64", 0), op("Squeeze", [keys], "keys_scalar"),
+                                                 _ints(graph, "one_i64", 1)], "key_positions"), ints("axes012", [0, 1, 2])],
+                      "key_positions_row")
+            parts.append(op("Where", [op("Greater", [cols, rows], "future"), _floats(graph, "neg_inf", -np.inf),
+                                      _floats(graph, "zero", 0.0)], "causal"))
+        if key_bias is not None:
+            parts.append(key_bias)
+        bias = parts[0]
+        for i, part in enumerate(parts[1:]):
+            bias = op("Add", [bias, part], f"bias_{i + 1}")
+        query = op("Slice", [q, start, end, axis1], "query")
+        context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
+                     {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
+        if zero_dead:
+            dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
+                      {"detect_positive": 0})  # (N|1, H|1, b, 1)
+            context = op("Reshape", [op("Where", [op("Transpose", [dead], "dead_bshd", to_bnsh), _floats(graph, "zero", 0.0),
+                                                  op("Reshape", [context, heads], "context_heads")], "zeroed"),
+                                     ints("merge_shape", [0, 0, h * d])], "context_zeroed")
+        return context
+
+    stacked = _loop(graph, add, count, "blocks", inner, step)  # (count, N, b, E)
     # all blocks but the last in order, then the rows of the last that the one before it did not cover
     head = add("Slice", [stacked, ints("zero1", [0]), add("Sub", [count, one], "blocks/but_last"), ints("axis0", [0])],
                "blocks/but_last_blocks")
@@ -392,47 +373,40 @@ def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: st
     ends = add("Cast", [add("Where", [add("Less", [ends, _floats(graph, "half", 0.5)], "rows/none_visible"), all_keys, ends],
                             "rows/kept")], "rows/ends", {"to": ir.DataType.INT64})
 
-    body: list[ir.Node] = []
     inner = f"{scope}/rows/row"
-    op = emitter(graph, body, inner)
 
-    index = ir.Value(name=f"{inner}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
-    go_on = ir.Value(name=f"{inner}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it
-    first = op("Unsqueeze", [index, axis0], "first")
-    after = op("Add", [first, one], "after")
-    mask_row = op("Min", [first, op("Sub", [op("Shape", [raw], "mask_rows", {"start": 0, "end": 1}), one], "last_mask_row")],
-                  "mask_row")  # a mask that broadcasts over the batch has one row for all
-    mask_after = op("Add", [mask_row, one], "mask_after")
-    end = op("Slice", [ends, mask_row, mask_after, axis0], "end")
-    query = op("Slice", [q, first, after, axis0], "query")
-    key = op("Slice", [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1], "key")
-    value = op("Slice", [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1], "value")
-    bias = op("Slice", [op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"), ints("zero1", [0]), end, last], "bias")
-    nonzero = op("ReduceMax", [op("Cast", [op("Not", [op("Equal", [bias, _floats(graph, "zero", 0.0)], "zero_bias")],
-                                              "nonzero_bias")], "nonzero", {"to": ir.DataType.FLOAT})],
-                 "any_nonzero", {"keepdims": 0})
-    plain = op("Less", [nonzero, _floats(graph, "half", 0.5)], "plain")
-    branches = []
-    for name in ("plain", "widened"):
-        nodes: list[ir.Node] = []
-        emit = emitter(graph, nodes, f"{inner}/{name}")
-        if name == "plain":
-            qb, kb = query, key
-            attrs = {"num_heads": h, "scale": core.scale}
-        else:
-            qb, kb = widen_heads(graph, query, key, emit("Max", [bias, _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)],
-                                                         "key_bias"), h, d, 1.0 / core.scale, emit)
-            attrs = {"num_heads": h, "scale": core.scale}
-        context = emit("MultiHeadAttention", [qb, kb, value], "MultiHeadAttention", attrs, MS_DOMAIN)  # (1, L, H*hd)
-        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
-        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{inner}/{name}"))
-    context = op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
-    done = op("Identity", [go_on], "go_on_out")
-    done.type, context.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
-    loop_body = ir.Graph([index, go_on], [done, context], nodes=body, name=f"{inner}/body")
-    trips = add("Squeeze", [add("Shape", [q], "rows/batch", {"start": 0, "end": 1}), axis0], "rows/trips")
-    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], "rows/run")  # Loop's condition, true
-    stacked = add("Loop", [trips, run], "rows/Loop", {"body": loop_body})  # (N, 1, L, H*hd)
+    def step(op: Emit, index: ir.Value) -> ir.Value:
+        first = op("Unsqueeze", [index, axis0], "first")
+        after = op("Add", [first, one], "after")
+        mask_rows = op("Shape", [raw], "mask_rows", {"start": 0, "end": 1})
+        # a mask that broadcasts over the batch has one row for all
+        mask_row = op("Min", [first, op("Sub", [mask_rows, one], "last_mask_row")], "mask_row")
+        mask_after = op("Add", [mask_row, one], "mask_after")
+        end = op("Slice", [ends, mask_row, mask_after, axis0], "end")
+        query = op("Slice", [q, first, after, axis0], "query")
+        key = op("Slice", [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1], "key")
+        value = op("Slice", [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1], "value")
+        bias = op("Slice", [op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"), ints("zero1", [0]), end, last],
+                  "bias")
+        nonzero = op("ReduceMax", [op("Cast", [op("Not", [op("Equal", [bias, _floats(graph, "zero", 0.0)], "zero_bias")],
+                                                  "nonzero_bias")], "nonzero", {"to": ir.DataType.FLOAT})],
+                     "any_nonzero", {"keepdims": 0})
+        plain = op("Less", [nonzero, _floats(graph, "half", 0.5)], "plain")
+        branches = []
+        for name in ("plain", "widened"):
+            nodes: list[ir.Node] = []
+            emit = emitter(graph, nodes, f"{inner}/{name}")
+            qb, kb = (query, key) if name == "plain" else widen_heads(graph, query, key, floored(graph, bias, emit), h, d,
+                                                                      1.0 / core.scale, emit)
+            context = emit("MultiHeadAttention", [qb, kb, value], "MultiHeadAttention",
+                           {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (1, L, H*hd)
+            context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+            branches.append(ir.Graph([], [context], nodes=nodes, name=f"{inner}/{name}"))
+        context = op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+        return context
+
+    batch = add("Shape", [q], "rows/batch", {"start": 0, "end": 1})
+    stacked = _loop(graph, add, batch, "rows", inner, step)  # (N, 1, L, H*hd)
     return add("Squeeze", [stacked, axis1], "rows/context")
 
 
@@ -461,3 +435,20 @@ def first_rows(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> list[ir.Val
         row = add("Slice", [term, _ints(graph, "zero1", [0]), _ints(graph, "one", [1]), axis], f"first_row_{i}")
         out.append(as_4d(graph, row, add, f"first_row_{i}", len(term.shape)))
     return out
+
+
+def _loop(graph: ir.Graph, add: Emit, count: ir.Value, name: str, scope: str,
+          step: Callable[[Emit, ir.Value], ir.Value]) -> ir.Value:
+    """Loop ``count`` (a (1,) int64) times over ``step(op, index) -> output``, whose nodes ``op`` names
+    under ``scope``: the outputs stacked on a new first axis."""
+    body: list[ir.Node] = []
+    op = emitter(graph, body, scope)
+    index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
+    output = step(op, index)
+    done = op("Identity", [go_on], "go_on_out")
+    done.type, output.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
+    trips = add("Squeeze", [count, _ints(graph, "zero1", [0])], f"{name}/trips")
+    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], f"{name}/run")  # the Loop's condition: true
+    return add("Loop", [trips, run], f"{name}/Loop",
+               {"body": ir.Graph([index, go_on], [done, output], nodes=body, name=f"{scope}/body")})
