@@ -256,20 +256,24 @@ def summed(terms: list[ir.Value], add: Emit, name: str) -> ir.Value:
     return total
 
 
-def full_bias(graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None) -> ir.Value | None:
+def full_bias(graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None,
+              query: ir.Value | None = None) -> ir.Value | None:
     """``mask`` (combined_mask's) broadcast to (N|1, H|1, L, S'): ONNX Runtime's fused ops want the
     query and key axes in full, and keeping -inf as -inf keeps partially masked rows exact. A mask
-    whose shape already states both axes (an exporter's full 4-D mask) goes in as it is."""
+    whose shape already states both axes (an exporter's full 4-D mask) goes in as it is. ``query``:
+    the BSD query the op reads, to take L from (else the core's)."""
     if mask is None:
         return None
-    q_axis, k_axis = (1, 1) if core.layout == "BSD" else (2, 3 if core.k_transposed else 2)
-    if core.cache is None and _states(mask, 2, core.q, q_axis) and _states(mask, 3, core.k, k_axis):
+    axis = 1 if core.layout == "BSD" else 2  # the length axis of q and v (the values' length is the keys')
+    if core.cache is None and _states(mask, 2, core.q, axis) and _states(mask, 3, core.v, axis):
         return mask
-    src = add("Shape", [core.k], "src_len", {"start": k_axis, "end": k_axis + 1})
+    # the keys' length read from the values, so that no exporter node on the keys is kept for a Shape
+    src = add("Shape", [core.v], "src_len", {"start": axis, "end": axis + 1})
     if core.cache is not None:  # the keys are the past's, then this step's
         src = add("Add", [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src], "total_len")
     lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
-                             add("Shape", [core.q], "tgt_len", {"start": q_axis, "end": q_axis + 1}), src],
+                             add("Shape", [core.q], "tgt_len", {"start": axis, "end": axis + 1}) if query is None
+                             else add("Shape", [query], "tgt_len", {"start": 1, "end": 2}), src],
                   "bias_shape", {"axis": 0})
     return add("Expand", [mask, lengths], "attention_bias")
 
@@ -284,8 +288,34 @@ def _states(mask: ir.Value, axis: int, other: ir.Value, other_axis: int) -> bool
 
 
 def keys_bnsh(core: Core, add: Emit) -> ir.Value:
-    """K as (N, H, S, hd) from a BNSH core's keys."""
-    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]}) if core.k_transposed else core.k
+    """K as (N, H, S, hd) from a BNSH core's keys. Where the exporter transposed K itself, scaled or not,
+    the keys before that transpose: no transpose pair is left for ONNX Runtime to cancel, which it
+    cannot where one of the two feeds a subgraph (the mask forms' If)."""
+    if not core.k_transposed:
+        return core.k
+    producer = core.k.producer()
+    if producer is not None and not producer.domain and producer.op_type == "Transpose" and _swaps_last(producer):
+        return producer.inputs[0]
+    if producer is not None and not producer.domain and producer.op_type == "Mul":
+        for i in (0, 1):
+            turned, factor = producer.inputs[i].producer(), producer.inputs[1 - i]
+            if (turned is not None and not turned.domain and turned.op_type == "Transpose" and _swaps_last(turned)
+                    and _one_number(factor)):
+                return add("Mul", [turned.inputs[0], producer.inputs[1 - i]], "keys_scaled")
+    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]})
+
+
+def _one_number(value: ir.Value) -> bool:
+    """Whether ``value`` holds one number (a scalar, or every axis 1), so that it commutes with a transpose."""
+    known = constant(value)
+    if known is not None:
+        return known.size == 1
+    return value.shape is not None and all(dim == 1 for dim in value.shape)
+
+
+def _swaps_last(node: ir.Node) -> bool:
+    perm = node.attributes.get("perm")
+    return perm is not None and list(perm.as_ints()) == [0, 1, 3, 2]
 
 
 def rank4(mask: ir.Value) -> ir.Value | None:

@@ -6,10 +6,10 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
-from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
+from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, padded_rows, query_blocks,
+                                 causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
 from graphs.spec import MAX_LEN_KEY
 
@@ -67,8 +67,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             else:
                 padding = _bool_key_padding(core) if cache is not None else None
                 mask = combined_mask(core, add) if padding is None else None
-                bias = full_bias(graph, core, add, mask)
-                q, k, v = _op_inputs(graph, core, add)
+                q, k, v = op_inputs(graph, core, add)
+                bias = full_bias(graph, core, add, mask, q)
                 keep = None
                 if padding is not None:
                     keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
@@ -106,37 +106,37 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
     "Masks"); its bias is built inside that branch, so a long input never builds it. Fully masked
     rows are zeroed inside the branches where the mask has such terms."""
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
+    inputs = op_inputs(graph, core, add)  # outside the If, for every branch (op_inputs says why)
+    q, k, v = inputs
 
     def blocks(emit, name: str) -> ir.Value:
         if terms.other:
-            return query_blocks(graph, core, terms, raw, emit, name, zero_dead)
-        q, k, v, dq = bsd_inputs(graph, core, emit, floored(graph, raw, emit) if raw is not None else None, True)
-        return causal_blocks(graph, core, q, k, v, dq, emit, name)
+            return query_blocks(graph, core, inputs, terms, raw, emit, name, zero_dead)
+        bias = floored(graph, raw, emit) if raw is not None else None
+        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, bias, True), emit, name)
 
     def padding_or_blocks(emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
 
         def padded(inner, inner_name: str) -> ir.Value:
             key_bias = summed(first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []), inner, "key_bias")
-            context = padded_rows(graph, core, key_bias, inner, inner_name)
+            context = padded_rows(graph, core, inputs, key_bias, inner, inner_name)
             return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner) if zero_dead else context
 
         return _if(graph, rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
-
-    q, k, v = _op_inputs(graph, core, add)  # outside the If: inside it ONNX Runtime runs them slower
 
     def one_op(emit, name: str) -> ir.Value:
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
         parts += [causal_bias(graph, q, emit)] if terms.causal else []
         summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-        bias = full_bias(graph, core, emit, summed_bias) if terms.other else summed_bias
+        bias = full_bias(graph, core, emit, summed_bias, q) if terms.other else summed_bias
         context = _emit_mha(emit, q, k, v, bias, core)
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
         return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
 
     if not terms.other:
-        return _switch(graph, core, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
-    return _switch(graph, core, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
+        return _switch(graph, core, q, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
+    return _switch(graph, core, q, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
 
 
 def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str, max_len: int | None) -> ir.Value:
@@ -145,17 +145,19 @@ def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str, max_le
     below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
     "Masks")."""
 
-    q, k, v = _op_inputs(graph, core, add)  # outside the If: inside it ONNX Runtime runs them slower
+    inputs = op_inputs(graph, core, add)  # outside the If, for both branches (op_inputs says why)
 
     def one_op(emit, name: str) -> ir.Value:
-        return _emit_mha(emit, q, k, v, full_bias(graph, core, emit, raw), core)
+        return _emit_mha(emit, *inputs, full_bias(graph, core, emit, raw, inputs[0]), core)
 
-    return _switch(graph, core, add, scope, ROWS_FROM, lambda emit, name: padded_rows(graph, core, raw, emit, name), one_op,
-                   max_len)
+    return _switch(graph, core, inputs[0], add, scope, ROWS_FROM,
+                   lambda emit, name: padded_rows(graph, core, inputs, raw, emit, name), one_op, max_len)
 
 
-def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, short, max_len: int | None) -> ir.Value:
-    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
+def _switch(graph: ir.Graph, core: Core, query: ir.Value, add, scope: str, threshold: int, long, short,
+            max_len: int | None) -> ir.Value:
+    """If(length of the BSD ``query`` >= threshold, long, short), each built by ``fn(emit, scope)`` ->
+    context (N, L, E);
     where the graph fixes the length, or declares a largest one (--max-len) below the threshold, the
     one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks")."""
     axis = 1 if core.layout == "BSD" else 2
@@ -164,7 +166,7 @@ def _switch(graph: ir.Graph, core: Core, add, scope: str, threshold: int, long, 
         return (long if fixed >= threshold else short)(add, scope)
     if max_len is not None and max_len < threshold:
         return short(add, scope)
-    length = add("Shape", [core.q], "query_length", {"start": axis, "end": axis + 1})
+    length = add("Shape", [query], "query_length", {"start": 1, "end": 2})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")
     return _if(graph, long_input, scope, add, long, short)
@@ -180,16 +182,6 @@ def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise) 
         context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
     return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]})
-
-
-def _op_inputs(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """q, k, v for one MultiHeadAttention with a mask input (its non-flash kernel): q as (N, L, E); a
-    BNSH core's keys and values stay BNSH, which that kernel takes without a copy."""
-    if core.layout == "BSD":
-        return core.q, core.k, core.v
-    merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
-    q = add("Reshape", [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
-    return q, keys_bnsh(core, add), core.v
 
 
 def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:

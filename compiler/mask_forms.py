@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, named, new_initializer
+from compiler._ir import constant, new_initializer
 from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of, summed
 
 MS_DOMAIN = "com.microsoft"
@@ -101,25 +101,32 @@ def floored(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     return add("Max", [bias, _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)], "key_bias")
 
 
-def bsd_inputs(graph: ir.Graph, core: Core, add: Emit, bias: ir.Value | None, scaled: bool
-               ) -> tuple[ir.Value, ir.Value, ir.Value, int]:
-    """q, k, v as (N, L, H*dq), (N, S, H*dq), (N, S, H*hd), and dq. ``scaled``: q times the core's
-    scale, for an op that runs with scale 1. With a key bias (N|1, H|1, 1, S), each query head gets one
-    more entry and each key head the key's bias, so that scale * q'.k' = scale * q.k + bias (dq = hd + 1);
-    values keep their head size."""
+def op_inputs(graph: ir.Graph, core: Core, add: Emit) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """q, k, v for MultiHeadAttention: q as (N, L, E); a BNSH core's keys and values stay BNSH, which
+    the op takes without a copy. Every form reads these, built once outside any If: a value an If
+    reads is one ONNX Runtime's transpose optimizer cannot cancel against the exporter's transposes."""
+    if core.layout == "BSD":
+        return core.q, core.k, core.v
+    merge = _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim])
+    q = add("Reshape", [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
+    return q, keys_bnsh(core, add), core.v
+
+
+def bsd_inputs(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], add: Emit,
+               bias: ir.Value | None, scaled: bool) -> tuple[ir.Value, ir.Value, ir.Value, int]:
+    """q, k, v as (N, L, H*dq), (N, S, H*dq), (N, S, H*hd), and dq, from op_inputs' ``inputs``.
+    ``scaled``: q times the core's scale, for an op that runs with scale 1. With a key bias
+    (N|1, H|1, 1, S), each query head gets one more entry and each key head the key's bias, so that
+    scale * q'.k' = scale * q.k + bias (dq = hd + 1); values keep their head size."""
     h, d = core.num_heads, core.head_dim
-    split, merge = _ints(graph, "heads_shape", [0, 0, h, d]), _ints(graph, "merge_shape", [0, 0, h * d])
-    q = core.q
+    merge = _ints(graph, "merge_shape", [0, 0, h * d])
+    q, k, v = inputs
     if scaled and core.scale != 1.0:
         q = add("Mul", [q, _floats(graph, "scale", core.scale)], "query_scaled")
     query_entry = 1.0 if scaled else 1.0 / core.scale
-    if core.layout == "BSD":
-        k, v = core.k, core.v
-    else:  # BNSH: the op takes 4-D keys and values of one head size only, so all three go in as (N, S, E)
-        q = add("Reshape", [add("Transpose", [q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
-        k = add("Reshape", [add("Transpose", [keys_bnsh(core, add)], "key_bsnh", {"perm": [0, 2, 1, 3]}), merge],
-                "key_bsd")
-        v = add("Reshape", [add("Transpose", [core.v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge], "value_bsd")
+    if core.layout != "BSD":  # BNSH keys and values: the op takes 4-D ones of one head size only, so all go in as (N, S, E)
+        k = add("Reshape", [add("Transpose", [k], "key_bsnh", {"perm": [0, 2, 1, 3]}), merge], "key_bsd")
+        v = add("Reshape", [add("Transpose", [v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge], "value_bsd")
     if bias is None:
         return q, k, v, d
     q, k = widen_heads(graph, q, k, bias, h, d, query_entry, add)
@@ -254,8 +261,8 @@ def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     return add("Transpose", [dead], "fully_masked/rows", {"perm": [0, 1, 3, 2]})
 
 
-def query_blocks(graph: ir.Graph, core: Core, terms: MaskTerms, key_bias: ir.Value | None, add: Emit, scope: str,
-                 zero_dead: bool) -> ir.Value:
+def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], terms: MaskTerms,
+                 key_bias: ir.Value | None, add: Emit, scope: str, zero_dead: bool) -> ir.Value:
     """Attention (N, L, E) with any additive mask, in blocks of b = min(L, CAUSAL_BLOCK) queries, so
     that MultiHeadAttention (on its masked path) holds (N, H, b, S) scores instead of (N, H, L, S):
     each block takes its rows of every mask term (a causal term is made anew for its rows; terms
@@ -264,12 +271,12 @@ def query_blocks(graph: ir.Graph, core: Core, terms: MaskTerms, key_bias: ir.Val
     whose every key is -inf get a zero context, read from each block's bias."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
-    q, k, v, _ = bsd_inputs(graph, core, add, None, False)
+    q, k, v = inputs
     to_bnsh = {"perm": [0, 2, 1, 3]}
     heads = ints("heads_shape", [0, 0, h, d])
-    # keys and values as BNSH once: the op takes them as they are (no copy per block)
-    k = add("Transpose", [add("Reshape", [k, heads], "blocks/key_heads")], "blocks/key_bnsh", to_bnsh)
-    v = add("Transpose", [add("Reshape", [v, heads], "blocks/value_heads")], "blocks/value_bnsh", to_bnsh)
+    if core.layout == "BSD":  # keys and values as BNSH once: the op takes them as they are (no copy per block)
+        k = add("Transpose", [add("Reshape", [k, heads], "blocks/key_heads")], "blocks/key_bnsh", to_bnsh)
+        v = add("Transpose", [add("Reshape", [v, heads], "blocks/value_heads")], "blocks/value_bnsh", to_bnsh)
     length = add("Shape", [q], "blocks/length", {"start": 1, "end": 2})
     keys = add("Shape", [k], "blocks/keys", {"start": 2, "end": 3})
     block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "blocks/block_len")
@@ -348,7 +355,8 @@ def as_4d(graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | Non
     return add("Unsqueeze", [term, _ints(graph, f"leading_{4 - rank}", list(range(4 - rank)))], f"{name}/as_4d")
 
 
-def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: str) -> ir.Value:
+def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], raw: ir.Value, add: Emit,
+                scope: str) -> ir.Value:
     """Attention (N, L, E) with a key-only mask ``raw`` (N|1, H|1, 1, S), one batch entry at a time,
     its keys cut after the last one above KEY_BIAS_FLOOR in any head (-inf, or the float minimum
     Hugging Face masks with: exp gives the cut keys 0 exactly beside any kept key, so nothing
@@ -358,7 +366,7 @@ def padded_rows(graph: ir.Graph, core: Core, raw: ir.Value, add: Emit, scope: st
     one more head dimension (widen_heads). Both are the op's flash path."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
-    q, k, v, _ = bsd_inputs(graph, core, add, None, False)
+    q, k, v, _ = bsd_inputs(graph, core, inputs, add, None, False)
     one, axis0, axis1, last = ints("one", [1]), ints("axis0", [0]), ints("axis1", [1]), ints("last_axis", [-1])
     keys = add("Shape", [raw], "rows/keys", {"start": 3, "end": 4})
     positions = add("Cast", [add("Range", [_ints(graph, "one_i64", 1), add("Add", [

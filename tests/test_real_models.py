@@ -91,3 +91,34 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     assert f"| torch-encoder | dynamo | {ENCODER.layers} | {ENCODER.layers} / {ENCODER.layers} |" in table
     lines = corpus.layernorm_table(threads=1, rounds=2, min_seconds=0).splitlines()
     assert len(lines) == 2 + 6 and all(line.count("ms") == 3 for line in lines[2:])
+
+
+@pytest.mark.parametrize("name", ["torch-encoder-legacy", "llama-eager-legacy"])
+def test_the_mask_forms_if_leaves_onnx_runtime_no_more_transposes(exported, tmp_path, name):
+    """Where a graph does not state its lengths, the mask forms choose theirs by an If on the query
+    length. ONNX Runtime's transpose optimizer stops at a subgraph, so an exporter's transpose whose
+    output an If reads stays in the optimized graph (it made these two exports 3-5% slower than
+    their input): the graph with the If keeps no more Transposes than the same graph compiled with
+    --max-len below the forms' lengths, which has none."""
+    import onnx
+    import onnxruntime as ort
+
+    from compiler import compile_model
+    from compiler.ingest import load_onnx
+    from compiler.resources import declare_maxima
+
+    source = load_onnx(exported[name])
+    bare = onnx.ModelProto()
+    bare.CopyFrom(source)
+    declare_maxima(bare, None, 64)
+    counts = {}
+    for label, model in (("if", compile_model(source, "ort-cpu")), ("no_if", compile_model(bare, "ort-cpu"))):
+        has_if = any(n.op_type == "If" for n in model.graph.node)
+        assert has_if == (label == "if"), label
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{label}.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / f"{label}.onnx"))
+        counts[label] = sum(n.op_type == "Transpose" for n in optimized.graph.node)
+    assert counts["if"] <= counts["no_if"], counts
