@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer, only_use
+from compiler.attention_core import find_cores
+from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY
 
 
 class PackProjectionsPass(ir.passes.InPlacePass):
@@ -15,7 +18,17 @@ class PackProjectionsPass(ir.passes.InPlacePass):
 
     One wide GEMM replaces k narrow ones: the input is read once and the matmul kernel runs at
     a better shape. A projection without bias gets zeros in the packed bias.
+
+    The Split copies its input, and on ONNX Runtime's CPU that copy outweighs the wider GEMM once
+    x has a few hundred rows (docs/BENCHMARKS.md, "Packing"). With ``max_rows``, a group is packed
+    only where x is known to have at most that many rows (batch x length): its shape fixes them, or
+    the model declares both largest sizes (compile.py --max-batch, --max-len), or the graph decodes
+    with a KV cache, whose steps take a token or a few.
     """
+
+    def __init__(self, max_rows: int | None = None) -> None:
+        super().__init__()
+        self.max_rows = max_rows
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -23,11 +36,34 @@ class PackProjectionsPass(ir.passes.InPlacePass):
         for node in graph:
             if node.op_type == "MatMul" and not node.domain and _weight(node) is not None:
                 groups[node.inputs[0]].append(node)
+        groups = {x: matmuls for x, matmuls in groups.items() if len(matmuls) >= 2}
+        if self.max_rows is not None and groups and not _decodes(graph):
+            declared = _declared_rows(model)
+            groups = {x: m for x, m in groups.items() if min(_rows(x), declared) <= self.max_rows}
         modified = False
         for x, matmuls in groups.items():
-            if len(matmuls) >= 2 and _pack(graph, x, matmuls):
+            if _pack(graph, x, matmuls):
                 modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _rows(x: ir.Value) -> float:
+    """The rows of x (every axis but the last) where its shape fixes them, else infinity."""
+    if x.shape is None or len(x.shape) < 2 or not all(isinstance(d, int) for d in x.shape[:-1]):
+        return math.inf
+    return float(math.prod(x.shape[:-1]))
+
+
+def _declared_rows(model: ir.Model) -> float:
+    """max batch x max length where the model declares both (compiler/resources.declare_maxima), else infinity."""
+    sizes = [model.metadata_props.get(key) for key in (MAX_BATCH_KEY, MAX_LEN_KEY)]
+    if not all(size is not None and size.isdigit() for size in sizes):
+        return math.inf
+    return float(int(sizes[0]) * int(sizes[1]))
+
+
+def _decodes(graph: ir.Graph) -> bool:
+    return any(core.cache is not None for core in find_cores(graph))
 
 
 def _weight(matmul: ir.Node) -> np.ndarray | None:

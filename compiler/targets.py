@@ -56,6 +56,7 @@ class Target:
 # Shape inference first: the matcher of heads-split cores needs ranks (graphs from elsewhere).
 # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
 # CSE before both, so that projections of one tensor through duplicated layout ops are seen to share it.
+PACK_ROWS_CPU = 256  # on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
 _PREPARE: tuple[PassFactory, ...] = (ShapeInferencePass, CommonSubexpressionEliminationPass, FoldScalePass,
                                      PackProjectionsPass)
 _PORTABLE = Form("matmul-softmax", _PREPARE,
@@ -63,9 +64,12 @@ _PORTABLE = Form("matmul-softmax", _PREPARE,
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
                        "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
-_ORT_CPU = Form("ms-multihead-attention", _PREPARE + (functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
-                                                     functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
-                "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+_ORT_CPU = Form("ms-multihead-attention",
+                _PREPARE[:-1] + (functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
+                                 functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
+                                 functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
+                "portable but projections packed only where at most 256 rows (batch x length) are known, or with a KV "
+                "cache, with the attention core fused into com.microsoft MultiHeadAttention "
                 "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
                 "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; residual sums "
                 "before a LayerNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "

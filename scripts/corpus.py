@@ -11,6 +11,7 @@ exporters), in one run:
 
     python scripts/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
     python scripts/corpus.py --layernorm    # why ort-cpu keeps Add and LayerNormalization apart
+    python scripts/corpus.py --packing      # why ort-cpu packs projections only for few rows
 
 
 Needs the transformers extra: pip install -e '.[transformers]'.
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layernorm", action="store_true",
                    help="only time a residual LayerNorm three ways: Add + LayerNormalization, Sum + LayerNormalization, "
                         "com.microsoft.SkipLayerNormalization")
+    p.add_argument("--packing", action="store_true",
+                   help="only time the ort-cpu graphs with their projections packed against unpacked, for the corpus "
+                        "and over lengths")
     args = p.parse_args(argv)
     for flag in ("markdown", "json"):
         if getattr(args, flag) is not None:
@@ -266,6 +270,68 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
     return "\n".join(lines)
 
 
+def _compiled_packing(model: onnx.ModelProto, max_rows: int | None) -> onnx.ModelProto:
+    """The ort-cpu graph with its projections packed at every size (None) or never (0)."""
+    import functools
+
+    import onnx_ir as ir
+
+    from compiler.cleanup import CleanupPass
+    from compiler.pack_projections import PackProjectionsPass
+
+    _, form = get_target("ort-cpu")
+    passes = [functools.partial(PackProjectionsPass, max_rows=max_rows)
+              if getattr(p, "func", p) is PackProjectionsPass else p for p in form.passes]
+    ir_model = ir.serde.deserialize_model(model)
+    ir.passes.Sequential(*(make() for make in passes), CleanupPass())(ir_model)
+    return ir.serde.serialize_model(ir_model)
+
+
+def _rows(first: np.ndarray) -> int:
+    """Batch x tokens of a model's first input: token ids (N, L), embeddings (N, L, E) or (L, N, E), or
+    an image (N, 3, H, W) in patches of 16 plus the class token."""
+    if first.ndim == 4:
+        return first.shape[0] * ((first.shape[2] // 16) * (first.shape[3] // 16) + 1)
+    return first.shape[0] * first.shape[1]
+
+
+def packing_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -> str:
+    """The ort-cpu graph with Q/K/V (and any other projections of one tensor) packed into one MatMul
+    and a Split, against the same graph unpacked, timed in turns: for every model of the corpus at
+    its timed inputs, and for graphs/mha.py's self-attention (E=512, 8 heads) over lengths."""
+    from graphs import AttentionSpec, AttentionWeights, build_mha
+    from runtime.check import random_inputs
+
+    lines = ["| graph | rows (batch x length) | packed p50 (ms) | unpacked / packed | packed / input |",
+             "|---|---|---|---|---|"]
+
+    def row(name: str, rows: int, sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> None:
+        times = {k: np.asarray(v) for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()}
+        vs_input = f"{float(np.median(times['packed'] / times['input'])):.2f}x" if "input" in times else "-"
+        lines.append(f"| {name} | {rows} | {float(np.median(times['packed'])) * 1e3:.2f} | "
+                     f"{float(np.median(times['unpacked'] / times['packed'])):.2f}x | {vs_input} |")
+        print(lines[-1], flush=True)
+
+    for entry in model_zoo.entries(size, tuple(args.families)):
+        if entry.exporter not in args.exporters:
+            continue
+        path = model_zoo.export(entry, args.cache)
+        original = load_onnx(path)
+        fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
+        feeds = model_zoo.example_inputs(entry) if fixed_shapes else timed_inputs(entry, original, args.batch, args.seq)
+        sessions = {"input": _session(str(path), threads), "packed": _session(_compiled_packing(original, None), threads),
+                    "unpacked": _session(_compiled_packing(original, 0), threads)}
+        row(entry.name, _rows(next(iter(feeds.values()))), sessions, feeds)
+    spec = AttentionSpec(512, 8, batch_first=True, self_attention=True)
+    model = build_mha(spec, AttentionWeights.random(spec))
+    sessions = {"packed": _session(_compiled_packing(model, None), threads),
+                "unpacked": _session(_compiled_packing(model, 0), threads)}
+    for length in (1, 16, 64, 256, 1024):
+        row("graphs/mha.py self-attention, E=512", length, sessions,
+            random_inputs(spec, (1, length, length), np.random.default_rng(0)))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
@@ -274,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         print(layernorm_table(threads, max(args.rounds, 100)))
         return 0
     size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
+    if args.packing:
+        print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}")
+        print(packing_table(args, size, threads))
+        return 0
     rate = cpu_matmul_rate(threads=threads, min_seconds=min(1.0, max(0.1, args.min_seconds / 3)))
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
           f"{rate / 1e9:.1f} GFLOP/s; batch {args.batch}, sequence {args.seq}", flush=True)

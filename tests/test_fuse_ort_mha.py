@@ -19,16 +19,31 @@ def _ops(model):
     return collections.Counter((n.domain, n.op_type) for n in model.graph.node)
 
 
-def test_ort_cpu_self_attention_is_one_projection_one_fused_node_no_softmax():
+@pytest.mark.parametrize(("maxima", "projections"), [(None, 3), ((2, 128), 1), ((2, 129), 3), ((None, 16), 3)])
+def test_ort_cpu_self_attention_is_one_fused_node_no_softmax_packed_where_few_rows(maxima, projections):
+    """Packed Q/K/V only where batch x length is declared at most 256 rows (PackProjectionsPass):
+    beyond that the Split's copy costs ONNX Runtime's CPU more than the wider GEMM saves."""
+    from compiler.resources import declare_maxima
+
     spec = AttentionSpec(512, 8, batch_first=True, self_attention=True)
-    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    source = build_mha(spec, AttentionWeights.random(spec))
+    if maxima is not None:
+        declare_maxima(source, *maxima)
+    model = compile_model(source, "ort-cpu")
     onnx.checker.check_model(model, full_check=True)
     ops = _ops(model)
     assert ops[("com.microsoft", "MultiHeadAttention")] == 1
     assert ops[("", "Softmax")] == 0
     order = [n.op_type for n in model.graph.node]
-    assert order[: order.index("MultiHeadAttention")].count("MatMul") == 1  # the packed Q/K/V projection
-    assert ops[("", "MatMul")] == 2  # that one, and out_proj after attention
+    assert order[: order.index("MultiHeadAttention")].count("MatMul") == projections
+    assert ops[("", "MatMul")] == projections + 1  # and out_proj after attention
+    assert ops[("", "Split")] == (projections == 1)
+
+
+def test_ort_cpu_packs_a_kv_cache_graph_whose_steps_take_few_rows():
+    spec = AttentionSpec(64, 4, batch_first=True, self_attention=True, is_causal=True, kv_cache=True)
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    assert _ops(model)[("", "MatMul")] == 2 and _ops(model)[("", "Split")] == 1
 
 
 @pytest.mark.parametrize("average", [True, False])

@@ -78,6 +78,22 @@ def test_pack_projections_makes_one_qkv_matmul_in_self_attention(spec, matmuls_a
     _assert_same_outputs(spec, before, after)
 
 
+@pytest.mark.parametrize(("rows", "packed"), [((2, 5), True), ((4, 64), True), ((4, 65), False), (("batch", 5), False)])
+def test_pack_projections_with_max_rows_packs_only_inputs_known_to_be_that_small(rows, packed):
+    """max_rows=256: x of fixed shape (N, L, E) is packed where N x L <= 256, and only then."""
+    from onnx import helper
+
+    spec = AttentionSpec(16, 4, self_attention=True, batch_first=True)
+    model = build_mha(spec, AttentionWeights.random(spec, seed=1))
+    query = next(i for i in model.graph.input if i.name == "query")
+    query.CopyFrom(helper.make_tensor_value_info("query", onnx.TensorProto.FLOAT, [*rows, 16]))
+    ir_model = ir.serde.deserialize_model(model)
+    result = ir.passes.Sequential(PackProjectionsPass(max_rows=256), CleanupPass())(ir_model)
+    after = ir.serde.serialize_model(result.model)
+    assert result.modified == packed
+    assert _ops(after)["MatMul"] == (4 if packed else 6) and _ops(after)["Split"] == packed  # and scores, context, out_proj
+
+
 def test_pack_projections_leaves_projections_of_different_inputs_alone():
     before = build_mha(CROSS, AttentionWeights.random(CROSS))
     after, modified = _apply(PackProjectionsPass, before)

@@ -89,6 +89,14 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     assert report["machine"]["matmul_fp32_flops"] > 0
     table = (tmp_path / "corpus.md").read_text()
     assert f"| torch-encoder | dynamo | {ENCODER.layers} | {ENCODER.layers} / {ENCODER.layers} |" in table
+    packing = corpus.packing_table(corpus.parse_args(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden",
+                                                      str(ENCODER.hidden), "--heads", str(ENCODER.heads), "--layers",
+                                                      str(ENCODER.layers), "--seq", "16", "--rounds", "2",
+                                                      "--min-seconds", "0", "--cache", str(zoo)]),
+                                   ENCODER, threads=1).splitlines()
+    assert [line.split(" | ")[:2] for line in packing[2:]] == [["| torch-encoder-dynamo", "16"]] + [
+        ["| graphs/mha.py self-attention, E=512", str(n)] for n in (1, 16, 64, 256, 1024)]
+    assert all(line.endswith("x |") or line.endswith("- |") for line in packing[2:])
     lines = corpus.layernorm_table(threads=1, rounds=2, min_seconds=0).splitlines()
     assert len(lines) == 2 + 6 and all(line.count("ms") == 3 for line in lines[2:])
 
