@@ -233,12 +233,12 @@ def unique_scope(graph: ir.Graph) -> str:
 
 
 def emitter(graph: ir.Graph, new: list[ir.Node], scope: str) -> Emit:
-    """add(op, inputs, name, attrs, domain) -> the new node's first output, named ``scope/name``;
-    nodes collect in ``new``."""
+    """add(op, inputs, name, attrs, domain) -> the new node's first output, named ``scope/name``
+    (with ``outputs`` > 1: that many outputs); nodes collect in ``new``."""
 
-    def add(op: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "") -> ir.Value:
-        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}")))
-        return new[-1].outputs[0]
+    def add(op: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "", outputs: int = 1):
+        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}", num_outputs=outputs)))
+        return new[-1].outputs[0] if outputs == 1 else tuple(new[-1].outputs)
 
     return add
 

@@ -53,39 +53,29 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             scope = unique_scope(graph)
             add = emitter(graph, new, scope)
             cache = core.cache
-            terms = mask_terms(core) if cache is None and self.flash_forms else None
-            if terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
+            terms = mask_terms(core) if self.flash_forms else None
+            present = None
+            if cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
                 context = _by_length(graph, core, terms, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
                     context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
-            elif terms is not None and terms.key_only:  # flash, each entry's keys cut after its last visible one
+            elif cache is None and terms is not None and terms.key_only:  # flash, each entry's keys cut after the last visible
                 raw = summed(terms.keys, add, "key_bias_terms")
                 context = _padding(graph, core, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows:
                     context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
+            elif terms is not None and terms.past is not None and not terms.causal and not terms.other:
+                context, present = _prefill_or_step(graph, core, terms, add, scope, self.max_len)
             else:
-                padding = _bool_key_padding(core) if cache is not None else None
-                mask = combined_mask(core, add) if padding is None else None
-                q, k, v = op_inputs(graph, core, add)
-                bias = full_bias(graph, core, add, mask, q)
-                keep = None
-                if padding is not None:
-                    keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
-                node = _mha(q, k, v, keep, bias, core, scope, {"mask_filter_value": _LOWEST} if keep is not None else {})
-                new.append(node)
-                context = node.outputs[0]
-                if core.zeroes_dead_rows and keep is not None:
-                    context = _zero_fully_padded(graph, context, keep, add)
-                elif core.zeroes_dead_rows:
-                    context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add)
+                context, present = _one_op(graph, core, add)
             if core.layout == "BNSH":
                 split = new_initializer(graph, "attention/heads_shape",
                                         np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
                 context = add("Transpose", [add("Reshape", [context, split], "context_bsnh")], "context_bnsh",
                               {"perm": [0, 2, 1, 3]})
             context = as_output(graph, core, context, add)
-            replace_core(graph, core, new, context, present=tuple(node.outputs[1:]) if cache is not None else None)
+            replace_core(graph, core, new, context, present=present if cache is not None else None)
         if cores:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, bool(cores))
@@ -172,16 +162,20 @@ def _switch(graph: ir.Graph, core: Core, query: ir.Value, add, scope: str, thres
     return _if(graph, long_input, scope, add, long, short)
 
 
-def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise) -> ir.Value:
-    """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) inside its
-    branch, so that only the branch taken runs."""
+def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1):
+    """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) (or a
+    tuple of ``outputs`` values) inside its branch, so that only the branch taken runs."""
     branches = []
     for name, build in (("then", then), ("else", otherwise)):
         nodes: list[ir.Node] = []
-        context = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
-        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
-        branches.append(ir.Graph([], [context], nodes=nodes, name=f"{scope}/{name}"))
-    return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]})
+        results = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
+        results = list(results) if outputs > 1 else [results]
+        for i, value in enumerate(results):
+            if value.producer() is None or value.producer() not in nodes:  # a branch's output is a value it makes
+                results[i] = value = emitter(graph, nodes, f"{scope}/{name}")("Identity", [value], f"output_{i}")
+            value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
+    return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]}, outputs=outputs)
 
 
 def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:
@@ -190,15 +184,66 @@ def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None
                 {"num_heads": core.num_heads, "scale": core.scale}, MS_DOMAIN)
 
 
-def _mha(q: ir.Value, k: ir.Value, v: ir.Value, keep: ir.Value | None, bias: ir.Value | None, core: Core, scope: str,
-         attrs: dict) -> ir.Node:
+def _one_op(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, tuple[ir.Value, ...] | None]:
+    """One MultiHeadAttention with the whole mask (a bool key padding mask of a KV-cache graph as its
+    key_padding_mask, any other as attention_bias): (context, present or None)."""
     cache = core.cache
-    node = ir.node("MultiHeadAttention", [q, k, v, None, keep, bias] +
-                   ([cache.past_key, cache.past_value] if cache is not None else []),
-                   {"num_heads": core.num_heads, "scale": core.scale, **attrs}, domain=MS_DOMAIN,
-                   name=f"{scope}/MultiHeadAttention", num_outputs=3 if cache is not None else 1)
-    node.outputs[0].name = f"{scope}/MultiHeadAttention"
-    return node
+    padding = _bool_key_padding(core) if cache is not None else None
+    mask = combined_mask(core, add) if padding is None else None
+    q, k, v = op_inputs(graph, core, add)
+    bias = full_bias(graph, core, add, mask, q)
+    keep = None
+    if padding is not None:
+        keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
+    attrs = {"num_heads": core.num_heads, "scale": core.scale, **({"mask_filter_value": _LOWEST} if keep is not None else {})}
+    inputs = [q, k, v, None, keep, bias] + ([cache.past_key, cache.past_value] if cache is not None else [])
+    outputs = add("MultiHeadAttention", inputs, "MultiHeadAttention", attrs, MS_DOMAIN, 3 if cache is not None else 1)
+    context, present = (outputs[0], outputs[1:]) if cache is not None else (outputs, None)
+    if core.zeroes_dead_rows and keep is not None:
+        context = _zero_fully_padded(graph, context, keep, add)
+    elif core.zeroes_dead_rows:
+        context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add)
+    return context, present
+
+
+def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: str,
+                     max_len: int | None) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+    """A KV-cache core whose mask is the cache's causal mask (and any key padding): where the cache is
+    empty and the prompt has at least CAUSAL_FROM tokens (a prefill), causal_blocks over this step's
+    keys, which are all the keys there, with present = this step's heads; else (a decode step, or a
+    short prompt) one op with the past (_one_op). (context, (present_key, present_value)).
+
+    The If that chooses costs every decode step 2-6% (docs/BENCHMARKS.md, "Decoding with a KV cache"),
+    and decode steps are what a KV-cache graph mostly runs, so it is there only where the model
+    declares prompts that long (compile.py --max-len)."""
+    if max_len is None or max_len < CAUSAL_FROM:
+        return _one_op(graph, core, add)
+    q, k, v = inputs = op_inputs(graph, core, add)
+    raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
+    heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
+
+    def prefill(emit, name: str) -> tuple[ir.Value, ...]:
+        context = causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, floored(graph, raw, emit)
+                                                         if raw is not None else None, True), emit, name)
+        if core.zeroes_dead_rows and raw is not None:
+            context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, emit), emit)
+        present = tuple(emit("Transpose", [emit("Reshape", [x, heads], f"present_{n}_heads")], f"present_{n}",
+                             {"perm": [0, 2, 1, 3]}) for x, n in ((k, "key"), (v, "value")))
+        return (context, *present)
+
+    def step(emit, name: str) -> tuple[ir.Value, ...]:
+        context, present = _one_op(graph, core, emit)
+        return (context, *present)
+
+    zero = new_initializer(graph, "attention/zero_i64", np.zeros((), np.int64))
+    empty = add("Equal", [add("Cast", [terms.past], "past_i64", {"to": ir.DataType.INT64}), zero], "cache_empty")
+    length = add("Shape", [q], "query_length", {"start": 1, "end": 2})
+    long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/prefill_from",
+                                                                np.asarray([CAUSAL_FROM], np.int64))], "long_input")
+    prefilling = add("And", [add("Unsqueeze", [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
+                                 "cache_empty_1"), long_input], "prefill")
+    context, *present = _if(graph, prefilling, scope, add, prefill, step, outputs=3)
+    return context, tuple(present)
 
 
 def _bool_key_padding(core: Core) -> ir.Value | None:

@@ -36,10 +36,12 @@ class MaskTerms:
     keys: list[ir.Value] = field(default_factory=list)  # rank 4, (N|1, H|1, 1, S): padding
     causal: bool = False  # query i sees keys 0..i, with L = S (self-attention)
     other: list[ir.Value] = field(default_factory=list)
+    # a KV cache's causal mask: query i sees keys 0..past + i, ``past`` this scalar (the rows' first position)
+    past: ir.Value | None = None
 
     @property
     def key_only(self) -> bool:
-        return bool(self.keys) and not self.causal and not self.other
+        return bool(self.keys) and not self.causal and not self.other and self.past is None
 
 
 def mask_terms(core: Core) -> MaskTerms:
@@ -51,6 +53,8 @@ def mask_terms(core: Core) -> MaskTerms:
             pending += list(add.inputs)
         elif _is_self_causal(term) and not terms.causal:
             terms.causal = True
+        elif core.cache is not None and terms.past is None and (past := _causal_after(term)) is not None:
+            terms.past = past
         elif term.shape is not None and len(term.shape) == 4 and term.shape[2] == 1 and term.shape[3] != 1:
             terms.keys.append(term)
         else:
@@ -70,14 +74,29 @@ def _is_self_causal(term: ir.Value) -> bool:
                                                                         _is_scalar(rows.inputs[0], 0)))
 
 
-def _unsqueezed_range(value: ir.Value, axis: int) -> ir.Node | None:
-    """Range(0, n, 1) for value = Unsqueeze(it, [axis])."""
+def _causal_after(term: ir.Value) -> ir.Value | None:
+    """p where the term is Where(Greater(cols, rows), -inf, 0) with rows = Range(p, n) on axis 0 and
+    cols = Range(0, n) on axis 1 (graphs/mha.py's causal mask with a KV cache of p keys): query i
+    sees keys 0..p + i. Where p is 0 at run time, that is a self-attention's causal mask."""
+    where = producer_of(term, "Where")
+    greater = producer_of(where.inputs[0], "Greater") if where is not None else None
+    if greater is None or not _is_scalar(where.inputs[1], -np.inf) or not _is_scalar(where.inputs[2], 0.0):
+        return None
+    cols = _unsqueezed_range(greater.inputs[0], 0)
+    rows = _unsqueezed_range(greater.inputs[1], 1, any_start=True)
+    if cols is None or rows is None or cols.inputs[1] is not rows.inputs[1] or _is_scalar(rows.inputs[0], 0):
+        return None
+    return rows.inputs[0]
+
+
+def _unsqueezed_range(value: ir.Value, axis: int, any_start: bool = False) -> ir.Node | None:
+    """Range(0, n, 1) (or Range(p, n, 1) with ``any_start``) for value = Unsqueeze(it, [axis])."""
     unsqueeze = producer_of(value, "Unsqueeze")
     axes = constant(unsqueeze.inputs[1]) if unsqueeze is not None and len(unsqueeze.inputs) > 1 else None
     if axes is None or axes.tolist() != [axis]:
         return None
     range_ = producer_of(unsqueeze.inputs[0], "Range")
-    if range_ is None or not _is_scalar(range_.inputs[0], 0) or not _is_scalar(range_.inputs[2], 1):
+    if range_ is None or not (any_start or _is_scalar(range_.inputs[0], 0)) or not _is_scalar(range_.inputs[2], 1):
         return None
     return range_
 

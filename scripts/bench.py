@@ -565,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeights, threads: int) -> int:
-    from decode_bench import decode_rows, decode_table
+    from decode_bench import decode_rows, decode_table, prefill_rows, prefill_table
 
     batch = args.batches[0]
     print(f"decoding {args.new_tokens} tokens after a {args.prompt}-token prompt, batch {batch}, embed_dim "
@@ -573,10 +573,12 @@ def run_decode(args: argparse.Namespace, spec: AttentionSpec, weights: Attention
     rows = decode_rows(spec, weights, args.targets, args.precisions[0], args.prompt, args.new_tokens, batch, threads,
                        torch_eager="eager" in args.baselines)
     print(decode_table(rows))
+    prefill = prefill_rows(spec, weights, args.targets, args.precisions[0], args.prompt, batch, threads)
+    print(prefill_table(prefill))
     if args.json:
         report = {"machine": machine("cpu", threads), "spec": spec.to_dict(), "weights": dict(weights.source),
                   "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens, "batch": batch,
-                               "precision": args.precisions[0]}, "rows": rows}
+                               "precision": args.precisions[0]}, "rows": rows, "prefill": prefill}
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return 0

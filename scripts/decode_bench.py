@@ -1,6 +1,7 @@
 """bench.py --decode: per-token latency of autoregressive decoding with a KV-cache graph, against
 recomputing full causal attention over the whole prefix at every step (the plain compiled graph,
-and torch eager nn.MultiheadAttention), all in one run on the same tokens."""
+and torch eager nn.MultiheadAttention), all in one run on the same tokens; and the prompt's prefill
+through the KV-cache graph against the plain graphs with and without the causal mask."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler import compile_model
+from compiler.resources import declare_maxima
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.generation import KvCacheLoop
 from runtime.ort import OrtSession
@@ -46,6 +48,50 @@ def decode_rows(spec: AttentionSpec, weights: AttentionWeights, targets: list[st
     if torch_eager:
         rows.append(_torch_row(spec, weights, take, prompt, total, axis, batch, threads, reference))
     return rows
+
+
+def prefill_rows(spec: AttentionSpec, weights: AttentionWeights, targets: list[str], precision: str, prompt: int,
+                 batch: int, threads: int, rounds: int = 15) -> list[dict[str, Any]]:
+    """The prompt through each target's KV-cache graph with an empty cache (the prefill), its plain
+    causal graph and its plain graph without a mask, timed in turns (each round runs each once, after
+    one untimed run): p50 and the median ratio within a round to the graph without a mask."""
+    cached_spec = dataclasses.replace(spec, kv_cache=True)
+    unmasked = dataclasses.replace(spec, is_causal=False)
+    tokens = np.random.default_rng(1).standard_normal((batch, prompt, spec.embed_dim) if spec.batch_first
+                                                      else (prompt, batch, spec.embed_dim)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions take turns
+    empty = np.zeros((batch, spec.num_heads, 0, spec.head_dim), np.float32)
+    rows = []
+    for target in targets:
+        runs = {}
+        cached = {"query": tokens, "past_key": empty, "past_value": empty}
+        for name, s, feeds, max_len in (("no mask", unmasked, {"query": tokens}, None), ("causal", spec, {"query": tokens}, None),
+                                        ("KV-cache prefill", cached_spec, cached, None),
+                                        (f"KV-cache prefill, --max-len {prompt}", cached_spec, cached, prompt)):
+            model = build_mha(s, weights)
+            declare_maxima(model, None, max_len)  # a declared prompt length lets ort-cpu lower the prefill
+            session = OrtSession(compile_model(model, target, precision), options=options)
+            runs[name] = lambda session=session, feeds=feeds: session.run(feeds)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        base = np.asarray(times["no mask"])
+        rows += [{"backend": f"{target} {name}", "target": target, "p50_s": float(np.median(t)),
+                  "vs_no_mask": float(np.median(np.asarray(t) / base))} for name, t in times.items()]
+    return rows
+
+
+def prefill_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'prompt through':<52} {'p50 ms':>10} {'vs no mask':>11}"]
+    lines += [f"{r['backend']:<52} {r['p50_s'] * 1e3:>10.2f} {r['vs_no_mask']:>10.2f}x" for r in rows]
+    return "\n".join(lines)
 
 
 def _torch_row(spec: AttentionSpec, weights: AttentionWeights, take, prompt: int, total: int, axis: int, batch: int,

@@ -235,5 +235,10 @@ def test_decode_bench_times_every_way_to_the_same_last_token(run_cli, tmp_path):
         assert r["steps_timed"] == 3 and 0 < r["p50_s"] and r["tokens_per_s"] > 0
         assert r["last_token_max_abs_diff"] <= 1e-5  # every way computes the same token (outputs near 1 in size)
     assert rows["ort-cpu KV cache"]["prefill_s"] > 0 and rows["ort-cpu recompute"]["prefill_s"] is None
+    prefill = {r["backend"]: r for r in report["prefill"]}
+    assert set(prefill) == {f"{t} {way}" for t in ("ort-cpu", "onnx-attention")
+                            for way in ("no mask", "causal", "KV-cache prefill", "KV-cache prefill, --max-len 48")}
+    assert all(r["p50_s"] > 0 for r in prefill.values()) and prefill["ort-cpu no mask"]["vs_no_mask"] == 1.0
+    assert "ort-cpu KV-cache prefill" in result.stdout
     refused = run_cli("bench.py", "--decode", "--new-tokens", 1)
     assert refused.returncode == 2 and "--new-tokens at least 2" in refused.stderr

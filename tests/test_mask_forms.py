@@ -225,3 +225,46 @@ def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tm
     assert [n.op_type for n in short.graph.node].count("MultiHeadAttention") == 1
     assert any(n.op_type == "If" for n in any_length.graph.node)
     assert [p.value for p in short.metadata_props if p.key == "attention_compiler.max_len"] == ["64"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("padding", [None, "bool", "float"])
+def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding):
+    """With --max-len declaring prompts that long, a prompt of at least CAUSAL_FROM tokens into an
+    empty cache takes the causal blocks, with present = its own keys and values; shorter prompts and
+    decode steps take the op with the past (the only form without that declaration: the If costs
+    decode steps).
+    Prompts of 5 (one op) and 8 and 11 (blocks; 11 ends in a ragged block), then 3 steps, against
+    one causal pass of the float64 reference over the whole sequence; left padding leaves a row
+    with no visible key, which is zero (out_proj.bias)."""
+    from compiler.resources import declare_maxima
+    from runtime.generation import KvCacheLoop
+
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, is_causal=True, kv_cache=True,
+                         key_padding_mask=padding)
+    full = AttentionSpec(16, 4, batch_first=True, self_attention=True, is_causal=True, key_padding_mask=padding)
+    weights = AttentionWeights.random(spec, seed=5)
+    source = build_mha(spec, weights)
+    assert not any(n.op_type == "If" for n in compile_model(source, "ort-cpu", precision).graph.node)
+    declare_maxima(source, None, 64)
+    model = compile_model(source, "ort-cpu", precision)
+    prefill = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    assert any(n.op_type == "Loop" for n in prefill.node)  # the prefill's blocks
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    for prompt in (5, 8, 11):
+        total = prompt + 3
+        rng = np.random.default_rng(prompt)
+        tokens = rng.standard_normal((2, total, 16)).astype(np.float32)
+        feeds, kpm = {"query": tokens}, None
+        if padding is not None:  # entry 1's prompt starts after 3 padding keys
+            blocked = np.zeros((2, total), bool)
+            blocked[1, :3] = True
+            kpm = blocked if padding == "bool" else np.where(blocked, -np.inf, 0.0).astype(np.float32)
+            feeds["key_padding_mask"] = kpm
+        want = mha_reference(full, weights, feeds)["attn_output"]
+        loop = KvCacheLoop(OrtSession(model), spec)
+        outputs = [loop.prefill(tokens[:, :prompt], None if kpm is None else kpm[:, :prompt])]
+        outputs += [loop.step(tokens[:, i:i + 1]) for i in range(prompt, total)]
+        got = np.concatenate(outputs, axis=1)
+        assert np.isfinite(got).all()
+        assert errors(got, want)[1] <= tolerance, (prompt, errors(got, want))
