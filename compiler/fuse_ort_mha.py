@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
+from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
                                  causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
+from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
 
 _LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
@@ -55,16 +59,22 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             cache = core.cache
             terms = mask_terms(core) if self.flash_forms else None
             present = None
+            projections = match_projections(core) if self.flash_forms else None
             if cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-                context = _by_length(graph, core, terms, raw, add, scope, self.max_len)
+                context = _by_length(graph, _Source.of(graph, core, projections, add), terms, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
                     context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
             elif cache is None and terms is not None and terms.key_only:  # flash, each entry's keys cut after the last visible
                 raw = summed(terms.keys, add, "key_bias_terms")
-                context = _padding(graph, core, raw, add, scope, self.max_len)
+                context = _padding(graph, _Source.of(graph, core, projections, add), raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows:
                     context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
+            elif cache is None and core.mask is None and projections is not None:  # Attention where short, flash where long
+                source = _Source.of(graph, core, projections, add)
+                context = _switch(graph, source, add, scope, ATTENTION_UNTIL,
+                                  lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
+                                  lambda emit, name: source.one_op(emit, None), self.max_len)
             elif terms is not None and terms.past is not None and not terms.causal and not terms.other:
                 context, present = _prefill_or_step(graph, core, terms, add, scope, self.max_len)
             else:
@@ -81,12 +91,54 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(cores))
 
 
+@dataclass
+class _Source:
+    """Where a core's q, k, v come from, for the forms to read. Without Projections: built once
+    outside any If (op_inputs says why), and the one-op form is MultiHeadAttention on them. With
+    Projections (compiler/qkv_projections.py): the layer's input, read whole by
+    com.microsoft.Attention in the one-op form (faster on the CPU below ATTENTION_UNTIL tokens:
+    docs/BENCHMARKS.md, "Attention op on CPU"), and projected (one packed MatMul) inside the branches
+    that need q, k, v, so a short input never projects twice; ``core`` is then a BSD view of it."""
+
+    core: Core
+    length: ir.Value  # (N, L, ...): the query length on axis 1
+    values: tuple[ir.Value, ir.Value, ir.Value] | None = None
+    weight: ir.Value | None = None
+    bias: ir.Value | None = None
+    sizes: ir.Value | None = None
+
+    @classmethod
+    def of(cls, graph: ir.Graph, core: Core, projections: Projections | None, add) -> _Source:
+        if projections is None:
+            values = op_inputs(graph, core, add)
+            return cls(core, values[0], values)
+        x = projections.x
+        reroute_shapes(graph, projections)
+        view = dataclasses.replace(core, layout="BSD", q=x, k=x, v=x)  # self-attention: L = S, both on axis 1
+        weight = new_initializer(graph, "attention/qkv_weight", projections.weight)
+        bias = new_initializer(graph, "attention/qkv_bias", projections.bias)
+        sizes = new_initializer(graph, "attention/qkv_sizes", np.asarray(projections.sizes, np.int64))
+        return cls(view, x, None, weight, bias, sizes)
+
+    def inputs(self, emit) -> tuple[ir.Value, ir.Value, ir.Value]:
+        if self.values is not None:
+            return self.values
+        packed = emit("Add", [emit("MatMul", [self.length, self.weight], "qkv_proj/MatMul"), self.bias], "qkv_proj/Add")
+        return emit("Split", [packed, self.sizes], "qkv_proj/Split", {"axis": -1}, outputs=3)
+
+    def one_op(self, emit, bias: ir.Value | None) -> ir.Value:
+        if self.values is not None:
+            return _emit_mha(emit, *self.values, bias, self.core)
+        return emit("Attention", [self.length, self.weight, self.bias] + ([None, None, bias] if bias is not None else []),
+                    "Attention", {"num_heads": self.core.num_heads, "scale": self.core.scale}, MS_DOMAIN)
+
+
 def _blockable(terms: MaskTerms) -> bool:
     """Whether every term's query axis is known (its rank is): a block takes its rows of each."""
     return all(t.shape is not None and len(t.shape) >= 2 for t in terms.other)
 
 
-def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | None, add, scope: str,
+def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add, scope: str,
                max_len: int | None) -> ir.Value:
     """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
     blocks from length CAUSAL_FROM on, with flash attention left of the diagonal (causal_blocks);
@@ -95,68 +147,66 @@ def _by_length(graph: ir.Graph, core: Core, terms: MaskTerms, raw: ir.Value | No
     those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
     "Masks"); its bias is built inside that branch, so a long input never builds it. Fully masked
     rows are zeroed inside the branches where the mask has such terms."""
+    core = source.core
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
-    inputs = op_inputs(graph, core, add)  # outside the If, for every branch (op_inputs says why)
-    q, k, v = inputs
 
     def blocks(emit, name: str) -> ir.Value:
         if terms.other:
-            return query_blocks(graph, core, inputs, terms, raw, emit, name, zero_dead)
+            return query_blocks(graph, core, source.inputs(emit), terms, raw, emit, name, zero_dead)
         bias = floored(graph, raw, emit) if raw is not None else None
-        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, bias, True), emit, name)
+        return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(emit), emit, bias, True), emit, name)
 
     def padding_or_blocks(emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
 
         def padded(inner, inner_name: str) -> ir.Value:
             key_bias = summed(first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []), inner, "key_bias")
-            context = padded_rows(graph, core, inputs, key_bias, inner, inner_name)
+            context = padded_rows(graph, core, source.inputs(inner), key_bias, inner, inner_name)
             return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner) if zero_dead else context
 
         return _if(graph, rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
 
     def one_op(emit, name: str) -> ir.Value:
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
-        parts += [causal_bias(graph, q, emit)] if terms.causal else []
+        parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
         summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-        bias = full_bias(graph, core, emit, summed_bias, q) if terms.other else summed_bias
-        context = _emit_mha(emit, q, k, v, bias, core)
+        bias = full_bias(graph, core, emit, summed_bias, source.length) if terms.other else summed_bias
+        context = source.one_op(emit, bias)
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
         return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
 
     if not terms.other:
-        return _switch(graph, core, q, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
-    return _switch(graph, core, q, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
+        return _switch(graph, source, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
+    return _switch(graph, source, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
 
 
-def _padding(graph: ir.Graph, core: Core, raw: ir.Value, add, scope: str, max_len: int | None) -> ir.Value:
+def _padding(graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, max_len: int | None) -> ir.Value:
     """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
     on one batch entry at a time with its trailing padding cut, on the op's flash path (padded_rows);
     below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
     "Masks")."""
 
-    inputs = op_inputs(graph, core, add)  # outside the If, for both branches (op_inputs says why)
+    core = source.core
 
     def one_op(emit, name: str) -> ir.Value:
-        return _emit_mha(emit, *inputs, full_bias(graph, core, emit, raw, inputs[0]), core)
+        return source.one_op(emit, full_bias(graph, core, emit, raw, source.length))
 
-    return _switch(graph, core, inputs[0], add, scope, ROWS_FROM,
-                   lambda emit, name: padded_rows(graph, core, inputs, raw, emit, name), one_op, max_len)
+    return _switch(graph, source, add, scope, ROWS_FROM,
+                   lambda emit, name: padded_rows(graph, core, source.inputs(emit), raw, emit, name), one_op, max_len)
 
 
-def _switch(graph: ir.Graph, core: Core, query: ir.Value, add, scope: str, threshold: int, long, short,
+def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, long, short,
             max_len: int | None) -> ir.Value:
-    """If(length of the BSD ``query`` >= threshold, long, short), each built by ``fn(emit, scope)`` ->
-    context (N, L, E);
+    """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
     where the graph fixes the length, or declares a largest one (--max-len) below the threshold, the
     one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks")."""
-    axis = 1 if core.layout == "BSD" else 2
-    fixed = core.q.shape[axis] if core.q.shape is not None and len(core.q.shape) > axis else None
+    shape = source.length.shape
+    fixed = shape[1] if shape is not None and len(shape) > 1 else None
     if isinstance(fixed, int):
         return (long if fixed >= threshold else short)(add, scope)
     if max_len is not None and max_len < threshold:
         return short(add, scope)
-    length = add("Shape", [query], "query_length", {"start": 1, "end": 2})
+    length = add("Shape", [source.length], "query_length", {"start": 1, "end": 2})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")
     return _if(graph, long_input, scope, add, long, short)

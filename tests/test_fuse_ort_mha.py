@@ -19,10 +19,12 @@ def _ops(model):
     return collections.Counter((n.domain, n.op_type) for n in model.graph.node)
 
 
-@pytest.mark.parametrize(("maxima", "projections"), [(None, 3), ((2, 128), 1), ((2, 129), 3), ((None, 16), 3)])
-def test_ort_cpu_self_attention_is_one_fused_node_no_softmax_packed_where_few_rows(maxima, projections):
-    """Packed Q/K/V only where batch x length is declared at most 256 rows (PackProjectionsPass):
-    beyond that the Split's copy costs ONNX Runtime's CPU more than the wider GEMM saves."""
+@pytest.mark.parametrize(("maxima", "attention_op"), [(None, False), ((2, 128), True), ((None, 1023), True)])
+def test_ort_cpu_self_attention_projects_inside_attention_below_1024_and_flash_above(maxima, attention_op):
+    """Below ATTENTION_UNTIL tokens com.microsoft.Attention takes the layer's input and the packed
+    Q/K/V weights (it projects inside the op: no Split, no head split); from there on
+    MultiHeadAttention's flash path. A length the model declares decides it at compile time; else
+    an If on the length. The projections are not left in the main graph either way."""
     from compiler.resources import declare_maxima
 
     spec = AttentionSpec(512, 8, batch_first=True, self_attention=True)
@@ -32,12 +34,38 @@ def test_ort_cpu_self_attention_is_one_fused_node_no_softmax_packed_where_few_ro
     model = compile_model(source, "ort-cpu")
     onnx.checker.check_model(model, full_check=True)
     ops = _ops(model)
-    assert ops[("com.microsoft", "MultiHeadAttention")] == 1
-    assert ops[("", "Softmax")] == 0
-    order = [n.op_type for n in model.graph.node]
-    assert order[: order.index("MultiHeadAttention")].count("MatMul") == projections
-    assert ops[("", "MatMul")] == projections + 1  # and out_proj after attention
-    assert ops[("", "Split")] == (projections == 1)
+    assert ops[("", "Softmax")] == 0 and ops[("", "MatMul")] == 1  # out_proj only
+    if maxima is None:
+        (branch,) = [n for n in model.graph.node if n.op_type == "If"]
+        long_form, short = (next(a.g for a in branch.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+        assert [n.op_type for n in short.node] == ["Attention"]
+        assert [n.op_type for n in long_form.node] == ["MatMul", "Add", "Split", "MultiHeadAttention"]
+    else:
+        assert ops[("com.microsoft", "Attention")] == attention_op
+        assert ops[("com.microsoft", "MultiHeadAttention")] == (not attention_op)
+
+
+@pytest.mark.parametrize("options", [{}, {"key_padding_mask": "bool"}, {"is_causal": True, "key_padding_mask": "float"},
+                                     {"attn_mask": "float"}], ids=lambda o: "-".join(o) or "no-mask")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_attention_op_form_equals_the_reference(options, precision):
+    """The short form (com.microsoft.Attention on x and the packed weights, masks as attention_bias)
+    against the float64 reference, with a fully masked row where the mask allows one."""
+    spec = AttentionSpec(32, 4, batch_first=True, self_attention=True, **options)
+    weights = AttentionWeights.random(spec, seed=2)
+    model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
+    assert any(n.op_type == "Attention" for n in _all_nodes(model.graph))
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    report = check_session(OrtSession(model), spec, weights, shapes=((2, 5, 5), (3, 9, 9)), tolerance=tolerance, mask_rate=0.5)
+    assert report.passed, report
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
 
 
 def test_ort_cpu_packs_a_kv_cache_graph_whose_steps_take_few_rows():
@@ -87,7 +115,7 @@ def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["target"] == "ort-cpu" and "MultiHeadAttention" in manifest["target_form"]
-    assert manifest["attention_form"] == "com.microsoft.MultiHeadAttention"
+    assert manifest["attention_form"] == "com.microsoft.Attention, com.microsoft.MultiHeadAttention"  # short, long
     assert manifest["check"]["passed"]
 
 

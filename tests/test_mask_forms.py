@@ -56,7 +56,7 @@ def test_causal_attention_runs_in_query_blocks_with_no_mask_on_the_op():
     assert not any(n.op_type in ("Range", "Softmax") for n in long_form)
     loop_ops = [n for n in _all_nodes(blocks) if n.op_type == "MultiHeadAttention"]
     assert len(loop_ops) == 1 and len([i for i in loop_ops[0].input if i]) == 3
-    assert [n.op_type for n in _all_nodes(short) if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
+    assert [n.op_type for n in _all_nodes(short) if n.domain == "com.microsoft"] == ["Attention"]  # on x and the weights
 
 
 def _padded(feeds: dict, kind: str | None, length: int) -> dict:
@@ -222,7 +222,7 @@ def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tm
     assert run_cli("compile.py", *common, "--out", tmp_path / "any").returncode == 0
     short, any_length = (onnx.load(tmp_path / name / "model.onnx") for name in ("short", "any"))
     assert not any(n.op_type in ("If", "Loop") for n in short.graph.node)
-    assert [n.op_type for n in short.graph.node].count("MultiHeadAttention") == 1
+    assert [n.op_type for n in short.graph.node].count("Attention") == 1  # on the input and packed weights
     assert any(n.op_type == "If" for n in any_length.graph.node)
     assert [p.value for p in short.metadata_props if p.key == "attention_compiler.max_len"] == ["64"]
 

@@ -1,0 +1,152 @@
+"""The Q/K/V projections that feed a self-attention core, as one weight and bias over one input.
+
+ONNX Runtime's com.microsoft.Attention takes the layer's input and the packed projection weights
+and runs the projections inside the op, in the layout its kernel wants: no Split copy, no head
+split or merge. On its CPU that op is faster than MultiHeadAttention fed with projected q, k, v for
+short sequences (docs/BENCHMARKS.md, "Attention op on CPU"), so the ort-cpu fusion reads the
+projections back through the exporter's head split to use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler._ir import constant, named
+from compiler.attention_core import Core, producer_of, perm_of
+
+
+@dataclass
+class Projections:
+    """q, k, v = x @ weight[:, slices] + bias[slices], with the three widths in ``sizes``. ``axes``:
+    each value between a projection and the core, with what each of its axes is: "N" or "L" (x's
+    batch or length axis) or a fixed size."""
+
+    x: ir.Value  # (N, L, E_in)
+    weight: np.ndarray  # (E_in, Eq + Ek + Ev)
+    bias: np.ndarray  # (Eq + Ek + Ev,)
+    sizes: tuple[int, int, int]
+    axes: dict[ir.Value, tuple] = field(default_factory=dict)
+
+
+def match_projections(core: Core) -> Projections | None:
+    """The projections of one tensor that the core's q, k and v are, each through nothing but its
+    head split (BNSH) or as they are (BSD); None where any of them is something else (rotary
+    embeddings, grouped-query heads repeated, a cache, a scale the core did not take)."""
+    if core.cache is not None or core.num_heads is None or core.head_dim is None:
+        return None
+    if core.layout == "BSD":
+        flat = [core.q, core.k, core.v]
+    else:
+        flat = [_merged(core.q, [0, 2, 1, 3], core), _merged(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], core),
+                _merged(core.v, [0, 2, 1, 3], core)]
+    found = [_projection(p) if p is not None else None for p in flat]
+    if any(f is None for f in found) or len({id(f[0]) for f in found}) != 1:
+        return None
+    weights, biases = [f[1] for f in found], [f[2] for f in found]
+    if len({w.shape[0] for w in weights}) != 1 or any(w.dtype != np.float32 for w in weights):
+        return None
+    width = core.num_heads * core.head_dim
+    if any(w.shape[1] != width for w in weights):
+        return None
+    x = found[0][0]
+    if x.shape is None or len(x.shape) != 3:
+        return None
+    axes: dict[ir.Value, tuple] = {}
+    h, d = core.num_heads, core.head_dim
+    for value, p, perm in zip([core.q, core.k, core.v], flat,
+                              [[0, 2, 1, 3], [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], [0, 2, 1, 3]]):
+        axes[p] = ("N", "L", width)
+        if value is not p:
+            heads = ("N", "L", h, d)
+            axes[value.producer().inputs[0]] = heads
+            axes[value] = tuple(heads[i] for i in perm)
+    return Projections(x, np.concatenate(weights, axis=1), np.concatenate(biases).astype(np.float32), (width,) * 3, axes)
+
+
+def reroute_shapes(graph: ir.Graph, projections: Projections) -> None:
+    """Shape reads of the projections and their head splits (exporters read a length or the head
+    size there) taken from x and constants instead: else they keep alive a projection that ONNX
+    Runtime would run only for its shape, once com.microsoft.Attention projects x itself."""
+    for value, axes in projections.axes.items():
+        for node in [use.node for use in value.uses()]:
+            if node.op_type != "Shape" or node.domain:
+                continue
+            start, end = (node.attributes.get_int(k, default) for k, default in (("start", 0), ("end", len(axes))))
+            start, end = (max(0, a + len(axes)) if a < 0 else min(a, len(axes)) for a in (start, end))
+            if start >= end:
+                continue
+            new: list[ir.Node] = []
+            for axis in axes[start:end]:
+                if isinstance(axis, str):
+                    new.append(named(ir.node("Shape", [projections.x], {"start": "NL".index(axis), "end": "NL".index(axis) + 1},
+                                             name=f"{node.name}/from_x_{axis}")))
+                else:
+                    new.append(named(ir.node("Constant", [], {"value_ints": [axis]}, name=f"{node.name}/size_{len(new)}")))
+            parts = [n.outputs[0] for n in new]
+            if len(parts) > 1:
+                new.append(named(ir.node("Concat", parts, {"axis": 0}, name=f"{node.name}/from_x")))
+            graph.insert_before(node, new)
+            node.outputs[0].replace_all_uses_with(new[-1].outputs[0])
+
+
+def _merged(value: ir.Value, perm: list[int], core: Core) -> ir.Value | None:
+    """p (N, L, H*hd) where value = Transpose(Reshape(p, (N, L, H, hd)), perm)."""
+    transpose = producer_of(value, "Transpose")
+    if transpose is None or perm_of(transpose) != perm:
+        return None
+    reshape = producer_of(transpose.inputs[0], "Reshape")
+    if reshape is None:
+        return None
+    p, heads = reshape.inputs[0], reshape.outputs[0]
+    if p.shape is None or heads.shape is None or len(p.shape) != 3 or len(heads.shape) != 4:
+        return None
+    # with the first two axes kept and the last one hd, the third is H (whatever shape inference knew)
+    if p.shape[2] != core.num_heads * core.head_dim or heads.shape[3] != core.head_dim \
+            or not _same(p.shape[0], heads.shape[0]) or not _same(p.shape[1], heads.shape[1]):
+        return None
+    return p
+
+
+def _same(a, b) -> bool:
+    """Two dims known to be equal: the same size, or the same named symbolic dim."""
+    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
+
+
+def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | None:
+    """(x, W, b) where value = x @ W + b (or x @ W: b = 0), W and b constants, or one output of a Split
+    on the last axis of such a packed projection (its columns of W and b)."""
+    split = producer_of(value, "Split")
+    if split is not None:
+        packed = _projection(split.inputs[0])
+        sizes = constant(split.inputs[1]) if len(split.inputs) > 1 else None
+        axis = split.attributes.get_int("axis", 0)
+        if packed is None or sizes is None or axis not in (-1, 2):
+            return None
+        index = list(split.outputs).index(value)
+        start, stop = int(np.sum(sizes[:index])), int(np.sum(sizes[:index + 1]))
+        x, w, b = packed
+        return x, w[:, start:stop], b[start:stop]
+    bias = None
+    add = producer_of(value, "Add")
+    if add is not None:
+        for i in (0, 1):
+            b = _constant(add.inputs[1 - i])
+            if b is not None and b.ndim == 1 and producer_of(add.inputs[i], "MatMul") is not None:
+                value, bias = add.inputs[i], b
+                break
+        else:
+            return None
+    matmul = producer_of(value, "MatMul")
+    w = _constant(matmul.inputs[1]) if matmul is not None else None
+    if w is None or w.ndim != 2 or (bias is not None and bias.shape != (w.shape[1],)):
+        return None
+    return matmul.inputs[0], w, bias if bias is not None else np.zeros(w.shape[1], w.dtype)
+
+
+def _constant(value: ir.Value) -> np.ndarray | None:
+    """A constant, also through the Identity legacy exports put before a weight."""
+    identity = producer_of(value, "Identity")
+    return constant(identity.inputs[0] if identity is not None else value)
