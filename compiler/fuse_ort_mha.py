@@ -35,9 +35,11 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     key padding mask as its key_padding_mask), and its present outputs become the graph's.
     """
 
-    def __init__(self, flash_forms: bool = False) -> None:
+    def __init__(self, flash_forms: bool = False, attention_op: bool | None = None) -> None:
         super().__init__()
         self.flash_forms = flash_forms  # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
+        # com.microsoft.Attention on the projections' input for short inputs (qkv_projections.py): on the CPU
+        self.attention_op = flash_forms if attention_op is None else attention_op
 
     @staticmethod
     def refuse(core: Core) -> str | None:
@@ -59,7 +61,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             cache = core.cache
             terms = mask_terms(core) if self.flash_forms else None
             present = None
-            projections = match_projections(core) if self.flash_forms else None
+            projections = match_projections(core) if self.flash_forms and self.attention_op else None
             if cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
                 context = _by_length(graph, _Source.of(graph, core, projections, add), terms, raw, add, scope, self.max_len)
@@ -96,16 +98,17 @@ class _Source:
     """Where a core's q, k, v come from, for the forms to read. Without Projections: built once
     outside any If (op_inputs says why), and the one-op form is MultiHeadAttention on them. With
     Projections (compiler/qkv_projections.py): the layer's input, read whole by
-    com.microsoft.Attention in the one-op form (faster on the CPU below ATTENTION_UNTIL tokens:
-    docs/BENCHMARKS.md, "Attention op on CPU"), and projected (one packed MatMul) inside the branches
-    that need q, k, v, so a short input never projects twice; ``core`` is then a BSD view of it."""
+    com.microsoft.Attention in the one-op form (faster on the CPU for short inputs:
+    docs/BENCHMARKS.md, "Attention op on CPU"), and projected inside the branches that need q, k, v,
+    so a short input never projects twice; ``core`` is then a BSD view of it."""
 
     core: Core
     length: ir.Value  # (N, L, ...): the query length on axis 1
     values: tuple[ir.Value, ir.Value, ir.Value] | None = None
     weight: ir.Value | None = None
     bias: ir.Value | None = None
-    sizes: ir.Value | None = None
+    columns: list[tuple[ir.Value, ir.Value]] = dataclasses.field(default_factory=list)  # q's, k's, v's [start, end)
+    last_axis: ir.Value | None = None
 
     @classmethod
     def of(cls, graph: ir.Graph, core: Core, projections: Projections | None, add) -> _Source:
@@ -117,14 +120,23 @@ class _Source:
         view = dataclasses.replace(core, layout="BSD", q=x, k=x, v=x)  # self-attention: L = S, both on axis 1
         weight = new_initializer(graph, "attention/qkv_weight", projections.weight)
         bias = new_initializer(graph, "attention/qkv_bias", projections.bias)
-        sizes = new_initializer(graph, "attention/qkv_sizes", np.asarray(projections.sizes, np.int64))
-        return cls(view, x, None, weight, bias, sizes)
+        bounds = np.cumsum([0, *projections.sizes])
+        columns = [(new_initializer(graph, "attention/qkv_from", np.asarray([bounds[i]], np.int64)),
+                    new_initializer(graph, "attention/qkv_to", np.asarray([bounds[i + 1]], np.int64))) for i in range(3)]
+        last = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
+        return cls(view, x, None, weight, bias, columns, last)
 
     def inputs(self, emit) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """q, k, v projected apart, each by its columns of the packed weight (slices of constants,
+        which ONNX Runtime folds once): a Split of one packed projection would copy (N, L, 3E) per call."""
         if self.values is not None:
             return self.values
-        packed = emit("Add", [emit("MatMul", [self.length, self.weight], "qkv_proj/MatMul"), self.bias], "qkv_proj/Add")
-        return emit("Split", [packed, self.sizes], "qkv_proj/Split", {"axis": -1}, outputs=3)
+        last, out = self.last_axis, []
+        for name, (start, end) in zip("qkv", self.columns):
+            w = emit("Slice", [self.weight, start, end, last], f"{name}_proj/weight")
+            b = emit("Slice", [self.bias, start, end, last], f"{name}_proj/bias")
+            out.append(emit("Add", [emit("MatMul", [self.length, w], f"{name}_proj/MatMul"), b], f"{name}_proj/Add"))
+        return tuple(out)
 
     def one_op(self, emit, bias: ir.Value | None) -> ir.Value:
         if self.values is not None:

@@ -27,7 +27,7 @@ CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
 CAUSAL_FROM = 2048  # the shortest query length whose causal mask goes in blocks
 ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
 BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
-ATTENTION_UNTIL = 1024  # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
+ATTENTION_UNTIL = 384  # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
 
 
 @dataclass

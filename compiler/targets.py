@@ -69,7 +69,8 @@ _ORT_CPU = Form("ms-multihead-attention",
                                  functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
                                  functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
                 "portable but projections packed only where at most 256 rows (batch x length) are known, or with a KV "
-                "cache, with the attention core fused into com.microsoft MultiHeadAttention "
+                "cache, with the attention core fused into com.microsoft MultiHeadAttention (or, for short inputs "
+                "of a core whose q, k, v are projections of one input, com.microsoft.Attention on that input) "
                 "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
                 "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; residual sums "
                 "before a LayerNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
@@ -105,17 +106,17 @@ FUSED_OPS = ("MultiHeadAttention", "Attention")
 
 def attention_form(model: onnx.ModelProto) -> str:
     """The form the attention core took in a compiled graph, for the manifest."""
-    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in _nodes(model.graph) if n.op_type in FUSED_OPS})
+    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in every_node(model.graph) if n.op_type in FUSED_OPS})
     return ", ".join(fused) if fused else "unfused MatMul-Softmax-MatMul"
 
 
-def _nodes(graph: onnx.GraphProto):
+def every_node(graph: onnx.GraphProto):
     """Every node, those of If and Loop bodies too (a causal core runs in query blocks there)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
+                yield from every_node(attr.g)
 
 
 def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None) -> onnx.ModelProto:

@@ -12,6 +12,7 @@ exporters), in one run:
     python scripts/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
     python scripts/corpus.py --layernorm    # why ort-cpu keeps Add and LayerNormalization apart
     python scripts/corpus.py --packing      # why ort-cpu packs projections only for few rows
+    python scripts/corpus.py --attention-op # com.microsoft.Attention against MultiHeadAttention on ort-cpu
 
 
 Needs the transformers extra: pip install -e '.[transformers]'.
@@ -36,7 +37,10 @@ import onnxruntime as ort
 
 import model_zoo
 from compiler import attention_form, compile_model, get_target
+from compiler.targets import every_node
+from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
 from compiler.ingest import fusion_findings, load_onnx
+from compiler.pack_projections import PackProjectionsPass
 from compiler.output_folders import check_output_file, write_file_atomically
 from runtime.check import check_against_graph
 from runtime.graph_inputs import graph_inputs, index_ranges
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--packing", action="store_true",
                    help="only time the ort-cpu graphs with their projections packed against unpacked, for the corpus "
                         "and over lengths")
+    p.add_argument("--attention-op", action="store_true",
+                   help="only time the ort-cpu graphs with com.microsoft.Attention on the projections' input against "
+                        "MultiHeadAttention on the projected q, k, v, for the corpus and over lengths")
     args = p.parse_args(argv)
     for flag in ("markdown", "json"):
         if getattr(args, flag) is not None:
@@ -270,21 +277,38 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
     return "\n".join(lines)
 
 
-def _compiled_packing(model: onnx.ModelProto, max_rows: int | None) -> onnx.ModelProto:
-    """The ort-cpu graph with its projections packed at every size (None) or never (0)."""
+def _compiled_with(model: onnx.ModelProto, options: dict[type, dict[str, Any]]) -> onnx.ModelProto:
+    """The ort-cpu graph with some of its passes given other options (the rest as the target has them)."""
     import functools
 
     import onnx_ir as ir
 
     from compiler.cleanup import CleanupPass
-    from compiler.pack_projections import PackProjectionsPass
 
     _, form = get_target("ort-cpu")
-    passes = [functools.partial(PackProjectionsPass, max_rows=max_rows)
-              if getattr(p, "func", p) is PackProjectionsPass else p for p in form.passes]
+    passes = [functools.partial(getattr(p, "func", p), **{**getattr(p, "keywords", {}), **options[getattr(p, "func", p)]})
+              if getattr(p, "func", p) in options else p for p in form.passes]
     ir_model = ir.serde.deserialize_model(model)
     ir.passes.Sequential(*(make() for make in passes), CleanupPass())(ir_model)
     return ir.serde.serialize_model(ir_model)
+
+
+def _packing(max_rows: int | None) -> dict[type, dict[str, Any]]:
+    """Packing at every size (None) or never (0), with MultiHeadAttention on the projected q, k, v, so
+    that the Split is what differs (com.microsoft.Attention takes x whole, packed or not)."""
+    return {PackProjectionsPass: {"max_rows": max_rows}, FuseOrtMultiHeadAttentionPass: {"attention_op": False}}
+
+
+def attention_op_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -> str:
+    """The ort-cpu graph as compiled, where self-attention cores whose q, k, v are projections of one
+    input run com.microsoft.Attention on it for short inputs, against the same graph with
+    MultiHeadAttention on the projected q, k, v there, timed in turns: the corpus models where a core
+    takes the Attention op, at their timed inputs, and graphs/mha.py's self-attention over lengths."""
+    return _paired_table(args, size, threads, ("Attention", "MultiHeadAttention"),
+                         lambda model: compile_model(model, "ort-cpu"),
+                         lambda model: _compiled_with(model, {FuseOrtMultiHeadAttentionPass: {"attention_op": False}}),
+                         lambda compiled: any(n.op_type == "Attention" for n in every_node(compiled.graph)),
+                         (None, "bool"), (16, 128, 256, 383, 384, 512, 1024))
 
 
 def _rows(first: np.ndarray) -> int:
@@ -299,17 +323,27 @@ def packing_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) 
     """The ort-cpu graph with Q/K/V (and any other projections of one tensor) packed into one MatMul
     and a Split, against the same graph unpacked, timed in turns: for every model of the corpus at
     its timed inputs, and for graphs/mha.py's self-attention (E=512, 8 heads) over lengths."""
+    return _paired_table(args, size, threads, ("packed", "unpacked"), lambda model: _compiled_with(model, _packing(None)),
+                         lambda model: _compiled_with(model, _packing(0)), lambda compiled: True, (None,),
+                         (1, 16, 64, 256, 1024))
+
+
+def _paired_table(args: argparse.Namespace, size: model_zoo.Size, threads: int, names: tuple[str, str], ours, theirs,
+                  keep, masks: tuple, lengths: tuple[int, ...]) -> str:
+    """One graph form (``ours(model)``) against another (``theirs(model)``), timed in turns: the corpus
+    models whose compiled graph ``keep`` accepts, at their timed inputs, then graphs/mha.py's
+    self-attention block (E=512, 8 heads) with each of ``masks`` at batch 1 and each of ``lengths``."""
     from graphs import AttentionSpec, AttentionWeights, build_mha
     from runtime.check import random_inputs
 
-    lines = ["| graph | rows (batch x length) | packed p50 (ms) | unpacked / packed | packed / input |",
-             "|---|---|---|---|---|"]
+    a, b = names
+    lines = [f"| graph | mask | rows (batch x tokens) | {a} p50 (ms) | {b} / {a} | {a} / input |", "|---|---|---|---|---|---|"]
 
-    def row(name: str, rows: int, sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> None:
+    def row(name: str, mask: str, rows: int, sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> None:
         times = {k: np.asarray(v) for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()}
-        vs_input = f"{float(np.median(times['packed'] / times['input'])):.2f}x" if "input" in times else "-"
-        lines.append(f"| {name} | {rows} | {float(np.median(times['packed'])) * 1e3:.2f} | "
-                     f"{float(np.median(times['unpacked'] / times['packed'])):.2f}x | {vs_input} |")
+        vs_input = f"{float(np.median(times[a] / times['input'])):.2f}x" if "input" in times else "-"
+        lines.append(f"| {name} | {mask} | {rows} | {float(np.median(times[a])) * 1e3:.2f} | "
+                     f"{float(np.median(times[b] / times[a])):.2f}x | {vs_input} |")
         print(lines[-1], flush=True)
 
     for entry in model_zoo.entries(size, tuple(args.families)):
@@ -317,18 +351,21 @@ def packing_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) 
             continue
         path = model_zoo.export(entry, args.cache)
         original = load_onnx(path)
+        compiled = ours(original)
+        if not keep(compiled):
+            continue
         fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
         feeds = model_zoo.example_inputs(entry) if fixed_shapes else timed_inputs(entry, original, args.batch, args.seq)
-        sessions = {"input": _session(str(path), threads), "packed": _session(_compiled_packing(original, None), threads),
-                    "unpacked": _session(_compiled_packing(original, 0), threads)}
-        row(entry.name, _rows(next(iter(feeds.values()))), sessions, feeds)
-    spec = AttentionSpec(512, 8, batch_first=True, self_attention=True)
-    model = build_mha(spec, AttentionWeights.random(spec))
-    sessions = {"packed": _session(_compiled_packing(model, None), threads),
-                "unpacked": _session(_compiled_packing(model, 0), threads)}
-    for length in (1, 16, 64, 256, 1024):
-        row("graphs/mha.py self-attention, E=512", length, sessions,
-            random_inputs(spec, (1, length, length), np.random.default_rng(0)))
+        sessions = {"input": _session(str(path), threads), a: _session(compiled, threads),
+                    b: _session(theirs(original), threads)}
+        row(entry.name, "the model's", _rows(next(iter(feeds.values()))), sessions, feeds)
+    for mask in masks:
+        spec = AttentionSpec(512, 8, batch_first=True, self_attention=True, key_padding_mask=mask)
+        model = build_mha(spec, AttentionWeights.random(spec))
+        sessions = {a: _session(ours(model), threads), b: _session(theirs(model), threads)}
+        for length in lengths:
+            row("graphs/mha.py self-attention, E=512", "padding" if mask else "none", length, sessions,
+                random_inputs(spec, (1, length, length), np.random.default_rng(0)))
     return "\n".join(lines)
 
 
@@ -340,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         print(layernorm_table(threads, max(args.rounds, 100)))
         return 0
     size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
-    if args.packing:
+    if args.packing or args.attention_op:
         print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}")
-        print(packing_table(args, size, threads))
+        print(packing_table(args, size, threads) if args.packing else attention_op_table(args, size, threads))
         return 0
     rate = cpu_matmul_rate(threads=threads, min_seconds=min(1.0, max(0.1, args.min_seconds / 3)))
     print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
