@@ -121,14 +121,21 @@ def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | No
     split = producer_of(value, "Split")
     if split is not None:
         packed = _projection(split.inputs[0])
-        sizes = constant(split.inputs[1]) if len(split.inputs) > 1 else None
         axis = split.attributes.get_int("axis", 0)
-        if packed is None or sizes is None or axis not in (-1, 2):
+        if packed is None or axis not in (-1, 2):
+            return None
+        if len(split.inputs) > 1 and split.inputs[1] is not None:
+            sizes = constant(split.inputs[1])
+        else:  # opset 18's num_outputs, or an even split
+            sizes = np.full(len(split.outputs), packed[1].shape[1] // len(split.outputs))
+        if sizes is None or int(np.sum(sizes)) != packed[1].shape[1]:
             return None
         index = list(split.outputs).index(value)
         start, stop = int(np.sum(sizes[:index])), int(np.sum(sizes[:index + 1]))
         x, w, b = packed
         return x, w[:, start:stop], b[start:stop]
+    if (rows := _gemm_rows(value)) is not None:
+        return rows
     bias = None
     add = producer_of(value, "Add")
     if add is not None:
@@ -144,6 +151,33 @@ def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | No
     if w is None or w.ndim != 2 or (bias is not None and bias.shape != (w.shape[1],)):
         return None
     return matmul.inputs[0], w, bias if bias is not None else np.zeros(w.shape[1], w.dtype)
+
+
+def _gemm_rows(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | None:
+    """(x, W, b) where value = Reshape(Gemm(Reshape(x, (N*L, E_in)), W, b), (N, L, E')), as GPT-2's
+    Conv1D exports (addmm over the rows; b = 0 where the Gemm has none)."""
+    outer = producer_of(value, "Reshape")
+    gemm = producer_of(outer.inputs[0], "Gemm") if outer is not None else None
+    inner = producer_of(gemm.inputs[0], "Reshape") if gemm is not None else None
+    if inner is None:
+        return None
+    x = inner.inputs[0]
+    if x.shape is None or value.shape is None or len(x.shape) != 3 or len(value.shape) != 3 \
+            or not _same(x.shape[0], value.shape[0]) or not _same(x.shape[1], value.shape[1]):
+        return None
+    attrs = gemm.attributes
+    if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
+        return None
+    w = _constant(gemm.inputs[1])
+    if w is None or w.ndim != 2:
+        return None
+    w = w.T if attrs.get_int("transB", 0) else w
+    b = _constant(gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] is not None else np.zeros(w.shape[1], w.dtype)
+    if b is None:
+        return None
+    if w.shape[0] != x.shape[2] or b.shape != (w.shape[1],):
+        return None
+    return x, w, b
 
 
 def _constant(value: ir.Value) -> np.ndarray | None:

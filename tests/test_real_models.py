@@ -138,3 +138,18 @@ def test_the_mask_forms_if_leaves_onnx_runtime_no_more_transposes(exported, tmp_
         optimized = onnx.load(str(tmp_path / f"{label}.onnx"))
         counts[label] = sum(n.op_type == "Transpose" for n in optimized.graph.node)
     assert counts["if"] <= counts["no_if"], counts
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_cores_fed_by_projections_of_one_input_take_the_attention_op_on_ort_cpu(exported, entry):
+    """compiler/qkv_projections.py reads q, k, v back to one input and its weights through each
+    exporter's head split: BERT and ViT (MatMul + Add) and GPT-2 (Gemm over the rows, a Split of the
+    packed output) do, so their short forms run com.microsoft.Attention; Llama (rotary embeddings
+    between) and torch's modules (an unflattened packed projection) keep MultiHeadAttention."""
+    from compiler import compile_model
+    from compiler.ingest import load_onnx
+    from compiler.targets import every_node
+
+    model = compile_model(load_onnx(exported[entry.name]), "ort-cpu")
+    takes = any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in every_node(model.graph))
+    assert takes == (entry.family in ("bert", "vit", "gpt2")), entry.name
