@@ -283,8 +283,12 @@ def _states(mask: ir.Value, axis: int, other: ir.Value, other_axis: int) -> bool
     or the same symbolic dim), so that nothing broadcasts there."""
     if mask.shape is None or len(mask.shape) != 4 or other.shape is None or len(other.shape) <= other_axis:
         return False
-    a, b = mask.shape[axis], other.shape[other_axis]
-    return a == b and (isinstance(a, int) or (a is not None and getattr(a, "value", None) is not None))
+    return same_dim(mask.shape[axis], other.shape[other_axis])
+
+
+def same_dim(a: object, b: object) -> bool:
+    """Two dims known to be equal: the same size, or the same named symbolic dim."""
+    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
 
 
 def keys_bnsh(core: Core, add: Emit) -> ir.Value:
@@ -293,16 +297,14 @@ def keys_bnsh(core: Core, add: Emit) -> ir.Value:
     cannot where one of the two feeds a subgraph (the mask forms' If)."""
     if not core.k_transposed:
         return core.k
-    producer = core.k.producer()
-    if producer is not None and not producer.domain and producer.op_type == "Transpose" and _swaps_last(producer):
-        return producer.inputs[0]
-    if producer is not None and not producer.domain and producer.op_type == "Mul":
+    swap = [0, 1, 3, 2]
+    if perm_of(transpose := producer_of(core.k, "Transpose")) == swap:
+        return transpose.inputs[0]
+    if (mul := producer_of(core.k, "Mul")) is not None:
         for i in (0, 1):
-            turned, factor = producer.inputs[i].producer(), producer.inputs[1 - i]
-            if (turned is not None and not turned.domain and turned.op_type == "Transpose" and _swaps_last(turned)
-                    and _one_number(factor)):
-                return add("Mul", [turned.inputs[0], producer.inputs[1 - i]], "keys_scaled")
-    return add("Transpose", [core.k], "keys", {"perm": [0, 1, 3, 2]})
+            if perm_of(turned := producer_of(mul.inputs[i], "Transpose")) == swap and _one_number(mul.inputs[1 - i]):
+                return add("Mul", [turned.inputs[0], mul.inputs[1 - i]], "keys_scaled")
+    return add("Transpose", [core.k], "keys", {"perm": swap})
 
 
 def _one_number(value: ir.Value) -> bool:
@@ -312,10 +314,6 @@ def _one_number(value: ir.Value) -> bool:
         return known.size == 1
     return value.shape is not None and all(dim == 1 for dim in value.shape)
 
-
-def _swaps_last(node: ir.Node) -> bool:
-    perm = node.attributes.get("perm")
-    return perm is not None and list(perm.as_ints()) == [0, 1, 3, 2]
 
 
 def rank4(mask: ir.Value) -> ir.Value | None:

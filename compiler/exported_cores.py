@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, only_use
-from compiler.attention_core import Core, context_matmul, over_keys, perm_of, producer_of
+from compiler.attention_core import Core, context_matmul, over_keys, perm_of, producer_of, same_dim
 from compiler.shape_values import entries, scalar
 
 
@@ -246,10 +246,6 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     return _as_bsd(core, graph) or core
 
 
-def _same_dim(a: object, b: object) -> bool:
-    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
-
-
 def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> bool:
     """Whether a Reshape's ``axis`` keeps ``source``'s ``source_axis``: the target says 0 (copy), or
     gives the same size, or reads it from Shape(source) (as legacy exporters compute it), or shape
@@ -263,7 +259,7 @@ def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> b
     if dims[axis] is None and _shape_entry(reshape.inputs[1], axis) == (source, source_axis):
         return True
     out = reshape.outputs[0].shape
-    return out is not None and len(out) > axis and size is not None and _same_dim(out[axis], size)
+    return out is not None and len(out) > axis and size is not None and same_dim(out[axis], size)
 
 
 def _shape_entry(shape: ir.Value, position: int) -> tuple[ir.Value, int] | None:
@@ -337,7 +333,7 @@ def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
         entry = _shape_entry(merge_r.inputs[1], axis)
         if not (_keeps(merge_r, axis, merge_t.outputs[0], axis) or _keeps(merge_r, axis, q, axis) or (
                 entry is not None and entry[1] == axis and entry[0].shape is not None and len(entry[0].shape) > axis
-                and q.shape is not None and _same_dim(entry[0].shape[axis], q.shape[axis]))):
+                and q.shape is not None and same_dim(entry[0].shape[axis], q.shape[axis]))):
             return None
     return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
                                nodes=[*core.nodes, merge_t, merge_r], k_transposed=True)

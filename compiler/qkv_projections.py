@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named
-from compiler.attention_core import Core, producer_of, perm_of
+from compiler.attention_core import Core, perm_of, producer_of, same_dim
 
 
 @dataclass
@@ -79,15 +79,16 @@ def reroute_shapes(graph: ir.Graph, projections: Projections) -> None:
             if start >= end:
                 continue
             new: list[ir.Node] = []
+            prefix = node.outputs[0].name  # value names are unique in a graph; node names need not be set
             for axis in axes[start:end]:
                 if isinstance(axis, str):
                     new.append(named(ir.node("Shape", [projections.x], {"start": "NL".index(axis), "end": "NL".index(axis) + 1},
-                                             name=f"{node.name}/from_x_{axis}")))
+                                             name=f"{prefix}/from_x_{len(new)}")))
                 else:
-                    new.append(named(ir.node("Constant", [], {"value_ints": [axis]}, name=f"{node.name}/size_{len(new)}")))
+                    new.append(named(ir.node("Constant", [], {"value_ints": [axis]}, name=f"{prefix}/size_{len(new)}")))
             parts = [n.outputs[0] for n in new]
             if len(parts) > 1:
-                new.append(named(ir.node("Concat", parts, {"axis": 0}, name=f"{node.name}/from_x")))
+                new.append(named(ir.node("Concat", parts, {"axis": 0}, name=f"{prefix}/from_x")))
             graph.insert_before(node, new)
             node.outputs[0].replace_all_uses_with(new[-1].outputs[0])
 
@@ -105,14 +106,9 @@ def _merged(value: ir.Value, perm: list[int], core: Core) -> ir.Value | None:
         return None
     # with the first two axes kept and the last one hd, the third is H (whatever shape inference knew)
     if p.shape[2] != core.num_heads * core.head_dim or heads.shape[3] != core.head_dim \
-            or not _same(p.shape[0], heads.shape[0]) or not _same(p.shape[1], heads.shape[1]):
+            or not same_dim(p.shape[0], heads.shape[0]) or not same_dim(p.shape[1], heads.shape[1]):
         return None
     return p
-
-
-def _same(a, b) -> bool:
-    """Two dims known to be equal: the same size, or the same named symbolic dim."""
-    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
 
 
 def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | None:
@@ -163,7 +159,7 @@ def _gemm_rows(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | Non
         return None
     x = inner.inputs[0]
     if x.shape is None or value.shape is None or len(x.shape) != 3 or len(value.shape) != 3 \
-            or not _same(x.shape[0], value.shape[0]) or not _same(x.shape[1], value.shape[1]):
+            or not same_dim(x.shape[0], value.shape[0]) or not same_dim(x.shape[1], value.shape[1]):
         return None
     attrs = gemm.attributes
     if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
