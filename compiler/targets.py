@@ -72,13 +72,13 @@ _ORT_CPU = Form("ms-multihead-attention",
                 "cache, with the attention core fused into com.microsoft MultiHeadAttention (or, for short inputs "
                 "of a core whose q, k, v are projections of one input, com.microsoft.Attention on that input) "
                 "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
-                "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; residual sums "
-                "before a LayerNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
+                "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; RMSNorms in the Div form "
+                "ONNX Runtime fuses; residual sums before a LayerNorm or RMSNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
                 "(its SkipLayerNormalization is slower there)", FuseOrtMultiHeadAttentionPass)
 _ORT_CUDA = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
                  "portable, with the attention core fused into com.microsoft MultiHeadAttention "
                  "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
-                 "as SkipLayerNormalization and GELU as Gelu", FuseOrtMultiHeadAttentionPass)
+                 "as SkipLayerNormalization, GELU as Gelu and RMSNorms in the Div form ONNX Runtime fuses", FuseOrtMultiHeadAttentionPass)
 _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
                         "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
                         "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")

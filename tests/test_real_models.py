@@ -153,3 +153,29 @@ def test_cores_fed_by_projections_of_one_input_take_the_attention_op_on_ort_cpu(
     model = compile_model(load_onnx(exported[entry.name]), "ort-cpu")
     takes = any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in every_node(model.graph))
     assert takes == (entry.family in ("bert", "vit", "gpt2")), entry.name
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
+def test_llamas_rmsnorm_reaches_onnx_runtimes_fused_kernel(exported, tmp_path, target):
+    """torch's dynamo exporter writes Llama's RMSNorm with Reciprocal, which ONNX Runtime's session
+    does not fuse; the ort targets write it with Div, which it fuses into SimplifiedLayerNormalization.
+    On ort-cpu the residual sum before it stays apart (the skip form is slower there), on ort-cuda
+    ONNX Runtime may take it in. Counted in ONNX Runtime's own optimized graph (CPU provider)."""
+    import onnx
+    import onnxruntime as ort
+
+    from compiler import compile_model
+    from compiler.ingest import load_onnx
+
+    source = load_onnx(exported["llama-sdpa-dynamo"])
+    norms = sum(n.op_type == "Reciprocal" for n in source.graph.node)  # one per RMSNorm: 2 per layer and the final one
+    assert norms == 2 * SIZE.layers + 1
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(compile_model(source, target).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    fused = optimized.count("SimplifiedLayerNormalization") + optimized.count("SkipSimplifiedLayerNormalization")
+    assert fused == norms and "Reciprocal" not in optimized
+    if target == "ort-cpu":
+        assert "SkipSimplifiedLayerNormalization" not in optimized
