@@ -114,13 +114,49 @@ def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value]
             return "its scores are not a MatMul plus masks"
         if only_use(add.inputs[sides[0]], graph) is None:
             return "an intermediate score tensor is used outside the attention"
-        biases.append(add.inputs[1 - sides[0]])
+        if not _adds_nothing(add.inputs[1 - sides[0]], add.inputs[sides[0]]):
+            biases.append(add.inputs[1 - sides[0]])
         nodes.append(add)
         scores = add.inputs[sides[0]]
         while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
             nodes.append(scores.producer())
             scores = scores.producer().inputs[0]
     return scores, biases[::-1], nodes
+
+
+def _adds_nothing(bias: ir.Value, scores: ir.Value) -> bool:
+    """A bias that is zero everywhere and broadcasts into the scores' shape: an all-visible mask a
+    graph builds from constants (transformers' ViT under SDPA: ``Where(Expand(all True), 0, min)``),
+    which would otherwise cost the fused op its mask-free path."""
+    if _uniform(bias) != 0:
+        return False
+    if bias.shape is None or scores.shape is None or len(bias.shape) > len(scores.shape):
+        return False
+    return all(b == 1 or b == s for b, s in zip(reversed(bias.shape.dims), reversed(scores.shape.dims)))
+
+
+def _uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:
+    """The one value every element of ``value`` takes, where constants fix it; else None."""
+    array = constant(value)
+    if array is not None:
+        flat = array.reshape(-1)
+        return flat[0].item() if flat.size and (flat == flat[0]).all() else None
+    node = value.producer() if value is not None and depth > 0 else None
+    if node is None or node.domain:
+        return None
+    if node.op_type in ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity"):
+        return _uniform(node.inputs[0], depth - 1)
+    if node.op_type == "Cast":
+        inner = _uniform(node.inputs[0], depth - 1)
+        to = ir.DataType(node.attributes.get_int("to", 0))
+        return None if inner is None else (bool(inner) if to == ir.DataType.BOOL else float(inner))
+    if node.op_type == "Where":
+        condition = _uniform(node.inputs[0], depth - 1)
+        if condition is not None:
+            return _uniform(node.inputs[1 if condition else 2], depth - 1)
+        picked = {_uniform(node.inputs[1], depth - 1), _uniform(node.inputs[2], depth - 1)}
+        return picked.pop() if len(picked) == 1 else None
+    return None
 
 
 def _reshape_dims(node: ir.Node) -> list[int | None] | None:

@@ -130,6 +130,48 @@ def test_exported_attention_fuses_and_keeps_outputs(exported, kind, masked, targ
     assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
 
 
+class _ConstantMask(torch.nn.Module):
+    """SDPA with a mask built from constants, as transformers' ViT passes an all-visible one."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.qkv = torch.nn.Linear(E, 3 * E)
+        self.register_buffer("visible", torch.ones(6, 6, dtype=torch.bool))
+        self.visible[..., 2] = not hidden
+
+    def forward(self, x):
+        n, l, _ = x.shape
+        q, k, v = (t.reshape(n, l, H, E // H).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        context = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.visible)
+        return context.transpose(1, 2).reshape(n, l, E)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
+@pytest.mark.parametrize("hidden", [False, True], ids=["all-visible", "one-key-hidden"])
+def test_a_constant_mask_that_hides_nothing_is_dropped(tmp_path, target, hidden):
+    """A mask that constants make all-visible adds 0 to every score: the fused op gets no mask (so
+    ONNX Runtime's CPU MultiHeadAttention keeps its flash path) and computes the same; one hidden key
+    keeps it."""
+    torch.manual_seed(0)
+    module = _ConstantMask(hidden).eval()
+    x = torch.randn(2, 6, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx.save(torch.onnx.export(module, (x,), dynamo=True, verbose=False).model_proto, tmp_path / "m.onnx")
+    original = load_onnx(tmp_path / "m.onnx")
+    compiled = compile_model(original, target)
+    fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
+    assert len(fused) == 1
+    op = fused[0]
+    mask_inputs = {"MultiHeadAttention": (4, 5), "Attention": (3, 5) if op.domain == "com.microsoft" else (3,)}
+    masks = [op.input[i] for i in mask_inputs[op.op_type] if i < len(op.input) and op.input[i]]
+    assert bool(masks) == hidden, list(op.input)
+    got = next(iter(OrtSession(compiled).run({"x": x.numpy()}).values()))
+    with torch.no_grad():
+        want = module.double()(x.double()).numpy()
+    assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
+
+
 def test_portable_leaves_exported_attention_alone_and_says_so(exported):
     _, _, path = exported["decoder", True]
     original = load_onnx(path)
