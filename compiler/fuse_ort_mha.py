@@ -211,12 +211,17 @@ def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, l
             max_len: int | None) -> ir.Value:
     """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
     where the graph fixes the length, or declares a largest one (--max-len) below the threshold, the
-    one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks")."""
+    one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks").
+    Keys the graph fixes below the threshold (torch's legacy export of its modules fixes them at the
+    traced length) take the short form at any query length: it holds (N, H, L, S) scores, linear in L."""
     shape = source.length.shape
     fixed = shape[1] if shape is not None and len(shape) > 1 else None
     if isinstance(fixed, int):
         return (long if fixed >= threshold else short)(add, scope)
-    if max_len is not None and max_len < threshold:
+    core = source.core
+    values = core.v.shape
+    keys = values[1 if core.layout == "BSD" else 2] if values is not None and len(values) > 2 else None
+    if (max_len is not None and max_len < threshold) or (isinstance(keys, int) and keys < threshold):
         return short(add, scope)
     length = add("Shape", [source.length], "query_length", {"start": 1, "end": 2})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
