@@ -12,7 +12,7 @@ from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
+                                 causal_blocks, causal_inside_blocks, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
@@ -187,8 +187,22 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
         return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
 
+    def causal_inside_or_blocks(emit, name: str) -> ir.Value:
+        """A Hugging Face mask (causal And padding): its causal part as causal blocks where the
+        queries are the keys (L = S, as in every self-attention without a cache)."""
+        q, _, v = source.inputs(emit)
+        axis = 1 if core.layout == "BSD" else 2
+        square = emit("Equal", [emit("Shape", [q], "query_len", {"start": 1, "end": 2}),
+                                emit("Shape", [v], "key_len", {"start": axis, "end": axis + 1})], "square")
+        return _if(graph, square, name, emit,
+                   lambda inner, inner_name: causal_inside_blocks(graph, core, source.inputs(inner), terms.causal_inside,
+                                                                  inner, inner_name),
+                   padding_or_blocks)
+
     if not terms.other:
         return _switch(graph, source, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
+    if terms.causal_inside is not None:
+        return _switch(graph, source, add, scope, CAUSAL_FROM, causal_inside_or_blocks, one_op, max_len)
     return _switch(graph, source, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
 
 

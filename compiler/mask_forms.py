@@ -31,6 +31,18 @@ ATTENTION_UNTIL = 384  # below it, com.microsoft.Attention outruns the flash Mul
 
 
 @dataclass
+class CausalInside:
+    """A mask built as Hugging Face builds it, ``Where(causal AND rest, 0, lowest)``: a bool causal
+    comparison of key and query positions, And-ed with the rest (padding), then made additive with
+    a finite ``lowest``. Kept whole in ``MaskTerms.other`` for the forms that take it so; the long
+    form reads these parts. A query whose every key is hidden gets ``lowest`` everywhere, and so
+    the mean of all values (a uniform softmax), not zero."""
+
+    rest: list[ir.Value]  # the other And operands (bool), each (N|1, H|1, 1, S): padding
+    lowest: float
+
+
+@dataclass
 class MaskTerms:
     """The additive terms a core's mask is the sum of, sorted by what they depend on."""
 
@@ -39,6 +51,7 @@ class MaskTerms:
     other: list[ir.Value] = field(default_factory=list)
     # a KV cache's causal mask: query i sees keys 0..past + i, ``past`` this scalar (the rows' first position)
     past: ir.Value | None = None
+    causal_inside: CausalInside | None = None  # ``other`` is one such mask
 
     @property
     def key_only(self) -> bool:
@@ -60,7 +73,86 @@ def mask_terms(core: Core) -> MaskTerms:
             terms.keys.append(term)
         else:
             terms.other.append(term)
+    if core.cache is None and len(terms.other) == 1 and not terms.keys and not terms.causal:
+        terms.causal_inside = causal_inside(terms.other[0])
     return terms
+
+
+def causal_inside(term: ir.Value) -> CausalInside | None:
+    """The parts of ``Where(B, 0, lowest)`` whose bool B is an And of a causal comparison
+    (``kv <= q`` with kv = Range(0, S) on the last axis and q = Range(0, L) on axis 2 of four) and
+    other operands; constant-true operands drop out. None for any other mask."""
+    where = producer_of(term, "Where")
+    if where is None or term.shape is None or len(term.shape) != 4 or not _is_scalar(where.inputs[1], 0.0):
+        return None
+    lowest = constant(where.inputs[2])
+    if lowest is None or lowest.size != 1 or not float(lowest.reshape(())) <= -1e30:
+        return None
+    operands, pending, causal = [], [where.inputs[0]], False
+    while pending and len(operands) < 8:
+        value = pending.pop()
+        node = value.producer()
+        if node is not None and not node.domain and node.op_type in ("And", "Expand", "Cast"):
+            if node.op_type == "Cast" and node.attributes.get_int("to", 0) != ir.DataType.BOOL:
+                operands.append(value)
+            else:
+                pending += list(node.inputs) if node.op_type == "And" else [node.inputs[0]]
+        elif _is_causal_comparison(value) and not causal:
+            causal = True
+        elif not _all_true(value):
+            operands.append(value)
+    if not causal or pending or not all(_key_only(x) for x in operands):
+        return None
+    return CausalInside(operands, float(lowest.reshape(())))
+
+
+def _key_only(value: ir.Value) -> bool:
+    shape = value.shape
+    return shape is not None and len(shape) == 4 and shape[2] == 1
+
+
+def _is_causal_comparison(value: ir.Value) -> bool:
+    """LessOrEqual(kv, q) or GreaterOrEqual(q, kv), each position a Range from 0 unsqueezed to axis 3
+    (keys) or 2 (queries) of four: key j is visible to query i when j <= i."""
+    node = value.producer()
+    if node is None or node.domain or node.op_type not in ("LessOrEqual", "GreaterOrEqual"):
+        return False
+    keys, queries = node.inputs if node.op_type == "LessOrEqual" else node.inputs[::-1]
+    return _range_axis(keys) == (3, 4) and _range_axis(queries) == (2, 4)
+
+
+def _range_axis(value: ir.Value, depth: int = 6) -> tuple[int, int] | None:
+    """(the axis Range(0, n, 1) lies on, the rank) for Unsqueezes of it, else None."""
+    node = value.producer()
+    if node is None or node.domain or depth == 0:
+        return None
+    if node.op_type == "Range":
+        return (0, 1) if _is_scalar(node.inputs[0], 0) and _is_scalar(node.inputs[2], 1) else None
+    if node.op_type == "Cast":
+        return _range_axis(node.inputs[0], depth - 1)
+    if node.op_type != "Unsqueeze" or len(node.inputs) < 2 or (axes := constant(node.inputs[1])) is None:
+        return None
+    inner = _range_axis(node.inputs[0], depth - 1)
+    if inner is None:
+        return None
+    axis, rank = inner
+    rank += axes.size
+    inserted = sorted(int(a) % rank for a in axes.reshape(-1))
+    for a in inserted:  # positions in the output: each inserted axis at or before the range's shifts it
+        if a <= axis:
+            axis += 1
+    return axis, rank
+
+
+def _all_true(value: ir.Value) -> bool:
+    array = constant(value)
+    if array is None:
+        node = value.producer()
+        if node is None or node.domain or node.op_type != "ConstantOfShape":
+            return False
+        attr = node.attributes.get("value")
+        array = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
+    return array.size > 0 and bool(np.all(array))
 
 
 def _is_self_causal(term: ir.Value) -> bool:
@@ -480,3 +572,37 @@ def _loop(graph: ir.Graph, add: Emit, count: ir.Value, name: str, scope: str,
     run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], f"{name}/run")  # the Loop's condition: true
     return add("Loop", [trips, run], f"{name}/Loop",
                {"body": ir.Graph([index, go_on], [done, output], nodes=body, name=f"{scope}/body")})
+
+
+def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value],
+                         inside: CausalInside, add: Emit, scope: str) -> ir.Value:
+    """Attention (N, L, E) under a CausalInside mask: its padding as a key bias, its causal part as
+    causal_blocks. A query whose every visible key is padding gets what the mask's graph gives it:
+    the mean of all values where ``lowest`` is finite (every score equal), else zero where the
+    graph guarded such rows, else NaN."""
+    key_bias = None
+    if inside.rest:
+        visible = inside.rest[0]
+        for i, other in enumerate(inside.rest[1:]):
+            visible = add("And", [visible, other], f"visible_{i + 1}")
+        key_bias = add("Where", [visible, _floats(graph, "zero", 0.0), _floats(graph, "neg_inf", -np.inf)],
+                       "key_bias_terms")
+    bias = floored(graph, key_bias, add) if key_bias is not None else None
+    context = causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, add, bias, True), add, scope)
+    if key_bias is None:
+        return context
+    dead = add("Squeeze", [add("Transpose", [dead_causal_rows(graph, key_bias, add)], "fully_masked/query_rows",
+                               {"perm": [0, 2, 1, 3]}), _ints(graph, "axes23", [2, 3])], "fully_masked/rows_nl")
+    if np.isfinite(inside.lowest):
+        v = inputs[2]
+        if core.layout == "BSD":
+            fill = add("ReduceMean", [v, _ints(graph, "axis1", [1])], "fully_masked/mean_value", {"keepdims": 1})
+        else:
+            mean = add("ReduceMean", [v, _ints(graph, "axis2", [2])], "fully_masked/mean_value", {"keepdims": 1})
+            fill = add("Reshape", [add("Transpose", [mean], "fully_masked/mean_bsnh", {"perm": [0, 2, 1, 3]}),
+                                   _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim])],
+                       "fully_masked/mean_bsd")
+    else:
+        fill = _floats(graph, "zero" if core.zeroes_dead_rows else "nan", 0.0 if core.zeroes_dead_rows else np.nan)
+    dead = add("Unsqueeze", [dead, _ints(graph, "last_axis", [-1])], "fully_masked/rows_nl1")
+    return add("Where", [dead, fill, context], "fully_masked/filled")
