@@ -22,6 +22,34 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:
+    """The one value every element of ``value`` takes, where constants fix it (through Expand,
+    reshapes, Cast and Where); else None."""
+    array = constant(value)
+    node = value.producer() if value is not None and array is None and depth > 0 else None
+    if node is not None and node.op_type == "ConstantOfShape" and not node.domain:
+        attr = node.attributes.get("value")
+        array = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
+    if array is not None:
+        flat = array.reshape(-1)
+        return flat[0].item() if flat.size and (flat == flat[0]).all() else None
+    if node is None or node.domain:
+        return None
+    if node.op_type in ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity"):
+        return uniform(node.inputs[0], depth - 1)
+    if node.op_type == "Cast":
+        inner = uniform(node.inputs[0], depth - 1)
+        to = ir.DataType(node.attributes.get_int("to", 0))
+        return None if inner is None else (bool(inner) if to == ir.DataType.BOOL else float(inner))
+    if node.op_type == "Where":
+        condition = uniform(node.inputs[0], depth - 1)
+        if condition is not None:
+            return uniform(node.inputs[1 if condition else 2], depth - 1)
+        picked = {uniform(node.inputs[1], depth - 1), uniform(node.inputs[2], depth - 1)}
+        return picked.pop() if len(picked) == 1 else None
+    return None
+
+
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` under a name not yet taken in ``graph``."""
     taken = set(graph.initializers) | {v.name for v in graph.inputs}

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, only_use
+from compiler._ir import constant, only_use, uniform
 from compiler.attention_core import Core, context_matmul, over_keys, perm_of, producer_of, same_dim
 from compiler.shape_values import entries, scalar
 
@@ -128,35 +128,11 @@ def _adds_nothing(bias: ir.Value, scores: ir.Value) -> bool:
     """A bias that is zero everywhere and broadcasts into the scores' shape: an all-visible mask a
     graph builds from constants (transformers' ViT under SDPA: ``Where(Expand(all True), 0, min)``),
     which would otherwise cost the fused op its mask-free path."""
-    if _uniform(bias) != 0:
+    if uniform(bias) != 0:
         return False
     if bias.shape is None or scores.shape is None or len(bias.shape) > len(scores.shape):
         return False
     return all(b == 1 or b == s for b, s in zip(reversed(bias.shape.dims), reversed(scores.shape.dims)))
-
-
-def _uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:
-    """The one value every element of ``value`` takes, where constants fix it; else None."""
-    array = constant(value)
-    if array is not None:
-        flat = array.reshape(-1)
-        return flat[0].item() if flat.size and (flat == flat[0]).all() else None
-    node = value.producer() if value is not None and depth > 0 else None
-    if node is None or node.domain:
-        return None
-    if node.op_type in ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity"):
-        return _uniform(node.inputs[0], depth - 1)
-    if node.op_type == "Cast":
-        inner = _uniform(node.inputs[0], depth - 1)
-        to = ir.DataType(node.attributes.get_int("to", 0))
-        return None if inner is None else (bool(inner) if to == ir.DataType.BOOL else float(inner))
-    if node.op_type == "Where":
-        condition = _uniform(node.inputs[0], depth - 1)
-        if condition is not None:
-            return _uniform(node.inputs[1 if condition else 2], depth - 1)
-        picked = {_uniform(node.inputs[1], depth - 1), _uniform(node.inputs[2], depth - 1)}
-        return picked.pop() if len(picked) == 1 else None
-    return None
 
 
 def _reshape_dims(node: ir.Node) -> list[int | None] | None:

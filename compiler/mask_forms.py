@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, new_initializer
+from compiler._ir import constant, new_initializer, uniform
 from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of, summed
 
 MS_DOMAIN = "com.microsoft"
@@ -34,11 +34,12 @@ ATTENTION_UNTIL = 384  # below it, com.microsoft.Attention outruns the flash Mul
 class CausalInside:
     """A mask built as Hugging Face builds it, ``Where(causal AND rest, 0, lowest)``: a bool causal
     comparison of key and query positions, And-ed with the rest (padding), then made additive with
-    a finite ``lowest``. Kept whole in ``MaskTerms.other`` for the forms that take it so; the long
-    form reads these parts. A query whose every key is hidden gets ``lowest`` everywhere, and so
-    the mean of all values (a uniform softmax), not zero."""
+    ``lowest`` (the dtype's lowest, or -inf in torch's legacy SDPA export). Kept whole in
+    ``MaskTerms.other`` for the forms that take it so; the long form reads these parts. A query whose
+    every key is hidden gets ``lowest`` everywhere: the mean of all values (a uniform softmax) where
+    it is finite."""
 
-    rest: list[ir.Value]  # the other And operands (bool), each (N|1, H|1, 1, S): padding
+    rest: list[ir.Value]  # the other And operands (bool), each (N|1, 1, 1, S): padding
     lowest: float
 
 
@@ -85,7 +86,7 @@ def causal_inside(term: ir.Value) -> CausalInside | None:
     where = producer_of(term, "Where")
     if where is None or term.shape is None or len(term.shape) != 4 or not _is_scalar(where.inputs[1], 0.0):
         return None
-    lowest = constant(where.inputs[2])
+    lowest = constant(where.inputs[2])  # low enough that a score added to it is lost: every hidden key alike
     if lowest is None or lowest.size != 1 or not float(lowest.reshape(())) <= -1e30:
         return None
     operands, pending, causal = [], [where.inputs[0]], False
@@ -99,7 +100,7 @@ def causal_inside(term: ir.Value) -> CausalInside | None:
                 pending += list(node.inputs) if node.op_type == "And" else [node.inputs[0]]
         elif _is_causal_comparison(value) and not causal:
             causal = True
-        elif not _all_true(value):
+        elif uniform(value) is not True:
             operands.append(value)
     if not causal or pending or not all(_key_only(x) for x in operands):
         return None
@@ -108,7 +109,7 @@ def causal_inside(term: ir.Value) -> CausalInside | None:
 
 def _key_only(value: ir.Value) -> bool:
     shape = value.shape
-    return shape is not None and len(shape) == 4 and shape[2] == 1
+    return shape is not None and len(shape) == 4 and shape[1] == 1 and shape[2] == 1
 
 
 def _is_causal_comparison(value: ir.Value) -> bool:
@@ -142,17 +143,6 @@ def _range_axis(value: ir.Value, depth: int = 6) -> tuple[int, int] | None:
         if a <= axis:
             axis += 1
     return axis, rank
-
-
-def _all_true(value: ir.Value) -> bool:
-    array = constant(value)
-    if array is None:
-        node = value.producer()
-        if node is None or node.domain or node.op_type != "ConstantOfShape":
-            return False
-        attr = node.attributes.get("value")
-        array = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
-    return array.size > 0 and bool(np.all(array))
 
 
 def _is_self_causal(term: ir.Value) -> bool:
@@ -592,7 +582,7 @@ def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir
     if key_bias is None:
         return context
     dead = add("Squeeze", [add("Transpose", [dead_causal_rows(graph, key_bias, add)], "fully_masked/query_rows",
-                               {"perm": [0, 2, 1, 3]}), _ints(graph, "axes23", [2, 3])], "fully_masked/rows_nl")
+                               {"perm": [0, 2, 1, 3]}), _ints(graph, "axis3", [3])], "fully_masked/rows_nl")  # (N, L, 1)
     if np.isfinite(inside.lowest):
         v = inputs[2]
         if core.layout == "BSD":
@@ -604,5 +594,4 @@ def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir
                        "fully_masked/mean_bsd")
     else:
         fill = _floats(graph, "zero" if core.zeroes_dead_rows else "nan", 0.0 if core.zeroes_dead_rows else np.nan)
-    dead = add("Unsqueeze", [dead, _ints(graph, "last_axis", [-1])], "fully_masked/rows_nl1")
     return add("Where", [dead, fill, context], "fully_masked/filled")
