@@ -24,6 +24,7 @@ from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of,
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
+CHUNK_BLOCK = 1024  # queries per GroupQueryAttention call of the causal chunks
 CAUSAL_FROM = 2048  # the shortest query length whose causal mask goes in blocks
 ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
 BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
@@ -269,6 +270,8 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
       past outweighs its diagonal by more than exp's range (x = 0) is r, as it should be.
     """
     h, dv = core.num_heads, core.head_dim
+    if dq == dv and dv % 8 == 0:
+        return _causal_chunks(graph, core, q, k, v, add, scope)
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
     length = add("Shape", [q], "causal/length", {"start": 1, "end": 2})
@@ -340,6 +343,53 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
     context = add("Reshape", [add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
                               ints("merge_shape", [0, -1, h * dv])], "causal/context_padded")
     return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
+
+
+def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, add: Emit,
+                   scope: str) -> ir.Value:
+    """Causal self-attention of BSD q (scaled already), k, v (one head size, a multiple of 8) as
+    (N, L, H*hd), by ONNX Runtime's GroupQueryAttention as a chunked prefill: one batch entry and a
+    block of CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
+    kernel computes only the keys a query sees, so causal costs about 0.7x full attention
+    (docs/BENCHMARKS.md, "Masks"); it holds (H, b, S) scores per call, linear in S. It takes a past
+    with one batch entry only, hence the entries one by one; the padding to a whole number of blocks
+    lies after every real query."""
+    h, d = core.num_heads, core.head_dim
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
+    length = add("Shape", [q], "chunks/length", {"start": 1, "end": 2})
+    batch = add("Shape", [q], "chunks/batch", {"start": 0, "end": 1})
+    block = add("Min", [length, ints("chunks/block", [CHUNK_BLOCK])], "chunks/block_len")
+    blocks = add("Div", [add("Sub", [add("Add", [length, block], "chunks/length_up"), ints("one", [1])],
+                             "chunks/length_up_1"), block], "chunks/blocks")
+    pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "chunks/padded"), length],
+                                                              "chunks/extra"), ints("zeros1", [0])],
+               "chunks/pads", {"axis": 0})
+    qp, kp, vp = (add("Pad", [x, pads], f"chunks/{name}_padded") for x, name in ((q, "query"), (k, "key"), (v, "value")))
+    heads = ints("heads_shape", [0, 0, h, d])
+    k_bnsh, v_bnsh = (add("Transpose", [add("Reshape", [x, heads], f"chunks/{name}_heads")], f"chunks/{name}_bnsh",
+                          {"perm": [0, 2, 1, 3]}) for x, name in ((kp, "key"), (vp, "value")))
+    axes01, axes02, zero1, one = ints("axes01", [0, 1]), ints("axes02", [0, 2]), ints("zero1", [0]), ints("one", [1])
+
+    def step(op: Emit, index: ir.Value) -> ir.Value:
+        entry = op("Div", [index, blocks], "entry")  # (1,): this call's batch entry, then its block
+        start = op("Mul", [op("Sub", [index, op("Mul", [entry, blocks], "entry_start")], "block_index"), block], "start")
+        end = op("Add", [start, block], "end")
+        after = op("Add", [entry, one], "entry_end")
+        first, last = op("Concat", [entry, start], "from", {"axis": 0}), op("Concat", [after, end], "to", {"axis": 0})
+        rows = [op("Slice", [x, first, last, axes01], f"{name}_block") for x, name in ((qp, "query"), (kp, "key"), (vp, "value"))]
+        past_first = op("Concat", [entry, zero1], "past_from", {"axis": 0})
+        past_last = op("Concat", [after, start], "past_to", {"axis": 0})
+        past = [op("Slice", [x, past_first, past_last, axes02], f"past_{name}") for x, name in ((k_bnsh, "key"), (v_bnsh, "value"))]
+        seen = op("Cast", [op("Sub", [end, one], "last_key")], "seqlens_k", {"to": ir.DataType.INT32})
+        total = op("Cast", [op("Squeeze", [end, zero1], "total_i64")], "total", {"to": ir.DataType.INT32})
+        return op("GroupQueryAttention", [*rows, *past, seen, total], "GroupQueryAttention",
+                  {"num_heads": h, "kv_num_heads": h, "scale": 1.0}, MS_DOMAIN, outputs=3)[0]  # (1, b, H*hd)
+
+    count = add("Mul", [batch, blocks], "chunks/calls")
+    stacked = _loop(graph, add, count, "chunks", f"{scope}/chunks", step)  # (N * blocks, 1, b, H*hd)
+    shape = add("Concat", [batch, ints("chunks/rows_and_width", [-1, h * d])], "chunks/context_shape", {"axis": 0})
+    context = add("Reshape", [stacked, shape], "chunks/context_padded")
+    return add("Slice", [context, zero1, length, ints("axis1", [1])], "chunks/context")
 
 
 def causal_bias(graph: ir.Graph, q: ir.Value, add: Emit) -> ir.Value:

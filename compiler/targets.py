@@ -101,7 +101,7 @@ def get_target(name: str, precision: str = "fp32", form: str | None = None) -> t
     return target, target.form(form)
 
 
-FUSED_OPS = ("MultiHeadAttention", "Attention")
+FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupQueryAttention")
 
 
 def attention_form(model: onnx.ModelProto) -> str:

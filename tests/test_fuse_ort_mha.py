@@ -116,7 +116,7 @@ def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["target"] == "ort-cpu" and "MultiHeadAttention" in manifest["target_form"]
-    assert manifest["attention_form"] == "com.microsoft.Attention, com.microsoft.MultiHeadAttention"  # short, long
+    assert manifest["attention_form"] == "com.microsoft.Attention, com.microsoft.GroupQueryAttention"  # short, long
     assert manifest["check"]["passed"]
 
 

@@ -38,6 +38,7 @@ def small_blocks(monkeypatch):
     """Blocks of 4 queries, and the long forms from length 8 on, so that short inputs cover both forms
     and ragged last blocks."""
     monkeypatch.setattr(compiler.mask_forms, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(compiler.mask_forms, "CHUNK_BLOCK", 4)
     monkeypatch.setattr(compiler.fuse_ort_mha, "CAUSAL_FROM", 8)
     monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 8)
     monkeypatch.setattr(compiler.fuse_ort_mha, "BLOCKS_FROM", 8)
@@ -59,6 +60,19 @@ def test_causal_attention_runs_in_query_blocks_with_no_mask_on_the_op():
     assert [n.op_type for n in _all_nodes(short) if n.domain == "com.microsoft"] == ["Attention"]  # on x and the weights
 
 
+@pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
+def test_a_causal_mask_alone_runs_groupqueryattention_chunks_where_the_head_size_allows(heads):
+    """Causal with no padding, a head size that is a multiple of 8: ONNX Runtime's GroupQueryAttention
+    as a chunked prefill, which computes only the keys each query sees; other head sizes keep the
+    flash merge (its MultiHeadAttention takes no mask either)."""
+    spec = AttentionSpec(16, heads, batch_first=True, self_attention=True, is_causal=True)
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    long_form = [n.op_type for n in _all_nodes(next(a.g for a in branch.attribute if a.name == "then_branch"))]
+    assert ("GroupQueryAttention" in long_form) == (heads == 2)
+    assert ("MultiHeadAttention" in long_form) == (heads == 4)
+
+
 def _padded(feeds: dict, kind: str | None, length: int) -> dict:
     """Batch 0: every key masked; 1: the first half masked (its first rows see nothing); 2: the last key."""
     if kind is not None:
@@ -74,10 +88,12 @@ def _padded(feeds: dict, kind: str | None, length: int) -> dict:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("padding", [None, "bool", "float"])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision, padding, batch_first):
+@pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
+def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision, padding, batch_first, heads):
     """Lengths below, at and past the block and the switch to blocks (1, 4, 8, 11, 16), per-row padding;
-    rows with no visible key are zero before out_proj (DESIGN.md), so they equal out_proj.bias."""
-    spec = AttentionSpec(16, 4, batch_first=batch_first, self_attention=True, is_causal=True, key_padding_mask=padding)
+    rows with no visible key are zero before out_proj (DESIGN.md), so they equal out_proj.bias.
+    Head size 8 without padding takes GroupQueryAttention's chunks, the others the flash merge."""
+    spec = AttentionSpec(16, heads, batch_first=batch_first, self_attention=True, is_causal=True, key_padding_mask=padding)
     weights = AttentionWeights.random(spec, seed=3)
     session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu", precision))
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
@@ -89,16 +105,17 @@ def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision,
         assert errors(got, want)[1] <= tolerance, (length, errors(got, want))
 
 
-def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks):
+@pytest.mark.parametrize("heads", [2, 1], ids=["head4", "head8"])
+def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks, heads):
     """The merge never divides by the extra key's weight: a row whose earlier key scores 100 above its
-    diagonal block (exp underflows there) still equals the reference."""
-    spec = AttentionSpec(8, 1, batch_first=True, self_attention=True, is_causal=True, bias=False)
+    diagonal block (exp underflows there) still equals the reference; so do GroupQueryAttention's chunks."""
+    spec = AttentionSpec(8, heads, batch_first=True, self_attention=True, is_causal=True, bias=False)
     identity = np.eye(8, dtype=np.float32)
     weights = AttentionWeights.from_state_dict(spec, {"in_proj_weight": np.vstack([identity] * 3),
                                                       "out_proj.weight": identity})  # q = k = v = x
     x = np.zeros((1, 12, 8), np.float32)
     x[0, :, 0] = 1.0
-    x[0, 0, 0] = 300.0  # key 0 scores 300 / sqrt(8) = 106 against every later query, the others about 0.4
+    x[0, 0, 0] = 300.0  # key 0 scores 300 * 300 / sqrt(head size) against every later query, the others about 1
     x[0, 1:, 1] = np.linspace(-1, 1, 11)
     session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu"))
     got = session.run({"query": x})["attn_output"]
@@ -229,7 +246,8 @@ def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tm
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("padding", [None, "bool", "float"])
-def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding):
+@pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
+def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding, heads):
     """With --max-len declaring prompts that long, a prompt of at least CAUSAL_FROM tokens into an
     empty cache takes the causal blocks, with present = its own keys and values; shorter prompts and
     decode steps take the op with the past (the only form without that declaration: the If costs
@@ -240,9 +258,9 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small
     from compiler.resources import declare_maxima
     from runtime.generation import KvCacheLoop
 
-    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, is_causal=True, kv_cache=True,
+    spec = AttentionSpec(16, heads, batch_first=True, self_attention=True, is_causal=True, kv_cache=True,
                          key_padding_mask=padding)
-    full = AttentionSpec(16, 4, batch_first=True, self_attention=True, is_causal=True, key_padding_mask=padding)
+    full = AttentionSpec(16, heads, batch_first=True, self_attention=True, is_causal=True, key_padding_mask=padding)
     weights = AttentionWeights.random(spec, seed=5)
     source = build_mha(spec, weights)
     assert not any(n.op_type == "If" for n in compile_model(source, "ort-cpu", precision).graph.node)
