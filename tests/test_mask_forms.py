@@ -185,6 +185,28 @@ def test_padding_is_cut_per_entry_and_equal_to_the_reference(small_blocks, preci
         assert errors(got, want)[1] <= tolerance, (length, errors(got, want))
 
 
+def test_the_long_forms_read_a_full_mask_only_through_row_reductions_and_blocks():
+    """The long branch must not make anything the size of an (L, S) mask: outside its Loops it reads
+    the mask (through views) only by reductions over the rows (whether they all match) and Slices of
+    a row or a block. An Equal against the first row and its float Cast once made 1.25 GiB of
+    temporaries at 16384 tokens (docs/BENCHMARKS.md, "Memory")."""
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, attn_mask="float")
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
+    branch = next(n for n in model.graph.node if n.op_type == "If")
+    long_form = next(a.g for a in branch.attribute if a.name == "then_branch")
+    nodes = [n for n in _all_nodes(long_form)]
+    inside_loops = {id(m) for n in nodes if n.op_type == "Loop" for m in _all_nodes(_subgraphs_of(n)[0])}
+    views, readers = {"attn_mask"}, []
+    for node in nodes:
+        if id(node) in inside_loops or not views & set(node.input):
+            continue
+        if node.op_type in ("Unsqueeze", "Reshape", "Identity"):
+            views.update(node.output)
+        else:
+            readers.append(node.op_type)
+    assert readers and set(readers) <= {"ReduceMax", "ReduceMin", "Slice", "Loop", "If"}, readers
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_mask_whose_rows_all_match_runs_as_padding(small_blocks, precision):
     """An (L, S) mask with every row alike (a padding mask an exporter expanded over the queries, as
