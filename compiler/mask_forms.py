@@ -253,6 +253,19 @@ def widen_heads(graph: ir.Graph, q: ir.Value, k: ir.Value, bias: ir.Value, h: in
     return add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd")
 
 
+def _even_blocks(graph: ir.Graph, length: ir.Value, most: int, add: Emit, name: str) -> tuple[ir.Value, ir.Value]:
+    """(block, blocks) for ``length`` (1,) int64: as few blocks as blocks of at most ``most`` rows
+    allow, all of one size, so that padding to a whole number of them adds fewer rows than there are
+    blocks (blocks of exactly 1024 padded 1536 tokens to 2048: 1.17x the time of one op there)."""
+    one = _ints(graph, "one", [1])
+
+    def ceil(a: ir.Value, b: ir.Value, out: str) -> ir.Value:
+        return add("Div", [add("Sub", [add("Add", [a, b], f"{out}_up"), one], f"{out}_up_1"), b], out)
+
+    blocks = ceil(length, _ints(graph, f"{name}/most", [most]), f"{name}/blocks")
+    return ceil(length, blocks, f"{name}/block_len"), blocks
+
+
 def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, dq: int, add: Emit,
                   scope: str) -> ir.Value:
     """Causal self-attention of BSD q (scaled already: the op runs with scale 1), k, v of head sizes dq,
@@ -275,9 +288,7 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
     length = add("Shape", [q], "causal/length", {"start": 1, "end": 2})
-    block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "causal/block_len")
-    blocks = add("Div", [add("Sub", [add("Add", [length, block], "causal/length_up"), ints("one", [1])],
-                             "causal/length_up_1"), block], "causal/blocks")
+    block, blocks = _even_blocks(graph, length, CAUSAL_BLOCK, add, "causal")
     pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "causal/padded"), length],
                                                               "causal/extra"), ints("zeros1", [0])],
                "causal/pads", {"axis": 0})
@@ -349,7 +360,7 @@ def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.
                    scope: str) -> ir.Value:
     """Causal self-attention of BSD q (scaled already), k, v (one head size, a multiple of 8) as
     (N, L, H*hd), by ONNX Runtime's GroupQueryAttention as a chunked prefill: one batch entry and a
-    block of CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
+    block of at most CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
     kernel computes only the keys a query sees, so causal costs about 0.7x full attention
     (docs/BENCHMARKS.md, "Masks"); it holds (H, b, S) scores per call, linear in S. It takes a past
     with one batch entry only, hence the entries one by one; the padding to a whole number of blocks
@@ -358,9 +369,7 @@ def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     length = add("Shape", [q], "chunks/length", {"start": 1, "end": 2})
     batch = add("Shape", [q], "chunks/batch", {"start": 0, "end": 1})
-    block = add("Min", [length, ints("chunks/block", [CHUNK_BLOCK])], "chunks/block_len")
-    blocks = add("Div", [add("Sub", [add("Add", [length, block], "chunks/length_up"), ints("one", [1])],
-                             "chunks/length_up_1"), block], "chunks/blocks")
+    block, blocks = _even_blocks(graph, length, CHUNK_BLOCK, add, "chunks")
     pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "chunks/padded"), length],
                                                               "chunks/extra"), ints("zeros1", [0])],
                "chunks/pads", {"axis": 0})
