@@ -11,8 +11,8 @@ import onnx_ir as ir
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, causal_inside_blocks, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
+from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
+                                 causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
@@ -153,7 +153,8 @@ def _blockable(terms: MaskTerms) -> bool:
 def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add, scope: str,
                max_len: int | None) -> ir.Value:
     """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
-    blocks from length CAUSAL_FROM on, with flash attention left of the diagonal (causal_blocks);
+    blocks from length CAUSAL_FROM on (CHUNKS_FROM for GroupQueryAttention's chunks, which pay
+    sooner), with flash attention left of the diagonal (causal_blocks);
     any other mask from BLOCKS_FROM on as padding where its rows all match at run time, else in query
     blocks with its rows per block (query_blocks), which bound memory rather than save time. Below
     those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
@@ -200,7 +201,8 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
                    padding_or_blocks)
 
     if not terms.other:
-        return _switch(graph, source, add, scope, CAUSAL_FROM, blocks, one_op, max_len)
+        start = CHUNKS_FROM if chunkable(core, raw) else CAUSAL_FROM
+        return _switch(graph, source, add, scope, start, blocks, one_op, max_len)
     if terms.causal_inside is not None:
         return _switch(graph, source, add, scope, CAUSAL_FROM, causal_inside_or_blocks, one_op, max_len)
     return _switch(graph, source, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)

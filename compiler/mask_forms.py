@@ -26,6 +26,7 @@ KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores woul
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
 CHUNK_BLOCK = 1024  # queries per GroupQueryAttention call of the causal chunks
 CAUSAL_FROM = 2048  # the shortest query length whose causal mask goes in blocks
+CHUNKS_FROM = 1536  # the same for a causal mask alone where GroupQueryAttention's chunks take it (chunkable)
 ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
 BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
 ATTENTION_UNTIL = 384  # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
@@ -283,7 +284,7 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
       past outweighs its diagonal by more than exp's range (x = 0) is r, as it should be.
     """
     h, dv = core.num_heads, core.head_dim
-    if dq == dv and dv % 8 == 0:
+    if dq == dv and chunkable(core, None):
         return _causal_chunks(graph, core, q, k, v, add, scope)
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
@@ -354,6 +355,12 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
     context = add("Reshape", [add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
                               ints("merge_shape", [0, -1, h * dv])], "causal/context_padded")
     return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
+
+
+def chunkable(core: Core, key_bias: ir.Value | None) -> bool:
+    """Whether causal_blocks runs GroupQueryAttention's chunks: no key bias, a head size its CPU
+    kernel takes (a multiple of 8)."""
+    return key_bias is None and core.head_dim is not None and core.head_dim % 8 == 0
 
 
 def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, add: Emit,

@@ -27,7 +27,7 @@ from runtime.check import random_inputs
 from runtime.timing import cpu_name
 
 MASKS = {"padding": {"key_padding_mask": "bool"}, "causal": {"is_causal": True}, "float-2d": {"attn_mask": "float"}}
-THRESHOLDS = ("ROWS_FROM", "CAUSAL_FROM", "BLOCKS_FROM")
+THRESHOLDS = ("ROWS_FROM", "CAUSAL_FROM", "CHUNKS_FROM", "BLOCKS_FROM")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

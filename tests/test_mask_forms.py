@@ -40,6 +40,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(compiler.mask_forms, "CAUSAL_BLOCK", 4)
     monkeypatch.setattr(compiler.mask_forms, "CHUNK_BLOCK", 4)
     monkeypatch.setattr(compiler.fuse_ort_mha, "CAUSAL_FROM", 8)
+    monkeypatch.setattr(compiler.fuse_ort_mha, "CHUNKS_FROM", 8)
     monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 8)
     monkeypatch.setattr(compiler.fuse_ort_mha, "BLOCKS_FROM", 8)
 
