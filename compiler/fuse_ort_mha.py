@@ -292,14 +292,16 @@ def _one_op(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, tuple[ir.Value,
 def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: str,
                      max_len: int | None) -> tuple[ir.Value, tuple[ir.Value, ...]]:
     """A KV-cache core whose mask is the cache's causal mask (and any key padding): where the cache is
-    empty and the prompt has at least CAUSAL_FROM tokens (a prefill), causal_blocks over this step's
+    empty and the prompt has at least CAUSAL_FROM tokens (CHUNKS_FROM where GroupQueryAttention's
+    chunks take it) (a prefill), causal_blocks over this step's
     keys, which are all the keys there, with present = this step's heads; else (a decode step, or a
     short prompt) one op with the past (_one_op). (context, (present_key, present_value)).
 
     The If that chooses costs every decode step 2-6% (docs/BENCHMARKS.md, "Decoding with a KV cache"),
     and decode steps are what a KV-cache graph mostly runs, so it is there only where the model
     declares prompts that long (compile.py --max-len)."""
-    if max_len is None or max_len < CAUSAL_FROM:
+    start = CHUNKS_FROM if not terms.keys and chunkable(core, None) else CAUSAL_FROM
+    if max_len is None or max_len < start:
         return _one_op(graph, core, add)
     q, k, v = inputs = op_inputs(graph, core, add)
     raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
@@ -322,7 +324,7 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
     empty = add("Equal", [add("Cast", [terms.past], "past_i64", {"to": ir.DataType.INT64}), zero], "cache_empty")
     length = add("Shape", [q], "query_length", {"start": 1, "end": 2})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/prefill_from",
-                                                                np.asarray([CAUSAL_FROM], np.int64))], "long_input")
+                                                                np.asarray([start], np.int64))], "long_input")
     prefilling = add("And", [add("Unsqueeze", [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
                                  "cache_empty_1"), long_input], "prefill")
     context, *present = _if(graph, prefilling, scope, add, prefill, step, outputs=3)
