@@ -1,4 +1,5 @@
-"""Clean-up after rewrites: drop dead nodes, repeated constants and unused opsets; restore topological order."""
+"""Clean-up after rewrites: drop dead nodes, unused functions, repeated constants and unused opsets; restore
+topological order."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class CleanupPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         steps = ir.passes.Sequential(
             common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
             common.DeduplicateInitializersPass(),
             common.RemoveUnusedOpsetsPass(),
             common.TopologicalSortPass(),

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from compiler._ir import module_path
 from compiler.attention_core import Core, survey
@@ -140,6 +140,7 @@ def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form,
     """One finding per Softmax of ``before``: fused into what, or why it was left alone. A Softmax
     counts as fused when ``after`` no longer computes its output."""
     model = ir.serde.deserialize_model(before)
+    InlinePass()(model)  # as the targets' passes do: their cores may sit in model-local functions
     ShapeInferencePass()(model)
     remaining = {out for node in after.graph.node if node.op_type == "Softmax" for out in node.output}
     findings = []

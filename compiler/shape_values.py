@@ -18,8 +18,17 @@ from compiler._ir import constant
 
 Entries = list  # list[int | float | None]: a 1-D value, or a scalar as one entry with ``scalar`` set
 
+def _pow(a: int | float, b: int | float) -> int | float | None:
+    """ONNX Pow where it is real: integers stay integers (a non-negative exponent), floats need a
+    positive base or a whole exponent (a scale written as head_size ** 0.5 by legacy exports)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a ** b if b >= 0 else None
+    return float(a) ** float(b) if a > 0 or float(b).is_integer() and a != 0 else None
+
+
 _BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-           "Div": lambda a, b: a / b if isinstance(a, float) or isinstance(b, float) else (a // b if b else None)}
+           "Div": lambda a, b: a / b if isinstance(a, float) or isinstance(b, float) else (a // b if b else None),
+           "Pow": _pow}
 _INTEGER_TYPES = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8, ir.DataType.UINT8}
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import CommonSubexpressionEliminationPass, ShapeInferencePass
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass, InlinePass, ShapeInferencePass
 
 from compiler.cleanup import CleanupPass
 from compiler.float16 import Float16Pass
@@ -53,11 +53,13 @@ class Target:
                           f"{', '.join(f.name for f in self.forms)}")
 
 
-# Shape inference first: the matcher of heads-split cores needs ranks (graphs from elsewhere).
+# Model-local functions inlined first: the matchers walk the main graph, and torch's legacy exporter
+# with export_modules_as_functions puts whole layers in functions (ONNX Runtime inlines them anyway).
+# Shape inference next: the matcher of heads-split cores needs ranks (graphs from elsewhere).
 # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
 # CSE before both, so that projections of one tensor through duplicated layout ops are seen to share it.
 PACK_ROWS_CPU = 256  # on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
-_PREPARE: tuple[PassFactory, ...] = (ShapeInferencePass, CommonSubexpressionEliminationPass, FoldScalePass,
+_PREPARE: tuple[PassFactory, ...] = (InlinePass, ShapeInferencePass, CommonSubexpressionEliminationPass, FoldScalePass,
                                      PackProjectionsPass)
 _PORTABLE = Form("matmul-softmax", _PREPARE,
                  "standard ops (opset 18), scale folded into the query projection, projections that share an input packed")

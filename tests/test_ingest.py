@@ -172,6 +172,52 @@ def test_a_constant_mask_that_hides_nothing_is_dropped(tmp_path, target, hidden)
     assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
 
 
+class _Layer(torch.nn.Module):
+    """Attention written out, its scale computed from the shape at run time ((E / H) ** 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E)
+
+    def forward(self, x):
+        n, l, e = x.shape
+        q, k, v = (t.reshape(n, l, H, e // H).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        p = torch.softmax(q @ k.transpose(-1, -2) / (e // H) ** 0.5, dim=-1)
+        return self.out((p @ v).transpose(1, 2).reshape(n, l, e))
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = _Layer(), _Layer()
+
+    def forward(self, x):
+        return self.second(self.first(x) + x)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
+def test_attention_inside_model_local_functions_fuses(tmp_path, target):
+    """torch's legacy exporter with export_modules_as_functions puts each layer in a model-local
+    function; the targets inline them first, so both cores fuse, and the graph computes what torch
+    does (float64 reference, 1e-5 of scale)."""
+    torch.manual_seed(0)
+    module = _TwoLayers().eval()
+    x = torch.randn(2, 6, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), tmp_path / "m.onnx", dynamo=False, export_modules_as_functions={_Layer},
+                          input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    original = load_onnx(tmp_path / "m.onnx")
+    assert [f.name for f in original.functions] == ["_Layer"] and not any(n.op_type == "Softmax" for n in original.graph.node)
+    compiled = compile_model(original, target)
+    findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
+    assert [f.fused for f in findings] == [True, True] and not compiled.functions
+    got = next(iter(OrtSession(compiled).run({"x": x.numpy()}).values()))
+    with torch.no_grad():
+        want = module.double()(x.double()).numpy()
+    assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
+
+
 def test_portable_leaves_exported_attention_alone_and_says_so(exported):
     _, _, path = exported["decoder", True]
     original = load_onnx(path)
