@@ -254,17 +254,24 @@ def widen_heads(graph: ir.Graph, q: ir.Value, k: ir.Value, bias: ir.Value, h: in
     return add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd")
 
 
-def _even_blocks(graph: ir.Graph, length: ir.Value, most: int, add: Emit, name: str) -> tuple[ir.Value, ir.Value]:
-    """(block, blocks) for ``length`` (1,) int64: as few blocks as blocks of at most ``most`` rows
-    allow, all of one size, so that padding to a whole number of them adds fewer rows than there are
-    blocks (blocks of exactly 1024 padded 1536 tokens to 2048: 1.17x the time of one op there)."""
+def _blocked(graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, most: int, add: Emit, name: str):
+    """(length, block, blocks, (q, k, v) padded to blocks x block rows) for BSD q, k, v of one length:
+    as few blocks as blocks of at most ``most`` rows allow, all of one size, so that the padding adds
+    fewer rows than there are blocks (blocks of exactly 1024 padded 1536 tokens to 2048: 1.17x the
+    time of one op there). A padded key lies after every real query: causal hides it."""
     one = _ints(graph, "one", [1])
 
     def ceil(a: ir.Value, b: ir.Value, out: str) -> ir.Value:
         return add("Div", [add("Sub", [add("Add", [a, b], f"{out}_up"), one], f"{out}_up_1"), b], out)
 
+    length = add("Shape", [q], f"{name}/length", {"start": 1, "end": 2})
     blocks = ceil(length, _ints(graph, f"{name}/most", [most]), f"{name}/blocks")
-    return ceil(length, blocks, f"{name}/block_len"), blocks
+    block = ceil(length, blocks, f"{name}/block_len")
+    extra = add("Sub", [add("Mul", [blocks, block], f"{name}/padded"), length], f"{name}/extra")
+    pads = add("Concat", [_ints(graph, "zeros4", [0, 0, 0, 0]), extra, _ints(graph, "zeros1", [0])], f"{name}/pads",
+               {"axis": 0})
+    padded = tuple(add("Pad", [x, pads], f"{name}/{part}_padded") for x, part in ((q, "query"), (k, "key"), (v, "value")))
+    return length, block, blocks, padded
 
 
 def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, dq: int, add: Emit,
@@ -288,12 +295,7 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
         return _causal_chunks(graph, core, q, k, v, add, scope)
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
-    length = add("Shape", [q], "causal/length", {"start": 1, "end": 2})
-    block, blocks = _even_blocks(graph, length, CAUSAL_BLOCK, add, "causal")
-    pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "causal/padded"), length],
-                                                              "causal/extra"), ints("zeros1", [0])],
-               "causal/pads", {"axis": 0})
-    qp, kp, vp = (add("Pad", [x, pads], f"causal/{name}_padded") for x, name in ((q, "query"), (k, "key"), (v, "value")))
+    length, block, blocks, (qp, kp, vp) = _blocked(graph, q, k, v, CAUSAL_BLOCK, add, "causal")
     q_heads = add("Reshape", [qp, ints("causal/q_heads_shape", [0, 0, h, dq])], "causal/query_heads")  # (N, Lp, H, dq)
     k_heads = add("Reshape", [kp, ints("causal/k_heads_shape", [0, 0, h, dq])], "causal/key_heads")
     v_heads = add("Reshape", [vp, ints("causal/v_heads_shape", [0, 0, h, dv])], "causal/value_heads")
@@ -370,17 +372,11 @@ def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.
     block of at most CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
     kernel computes only the keys a query sees, so causal costs about 0.7x full attention
     (docs/BENCHMARKS.md, "Masks"); it holds (H, b, S) scores per call, linear in S. It takes a past
-    with one batch entry only, hence the entries one by one; the padding to a whole number of blocks
-    lies after every real query."""
+    with one batch entry only, hence the entries one by one."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
-    length = add("Shape", [q], "chunks/length", {"start": 1, "end": 2})
     batch = add("Shape", [q], "chunks/batch", {"start": 0, "end": 1})
-    block, blocks = _even_blocks(graph, length, CHUNK_BLOCK, add, "chunks")
-    pads = add("Concat", [ints("zeros4", [0, 0, 0, 0]), add("Sub", [add("Mul", [blocks, block], "chunks/padded"), length],
-                                                              "chunks/extra"), ints("zeros1", [0])],
-               "chunks/pads", {"axis": 0})
-    qp, kp, vp = (add("Pad", [x, pads], f"chunks/{name}_padded") for x, name in ((q, "query"), (k, "key"), (v, "value")))
+    length, block, blocks, (qp, kp, vp) = _blocked(graph, q, k, v, CHUNK_BLOCK, add, "chunks")
     heads = ints("heads_shape", [0, 0, h, d])
     k_bnsh, v_bnsh = (add("Transpose", [add("Reshape", [x, heads], f"chunks/{name}_heads")], f"chunks/{name}_bnsh",
                           {"perm": [0, 2, 1, 3]}) for x, name in ((kp, "key"), (vp, "value")))
