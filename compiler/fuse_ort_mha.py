@@ -12,7 +12,8 @@ from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms, op_inputs, padded_rows, query_blocks,
+                                 causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms,
+                                 nothing_padded, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
@@ -195,10 +196,21 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
         axis = 1 if core.layout == "BSD" else 2
         square = emit("Equal", [emit("Shape", [q], "query_len", {"start": 1, "end": 2}),
                                 emit("Shape", [v], "key_len", {"start": axis, "end": axis + 1})], "square")
-        return _if(graph, square, name, emit,
-                   lambda inner, inner_name: causal_inside_blocks(graph, core, source.inputs(inner), terms.causal_inside,
-                                                                  inner, inner_name),
-                   padding_or_blocks)
+        inside = terms.causal_inside
+
+        def with_padding(inner, inner_name: str) -> ir.Value:
+            return causal_inside_blocks(graph, core, source.inputs(inner), inside, inner, inner_name)
+
+        def causal_parts(inner, inner_name: str) -> ir.Value:
+            """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
+            if not inside.rest or not chunkable(core, None):
+                return with_padding(inner, inner_name)
+            def causal_alone(op, op_name: str) -> ir.Value:
+                return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(op), op, None, True), op, op_name)
+
+            return _if(graph, nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding)
+
+        return _if(graph, square, name, emit, causal_parts, padding_or_blocks)
 
     if not terms.other:
         start = CHUNKS_FROM if chunkable(core, raw) else CAUSAL_FROM

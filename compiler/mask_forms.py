@@ -629,6 +629,23 @@ def _loop(graph: ir.Graph, add: Emit, count: ir.Value, name: str, scope: str,
                {"body": ir.Graph([index, go_on], [done, output], nodes=body, name=f"{scope}/body")})
 
 
+def _visible(inside: CausalInside, add: Emit) -> ir.Value:
+    """(N|1, 1, 1, S) bool: the keys the padding part leaves visible."""
+    visible = inside.rest[0]
+    for i, other in enumerate(inside.rest[1:]):
+        visible = add("And", [visible, other], f"visible_{i + 1}")
+    return visible
+
+
+def nothing_padded(graph: ir.Graph, inside: CausalInside, add: Emit) -> ir.Value:
+    """(1,) bool: whether the padding part hides no key at run time (a batch of one prompt, or of
+    prompts of one length), so that the mask is causal alone."""
+    visible = add("Cast", [_visible(inside, add)], "visible_count", {"to": ir.DataType.FLOAT})
+    fewest = add("ReduceMin", [visible], "fewest_visible", {"keepdims": 0})
+    return add("Unsqueeze", [add("GreaterOrEqual", [fewest, _floats(graph, "half", 0.5)], "nothing_padded_0d"),
+                             _ints(graph, "axis0", [0])], "nothing_padded")
+
+
 def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value],
                          inside: CausalInside, add: Emit, scope: str) -> ir.Value:
     """Attention (N, L, E) under a CausalInside mask: its padding as a key bias, its causal part as
@@ -637,10 +654,7 @@ def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir
     graph guarded such rows, else NaN."""
     key_bias = None
     if inside.rest:
-        visible = inside.rest[0]
-        for i, other in enumerate(inside.rest[1:]):
-            visible = add("And", [visible, other], f"visible_{i + 1}")
-        key_bias = add("Where", [visible, _floats(graph, "zero", 0.0), _floats(graph, "neg_inf", -np.inf)],
+        key_bias = add("Where", [_visible(inside, add), _floats(graph, "zero", 0.0), _floats(graph, "neg_inf", -np.inf)],
                        "key_bias_terms")
     bias = floored(graph, key_bias, add) if key_bias is not None else None
     context = causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, add, bias, True), add, scope)
