@@ -13,7 +13,7 @@ from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, 
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
                                  causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms,
-                                 nothing_padded, op_inputs, padded_rows, query_blocks,
+                                 no_key_bias, nothing_padded, op_inputs, padded_rows, query_blocks,
                                  rows_alike, summed)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
@@ -164,11 +164,25 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
     core = source.core
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
 
+    def causal_alone(emit, name: str) -> ir.Value:
+        return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(emit), emit, None, True), emit, name)
+
     def blocks(emit, name: str) -> ir.Value:
+        """A causal mask with padding that hides no key at run time takes the form of a causal mask
+        alone (GroupQueryAttention's chunks, where they apply)."""
         if terms.other:
             return query_blocks(graph, core, source.inputs(emit), terms, raw, emit, name, zero_dead)
-        bias = floored(graph, raw, emit) if raw is not None else None
-        return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(emit), emit, bias, True), emit, name)
+        if raw is None:
+            return causal_alone(emit, name)
+
+        def with_padding(inner, inner_name: str) -> ir.Value:
+            bias = floored(graph, raw, inner)
+            return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(inner), inner, bias, True), inner,
+                                 inner_name)
+
+        if not chunkable(core, None):
+            return with_padding(emit, name)
+        return _if(graph, no_key_bias(graph, raw, emit), name, emit, causal_alone, with_padding)
 
     def padding_or_blocks(emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
@@ -205,9 +219,6 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
             """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
             if not inside.rest or not chunkable(core, None):
                 return with_padding(inner, inner_name)
-            def causal_alone(op, op_name: str) -> ir.Value:
-                return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(op), op, None, True), op, op_name)
-
             return _if(graph, nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding)
 
         return _if(graph, square, name, emit, causal_parts, padding_or_blocks)

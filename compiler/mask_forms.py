@@ -640,10 +640,21 @@ def _visible(inside: CausalInside, add: Emit) -> ir.Value:
 def nothing_padded(graph: ir.Graph, inside: CausalInside, add: Emit) -> ir.Value:
     """(1,) bool: whether the padding part hides no key at run time (a batch of one prompt, or of
     prompts of one length), so that the mask is causal alone."""
-    visible = add("Cast", [_visible(inside, add)], "visible_count", {"to": ir.DataType.FLOAT})
-    fewest = add("ReduceMin", [visible], "fewest_visible", {"keepdims": 0})
-    return add("Unsqueeze", [add("GreaterOrEqual", [fewest, _floats(graph, "half", 0.5)], "nothing_padded_0d"),
-                             _ints(graph, "axis0", [0])], "nothing_padded")
+    return _all(graph, _visible(inside, add), add, "nothing_padded")
+
+
+def no_key_bias(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
+    """(1,) bool: whether a key bias (N|1, H|1, 1, S) is 0 everywhere at run time (a padding mask
+    that hides no key), so that a causal mask with it is causal alone."""
+    return _all(graph, add("Equal", [bias, _floats(graph, "zero", 0.0)], "key_bias_zero"), add, "no_key_bias")
+
+
+def _all(graph: ir.Graph, flags: ir.Value, add: Emit, name: str) -> ir.Value:
+    """(1,) bool: every entry of the small bool tensor ``flags`` is true."""
+    fewest = add("ReduceMin", [add("Cast", [flags], f"{name}/as_float", {"to": ir.DataType.FLOAT})],
+                 f"{name}/fewest", {"keepdims": 0})
+    return add("Unsqueeze", [add("GreaterOrEqual", [fewest, _floats(graph, "half", 0.5)], f"{name}/all"),
+                             _ints(graph, "axis0", [0])], name)
 
 
 def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value],

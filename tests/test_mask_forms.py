@@ -106,6 +106,26 @@ def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision,
         assert errors(got, want)[1] <= tolerance, (length, errors(got, want))
 
 
+@pytest.mark.parametrize("padding", ["bool", "float"])
+def test_a_padding_mask_that_hides_nothing_runs_the_causal_mask_alone(small_blocks, padding):
+    """Causal with a padding input that hides no key at run time (a batch of prompts of one length)
+    takes GroupQueryAttention's chunks, chosen by an If on the mask; a float mask of finite non-zero
+    biases is no such mask and keeps the flash merge. Both equal the float64 reference."""
+    spec = AttentionSpec(16, 2, batch_first=True, self_attention=True, is_causal=True, key_padding_mask=padding)
+    weights = AttentionWeights.random(spec, seed=4)
+    model = compile_model(build_mha(spec, weights), "ort-cpu")
+    assert "GroupQueryAttention" in [n.op_type for n in _all_nodes(model.graph)]
+    session = OrtSession(model)
+    for length in (8, 11):
+        feeds = random_inputs(spec, (2, length, length), np.random.default_rng(length))
+        feeds["key_padding_mask"][...] = False if padding == "bool" else 0.0
+        cases = [feeds] if padding == "bool" else [feeds, {**feeds, "key_padding_mask": np.full((2, length), -1.5, np.float32)}]
+        for case in cases:
+            got = session.run(case)["attn_output"]
+            want = mha_reference(spec, weights, case)["attn_output"]
+            assert errors(got, want)[1] <= FP32_TOLERANCE, (length, errors(got, want))
+
+
 @pytest.mark.parametrize("heads", [2, 1], ids=["head4", "head8"])
 def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks, heads):
     """The merge never divides by the extra key's weight: a row whose earlier key scores 100 above its
