@@ -330,9 +330,17 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
     raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
 
+    def causal(emit, name: str, bias: ir.Value | None) -> ir.Value:
+        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, bias, True), emit, name)
+
     def prefill(emit, name: str) -> tuple[ir.Value, ...]:
-        context = causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, floored(graph, raw, emit)
-                                                         if raw is not None else None, True), emit, name)
+        if raw is None:
+            context = causal(emit, name, None)
+        elif chunkable(core, None):  # padding that hides no key: the chunks of a causal mask alone
+            context = _if(graph, no_key_bias(graph, raw, emit), name, emit, lambda op, n: causal(op, n, None),
+                          lambda op, n: causal(op, n, floored(graph, raw, op)))
+        else:
+            context = causal(emit, name, floored(graph, raw, emit))
         if core.zeroes_dead_rows and raw is not None:
             context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, emit), emit)
         present = tuple(emit("Transpose", [emit("Reshape", [x, heads], f"present_{n}_heads")], f"present_{n}",

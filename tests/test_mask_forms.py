@@ -290,7 +290,8 @@ def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tm
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("padding", [None, "bool", "float"])
 @pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
-def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding, heads):
+@pytest.mark.parametrize("hides", [True, False], ids=["padded", "unpadded"])
+def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding, heads, hides):
     """With --max-len declaring prompts that long, a prompt of at least CAUSAL_FROM tokens into an
     empty cache takes the causal blocks, with present = its own keys and values; shorter prompts and
     decode steps take the op with the past (the only form without that declaration: the If costs
@@ -310,7 +311,7 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small
     declare_maxima(source, None, 64)
     model = compile_model(source, "ort-cpu", precision)
     prefill = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
-    assert any(n.op_type == "Loop" for n in prefill.node)  # the prefill's blocks
+    assert any(n.op_type == "Loop" for n in _all_nodes(prefill))  # the prefill's blocks (under an If on the padding)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
     for prompt in (5, 8, 11):
         total = prompt + 3
@@ -319,7 +320,7 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small
         feeds, kpm = {"query": tokens}, None
         if padding is not None:  # entry 1's prompt starts after 3 padding keys
             blocked = np.zeros((2, total), bool)
-            blocked[1, :3] = True
+            blocked[1, :3] = hides  # unpadded: a padding input that hides nothing (the chunks, with head size 8)
             kpm = blocked if padding == "bool" else np.where(blocked, -np.inf, 0.0).astype(np.float32)
             feeds["key_padding_mask"] = kpm
         want = mha_reference(full, weights, feeds)["attn_output"]
