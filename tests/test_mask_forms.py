@@ -288,9 +288,10 @@ def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tm
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("padding", [None, "bool", "float"])
+@pytest.mark.parametrize(("padding", "hides"), [(None, False), ("bool", True), ("float", True), ("bool", False),
+                                                ("float", False)], ids=["none", "bool", "float", "bool-hides-nothing",
+                                                                        "float-hides-nothing"])
 @pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
-@pytest.mark.parametrize("hides", [True, False], ids=["padded", "unpadded"])
 def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small_blocks, precision, padding, heads, hides):
     """With --max-len declaring prompts that long, a prompt of at least CAUSAL_FROM tokens into an
     empty cache takes the causal blocks, with present = its own keys and values; shorter prompts and
