@@ -10,11 +10,11 @@ import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
-                                     rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_scalar)
+                                     rank4, replace_core, summed, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
                                  causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms,
                                  no_key_bias, nothing_padded, op_inputs, padded_rows, query_blocks,
-                                 rows_alike, summed)
+                                 rows_alike)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
 
@@ -165,24 +165,12 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
     zero_dead = core.zeroes_dead_rows and bool(terms.other)
 
     def causal_alone(emit, name: str) -> ir.Value:
-        return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(emit), emit, None, True), emit, name)
+        return _causal(graph, core, source.inputs, None, emit, name)
 
     def blocks(emit, name: str) -> ir.Value:
-        """A causal mask with padding that hides no key at run time takes the form of a causal mask
-        alone (GroupQueryAttention's chunks, where they apply)."""
         if terms.other:
             return query_blocks(graph, core, source.inputs(emit), terms, raw, emit, name, zero_dead)
-        if raw is None:
-            return causal_alone(emit, name)
-
-        def with_padding(inner, inner_name: str) -> ir.Value:
-            bias = floored(graph, raw, inner)
-            return causal_blocks(graph, core, *bsd_inputs(graph, core, source.inputs(inner), inner, bias, True), inner,
-                                 inner_name)
-
-        if not chunkable(core, None):
-            return with_padding(emit, name)
-        return _if(graph, no_key_bias(graph, raw, emit), name, emit, causal_alone, with_padding)
+        return _causal(graph, core, source.inputs, raw, emit, name)
 
     def padding_or_blocks(emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
@@ -244,6 +232,22 @@ def _padding(graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, m
 
     return _switch(graph, source, add, scope, ROWS_FROM,
                    lambda emit, name: padded_rows(graph, core, source.inputs(emit), raw, emit, name), one_op, max_len)
+
+
+def _causal(graph: ir.Graph, core: Core, inputs_of, raw: ir.Value | None, emit, name: str) -> ir.Value:
+    """Causal self-attention (N, L, E) in blocks, with the key bias ``raw`` if any; ``inputs_of(emit)``
+    gives q, k, v (op_inputs' form). A key bias that is 0 everywhere at run time (padding that hides
+    no key) takes the form of a causal mask alone, GroupQueryAttention's chunks, where they apply."""
+
+    def build(op, op_name: str, bias: ir.Value | None) -> ir.Value:
+        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs_of(op), op, bias, True), op, op_name)
+
+    if raw is None:
+        return build(emit, name, None)
+    if not chunkable(core, None):
+        return build(emit, name, floored(graph, raw, emit))
+    return _if(graph, no_key_bias(graph, raw, emit), name, emit, lambda op, n: build(op, n, None),
+               lambda op, n: build(op, n, floored(graph, raw, op)))
 
 
 def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, long, short,
@@ -330,17 +334,8 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
     raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
 
-    def causal(emit, name: str, bias: ir.Value | None) -> ir.Value:
-        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, emit, bias, True), emit, name)
-
     def prefill(emit, name: str) -> tuple[ir.Value, ...]:
-        if raw is None:
-            context = causal(emit, name, None)
-        elif chunkable(core, None):  # padding that hides no key: the chunks of a causal mask alone
-            context = _if(graph, no_key_bias(graph, raw, emit), name, emit, lambda op, n: causal(op, n, None),
-                          lambda op, n: causal(op, n, floored(graph, raw, op)))
-        else:
-            context = causal(emit, name, floored(graph, raw, emit))
+        context = _causal(graph, core, lambda _: inputs, raw, emit, name)
         if core.zeroes_dead_rows and raw is not None:
             context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, emit), emit)
         present = tuple(emit("Transpose", [emit("Reshape", [x, heads], f"present_{n}_heads")], f"present_{n}",

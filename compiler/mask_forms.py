@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer, uniform
-from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of, summed
+from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
 
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
@@ -589,17 +589,14 @@ def rows_alike(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> ir.Value:
     models build theirs). Each key's largest and smallest entry over the rows agree: two passes over
     the terms, which the graph holds anyway, and nothing of their size made (an Equal against the
     first row would make an (L, S) bool and its float Cast: 1.25 GiB at 16384 tokens)."""
-    checks = []
-    for i, term in enumerate(terms):
+    same = None
+    for i, term in enumerate(terms):  # the terms broadcast together, and so do their (…, 1, S) flags
         axis = _ints(graph, f"axis{len(term.shape) - 2}", [len(term.shape) - 2])
         high = add("ReduceMax", [term, axis], f"rows_alike/high_{i}", {"keepdims": 1})
         low = add("ReduceMin", [term, axis], f"rows_alike/low_{i}", {"keepdims": 1})
-        same = add("Cast", [add("Equal", [high, low], f"rows_alike/equal_{i}")], f"rows_alike/equal_f_{i}",
-                   {"to": ir.DataType.FLOAT})
-        checks.append(add("ReduceMin", [same], f"rows_alike/all_{i}", {"keepdims": 0}))
-    total = summed(checks, add, "rows_alike/sum")
-    return add("Unsqueeze", [add("GreaterOrEqual", [total, _floats(graph, "terms_count", len(terms) - 0.5)],
-                                 "rows_alike/all"), _ints(graph, "axis0", [0])], "rows_alike/flag")
+        flags = add("Equal", [high, low], f"rows_alike/equal_{i}")
+        same = flags if same is None else add("And", [same, flags], f"rows_alike/and_{i}")
+    return _all(graph, same, add, "rows_alike")
 
 
 def first_rows(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> list[ir.Value]:
