@@ -2,9 +2,10 @@
 fused form needs around it: a mask the fused op accepts and the fully-masked-row rule.
 
 Cores are matched by structure, not by name, in two forms:
-- BSD, the canonical graph's (graphs/mha.py): Reshape(x, [0, 0, H, hd]) + Transpose head splits,
-  MatMul, [Mul by a scalar], [Add mask], Softmax, [the fully-masked guard Where(IsInf(ReduceMax))],
-  MatMul, Transpose + Reshape head merge; q, k, v are (N, L, E).
+- BSD, the canonical graph's (graphs/mha.py), the pattern OwnCore of compiler/core_patterns.py:
+  Reshape(x, [0, 0, H, hd]) + Transpose head splits, MatMul, [Mul by a scalar], [Add mask], Softmax,
+  [the fully-masked guard Where(IsInf(ReduceMax))], MatMul, Transpose + Reshape head merge; q, k, v
+  are (N, L, E).
 - BNSH, any graph whose heads are already split, as torch's exporters write attention: rank-4
   (N, H, L, hd) tensors; compiler/exported_cores.py matches those (and gives the BSD form back where
   the exporter's head split can be looked through).
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, module_path, named, new_initializer, only_use
+from compiler._ir import constant, module_path, named, new_initializer
+from compiler.core_patterns import OWN_CORE
 
 
 @dataclass
@@ -91,7 +93,9 @@ def survey(graph: ir.Graph) -> list[tuple[ir.Node, Core | str]]:
     """Every Softmax of the graph with its core, or the reason it is not one."""
     from compiler.exported_cores import match_exported  # it builds on this module's Core
 
-    return [(node, _match(node, graph) or match_exported(node, graph)) for node in list(graph)
+    own = {core.softmax: core for node in list(graph) if node.op_type == "Reshape" and not node.domain
+           and (core := _own_core(node, graph)) is not None}
+    return [(node, own.get(node) or match_exported(node, graph)) for node in list(graph)
             if node.op_type == "Softmax" and not node.domain]
 
 
@@ -117,106 +121,34 @@ def perm_of(node: ir.Node | None) -> list[int] | None:
     return None if node is None else list(node.attributes.get_ints("perm", []))
 
 
-def _heads(value: ir.Value, perm: list[int]) -> tuple[ir.Value, int, int] | None:
-    """value = Transpose(Reshape(x, [0, 0, H, hd]), perm): (x, H, hd)."""
-    transpose = producer_of(value, "Transpose")
-    if perm_of(transpose) != perm:
+def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
+    """The core of our own graphs whose head merge is ``merge`` (compiler/core_patterns.py, OwnCore)."""
+    match = OWN_CORE.found(graph, merge)
+    if not match:
         return None
-    reshape = producer_of(transpose.inputs[0], "Reshape")
-    shape = constant(reshape.inputs[1]) if reshape is not None else None
-    if shape is None or shape.tolist()[:2] != [0, 0] or len(shape) != 4 or min(shape[2:]) <= 0:
-        return None
-    return reshape.inputs[0], int(shape[2]), int(shape[3])
-
-
-def context_matmul(probs: ir.Value) -> tuple[ir.Node | None, bool]:
-    """(the one MatMul reading ``probs`` as its left operand, whether anything else reads probs)."""
-    matmuls = [node for node, i in probs.uses() if node.op_type == "MatMul" and not node.domain and i == 0]
-    if len(matmuls) != 1:
-        return None, False
-    return matmuls[0], probs.is_graph_output() or len(probs.uses()) > 1
-
-
-def _match(softmax: ir.Node, graph: ir.Graph) -> Core | None:
+    b = match.bindings
+    softmax = b["probs"].producer()
     if not over_keys(softmax, graph):
         return None
-    nodes = [softmax]
-    probs = softmax.outputs[0]
-    guard: list[ir.Node] = []
-    where = only_use(probs, graph)
-    if where is not None and where.op_type == "Where" and where.inputs[2] is probs:
-        guard.append(where)
-        probs = where.outputs[0]
-    context_mm, weights_used = context_matmul(probs)
-    if context_mm is None:
-        return None
-    merge_t = only_use(context_mm.outputs[0], graph)
-    merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None else None
-    if perm_of(merge_t) != [0, 2, 1, 3] or merge_r is None or merge_r.op_type != "Reshape":
-        return None
-    v = _heads(context_mm.inputs[1], [0, 2, 1, 3])
-
-    scores = final_scores = softmax.inputs[0]
-    inner: list[ir.Value] = []  # score tensors between the scores MatMul and the mask Add
-    mask = None
-    add = producer_of(scores, "Add")
-    if add is not None:
-        mm_side = next((i for i in (0, 1) if producer_of(add.inputs[i], "MatMul") or producer_of(add.inputs[i], "Mul")), None)
-        if mm_side is None:
-            return None
-        mask, scores = add.inputs[1 - mm_side], add.inputs[mm_side]
-        inner.append(scores)
-        nodes.append(add)
-    scale = 1.0
-    mul = producer_of(scores, "Mul")
-    if mul is not None:
-        factor = next((constant(x) for x in mul.inputs if constant(x) is not None), None)
-        if factor is None or factor.size != 1:
-            return None
-        scale = float(factor.reshape(()))
-        scores = next(x for x in mul.inputs if constant(x) is None)
-        inner.append(scores)
-        nodes.append(mul)
-    scores_mm = producer_of(scores, "MatMul")
-    if scores_mm is None:
-        return None
-    if any(only_use(x, graph) is None for x in inner):
-        return None  # an intermediate score tensor is used outside the core
-    q = _heads(scores_mm.inputs[0], [0, 2, 1, 3])
-    k = _heads(scores_mm.inputs[1], [0, 2, 3, 1])
+    split = constant(b["q_split"])
+    heads, head_dim = int(split[2]), int(split[3])
+    scale = float(constant(b["scale"]).reshape(())) if b["scale"] is not None else 1.0
+    read, context_mm = b["read"], b["attended"].producer()
+    weights_used = read.is_graph_output() or len(read.uses()) > 1
+    guard = []
+    if b["guarded"]:
+        where = read.producer()
+        dead = where.inputs[0].producer()
+        guard = [where, dead, dead.inputs[0].producer()]
+    scores_mm = b["product"].producer()
     cache = None
-    if k is None and v is None and (cached := _cached(scores_mm.inputs[1], context_mm.inputs[1])) is not None:
-        k, v, cache = cached
-    if q is None or k is None or v is None or len({q[1:], k[1:], v[1:]}) != 1:
-        return None
-    if guard:  # the guard's ReduceMax/IsInf read the scores; they go with the core
-        dead = producer_of(where.inputs[0], "IsInf")
-        row_max = producer_of(dead.inputs[0], "ReduceMax") if dead is not None else None
-        if row_max is None or row_max.inputs[0] is not final_scores or len(final_scores.uses()) != 2:
-            return None
-        guard += [dead, row_max]
-    elif len(final_scores.uses()) != 1 or final_scores.is_graph_output():
-        return None
-    nodes += guard + [scores_mm, context_mm, merge_t, merge_r]
-    return Core("BSD", q[0], k[0], v[0], q[1], q[2], scale, mask, merge_r.outputs[0], probs if weights_used else None,
-                softmax, context_mm, guard, nodes, cache)
-
-
-def _cached(keys_t: ir.Value, values: ir.Value) -> tuple[tuple, tuple, Cache] | None:
-    """K^T = Transpose(Concat(past_key, heads(k)), [0, 1, 3, 2]) and V = Concat(past_value, heads(v)),
-    the Concats on axis 2 (graphs/mha.py with kv_cache): the heads of k and v, and the cache."""
-    transpose = producer_of(keys_t, "Transpose")
-    if perm_of(transpose) != [0, 1, 3, 2]:
-        return None
-    concat_k, concat_v = producer_of(transpose.inputs[0], "Concat"), producer_of(values, "Concat")
-    if concat_k is None or concat_v is None or any(len(c.inputs) != 2 or c.attributes.get_int("axis", 0) != 2
-                                                   for c in (concat_k, concat_v)):
-        return None
-    k, v = _heads(concat_k.inputs[1], [0, 2, 1, 3]), _heads(concat_v.inputs[1], [0, 2, 1, 3])
-    if k is None or v is None:
-        return None
-    return k, v, Cache(concat_k.inputs[0], concat_v.inputs[0], concat_k.outputs[0], concat_v.outputs[0],
-                       [transpose, concat_k, concat_v])
+    if b["cached"]:
+        cache = Cache(b["past_key"], b["past_value"], b["present_key"], b["present_value"],
+                      [scores_mm.inputs[1].producer(), b["present_key"].producer(), b["present_value"].producer()])
+    between = [x.producer() for x in (b["scores"], b["scaled"]) if x is not b["product"]]  # the mask's Add, the scale's Mul
+    nodes = [softmax, *dict.fromkeys(between), *guard, scores_mm, context_mm, merge.inputs[0].producer(), merge]
+    return Core("BSD", b["q_in"], b["k_in"], b["v_in"], heads, head_dim, scale, b["mask"], merge.outputs[0],
+                read if weights_used else None, softmax, context_mm, guard, nodes, cache)
 
 
 Emit = Callable[..., ir.Value]

@@ -11,82 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from compiler._ir import constant, only_use, uniform
-from compiler.attention_core import Core, context_matmul, over_keys, perm_of, producer_of, same_dim
+from compiler.attention_core import Core, over_keys, perm_of, producer_of, same_dim
+from compiler.core_patterns import CONTEXT_END, QUERY_KEY_END, same_float_cast, scaling_factor
 from compiler.shape_values import entries, scalar
 
 
 def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node | None]:
-    """value = Mul(x, c) or Div(x, c) with a scalar constant c, used once: (x, factor, node); else (value, 1, None)."""
+    """value = Mul(x, c), Mul(c, x) or Div(x, c) with c a scalar the graph fixes (constant, or computed:
+    legacy exporters write Sqrt(1 / Sqrt(hd))), used once: (x, factor, node); else (value, 1, None)."""
     node = value.producer()
     if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value, graph) is None:
         return value, 1.0, None
-    sides = (1,) if node.op_type == "Div" else (1, 0)
-    for side in sides:
-        c = constant(node.inputs[side])
-        if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
-            factor = float(c.reshape(()))
-        elif c is None and _is_float_value(node.inputs[side]) and (computed := scalar(node.inputs[side])) is not None:
-            factor = computed  # a scale legacy exporters compute from the head size: Sqrt(1 / Sqrt(hd))
-        else:
-            continue
-        if factor != 0:
+    for side in ((1,) if node.op_type == "Div" else (1, 0)):
+        if factor := scaling_factor(node.inputs[side]):
             return node.inputs[1 - side], (1.0 / factor if node.op_type == "Div" else factor), node
     return value, 1.0, None
 
 
-def _is_float_value(value: ir.Value) -> bool:
-    return value.type is not None and value.type.dtype in _FLOATS
-
-
 def _rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
-
-
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-
-def _same_float_cast(node: ir.Node | None) -> bool:
-    """A Cast between two float types of the same width (a no-op an exporter leaves: float to float)."""
-    if node is None or node.op_type != "Cast" or node.domain:
-        return False
-    x, y = node.inputs[0], node.outputs[0]
-    return x.type is not None and y.type is not None and x.type.dtype == y.type.dtype and x.type.dtype in _FLOATS
-
-
-def _nan_guard(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
-    """value -> Where(IsNaN(value), 0, value), torch's guard after SDPA's softmax: (its output, its nodes)."""
-    uses = [node for node, _ in value.uses()]
-    if len(uses) != 2 or value.is_graph_output():
-        return None
-    isnan = next((n for n in uses if n.op_type == "IsNaN" and not n.domain), None)
-    where = next((n for n in uses if n.op_type == "Where" and not n.domain), None)
-    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not value:
-        return None
-    zero = constant(where.inputs[1])
-    if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0 or len(isnan.outputs[0].uses()) != 1:
-        return None
-    return where.outputs[0], [isnan, where]
-
-
-def _after_softmax(probs: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
-    """Follow the probabilities through no-op Casts and torch's NaN guard: (the value the context
-    MatMul reads, the nodes passed). The guard zeroes rows whose every score is -inf; a masked
-    BNSH core's fusion zeroes the same rows from its mask (``zeroes_dead_rows``)."""
-    nodes: list[ir.Node] = []
-    while True:
-        use = only_use(probs, graph)
-        if _same_float_cast(use):
-            nodes.append(use)
-            probs = use.outputs[0]
-        elif (guard := _nan_guard(probs)) is not None:
-            probs, passed = guard
-            nodes += passed
-        else:
-            return probs, nodes
 
 
 def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
@@ -118,7 +65,7 @@ def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value]
             biases.append(add.inputs[1 - sides[0]])
         nodes.append(add)
         scores = add.inputs[sides[0]]
-        while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+        while same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
             nodes.append(scores.producer())
             scores = scores.producer().inputs[0]
     return scores, biases[::-1], nodes
@@ -188,44 +135,58 @@ def _unscaled(value: ir.Value) -> ir.Value:
     return value
 
 
-def _keys(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, bool, list[ir.Node]]:
-    """The keys the scores MatMul reads: (K^T, True) as it is, or (K, False) where K^T is
-    Transpose(K, [0, 1, 3, 2]) or torch's 3-D detour Reshape(Transpose(Reshape(K, 3-D), [0, 2, 1]), 4-D);
-    with the nodes passed."""
-    transpose = producer_of(value, "Transpose")
-    if transpose is not None and perm_of(transpose) == [0, 1, 3, 2] and only_use(value, graph) is not None:
-        return transpose.inputs[0], False, [transpose]
-    outer = producer_of(value, "Reshape")
-    middle = producer_of(outer.inputs[0], "Transpose") if outer is not None else None
-    inner = producer_of(middle.inputs[0], "Reshape") if middle is not None else None
-    if inner is not None and perm_of(middle) == [0, 2, 1] and _rank(inner.inputs[0]) == 4 and all(
-            only_use(v, graph) is not None for v in (value, outer.inputs[0], middle.inputs[0])):
-        return inner.inputs[0], False, [outer, middle, inner]
-    return value, True, []
+def _context_end(softmax: ir.Node, graph: ir.Graph) -> pattern.MatchResult | str:
+    """The ContextEnd match whose softmax is ``softmax`` (tried at the MatMuls up to four nodes on: its
+    longest chain), or why there is none."""
+    probs, reached, frontier = softmax.outputs[0], [], [softmax.outputs[0]]
+    for _ in range(4):
+        frontier = [out for value in frontier for node, _ in value.uses() for out in node.outputs
+                    if not reached.append(node)]
+    found = [m for node in dict.fromkeys(reached) if node.op_type == "MatMul" and not node.domain
+             and (m := CONTEXT_END.found(graph, node)) is not None and m.bindings["probs"] is probs]
+    if len(found) != 1:
+        return "no single MatMul multiplies it with the values"
+    return found[0] if found[0] else found[0].reason
+
+
+def _operand(value: ir.Value, scale: ir.Value | None, how: str | None, matmul_input: ir.Value) -> tuple[ir.Value, float]:
+    """A MatMul operand as QueryKeyEnd bound it, with its scalar factor; where the Mul is by a tensor,
+    not a scalar, it belongs to the operand (Llama 4 scales queries per position)."""
+    factor = scaling_factor(scale) if scale is not None else 1.0
+    if factor is None:
+        return matmul_input, 1.0
+    return value, 1.0 / factor if how == "Div" else factor
+
+
+def _between(top: ir.Value, bottom: ir.Value, matched: list[ir.Node]) -> list[ir.Node]:
+    """The matched nodes from ``bottom`` up to ``top`` (a scaling, a key transpose)."""
+    nodes = []
+    while top is not bottom:
+        nodes.append(top.producer())
+        top = next(x for x in nodes[-1].inputs if x is bottom or x.producer() in matched)
+    return nodes
 
 
 def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     """The heads-split form of scaled dot-product attention, as exporters write it; a reason string
-    where it is not that. Between the scores MatMul and the softmax: scalings and any number of
-    added biases; after the softmax: no-op Casts and torch's NaN guard; the keys as K^T, or as K
-    through a Transpose or torch's 3-D detour."""
+    where it is not that. Its two ends are the patterns ContextEnd and QueryKeyEnd
+    (compiler/core_patterns.py); between them the scalings and the added biases are walked here."""
     probs = softmax.outputs[0]
     if _rank(probs) != 4:
         return "its rank is not known to be 4 (batch, heads, query, key)"
     if not over_keys(softmax, graph):
         return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
-    read, after = _after_softmax(probs, graph)
-    nan_guarded = any(node.op_type == "IsNaN" for node in after)
-    context_mm, weights_used = context_matmul(read)
-    if context_mm is None:
-        return "no single MatMul multiplies it with the values"
-    if weights_used and after:
-        return "its weights are used outside the attention past a Cast or NaN guard"
+    end = _context_end(softmax, graph)
+    if isinstance(end, str):
+        return end
+    read, context_mm = end.bindings["read"], end.bindings["attended"].producer()
+    after = [node for node in end.nodes if node not in (softmax, context_mm)]
+    weights_used = read.is_graph_output() or len(read.uses()) > 1
     nodes = [softmax, *after]
     scores = softmax.inputs[0]
     if only_use(scores, graph) is None:
         return "its scores are used outside the attention"
-    while _same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+    while same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
         nodes.append(scores.producer())
         scores = scores.producer().inputs[0]
     peeled = _biases(scores, graph)
@@ -241,20 +202,25 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
         post *= factor
         nodes.append(mul)
     scores_mm = producer_of(scores, "MatMul")
-    if scores_mm is None or only_use(scores, graph) is None:
+    qk = QUERY_KEY_END.found(graph, scores_mm) if scores_mm is not None and only_use(scores, graph) is not None else None
+    if qk is None:
         return "its scores are not a MatMul of queries and keys used only here"
-    q, q_scale, q_mul = _scaled(scores_mm.inputs[0], graph)
-    k, k_scale, k_mul = _scaled(scores_mm.inputs[1], graph)
-    k, k_transposed, key_nodes = _keys(k, graph)
+    if not qk:
+        return qk.reason
+    b = qk.bindings
+    q, q_scale = _operand(b["q"], b["q_scale"], b["q_scaling"], scores_mm.inputs[0])
+    k, k_scale = _operand(b["k"], b["k_scale"], b["k_scaling"], scores_mm.inputs[1])
+    k_transposed = k is scores_mm.inputs[1] or b["key_form"] == "K^T"
     v = context_mm.inputs[1]
     if {_rank(q), _rank(k), _rank(v)} != {4}:
         return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
-    nodes += [n for n in (q_mul, k_mul) if n is not None] + key_nodes + [scores_mm, context_mm]
+    nodes += [scores_mm, *_between(scores_mm.inputs[0], q, qk.nodes), *_between(scores_mm.inputs[1], k, qk.nodes),
+              context_mm]
     heads = _split_heads(q, (1, 3)) or _split_heads(k, (1, 2) if k_transposed else (1, 3)) or _split_heads(v, (1, 3))
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
     core = Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
-                context_mm.outputs[0], probs if weights_used else None, softmax, context_mm, [], nodes,
-                extra_masks=extra, k_transposed=k_transposed, nan_guarded=nan_guarded)
+                context_mm.outputs[0], read if weights_used else None, softmax, context_mm, [], nodes,
+                extra_masks=extra, k_transposed=k_transposed, nan_guarded=any(n.op_type == "IsNaN" for n in after))
     return _as_bsd(core, graph) or core
 
 
