@@ -1,4 +1,5 @@
-"""ONNX Runtime's fused block ops for the ort targets: the exact erf GELU becomes com.microsoft.Gelu,
+"""ONNX Runtime's fused block ops for the ort targets: the exact erf GELU becomes com.microsoft.Gelu
+(with onnxscript's own rules for the forms exporters write),
 and for ort-cuda LayerNormalization over a residual Add becomes com.microsoft.SkipLayerNormalization.
 
 An RMSNorm written with Reciprocal (Llama's, as torch's dynamo exporter writes it) is rewritten with
@@ -23,6 +24,7 @@ import math
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import erfgelu
 
 from compiler._ir import constant
 
@@ -31,10 +33,6 @@ MS = "com.microsoft"
 
 def _gelu_erf(op, x):  # noqa: ANN001, ANN202: pattern functions take the rewriter's op builder
     return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0))
-
-
-def _gelu_erf_half_outside(op, x):  # noqa: ANN001, ANN202: x * (0.5 * (erf(x / sqrt 2) + 1)), as torch's exporter writes it
-    return op.Mul(x, op.Mul(0.5, op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0)))
 
 
 def _gelu(op, x):  # noqa: ANN001, ANN202
@@ -101,8 +99,9 @@ def _same_shape_3d(context, x, skip, gamma, **_) -> bool:  # noqa: ANN001
             and len(x.shape) == 3 and len(skip.shape) == 3 and x.shape[-1] == skip.shape[-1] == g.shape[0])
 
 
-_GELU = [pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf"),
-         pattern.RewriteRule(_gelu_erf_half_outside, _gelu, name="GeluErfHalfOutside")]
+# ours for graphs/blocks.py's (x * 0.5) * (erf + 1); onnxscript's own for 0.5 * (x * (erf + 1)) and
+# x * (0.5 * (erf + 1)), the form torch's exporter writes
+_GELU = [pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf"), erfgelu.rule1, erfgelu.rule2]
 _RMS_NORM = [pattern.RewriteRule(_rms_norm_reciprocal, _rms_norm_div, _over_last_axis, name="RmsNormAsDiv")]
 _SKIP_NORM = [
     pattern.RewriteRule(_residual_norm_BSD, _skip_norm, _same_shape_3d, name="SkipLayerNorm"),

@@ -165,3 +165,32 @@ def test_norm_gelu_pass_alone_keeps_the_outputs_and_fuses():
     feeds = block_inputs(spec, (2, 7, 7), np.random.default_rng(0))
     want, got = OrtSession(before).run(feeds)["output"], OrtSession(after).run(feeds)["output"]
     assert errors(got, want)[1] <= 1e-6  # the same float32 arithmetic, regrouped
+
+
+@pytest.mark.parametrize("form", ["half_outside", "half_first"])
+def test_the_gelu_forms_exporters_write_fuse_into_one_gelu(form):
+    """torch's exporter writes x * (0.5 * (erf(x / sqrt 2) + 1)); others 0.5 * (x * (erf + 1)): onnxscript's
+    own rules take both."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass
+
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["scaled"]), helper.make_node("Erf", ["scaled"], ["erf"]),
+             helper.make_node("Add", ["erf", "one"], ["erf_1"])]
+    if form == "half_outside":
+        nodes += [helper.make_node("Mul", ["half", "erf_1"], ["half_erf"]), helper.make_node("Mul", ["x", "half_erf"], ["y"])]
+    else:
+        nodes += [helper.make_node("Mul", ["x", "erf_1"], ["x_erf"]), helper.make_node("Mul", ["half", "x_erf"], ["y"])]
+    constants = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+                 (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], constants)
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = ir.serde.deserialize_model(before)
+    assert FuseOrtNormGeluPass(skip_norm=False)(model).modified
+    after = ir.serde.serialize_model(model)
+    assert [n.op_type for n in after.graph.node] == ["Gelu"]
+    x = {"x": np.linspace(-4, 4, 10, dtype=np.float32).reshape(2, 5)}
+    # fp32: ONNX Runtime's Gelu kernel against the unfused erf chain, rounding only
+    np.testing.assert_allclose(OrtSession(after).run(x)["y"], OrtSession(before).run(x)["y"], rtol=1e-5, atol=1e-6)
