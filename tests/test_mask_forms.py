@@ -331,3 +331,22 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(small
         got = np.concatenate(outputs, axis=1)
         assert np.isfinite(got).all()
         assert errors(got, want)[1] <= tolerance, (prompt, errors(got, want))
+
+
+def test_the_causal_kernel_script_checks_every_form_against_the_causal_op(capsys):
+    """scripts/causal_kernels.py: each causal form (GroupQueryAttention whole and in chunks, the flash
+    halving with its denominator merge) agrees with MultiHeadAttention's own causal flag."""
+    import importlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    script = importlib.import_module("causal_kernels")
+    assert script.main(["--length", "64", "--heads", "2", "--head-size", "8", "--chunk", "24", "--block", "8",
+                        "--rounds", "1"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    errors = {row[0].strip("| "): row[3].strip(" |") for row in rows if not row[0].startswith("|---")}
+    assert len(errors) == 6 and errors["flash, no mask"] == "-"
+    # fp32 kernels against fp32 kernels: rounding only (the merge divides nothing that can vanish)
+    assert all(float(e) < 1e-5 for name, e in errors.items() if name != "flash, no mask"), errors
