@@ -179,3 +179,35 @@ def scaling_factor(value: ir.Value) -> float | None:
 OWN_CORE = OwnCore()
 CONTEXT_END = ContextEnd()
 QUERY_KEY_END = QueryKeyEnd()
+
+
+class RepeatedHeads(_CorePattern):
+    """Reshape(Expand(Unsqueeze(x, [2]), (N, kv, r, S, hd)), (N, kv * r, S, hd)): grouped-query attention's
+    keys or values repeated to the query heads, as transformers' repeat_kv writes them (head j reads
+    x's head j // r). Shapes must state kv and r."""
+
+    def pattern(self, op, x, axes, expanded_shape, merged_shape):
+        return op.Reshape(op.Expand(op.Unsqueeze(x, axes), expanded_shape, _outputs=["expanded"]), merged_shape,
+                          _outputs=["merged"])
+
+    def check(self, context, x, axes, expanded, merged, **_) -> MatchResult:
+        axis = constant(axes)
+        shapes = [v.shape for v in (x, expanded, merged)]
+        if axis is None or axis.reshape(-1).tolist() != [2] or None in shapes or [len(s) for s in shapes] != [4, 5, 4]:
+            return _refused("not heads repeated along a new axis 2")
+        (_, kv, s, d), (_, kv_e, r, s_e, d_e), (_, heads, s_m, d_m) = shapes
+        if not all(isinstance(n, int) for n in (kv, kv_e, r, heads)) or kv_e != kv or heads != kv * r or r < 2:
+            return _refused("its head counts are not stated, or do not multiply")
+        if not (isinstance(d, int) and d == d_e == d_m) or not (s == s_e == s_m):
+            return _refused("its length or head size changes")
+        return MatchResult()
+
+
+REPEATED_HEADS = RepeatedHeads()
+
+
+def repeated_heads(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
+    """The (N, kv, S, hd) keys or values that ``value`` repeats to more heads, else None."""
+    node = value.producer()
+    match = REPEATED_HEADS.found(graph, node) if node is not None and node.op_type == "Reshape" and not node.domain else None
+    return match.bindings["x"] if match else None

@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_dead_weights)
+from compiler.core_patterns import repeated_heads
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -13,7 +14,8 @@ _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-so
 
 class FuseOnnxAttentionPass(ir.passes.InPlacePass):
     """The attention core (compiler/attention_core.py) -> one Attention node: the 3-D form
-    (q_num_heads = kv_num_heads = H) for BSD cores, the 4-D form for BNSH cores; the scale explicit.
+    (q_num_heads = kv_num_heads = H) for BSD cores, the 4-D form for BNSH cores, with grouped-query
+    keys and values given before their repeat; the scale explicit.
 
     With need_weights the op's qk_matmul_output (mode 3, after softmax) replaces the weights, so
     the core still fuses. The mask becomes attn_mask, full over query and key (ONNX Runtime
@@ -40,15 +42,15 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             bias = full_bias(graph, core, add, mask)
             if core.layout == "BSD":
                 attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
-                k = core.k
+                k, v = core.k, core.v
             else:
                 attrs = {"scale": core.scale}
-                k = keys_bnsh(core, add)
+                k, v = _grouped(keys_bnsh(core, add), core.v, graph)
             if core.weights is not None:
                 attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
             cache = core.cache
             past = [cache.past_key, cache.past_value] if cache is not None else []
-            node = ir.node("Attention", [core.q, k, core.v, bias, *past], attrs, name=f"{scope}/Attention",
+            node = ir.node("Attention", [core.q, k, v, bias, *past], attrs, name=f"{scope}/Attention",
                            num_outputs=4 if core.weights is not None else 3 if cache is not None else 1)
             node.outputs[0].name = f"{scope}/Attention"
             new.append(node)
@@ -64,3 +66,12 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
         return ir.passes.PassResult(model, bool(cores))
+
+
+def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+    """Grouped-query keys and values as the op takes them, before their repeat to the query heads:
+    the op reads query head j's keys from head j // (q heads / kv heads) itself."""
+    k_kv, v_kv = repeated_heads(k, graph), repeated_heads(v, graph)
+    if k_kv is None or v_kv is None or k_kv.shape[1] != v_kv.shape[1]:
+        return k, v
+    return k_kv, v_kv

@@ -181,6 +181,32 @@ def test_llamas_rmsnorm_reaches_onnx_runtimes_fused_kernel(exported, tmp_path, t
         assert "SkipSimplifiedLayerNormalization" not in optimized
 
 
+def test_grouped_query_attention_reaches_the_attention_op_unrepeated(exported):
+    """Llama has 2 key/value heads for 4 query heads; the export repeats them (repeat_kv: Unsqueeze,
+    Expand, Reshape). onnx-attention gives the standard Attention op the 2 heads, which maps query
+    head j to key/value head j // 2 itself, and the repeat goes; the outputs are those of the export
+    (test_every_core_fuses_and_the_graph_computes_what_the_export_does). The dynamo export states
+    the head counts; the legacy one computes them at run time (through a Where), so it keeps the repeat."""
+    name = "llama-sdpa-dynamo"
+    import onnx
+
+    from compiler import compile_model
+    from compiler.ingest import load_onnx
+
+    source = load_onnx(exported[name])
+    assert sum(n.op_type == "Expand" for n in source.graph.node) >= 2 * SIZE.layers  # the repeat of keys and values
+    model = onnx.shape_inference.infer_shapes(compile_model(source, "onnx-attention"))
+    producers = {out: n for n in model.graph.node for out in n.output}
+    heads = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in model.graph.value_info
+             if len(v.type.tensor_type.shape.dim) == 4}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == SIZE.layers
+    for node in attention:
+        for kv in node.input[1:3]:
+            assert producers[kv].op_type != "Reshape" or producers[producers[kv].input[0]].op_type != "Expand"
+            assert heads[kv] == SIZE.heads // 2
+
+
 @pytest.mark.parametrize("name", ["torch-encoder-legacy", "torch-transformer-legacy"])
 def test_keys_the_graph_fixes_below_the_forms_lengths_take_no_if(exported, name):
     """torch's legacy exporter fixes its modules' key length at the traced one (their Reshapes say
