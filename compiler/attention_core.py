@@ -263,7 +263,7 @@ def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
 
 def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit,
                       layout: str = "BSD") -> ir.Value:
-    """A zero context on fully masked rows (DESIGN.md), whatever the fused op returned there.
+    """A zero context on fully masked rows (docs/ARCHITECTURE.md), whatever the fused op returned there.
     ``context`` is (N, L, H*hd) for layout BSD, (N, H, L, hd) for BNSH."""
     if layout == "BNSH":
         return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")

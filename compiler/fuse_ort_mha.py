@@ -31,7 +31,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     mask, with or without padding, becomes query blocks whose visible past is flash attention. Any
     other mask becomes ``attention_bias`` (broadcast over batch and heads, full over query and key),
     so -inf stays -inf: partially masked rows match torch exactly. Rows with every key masked get a
-    zero context (DESIGN.md), from the mask alone, where the graph zeroed them. A BNSH core's query
+    zero context (docs/ARCHITECTURE.md), from the mask alone, where the graph zeroed them. A BNSH core's query
     is merged to (N, L, E) for the op. A KV cache goes in as the op's past_key and past_value (a bool
     key padding mask as its key_padding_mask), and its present outputs become the graph's.
     """

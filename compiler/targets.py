@@ -1,4 +1,4 @@
-"""Targets as ordered pass lists (DESIGN.md, Targets)."""
+"""Targets as ordered pass lists (docs/ARCHITECTURE.md, Targets)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ class BlockSpec:
             raise SpecError(f"unknown block option {unknown[0]!r}; the options are those of torch.nn.Transformer*Layer")
         return cls(**options)
 
-    # Graph signature (DESIGN.md contract 2: the names of the layers' forward arguments) ---------
+    # Graph signature (docs/ARCHITECTURE.md contract 2: the names of the layers' forward arguments)
 
     def _seq(self, name: str, length: str) -> TensorSig:
         shape = (BATCH, length, self.embed_dim) if self.batch_first else (length, BATCH, self.embed_dim)

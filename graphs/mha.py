@@ -183,7 +183,7 @@ def _causal(g: GraphBuilder, q_in: str, k_in: str, past: str | None = None) -> s
 
 
 def _zero_fully_masked_rows(g: GraphBuilder, scores: str, probs: str) -> str:
-    """Softmax of an all -inf row is NaN; DESIGN.md asks for a zero context there instead."""
+    """Softmax of an all -inf row is NaN; docs/ARCHITECTURE.md asks for a zero context there instead."""
     row_max = g.op("ReduceMax", [scores, g.ints("softmax/fully_masked/axis", [-1])], "softmax/fully_masked/ReduceMax",
                    keepdims=1)
     dead = g.op("IsInf", [row_max], "softmax/fully_masked/IsInf", detect_positive=0)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 MaskKind = Literal["bool", "float"] | None
 MASK_KINDS = ("bool", "float")
 
-# Symbolic axis names of DESIGN.md contract 2; past_len is a KV cache's length, and may be 0.
+# Symbolic axis names of docs/ARCHITECTURE.md contract 2; past_len is a KV cache's length, and may be 0.
 BATCH, TGT_LEN, SRC_LEN, PAST_LEN = "batch", "tgt_len", "src_len", "past_len"
 TOTAL_LEN = f"{PAST_LEN}+{TGT_LEN}"  # the keys a cached step attends to: the past, then this step's
 # The largest shape a graph was compiled for (compile.py --max-batch/--max-len), kept in the model's
@@ -115,7 +115,7 @@ class AttentionSpec:
             raise SpecError(f"{missing[0]} is required")
         return cls(**options)
 
-    # Graph signature (DESIGN.md contract 2) -------------------------------------------------
+    # Graph signature (docs/ARCHITECTURE.md contract 2) ------------------------------------
 
     def _seq_shape(self, length: str, width: int) -> tuple[int | str, ...]:
         return (BATCH, length, width) if self.batch_first else (length, BATCH, width)

@@ -1,7 +1,7 @@
 """What a user would run instead of a compiled graph, for benchmarks to compare against: the
 same block written with torch.nn.functional.scaled_dot_product_attention, and the graph that
 torch.onnx.export(dynamo=True) makes of nn.MultiheadAttention. Both compute what the spec's
-graph computes (DESIGN.md semantics), weights included."""
+graph computes (docs/ARCHITECTURE.md semantics), weights included."""
 
 from __future__ import annotations
 

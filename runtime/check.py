@@ -3,7 +3,7 @@
 Error is reported as max absolute error and as that divided by the reference output's largest
 magnitude (its scale), per output, per reference, per shape. Query rows in which some head has
 every key masked are compared with the NumPy reference only: torch returns NaN there, where the
-contract (DESIGN.md) asks for a zero context.
+contract (docs/ARCHITECTURE.md) asks for a zero context.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray)
 
 def block_inputs(spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
     """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
-    key 0, so no query row is fully masked (torch gives NaN there; DESIGN.md a zero context)."""
+    key 0, so no query row is fully masked (torch gives NaN there; docs/ARCHITECTURE.md a zero context)."""
     batch, tgt, src = shape
     sizes = {"batch": batch, "tgt_len": tgt, "src_len": src, "past_len": src}  # a cache as long as the memory
     feeds = {}

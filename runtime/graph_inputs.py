@@ -4,7 +4,7 @@ it, or the user's own from an .npz file.
 A text model takes integer token ids and an integer or bool attention mask, not floats. Ids are drawn
 inside the embedding table that reads them (the Gather whose indices they are, through Casts and
 reshapes), so a check never indexes past a table; masks pad some keys but never a whole row, so no
-query is left with nothing to attend to (torch gives NaN there, DESIGN.md a zero context).
+query is left with nothing to attend to (torch gives NaN there, docs/ARCHITECTURE.md a zero context).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compile a torch.nn.MultiheadAttention into an ONNX graph for a deployment target (DESIGN.md contract 3),
+"""Compile a torch.nn.MultiheadAttention into an ONNX graph for a deployment target (docs/ARCHITECTURE.md contract 3),
 or, with --onnx, run a target's pipeline over an existing graph (torch.onnx.export's, say)."""
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def _tolerance(args: argparse.Namespace) -> float:
 def _emit(args: argparse.Namespace, console: Console, before: onnx.ModelProto, model: onnx.ModelProto,
           described: dict[str, Any], extra: dict[str, Any], *, checker: Callable[[Any], Any],
           feeds: Callable[[Any], dict[str, np.ndarray]]) -> dict[str, Any]:
-    """DIR/model.onnx (and model.onnx.data), manifest.json (DESIGN.md contract 3) and report.html, all
+    """DIR/model.onnx (and model.onnx.data), manifest.json (docs/ARCHITECTURE.md contract 3) and report.html, all
     staged beside DIR: the ONNX is validated, loaded, checked and timed as written, and DIR appears only whole."""
     target, form = get_target(args.target, args.precision, args.form)
     external = args.external_data == "always" or needs_external_data(model)

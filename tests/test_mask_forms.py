@@ -92,7 +92,7 @@ def _padded(feeds: dict, kind: str | None, length: int) -> dict:
 @pytest.mark.parametrize("heads", [4, 2], ids=["head4", "head8"])
 def test_causal_blocks_equal_the_reference_on_every_row(small_blocks, precision, padding, batch_first, heads):
     """Lengths below, at and past the block and the switch to blocks (1, 4, 8, 11, 16), per-row padding;
-    rows with no visible key are zero before out_proj (DESIGN.md), so they equal out_proj.bias.
+    rows with no visible key are zero before out_proj (docs/ARCHITECTURE.md), so they equal out_proj.bias.
     Head size 8 without padding takes GroupQueryAttention's chunks, the others the flash merge."""
     spec = AttentionSpec(16, heads, batch_first=batch_first, self_attention=True, is_causal=True, key_padding_mask=padding)
     weights = AttentionWeights.random(spec, seed=3)
