@@ -50,8 +50,36 @@ def uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:
     return None
 
 
+def nested_graphs(graph: ir.Graph) -> list[ir.Graph]:
+    """``graph`` and every graph inside its nodes (If branches, Loop and Scan bodies), outermost first."""
+    found = [graph]
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                found += nested_graphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                found += [g for sub in attr.value for g in nested_graphs(sub)]
+    return found
+
+
+def model_graphs(model: ir.Model) -> list[ir.Graph]:
+    """Every graph of ``model``, main graph first, each nested one told its root (``root``), so that
+    what a pass adds there takes names unique in the whole model and constants from the main graph."""
+    graphs = nested_graphs(model.graph)
+    for graph in graphs[1:]:
+        graph.meta["root"] = model.graph
+    return graphs
+
+
+def root(graph: ir.Graph) -> ir.Graph:
+    """The main graph a nested graph belongs to (as model_graphs recorded it); a main graph is its own."""
+    return graph.meta.get("root", graph)
+
+
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` under a name not yet taken in ``graph``."""
+    """Register ``array`` under a name not yet taken in the model; in a nested graph it goes to the main
+    graph, whose values every nested graph can read."""
+    graph = root(graph)
     taken = set(graph.initializers) | {v.name for v in graph.inputs}
     unique, i = name, 1
     while unique in taken:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, module_path, named, new_initializer
+from compiler._ir import constant, module_path, named, nested_graphs, new_initializer, root
 from compiler.core_patterns import OWN_CORE
 
 
@@ -155,8 +155,9 @@ Emit = Callable[..., ir.Value]
 
 
 def unique_scope(graph: ir.Graph) -> str:
-    """'attention', or 'attention_2', ... where a graph already holds a fused core (decoders have two)."""
-    taken = {node.name.split("/")[0] for node in graph if node.name}
+    """'attention', or 'attention_2', ... where the model already holds a fused core (decoders have two),
+    in any of its graphs."""
+    taken = {node.name.split("/")[0] for g in nested_graphs(root(graph)) for node in g if node.name}
     scope, i = "attention", 1
     while scope in taken:
         i += 1

@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
                                      rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_dead_weights)
+from compiler._ir import model_graphs
 from compiler.core_patterns import repeated_heads
 
 ATTENTION_OPSET = 23
@@ -30,10 +31,17 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
         return unfusable(core)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        cores = [core for core in find_cores(graph) if self.refuse(core) is None]
-        if cores and model.opset_imports.get("", 1) < ATTENTION_OPSET:
-            raise ir.passes.PassError(f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first")
+        fused = False
+        for graph in model_graphs(model):  # If branches and Loop bodies too
+            cores = [core for core in find_cores(graph) if self.refuse(core) is None]
+            if cores and model.opset_imports.get("", 1) < ATTENTION_OPSET:
+                raise ir.passes.PassError(f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first")
+            self._fuse(graph, cores)
+            fused = fused or bool(cores)
+        return ir.passes.PassResult(model, fused)
+
+    @staticmethod
+    def _fuse(graph: ir.Graph, cores: list[Core]) -> None:
         for core in cores:
             new: list[ir.Node] = []
             scope = unique_scope(graph)
@@ -65,7 +73,6 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                     weights = zero_dead_weights(graph, weights, dead, add)
             context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
-        return ir.passes.PassResult(model, bool(cores))
 
 
 def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:

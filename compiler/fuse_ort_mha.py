@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, new_initializer
+from compiler._ir import constant, model_graphs, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
                                      rank4, replace_core, summed, unfusable, unique_scope, zero_dead_context, zero_scalar)
 from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
@@ -51,9 +51,14 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return unfusable(core)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
         declared = model.metadata_props.get(MAX_LEN_KEY)
         self.max_len = int(declared) if declared is not None and declared.isdigit() else None
+        fused = [self._fuse(graph) for graph in model_graphs(model)]  # If branches and Loop bodies too
+        if any(fused):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, any(fused))
+
+    def _fuse(self, graph: ir.Graph) -> bool:
         cores = [core for core in find_cores(graph) if self.refuse(core) is None]
         for core in cores:
             new: list[ir.Node] = []
@@ -89,9 +94,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                               {"perm": [0, 2, 1, 3]})
             context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, present=present if cache is not None else None)
-        if cores:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-        return ir.passes.PassResult(model, bool(cores))
+        return bool(cores)
 
 
 @dataclass

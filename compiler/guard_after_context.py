@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from compiler._ir import model_graphs
 from compiler.attention_core import dead_rows, emitter, find_cores, unique_scope, zero_dead_weights
 
 class GuardAfterContextPass(ir.passes.InPlacePass):
@@ -15,7 +16,11 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+        moved = [self._move(graph) for graph in model_graphs(model)]  # If branches and Loop bodies too
+        return ir.passes.PassResult(model, any(moved))
+
+    @staticmethod
+    def _move(graph: ir.Graph) -> bool:
         cores = [core for core in find_cores(graph) if core.guarded and core.mask is not None]
         for core in cores:
             softmax, context_mm, where = core.softmax, core.context_matmul, core.guard[0]
@@ -35,4 +40,4 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
                 probs.replace_all_uses_with(weights)
             context_mm.replace_input_with(0, softmax.outputs[0])
             graph.remove(core.guard, safe=True)
-        return ir.passes.PassResult(model, bool(cores))
+        return bool(cores)

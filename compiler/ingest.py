@@ -12,9 +12,9 @@ import onnx_ir as ir
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
-from compiler._ir import module_path
+from compiler._ir import module_path, nested_graphs
 from compiler.attention_core import Core, survey
-from compiler.targets import Form
+from compiler.targets import Form, every_node
 from graphs.weight_files import first_line
 
 
@@ -142,9 +142,9 @@ def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form,
     model = ir.serde.deserialize_model(before)
     InlinePass()(model)  # as the targets' passes do: their cores may sit in model-local functions
     ShapeInferencePass()(model)
-    remaining = {out for node in after.graph.node if node.op_type == "Softmax" for out in node.output}
+    remaining = {out for node in every_node(after.graph) if node.op_type == "Softmax" for out in node.output}
     findings = []
-    for node, found in survey(model.graph):
+    for node, found in (pair for graph in nested_graphs(model.graph) for pair in survey(graph)):
         name, layer = node.outputs[0].name, layer_of(node)
         if name not in remaining:
             findings.append(Finding(name, True, f"into {fused_form}", layer=layer))

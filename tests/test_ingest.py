@@ -218,6 +218,48 @@ def test_attention_inside_model_local_functions_fuses(tmp_path, target):
     assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max()
 
 
+class _EitherLayer(torch.nn.Module):
+    """Two attention layers behind torch.cond: the dynamo exporter writes an If with one in each branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = (torch.nn.MultiheadAttention(E, 4, batch_first=True) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        return torch.cond(flag.sum() > 0, lambda x: self.a(x, x, x, need_weights=False)[0],
+                          lambda x: self.b(x, x, x, need_weights=False)[0], (x,))
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
+def test_attention_inside_if_branches_fuses(tmp_path, target):
+    """torch.cond exports as an If whose branches hold the layers: both cores fuse where they are,
+    the report finds them, and each branch computes what torch does (float64, 1e-5 of scale)."""
+    from compiler.targets import every_node
+
+    torch.manual_seed(0)
+    module = _EitherLayer().eval()
+    x = torch.randn(2, 6, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x, torch.ones(1)), tmp_path / "m.onnx", dynamo=True,
+                          dynamic_shapes=({0: "batch", 1: "seq"}, None))
+    original = load_onnx(tmp_path / "m.onnx")
+    assert [n.op_type for n in original.graph.node if n.op_type == "If"] == ["If"]
+    assert not any(n.op_type == "Softmax" for n in original.graph.node)
+    compiled = compile_model(original, target)
+    findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
+    assert [f.fused for f in findings] == [True, True], [str(f) for f in findings]
+    assert not any(n.op_type == "Softmax" for n in every_node(compiled.graph))
+    onnx.checker.check_model(compiled)  # the branches read the constants the fusion put in the main graph
+    session = OrtSession(compiled)
+    for flag, layer in ((1.0, module.a), (-1.0, module.b)):
+        got = next(iter(session.run({name: value for name, value in zip(
+            [i.name for i in compiled.graph.input], (x.numpy(), np.array([flag], np.float32)))}).values()))
+        with torch.no_grad():
+            want = layer.double()(*(x.double(),) * 3, need_weights=False)[0].numpy()
+        assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max(), flag
+
+
 def test_portable_leaves_exported_attention_alone_and_says_so(exported):
     _, _, path = exported["decoder", True]
     original = load_onnx(path)
