@@ -13,7 +13,12 @@ the causal form compiler/mask_forms.py takes (docs/BENCHMARKS.md, "Causal kernel
   extra value column that returns its weight). Its value heads are one wider, which costs the
   flash kernel about 15% (its kernels run head sizes in steps of 16).
 
+With ``--decode P``: one decode step (one query, a cache of P keys given as past) instead, batch
+``--batch``: MultiHeadAttention with past and its causal bias (what ort-cpu's KV-cache graph runs)
+against GroupQueryAttention with the same past.
+
     python scripts/causal_kernels.py --length 4096
+    python scripts/causal_kernels.py --decode 2048 --batch 4
 """
 
 from __future__ import annotations
@@ -138,6 +143,26 @@ def flash_halving(length: int, heads: int, head: int, block: int):
     return g.model(g.op("Reshape", [out, g.const(np.array([1, length, heads * d]))]), length, heads * d)
 
 
+def decode_step(kind: str, batch: int, past: int, heads: int, head: int):
+    """One query over ``past`` cached keys and its own: MultiHeadAttention (past, present, a zero bias
+    over the past and the new key, as the KV-cache graph passes it) or GroupQueryAttention."""
+    vi, width = helper.make_tensor_value_info, heads * head
+    inputs = [vi(n, TensorProto.FLOAT, [batch, 1, width]) for n in "qkv"]
+    inputs += [vi(n, TensorProto.FLOAT, [batch, heads, past, head]) for n in ("past_key", "past_value")]
+    outputs = [vi(n, TensorProto.FLOAT, None) for n in ("y", "present_key", "present_value")]
+    g = _Graph()
+    if kind == "mha":
+        bias = g.const(np.zeros((batch, 1, 1, past + 1), np.float32))
+        node = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", bias, "past_key", "past_value"],
+                                ["y", "present_key", "present_value"], domain=MS, num_heads=heads)
+    else:
+        seen, total = g.const(np.full(batch, past, np.int32)), g.const(np.array(past + 1, np.int32))
+        node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key", "past_value", seen, total],
+                                ["y", "present_key", "present_value"], domain=MS, num_heads=heads, kv_num_heads=heads)
+    graph = helper.make_graph([node], "decode", inputs, outputs, g.constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=4096)
@@ -146,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=1024, help="queries per GroupQueryAttention call")
     p.add_argument("--block", type=int, default=256, help="the halving's diagonal block")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--decode", type=int, metavar="P", help="time one decode step over a cache of P keys instead")
+    p.add_argument("--batch", type=int, default=1, help="batch of the decode step")
     args = p.parse_args(argv)
     length, heads, head = args.length, args.heads, args.head_size
+    if args.decode is not None:
+        return _decode(args)
     models = {"flash, no mask": one_op("flash", length, heads, head),
               "MHA unidirectional": one_op("unidirectional", length, heads, head),
               "Attention-23 is_causal": one_op("attention23", length, heads, head),
@@ -177,6 +206,33 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in times.items():
         print(f"| {name} | {np.median(t) * 1e3:.1f} | {np.median(t) / base:.2f}x | "
               f"{'-' if name not in errors else f'{errors[name]:.1e}'} |")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    heads, head, batch, past = args.heads, args.head_size, args.batch, args.decode
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {name: ort.InferenceSession(decode_step(kind, batch, past, heads, head).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+                for name, kind in (("MultiHeadAttention, past and bias", "mha"), ("GroupQueryAttention, past", "gqa"))}
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.standard_normal((batch, 1, heads * head), dtype=np.float32) for x in "qkv"}
+    feeds |= {x: rng.standard_normal((batch, heads, past, head), dtype=np.float32) for x in ("past_key", "past_value")}
+    outs = [s.run(["y"], feeds)[0] for s in sessions.values()]
+    error = float(np.abs(outs[1] - outs[0]).max() / np.abs(outs[0]).max())
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(max(args.rounds, 100)):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append(time.perf_counter() - start)
+    base = np.median(next(iter(times.values())))
+    print(f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; one decode step, batch {batch}, "
+          f"past {past}, {heads} heads of {head}; rel. error between the two {error:.1e}")
+    print("| kernel | p50 ms | x MultiHeadAttention |\n|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {np.median(t) * 1e3:.3f} | {np.median(t) / base:.2f}x |")
     return 0
 
 

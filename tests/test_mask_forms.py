@@ -350,3 +350,20 @@ def test_the_causal_kernel_script_checks_every_form_against_the_causal_op(capsys
     assert len(errors) == 6 and errors["flash, no mask"] == "-"
     # fp32 kernels against fp32 kernels: rounding only (the merge divides nothing that can vanish)
     assert all(float(e) < 1e-5 for name, e in errors.items() if name != "flash, no mask"), errors
+
+
+def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
+    """scripts/causal_kernels.py --decode: MultiHeadAttention with past and GroupQueryAttention agree."""
+    import importlib
+    import re
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    script = importlib.import_module("causal_kernels")
+    assert script.main(["--decode", "5", "--batch", "2", "--heads", "2", "--head-size", "8", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    error = float(re.search(r"rel. error between the two (\S+)", out).group(1))
+    assert error < 1e-5  # fp32 kernels against each other: rounding only
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "ms" not in line and "---" not in line]) == 2
