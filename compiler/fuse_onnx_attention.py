@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
+from compiler._ir import model_graphs, new_initializer
 from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
-                                     rank4, replace_core, unfusable, unique_scope, zero_dead_context, zero_dead_weights)
-from compiler._ir import model_graphs
+                                     rank4, replace_core, summed, unfusable, unique_scope, zero_dead_context,
+                                     zero_dead_weights)
 from compiler.core_patterns import repeated_heads
+from compiler.mask_forms import mask_terms, op_inputs, query_blocks
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -26,6 +29,10 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
     present_value; the causal mask stays in attn_mask, since the op's is_causal aligns top-left.
     """
 
+    def __init__(self, query_blocks: bool = False) -> None:
+        super().__init__()
+        self.query_blocks = query_blocks  # masked cores in blocks of queries: memory O(block x S), not O(L x S)
+
     @staticmethod
     def refuse(core: Core) -> str | None:
         return unfusable(core)
@@ -40,12 +47,14 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             fused = fused or bool(cores)
         return ir.passes.PassResult(model, fused)
 
-    @staticmethod
-    def _fuse(graph: ir.Graph, cores: list[Core]) -> None:
+    def _fuse(self, graph: ir.Graph, cores: list[Core]) -> None:
         for core in cores:
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(graph, new, scope)
+            if self.query_blocks and _blockable(core):
+                replace_core(graph, core, new, _in_blocks(graph, core, add, scope))
+                continue
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
             if core.layout == "BSD":
@@ -73,6 +82,38 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                     weights = zero_dead_weights(graph, weights, dead, add)
             context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
+
+
+def _blockable(core: Core) -> bool:
+    """Masked, no cache, no weights output (the weights need the whole score tensor), heads stated."""
+    return (core.mask is not None and core.cache is None and core.weights is None and core.num_heads is not None
+            and core.head_dim is not None)
+
+
+def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
+    """The core's output, computed by one Attention op per block of queries (mask_forms.query_blocks),
+    each with its rows of every mask term, so the op holds (N, H, block, S) scores."""
+    h, d = core.num_heads, core.head_dim
+    heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))
+    merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
+    corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
+
+    def attend(op, query, keys, values, bias):
+        q = op("Transpose", [op("Reshape", [query, heads], "query_heads")], "query_bnsh", {"perm": [0, 2, 1, 3]})
+        rows = op("Shape", [query], "block_rows", {"start": 1, "end": 2})
+        width = op("Shape", [keys], "block_keys", {"start": 2, "end": 3})
+        # ONNX Runtime takes a mask full over queries and keys only: a key bias (N, 1, 1, S) gets its b rows
+        full = op("Expand", [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})], "block_mask")
+        context = op("Attention", [q, keys, values, full], "Attention", {"scale": core.scale})  # (N, H, b, hd)
+        return op("Reshape", [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge], "context")
+
+    terms = mask_terms(core)
+    key_bias = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
+    context = query_blocks(graph, core, op_inputs(graph, core, add), terms, key_bias, add, scope, core.zeroes_dead_rows,
+                           attend)
+    if core.layout == "BNSH":
+        context = add("Transpose", [add("Reshape", [context, heads], "context_bsnh")], "context_bnsh", {"perm": [0, 2, 1, 3]})
+    return as_output(graph, core, context, add)
 
 
 def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:

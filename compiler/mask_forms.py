@@ -425,14 +425,19 @@ def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     return add("Transpose", [dead], "fully_masked/rows", {"perm": [0, 1, 3, 2]})
 
 
+Attend = Callable[[Emit, ir.Value, ir.Value, ir.Value, ir.Value], ir.Value]
+
+
 def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], terms: MaskTerms,
-                 key_bias: ir.Value | None, add: Emit, scope: str, zero_dead: bool) -> ir.Value:
+                 key_bias: ir.Value | None, add: Emit, scope: str, zero_dead: bool, attend: Attend | None = None) -> ir.Value:
     """Attention (N, L, E) with any additive mask, in blocks of b = min(L, CAUSAL_BLOCK) queries, so
-    that MultiHeadAttention (on its masked path) holds (N, H, b, S) scores instead of (N, H, L, S):
+    that the op (on its masked path) holds (N, H, b, S) scores instead of (N, H, L, S):
     each block takes its rows of every mask term (a causal term is made anew for its rows; terms
     that broadcast over queries go in whole). Blocks all have b rows, the last one overlapping its
     predecessor, so the Loop's outputs stack; the overlap is dropped after it. ``zero_dead``: rows
-    whose every key is -inf get a zero context, read from each block's bias."""
+    whose every key is -inf get a zero context, read from each block's bias. ``attend(op, query,
+    keys, values, bias)`` runs one block (query (N, b, E), keys and values BNSH): by default
+    MultiHeadAttention."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     q, k, v = inputs
@@ -473,8 +478,11 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
         for i, part in enumerate(parts[1:]):
             bias = op("Add", [bias, part], f"bias_{i + 1}")
         query = op("Slice", [q, start, end, axis1], "query")
-        context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
-                     {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
+        if attend is None:
+            context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
+                         {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
+        else:
+            context = attend(op, query, k, v, bias)
         if zero_dead:
             dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
                       {"detect_positive": 0})  # (N|1, H|1, b, 1)

@@ -5,7 +5,8 @@ The figure is an estimate from the spec, not a measurement: the weights, the inp
 and every activation the graph holds at its widest point, counted once. The attention scores
 (batch x heads x tgt_len x keys, float32) count once: the unfused forms and ONNX Runtime's
 kernels hold them whole (softmax works in place), except where its CPU MultiHeadAttention takes a
-flash path, so there the figure is high. TensorRT's fused kernels stream them, so for
+flash path or a form runs blocks of queries (ort-cpu's mask forms, onnx-attention's
+attention-op-blocks), so there the figure is high. TensorRT's fused kernels stream them, so for
 ``tensorrt`` they count only where ``need_weights`` returns them. docs/RELIABILITY.md compares the
 estimate with peaks measured by runtime/memory.py.
 """

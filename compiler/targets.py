@@ -66,6 +66,12 @@ _PORTABLE = Form("matmul-softmax", _PREPARE,
 _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
                        f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
                        "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
+_ONNX_ATTENTION_BLOCKS = Form(
+    "attention-op-blocks",
+    _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), functools.partial(FuseOnnxAttentionPass, query_blocks=True)),
+    f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op; a masked core runs one op per "
+    "block of queries, each with its rows of the mask, so that a call holds (batch, heads, block, keys) scores, not "
+    "(batch, heads, queries, keys): memory linear in length, for a few percent of time", FuseOnnxAttentionPass)
 _ORT_CPU = Form("ms-multihead-attention",
                 _PREPARE[:-1] + (functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
                                  functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
@@ -87,7 +93,7 @@ _TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
 
 TARGET_SPECS = {
     "portable": Target("portable", (_PORTABLE,)),
-    "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION,)),
+    "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION, _ONNX_ATTENTION_BLOCKS)),
     "ort-cpu": Target("ort-cpu", (_ORT_CPU,)),
     "ort-cuda": Target("ort-cuda", (_ORT_CUDA,)),
     "tensorrt": Target("tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)),  # the Attention op needs TensorRT 10.14+

@@ -367,3 +367,45 @@ def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
     error = float(re.search(r"rel. error between the two (\S+)", out).group(1))
     assert error < 1e-5  # fp32 kernels against each other: rounding only
     assert len([line for line in out.splitlines() if line.startswith("| ") and "ms" not in line and "---" not in line]) == 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("options", [
+    {"key_padding_mask": "bool"},
+    {"attn_mask": "float"},
+    {"attn_mask": "bool", "attn_mask_3d": True, "key_padding_mask": "float"},
+    {"is_causal": True, "self_attention": True, "key_padding_mask": "float"},
+    {"is_causal": True, "self_attention": True},
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_the_attention_op_in_query_blocks_equals_the_reference(small_blocks, precision, options):
+    """onnx-attention's attention-op-blocks form: one standard Attention op per block of queries inside
+    a Loop, each with its rows of every mask term, the causal term made per block (no Range outside
+    the Loop): lengths 1 to 11 and keys longer than queries, a batch entry whose every key is masked
+    (zero context, so its rows equal out_proj.bias)."""
+    spec = AttentionSpec(16, 4, batch_first=True, **options)
+    weights = AttentionWeights.random(spec, seed=5)
+    model = compile_model(build_mha(spec, weights), "onnx-attention", precision, form="attention-op-blocks")
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node if n.op_type in ("Loop", "Attention", "Range")] == ["Loop"]
+    assert [n.op_type for n in _all_nodes(model.graph)].count("Attention") == 1
+    session = OrtSession(model)
+    tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+    for length, keys in ((1, 1), (5, 5), (11, 11), (9, 13)):
+        if spec.self_attention and length != keys:
+            continue
+        feeds = random_inputs(spec, (3, length, keys), np.random.default_rng(length))
+        if "key_padding_mask" in feeds:
+            feeds["key_padding_mask"][0] = True if spec.key_padding_mask == "bool" else -np.inf
+        got = session.run(feeds)["attn_output"]
+        want = mha_reference(spec, weights, feeds)["attn_output"]
+        assert np.isfinite(got).all()
+        assert errors(got, want)[1] <= tolerance, (length, keys, errors(got, want))
+
+
+def test_the_attention_op_keeps_one_op_where_blocks_cannot_serve():
+    """need_weights needs the whole score tensor, and an unmasked core has nothing to bound: both keep
+    the one Attention op in the blocks form."""
+    for options in ({"key_padding_mask": "bool", "need_weights": True}, {}):
+        spec = AttentionSpec(16, 4, batch_first=True, **options)
+        model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "onnx-attention", form="attention-op-blocks")
+        assert [n.op_type for n in model.graph.node if n.op_type in ("Loop", "Attention")] == ["Attention"], options

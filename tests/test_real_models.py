@@ -70,6 +70,26 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, 
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["bert-sdpa-dynamo", "gpt2-eager-legacy", "llama-sdpa-dynamo"])
+def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_for_it(exported, tmp_path, name):
+    """onnx-attention's attention-op-blocks form: each masked core of an export (BERT's padding, GPT-2's
+    and Llama's causal-and-padding masks) runs one Attention op per block of queries inside a Loop,
+    and the graph still computes what the export does (fp32, 1e-5 of scale)."""
+    import onnx
+
+    from compiler.targets import every_node
+
+    out = tmp_path / "out"
+    assert compile_script.main(["--onnx", str(exported[name]), "--target", "onnx-attention", "--form", "attention-op-blocks",
+                                "--check", "--quiet", "--out", str(out)]) == 0
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    loops = [n for n in model.graph.node if n.op_type == "Loop"]
+    assert len(loops) == SIZE.layers and not any(n.op_type == "Attention" for n in model.graph.node)
+    assert sum(n.op_type == "Attention" for n in every_node(model.graph)) == SIZE.layers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
+
+
 def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_path):
     """scripts/corpus.py end to end on one small model (exported above): every column filled from one run."""
     import corpus
