@@ -85,9 +85,9 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
 
 
 def _blockable(core: Core) -> bool:
-    """Masked, no cache, no weights output (the weights need the whole score tensor), heads stated."""
-    return (core.mask is not None and core.cache is None and core.weights is None and core.num_heads is not None
-            and core.head_dim is not None)
+    """No cache, no weights output (the weights need the whole score tensor), heads stated. Unmasked
+    cores too: ONNX Runtime's CPU Attention op holds the whole score tensor even without a mask."""
+    return core.cache is None and core.weights is None and core.num_heads is not None and core.head_dim is not None
 
 
 def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
@@ -102,9 +102,10 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
         q = op("Transpose", [op("Reshape", [query, heads], "query_heads")], "query_bnsh", {"perm": [0, 2, 1, 3]})
         rows = op("Shape", [query], "block_rows", {"start": 1, "end": 2})
         width = op("Shape", [keys], "block_keys", {"start": 2, "end": 3})
-        # ONNX Runtime takes a mask full over queries and keys only: a key bias (N, 1, 1, S) gets its b rows
-        full = op("Expand", [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})], "block_mask")
-        context = op("Attention", [q, keys, values, full], "Attention", {"scale": core.scale})  # (N, H, b, hd)
+        inputs = [q, keys, values]
+        if bias is not None:  # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
+            inputs.append(op("Expand", [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})], "block_mask"))
+        context = op("Attention", inputs, "Attention", {"scale": core.scale})  # (N, H, b, hd)
         return op("Reshape", [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge], "context")
 
     terms = mask_terms(core)

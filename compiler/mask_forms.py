@@ -474,7 +474,7 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
                                       _floats(graph, "zero", 0.0)], "causal"))
         if key_bias is not None:
             parts.append(key_bias)
-        bias = parts[0]
+        bias = parts[0] if parts else None  # none: an unmasked core in blocks, for memory alone
         for i, part in enumerate(parts[1:]):
             bias = op("Add", [bias, part], f"bias_{i + 1}")
         query = op("Slice", [q, start, end, axis1], "query")
@@ -483,7 +483,7 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
                          {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
         else:
             context = attend(op, query, k, v, bias)
-        if zero_dead:
+        if zero_dead and bias is not None:
             dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
                       {"detect_positive": 0})  # (N|1, H|1, b, 1)
             context = op("Reshape", [op("Where", [op("Transpose", [dead], "dead_bshd", to_bnsh), _floats(graph, "zero", 0.0),

@@ -69,9 +69,9 @@ _ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpse
 _ONNX_ATTENTION_BLOCKS = Form(
     "attention-op-blocks",
     _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), functools.partial(FuseOnnxAttentionPass, query_blocks=True)),
-    f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op; a masked core runs one op per "
-    "block of queries, each with its rows of the mask, so that a call holds (batch, heads, block, keys) scores, not "
-    "(batch, heads, queries, keys): memory linear in length, for a few percent of time", FuseOnnxAttentionPass)
+    f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op, one op per block of queries "
+    "(each with its rows of the mask; not with need_weights or a KV cache), so that a call holds (batch, heads, block, "
+    "keys) scores, not (batch, heads, queries, keys): memory linear in length", FuseOnnxAttentionPass)
 _ORT_CPU = Form("ms-multihead-attention",
                 _PREPARE[:-1] + (functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
                                  functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),

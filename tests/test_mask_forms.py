@@ -371,6 +371,7 @@ def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("options", [
+    {},
     {"key_padding_mask": "bool"},
     {"attn_mask": "float"},
     {"attn_mask": "bool", "attn_mask_3d": True, "key_padding_mask": "float"},
@@ -380,8 +381,9 @@ def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
 def test_the_attention_op_in_query_blocks_equals_the_reference(small_blocks, precision, options):
     """onnx-attention's attention-op-blocks form: one standard Attention op per block of queries inside
     a Loop, each with its rows of every mask term, the causal term made per block (no Range outside
-    the Loop): lengths 1 to 11 and keys longer than queries, a batch entry whose every key is masked
-    (zero context, so its rows equal out_proj.bias)."""
+    the Loop), an unmasked core too (ONNX Runtime's CPU op holds all its scores): lengths 1 to 11 and
+    keys longer than queries, a batch entry whose every key is masked (zero context, so its rows
+    equal out_proj.bias)."""
     spec = AttentionSpec(16, 4, batch_first=True, **options)
     weights = AttentionWeights.random(spec, seed=5)
     model = compile_model(build_mha(spec, weights), "onnx-attention", precision, form="attention-op-blocks")
@@ -403,9 +405,7 @@ def test_the_attention_op_in_query_blocks_equals_the_reference(small_blocks, pre
 
 
 def test_the_attention_op_keeps_one_op_where_blocks_cannot_serve():
-    """need_weights needs the whole score tensor, and an unmasked core has nothing to bound: both keep
-    the one Attention op in the blocks form."""
-    for options in ({"key_padding_mask": "bool", "need_weights": True}, {}):
-        spec = AttentionSpec(16, 4, batch_first=True, **options)
-        model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "onnx-attention", form="attention-op-blocks")
-        assert [n.op_type for n in model.graph.node if n.op_type in ("Loop", "Attention")] == ["Attention"], options
+    """need_weights needs the whole score tensor: such a core keeps the one Attention op in the blocks form."""
+    spec = AttentionSpec(16, 4, batch_first=True, key_padding_mask="bool", need_weights=True)
+    model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "onnx-attention", form="attention-op-blocks")
+    assert [n.op_type for n in model.graph.node if n.op_type in ("Loop", "Attention")] == ["Attention"]
