@@ -68,7 +68,11 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             terms = mask_terms(core) if self.flash_forms else None
             present = None
             projections = match_projections(core) if self.flash_forms and self.attention_op else None
-            if cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
+            if not self.flash_forms and _causal_alone(core):  # CUDA: the op's own causal flag, which its flash kernel takes
+                q, k, v = op_inputs(graph, core, add)
+                context = add("MultiHeadAttention", [q, k, v], "MultiHeadAttention",
+                              {"num_heads": core.num_heads, "scale": core.scale, "unidirectional": 1}, MS_DOMAIN)
+            elif cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
                 context = _by_length(graph, _Source.of(graph, core, projections, add), terms, raw, add, scope, self.max_len)
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
@@ -289,6 +293,16 @@ def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise, 
             value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
     return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]}, outputs=outputs)
+
+
+def _causal_alone(core: Core) -> bool:
+    """A self-attention core whose only mask is the causal one (L = S, no cache): MultiHeadAttention's
+    ``unidirectional`` means exactly that, and ONNX Runtime's CUDA kernel runs flash attention with it
+    where an attention_bias would keep it off flash."""
+    if core.cache is not None or core.layout != "BSD" or core.mask is None:
+        return False
+    terms = mask_terms(core)
+    return terms.causal and not terms.keys and not terms.other and terms.past is None
 
 
 def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:

@@ -13,6 +13,7 @@ from compiler.targets import attention_form
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session, errors, random_inputs
 from runtime.ort import OrtSession
+from runtime.reference import mha_reference
 
 
 def _ops(model):
@@ -158,3 +159,27 @@ def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask, m
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
     report = check_session(OrtSession(model), spec, weights, tolerance=tolerance)
     assert report.passed, report.table()
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_ort_cuda_gives_a_causal_mask_alone_to_the_ops_own_flag(precision, batch_first):
+    """ONNX Runtime's CUDA MultiHeadAttention runs flash attention only without attention_bias and
+    key_padding_mask, and its ``unidirectional`` flag is the causal mask of self-attention: ort-cuda
+    sets it where the causal mask is the only one. Checked on the CPU kernel, which has the same
+    flag, against the float64 reference (fp32 1e-5, fp16 1e-2); with padding, or in cross-attention
+    (where L and S differ), the mask stays a bias."""
+    spec = AttentionSpec(16, 4, batch_first=batch_first, self_attention=True, is_causal=True)
+    weights = AttentionWeights.random(spec, seed=7)
+    model = compile_model(build_mha(spec, weights), "ort-cuda", precision)
+    (op,) = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert [i for i in op.input if i] == list(op.input[:3]) and any(a.name == "unidirectional" and a.i == 1 for a in op.attribute)
+    session = OrtSession(model)
+    for length in (1, 6, 9):
+        feeds = random_inputs(spec, (2, length, length), np.random.default_rng(length))
+        got, want = session.run(feeds)["attn_output"], mha_reference(spec, weights, feeds)["attn_output"]
+        assert errors(got, want)[1] <= (FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE)
+    for other in (AttentionSpec(16, 4, self_attention=True, is_causal=True, key_padding_mask="bool"),
+                  AttentionSpec(16, 4, is_causal=True)):
+        model = compile_model(build_mha(other, AttentionWeights.random(other)), "ort-cuda")
+        (op,) = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+        assert not any(a.name == "unidirectional" for a in op.attribute) and len(op.input) >= 6 and op.input[5]
