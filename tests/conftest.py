@@ -28,3 +28,13 @@ def run_cli():
                               capture_output=True, text=True, timeout=300)
 
     return run
+
+
+def parse_triton_config(text: str):
+    """A config.pbtxt through the model_config protobuf tritonclient ships; the calling test skips
+    where tritonclient is missing, and only that test (the module still collects)."""
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                           reason="needs tritonclient[grpc] (pip install -e '.[test]')")
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())

@@ -19,3 +19,18 @@ def test_layers_import_one_way():
             text = path.read_text()
             for name in forbidden:
                 assert f"from {name}" not in text and f"import {name}" not in text, f"{path.name} imports {name}"
+
+
+def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_them():
+    """A test module that imported tritonclient, tensorrt or transformers at its top level would fail
+    to collect where the package is missing, taking every other test in it along; those imports go
+    through pytest.importorskip, in the test or the helper that needs them."""
+    import ast
+    from pathlib import Path
+
+    optional = {"tritonclient", "tensorrt", "transformers"}
+    for path in (Path(__file__).resolve().parent).glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in optional for n in names), f"{path.name}:{node.lineno} imports {names}"

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from google.protobuf import text_format
 from safetensors.torch import load_file
-from tritonclient.grpc import model_config_pb2
 
-from conftest import ROOT
+from conftest import ROOT, parse_triton_config
 from runtime.ort import OrtSession
 
 
@@ -42,7 +40,7 @@ def test_walkthrough_commands_work_as_written(tmp_path):
     ops = manifest["graph"]["after"]["ops"]
     assert ops["com.microsoft.MultiHeadAttention"] == 1 and ops["com.microsoft.SkipLayerNormalization"] == 2
     assert ops["com.microsoft.Gelu"] == 1
-    config = text_format.Parse((repo / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = parse_triton_config((repo / "config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
     assert [i.name for i in config.input] == ["src", "src_key_padding_mask"] and [o.name for o in config.output] == ["output"]
     assert (repo / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()

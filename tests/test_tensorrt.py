@@ -9,11 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from compiler import compile_model
 from compiler.triton import triton_config
+from conftest import parse_triton_config
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime import InputError
 from runtime.check import check_session, random_inputs
@@ -140,7 +139,7 @@ def test_engine_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
 def test_triton_tensorrt_plan_config_parses():
     text, summary = triton_config(_model(AttentionSpec(16, 2, batch_first=True, self_attention=True)), "mha", 4, "tensorrt_plan")
-    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    config = parse_triton_config(text)
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4 and summary["dynamic_batching"]
     with pytest.raises(ValueError, match="unknown Triton platform 'tensorflow'"):
         triton_config(_model(), "mha", 4, "tensorflow")
@@ -264,7 +263,7 @@ def test_compile_writes_a_checked_engine_and_reuses_it(run_cli, tmp_path):
     engine = manifest["engine"]
     assert engine["built"] and not engine["from_cache"] and engine["check"]["passed"]
     assert (tmp_path / "repo" / "attention" / "1" / "model.plan").read_bytes() == (tmp_path / "a" / "model.engine").read_bytes()
-    config = text_format.Parse((tmp_path / "repo" / "attention" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = parse_triton_config((tmp_path / "repo" / "attention" / "config.pbtxt").read_text())
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     second = run_cli("compile.py", *args, "--out", tmp_path / "b")
     assert second.returncode == 0, second.stderr
