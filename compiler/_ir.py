@@ -92,7 +92,7 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def only_use(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+def only_use(value: ir.Value) -> ir.Node | None:
     """The single consumer of ``value``, or None when it has several or is a graph output."""
     if value.is_graph_output() or len(value.uses()) != 1:
         return None

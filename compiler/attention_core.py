@@ -165,7 +165,7 @@ def unique_scope(graph: ir.Graph) -> str:
     return scope
 
 
-def emitter(graph: ir.Graph, new: list[ir.Node], scope: str) -> Emit:
+def emitter(new: list[ir.Node], scope: str) -> Emit:
     """add(op, inputs, name, attrs, domain) -> the new node's first output, named ``scope/name``
     (with ``outputs`` > 1: that many outputs); nodes collect in ``new``."""
 

@@ -20,11 +20,11 @@ from compiler.core_patterns import CONTEXT_END, QUERY_KEY_END, same_float_cast, 
 from compiler.shape_values import entries, scalar
 
 
-def _scaled(value: ir.Value, graph: ir.Graph) -> tuple[ir.Value, float, ir.Node | None]:
+def _scaled(value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
     """value = Mul(x, c), Mul(c, x) or Div(x, c) with c a scalar the graph fixes (constant, or computed:
     legacy exporters write Sqrt(1 / Sqrt(hd))), used once: (x, factor, node); else (value, 1, None)."""
     node = value.producer()
-    if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value, graph) is None:
+    if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value) is None:
         return value, 1.0, None
     for side in ((1,) if node.op_type == "Div" else (1, 0)):
         if factor := scaling_factor(node.inputs[side]):
@@ -50,7 +50,7 @@ def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
     return False
 
 
-def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value], list[ir.Node]] | str:
+def _biases(scores: ir.Value) -> tuple[ir.Value, list[ir.Value], list[ir.Node]] | str:
     """Peel the additive biases off the scores (a padding mask, a causal mask, a relative position
     bias; any number, in any order): (the scaled product, the biases, the Add nodes)."""
     biases: list[ir.Value] = []
@@ -59,13 +59,13 @@ def _biases(scores: ir.Value, graph: ir.Graph) -> tuple[ir.Value, list[ir.Value]
         sides = [i for i in (0, 1) if _reaches_scores(add.inputs[i])]
         if len(sides) != 1:
             return "its scores are not a MatMul plus masks"
-        if only_use(add.inputs[sides[0]], graph) is None:
+        if only_use(add.inputs[sides[0]]) is None:
             return "an intermediate score tensor is used outside the attention"
         if not _adds_nothing(add.inputs[1 - sides[0]], add.inputs[sides[0]]):
             biases.append(add.inputs[1 - sides[0]])
         nodes.append(add)
         scores = add.inputs[sides[0]]
-        while same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+        while same_float_cast(scores.producer()) and only_use(scores) is not None:
             nodes.append(scores.producer())
             scores = scores.producer().inputs[0]
     return scores, biases[::-1], nodes
@@ -184,25 +184,25 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     weights_used = read.is_graph_output() or len(read.uses()) > 1
     nodes = [softmax, *after]
     scores = softmax.inputs[0]
-    if only_use(scores, graph) is None:
+    if only_use(scores) is None:
         return "its scores are used outside the attention"
-    while same_float_cast(scores.producer()) and only_use(scores, graph) is not None:
+    while same_float_cast(scores.producer()) and only_use(scores) is not None:
         nodes.append(scores.producer())
         scores = scores.producer().inputs[0]
-    peeled = _biases(scores, graph)
+    peeled = _biases(scores)
     if isinstance(peeled, str):
         return peeled
     scores, biases, adds = peeled
     nodes += adds
     post = 1.0
     while True:
-        scores, factor, mul = _scaled(scores, graph)
+        scores, factor, mul = _scaled(scores)
         if mul is None:
             break
         post *= factor
         nodes.append(mul)
     scores_mm = producer_of(scores, "MatMul")
-    qk = QUERY_KEY_END.found(graph, scores_mm) if scores_mm is not None and only_use(scores, graph) is not None else None
+    qk = QUERY_KEY_END.found(graph, scores_mm) if scores_mm is not None and only_use(scores) is not None else None
     if qk is None:
         return "its scores are not a MatMul of queries and keys used only here"
     if not qk:
@@ -221,7 +221,7 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     core = Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
                 context_mm.outputs[0], read if weights_used else None, softmax, context_mm, [], nodes,
                 extra_masks=extra, k_transposed=k_transposed, nan_guarded=any(n.op_type == "IsNaN" for n in after))
-    return _as_bsd(core, graph) or core
+    return _as_bsd(core) or core
 
 
 def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> bool:
@@ -287,7 +287,7 @@ def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir
     return x
 
 
-def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
+def _as_bsd(core: Core) -> Core | None:
     """The same core with the exporter's head split and merge looked through: q, k, v as the (N, L, E)
     projections and the output as the (N, L, E) merge, as our own graphs hold them, so the fused op
     reads and writes them directly instead of a Transpose/Reshape round trip on each side."""
@@ -297,8 +297,8 @@ def _as_bsd(core: Core, graph: ir.Graph) -> Core | None:
     q = _merged_heads(core.q, [0, 2, 1, 3], h, d)
     k = _merged_heads(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], h, d)
     v = _merged_heads(core.v, [0, 2, 1, 3], h, d)
-    merge_t = only_use(core.output, graph)
-    merge_r = only_use(merge_t.outputs[0], graph) if merge_t is not None and perm_of(merge_t) == [0, 2, 1, 3] else None
+    merge_t = only_use(core.output)
+    merge_r = only_use(merge_t.outputs[0]) if merge_t is not None and perm_of(merge_t) == [0, 2, 1, 3] else None
     if q is None or k is None or v is None or merge_r is None or merge_r.op_type != "Reshape" or merge_r.domain:
         return None
     dims = _reshape_dims(merge_r)

@@ -28,9 +28,9 @@ class FoldScalePass(ir.passes.InPlacePass):
                 matmul = scores.producer() if scores is not None else None
                 if scale is None or scale.size != 1 or matmul is None or matmul.op_type != "MatMul":
                     continue
-                if only_use(scores, graph) is not mul:
+                if only_use(scores) is not mul:
                     continue
-                projection = _query_projection(matmul.inputs[0], graph)
+                projection = _query_projection(matmul.inputs[0])
                 if projection is None:
                     continue
                 for node, index in projection:
@@ -44,14 +44,14 @@ class FoldScalePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _query_projection(q: ir.Value, graph: ir.Graph) -> list[tuple[ir.Node, int]] | None:
+def _query_projection(q: ir.Value) -> list[tuple[ir.Node, int]] | None:
     """The (node, input index) of the constant weight and bias that produce ``q``, through shape-only ops."""
     value = q
     while (node := value.producer()) is not None and node.op_type in _SHAPE_OPS and not node.domain:
-        if only_use(value, graph) is None:
+        if only_use(value) is None:
             return None
         value = node.inputs[0]
-    if node is None or only_use(value, graph) is None:
+    if node is None or only_use(value) is None:
         return None
     found = []
     if node.op_type == "Add":
@@ -61,7 +61,7 @@ def _query_projection(q: ir.Value, graph: ir.Graph) -> list[tuple[ir.Node, int]]
         found.append((node, bias_index))
         value = node.inputs[1 - bias_index]
         node = value.producer()
-        if node is None or only_use(value, graph) is None:
+        if node is None or only_use(value) is None:
             return None
     if node.op_type != "MatMul" or node.domain:
         return None

@@ -51,7 +51,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
         for core in cores:
             new: list[ir.Node] = []
             scope = unique_scope(graph)
-            add = emitter(graph, new, scope)
+            add = emitter(new, scope)
             if self.query_blocks and _blockable(core):
                 replace_core(graph, core, new, _in_blocks(graph, core, add, scope))
                 continue

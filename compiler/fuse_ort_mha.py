@@ -63,7 +63,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         for core in cores:
             new: list[ir.Node] = []
             scope = unique_scope(graph)
-            add = emitter(graph, new, scope)
+            add = emitter(new, scope)
             cache = core.cache
             terms = mask_terms(core) if self.flash_forms else None
             present = None
@@ -187,7 +187,7 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
             context = padded_rows(graph, core, source.inputs(inner), key_bias, inner, inner_name)
             return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner) if zero_dead else context
 
-        return _if(graph, rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
+        return _if(rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
 
     def one_op(emit, name: str) -> ir.Value:
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
@@ -214,9 +214,9 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
             """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
             if not inside.rest or not chunkable(core, None):
                 return with_padding(inner, inner_name)
-            return _if(graph, nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding)
+            return _if(nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding)
 
-        return _if(graph, square, name, emit, causal_parts, padding_or_blocks)
+        return _if(square, name, emit, causal_parts, padding_or_blocks)
 
     if not terms.other:
         start = CHUNKS_FROM if chunkable(core, raw) else CAUSAL_FROM
@@ -253,7 +253,7 @@ def _causal(graph: ir.Graph, core: Core, inputs_of, raw: ir.Value | None, emit, 
         return build(emit, name, None)
     if not chunkable(core, None):
         return build(emit, name, floored(graph, raw, emit))
-    return _if(graph, no_key_bias(graph, raw, emit), name, emit, lambda op, n: build(op, n, None),
+    return _if(no_key_bias(graph, raw, emit), name, emit, lambda op, n: build(op, n, None),
                lambda op, n: build(op, n, floored(graph, raw, op)))
 
 
@@ -276,20 +276,20 @@ def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, l
     length = add("Shape", [source.length], "query_length", {"start": 1, "end": 2})
     long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
                      "long_input")
-    return _if(graph, long_input, scope, add, long, short)
+    return _if(long_input, scope, add, long, short)
 
 
-def _if(graph: ir.Graph, condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1):
+def _if(condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1):
     """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) (or a
     tuple of ``outputs`` values) inside its branch, so that only the branch taken runs."""
     branches = []
     for name, build in (("then", then), ("else", otherwise)):
         nodes: list[ir.Node] = []
-        results = build(emitter(graph, nodes, f"{scope}/{name}"), f"{scope}/{name}")
+        results = build(emitter(nodes, f"{scope}/{name}"), f"{scope}/{name}")
         results = list(results) if outputs > 1 else [results]
         for i, value in enumerate(results):
             if value.producer() is None or value.producer() not in nodes:  # a branch's output is a value it makes
-                results[i] = value = emitter(graph, nodes, f"{scope}/{name}")("Identity", [value], f"output_{i}")
+                results[i] = value = emitter(nodes, f"{scope}/{name}")("Identity", [value], f"output_{i}")
             value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
     return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]}, outputs=outputs)
@@ -370,7 +370,7 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
                                                                 np.asarray([start], np.int64))], "long_input")
     prefilling = add("And", [add("Unsqueeze", [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
                                  "cache_empty_1"), long_input], "prefill")
-    context, *present = _if(graph, prefilling, scope, add, prefill, step, outputs=3)
+    context, *present = _if(prefilling, scope, add, prefill, step, outputs=3)
     return context, tuple(present)
 
 

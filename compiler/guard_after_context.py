@@ -26,7 +26,7 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
             softmax, context_mm, where = core.softmax, core.context_matmul, core.guard[0]
             new: list[ir.Node] = []
             scope = unique_scope(graph)
-            add = emitter(graph, new, scope)
+            add = emitter(new, scope)
             dead = dead_rows(graph, core.mask, add)
             kept = add("Where", [dead, where.inputs[1], context_mm.outputs[0]], "fully_masked/context")
             graph.insert_after(context_mm, new)
@@ -35,7 +35,7 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
             probs = where.outputs[0]
             if core.weights is not None:
                 weights_nodes: list[ir.Node] = []
-                weights = zero_dead_weights(graph, softmax.outputs[0], dead, emitter(graph, weights_nodes, scope))
+                weights = zero_dead_weights(graph, softmax.outputs[0], dead, emitter(weights_nodes, scope))
                 graph.insert_after(softmax, weights_nodes)
                 probs.replace_all_uses_with(weights)
             context_mm.replace_input_with(0, softmax.outputs[0])

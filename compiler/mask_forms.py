@@ -575,7 +575,7 @@ def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, i
         branches = []
         for name in ("plain", "widened"):
             nodes: list[ir.Node] = []
-            emit = emitter(graph, nodes, f"{inner}/{name}")
+            emit = emitter(nodes, f"{inner}/{name}")
             qb, kb = (query, key) if name == "plain" else widen_heads(graph, query, key, floored(graph, bias, emit), h, d,
                                                                       1.0 / core.scale, emit)
             context = emit("MultiHeadAttention", [qb, kb, value], "MultiHeadAttention",
@@ -622,7 +622,7 @@ def _loop(graph: ir.Graph, add: Emit, count: ir.Value, name: str, scope: str,
     """Loop ``count`` (a (1,) int64) times over ``step(op, index) -> output``, whose nodes ``op`` names
     under ``scope``: the outputs stacked on a new first axis."""
     body: list[ir.Node] = []
-    op = emitter(graph, body, scope)
+    op = emitter(body, scope)
     index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
     output = step(op, index)

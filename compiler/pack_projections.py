@@ -71,8 +71,8 @@ def _weight(matmul: ir.Node) -> np.ndarray | None:
     return w if w is not None and w.ndim == 2 and np.issubdtype(w.dtype, np.floating) else None
 
 
-def _bias(matmul: ir.Node, graph: ir.Graph) -> tuple[ir.Node, np.ndarray] | None:
-    add = only_use(matmul.outputs[0], graph)
+def _bias(matmul: ir.Node) -> tuple[ir.Node, np.ndarray] | None:
+    add = only_use(matmul.outputs[0])
     if add is None or add.op_type != "Add" or add.domain:
         return None
     other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
@@ -85,7 +85,7 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
     weights = [_weight(m) for m in matmuls]
     if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
         return False
-    biases = [_bias(m, graph) for m in matmuls]
+    biases = [_bias(m) for m in matmuls]
     finals = [b[0].outputs[0] if b else m.outputs[0] for m, b in zip(matmuls, biases)]
     if any(v.is_graph_output() for v in finals):
         return False

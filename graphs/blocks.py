@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 
 from graphs.builder import GraphBuilder
-from graphs.mha import _batch_first, _linear, add_attention
+from graphs.mha import add_attention, linear, to_batch_first
 from graphs.spec import (BATCH, PAST_LEN, SRC_LEN, TGT_LEN, TOTAL_LEN, AttentionSpec, MaskKind, SpecError, TensorSig,
-                         _mask_dtype)
+                         mask_dtype)
 from graphs.weights import (AttentionWeights, checked_tensors, expected_shapes, file_source, module_state, random_state,
                             read_state_dict)
 
@@ -111,14 +111,14 @@ class BlockSpec:
             cache = self.self_attention_spec().cache_shape(PAST_LEN)
             sigs += [TensorSig("past_key", "float32", cache), TensorSig("past_value", "float32", cache)]
         if self.attn_mask:
-            sigs.append(TensorSig(f"{p}_mask", _mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
+            sigs.append(TensorSig(f"{p}_mask", mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
         if self.memory_mask:
-            sigs.append(TensorSig("memory_mask", _mask_dtype(self.memory_mask), (TGT_LEN, SRC_LEN)))
+            sigs.append(TensorSig("memory_mask", mask_dtype(self.memory_mask), (TGT_LEN, SRC_LEN)))
         if self.key_padding_mask:
             keys = TOTAL_LEN if self.kv_cache else TGT_LEN
-            sigs.append(TensorSig(f"{p}_key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, keys)))
+            sigs.append(TensorSig(f"{p}_key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, keys)))
         if self.memory_key_padding_mask:
-            sigs.append(TensorSig("memory_key_padding_mask", _mask_dtype(self.memory_key_padding_mask), (BATCH, SRC_LEN)))
+            sigs.append(TensorSig("memory_key_padding_mask", mask_dtype(self.memory_key_padding_mask), (BATCH, SRC_LEN)))
         return sigs
 
     def outputs(self) -> list[TensorSig]:
@@ -179,7 +179,7 @@ class BlockWeights:
     def random(cls, spec: BlockSpec, seed: int = 0) -> BlockWeights:
         return cls.from_state_dict(spec, random_state(block_shapes(spec), seed), {"kind": "random", "seed": seed})
 
-    def attention(self, module: str, spec: AttentionSpec) -> AttentionWeights:
+    def attention(self, module: str) -> AttentionWeights:
         prefix = f"{module}."
         return AttentionWeights({k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)},
                                 {"kind": "block", "module": module})
@@ -188,19 +188,19 @@ class BlockWeights:
 def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
     g = GraphBuilder()
     p = spec.prefix
-    x = _batch_first(g, spec, p)
-    memory = _batch_first(g, spec, "memory") if spec.block == "decoder" else None
+    x = to_batch_first(g, spec, p)
+    memory = to_batch_first(g, spec, "memory") if spec.block == "decoder" else None
     sa_spec = spec.self_attention_spec()
 
     def self_attention(h: str) -> str:
         with g.scope("self_attn"):
-            return add_attention(g, sa_spec, weights.attention("self_attn", sa_spec), h, h, h,
+            return add_attention(g, sa_spec, weights.attention("self_attn"), h, h, h,
                                  key_padding_mask=f"{p}_key_padding_mask", attn_mask=f"{p}_mask")
 
     def cross_attention(h: str) -> str:
         ca_spec = spec.cross_attention_spec()
         with g.scope("multihead_attn"):
-            return add_attention(g, ca_spec, weights.attention("multihead_attn", ca_spec), h, memory, memory,
+            return add_attention(g, ca_spec, weights.attention("multihead_attn"), h, memory, memory,
                                  key_padding_mask="memory_key_padding_mask", attn_mask="memory_mask")
 
     sublayers = [("norm1", self_attention)]
@@ -230,7 +230,7 @@ def _layer_norm(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, name: s
 def _feed_forward(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, x: str) -> str:
     """linear2(activation(linear1(x))); GELU is torch's exact (erf) form, 0.5 x (1 + erf(x / sqrt 2))."""
     t = weights.tensors
-    h = _linear(g, "linear1", x, t["linear1.weight"], t.get("linear1.bias"))
+    h = linear(g, "linear1", x, t["linear1.weight"], t.get("linear1.bias"))
     if spec.activation == "relu":
         h = g.op("Relu", [h], "activation/Relu")
     else:
@@ -239,4 +239,4 @@ def _feed_forward(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, x: st
         half = g.op("Mul", [h, g.const("activation/half", np.float32(0.5))], "activation/Mul_half")
         h = g.op("Mul", [half, g.op("Add", [erf, g.const("activation/one", np.float32(1.0))], "activation/Add_one")],
                  "activation/Mul")
-    return _linear(g, "linear2", h, t["linear2.weight"], t.get("linear2.bias"))
+    return linear(g, "linear2", h, t["linear2.weight"], t.get("linear2.bias"))

@@ -19,9 +19,9 @@ from graphs.weights import AttentionWeights
 
 def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto:
     g = GraphBuilder()
-    q_in = _batch_first(g, spec, "query")
-    k_in = q_in if spec.self_attention else _batch_first(g, spec, "key")
-    v_in = q_in if spec.self_attention else _batch_first(g, spec, "value")
+    q_in = to_batch_first(g, spec, "query")
+    k_in = q_in if spec.self_attention else to_batch_first(g, spec, "key")
+    v_in = q_in if spec.self_attention else to_batch_first(g, spec, "value")
     if spec.batch_first:
         add_attention(g, spec, weights, q_in, k_in, v_in, output="attn_output")
     else:
@@ -42,9 +42,9 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
     h, hd = spec.num_heads, spec.head_dim
     w_q, w_k, w_v = weights.in_proj(spec)
     b_q, b_k, b_v = weights.in_bias(spec) or (None, None, None)
-    q = _linear(g, "q_proj", q_in, w_q, b_q)
-    k = _linear(g, "k_proj", k_in, w_k, b_k)
-    v = _linear(g, "v_proj", v_in, w_v, b_v)
+    q = linear(g, "q_proj", q_in, w_q, b_q)
+    k = linear(g, "k_proj", k_in, w_k, b_k)
+    v = linear(g, "v_proj", v_in, w_v, b_v)
     if spec.extra_keys:
         k, v = _append_extra_keys(g, spec, weights, k, v)
 
@@ -74,7 +74,7 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
     context = g.op("Transpose", [context], "context/merge_heads/Transpose", perm=[0, 2, 1, 3])
     context = g.op("Reshape", [context, g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])],
                    "context/merge_heads/Reshape")
-    out = _linear(g, "out_proj", context, weights.tensors["out_proj.weight"], weights.tensors.get("out_proj.bias"),
+    out = linear(g, "out_proj", context, weights.tensors["out_proj.weight"], weights.tensors.get("out_proj.bias"),
                   output=output)
 
     if spec.need_weights:
@@ -86,13 +86,13 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
     return out
 
 
-def _batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
+def to_batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
     if spec.batch_first:
         return name
     return g.op("Transpose", [name], f"{name}/to_batch_first", perm=[1, 0, 2])
 
 
-def _linear(g: GraphBuilder, scope: str, x: str, weight: np.ndarray, bias: np.ndarray | None,
+def linear(g: GraphBuilder, scope: str, x: str, weight: np.ndarray, bias: np.ndarray | None,
             output: str | None = None) -> str:
     """x @ weight.T + bias, torch's Linear, as MatMul and Add so later passes can pack them."""
     last = output is not None

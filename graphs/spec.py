@@ -129,12 +129,12 @@ class AttentionSpec:
             sigs += [TensorSig("past_key", "float32", self.cache_shape(PAST_LEN)),
                      TensorSig("past_value", "float32", self.cache_shape(PAST_LEN))]
         if self.key_padding_mask is not None:
-            sigs.append(TensorSig("key_padding_mask", _mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)))
+            sigs.append(TensorSig("key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)))
         if self.attn_mask is not None:
             shape: tuple[int | str, ...] = (TGT_LEN, self.src_axis)
             if self.attn_mask_3d:
                 shape = (f"{BATCH}*{self.num_heads}", *shape)
-            sigs.append(TensorSig("attn_mask", _mask_dtype(self.attn_mask), shape))
+            sigs.append(TensorSig("attn_mask", mask_dtype(self.attn_mask), shape))
         return sigs
 
     def outputs(self) -> list[TensorSig]:
@@ -151,7 +151,7 @@ class AttentionSpec:
         return sigs
 
 
-def _mask_dtype(kind: str) -> Literal["float32", "bool"]:
+def mask_dtype(kind: str) -> Literal["float32", "bool"]:
     return "bool" if kind == "bool" else "float32"
 
 

@@ -33,7 +33,7 @@ def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str,
             feeds["attn_mask"] = inputs[mask]
         if sub.kv_cache:
             feeds |= {"past_key": inputs["past_key"], "past_value": inputs["past_value"]}
-        out = mha_reference(sub, weights.attention(module, sub), feeds)
+        out = mha_reference(sub, weights.attention(module), feeds)
         present.update({k: v for k, v in out.items() if k.startswith("present")})
         return out["attn_output"]
 

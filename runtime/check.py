@@ -265,7 +265,7 @@ def _block_cache(spec: Any, weights: Any, tokens: np.ndarray) -> tuple[np.ndarra
         x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + spec.layer_norm_eps) * t["norm1.weight"]
         x = x + t["norm1.bias"] if spec.bias else x
     sub = spec.self_attention_spec()  # batch-first
-    return cache_of(sub, weights.attention("self_attn", sub), x)
+    return cache_of(sub, weights.attention("self_attn"), x)
 
 
 def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str, np.ndarray],

@@ -123,14 +123,14 @@ class KvCacheLoop:
         check_inputs(self.session.inputs, {**feeds, "past_key": stand_in, "past_value": stand_in}, self.session.maxima)
         past = self._past or tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros(past_shape, np.float32), self.device)
                                    for _ in range(2))
-        binding = self.session._session.io_binding()
+        binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_ortvalue_input("past_key", past[0])
         binding.bind_ortvalue_input("past_value", past[1])
         for name in self.session.output_names:
             binding.bind_output(name, self.device)
-        self.session._session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.session.output_names, binding.get_outputs()))
         self._past = (outputs["present_key"], outputs["present_value"])
         if spec.key_padding_mask is not None:

@@ -74,6 +74,14 @@ class OrtSession(Session):
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self._session.run(self._outputs, dict(feeds))))
 
+    def io_binding(self) -> ort.IOBinding:
+        """An IO binding on this session, for callers that keep outputs on a device between runs
+        (runtime/generation.py feeds present back as past)."""
+        return self._session.io_binding()
+
+    def run_with_iobinding(self, binding: ort.IOBinding) -> None:
+        self._session.run_with_iobinding(binding)
+
     def _run_torch(self, feeds: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
         device = next(iter(feeds.values())).device
         if not self.on_gpu or device.type != "cuda":

@@ -329,7 +329,7 @@ def sweep(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeigh
                     continue
                 print(f"  {name} ({precision}), batch {batch}, length {length}", file=sys.stderr, flush=True)
                 rows.append({**row, **_measure(args, make, feeds)})
-            _relate(rows, point, spec, rates, device)
+            _relate(rows, point, spec, rates)
     return rows
 
 
@@ -379,8 +379,7 @@ def _measure(args: argparse.Namespace, make: Callable[[Mapping[str, np.ndarray]]
             "_output": output}
 
 
-def _relate(rows: list[dict[str, Any]], point: Mapping[str, int], spec: AttentionSpec, rates: Mapping[str, float],
-            device: str) -> None:
+def _relate(rows: list[dict[str, Any]], point: Mapping[str, int], spec: AttentionSpec, rates: Mapping[str, float]) -> None:
     """Figures that depend on other rows of the same point or on the device: ratios, floor, error."""
     here = [r for r in rows if r["batch"] == point["batch"] and r["length"] == point["length"] and "skipped" not in r]
     eager = {r["precision"]: r for r in here if r["backend"] == "torch eager"}

@@ -171,7 +171,7 @@ def time_in_turns(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np
     return times
 
 
-def timed_inputs(entry: model_zoo.Entry, model: onnx.ModelProto, batch: int, seq: int) -> dict[str, np.ndarray]:
+def timed_inputs(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, np.ndarray]:
     sizes = {"batch": batch, "sequence": seq, "target": seq}
     return graph_inputs(input_specs(model), sizes, np.random.default_rng(0), ranges=index_ranges(model))
 
@@ -200,7 +200,7 @@ def run_entry(entry: model_zoo.Entry, args: argparse.Namespace, folder: Path, ra
             sessions[name] = _session(str(make()), args.threads)
         except Exception as exc:  # noqa: BLE001: a baseline that fails is a finding, not the end of the run
             row[name] = {"failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"}
-    feeds = given if fixed_shapes else timed_inputs(entry, original, args.batch, args.seq)
+    feeds = given if fixed_shapes else timed_inputs(original, args.batch, args.seq)
     row["inputs"] = {name: list(value.shape) for name, value in feeds.items()}
     for name in [n for n in sessions if n != "input"]:  # a baseline that fails on the inputs is left out of the timing
         try:
@@ -355,7 +355,7 @@ def _paired_table(args: argparse.Namespace, size: model_zoo.Size, threads: int, 
         if not keep(compiled):
             continue
         fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
-        feeds = model_zoo.example_inputs(entry) if fixed_shapes else timed_inputs(entry, original, args.batch, args.seq)
+        feeds = model_zoo.example_inputs(entry) if fixed_shapes else timed_inputs(original, args.batch, args.seq)
         sessions = {"input": _session(str(path), threads), a: _session(compiled, threads),
                     b: _session(theirs(original), threads)}
         row(entry.name, "the model's", _rows(next(iter(feeds.values()))), sessions, feeds)

@@ -9,16 +9,44 @@ def test_core_imports_without_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+PACKAGES = ("graphs", "compiler", "runtime", "scripts")
+# what each package may not import: data flows graphs -> compiler -> runtime, and scripts sit on top
+FORBIDDEN = {"graphs": {"compiler", "runtime", "scripts"}, "compiler": {"runtime", "scripts"}, "runtime": {"scripts"}}
+
+
+def _imports(path):
+    """(line, module, names) of every import in a module, at any depth (inside functions too)."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module, [alias.name for alias in node.names]
+
+
 def test_layers_import_one_way():
-    """graphs imports nothing from compiler or runtime; compiler nothing from runtime."""
+    """graphs imports nothing from compiler, runtime or scripts; compiler nothing from runtime or
+    scripts; runtime nothing from scripts: read with the ast module, every import form, at any depth."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for package, forbidden in (("graphs", ("compiler", "runtime")), ("compiler", ("runtime",))):
-        for path in (root / package).glob("*.py"):
-            text = path.read_text()
-            for name in forbidden:
-                assert f"from {name}" not in text and f"import {name}" not in text, f"{path.name} imports {name}"
+    for package, forbidden in FORBIDDEN.items():
+        for path in (root / package).rglob("*.py"):
+            for line, module, _ in _imports(path):
+                assert module.split(".")[0] not in forbidden, f"{package}/{path.name}:{line} imports {module}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name with a leading underscore stays in its module: the packages import none across modules."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            for line, module, names in _imports(path):
+                private = [n for n in names if n.startswith("_") and n != "__future__" and module != "__future__"]
+                assert not private or module.split(".")[0] not in PACKAGES, f"{path.name}:{line} imports {private} from {module}"
 
 
 def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_them():
