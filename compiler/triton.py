@@ -8,9 +8,8 @@ from typing import Any
 import onnx
 
 from compiler.output_folders import TRITON_MARKER
+from graphs.dtypes import BY_ONNX
 
-_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BOOL: "TYPE_BOOL",
-          onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.DOUBLE: "TYPE_FP64"}
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # version 1 holds model.onnx or model.plan
 
 
@@ -21,7 +20,7 @@ def _tensors(values: Any, skip: set[str]) -> list[tuple[str, str, list[int | str
             continue
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        out.append((v.name, _TYPES[t.elem_type], dims))
+        out.append((v.name, BY_ONNX[t.elem_type].triton, dims))
     return out
 
 

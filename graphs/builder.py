@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphs.dtypes import BY_NUMPY
 from graphs.spec import TensorSig
 
 OPSET = 18
-_ELEM = {"float32": onnx.TensorProto.FLOAT, "bool": onnx.TensorProto.BOOL}
 
 
 def value_info(sig: TensorSig) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(sig.name, _ELEM[sig.dtype], list(sig.shape))
+    return helper.make_tensor_value_info(sig.name, BY_NUMPY[np.dtype(sig.dtype)].onnx, list(sig.shape))
 
 
 class GraphBuilder:

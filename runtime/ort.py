@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graphs.dtypes import BY_ORT
 from runtime.profiles import Profile
 from runtime.session import BackendUnavailable, Session
 from runtime.signature import declared_maxima, dtype_of, input_specs, resolve_shape, torch_dtype
@@ -25,8 +26,6 @@ PROVIDERS = {  # by device, in priority order; the CPU provider runs what the ot
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bool)": np.bool_,
-          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
 
 def tensorrt_provider_options(profile: Profile, precision: str, cache_root: str | os.PathLike[str]) -> dict[str, Any]:
@@ -68,7 +67,7 @@ class OrtSession(Session):
         self._session = ort.InferenceSession(source, sess_options=options, providers=list(providers),
                                              provider_options=[dict(o) for o in provider_options] if provider_options else None)
         self._outputs = [o.name for o in self._session.get_outputs()]
-        self._output_meta = {o.name: (o.shape, _TYPES.get(o.type)) for o in self._session.get_outputs()}
+        self._output_meta = {o.name: (o.shape, BY_ORT[o.type].numpy.type if o.type in BY_ORT else None) for o in self._session.get_outputs()}
         self.on_gpu = providers[0] in GPU_PROVIDERS
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

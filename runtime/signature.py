@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphs.dtypes import BY_ONNX
 from graphs.spec import BATCH, LENGTH_AXES, MAX_BATCH_KEY, MAX_LEN_KEY
 
 MAY_BE_EMPTY = frozenset({"past_len"})  # a KV cache before the first step
@@ -23,11 +24,6 @@ MAY_BE_EMPTY = frozenset({"past_len"})  # a KV cache before the first step
 
 class InputError(ValueError):
     """An input does not fit the graph; the message names it, what was expected and what came."""
-
-
-_DTYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.FLOAT16: np.dtype(np.float16),
-           onnx.TensorProto.BOOL: np.dtype(np.bool_), onnx.TensorProto.INT64: np.dtype(np.int64),
-           onnx.TensorProto.INT32: np.dtype(np.int32), onnx.TensorProto.DOUBLE: np.dtype(np.float64)}
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        specs.append(InputSpec(vi.name, _DTYPES.get(tensor.elem_type, np.dtype(object)), dims,
+        specs.append(InputSpec(vi.name, BY_ONNX[tensor.elem_type].numpy if tensor.elem_type in BY_ONNX else np.dtype(object), dims,
                                onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
                                if tensor.elem_type in onnx.TensorProto.DataType.values() else "unknown"))
     return specs

@@ -129,3 +129,23 @@ def test_numpy_reference_agrees_with_torch():
                 w_ours, w_theirs = w_ours.transpose(0, 2, 1, 3), w_theirs.transpose(0, 2, 1, 3)
             np.testing.assert_allclose(w_ours[keep], w_theirs[keep], rtol=1e-12, atol=1e-12)
             assert torch.is_tensor(module.in_proj_bias) == spec.bias
+
+
+def test_each_element_type_row_names_one_type_in_every_vocabulary():
+    """graphs/dtypes.py: ONNX's enum, NumPy's dtype and ONNX Runtime's type string of each row agree, as
+    ONNX's own mapping and a live session report them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from graphs.dtypes import ELEMENT_TYPES
+
+    for row in ELEMENT_TYPES:
+        assert helper.tensor_dtype_to_np_dtype(row.onnx) == row.numpy
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", row.onnx, [2])],
+                                  [helper.make_tensor_value_info("y", row.onnx, [2])])
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].type == row.ort
+        assert row.triton == "TYPE_" + {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.DOUBLE: "FP64"}.get(
+            row.onnx, TensorProto.DataType.Name(row.onnx))
