@@ -1,5 +1,12 @@
 """Passes over the canonical graph and the per-target pipelines that order them."""
 
-from compiler.targets import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
+from compiler.targets import (
+    PRECISIONS,
+    TARGETS,
+    TargetError,
+    attention_form,
+    compile_model,
+    get_target,
+)
 
 __all__ = ["PRECISIONS", "attention_form", "TARGETS", "TargetError", "compile_model", "get_target"]

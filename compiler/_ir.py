@@ -86,8 +86,12 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
         i += 1
         unique = f"{name}_{i}"
     array = np.ascontiguousarray(array)
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=unique))
+    value = ir.Value(
+        name=unique,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=unique),
+    )
     graph.register_initializer(value)
     return value
 

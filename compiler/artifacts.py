@@ -24,7 +24,10 @@ def file_records(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]
     records = {}
     for name in names:
         with open(folder / name, "rb") as f:
-            records[name] = {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "bytes": os.fstat(f.fileno()).st_size}
+            records[name] = {
+                "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+                "bytes": os.fstat(f.fileno()).st_size,
+            }
     return records
 
 
@@ -54,11 +57,19 @@ def save_model(model: onnx.ModelProto, folder: Path, *, external: bool) -> list[
     if not external:
         write_file(path, model.SerializeToString())
         return ["model.onnx"]
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA,
-                    size_threshold=1024)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA,
+        size_threshold=1024,
+    )
     names = ["model.onnx"] + ([EXTERNAL_DATA] if (folder / EXTERNAL_DATA).exists() else [])
     for name in names:
-        (folder / name).chmod(0o666 & ~umask())  # onnx creates the data file private; the artifact is not
+        (folder / name).chmod(
+            0o666 & ~umask()
+        )  # onnx creates the data file private; the artifact is not
         with open(folder / name, "rb") as f:
             os.fsync(f.fileno())
     return names
@@ -67,7 +78,9 @@ def save_model(model: onnx.ModelProto, folder: Path, *, external: bool) -> list[
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
     """manifest.json, marked as this tool's so that a later --force recognises the folder."""
     marked = {"written_by": WRITTEN_BY, **manifest}
-    write_file(folder / "manifest.json", (json.dumps(marked, indent=2, sort_keys=False) + "\n").encode())
+    write_file(
+        folder / "manifest.json", (json.dumps(marked, indent=2, sort_keys=False) + "\n").encode()
+    )
 
 
 def write_file(path: Path, data: bytes) -> None:

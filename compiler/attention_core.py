@@ -33,7 +33,9 @@ class Cache:
     past_value: ir.Value
     present_key: ir.Value
     present_value: ir.Value
-    nodes: list[ir.Node]  # the two Concats and the K^T Transpose, removed by a fusion that takes the cache
+    nodes: list[
+        ir.Node
+    ]  # the two Concats and the K^T Transpose, removed by a fusion that takes the cache
 
 
 @dataclass
@@ -60,10 +62,16 @@ class Core:
     guard: list[ir.Node]  # Where, IsInf, ReduceMax of the fully-masked guard; empty without one
     nodes: list[ir.Node]
     cache: Cache | None = None
-    extra_masks: tuple[ir.Value, ...] = ()  # further additive biases (relative position, causal...): summed with mask
+    extra_masks: tuple[
+        ir.Value, ...
+    ] = ()  # further additive biases (relative position, causal...): summed with mask
     k_transposed: bool = True  # a BNSH core's k is K^T (N, H, hd, S); False: K (N, H, S, hd)
-    nan_guarded: bool = False  # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
-    output_rows: bool = False  # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
+    nan_guarded: bool = (
+        False  # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
+    )
+    output_rows: bool = (
+        False  # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
+    )
 
     @property
     def guarded(self) -> bool:
@@ -93,10 +101,18 @@ def survey(graph: ir.Graph) -> list[tuple[ir.Node, Core | str]]:
     """Every Softmax of the graph with its core, or the reason it is not one."""
     from compiler.exported_cores import match_exported  # it builds on this module's Core
 
-    own = {core.softmax: core for node in list(graph) if node.op_type == "Reshape" and not node.domain
-           and (core := _own_core(node, graph)) is not None}
-    return [(node, own.get(node) or match_exported(node, graph)) for node in list(graph)
-            if node.op_type == "Softmax" and not node.domain]
+    own = {
+        core.softmax: core
+        for node in list(graph)
+        if node.op_type == "Reshape"
+        and not node.domain
+        and (core := _own_core(node, graph)) is not None
+    }
+    return [
+        (node, own.get(node) or match_exported(node, graph))
+        for node in list(graph)
+        if node.op_type == "Softmax" and not node.domain
+    ]
 
 
 def over_keys(softmax: ir.Node, graph: ir.Graph, rank: int = 4) -> bool:
@@ -143,12 +159,46 @@ def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
     scores_mm = b["product"].producer()
     cache = None
     if b["cached"]:
-        cache = Cache(b["past_key"], b["past_value"], b["present_key"], b["present_value"],
-                      [scores_mm.inputs[1].producer(), b["present_key"].producer(), b["present_value"].producer()])
-    between = [x.producer() for x in (b["scores"], b["scaled"]) if x is not b["product"]]  # the mask's Add, the scale's Mul
-    nodes = [softmax, *dict.fromkeys(between), *guard, scores_mm, context_mm, merge.inputs[0].producer(), merge]
-    return Core("BSD", b["q_in"], b["k_in"], b["v_in"], heads, head_dim, scale, b["mask"], merge.outputs[0],
-                read if weights_used else None, softmax, context_mm, guard, nodes, cache)
+        cache = Cache(
+            b["past_key"],
+            b["past_value"],
+            b["present_key"],
+            b["present_value"],
+            [
+                scores_mm.inputs[1].producer(),
+                b["present_key"].producer(),
+                b["present_value"].producer(),
+            ],
+        )
+    between = [
+        x.producer() for x in (b["scores"], b["scaled"]) if x is not b["product"]
+    ]  # the mask's Add, the scale's Mul
+    nodes = [
+        softmax,
+        *dict.fromkeys(between),
+        *guard,
+        scores_mm,
+        context_mm,
+        merge.inputs[0].producer(),
+        merge,
+    ]
+    return Core(
+        "BSD",
+        b["q_in"],
+        b["k_in"],
+        b["v_in"],
+        heads,
+        head_dim,
+        scale,
+        b["mask"],
+        merge.outputs[0],
+        read if weights_used else None,
+        softmax,
+        context_mm,
+        guard,
+        nodes,
+        cache,
+    )
 
 
 Emit = Callable[..., ir.Value]
@@ -169,8 +219,26 @@ def emitter(new: list[ir.Node], scope: str) -> Emit:
     """add(op, inputs, name, attrs, domain) -> the new node's first output, named ``scope/name``
     (with ``outputs`` > 1: that many outputs); nodes collect in ``new``."""
 
-    def add(op: str, inputs: list, name: str, attrs: dict | None = None, domain: str = "", outputs: int = 1):
-        new.append(named(ir.node(op, inputs, attrs or {}, domain=domain, name=f"{scope}/{name}", num_outputs=outputs)))
+    def add(
+        op: str,
+        inputs: list,
+        name: str,
+        attrs: dict | None = None,
+        domain: str = "",
+        outputs: int = 1,
+    ):
+        new.append(
+            named(
+                ir.node(
+                    op,
+                    inputs,
+                    attrs or {},
+                    domain=domain,
+                    name=f"{scope}/{name}",
+                    num_outputs=outputs,
+                )
+            )
+        )
         return new[-1].outputs[0] if outputs == 1 else tuple(new[-1].outputs)
 
     return add
@@ -189,32 +257,52 @@ def summed(terms: list[ir.Value], add: Emit, name: str) -> ir.Value:
     return total
 
 
-def full_bias(graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None,
-              query: ir.Value | None = None) -> ir.Value | None:
+def full_bias(
+    graph: ir.Graph, core: Core, add: Emit, mask: ir.Value | None, query: ir.Value | None = None
+) -> ir.Value | None:
     """``mask`` (combined_mask's) broadcast to (N|1, H|1, L, S'): ONNX Runtime's fused ops want the
     query and key axes in full, and keeping -inf as -inf keeps partially masked rows exact. A mask
     whose shape already states both axes (an exporter's full 4-D mask) goes in as it is. ``query``:
     the BSD query the op reads, to take L from (else the core's)."""
     if mask is None:
         return None
-    axis = 1 if core.layout == "BSD" else 2  # the length axis of q and v (the values' length is the keys')
+    axis = (
+        1 if core.layout == "BSD" else 2
+    )  # the length axis of q and v (the values' length is the keys')
     if core.cache is None and _states(mask, 2, core.q, axis) and _states(mask, 3, core.v, axis):
         return mask
     # the keys' length read from the values, so that no exporter node on the keys is kept for a Shape
     src = add("Shape", [core.v], "src_len", {"start": axis, "end": axis + 1})
     if core.cache is not None:  # the keys are the past's, then this step's
-        src = add("Add", [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src], "total_len")
-    lengths = add("Concat", [new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
-                             add("Shape", [core.q], "tgt_len", {"start": axis, "end": axis + 1}) if query is None
-                             else add("Shape", [query], "tgt_len", {"start": 1, "end": 2}), src],
-                  "bias_shape", {"axis": 0})
+        src = add(
+            "Add",
+            [add("Shape", [core.cache.past_key], "past_len", {"start": 2, "end": 3}), src],
+            "total_len",
+        )
+    lengths = add(
+        "Concat",
+        [
+            new_initializer(graph, "attention/ones2", np.ones(2, np.int64)),
+            add("Shape", [core.q], "tgt_len", {"start": axis, "end": axis + 1})
+            if query is None
+            else add("Shape", [query], "tgt_len", {"start": 1, "end": 2}),
+            src,
+        ],
+        "bias_shape",
+        {"axis": 0},
+    )
     return add("Expand", [mask, lengths], "attention_bias")
 
 
 def _states(mask: ir.Value, axis: int, other: ir.Value, other_axis: int) -> bool:
     """Whether a rank-4 ``mask``'s ``axis`` is known to be ``other``'s ``other_axis`` (the same size
     or the same symbolic dim), so that nothing broadcasts there."""
-    if mask.shape is None or len(mask.shape) != 4 or other.shape is None or len(other.shape) <= other_axis:
+    if (
+        mask.shape is None
+        or len(mask.shape) != 4
+        or other.shape is None
+        or len(other.shape) <= other_axis
+    ):
         return False
     return same_dim(mask.shape[axis], other.shape[other_axis])
 
@@ -235,7 +323,9 @@ def keys_bnsh(core: Core, add: Emit) -> ir.Value:
         return transpose.inputs[0]
     if (mul := producer_of(core.k, "Mul")) is not None:
         for i in (0, 1):
-            if perm_of(turned := producer_of(mul.inputs[i], "Transpose")) == swap and _one_number(mul.inputs[1 - i]):
+            if perm_of(turned := producer_of(mul.inputs[i], "Transpose")) == swap and _one_number(
+                mul.inputs[1 - i]
+            ):
                 return add("Mul", [turned.inputs[0], mul.inputs[1 - i]], "keys_scaled")
     return add("Transpose", [core.k], "keys", {"perm": swap})
 
@@ -248,7 +338,6 @@ def _one_number(value: ir.Value) -> bool:
     return value.shape is not None and all(dim == 1 for dim in value.shape)
 
 
-
 def rank4(mask: ir.Value) -> ir.Value | None:
     """The mask itself where it is known to be rank 4, so the dead rows are read before the broadcast."""
     return mask if mask.shape is not None and len(mask.shape) == 4 else None
@@ -258,21 +347,32 @@ def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     """(N|1, H|1, L|1, 1): True where the rank-4 mask leaves a query no key (the whole row is -inf).
     Read from the mask before it is broadcast, this costs one pass over the mask, not over (N, H, L, S)."""
     axis = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
-    return add("IsInf", [add("ReduceMax", [bias, axis], "fully_masked/ReduceMax", {"keepdims": 1})],
-               "fully_masked/IsInf", {"detect_positive": 0})
+    return add(
+        "IsInf",
+        [add("ReduceMax", [bias, axis], "fully_masked/ReduceMax", {"keepdims": 1})],
+        "fully_masked/IsInf",
+        {"detect_positive": 0},
+    )
 
 
-def zero_dead_context(graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit,
-                      layout: str = "BSD") -> ir.Value:
+def zero_dead_context(
+    graph: ir.Graph, core: Core, context: ir.Value, dead: ir.Value, add: Emit, layout: str = "BSD"
+) -> ir.Value:
     """A zero context on fully masked rows (docs/ARCHITECTURE.md), whatever the fused op returned there.
     ``context`` is (N, L, H*hd) for layout BSD, (N, H, L, hd) for BNSH."""
     if layout == "BNSH":
         return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")
-    dead = add("Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]})  # (N|1, L, H|1, 1)
-    split = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
+    dead = add(
+        "Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]}
+    )  # (N|1, L, H|1, 1)
+    split = new_initializer(
+        graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64)
+    )
     heads = add("Reshape", [context, split], "fully_masked/split_heads")
     kept = add("Where", [dead, zero_scalar(graph), heads], "fully_masked/Where")
-    merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64))
+    merge = new_initializer(
+        graph, "attention/merge_shape", np.asarray([0, 0, core.num_heads * core.head_dim], np.int64)
+    )
     return add("Reshape", [kept, merge], "fully_masked/merge_heads")
 
 
@@ -288,23 +388,37 @@ def as_output(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.V
     """A BSD context (N, L, E) in the shape the core's output had: the same, or its rows (N*L, E)."""
     if not core.output_rows:
         return context
-    rows = new_initializer(graph, "attention/rows_shape", np.asarray([-1, core.num_heads * core.head_dim], np.int64))
+    rows = new_initializer(
+        graph, "attention/rows_shape", np.asarray([-1, core.num_heads * core.head_dim], np.int64)
+    )
     return add("Reshape", [context, rows], "context_rows")
 
 
-def replace_core(graph: ir.Graph, core: Core, new: list[ir.Node], context: ir.Value,
-                 weights: ir.Value | None = None, present: tuple[ir.Value, ir.Value] | None = None) -> None:
+def replace_core(
+    graph: ir.Graph,
+    core: Core,
+    new: list[ir.Node],
+    context: ir.Value,
+    weights: ir.Value | None = None,
+    present: tuple[ir.Value, ir.Value] | None = None,
+) -> None:
     """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``, and
     a cache's present_key/present_value the fused op's ``present``. Where one of those was a graph
     output, the new value takes its name, type and shape, so the graph's signature stays the same."""
     graph.insert_before(core.nodes[-1], new)
-    for node in new:  # the module the core came from, as the exporter recorded it (report.html shows it)
-        node.metadata_props.update({k: v for k, v in core.softmax.metadata_props.items() if k.startswith("pkg.torch")})
+    for (
+        node
+    ) in new:  # the module the core came from, as the exporter recorded it (report.html shows it)
+        node.metadata_props.update(
+            {k: v for k, v in core.softmax.metadata_props.items() if k.startswith("pkg.torch")}
+        )
         if not node.metadata_props and (layer := module_path(core.softmax.name or "", {})):
             node.metadata_props["pkg.torch.onnx.name_scopes"] = repr(["", layer, node.op_type])
     replaced = [(core.output, context)]
     if core.weights is not None:
-        assert weights is not None, "a fusion that drops the weights must leave need_weights cores alone"
+        assert weights is not None, (
+            "a fusion that drops the weights must leave need_weights cores alone"
+        )
         replaced.append((core.weights, weights))
     if core.cache is not None:
         assert present is not None, "a fusion that drops the cache must leave cached cores alone"

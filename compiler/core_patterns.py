@@ -32,13 +32,17 @@ class _CorePattern(pattern.PatternBase):
     """A pattern whose ``found`` keeps a failed check's reason with the match (onnxscript's ``match``
     returns None then, the reason going only to a tracer)."""
 
-    removable = False  # the softmax's output may also be the need_weights output: uses are checked by hand
+    removable = (
+        False  # the softmax's output may also be the need_weights output: uses are checked by hand
+    )
 
     def found(self, graph: ir.Graph, node: ir.Node) -> MatchResult | None:
         """None where the structure differs; else the match, failed with the check's reason if it refuses."""
         if self._compiled_pattern is None:
             self._compiled_pattern = pattern.Pattern(self.pattern, name=self.name)
-        match = self._compiled_pattern.match(None, graph, node, check_nodes_are_removable=self.removable)
+        match = self._compiled_pattern.match(
+            None, graph, node, check_nodes_are_removable=self.removable
+        )
         if not match:
             return None
         verdict = self.check(None, **match.bindings)
@@ -56,37 +60,93 @@ class OwnCore(_CorePattern):
     the scale, [Add the mask], Softmax, [the fully-masked guard], MatMul, head merge. With a KV cache
     the keys and values are Concat(past, this step's heads) on the length axis."""
 
-    def pattern(self, op, q_in, k_in, v_in, q_split, k_split, v_split, past_key, past_value, scale, mask, zero,
-                merge_shape):
+    def pattern(
+        self,
+        op,
+        q_in,
+        k_in,
+        v_in,
+        q_split,
+        k_split,
+        v_split,
+        past_key,
+        past_value,
+        scale,
+        mask,
+        zero,
+        merge_shape,
+    ):
         def heads(x, split, perm):
             return op.Transpose(op.Reshape(x, split), perm=perm)
 
-        k_t = pattern.OrValue([heads(k_in, k_split, [0, 2, 3, 1]),
-                               op.Transpose(op.Concat(past_key, heads(k_in, k_split, [0, 2, 1, 3]), axis=2,
-                                                      _outputs=["present_key"]), perm=[0, 1, 3, 2])],
-                              tag_var="cached", tag_values=[False, True])
-        v = pattern.OrValue([heads(v_in, v_split, [0, 2, 1, 3]),
-                             op.Concat(past_value, heads(v_in, v_split, [0, 2, 1, 3]), axis=2, _outputs=["present_value"])])
+        k_t = pattern.OrValue(
+            [
+                heads(k_in, k_split, [0, 2, 3, 1]),
+                op.Transpose(
+                    op.Concat(
+                        past_key,
+                        heads(k_in, k_split, [0, 2, 1, 3]),
+                        axis=2,
+                        _outputs=["present_key"],
+                    ),
+                    perm=[0, 1, 3, 2],
+                ),
+            ],
+            tag_var="cached",
+            tag_values=[False, True],
+        )
+        v = pattern.OrValue(
+            [
+                heads(v_in, v_split, [0, 2, 1, 3]),
+                op.Concat(
+                    past_value,
+                    heads(v_in, v_split, [0, 2, 1, 3]),
+                    axis=2,
+                    _outputs=["present_value"],
+                ),
+            ]
+        )
         product = op.MatMul(heads(q_in, q_split, [0, 2, 1, 3]), k_t, _outputs=["product"])
-        scaled = pattern.OrValue([op.Mul(product, scale), product], name="scaled")  # FoldScalePass may take the Mul
-        scores = pattern.OrValue([op.Add(scaled, mask), op.Add(mask, scaled), scaled], name="scores")
+        scaled = pattern.OrValue(
+            [op.Mul(product, scale), product], name="scaled"
+        )  # FoldScalePass may take the Mul
+        scores = pattern.OrValue(
+            [op.Add(scaled, mask), op.Add(mask, scaled), scaled], name="scores"
+        )
         probs = op.Softmax(scores, _outputs=["probs"])
-        guarded = op.Where(op.IsInf(op.ReduceMax(scores, pattern.ANY_VALUE), detect_positive=0), zero, probs)
-        read = pattern.OrValue([guarded, probs], name="read", tag_var="guarded", tag_values=[True, False])
+        guarded = op.Where(
+            op.IsInf(op.ReduceMax(scores, pattern.ANY_VALUE), detect_positive=0), zero, probs
+        )
+        read = pattern.OrValue(
+            [guarded, probs], name="read", tag_var="guarded", tag_values=[True, False]
+        )
         attended = op.MatMul(read, v, _outputs=["attended"])
         return op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), merge_shape)
 
-    def check(self, context, q_split, k_split, v_split, scale, scaled, scores, guarded, product, **_) -> MatchResult:
+    def check(
+        self, context, q_split, k_split, v_split, scale, scaled, scores, guarded, product, **_
+    ) -> MatchResult:
         splits = [constant(x) for x in (q_split, k_split, v_split)]
-        if any(s is None or s.shape != (4,) or s[:2].tolist() != [0, 0] or min(s[2:]) <= 0 for s in splits) or \
-                len({tuple(s.tolist()) for s in splits}) != 1:
-            return _refused("its heads are not split by Reshape(x, [0, 0, heads, head_dim]) alike for q, k and v")
+        if (
+            any(
+                s is None or s.shape != (4,) or s[:2].tolist() != [0, 0] or min(s[2:]) <= 0
+                for s in splits
+            )
+            or len({tuple(s.tolist()) for s in splits}) != 1
+        ):
+            return _refused(
+                "its heads are not split by Reshape(x, [0, 0, heads, head_dim]) alike for q, k and v"
+            )
         factor = constant(scale) if scale is not None else np.ones(1)
         if factor is None or factor.size != 1:
             return _refused("its scale is not a constant scalar")
-        if (scaled is not product and not _used_once(product)) or (scores is not scaled and not _used_once(scaled)):
+        if (scaled is not product and not _used_once(product)) or (
+            scores is not scaled and not _used_once(scaled)
+        ):
             return _refused("an intermediate score tensor is used outside the attention")
-        if scores.is_graph_output() or len(scores.uses()) != (2 if guarded else 1):  # the guard's ReduceMax reads them
+        if scores.is_graph_output() or len(scores.uses()) != (
+            2 if guarded else 1
+        ):  # the guard's ReduceMax reads them
             return _refused("its scores are used outside the attention")
         return MatchResult()
 
@@ -100,7 +160,12 @@ def same_float_cast(node: ir.Node | None) -> bool:
     if node is None or node.op_type != "Cast" or node.domain:
         return False
     x, y = node.inputs[0], node.outputs[0]
-    return x.type is not None and y.type is not None and x.type.dtype == y.type.dtype and x.type.dtype in _FLOATS
+    return (
+        x.type is not None
+        and y.type is not None
+        and x.type.dtype == y.type.dtype
+        and x.type.dtype in _FLOATS
+    )
 
 
 class ContextEnd(_CorePattern):
@@ -110,8 +175,12 @@ class ContextEnd(_CorePattern):
     def pattern(self, op, scores, v, zero):
         probs = op.Softmax(scores, _outputs=["probs"])
         steps = {"cast": lambda p: op.Cast(p), "guard": lambda p: op.Where(op.IsNaN(p), zero, p)}
-        chains = [()] + [(a,) for a in steps] + [(a, b) for a in steps for b in steps] + [
-            (a, b, c) for a in steps for b in steps for c in steps]
+        chains = (
+            [()]
+            + [(a,) for a in steps]
+            + [(a, b) for a in steps for b in steps]
+            + [(a, b, c) for a in steps for b in steps for c in steps]
+        )
         alternatives = []
         for chain in chains:
             value = probs
@@ -133,12 +202,21 @@ class ContextEnd(_CorePattern):
                     return _refused("what replaces NaN after its softmax is not 0")
             value = node.inputs[0] if node.op_type == "Cast" else node.inputs[2]
             readers = 1 if node.op_type == "Cast" else 2  # the guard's IsNaN and Where both read it
-            if value.is_graph_output() or len(value.uses()) != readers or (
-                    node.op_type == "Where" and not _used_once(node.inputs[0])):
-                return _refused("its weights are used outside the attention past a Cast or NaN guard")
+            if (
+                value.is_graph_output()
+                or len(value.uses()) != readers
+                or (node.op_type == "Where" and not _used_once(node.inputs[0]))
+            ):
+                return _refused(
+                    "its weights are used outside the attention past a Cast or NaN guard"
+                )
         if read is not probs and not _used_once(read):
             return _refused("its weights are used outside the attention past a Cast or NaN guard")
-        readers = [node for node, i in read.uses() if node.op_type == "MatMul" and not node.domain and i == 0]
+        readers = [
+            node
+            for node, i in read.uses()
+            if node.op_type == "MatMul" and not node.domain and i == 0
+        ]
         if len(readers) != 1:
             return _refused("no single MatMul multiplies it with the values")
         return MatchResult()
@@ -152,12 +230,21 @@ class QueryKeyEnd(_CorePattern):
 
     def pattern(self, op, q, k, q_scale, k_scale, shape_3d, shape_4d):
         def scaled(x, s, tag):
-            return pattern.OrValue([op.Mul(x, s), op.Mul(s, x), op.Div(x, s), x], tag_var=tag,
-                                   tag_values=["Mul", "Mul", "Div", None])
+            return pattern.OrValue(
+                [op.Mul(x, s), op.Mul(s, x), op.Div(x, s), x],
+                tag_var=tag,
+                tag_values=["Mul", "Mul", "Div", None],
+            )
 
-        k_t = pattern.OrValue([op.Transpose(k, perm=[0, 1, 3, 2]),
-                               op.Reshape(op.Transpose(op.Reshape(k, shape_3d), perm=[0, 2, 1]), shape_4d), k],
-                              tag_var="key_form", tag_values=["K", "K", "K^T"])
+        k_t = pattern.OrValue(
+            [
+                op.Transpose(k, perm=[0, 1, 3, 2]),
+                op.Reshape(op.Transpose(op.Reshape(k, shape_3d), perm=[0, 2, 1]), shape_4d),
+                k,
+            ],
+            tag_var="key_form",
+            tag_values=["K", "K", "K^T"],
+        )
         return op.MatMul(scaled(q, q_scale, "q_scaling"), scaled(k_t, k_scale, "k_scaling"))
 
     def check(self, context, k, shape_3d, **_) -> MatchResult:
@@ -170,7 +257,9 @@ def scaling_factor(value: ir.Value) -> float | None:
     """The nonzero float scalar ``value`` holds, constant or computed from shapes; else None."""
     c = constant(value)
     if c is not None:
-        factor = float(c.reshape(())) if c.size == 1 and np.issubdtype(c.dtype, np.floating) else None
+        factor = (
+            float(c.reshape(())) if c.size == 1 and np.issubdtype(c.dtype, np.floating) else None
+        )
     else:
         factor = scalar(value) if _is_float(value) else None
     return factor if factor else None
@@ -187,16 +276,29 @@ class RepeatedHeads(_CorePattern):
     x's head j // r). Shapes must state kv and r."""
 
     def pattern(self, op, x, axes, expanded_shape, merged_shape):
-        return op.Reshape(op.Expand(op.Unsqueeze(x, axes), expanded_shape, _outputs=["expanded"]), merged_shape,
-                          _outputs=["merged"])
+        return op.Reshape(
+            op.Expand(op.Unsqueeze(x, axes), expanded_shape, _outputs=["expanded"]),
+            merged_shape,
+            _outputs=["merged"],
+        )
 
     def check(self, context, x, axes, expanded, merged, **_) -> MatchResult:
         axis = constant(axes)
         shapes = [v.shape for v in (x, expanded, merged)]
-        if axis is None or axis.reshape(-1).tolist() != [2] or None in shapes or [len(s) for s in shapes] != [4, 5, 4]:
+        if (
+            axis is None
+            or axis.reshape(-1).tolist() != [2]
+            or None in shapes
+            or [len(s) for s in shapes] != [4, 5, 4]
+        ):
             return _refused("not heads repeated along a new axis 2")
         (_, kv, s, d), (_, kv_e, r, s_e, d_e), (_, heads, s_m, d_m) = shapes
-        if not all(isinstance(n, int) for n in (kv, kv_e, r, heads)) or kv_e != kv or heads != kv * r or r < 2:
+        if (
+            not all(isinstance(n, int) for n in (kv, kv_e, r, heads))
+            or kv_e != kv
+            or heads != kv * r
+            or r < 2
+        ):
             return _refused("its head counts are not stated, or do not multiply")
         if not (isinstance(d, int) and d == d_e == d_m) or not (s == s_e == s_m):
             return _refused("its length or head size changes")
@@ -209,5 +311,9 @@ REPEATED_HEADS = RepeatedHeads()
 def repeated_heads(value: ir.Value, graph: ir.Graph) -> ir.Value | None:
     """The (N, kv, S, hd) keys or values that ``value`` repeats to more heads, else None."""
     node = value.producer()
-    match = REPEATED_HEADS.found(graph, node) if node is not None and node.op_type == "Reshape" and not node.domain else None
+    match = (
+        REPEATED_HEADS.found(graph, node)
+        if node is not None and node.op_type == "Reshape" and not node.domain
+        else None
+    )
     return match.bindings["x"] if match else None

@@ -26,7 +26,7 @@ def _scaled(value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
     node = value.producer()
     if node is None or node.domain or node.op_type not in ("Mul", "Div") or only_use(value) is None:
         return value, 1.0, None
-    for side in ((1,) if node.op_type == "Div" else (1, 0)):
+    for side in (1,) if node.op_type == "Div" else (1, 0):
         if factor := scaling_factor(node.inputs[side]):
             return node.inputs[1 - side], (1.0 / factor if node.op_type == "Div" else factor), node
     return value, 1.0, None
@@ -44,7 +44,10 @@ def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
     if node.op_type == "MatMul":
         return True
     if node.op_type in ("Mul", "Div", "Cast"):
-        return any(constant(x) is None and _reaches_scores(x, depth - 1) for x in node.inputs[:1 if node.op_type == "Div" else 2])
+        return any(
+            constant(x) is None and _reaches_scores(x, depth - 1)
+            for x in node.inputs[: 1 if node.op_type == "Div" else 2]
+        )
     if node.op_type == "Add":
         return any(_reaches_scores(x, depth - 1) for x in node.inputs)
     return False
@@ -79,7 +82,9 @@ def _adds_nothing(bias: ir.Value, scores: ir.Value) -> bool:
         return False
     if bias.shape is None or scores.shape is None or len(bias.shape) > len(scores.shape):
         return False
-    return all(b == 1 or b == s for b, s in zip(reversed(bias.shape.dims), reversed(scores.shape.dims)))
+    return all(
+        b == 1 or b == s for b, s in zip(reversed(bias.shape.dims), reversed(scores.shape.dims))
+    )
 
 
 def _reshape_dims(node: ir.Node) -> list[int | None] | None:
@@ -102,8 +107,11 @@ def _split_heads(value: ir.Value, axes: tuple[int, int], depth: int = 6) -> tupl
     if node is not None and not node.domain and node.op_type in _SHAPE_KEEPING and depth > 0:
         # through rotary embeddings (q * cos + rotate_half(q) * sin) and the like: the operands that tell agree.
         # One head says nothing here: an operand broadcast over the heads (cos, sin) has one.
-        told = {h for x in node.inputs[1 if node.op_type == "Where" else 0:] if x is not None
-                and (h := _split_heads(x, axes, depth - 1)) is not None and h[0] > 1}
+        told = {
+            h
+            for x in node.inputs[1 if node.op_type == "Where" else 0 :]
+            if x is not None and (h := _split_heads(x, axes, depth - 1)) is not None and h[0] > 1
+        }
         return told.pop() if len(told) == 1 else None
     perm = list(range(4))
     if node is not None and node.op_type == "Transpose" and not node.domain:
@@ -115,21 +123,42 @@ def _split_heads(value: ir.Value, axes: tuple[int, int], depth: int = 6) -> tupl
     if dims is None or len(dims) != 4:
         return None
     source = node.inputs[0].shape
-    if source is not None and len(source) == 3 and isinstance(source[2], int) and dims[2:].count(-1) == 1:
-        known = dims[3] if dims[2] == -1 else dims[2]  # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
+    if (
+        source is not None
+        and len(source) == 3
+        and isinstance(source[2], int)
+        and dims[2:].count(-1) == 1
+    ):
+        known = (
+            dims[3] if dims[2] == -1 else dims[2]
+        )  # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
         if known and known > 0 and source[2] % known == 0:
             dims[2 if dims[2] == -1 else 3] = source[2] // known
     heads, size = dims[perm[axes[0]]], dims[perm[axes[1]]]
-    return (heads, size) if heads is not None and size is not None and heads > 0 and size > 0 else None
+    return (
+        (heads, size) if heads is not None and size is not None and heads > 0 and size > 0 else None
+    )
 
 
-_SHAPE_KEEPING = ("Add", "Sub", "Mul", "Neg", "Cast", "Where")  # elementwise: a head split before is one after
+_SHAPE_KEEPING = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Neg",
+    "Cast",
+    "Where",
+)  # elementwise: a head split before is one after
 
 
 def _unscaled(value: ir.Value) -> ir.Value:
     """``value`` before a Mul or Div by a scalar, which changes no shape."""
     node = value.producer()
-    while node is not None and node.op_type in ("Mul", "Div") and not node.domain and scalar(node.inputs[1]) is not None:
+    while (
+        node is not None
+        and node.op_type in ("Mul", "Div")
+        and not node.domain
+        and scalar(node.inputs[1]) is not None
+    ):
         value = node.inputs[0]
         node = value.producer()
     return value
@@ -140,16 +169,29 @@ def _context_end(softmax: ir.Node, graph: ir.Graph) -> pattern.MatchResult | str
     longest chain), or why there is none."""
     probs, reached, frontier = softmax.outputs[0], [], [softmax.outputs[0]]
     for _ in range(4):
-        frontier = [out for value in frontier for node, _ in value.uses() for out in node.outputs
-                    if not reached.append(node)]
-    found = [m for node in dict.fromkeys(reached) if node.op_type == "MatMul" and not node.domain
-             and (m := CONTEXT_END.found(graph, node)) is not None and m.bindings["probs"] is probs]
+        frontier = [
+            out
+            for value in frontier
+            for node, _ in value.uses()
+            for out in node.outputs
+            if not reached.append(node)
+        ]
+    found = [
+        m
+        for node in dict.fromkeys(reached)
+        if node.op_type == "MatMul"
+        and not node.domain
+        and (m := CONTEXT_END.found(graph, node)) is not None
+        and m.bindings["probs"] is probs
+    ]
     if len(found) != 1:
         return "no single MatMul multiplies it with the values"
     return found[0] if found[0] else found[0].reason
 
 
-def _operand(value: ir.Value, scale: ir.Value | None, how: str | None, matmul_input: ir.Value) -> tuple[ir.Value, float]:
+def _operand(
+    value: ir.Value, scale: ir.Value | None, how: str | None, matmul_input: ir.Value
+) -> tuple[ir.Value, float]:
     """A MatMul operand as QueryKeyEnd bound it, with its scalar factor; where the Mul is by a tensor,
     not a scalar, it belongs to the operand (Llama 4 scales queries per position)."""
     factor = scaling_factor(scale) if scale is not None else 1.0
@@ -202,7 +244,11 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
         post *= factor
         nodes.append(mul)
     scores_mm = producer_of(scores, "MatMul")
-    qk = QUERY_KEY_END.found(graph, scores_mm) if scores_mm is not None and only_use(scores) is not None else None
+    qk = (
+        QUERY_KEY_END.found(graph, scores_mm)
+        if scores_mm is not None and only_use(scores) is not None
+        else None
+    )
     if qk is None:
         return "its scores are not a MatMul of queries and keys used only here"
     if not qk:
@@ -213,14 +259,40 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     k_transposed = k is scores_mm.inputs[1] or b["key_form"] == "K^T"
     v = context_mm.inputs[1]
     if {_rank(q), _rank(k), _rank(v)} != {4}:
-        return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
-    nodes += [scores_mm, *_between(scores_mm.inputs[0], q, qk.nodes), *_between(scores_mm.inputs[1], k, qk.nodes),
-              context_mm]
-    heads = _split_heads(q, (1, 3)) or _split_heads(k, (1, 2) if k_transposed else (1, 3)) or _split_heads(v, (1, 3))
+        return (
+            "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
+        )
+    nodes += [
+        scores_mm,
+        *_between(scores_mm.inputs[0], q, qk.nodes),
+        *_between(scores_mm.inputs[1], k, qk.nodes),
+        context_mm,
+    ]
+    heads = (
+        _split_heads(q, (1, 3))
+        or _split_heads(k, (1, 2) if k_transposed else (1, 3))
+        or _split_heads(v, (1, 3))
+    )
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
-    core = Core("BNSH", q, k, v, heads[0] if heads else None, heads[1] if heads else None, post * q_scale * k_scale, mask,
-                context_mm.outputs[0], read if weights_used else None, softmax, context_mm, [], nodes,
-                extra_masks=extra, k_transposed=k_transposed, nan_guarded=any(n.op_type == "IsNaN" for n in after))
+    core = Core(
+        "BNSH",
+        q,
+        k,
+        v,
+        heads[0] if heads else None,
+        heads[1] if heads else None,
+        post * q_scale * k_scale,
+        mask,
+        context_mm.outputs[0],
+        read if weights_used else None,
+        softmax,
+        context_mm,
+        [],
+        nodes,
+        extra_masks=extra,
+        k_transposed=k_transposed,
+        nan_guarded=any(n.op_type == "IsNaN" for n in after),
+    )
     return _as_bsd(core) or core
 
 
@@ -231,7 +303,11 @@ def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> b
     dims = _reshape_dims(reshape)
     if dims is None or axis >= len(dims):
         return False
-    size = source.shape[source_axis] if source.shape is not None and len(source.shape) > source_axis else None
+    size = (
+        source.shape[source_axis]
+        if source.shape is not None and len(source.shape) > source_axis
+        else None
+    )
     if dims[axis] == 0 or (dims[axis] is not None and dims[axis] > 0 and dims[axis] == size):
         return True
     if dims[axis] is None and _shape_entry(reshape.inputs[1], axis) == (source, source_axis):
@@ -263,7 +339,12 @@ def _shape_entry(shape: ir.Value, position: int) -> tuple[ir.Value, int] | None:
         return None
     shape_node = producer_of(node.inputs[0], "Shape")
     index = constant(node.inputs[1])
-    if shape_node is None or index is None or index.size != 1 or shape_node.attributes.get_int("start", 0) != 0:
+    if (
+        shape_node is None
+        or index is None
+        or index.size != 1
+        or shape_node.attributes.get_int("start", 0) != 0
+    ):
         return None
     return shape_node.inputs[0], int(index.reshape(-1)[0])
 
@@ -272,13 +353,19 @@ def _merged_heads(value: ir.Value, perm: list[int], heads: int, size: int) -> ir
     """x where ``value`` = Transpose(Reshape(x, (B, L, heads, size)), perm) and x is (B, L, heads*size):
     the exporter's head split, undone."""
     transpose = producer_of(value, "Transpose")
-    reshape = producer_of(transpose.inputs[0], "Reshape") if transpose is not None and perm_of(transpose) == perm else None
+    reshape = (
+        producer_of(transpose.inputs[0], "Reshape")
+        if transpose is not None and perm_of(transpose) == perm
+        else None
+    )
     if reshape is None:
         return None
     x, dims = reshape.inputs[0], _reshape_dims(reshape)
     if x.shape is None or len(x.shape) != 3 or dims is None or len(dims) != 4:
         return None
-    if not (_keeps(reshape, 0, x, 0) and _keeps(reshape, 1, x, 1)):  # the batch and length stay where they are
+    if not (
+        _keeps(reshape, 0, x, 0) and _keeps(reshape, 1, x, 1)
+    ):  # the batch and length stay where they are
         return None
     if dims[2] not in (heads, -1) or dims[3] not in (size, -1) or dims[2:].count(-1) > 1:
         return None
@@ -291,27 +378,60 @@ def _as_bsd(core: Core) -> Core | None:
     """The same core with the exporter's head split and merge looked through: q, k, v as the (N, L, E)
     projections and the output as the (N, L, E) merge, as our own graphs hold them, so the fused op
     reads and writes them directly instead of a Transpose/Reshape round trip on each side."""
-    if core.num_heads is None or core.head_dim is None or core.weights is not None or core.cache is not None:
+    if (
+        core.num_heads is None
+        or core.head_dim is None
+        or core.weights is not None
+        or core.cache is not None
+    ):
         return None
     h, d = core.num_heads, core.head_dim
     q = _merged_heads(core.q, [0, 2, 1, 3], h, d)
     k = _merged_heads(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], h, d)
     v = _merged_heads(core.v, [0, 2, 1, 3], h, d)
     merge_t = only_use(core.output)
-    merge_r = only_use(merge_t.outputs[0]) if merge_t is not None and perm_of(merge_t) == [0, 2, 1, 3] else None
-    if q is None or k is None or v is None or merge_r is None or merge_r.op_type != "Reshape" or merge_r.domain:
+    merge_r = (
+        only_use(merge_t.outputs[0])
+        if merge_t is not None and perm_of(merge_t) == [0, 2, 1, 3]
+        else None
+    )
+    if (
+        q is None
+        or k is None
+        or v is None
+        or merge_r is None
+        or merge_r.op_type != "Reshape"
+        or merge_r.domain
+    ):
         return None
     dims = _reshape_dims(merge_r)
-    if dims is not None and len(dims) == 2 and dims[0] == -1 and dims[1] == h * d:  # (N*L, E), rows for a Gemm
-        return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
-                                   nodes=[*core.nodes, merge_t, merge_r], k_transposed=True, output_rows=True)
+    bsd = dataclasses.replace(
+        core,
+        layout="BSD",
+        q=q,
+        k=k,
+        v=v,
+        output=merge_r.outputs[0],
+        nodes=[*core.nodes, merge_t, merge_r],
+        k_transposed=True,
+    )
+    if dims is not None and len(dims) == 2 and dims[0] == -1 and dims[1] == h * d:
+        return dataclasses.replace(bsd, output_rows=True)  # (N*L, E), rows for a Gemm
     if dims is None or len(dims) != 3 or dims[2] not in (h * d, -1):
         return None
     for axis in (0, 1):  # the context's batch and length are the query's
         entry = _shape_entry(merge_r.inputs[1], axis)
-        if not (_keeps(merge_r, axis, merge_t.outputs[0], axis) or _keeps(merge_r, axis, q, axis) or (
-                entry is not None and entry[1] == axis and entry[0].shape is not None and len(entry[0].shape) > axis
-                and q.shape is not None and same_dim(entry[0].shape[axis], q.shape[axis]))):
+        if not (
+            _keeps(merge_r, axis, merge_t.outputs[0], axis)
+            or _keeps(merge_r, axis, q, axis)
+            or (
+                entry is not None
+                and entry[1] == axis
+                and entry[0].shape is not None
+                and len(entry[0].shape) > axis
+                and q.shape is not None
+                and same_dim(entry[0].shape[axis], q.shape[axis])
+            )
+        ):
             return None
-    return dataclasses.replace(core, layout="BSD", q=q, k=k, v=v, output=merge_r.outputs[0],
-                               nodes=[*core.nodes, merge_t, merge_r], k_transposed=True)
+    return bsd

@@ -26,16 +26,26 @@ class Float16Pass(ir.passes.InPlacePass):
         for value in graph.initializers.values():
             if _is_float(value):
                 array = value.const_value.numpy()
-                if "key_bias_floor" in value.name:  # a masked key's bias stays finite, as in float32
+                if (
+                    "key_bias_floor" in value.name
+                ):  # a masked key's bias stays finite, as in float32
                     array = np.maximum(array, _FP16_LOWEST)
                 value.const_value = ir.tensor(array.astype(np.float16), name=value.name)
                 value.type = ir.TensorType(FLOAT16)
         edges = set(graph.inputs) | set(graph.outputs)
-        for node in ir.traversal.RecursiveGraphIterator(graph):  # a Loop's body too (compiler/mask_forms.py)
+        for node in ir.traversal.RecursiveGraphIterator(
+            graph
+        ):  # a Loop's body too (compiler/mask_forms.py)
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == FLOAT:
-                    node.attributes[attr.name] = ir.AttrTensor(attr.name, ir.tensor(attr.value.numpy().astype(np.float16)))
-            if node.op_type == "Cast" and not node.domain and node.attributes.get_int("to") == FLOAT:
+                    node.attributes[attr.name] = ir.AttrTensor(
+                        attr.name, ir.tensor(attr.value.numpy().astype(np.float16))
+                    )
+            if (
+                node.op_type == "Cast"
+                and not node.domain
+                and node.attributes.get_int("to") == FLOAT
+            ):
                 node.attributes["to"] = ir.AttrInt64("to", FLOAT16)
             for value in node.outputs:
                 if _is_float(value) and value not in edges:
@@ -44,10 +54,20 @@ class Float16Pass(ir.passes.InPlacePass):
             _softmax_in_float32(graph, node)
         for node in graph:  # a fused op's mask fill must stay finite in fp16
             fill = node.attributes.get("mask_filter_value")
-            if node.domain == "com.microsoft" and fill is not None and fill.as_float() < _FP16_LOWEST:
-                node.attributes["mask_filter_value"] = ir.AttrFloat32("mask_filter_value", _FP16_LOWEST)
+            if (
+                node.domain == "com.microsoft"
+                and fill is not None
+                and fill.as_float() < _FP16_LOWEST
+            ):
+                node.attributes["mask_filter_value"] = ir.AttrFloat32(
+                    "mask_filter_value", _FP16_LOWEST
+                )
         if model.opset_imports.get("", 1) < 20:  # IsInf takes float16 from opset 20
-            for node in [n for n in ir.traversal.RecursiveGraphIterator(graph) if n.op_type == "IsInf" and not n.domain]:
+            for node in [
+                n
+                for n in ir.traversal.RecursiveGraphIterator(graph)
+                if n.op_type == "IsInf" and not n.domain
+            ]:
                 node.replace_input_with(0, _cast_before(node.graph, node, node.inputs[0], FLOAT))
         for value in [v for v in graph.inputs if _is_float(v)]:
             for edge in _layout_edge(value):
@@ -69,11 +89,18 @@ def weight_beyond_float16(model: onnx.ModelProto) -> tuple[str, float] | None:
     matmuls = {out for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for out in n.output}
     for node in model.graph.node:
         indices = _WEIGHT_OPS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
-        if node.op_type == "Add" and node.domain in ("", "ai.onnx") and matmuls.intersection(node.input):
+        if (
+            node.op_type == "Add"
+            and node.domain in ("", "ai.onnx")
+            and matmuls.intersection(node.input)
+        ):
             indices = (0, 1)
         for index in indices:
             tensor = initializers.get(node.input[index]) if index < len(node.input) else None
-            if tensor is None or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            if tensor is None or tensor.data_type not in (
+                onnx.TensorProto.FLOAT,
+                onnx.TensorProto.DOUBLE,
+            ):
                 continue
             values = onnx.numpy_helper.to_array(tensor)
             peak = float(np.max(np.abs(values))) if values.size else 0.0
@@ -94,7 +121,11 @@ def _layout_edge(value: ir.Value) -> list[ir.Value]:
     docs/BENCHMARKS.md, fp16 on CPU).
     """
     users = [node for node, _ in value.uses()]
-    if users and not value.is_graph_output() and all(u.op_type == "Transpose" and not u.domain for u in users):
+    if (
+        users
+        and not value.is_graph_output()
+        and all(u.op_type == "Transpose" and not u.domain for u in users)
+    ):
         for user in users:
             user.outputs[0].type = ir.TensorType(FLOAT)
         return [u.outputs[0] for u in users]
@@ -114,7 +145,11 @@ def _cast_after(graph: ir.Graph, value: ir.Value, to: ir.DataType) -> None:
 
 
 def _cast_before(graph: ir.Graph, node: ir.Node, value: ir.Value, to: ir.DataType) -> ir.Value:
-    cast = named(ir.node("Cast", [value], {"to": to}, name=f"{node.name}/to_{'fp32' if to == FLOAT else 'fp16'}"))
+    cast = named(
+        ir.node(
+            "Cast", [value], {"to": to}, name=f"{node.name}/to_{'fp32' if to == FLOAT else 'fp16'}"
+        )
+    )
     cast.outputs[0].type = ir.TensorType(to)
     graph.insert_before(node, cast)
     return cast.outputs[0]

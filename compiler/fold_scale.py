@@ -35,8 +35,14 @@ class FoldScalePass(ir.passes.InPlacePass):
                     continue
                 for node, index in projection:
                     array = constant(node.inputs[index])
-                    node.replace_input_with(index, new_initializer(graph, f"{node.inputs[index].name}_scaled",
-                                                                   (array * scale.reshape(())).astype(array.dtype)))
+                    node.replace_input_with(
+                        index,
+                        new_initializer(
+                            graph,
+                            f"{node.inputs[index].name}_scaled",
+                            (array * scale.reshape(())).astype(array.dtype),
+                        ),
+                    )
                 mul.outputs[0].replace_all_uses_with(scores, replace_graph_outputs=True)
                 graph.remove(mul, safe=True)
                 modified = True

@@ -6,9 +6,23 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import model_graphs, new_initializer
-from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias, keys_bnsh,
-                                     rank4, replace_core, summed, unfusable, unique_scope, zero_dead_context,
-                                     zero_dead_weights)
+from compiler.attention_core import (
+    Core,
+    as_output,
+    combined_mask,
+    dead_rows,
+    emitter,
+    find_cores,
+    full_bias,
+    keys_bnsh,
+    rank4,
+    replace_core,
+    summed,
+    unfusable,
+    unique_scope,
+    zero_dead_context,
+    zero_dead_weights,
+)
 from compiler.core_patterns import repeated_heads
 from compiler.mask_forms import mask_terms, op_inputs, query_blocks
 
@@ -31,7 +45,9 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
 
     def __init__(self, query_blocks: bool = False) -> None:
         super().__init__()
-        self.query_blocks = query_blocks  # masked cores in blocks of queries: memory O(block x S), not O(L x S)
+        self.query_blocks = (
+            query_blocks  # masked cores in blocks of queries: memory O(block x S), not O(L x S)
+        )
 
     @staticmethod
     def refuse(core: Core) -> str | None:
@@ -42,7 +58,9 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
         for graph in model_graphs(model):  # If branches and Loop bodies too
             cores = [core for core in find_cores(graph) if self.refuse(core) is None]
             if cores and model.opset_imports.get("", 1) < ATTENTION_OPSET:
-                raise ir.passes.PassError(f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first")
+                raise ir.passes.PassError(
+                    f"the Attention op needs opset {ATTENTION_OPSET}; run UpgradeOpsetPass first"
+                )
             self._fuse(graph, cores)
             fused = fused or bool(cores)
         return ir.passes.PassResult(model, fused)
@@ -58,7 +76,11 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
             if core.layout == "BSD":
-                attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
+                attrs = {
+                    "q_num_heads": core.num_heads,
+                    "kv_num_heads": core.num_heads,
+                    "scale": core.scale,
+                }
                 k, v = core.k, core.v
             else:
                 attrs = {"scale": core.scale}
@@ -67,8 +89,13 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
             cache = core.cache
             past = [cache.past_key, cache.past_value] if cache is not None else []
-            node = ir.node("Attention", [core.q, k, v, bias, *past], attrs, name=f"{scope}/Attention",
-                           num_outputs=4 if core.weights is not None else 3 if cache is not None else 1)
+            node = ir.node(
+                "Attention",
+                [core.q, k, v, bias, *past],
+                attrs,
+                name=f"{scope}/Attention",
+                num_outputs=4 if core.weights is not None else 3 if cache is not None else 1,
+            )
             node.outputs[0].name = f"{scope}/Attention"
             new.append(node)
             context, weights = node.outputs[0], None
@@ -81,13 +108,25 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 if weights is not None:
                     weights = zero_dead_weights(graph, weights, dead, add)
             context = as_output(graph, core, context, add)
-            replace_core(graph, core, new, context, weights, tuple(node.outputs[1:3]) if cache is not None else None)
+            replace_core(
+                graph,
+                core,
+                new,
+                context,
+                weights,
+                tuple(node.outputs[1:3]) if cache is not None else None,
+            )
 
 
 def _blockable(core: Core) -> bool:
     """No cache, no weights output (the weights need the whole score tensor), heads stated. Unmasked
     cores too: ONNX Runtime's CPU Attention op holds the whole score tensor even without a mask."""
-    return core.cache is None and core.weights is None and core.num_heads is not None and core.head_dim is not None
+    return (
+        core.cache is None
+        and core.weights is None
+        and core.num_heads is not None
+        and core.head_dim is not None
+    )
 
 
 def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
@@ -99,21 +138,52 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
 
     def attend(op, query, keys, values, bias):
-        q = op("Transpose", [op("Reshape", [query, heads], "query_heads")], "query_bnsh", {"perm": [0, 2, 1, 3]})
+        q = op(
+            "Transpose",
+            [op("Reshape", [query, heads], "query_heads")],
+            "query_bnsh",
+            {"perm": [0, 2, 1, 3]},
+        )
         rows = op("Shape", [query], "block_rows", {"start": 1, "end": 2})
         width = op("Shape", [keys], "block_keys", {"start": 2, "end": 3})
         inputs = [q, keys, values]
-        if bias is not None:  # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
-            inputs.append(op("Expand", [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})], "block_mask"))
+        if (
+            bias is not None
+        ):  # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
+            inputs.append(
+                op(
+                    "Expand",
+                    [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})],
+                    "block_mask",
+                )
+            )
         context = op("Attention", inputs, "Attention", {"scale": core.scale})  # (N, H, b, hd)
-        return op("Reshape", [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge], "context")
+        return op(
+            "Reshape",
+            [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge],
+            "context",
+        )
 
     terms = mask_terms(core)
     key_bias = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-    context = query_blocks(graph, core, op_inputs(graph, core, add), terms, key_bias, add, scope, core.zeroes_dead_rows,
-                           attend)
+    context = query_blocks(
+        graph,
+        core,
+        op_inputs(graph, core, add),
+        terms,
+        key_bias,
+        add,
+        scope,
+        core.zeroes_dead_rows,
+        attend,
+    )
     if core.layout == "BNSH":
-        context = add("Transpose", [add("Reshape", [context, heads], "context_bsnh")], "context_bnsh", {"perm": [0, 2, 1, 3]})
+        context = add(
+            "Transpose",
+            [add("Reshape", [context, heads], "context_bsnh")],
+            "context_bnsh",
+            {"perm": [0, 2, 1, 3]},
+        )
     return as_output(graph, core, context, add)
 
 

@@ -9,16 +9,53 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, model_graphs, new_initializer
-from compiler.attention_core import (Core, as_output, combined_mask, dead_rows, emitter, find_cores, full_bias,
-                                     rank4, replace_core, summed, unfusable, unique_scope, zero_dead_context, zero_scalar)
-from compiler.mask_forms import (ATTENTION_UNTIL, BLOCKS_FROM, CAUSAL_FROM, CHUNKS_FROM, MS_DOMAIN, ROWS_FROM, MaskTerms, as_4d, bsd_inputs, causal_bias,
-                                 causal_blocks, causal_inside_blocks, chunkable, dead_causal_rows, first_rows, floored, mask_terms,
-                                 no_key_bias, nothing_padded, op_inputs, padded_rows, query_blocks,
-                                 rows_alike)
+from compiler.attention_core import (
+    Core,
+    as_output,
+    combined_mask,
+    dead_rows,
+    emitter,
+    find_cores,
+    full_bias,
+    rank4,
+    replace_core,
+    summed,
+    unfusable,
+    unique_scope,
+    zero_dead_context,
+    zero_scalar,
+)
+from compiler.mask_forms import (
+    ATTENTION_UNTIL,
+    BLOCKS_FROM,
+    CAUSAL_FROM,
+    CHUNKS_FROM,
+    MS_DOMAIN,
+    ROWS_FROM,
+    MaskTerms,
+    as_4d,
+    bsd_inputs,
+    causal_bias,
+    causal_blocks,
+    causal_inside_blocks,
+    chunkable,
+    dead_causal_rows,
+    first_rows,
+    floored,
+    mask_terms,
+    no_key_bias,
+    nothing_padded,
+    op_inputs,
+    padded_rows,
+    query_blocks,
+    rows_alike,
+)
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
 
-_LOWEST = float(np.finfo(np.float32).min)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
+_LOWEST = float(
+    np.finfo(np.float32).min
+)  # mask_filter_value: finite, so masked scores never meet exp(-inf)
 
 
 class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
@@ -38,7 +75,9 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
 
     def __init__(self, flash_forms: bool = False, attention_op: bool | None = None) -> None:
         super().__init__()
-        self.flash_forms = flash_forms  # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
+        self.flash_forms = (
+            flash_forms  # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
+        )
         # com.microsoft.Attention on the projections' input for short inputs (qkv_projections.py): on the CPU
         self.attention_op = flash_forms if attention_op is None else attention_op
 
@@ -53,7 +92,9 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         declared = model.metadata_props.get(MAX_LEN_KEY)
         self.max_len = int(declared) if declared is not None and declared.isdigit() else None
-        fused = [self._fuse(graph) for graph in model_graphs(model)]  # If branches and Loop bodies too
+        fused = [
+            self._fuse(graph) for graph in model_graphs(model)
+        ]  # If branches and Loop bodies too
         if any(fused):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, any(fused))
@@ -67,35 +108,86 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             cache = core.cache
             terms = mask_terms(core) if self.flash_forms else None
             present = None
-            projections = match_projections(core) if self.flash_forms and self.attention_op else None
-            if not self.flash_forms and _causal_alone(core):  # CUDA: the op's own causal flag, which its flash kernel takes
+            projections = (
+                match_projections(core) if self.flash_forms and self.attention_op else None
+            )
+            if not self.flash_forms and _causal_alone(
+                core
+            ):  # CUDA: the op's own causal flag, which its flash kernel takes
                 q, k, v = op_inputs(graph, core, add)
-                context = add("MultiHeadAttention", [q, k, v], "MultiHeadAttention",
-                              {"num_heads": core.num_heads, "scale": core.scale, "unidirectional": 1}, MS_DOMAIN)
-            elif cache is None and terms is not None and (terms.causal or terms.other) and _blockable(terms):  # query blocks
+                context = add(
+                    "MultiHeadAttention",
+                    [q, k, v],
+                    "MultiHeadAttention",
+                    {"num_heads": core.num_heads, "scale": core.scale, "unidirectional": 1},
+                    MS_DOMAIN,
+                )
+            elif (
+                cache is None
+                and terms is not None
+                and (terms.causal or terms.other)
+                and _blockable(terms)
+            ):  # query blocks
                 raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-                context = _by_length(graph, _Source.of(graph, core, projections, add), terms, raw, add, scope, self.max_len)
+                context = _by_length(
+                    graph,
+                    _Source.of(graph, core, projections, add),
+                    terms,
+                    raw,
+                    add,
+                    scope,
+                    self.max_len,
+                )
                 if core.zeroes_dead_rows and raw is not None and not terms.other:
-                    context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, add), add)
-            elif cache is None and terms is not None and terms.key_only:  # flash, each entry's keys cut after the last visible
+                    context = zero_dead_context(
+                        graph, core, context, dead_causal_rows(graph, raw, add), add
+                    )
+            elif (
+                cache is None and terms is not None and terms.key_only
+            ):  # flash, each entry's keys cut after the last visible
                 raw = summed(terms.keys, add, "key_bias_terms")
-                context = _padding(graph, _Source.of(graph, core, projections, add), raw, add, scope, self.max_len)
+                context = _padding(
+                    graph, _Source.of(graph, core, projections, add), raw, add, scope, self.max_len
+                )
                 if core.zeroes_dead_rows:
-                    context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
-            elif cache is None and core.mask is None and projections is not None:  # Attention where short, flash where long
+                    context = zero_dead_context(
+                        graph, core, context, dead_rows(graph, raw, add), add
+                    )
+            elif (
+                cache is None and core.mask is None and projections is not None
+            ):  # Attention where short, flash where long
                 source = _Source.of(graph, core, projections, add)
-                context = _switch(graph, source, add, scope, ATTENTION_UNTIL,
-                                  lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
-                                  lambda emit, name: source.one_op(emit, None), self.max_len)
-            elif terms is not None and terms.past is not None and not terms.causal and not terms.other:
+                context = _switch(
+                    graph,
+                    source,
+                    add,
+                    scope,
+                    ATTENTION_UNTIL,
+                    lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
+                    lambda emit, name: source.one_op(emit, None),
+                    self.max_len,
+                )
+            elif (
+                terms is not None
+                and terms.past is not None
+                and not terms.causal
+                and not terms.other
+            ):
                 context, present = _prefill_or_step(graph, core, terms, add, scope, self.max_len)
             else:
                 context, present = _one_op(graph, core, add)
             if core.layout == "BNSH":
-                split = new_initializer(graph, "attention/heads_shape",
-                                        np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
-                context = add("Transpose", [add("Reshape", [context, split], "context_bsnh")], "context_bnsh",
-                              {"perm": [0, 2, 1, 3]})
+                split = new_initializer(
+                    graph,
+                    "attention/heads_shape",
+                    np.asarray([0, 0, core.num_heads, core.head_dim], np.int64),
+                )
+                context = add(
+                    "Transpose",
+                    [add("Reshape", [context, split], "context_bsnh")],
+                    "context_bnsh",
+                    {"perm": [0, 2, 1, 3]},
+                )
             context = as_output(graph, core, context, add)
             replace_core(graph, core, new, context, present=present if cache is not None else None)
         return bool(cores)
@@ -115,7 +207,9 @@ class _Source:
     values: tuple[ir.Value, ir.Value, ir.Value] | None = None
     weight: ir.Value | None = None
     bias: ir.Value | None = None
-    columns: list[tuple[ir.Value, ir.Value]] = dataclasses.field(default_factory=list)  # q's, k's, v's [start, end)
+    columns: list[tuple[ir.Value, ir.Value]] = dataclasses.field(
+        default_factory=list
+    )  # q's, k's, v's [start, end)
     last_axis: ir.Value | None = None
 
     @classmethod
@@ -125,12 +219,19 @@ class _Source:
             return cls(core, values[0], values)
         x = projections.x
         reroute_shapes(graph, projections)
-        view = dataclasses.replace(core, layout="BSD", q=x, k=x, v=x)  # self-attention: L = S, both on axis 1
+        view = dataclasses.replace(
+            core, layout="BSD", q=x, k=x, v=x
+        )  # self-attention: L = S, both on axis 1
         weight = new_initializer(graph, "attention/qkv_weight", projections.weight)
         bias = new_initializer(graph, "attention/qkv_bias", projections.bias)
         bounds = np.cumsum([0, *projections.sizes])
-        columns = [(new_initializer(graph, "attention/qkv_from", np.asarray([bounds[i]], np.int64)),
-                    new_initializer(graph, "attention/qkv_to", np.asarray([bounds[i + 1]], np.int64))) for i in range(3)]
+        columns = [
+            (
+                new_initializer(graph, "attention/qkv_from", np.asarray([bounds[i]], np.int64)),
+                new_initializer(graph, "attention/qkv_to", np.asarray([bounds[i + 1]], np.int64)),
+            )
+            for i in range(3)
+        ]
         last = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
         return cls(view, x, None, weight, bias, columns, last)
 
@@ -143,14 +244,26 @@ class _Source:
         for name, (start, end) in zip("qkv", self.columns):
             w = emit("Slice", [self.weight, start, end, last], f"{name}_proj/weight")
             b = emit("Slice", [self.bias, start, end, last], f"{name}_proj/bias")
-            out.append(emit("Add", [emit("MatMul", [self.length, w], f"{name}_proj/MatMul"), b], f"{name}_proj/Add"))
+            out.append(
+                emit(
+                    "Add",
+                    [emit("MatMul", [self.length, w], f"{name}_proj/MatMul"), b],
+                    f"{name}_proj/Add",
+                )
+            )
         return tuple(out)
 
     def one_op(self, emit, bias: ir.Value | None) -> ir.Value:
         if self.values is not None:
             return _emit_mha(emit, *self.values, bias, self.core)
-        return emit("Attention", [self.length, self.weight, self.bias] + ([None, None, bias] if bias is not None else []),
-                    "Attention", {"num_heads": self.core.num_heads, "scale": self.core.scale}, MS_DOMAIN)
+        return emit(
+            "Attention",
+            [self.length, self.weight, self.bias]
+            + ([None, None, bias] if bias is not None else []),
+            "Attention",
+            {"num_heads": self.core.num_heads, "scale": self.core.scale},
+            MS_DOMAIN,
+        )
 
 
 def _blockable(terms: MaskTerms) -> bool:
@@ -158,8 +271,15 @@ def _blockable(terms: MaskTerms) -> bool:
     return all(t.shape is not None and len(t.shape) >= 2 for t in terms.other)
 
 
-def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add, scope: str,
-               max_len: int | None) -> ir.Value:
+def _by_length(
+    graph: ir.Graph,
+    source: _Source,
+    terms: MaskTerms,
+    raw: ir.Value | None,
+    add,
+    scope: str,
+    max_len: int | None,
+) -> ir.Value:
     """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
     blocks from length CAUSAL_FROM on (CHUNKS_FROM for GroupQueryAttention's chunks, which pay
     sooner), with flash attention left of the diagonal (causal_blocks);
@@ -183,9 +303,17 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
 
         def padded(inner, inner_name: str) -> ir.Value:
-            key_bias = summed(first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []), inner, "key_bias")
+            key_bias = summed(
+                first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []),
+                inner,
+                "key_bias",
+            )
             context = padded_rows(graph, core, source.inputs(inner), key_bias, inner, inner_name)
-            return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner) if zero_dead else context
+            return (
+                zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner)
+                if zero_dead
+                else context
+            )
 
         return _if(rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
 
@@ -193,28 +321,44 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
         parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
         summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-        bias = full_bias(graph, core, emit, summed_bias, source.length) if terms.other else summed_bias
+        bias = (
+            full_bias(graph, core, emit, summed_bias, source.length) if terms.other else summed_bias
+        )
         context = source.one_op(emit, bias)
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
-        return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit) if zero_dead else context
+        return (
+            zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit)
+            if zero_dead
+            else context
+        )
 
     def causal_inside_or_blocks(emit, name: str) -> ir.Value:
         """A Hugging Face mask (causal And padding): its causal part as causal blocks where the
         queries are the keys (L = S, as in every self-attention without a cache)."""
         q, _, v = source.inputs(emit)
         axis = 1 if core.layout == "BSD" else 2
-        square = emit("Equal", [emit("Shape", [q], "query_len", {"start": 1, "end": 2}),
-                                emit("Shape", [v], "key_len", {"start": axis, "end": axis + 1})], "square")
+        square = emit(
+            "Equal",
+            [
+                emit("Shape", [q], "query_len", {"start": 1, "end": 2}),
+                emit("Shape", [v], "key_len", {"start": axis, "end": axis + 1}),
+            ],
+            "square",
+        )
         inside = terms.causal_inside
 
         def with_padding(inner, inner_name: str) -> ir.Value:
-            return causal_inside_blocks(graph, core, source.inputs(inner), inside, inner, inner_name)
+            return causal_inside_blocks(
+                graph, core, source.inputs(inner), inside, inner, inner_name
+            )
 
         def causal_parts(inner, inner_name: str) -> ir.Value:
             """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
             if not inside.rest or not chunkable(core, None):
                 return with_padding(inner, inner_name)
-            return _if(nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding)
+            return _if(
+                nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding
+            )
 
         return _if(square, name, emit, causal_parts, padding_or_blocks)
 
@@ -222,11 +366,24 @@ def _by_length(graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value
         start = CHUNKS_FROM if chunkable(core, raw) else CAUSAL_FROM
         return _switch(graph, source, add, scope, start, blocks, one_op, max_len)
     if terms.causal_inside is not None:
-        return _switch(graph, source, add, scope, CAUSAL_FROM, causal_inside_or_blocks, one_op, max_len)
-    return _switch(graph, source, add, scope, BLOCKS_FROM, blocks if terms.causal else padding_or_blocks, one_op, max_len)
+        return _switch(
+            graph, source, add, scope, CAUSAL_FROM, causal_inside_or_blocks, one_op, max_len
+        )
+    return _switch(
+        graph,
+        source,
+        add,
+        scope,
+        BLOCKS_FROM,
+        blocks if terms.causal else padding_or_blocks,
+        one_op,
+        max_len,
+    )
 
 
-def _padding(graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, max_len: int | None) -> ir.Value:
+def _padding(
+    graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, max_len: int | None
+) -> ir.Value:
     """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
     on one batch entry at a time with its trailing padding cut, on the op's flash path (padded_rows);
     below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
@@ -237,28 +394,53 @@ def _padding(graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, m
     def one_op(emit, name: str) -> ir.Value:
         return source.one_op(emit, full_bias(graph, core, emit, raw, source.length))
 
-    return _switch(graph, source, add, scope, ROWS_FROM,
-                   lambda emit, name: padded_rows(graph, core, source.inputs(emit), raw, emit, name), one_op, max_len)
+    return _switch(
+        graph,
+        source,
+        add,
+        scope,
+        ROWS_FROM,
+        lambda emit, name: padded_rows(graph, core, source.inputs(emit), raw, emit, name),
+        one_op,
+        max_len,
+    )
 
 
-def _causal(graph: ir.Graph, core: Core, inputs_of, raw: ir.Value | None, emit, name: str) -> ir.Value:
+def _causal(
+    graph: ir.Graph, core: Core, inputs_of, raw: ir.Value | None, emit, name: str
+) -> ir.Value:
     """Causal self-attention (N, L, E) in blocks, with the key bias ``raw`` if any; ``inputs_of(emit)``
     gives q, k, v (op_inputs' form). A key bias that is 0 everywhere at run time (padding that hides
     no key) takes the form of a causal mask alone, GroupQueryAttention's chunks, where they apply."""
 
     def build(op, op_name: str, bias: ir.Value | None) -> ir.Value:
-        return causal_blocks(graph, core, *bsd_inputs(graph, core, inputs_of(op), op, bias, True), op, op_name)
+        return causal_blocks(
+            graph, core, *bsd_inputs(graph, core, inputs_of(op), op, bias, True), op, op_name
+        )
 
     if raw is None:
         return build(emit, name, None)
     if not chunkable(core, None):
         return build(emit, name, floored(graph, raw, emit))
-    return _if(no_key_bias(graph, raw, emit), name, emit, lambda op, n: build(op, n, None),
-               lambda op, n: build(op, n, floored(graph, raw, op)))
+    return _if(
+        no_key_bias(graph, raw, emit),
+        name,
+        emit,
+        lambda op, n: build(op, n, None),
+        lambda op, n: build(op, n, floored(graph, raw, op)),
+    )
 
 
-def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, long, short,
-            max_len: int | None) -> ir.Value:
+def _switch(
+    graph: ir.Graph,
+    source: _Source,
+    add,
+    scope: str,
+    threshold: int,
+    long,
+    short,
+    max_len: int | None,
+) -> ir.Value:
     """If(query length >= threshold, long, short), each built by ``fn(emit, scope)`` -> context (N, L, E);
     where the graph fixes the length, or declares a largest one (--max-len) below the threshold, the
     one that applies, with no If (it costs ONNX Runtime a few percent: docs/BENCHMARKS.md, "Masks").
@@ -270,12 +452,19 @@ def _switch(graph: ir.Graph, source: _Source, add, scope: str, threshold: int, l
         return (long if fixed >= threshold else short)(add, scope)
     core = source.core
     values = core.v.shape
-    keys = values[1 if core.layout == "BSD" else 2] if values is not None and len(values) > 2 else None
-    if (max_len is not None and max_len < threshold) or (isinstance(keys, int) and keys < threshold):
+    keys = (
+        values[1 if core.layout == "BSD" else 2] if values is not None and len(values) > 2 else None
+    )
+    if (max_len is not None and max_len < threshold) or (
+        isinstance(keys, int) and keys < threshold
+    ):
         return short(add, scope)
     length = add("Shape", [source.length], "query_length", {"start": 1, "end": 2})
-    long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
-                     "long_input")
+    long_input = add(
+        "GreaterOrEqual",
+        [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
+        "long_input",
+    )
     return _if(long_input, scope, add, long, short)
 
 
@@ -288,11 +477,21 @@ def _if(condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1)
         results = build(emitter(nodes, f"{scope}/{name}"), f"{scope}/{name}")
         results = list(results) if outputs > 1 else [results]
         for i, value in enumerate(results):
-            if value.producer() is None or value.producer() not in nodes:  # a branch's output is a value it makes
-                results[i] = value = emitter(nodes, f"{scope}/{name}")("Identity", [value], f"output_{i}")
+            if (
+                value.producer() is None or value.producer() not in nodes
+            ):  # a branch's output is a value it makes
+                results[i] = value = emitter(nodes, f"{scope}/{name}")(
+                    "Identity", [value], f"output_{i}"
+                )
             value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
         branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
-    return add("If", [condition], "If", {"then_branch": branches[0], "else_branch": branches[1]}, outputs=outputs)
+    return add(
+        "If",
+        [condition],
+        "If",
+        {"then_branch": branches[0], "else_branch": branches[1]},
+        outputs=outputs,
+    )
 
 
 def _causal_alone(core: Core) -> bool:
@@ -305,10 +504,17 @@ def _causal_alone(core: Core) -> bool:
     return terms.causal and not terms.keys and not terms.other and terms.past is None
 
 
-def _emit_mha(emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core) -> ir.Value:
+def _emit_mha(
+    emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core
+) -> ir.Value:
     """MultiHeadAttention(q, k, v, attention_bias=bias) with the core's heads and scale: its output."""
-    return emit("MultiHeadAttention", [q, k, v, None, None, bias] if bias is not None else [q, k, v], "MultiHeadAttention",
-                {"num_heads": core.num_heads, "scale": core.scale}, MS_DOMAIN)
+    return emit(
+        "MultiHeadAttention",
+        [q, k, v, None, None, bias] if bias is not None else [q, k, v],
+        "MultiHeadAttention",
+        {"num_heads": core.num_heads, "scale": core.scale},
+        MS_DOMAIN,
+    )
 
 
 def _one_op(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, tuple[ir.Value, ...] | None]:
@@ -321,20 +527,38 @@ def _one_op(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, tuple[ir.Value,
     bias = full_bias(graph, core, add, mask, q)
     keep = None
     if padding is not None:
-        keep = add("Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32})
-    attrs = {"num_heads": core.num_heads, "scale": core.scale, **({"mask_filter_value": _LOWEST} if keep is not None else {})}
-    inputs = [q, k, v, None, keep, bias] + ([cache.past_key, cache.past_value] if cache is not None else [])
-    outputs = add("MultiHeadAttention", inputs, "MultiHeadAttention", attrs, MS_DOMAIN, 3 if cache is not None else 1)
+        keep = add(
+            "Cast", [add("Not", [padding], "keep")], "key_padding_mask", {"to": ir.DataType.INT32}
+        )
+    attrs = {
+        "num_heads": core.num_heads,
+        "scale": core.scale,
+        **({"mask_filter_value": _LOWEST} if keep is not None else {}),
+    }
+    inputs = [q, k, v, None, keep, bias] + (
+        [cache.past_key, cache.past_value] if cache is not None else []
+    )
+    outputs = add(
+        "MultiHeadAttention",
+        inputs,
+        "MultiHeadAttention",
+        attrs,
+        MS_DOMAIN,
+        3 if cache is not None else 1,
+    )
     context, present = (outputs[0], outputs[1:]) if cache is not None else (outputs, None)
     if core.zeroes_dead_rows and keep is not None:
         context = _zero_fully_padded(graph, context, keep, add)
     elif core.zeroes_dead_rows:
-        context = zero_dead_context(graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add)
+        context = zero_dead_context(
+            graph, core, context, dead_rows(graph, rank4(mask) or bias or mask, add), add
+        )
     return context, present
 
 
-def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: str,
-                     max_len: int | None) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+def _prefill_or_step(
+    graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: str, max_len: int | None
+) -> tuple[ir.Value, tuple[ir.Value, ...]]:
     """A KV-cache core whose mask is the cache's causal mask (and any key padding): where the cache is
     empty and the prompt has at least CAUSAL_FROM tokens (CHUNKS_FROM where GroupQueryAttention's
     chunks take it) (a prefill), causal_blocks over this step's
@@ -349,14 +573,25 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
         return _one_op(graph, core, add)
     q, k, v = inputs = op_inputs(graph, core, add)
     raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-    heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64))
+    heads = new_initializer(
+        graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64)
+    )
 
     def prefill(emit, name: str) -> tuple[ir.Value, ...]:
         context = _causal(graph, core, lambda _: inputs, raw, emit, name)
         if core.zeroes_dead_rows and raw is not None:
-            context = zero_dead_context(graph, core, context, dead_causal_rows(graph, raw, emit), emit)
-        present = tuple(emit("Transpose", [emit("Reshape", [x, heads], f"present_{n}_heads")], f"present_{n}",
-                             {"perm": [0, 2, 1, 3]}) for x, n in ((k, "key"), (v, "value")))
+            context = zero_dead_context(
+                graph, core, context, dead_causal_rows(graph, raw, emit), emit
+            )
+        present = tuple(
+            emit(
+                "Transpose",
+                [emit("Reshape", [x, heads], f"present_{n}_heads")],
+                f"present_{n}",
+                {"perm": [0, 2, 1, 3]},
+            )
+            for x, n in ((k, "key"), (v, "value"))
+        )
         return (context, *present)
 
     def step(emit, name: str) -> tuple[ir.Value, ...]:
@@ -364,12 +599,29 @@ def _prefill_or_step(graph: ir.Graph, core: Core, terms: MaskTerms, add, scope: 
         return (context, *present)
 
     zero = new_initializer(graph, "attention/zero_i64", np.zeros((), np.int64))
-    empty = add("Equal", [add("Cast", [terms.past], "past_i64", {"to": ir.DataType.INT64}), zero], "cache_empty")
+    empty = add(
+        "Equal",
+        [add("Cast", [terms.past], "past_i64", {"to": ir.DataType.INT64}), zero],
+        "cache_empty",
+    )
     length = add("Shape", [q], "query_length", {"start": 1, "end": 2})
-    long_input = add("GreaterOrEqual", [length, new_initializer(graph, "attention/prefill_from",
-                                                                np.asarray([start], np.int64))], "long_input")
-    prefilling = add("And", [add("Unsqueeze", [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
-                                 "cache_empty_1"), long_input], "prefill")
+    long_input = add(
+        "GreaterOrEqual",
+        [length, new_initializer(graph, "attention/prefill_from", np.asarray([start], np.int64))],
+        "long_input",
+    )
+    prefilling = add(
+        "And",
+        [
+            add(
+                "Unsqueeze",
+                [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
+                "cache_empty_1",
+            ),
+            long_input,
+        ],
+        "prefill",
+    )
     context, *present = _if(prefilling, scope, add, prefill, step, outputs=3)
     return context, tuple(present)
 
@@ -383,13 +635,29 @@ def _bool_key_padding(core: Core) -> ir.Value | None:
         return None
     axes = constant(unsqueeze.inputs[1])
     where = unsqueeze.inputs[0].producer()
-    if axes is None or axes.tolist() != [1, 2] or where is None or where.op_type != "Where" or where.domain:
+    if (
+        axes is None
+        or axes.tolist() != [1, 2]
+        or where is None
+        or where.op_type != "Where"
+        or where.domain
+    ):
         return None
     fill, zero = constant(where.inputs[1]), constant(where.inputs[2])
     padding = where.inputs[0]
-    if fill is None or zero is None or fill.size != 1 or zero.size != 1 or not (np.isneginf(fill).all() and (zero == 0).all()):
+    if (
+        fill is None
+        or zero is None
+        or fill.size != 1
+        or zero.size != 1
+        or not (np.isneginf(fill).all() and (zero == 0).all())
+    ):
         return None
-    if not padding.is_graph_input() or padding.type is None or padding.type.dtype != ir.DataType.BOOL:
+    if (
+        not padding.is_graph_input()
+        or padding.type is None
+        or padding.type.dtype != ir.DataType.BOOL
+    ):
         return None
     return padding
 
@@ -397,8 +665,17 @@ def _bool_key_padding(core: Core) -> ir.Value | None:
 def _zero_fully_padded(graph: ir.Graph, context: ir.Value, keep: ir.Value, add) -> ir.Value:
     """Zero context (N, L, E) for batch entries whose every key is padding."""
     axis = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
-    none_kept = add("Equal", [add("ReduceMax", [keep, axis], "fully_masked/ReduceMax", {"keepdims": 1}),
-                              new_initializer(graph, "attention/zero_i32", np.zeros((), np.int32))], "fully_masked/Equal")
-    dead = add("Unsqueeze", [none_kept, new_initializer(graph, "attention/axis2", np.asarray([2], np.int64))],
-               "fully_masked/Unsqueeze")  # (N, 1, 1)
+    none_kept = add(
+        "Equal",
+        [
+            add("ReduceMax", [keep, axis], "fully_masked/ReduceMax", {"keepdims": 1}),
+            new_initializer(graph, "attention/zero_i32", np.zeros((), np.int32)),
+        ],
+        "fully_masked/Equal",
+    )
+    dead = add(
+        "Unsqueeze",
+        [none_kept, new_initializer(graph, "attention/axis2", np.asarray([2], np.int64))],
+        "fully_masked/Unsqueeze",
+    )  # (N, 1, 1)
     return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")

@@ -31,7 +31,7 @@ from compiler._ir import constant
 MS = "com.microsoft"
 
 
-def _gelu_erf(op, x):  # noqa: ANN001, ANN202: pattern functions take the rewriter's op builder
+def _gelu_erf(op, x):  # noqa: ANN001, ANN202 -- pattern functions take the rewriter's op builder
     return op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Div(x, math.sqrt(2.0))), 1.0))
 
 
@@ -66,49 +66,81 @@ def _skip_norm_no_bias(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
 
 
 def _skip_norm_kept_sum(op, x, skip, gamma, beta, epsilon):  # noqa: ANN001, ANN202
-    out, _, _, total = op.SkipLayerNormalization(x, skip, gamma, beta, epsilon=epsilon.value, _domain=MS, _outputs=4)
+    out, _, _, total = op.SkipLayerNormalization(
+        x, skip, gamma, beta, epsilon=epsilon.value, _domain=MS, _outputs=4
+    )
     return out, total
 
 
 def _skip_norm_no_bias_kept_sum(op, x, skip, gamma, epsilon):  # noqa: ANN001, ANN202
-    out, _, _, total = op.SkipLayerNormalization(x, skip, gamma, epsilon=epsilon.value, _domain=MS, _outputs=4)
+    out, _, _, total = op.SkipLayerNormalization(
+        x, skip, gamma, epsilon=epsilon.value, _domain=MS, _outputs=4
+    )
     return out, total
 
 
 def _rms_norm_reciprocal(op, x, two, axes, epsilon, scale):  # noqa: ANN001, ANN202
-    rms = op.Sqrt(op.Add(op.ReduceMean(op.Pow(x, two), axes, keepdims=1, noop_with_empty_axes=0), epsilon))
+    rms = op.Sqrt(
+        op.Add(op.ReduceMean(op.Pow(x, two), axes, keepdims=1, noop_with_empty_axes=0), epsilon)
+    )
     return op.Mul(op.Mul(x, op.Reciprocal(rms)), scale)
 
 
 def _rms_norm_div(op, x, two, axes, epsilon, scale):  # noqa: ANN001, ANN202
-    rms = op.Sqrt(op.Add(op.ReduceMean(op.Pow(x, two), axes, keepdims=1, noop_with_empty_axes=0), epsilon))
+    rms = op.Sqrt(
+        op.Add(op.ReduceMean(op.Pow(x, two), axes, keepdims=1, noop_with_empty_axes=0), epsilon)
+    )
     return op.Mul(op.Div(x, rms), scale)
 
 
 def _over_last_axis(context, two, axes, epsilon, **_) -> bool:  # noqa: ANN001
     """A mean square over the last axis plus a scalar epsilon: what SimplifiedLayerNormalization computes."""
     square, over, eps = constant(two), constant(axes), constant(epsilon)
-    return (square is not None and square.size == 1 and float(square.reshape(())) == 2.0
-            and over is not None and over.reshape(-1).tolist() == [-1] and eps is not None and eps.size == 1)
+    return (
+        square is not None
+        and square.size == 1
+        and float(square.reshape(())) == 2.0
+        and over is not None
+        and over.reshape(-1).tolist() == [-1]
+        and eps is not None
+        and eps.size == 1
+    )
 
 
 def _same_shape_3d(context, x, skip, gamma, **_) -> bool:  # noqa: ANN001
     """SkipLayerNormalization wants (batch, seq, hidden) input and skip and a 1-D gamma over hidden."""
     g = constant(gamma)
-    return (g is not None and g.ndim == 1 and x.shape is not None and skip.shape is not None
-            and len(x.shape) == 3 and len(skip.shape) == 3 and x.shape[-1] == skip.shape[-1] == g.shape[0])
+    return (
+        g is not None
+        and g.ndim == 1
+        and x.shape is not None
+        and skip.shape is not None
+        and len(x.shape) == 3
+        and len(skip.shape) == 3
+        and x.shape[-1] == skip.shape[-1] == g.shape[0]
+    )
 
 
 # ours for graphs/blocks.py's (x * 0.5) * (erf + 1); onnxscript's own for 0.5 * (x * (erf + 1)) and
 # x * (0.5 * (erf + 1)), the form torch's exporter writes
 _GELU = [pattern.RewriteRule(_gelu_erf, _gelu, name="GeluErf"), erfgelu.rule1, erfgelu.rule2]
-_RMS_NORM = [pattern.RewriteRule(_rms_norm_reciprocal, _rms_norm_div, _over_last_axis, name="RmsNormAsDiv")]
+_RMS_NORM = [
+    pattern.RewriteRule(_rms_norm_reciprocal, _rms_norm_div, _over_last_axis, name="RmsNormAsDiv")
+]
 _SKIP_NORM = [
     pattern.RewriteRule(_residual_norm_BSD, _skip_norm, _same_shape_3d, name="SkipLayerNorm"),
-    pattern.RewriteRule(_residual_norm_no_bias_BSD, _skip_norm_no_bias, _same_shape_3d, name="SkipLayerNormNoBias"),
-    pattern.RewriteRule(_residual_norm_kept_sum_BSD, _skip_norm_kept_sum, _same_shape_3d, name="SkipLayerNormSum"),
-    pattern.RewriteRule(_residual_norm_no_bias_kept_sum_BSD, _skip_norm_no_bias_kept_sum, _same_shape_3d,
-                        name="SkipLayerNormNoBiasSum"),
+    pattern.RewriteRule(
+        _residual_norm_no_bias_BSD, _skip_norm_no_bias, _same_shape_3d, name="SkipLayerNormNoBias"
+    ),
+    pattern.RewriteRule(
+        _residual_norm_kept_sum_BSD, _skip_norm_kept_sum, _same_shape_3d, name="SkipLayerNormSum"
+    ),
+    pattern.RewriteRule(
+        _residual_norm_no_bias_kept_sum_BSD,
+        _skip_norm_no_bias_kept_sum,
+        _same_shape_3d,
+        name="SkipLayerNormNoBiasSum",
+    ),
 ]
 
 
@@ -119,7 +151,9 @@ class FuseOrtNormGeluPass(ir.passes.InPlacePass):
 
     def __init__(self, skip_norm: bool = True) -> None:
         super().__init__()
-        self.rules = pattern.RewriteRuleSet([*_GELU, *_RMS_NORM, *(_SKIP_NORM if skip_norm else [])], commute=True)
+        self.rules = pattern.RewriteRuleSet(
+            [*_GELU, *_RMS_NORM, *(_SKIP_NORM if skip_norm else [])], commute=True
+        )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = self.rules.apply_to_model(model)
@@ -162,7 +196,10 @@ class ResidualSumPass(ir.passes.InPlacePass):
             model.graph.insert_before(add, total)
             add.outputs[0].replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
             total.outputs[0].name, total.outputs[0].type, total.outputs[0].shape = (
-                add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape)
+                add.outputs[0].name,
+                add.outputs[0].type,
+                add.outputs[0].shape,
+            )
             model.graph.remove(add, safe=True)
             count += 1
         return ir.passes.PassResult(model, bool(count))

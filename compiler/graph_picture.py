@@ -13,8 +13,16 @@ from compiler._ir import module_path
 # the fused core if there is one (an If: a masked core in query blocks, compiler/mask_forms.py), else its Softmax
 ANCHORS = ("MultiHeadAttention", "Attention", "If", "Softmax")
 NODE_HEIGHT, LAYER_GAP, NODE_GAP, CHAR_WIDTH, MARGIN = 30, 26, 14, 7.2, 12
-COLOURS = {"MultiHeadAttention": "#f4a259", "Attention": "#f4a259", "If": "#f4a259", "Softmax": "#8ecae6", "MatMul": "#d9d9d9",
-           "SkipLayerNormalization": "#b5e48c", "LayerNormalization": "#b5e48c", "Gelu": "#cdb4db"}
+COLOURS = {
+    "MultiHeadAttention": "#f4a259",
+    "Attention": "#f4a259",
+    "If": "#f4a259",
+    "Softmax": "#8ecae6",
+    "MatMul": "#d9d9d9",
+    "SkipLayerNormalization": "#b5e48c",
+    "LayerNormalization": "#b5e48c",
+    "Gelu": "#cdb4db",
+}
 
 
 def op_name(node: onnx.NodeProto) -> str:
@@ -76,14 +84,18 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
     boxes: list[tuple[str, str, str]] = []  # (label, tooltip, colour)
     edges: list[tuple[int, int]] = []
     index: dict[str, int] = {}  # value name -> box that produces it
-    for name in sorted({v for n in nodes for v in n.input if v in graph_inputs}, key=graph_inputs.index):
+    for name in sorted(
+        {v for n in nodes for v in n.input if v in graph_inputs}, key=graph_inputs.index
+    ):
         index[name] = len(boxes)
         boxes.append((name, "graph input", "#ffffff"))
     for n in nodes:
         me = len(boxes)
         module = module_path(n.name, {p.key: p.value for p in n.metadata_props})
         tip = (n.name or n.op_type) + (f" ({module})" if module else "")
-        boxes.append((_label(n).replace("com.microsoft.", "ms."), tip, COLOURS.get(n.op_type, "#f2f2f2")))
+        boxes.append(
+            (_label(n).replace("com.microsoft.", "ms."), tip, COLOURS.get(n.op_type, "#f2f2f2"))
+        )
         edges += [(index[v], me) for v in n.input if v in index]
         index.update({v: me for v in n.output if v})
     for n in nodes:
@@ -101,7 +113,9 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
     centre: dict[int, float] = {}
     parents = {b: [a for a, c in edges if c == b] for b in range(len(boxes))}
     for row in rows:  # order each row under its parents, then pack it
-        row.sort(key=lambda i: sum(centre[p] for p in parents[i]) / len(parents[i]) if parents[i] else -1)
+        row.sort(
+            key=lambda i: sum(centre[p] for p in parents[i]) / len(parents[i]) if parents[i] else -1
+        )
         x = 0.0
         for i in row:
             centre[i] = x + width[i] / 2
@@ -112,20 +126,29 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
         for i in row:
             centre[i] += MARGIN + (total - w) / 2
     top = [MARGIN + layer[i] * (NODE_HEIGHT + LAYER_GAP) for i in range(len(boxes))]
-    svg_w, svg_h = total + 2 * MARGIN, MARGIN * 2 + len(rows) * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_w:.0f}" height="{svg_h:.0f}" '
-           f'viewBox="0 0 {svg_w:.0f} {svg_h:.0f}" font-family="monospace" font-size="12">',
-           '<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" '
-           'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>']
+    svg_w, svg_h = (
+        total + 2 * MARGIN,
+        MARGIN * 2 + len(rows) * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP,
+    )
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_w:.0f}" height="{svg_h:.0f}" '
+        f'viewBox="0 0 {svg_w:.0f} {svg_h:.0f}" font-family="monospace" font-size="12">',
+        '<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" '
+        'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>',
+    ]
     for a, b in edges:
-        out.append(f'<line x1="{centre[a]:.1f}" y1="{top[a] + NODE_HEIGHT}" x2="{centre[b]:.1f}" y2="{top[b]}" '
-                   'stroke="#555" marker-end="url(#arrow)"/>')
+        out.append(
+            f'<line x1="{centre[a]:.1f}" y1="{top[a] + NODE_HEIGHT}" x2="{centre[b]:.1f}" y2="{top[b]}" '
+            'stroke="#555" marker-end="url(#arrow)"/>'
+        )
     for i, (label, tip, colour) in enumerate(boxes):
         x = centre[i] - width[i] / 2
         radius = NODE_HEIGHT / 2 if tip.startswith("graph ") else 4
-        out.append(f'<g><title>{html.escape(tip)}</title><rect x="{x:.1f}" y="{top[i]}" width="{width[i]:.1f}" '
-                   f'height="{NODE_HEIGHT}" rx="{radius}" fill="{colour}" stroke="#333"/>'
-                   f'<text x="{centre[i]:.1f}" y="{top[i] + NODE_HEIGHT / 2 + 4}" text-anchor="middle">'
-                   f'{html.escape(label)}</text></g>')
+        out.append(
+            f'<g><title>{html.escape(tip)}</title><rect x="{x:.1f}" y="{top[i]}" width="{width[i]:.1f}" '
+            f'height="{NODE_HEIGHT}" rx="{radius}" fill="{colour}" stroke="#333"/>'
+            f'<text x="{centre[i]:.1f}" y="{top[i] + NODE_HEIGHT / 2 + 4}" text-anchor="middle">'
+            f"{html.escape(label)}</text></g>"
+        )
     out.append("</svg>")
     return "\n".join(out)

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from compiler._ir import model_graphs
 from compiler.attention_core import dead_rows, emitter, find_cores, unique_scope, zero_dead_weights
 
+
 class GuardAfterContextPass(ir.passes.InPlacePass):
     """Where(IsInf(ReduceMax(scores)), 0, Softmax(scores)) @ V  ->  Where(dead, 0, Softmax(scores) @ V),
     with ``dead`` read from the mask alone ((N|1, H|1, L, 1), so it costs one pass over the mask,
@@ -16,7 +17,9 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        moved = [self._move(graph) for graph in model_graphs(model)]  # If branches and Loop bodies too
+        moved = [
+            self._move(graph) for graph in model_graphs(model)
+        ]  # If branches and Loop bodies too
         return ir.passes.PassResult(model, any(moved))
 
     @staticmethod
@@ -28,14 +31,18 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
             scope = unique_scope(graph)
             add = emitter(new, scope)
             dead = dead_rows(graph, core.mask, add)
-            kept = add("Where", [dead, where.inputs[1], context_mm.outputs[0]], "fully_masked/context")
+            kept = add(
+                "Where", [dead, where.inputs[1], context_mm.outputs[0]], "fully_masked/context"
+            )
             graph.insert_after(context_mm, new)
             context_mm.outputs[0].replace_all_uses_with(kept)
             new[-1].replace_input_with(2, context_mm.outputs[0])
             probs = where.outputs[0]
             if core.weights is not None:
                 weights_nodes: list[ir.Node] = []
-                weights = zero_dead_weights(graph, softmax.outputs[0], dead, emitter(weights_nodes, scope))
+                weights = zero_dead_weights(
+                    graph, softmax.outputs[0], dead, emitter(weights_nodes, scope)
+                )
                 graph.insert_after(softmax, weights_nodes)
                 probs.replace_all_uses_with(weights)
             context_mm.replace_input_with(0, softmax.outputs[0])

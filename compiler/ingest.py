@@ -48,15 +48,22 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise IngestError(f"'{path}' is not a readable ONNX graph: {first_line(cause)[:200]}") from exc
+        raise IngestError(
+            f"'{path}' is not a readable ONNX graph: {first_line(cause)[:200]}"
+        ) from exc
     initializers = {t.name for t in model.graph.initializer}
     if not [i for i in model.graph.input if i.name not in initializers]:
-        raise IngestError(f"'{path}' has no inputs: it computes a constant, so there is nothing to compile or check")
+        raise IngestError(
+            f"'{path}' has no inputs: it computes a constant, so there is nothing to compile or check"
+        )
     return model
 
 
-_SUB_BYTE_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
-                  getattr(onnx.TensorProto, "FLOAT4E2M1", -1): 4}
+_SUB_BYTE_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    getattr(onnx.TensorProto, "FLOAT4E2M1", -1): 4,
+}
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
@@ -68,7 +75,9 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return None
-    return None if itemsize == 0 or tensor.data_type == onnx.TensorProto.STRING else count * itemsize
+    return (
+        None if itemsize == 0 or tensor.data_type == onnx.TensorProto.STRING else count * itemsize
+    )
 
 
 def _dtype_name(data_type: int) -> str:
@@ -83,8 +92,10 @@ def _check_external(path: Path, folder: Path, tensor: onnx.TensorProto) -> None:
     location = entries.get("location", "")
 
     def refuse(why: str) -> IngestError:
-        return IngestError(f"initializer '{tensor.name[:80]}' of '{path}' points at external data {location[:80]!r}, "
-                           f"{why}")
+        return IngestError(
+            f"initializer '{tensor.name[:80]}' of '{path}' points at external data {location[:80]!r}, "
+            f"{why}"
+        )
 
     if not isinstance(location, str) or not location or "\0" in location:
         raise refuse("which is not a file name (empty, not UTF-8, or holding a NUL byte)")
@@ -93,8 +104,10 @@ def _check_external(path: Path, folder: Path, tensor: onnx.TensorProto) -> None:
         raise refuse("which is not a file inside the model's folder")
     info = target.stat()
     if info.st_nlink > 1:
-        raise refuse(f"a file with {info.st_nlink} hard links; a hard link may reach a file outside the folder, so "
-                     "copy the data into the folder")
+        raise refuse(
+            f"a file with {info.st_nlink} hard links; a hard link may reach a file outside the folder, so "
+            "copy the data into the folder"
+        )
     try:
         offset = int(entries.get("offset", "0"))
         length = int(entries["length"]) if "length" in entries else info.st_size - offset
@@ -102,11 +115,17 @@ def _check_external(path: Path, folder: Path, tensor: onnx.TensorProto) -> None:
         raise refuse("with an offset or length that is not a number") from None
     needed = _tensor_bytes(tensor)
     if needed is None:
-        raise refuse(f"but its dtype ({_dtype_name(tensor.data_type)}) has no fixed size to store there")
+        raise refuse(
+            f"but its dtype ({_dtype_name(tensor.data_type)}) has no fixed size to store there"
+        )
     if offset < 0 or length < 0 or offset + length > info.st_size:
-        raise refuse(f"declaring bytes {offset} to {offset + length}, past the end of its {info.st_size}-byte file")
+        raise refuse(
+            f"declaring bytes {offset} to {offset + length}, past the end of its {info.st_size}-byte file"
+        )
     if length != needed:
-        raise refuse(f"declaring {length} bytes where its dtype and dims {list(tensor.dims)} need {needed}")
+        raise refuse(
+            f"declaring {length} bytes where its dtype and dims {list(tensor.dims)} need {needed}"
+        )
 
 
 def _tensors(graph: onnx.GraphProto):
@@ -125,7 +144,9 @@ class Finding:
     fused: bool
     detail: str
     attention: bool = True  # False: this Softmax is no attention core
-    layer: str = ""  # the module it came from, where the exporter said: "encoder.layer.0.attention.self"
+    layer: str = (
+        ""  # the module it came from, where the exporter said: "encoder.layer.0.attention.self"
+    )
 
     def __str__(self) -> str:
         where = f" ({self.layer})" if self.layer else ""
@@ -136,22 +157,41 @@ def layer_of(node: ir.Node) -> str:
     return module_path(node.name or "", node.metadata_props)
 
 
-def fusion_findings(before: onnx.ModelProto, after: onnx.ModelProto, form: Form, fused_form: str) -> list[Finding]:
+def fusion_findings(
+    before: onnx.ModelProto, after: onnx.ModelProto, form: Form, fused_form: str
+) -> list[Finding]:
     """One finding per Softmax of ``before``: fused into what, or why it was left alone. A Softmax
     counts as fused when ``after`` no longer computes its output."""
     model = ir.serde.deserialize_model(before)
     InlinePass()(model)  # as the targets' passes do: their cores may sit in model-local functions
     ShapeInferencePass()(model)
-    remaining = {out for node in every_node(after.graph) if node.op_type == "Softmax" for out in node.output}
+    remaining = {
+        out for node in every_node(after.graph) if node.op_type == "Softmax" for out in node.output
+    }
     findings = []
     for node, found in (pair for graph in nested_graphs(model.graph) for pair in survey(graph)):
         name, layer = node.outputs[0].name, layer_of(node)
         if name not in remaining:
             findings.append(Finding(name, True, f"into {fused_form}", layer=layer))
         elif not isinstance(found, Core):
-            findings.append(Finding(name, False, f"not an attention core: {found}", attention=False, layer=layer))
+            findings.append(
+                Finding(
+                    name, False, f"not an attention core: {found}", attention=False, layer=layer
+                )
+            )
         elif form.fusion is None:
-            findings.append(Finding(name, False, f"the {form.name} form keeps MatMul-Softmax-MatMul", layer=layer))
+            findings.append(
+                Finding(
+                    name, False, f"the {form.name} form keeps MatMul-Softmax-MatMul", layer=layer
+                )
+            )
         else:
-            findings.append(Finding(name, False, form.fusion.refuse(found) or "the fusion did not apply", layer=layer))
+            findings.append(
+                Finding(
+                    name,
+                    False,
+                    form.fusion.refuse(found) or "the fusion did not apply",
+                    layer=layer,
+                )
+            )
     return findings

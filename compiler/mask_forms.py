@@ -22,14 +22,20 @@ from compiler._ir import constant, new_initializer, uniform
 from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
 
 MS_DOMAIN = "com.microsoft"
-KEY_BIAS_FLOOR = -1e30  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
+KEY_BIAS_FLOOR = (
+    -1e30
+)  # masked keys' bias, finite: a block of -inf scores would make a flash block's running max NaN
 CAUSAL_BLOCK = 512  # queries per block (docs/BENCHMARKS.md, "Masks")
 CHUNK_BLOCK = 1024  # queries per GroupQueryAttention call of the causal chunks
 CAUSAL_FROM = 2048  # the shortest query length whose causal mask goes in blocks
-CHUNKS_FROM = 1536  # the same for a causal mask alone where GroupQueryAttention's chunks take it (chunkable)
+CHUNKS_FROM = (
+    1536  # the same for a causal mask alone where GroupQueryAttention's chunks take it (chunkable)
+)
 ROWS_FROM = 1024  # the shortest query length whose padding is cut per batch entry
 BLOCKS_FROM = 2048  # the shortest query length whose other masks go in query blocks (for memory)
-ATTENTION_UNTIL = 384  # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
+ATTENTION_UNTIL = (
+    384  # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
+)
 
 
 @dataclass
@@ -70,9 +76,18 @@ def mask_terms(core: Core) -> MaskTerms:
             pending += list(add.inputs)
         elif _is_self_causal(term) and not terms.causal:
             terms.causal = True
-        elif core.cache is not None and terms.past is None and (past := _causal_after(term)) is not None:
+        elif (
+            core.cache is not None
+            and terms.past is None
+            and (past := _causal_after(term)) is not None
+        ):
             terms.past = past
-        elif term.shape is not None and len(term.shape) == 4 and term.shape[2] == 1 and term.shape[3] != 1:
+        elif (
+            term.shape is not None
+            and len(term.shape) == 4
+            and term.shape[2] == 1
+            and term.shape[3] != 1
+        ):
             terms.keys.append(term)
         else:
             terms.other.append(term)
@@ -86,9 +101,16 @@ def causal_inside(term: ir.Value) -> CausalInside | None:
     (``kv <= q`` with kv = Range(0, S) on the last axis and q = Range(0, L) on axis 2 of four) and
     other operands; constant-true operands drop out. None for any other mask."""
     where = producer_of(term, "Where")
-    if where is None or term.shape is None or len(term.shape) != 4 or not _is_scalar(where.inputs[1], 0.0):
+    if (
+        where is None
+        or term.shape is None
+        or len(term.shape) != 4
+        or not _is_scalar(where.inputs[1], 0.0)
+    ):
         return None
-    lowest = constant(where.inputs[2])  # low enough that a score added to it is lost: every hidden key alike
+    lowest = constant(
+        where.inputs[2]
+    )  # low enough that a score added to it is lost: every hidden key alike
     if lowest is None or lowest.size != 1 or not float(lowest.reshape(())) <= -1e30:
         return None
     operands, pending, causal = [], [where.inputs[0]], False
@@ -133,7 +155,11 @@ def _range_axis(value: ir.Value, depth: int = 6) -> tuple[int, int] | None:
         return (0, 1) if _is_scalar(node.inputs[0], 0) and _is_scalar(node.inputs[2], 1) else None
     if node.op_type == "Cast":
         return _range_axis(node.inputs[0], depth - 1)
-    if node.op_type != "Unsqueeze" or len(node.inputs) < 2 or (axes := constant(node.inputs[1])) is None:
+    if (
+        node.op_type != "Unsqueeze"
+        or len(node.inputs) < 2
+        or (axes := constant(node.inputs[1])) is None
+    ):
         return None
     inner = _range_axis(node.inputs[0], depth - 1)
     if inner is None:
@@ -141,7 +167,9 @@ def _range_axis(value: ir.Value, depth: int = 6) -> tuple[int, int] | None:
     axis, rank = inner
     rank += axes.size
     inserted = sorted(int(a) % rank for a in axes.reshape(-1))
-    for a in inserted:  # positions in the output: each inserted axis at or before the range's shifts it
+    for (
+        a
+    ) in inserted:  # positions in the output: each inserted axis at or before the range's shifts it
         if a <= axis:
             axis += 1
     return axis, rank
@@ -152,11 +180,18 @@ def _is_self_causal(term: ir.Value) -> bool:
     axis 1, one n (graphs/mha.py's causal mask of a self-attention): key j is hidden from query i > j."""
     where = producer_of(term, "Where")
     greater = producer_of(where.inputs[0], "Greater") if where is not None else None
-    if greater is None or not _is_scalar(where.inputs[1], -np.inf) or not _is_scalar(where.inputs[2], 0.0):
+    if (
+        greater is None
+        or not _is_scalar(where.inputs[1], -np.inf)
+        or not _is_scalar(where.inputs[2], 0.0)
+    ):
         return False
     cols, rows = (_unsqueezed_range(x, axis) for x, axis in zip(greater.inputs, (0, 1)))
-    return cols is not None and rows is not None and (cols is rows or (cols.inputs[1] is rows.inputs[1] and
-                                                                        _is_scalar(rows.inputs[0], 0)))
+    return (
+        cols is not None
+        and rows is not None
+        and (cols is rows or (cols.inputs[1] is rows.inputs[1] and _is_scalar(rows.inputs[0], 0)))
+    )
 
 
 def _causal_after(term: ir.Value) -> ir.Value | None:
@@ -165,11 +200,20 @@ def _causal_after(term: ir.Value) -> ir.Value | None:
     sees keys 0..p + i. Where p is 0 at run time, that is a self-attention's causal mask."""
     where = producer_of(term, "Where")
     greater = producer_of(where.inputs[0], "Greater") if where is not None else None
-    if greater is None or not _is_scalar(where.inputs[1], -np.inf) or not _is_scalar(where.inputs[2], 0.0):
+    if (
+        greater is None
+        or not _is_scalar(where.inputs[1], -np.inf)
+        or not _is_scalar(where.inputs[2], 0.0)
+    ):
         return None
     cols = _unsqueezed_range(greater.inputs[0], 0)
     rows = _unsqueezed_range(greater.inputs[1], 1, any_start=True)
-    if cols is None or rows is None or cols.inputs[1] is not rows.inputs[1] or _is_scalar(rows.inputs[0], 0):
+    if (
+        cols is None
+        or rows is None
+        or cols.inputs[1] is not rows.inputs[1]
+        or _is_scalar(rows.inputs[0], 0)
+    ):
         return None
     return rows.inputs[0]
 
@@ -177,11 +221,19 @@ def _causal_after(term: ir.Value) -> ir.Value | None:
 def _unsqueezed_range(value: ir.Value, axis: int, any_start: bool = False) -> ir.Node | None:
     """Range(0, n, 1) (or Range(p, n, 1) with ``any_start``) for value = Unsqueeze(it, [axis])."""
     unsqueeze = producer_of(value, "Unsqueeze")
-    axes = constant(unsqueeze.inputs[1]) if unsqueeze is not None and len(unsqueeze.inputs) > 1 else None
+    axes = (
+        constant(unsqueeze.inputs[1])
+        if unsqueeze is not None and len(unsqueeze.inputs) > 1
+        else None
+    )
     if axes is None or axes.tolist() != [axis]:
         return None
     range_ = producer_of(unsqueeze.inputs[0], "Range")
-    if range_ is None or not (any_start or _is_scalar(range_.inputs[0], 0)) or not _is_scalar(range_.inputs[2], 1):
+    if (
+        range_ is None
+        or not (any_start or _is_scalar(range_.inputs[0], 0))
+        or not _is_scalar(range_.inputs[2], 1)
+    ):
         return None
     return range_
 
@@ -212,12 +264,22 @@ def op_inputs(graph: ir.Graph, core: Core, add: Emit) -> tuple[ir.Value, ir.Valu
     if core.layout == "BSD":
         return core.q, core.k, core.v
     merge = _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim])
-    q = add("Reshape", [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge], "query_bsd")
+    q = add(
+        "Reshape",
+        [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge],
+        "query_bsd",
+    )
     return q, keys_bnsh(core, add), core.v
 
 
-def bsd_inputs(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], add: Emit,
-               bias: ir.Value | None, scaled: bool) -> tuple[ir.Value, ir.Value, ir.Value, int]:
+def bsd_inputs(
+    graph: ir.Graph,
+    core: Core,
+    inputs: tuple[ir.Value, ir.Value, ir.Value],
+    add: Emit,
+    bias: ir.Value | None,
+    scaled: bool,
+) -> tuple[ir.Value, ir.Value, ir.Value, int]:
     """q, k, v as (N, L, H*dq), (N, S, H*dq), (N, S, H*hd), and dq, from op_inputs' ``inputs``.
     ``scaled``: q times the core's scale, for an op that runs with scale 1. With a key bias
     (N|1, H|1, 1, S), each query head gets one more entry and each key head the key's bias, so that
@@ -228,33 +290,75 @@ def bsd_inputs(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir
     if scaled and core.scale != 1.0:
         q = add("Mul", [q, _floats(graph, "scale", core.scale)], "query_scaled")
     query_entry = 1.0 if scaled else 1.0 / core.scale
-    if core.layout != "BSD":  # BNSH keys and values: the op takes 4-D ones of one head size only, so all go in as (N, S, E)
-        k = add("Reshape", [add("Transpose", [k], "key_bsnh", {"perm": [0, 2, 1, 3]}), merge], "key_bsd")
-        v = add("Reshape", [add("Transpose", [v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge], "value_bsd")
+    if (
+        core.layout != "BSD"
+    ):  # BNSH keys and values: the op takes 4-D ones of one head size only, so all go in as (N, S, E)
+        k = add(
+            "Reshape", [add("Transpose", [k], "key_bsnh", {"perm": [0, 2, 1, 3]}), merge], "key_bsd"
+        )
+        v = add(
+            "Reshape",
+            [add("Transpose", [v], "value_bsnh", {"perm": [0, 2, 1, 3]}), merge],
+            "value_bsd",
+        )
     if bias is None:
         return q, k, v, d
     q, k = widen_heads(graph, q, k, bias, h, d, query_entry, add)
     return q, k, v, d + 1
 
 
-def widen_heads(graph: ir.Graph, q: ir.Value, k: ir.Value, bias: ir.Value, h: int, d: int, query_entry: float,
-                add: Emit) -> tuple[ir.Value, ir.Value]:
+def widen_heads(
+    graph: ir.Graph,
+    q: ir.Value,
+    k: ir.Value,
+    bias: ir.Value,
+    h: int,
+    d: int,
+    query_entry: float,
+    add: Emit,
+) -> tuple[ir.Value, ir.Value]:
     """BSD q (N, L, H*d) and k (N, S, H*d) with one more entry per head: ``query_entry`` in q, the key's
     bias (N|1, H|1, 1, S) in k, so that q'.k' = q.k + query_entry * bias."""
     split = _ints(graph, "heads_shape", [0, 0, h, d])
-    widen = _ints(graph, "widen_head", [0, 0, 0, 0, 0, 0, 0, 1])  # one more entry at the end of the last axis
+    widen = _ints(
+        graph, "widen_head", [0, 0, 0, 0, 0, 0, 0, 1]
+    )  # one more entry at the end of the last axis
     widened_merge = _ints(graph, "widened_merge_shape", [0, 0, h * (d + 1)])
-    q = add("Pad", [add("Reshape", [q, split], "query_heads"), widen, _floats(graph, "query_entry", query_entry)],
-            "query_widened")
+    q = add(
+        "Pad",
+        [
+            add("Reshape", [q, split], "query_heads"),
+            widen,
+            _floats(graph, "query_entry", query_entry),
+        ],
+        "query_widened",
+    )
     bias = add("Transpose", [bias], "key_bias_bshd", {"perm": [0, 3, 1, 2]})  # (N|1, S, H|1, 1)
-    bias = add("Pad", [bias, _ints(graph, "bias_last", [0, 0, 0, d, 0, 0, 0, 0]), _floats(graph, "zero", 0.0)],
-               "key_bias_last")
-    k = add("Add", [add("Pad", [add("Reshape", [k, split], "key_heads"), widen, _floats(graph, "zero", 0.0)],
-                        "key_widened"), bias], "key_with_bias")
-    return add("Reshape", [q, widened_merge], "query_widened_bsd"), add("Reshape", [k, widened_merge], "key_widened_bsd")
+    bias = add(
+        "Pad",
+        [bias, _ints(graph, "bias_last", [0, 0, 0, d, 0, 0, 0, 0]), _floats(graph, "zero", 0.0)],
+        "key_bias_last",
+    )
+    k = add(
+        "Add",
+        [
+            add(
+                "Pad",
+                [add("Reshape", [k, split], "key_heads"), widen, _floats(graph, "zero", 0.0)],
+                "key_widened",
+            ),
+            bias,
+        ],
+        "key_with_bias",
+    )
+    return add("Reshape", [q, widened_merge], "query_widened_bsd"), add(
+        "Reshape", [k, widened_merge], "key_widened_bsd"
+    )
 
 
-def _blocked(graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, most: int, add: Emit, name: str):
+def _blocked(
+    graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, most: int, add: Emit, name: str
+):
     """(length, block, blocks, (q, k, v) padded to blocks x block rows) for BSD q, k, v of one length:
     as few blocks as blocks of at most ``most`` rows allow, all of one size, so that the padding adds
     fewer rows than there are blocks (blocks of exactly 1024 padded 1536 tokens to 2048: 1.17x the
@@ -262,20 +366,37 @@ def _blocked(graph: ir.Graph, q: ir.Value, k: ir.Value, v: ir.Value, most: int, 
     one = _ints(graph, "one", [1])
 
     def ceil(a: ir.Value, b: ir.Value, out: str) -> ir.Value:
-        return add("Div", [add("Sub", [add("Add", [a, b], f"{out}_up"), one], f"{out}_up_1"), b], out)
+        return add(
+            "Div", [add("Sub", [add("Add", [a, b], f"{out}_up"), one], f"{out}_up_1"), b], out
+        )
 
     length = add("Shape", [q], f"{name}/length", {"start": 1, "end": 2})
     blocks = ceil(length, _ints(graph, f"{name}/most", [most]), f"{name}/blocks")
     block = ceil(length, blocks, f"{name}/block_len")
     extra = add("Sub", [add("Mul", [blocks, block], f"{name}/padded"), length], f"{name}/extra")
-    pads = add("Concat", [_ints(graph, "zeros4", [0, 0, 0, 0]), extra, _ints(graph, "zeros1", [0])], f"{name}/pads",
-               {"axis": 0})
-    padded = tuple(add("Pad", [x, pads], f"{name}/{part}_padded") for x, part in ((q, "query"), (k, "key"), (v, "value")))
+    pads = add(
+        "Concat",
+        [_ints(graph, "zeros4", [0, 0, 0, 0]), extra, _ints(graph, "zeros1", [0])],
+        f"{name}/pads",
+        {"axis": 0},
+    )
+    padded = tuple(
+        add("Pad", [x, pads], f"{name}/{part}_padded")
+        for x, part in ((q, "query"), (k, "key"), (v, "value"))
+    )
     return length, block, blocks, padded
 
 
-def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, dq: int, add: Emit,
-                  scope: str) -> ir.Value:
+def causal_blocks(
+    graph: ir.Graph,
+    core: Core,
+    q: ir.Value,
+    k: ir.Value,
+    v: ir.Value,
+    dq: int,
+    add: Emit,
+    scope: str,
+) -> ir.Value:
     """Causal self-attention of BSD q (scaled already: the op runs with scale 1), k, v of head sizes dq,
     dq, hd, as (N, L, H*hd), without any (L, S) tensor.
 
@@ -294,11 +415,20 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
     if dq == dv and chunkable(core, None):
         return _causal_chunks(graph, core, q, k, v, add, scope)
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
-    axis1, axis2, axis3, last = ints("axis1", [1]), ints("axis2", [2]), ints("axis3", [3]), ints("last_axis", [-1])
+    axis1, axis2, axis3, last = (
+        ints("axis1", [1]),
+        ints("axis2", [2]),
+        ints("axis3", [3]),
+        ints("last_axis", [-1]),
+    )
     length, block, blocks, (qp, kp, vp) = _blocked(graph, q, k, v, CAUSAL_BLOCK, add, "causal")
-    q_heads = add("Reshape", [qp, ints("causal/q_heads_shape", [0, 0, h, dq])], "causal/query_heads")  # (N, Lp, H, dq)
+    q_heads = add(
+        "Reshape", [qp, ints("causal/q_heads_shape", [0, 0, h, dq])], "causal/query_heads"
+    )  # (N, Lp, H, dq)
     k_heads = add("Reshape", [kp, ints("causal/k_heads_shape", [0, 0, h, dq])], "causal/key_heads")
-    v_heads = add("Reshape", [vp, ints("causal/v_heads_shape", [0, 0, h, dv])], "causal/value_heads")
+    v_heads = add(
+        "Reshape", [vp, ints("causal/v_heads_shape", [0, 0, h, dv])], "causal/value_heads"
+    )
     q_bnsh = add("Transpose", [q_heads], "causal/query_bnsh", {"perm": [0, 2, 1, 3]})
     k_t = add("Transpose", [k_heads], "causal/key_bnhs", {"perm": [0, 2, 3, 1]})
     v_bnsh = add("Transpose", [v_heads], "causal/value_bnsh", {"perm": [0, 2, 1, 3]})
@@ -309,18 +439,43 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
         """(N, 1 + Lp, H*(size+1)): kappa first, then ``heads`` with a zero entry appended to each head."""
         one_hot = np.zeros((1, 1, h, size + 1), np.float32)
         one_hot[..., -1] = 1.0
-        kappa = add("Expand", [_floats(graph, f"causal/kappa_{name}_one_hot", one_hot),
-                               add("Concat", [batch, ints(f"causal/kappa_{name}_dims", [1, h, size + 1])],
-                                   f"causal/kappa_{name}_shape", {"axis": 0})], f"causal/kappa_{name}")
-        widened = add("Pad", [heads, ints("widen_head", [0, 0, 0, 0, 0, 0, 0, 1]), zero], f"causal/{name}_widened")
+        kappa = add(
+            "Expand",
+            [
+                _floats(graph, f"causal/kappa_{name}_one_hot", one_hot),
+                add(
+                    "Concat",
+                    [batch, ints(f"causal/kappa_{name}_dims", [1, h, size + 1])],
+                    f"causal/kappa_{name}_shape",
+                    {"axis": 0},
+                ),
+            ],
+            f"causal/kappa_{name}",
+        )
+        widened = add(
+            "Pad",
+            [heads, ints("widen_head", [0, 0, 0, 0, 0, 0, 0, 1]), zero],
+            f"causal/{name}_widened",
+        )
         rows = add("Concat", [kappa, widened], f"causal/{name}_with_kappa", {"axis": 1})
-        return add("Reshape", [rows, ints(f"causal/{name}_kappa_merge", [0, 0, h * (size + 1)])], f"causal/{name}_kappa_bsd")
+        return add(
+            "Reshape",
+            [rows, ints(f"causal/{name}_kappa_merge", [0, 0, h * (size + 1)])],
+            f"causal/{name}_kappa_bsd",
+        )
 
     keys, values = with_kappa(k_heads, dq, "key"), with_kappa(v_heads, dv, "value")
     triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)[None, None]
-    triangle = add("Slice", [_floats(graph, "causal/triangle", triangle), ints("zeros2", [0, 0]),
-                             add("Concat", [block, block], "causal/block_square", {"axis": 0}), ints("axes23", [2, 3])],
-                   "causal/triangle_block")
+    triangle = add(
+        "Slice",
+        [
+            _floats(graph, "causal/triangle", triangle),
+            ints("zeros2", [0, 0]),
+            add("Concat", [block, block], "causal/block_square", {"axis": 0}),
+            ints("axes23", [2, 3]),
+        ],
+        "causal/triangle_block",
+    )
     floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
 
     scope = f"{scope}/causal/block"
@@ -329,33 +484,109 @@ def causal_blocks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.V
         start = op("Mul", [index, block], "start")
         end = op("Add", [start, block], "end")
         q_block = op("Slice", [q_bnsh, start, end, axis2], "query")  # (N, H, b, dq)
-        scores = op("Add", [op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"), triangle],
-                    "causal_scores")  # (N, H, b, b)
-        top = op("Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top")  # (N, H, b, 1)
+        scores = op(
+            "Add",
+            [
+                op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"),
+                triangle,
+            ],
+            "causal_scores",
+        )  # (N, H, b, b)
+        top = op(
+            "Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top"
+        )  # (N, H, b, 1)
         p = op("Exp", [op("Sub", [scores, top], "shifted")], "exp")
         z = op("ReduceSum", [p, last], "denominator", {"keepdims": 1})
-        u = op("MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator")  # (N, H, b, hd)
-        query = op("Concat", [op("Slice", [q_heads, start, end, axis1], "query_heads"),
-                              op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]})], "query_kappa", {"axis": -1})
-        query = op("Reshape", [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])], "query_kappa_bsd")
+        u = op(
+            "MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator"
+        )  # (N, H, b, hd)
+        query = op(
+            "Concat",
+            [
+                op("Slice", [q_heads, start, end, axis1], "query_heads"),
+                op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]}),
+            ],
+            "query_kappa",
+            {"axis": -1},
+        )
+        query = op(
+            "Reshape",
+            [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])],
+            "query_kappa_bsd",
+        )
         past = op("Add", [start, ints("one", [1])], "past_end")
-        attended = op("MultiHeadAttention", [query, op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
-                                             op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values")],
-                      "MultiHeadAttention", {"num_heads": h, "scale": 1.0}, MS_DOMAIN)  # (N, b, H*(hd+1))
-        attended = op("Transpose", [op("Reshape", [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])], "past_heads")],
-                      "past_bnsh", {"perm": [0, 2, 1, 3]})
-        r = op("Slice", [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last], "past_context")
-        x = op("Slice", [attended, ints("causal/value_size", [dv]), ints("causal/value_size_1", [dv + 1]), last], "kappa_weight")
-        merged = op("Div", [op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
-                            op("Add", [op("Sub", [_floats(graph, "one", 1.0), x], "past_share"), op("Mul", [x, z], "diagonal_z")],
-                               "denominator_sum")], "context")
-        merged = op("Reshape", [op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
-                                ints("merge_shape", [0, 0, h * dv])], "context_bsd")
+        attended = op(
+            "MultiHeadAttention",
+            [
+                query,
+                op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
+                op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values"),
+            ],
+            "MultiHeadAttention",
+            {"num_heads": h, "scale": 1.0},
+            MS_DOMAIN,
+        )  # (N, b, H*(hd+1))
+        attended = op(
+            "Transpose",
+            [
+                op(
+                    "Reshape",
+                    [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])],
+                    "past_heads",
+                )
+            ],
+            "past_bnsh",
+            {"perm": [0, 2, 1, 3]},
+        )
+        r = op(
+            "Slice",
+            [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last],
+            "past_context",
+        )
+        x = op(
+            "Slice",
+            [
+                attended,
+                ints("causal/value_size", [dv]),
+                ints("causal/value_size_1", [dv + 1]),
+                last,
+            ],
+            "kappa_weight",
+        )
+        merged = op(
+            "Div",
+            [
+                op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
+                op(
+                    "Add",
+                    [
+                        op("Sub", [_floats(graph, "one", 1.0), x], "past_share"),
+                        op("Mul", [x, z], "diagonal_z"),
+                    ],
+                    "denominator_sum",
+                ),
+            ],
+            "context",
+        )
+        merged = op(
+            "Reshape",
+            [
+                op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
+                ints("merge_shape", [0, 0, h * dv]),
+            ],
+            "context_bsd",
+        )
         return merged
 
     stacked = _loop(graph, add, blocks, "causal", scope, step)  # (blocks, N, b, H*hd)
-    context = add("Reshape", [add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
-                              ints("merge_shape", [0, -1, h * dv])], "causal/context_padded")
+    context = add(
+        "Reshape",
+        [
+            add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
+            ints("merge_shape", [0, -1, h * dv]),
+        ],
+        "causal/context_padded",
+    )
     return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
 
 
@@ -365,8 +596,9 @@ def chunkable(core: Core, key_bias: ir.Value | None) -> bool:
     return key_bias is None and core.head_dim is not None and core.head_dim % 8 == 0
 
 
-def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, add: Emit,
-                   scope: str) -> ir.Value:
+def _causal_chunks(
+    graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.Value, add: Emit, scope: str
+) -> ir.Value:
     """Causal self-attention of BSD q (scaled already), k, v (one head size, a multiple of 8) as
     (N, L, H*hd), by ONNX Runtime's GroupQueryAttention as a chunked prefill: one batch entry and a
     block of at most CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
@@ -378,48 +610,114 @@ def _causal_chunks(graph: ir.Graph, core: Core, q: ir.Value, k: ir.Value, v: ir.
     batch = add("Shape", [q], "chunks/batch", {"start": 0, "end": 1})
     length, block, blocks, (qp, kp, vp) = _blocked(graph, q, k, v, CHUNK_BLOCK, add, "chunks")
     heads = ints("heads_shape", [0, 0, h, d])
-    k_bnsh, v_bnsh = (add("Transpose", [add("Reshape", [x, heads], f"chunks/{name}_heads")], f"chunks/{name}_bnsh",
-                          {"perm": [0, 2, 1, 3]}) for x, name in ((kp, "key"), (vp, "value")))
-    axes01, axes02, zero1, one = ints("axes01", [0, 1]), ints("axes02", [0, 2]), ints("zero1", [0]), ints("one", [1])
+    k_bnsh, v_bnsh = (
+        add(
+            "Transpose",
+            [add("Reshape", [x, heads], f"chunks/{name}_heads")],
+            f"chunks/{name}_bnsh",
+            {"perm": [0, 2, 1, 3]},
+        )
+        for x, name in ((kp, "key"), (vp, "value"))
+    )
+    axes01, axes02, zero1, one = (
+        ints("axes01", [0, 1]),
+        ints("axes02", [0, 2]),
+        ints("zero1", [0]),
+        ints("one", [1]),
+    )
 
     def step(op: Emit, index: ir.Value) -> ir.Value:
         entry = op("Div", [index, blocks], "entry")  # (1,): this call's batch entry, then its block
-        start = op("Mul", [op("Sub", [index, op("Mul", [entry, blocks], "entry_start")], "block_index"), block], "start")
+        start = op(
+            "Mul",
+            [op("Sub", [index, op("Mul", [entry, blocks], "entry_start")], "block_index"), block],
+            "start",
+        )
         end = op("Add", [start, block], "end")
         after = op("Add", [entry, one], "entry_end")
-        first, last = op("Concat", [entry, start], "from", {"axis": 0}), op("Concat", [after, end], "to", {"axis": 0})
-        rows = [op("Slice", [x, first, last, axes01], f"{name}_block") for x, name in ((qp, "query"), (kp, "key"), (vp, "value"))]
+        first, last = (
+            op("Concat", [entry, start], "from", {"axis": 0}),
+            op("Concat", [after, end], "to", {"axis": 0}),
+        )
+        rows = [
+            op("Slice", [x, first, last, axes01], f"{name}_block")
+            for x, name in ((qp, "query"), (kp, "key"), (vp, "value"))
+        ]
         past_first = op("Concat", [entry, zero1], "past_from", {"axis": 0})
         past_last = op("Concat", [after, start], "past_to", {"axis": 0})
-        past = [op("Slice", [x, past_first, past_last, axes02], f"past_{name}") for x, name in ((k_bnsh, "key"), (v_bnsh, "value"))]
-        seen = op("Cast", [op("Sub", [end, one], "last_key")], "seqlens_k", {"to": ir.DataType.INT32})
-        total = op("Cast", [op("Squeeze", [end, zero1], "total_i64")], "total", {"to": ir.DataType.INT32})
-        return op("GroupQueryAttention", [*rows, *past, seen, total], "GroupQueryAttention",
-                  {"num_heads": h, "kv_num_heads": h, "scale": 1.0}, MS_DOMAIN, outputs=3)[0]  # (1, b, H*hd)
+        past = [
+            op("Slice", [x, past_first, past_last, axes02], f"past_{name}")
+            for x, name in ((k_bnsh, "key"), (v_bnsh, "value"))
+        ]
+        seen = op(
+            "Cast", [op("Sub", [end, one], "last_key")], "seqlens_k", {"to": ir.DataType.INT32}
+        )
+        total = op(
+            "Cast", [op("Squeeze", [end, zero1], "total_i64")], "total", {"to": ir.DataType.INT32}
+        )
+        return op(
+            "GroupQueryAttention",
+            [*rows, *past, seen, total],
+            "GroupQueryAttention",
+            {"num_heads": h, "kv_num_heads": h, "scale": 1.0},
+            MS_DOMAIN,
+            outputs=3,
+        )[0]  # (1, b, H*hd)
 
     count = add("Mul", [batch, blocks], "chunks/calls")
-    stacked = _loop(graph, add, count, "chunks", f"{scope}/chunks", step)  # (N * blocks, 1, b, H*hd)
-    shape = add("Concat", [batch, ints("chunks/rows_and_width", [-1, h * d])], "chunks/context_shape", {"axis": 0})
+    stacked = _loop(
+        graph, add, count, "chunks", f"{scope}/chunks", step
+    )  # (N * blocks, 1, b, H*hd)
+    shape = add(
+        "Concat",
+        [batch, ints("chunks/rows_and_width", [-1, h * d])],
+        "chunks/context_shape",
+        {"axis": 0},
+    )
     context = add("Reshape", [stacked, shape], "chunks/context_padded")
     return add("Slice", [context, zero1, length, ints("axis1", [1])], "chunks/context")
 
 
 def causal_bias(graph: ir.Graph, q: ir.Value, add: Emit) -> ir.Value:
     """(1, 1, L, L): -inf where key j lies after query i, for BSD q (N, L, E)."""
-    length = add("Squeeze", [add("Shape", [q], "causal_mask/length", {"start": 1, "end": 2}), _ints(graph, "axis0", [0])],
-                 "causal_mask/length_scalar")
-    rows = add("Range", [_ints(graph, "zero_i64", 0), length, _ints(graph, "one_i64", 1)], "causal_mask/positions")
-    future = add("Greater", [add("Unsqueeze", [rows, _ints(graph, "axes01", [0, 1, 2])], "causal_mask/keys"),
-                             add("Unsqueeze", [rows, _ints(graph, "axes013", [0, 1, 3])], "causal_mask/queries")],
-                 "causal_mask/future")
-    return add("Where", [future, _floats(graph, "neg_inf", -np.inf), _floats(graph, "zero", 0.0)], "causal_mask/bias")
+    length = add(
+        "Squeeze",
+        [
+            add("Shape", [q], "causal_mask/length", {"start": 1, "end": 2}),
+            _ints(graph, "axis0", [0]),
+        ],
+        "causal_mask/length_scalar",
+    )
+    rows = add(
+        "Range",
+        [_ints(graph, "zero_i64", 0), length, _ints(graph, "one_i64", 1)],
+        "causal_mask/positions",
+    )
+    future = add(
+        "Greater",
+        [
+            add("Unsqueeze", [rows, _ints(graph, "axes01", [0, 1, 2])], "causal_mask/keys"),
+            add("Unsqueeze", [rows, _ints(graph, "axes013", [0, 1, 3])], "causal_mask/queries"),
+        ],
+        "causal_mask/future",
+    )
+    return add(
+        "Where",
+        [future, _floats(graph, "neg_inf", -np.inf), _floats(graph, "zero", 0.0)],
+        "causal_mask/bias",
+    )
 
 
 def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     """(N|1, H|1, L, 1): True where query i sees no key among 0..i that the key bias (not floored) leaves
     above -inf."""
     hidden = add("IsInf", [bias], "hidden_key", {"detect_positive": 0})
-    visible = add("Cast", [add("Not", [hidden], "visible_key")], "visible_key_count", {"to": ir.DataType.FLOAT})
+    visible = add(
+        "Cast",
+        [add("Not", [hidden], "visible_key")],
+        "visible_key_count",
+        {"to": ir.DataType.FLOAT},
+    )
     seen = add("CumSum", [visible, _ints(graph, "last_axis_scalar", -1)], "visible_so_far")
     dead = add("Less", [seen, _floats(graph, "half", 0.5)], "fully_masked/none_visible")
     return add("Transpose", [dead], "fully_masked/rows", {"perm": [0, 1, 3, 2]})
@@ -428,8 +726,17 @@ def dead_causal_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
 Attend = Callable[[Emit, ir.Value, ir.Value, ir.Value, ir.Value], ir.Value]
 
 
-def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], terms: MaskTerms,
-                 key_bias: ir.Value | None, add: Emit, scope: str, zero_dead: bool, attend: Attend | None = None) -> ir.Value:
+def query_blocks(
+    graph: ir.Graph,
+    core: Core,
+    inputs: tuple[ir.Value, ir.Value, ir.Value],
+    terms: MaskTerms,
+    key_bias: ir.Value | None,
+    add: Emit,
+    scope: str,
+    zero_dead: bool,
+    attend: Attend | None = None,
+) -> ir.Value:
     """Attention (N, L, E) with any additive mask, in blocks of b = min(L, CAUSAL_BLOCK) queries, so
     that the op (on its masked path) holds (N, H, b, S) scores instead of (N, H, L, S):
     each block takes its rows of every mask term (a causal term is made anew for its rows; terms
@@ -443,15 +750,35 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
     q, k, v = inputs
     to_bnsh = {"perm": [0, 2, 1, 3]}
     heads = ints("heads_shape", [0, 0, h, d])
-    if core.layout == "BSD":  # keys and values as BNSH once: the op takes them as they are (no copy per block)
-        k = add("Transpose", [add("Reshape", [k, heads], "blocks/key_heads")], "blocks/key_bnsh", to_bnsh)
-        v = add("Transpose", [add("Reshape", [v, heads], "blocks/value_heads")], "blocks/value_bnsh", to_bnsh)
+    if (
+        core.layout == "BSD"
+    ):  # keys and values as BNSH once: the op takes them as they are (no copy per block)
+        k = add(
+            "Transpose",
+            [add("Reshape", [k, heads], "blocks/key_heads")],
+            "blocks/key_bnsh",
+            to_bnsh,
+        )
+        v = add(
+            "Transpose",
+            [add("Reshape", [v, heads], "blocks/value_heads")],
+            "blocks/value_bnsh",
+            to_bnsh,
+        )
     length = add("Shape", [q], "blocks/length", {"start": 1, "end": 2})
     keys = add("Shape", [k], "blocks/keys", {"start": 2, "end": 3})
     block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "blocks/block_len")
     one = ints("one", [1])
-    count = add("Div", [add("Sub", [add("Add", [length, block], "blocks/length_up"), one], "blocks/length_up_1"), block],
-                "blocks/count")
+    count = add(
+        "Div",
+        [
+            add(
+                "Sub", [add("Add", [length, block], "blocks/length_up"), one], "blocks/length_up_1"
+            ),
+            block,
+        ],
+        "blocks/count",
+    )
     last_start = add("Sub", [length, block], "blocks/last_start")
     axis1 = ints("axis1", [1])
 
@@ -464,14 +791,49 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
         for i, term in enumerate(terms.other):
             parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
         if terms.causal:
-            rows = op("Unsqueeze", [op("Range", [op("Squeeze", [start], "start_scalar"), op("Squeeze", [end], "end_scalar"),
-                                                 _ints(graph, "one_i64", 1)], "positions"), ints("axes013", [0, 1, 3])],
-                      "query_positions")
-            cols = op("Unsqueeze", [op("Range", [_ints(graph, "zero_i64", 0), op("Squeeze", [keys], "keys_scalar"),
-                                                 _ints(graph, "one_i64", 1)], "key_positions"), ints("axes012", [0, 1, 2])],
-                      "key_positions_row")
-            parts.append(op("Where", [op("Greater", [cols, rows], "future"), _floats(graph, "neg_inf", -np.inf),
-                                      _floats(graph, "zero", 0.0)], "causal"))
+            rows = op(
+                "Unsqueeze",
+                [
+                    op(
+                        "Range",
+                        [
+                            op("Squeeze", [start], "start_scalar"),
+                            op("Squeeze", [end], "end_scalar"),
+                            _ints(graph, "one_i64", 1),
+                        ],
+                        "positions",
+                    ),
+                    ints("axes013", [0, 1, 3]),
+                ],
+                "query_positions",
+            )
+            cols = op(
+                "Unsqueeze",
+                [
+                    op(
+                        "Range",
+                        [
+                            _ints(graph, "zero_i64", 0),
+                            op("Squeeze", [keys], "keys_scalar"),
+                            _ints(graph, "one_i64", 1),
+                        ],
+                        "key_positions",
+                    ),
+                    ints("axes012", [0, 1, 2]),
+                ],
+                "key_positions_row",
+            )
+            parts.append(
+                op(
+                    "Where",
+                    [
+                        op("Greater", [cols, rows], "future"),
+                        _floats(graph, "neg_inf", -np.inf),
+                        _floats(graph, "zero", 0.0),
+                    ],
+                    "causal",
+                )
+            )
         if key_bias is not None:
             parts.append(key_bias)
         bias = parts[0] if parts else None  # none: an unmasked core in blocks, for memory alone
@@ -479,32 +841,86 @@ def query_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, 
             bias = op("Add", [bias, part], f"bias_{i + 1}")
         query = op("Slice", [q, start, end, axis1], "query")
         if attend is None:
-            context = op("MultiHeadAttention", [query, k, v, None, None, bias], "MultiHeadAttention",
-                         {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (N, b, H*hd)
+            context = op(
+                "MultiHeadAttention",
+                [query, k, v, None, None, bias],
+                "MultiHeadAttention",
+                {"num_heads": h, "scale": core.scale},
+                MS_DOMAIN,
+            )  # (N, b, H*hd)
         else:
             context = attend(op, query, k, v, bias)
         if zero_dead and bias is not None:
-            dead = op("IsInf", [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})], "dead",
-                      {"detect_positive": 0})  # (N|1, H|1, b, 1)
-            context = op("Reshape", [op("Where", [op("Transpose", [dead], "dead_bshd", to_bnsh), _floats(graph, "zero", 0.0),
-                                                  op("Reshape", [context, heads], "context_heads")], "zeroed"),
-                                     ints("merge_shape", [0, 0, h * d])], "context_zeroed")
+            dead = op(
+                "IsInf",
+                [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})],
+                "dead",
+                {"detect_positive": 0},
+            )  # (N|1, H|1, b, 1)
+            context = op(
+                "Reshape",
+                [
+                    op(
+                        "Where",
+                        [
+                            op("Transpose", [dead], "dead_bshd", to_bnsh),
+                            _floats(graph, "zero", 0.0),
+                            op("Reshape", [context, heads], "context_heads"),
+                        ],
+                        "zeroed",
+                    ),
+                    ints("merge_shape", [0, 0, h * d]),
+                ],
+                "context_zeroed",
+            )
         return context
 
     stacked = _loop(graph, add, count, "blocks", inner, step)  # (count, N, b, E)
     # all blocks but the last in order, then the rows of the last that the one before it did not cover
-    head = add("Slice", [stacked, ints("zero1", [0]), add("Sub", [count, one], "blocks/but_last"), ints("axis0", [0])],
-               "blocks/but_last_blocks")
-    head = add("Reshape", [add("Transpose", [head], "blocks/head_first", {"perm": [1, 0, 2, 3]}),
-                           ints("merge_shape", [0, -1, h * d])], "blocks/head")
-    tail = add("Squeeze", [add("Slice", [stacked, add("Sub", [count, one], "blocks/last"), count, ints("axis0", [0])],
-                               "blocks/last_block"), ints("axis0", [0])], "blocks/last_rows")
-    covered = add("Mul", [add("Sub", [count, one], "blocks/covered_blocks"), block], "blocks/covered")
-    tail = add("Slice", [tail, add("Sub", [covered, last_start], "blocks/overlap"), block, axis1], "blocks/tail")
+    head = add(
+        "Slice",
+        [
+            stacked,
+            ints("zero1", [0]),
+            add("Sub", [count, one], "blocks/but_last"),
+            ints("axis0", [0]),
+        ],
+        "blocks/but_last_blocks",
+    )
+    head = add(
+        "Reshape",
+        [
+            add("Transpose", [head], "blocks/head_first", {"perm": [1, 0, 2, 3]}),
+            ints("merge_shape", [0, -1, h * d]),
+        ],
+        "blocks/head",
+    )
+    tail = add(
+        "Squeeze",
+        [
+            add(
+                "Slice",
+                [stacked, add("Sub", [count, one], "blocks/last"), count, ints("axis0", [0])],
+                "blocks/last_block",
+            ),
+            ints("axis0", [0]),
+        ],
+        "blocks/last_rows",
+    )
+    covered = add(
+        "Mul", [add("Sub", [count, one], "blocks/covered_blocks"), block], "blocks/covered"
+    )
+    tail = add(
+        "Slice",
+        [tail, add("Sub", [covered, last_start], "blocks/overlap"), block, axis1],
+        "blocks/tail",
+    )
     return add("Concat", [head, tail], "blocks/context", {"axis": 1})
 
 
-def _rows_of(graph: ir.Graph, term: ir.Value, start: ir.Value, end: ir.Value, op, name: str) -> ir.Value:
+def _rows_of(
+    graph: ir.Graph, term: ir.Value, start: ir.Value, end: ir.Value, op, name: str
+) -> ir.Value:
     """Rows [start, end) of a mask term's query axis (its second last), as a 4-D bias; a term whose
     query axis is 1 (it broadcasts) keeps it, whatever the graph's shapes say, by clamping."""
     rank = len(term.shape)
@@ -513,22 +929,40 @@ def _rows_of(graph: ir.Graph, term: ir.Value, start: ir.Value, end: ir.Value, op
         one = _ints(graph, "one", [1])
         size = op("Shape", [term], f"{name}/rows", {"start": rank - 2, "end": rank - 1})
         first = op("Min", [start, op("Sub", [size, one], f"{name}/last_row")], f"{name}/first")
-        stop = op("Max", [op("Min", [end, size], f"{name}/stop_clamped"), op("Add", [first, one], f"{name}/one_row")],
-                  f"{name}/stop")
+        stop = op(
+            "Max",
+            [
+                op("Min", [end, size], f"{name}/stop_clamped"),
+                op("Add", [first, one], f"{name}/one_row"),
+            ],
+            f"{name}/stop",
+        )
         term = op("Slice", [term, first, stop, axis], f"{name}/block_rows")
     return as_4d(graph, term, op, name, rank)
 
 
-def as_4d(graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | None = None) -> ir.Value:
+def as_4d(
+    graph: ir.Graph, term: ir.Value, add: Emit, name: str, rank: int | None = None
+) -> ir.Value:
     """A mask term of rank 2 or 3 with leading axes of 1, as it broadcasts against (N, H, L, S)."""
     rank = len(term.shape) if rank is None else rank
     if rank >= 4:
         return term
-    return add("Unsqueeze", [term, _ints(graph, f"leading_{4 - rank}", list(range(4 - rank)))], f"{name}/as_4d")
+    return add(
+        "Unsqueeze",
+        [term, _ints(graph, f"leading_{4 - rank}", list(range(4 - rank)))],
+        f"{name}/as_4d",
+    )
 
 
-def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value], raw: ir.Value, add: Emit,
-                scope: str) -> ir.Value:
+def padded_rows(
+    graph: ir.Graph,
+    core: Core,
+    inputs: tuple[ir.Value, ir.Value, ir.Value],
+    raw: ir.Value,
+    add: Emit,
+    scope: str,
+) -> ir.Value:
     """Attention (N, L, E) with a key-only mask ``raw`` (N|1, H|1, 1, S), one batch entry at a time,
     its keys cut after the last one above KEY_BIAS_FLOOR in any head (-inf, or the float minimum
     Hugging Face masks with: exp gives the cut keys 0 exactly beside any kept key, so nothing
@@ -539,19 +973,66 @@ def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, i
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     q, k, v, _ = bsd_inputs(graph, core, inputs, add, None, False)
-    one, axis0, axis1, last = ints("one", [1]), ints("axis0", [0]), ints("axis1", [1]), ints("last_axis", [-1])
+    one, axis0, axis1, last = (
+        ints("one", [1]),
+        ints("axis0", [0]),
+        ints("axis1", [1]),
+        ints("last_axis", [-1]),
+    )
     keys = add("Shape", [raw], "rows/keys", {"start": 3, "end": 4})
-    positions = add("Cast", [add("Range", [_ints(graph, "one_i64", 1), add("Add", [
-        add("Squeeze", [keys, axis0], "rows/keys_scalar"), _ints(graph, "one_i64", 1)], "rows/keys_1"),
-        _ints(graph, "one_i64", 1)], "rows/positions_1")], "rows/positions", {"to": ir.DataType.FLOAT})  # 1..S
+    positions = add(
+        "Cast",
+        [
+            add(
+                "Range",
+                [
+                    _ints(graph, "one_i64", 1),
+                    add(
+                        "Add",
+                        [
+                            add("Squeeze", [keys, axis0], "rows/keys_scalar"),
+                            _ints(graph, "one_i64", 1),
+                        ],
+                        "rows/keys_1",
+                    ),
+                    _ints(graph, "one_i64", 1),
+                ],
+                "rows/positions_1",
+            )
+        ],
+        "rows/positions",
+        {"to": ir.DataType.FLOAT},
+    )  # 1..S
     floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
-    visible = add("Cast", [add("Not", [add("LessOrEqual", [raw, floor], "rows/hidden")], "rows/visible")],
-                  "rows/visible_f", {"to": ir.DataType.FLOAT})
-    ends = add("ReduceMax", [add("Mul", [visible, positions], "rows/visible_at"), ints("axes123", [1, 2, 3])],
-               "rows/last_visible", {"keepdims": 0})  # (N|1,); 0: no key visible
+    visible = add(
+        "Cast",
+        [add("Not", [add("LessOrEqual", [raw, floor], "rows/hidden")], "rows/visible")],
+        "rows/visible_f",
+        {"to": ir.DataType.FLOAT},
+    )
+    ends = add(
+        "ReduceMax",
+        [add("Mul", [visible, positions], "rows/visible_at"), ints("axes123", [1, 2, 3])],
+        "rows/last_visible",
+        {"keepdims": 0},
+    )  # (N|1,); 0: no key visible
     all_keys = add("Cast", [keys], "rows/keys_f", {"to": ir.DataType.FLOAT})
-    ends = add("Cast", [add("Where", [add("Less", [ends, _floats(graph, "half", 0.5)], "rows/none_visible"), all_keys, ends],
-                            "rows/kept")], "rows/ends", {"to": ir.DataType.INT64})
+    ends = add(
+        "Cast",
+        [
+            add(
+                "Where",
+                [
+                    add("Less", [ends, _floats(graph, "half", 0.5)], "rows/none_visible"),
+                    all_keys,
+                    ends,
+                ],
+                "rows/kept",
+            )
+        ],
+        "rows/ends",
+        {"to": ir.DataType.INT64},
+    )
 
     inner = f"{scope}/rows/row"
 
@@ -564,22 +1045,64 @@ def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, i
         mask_after = op("Add", [mask_row, one], "mask_after")
         end = op("Slice", [ends, mask_row, mask_after, axis0], "end")
         query = op("Slice", [q, first, after, axis0], "query")
-        key = op("Slice", [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1], "key")
-        value = op("Slice", [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1], "value")
-        bias = op("Slice", [op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"), ints("zero1", [0]), end, last],
-                  "bias")
-        nonzero = op("ReduceMax", [op("Cast", [op("Not", [op("Equal", [bias, _floats(graph, "zero", 0.0)], "zero_bias")],
-                                                  "nonzero_bias")], "nonzero", {"to": ir.DataType.FLOAT})],
-                     "any_nonzero", {"keepdims": 0})
+        key = op(
+            "Slice",
+            [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1],
+            "key",
+        )
+        value = op(
+            "Slice",
+            [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1],
+            "value",
+        )
+        bias = op(
+            "Slice",
+            [
+                op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"),
+                ints("zero1", [0]),
+                end,
+                last,
+            ],
+            "bias",
+        )
+        nonzero = op(
+            "ReduceMax",
+            [
+                op(
+                    "Cast",
+                    [
+                        op(
+                            "Not",
+                            [op("Equal", [bias, _floats(graph, "zero", 0.0)], "zero_bias")],
+                            "nonzero_bias",
+                        )
+                    ],
+                    "nonzero",
+                    {"to": ir.DataType.FLOAT},
+                )
+            ],
+            "any_nonzero",
+            {"keepdims": 0},
+        )
         plain = op("Less", [nonzero, _floats(graph, "half", 0.5)], "plain")
         branches = []
         for name in ("plain", "widened"):
             nodes: list[ir.Node] = []
             emit = emitter(nodes, f"{inner}/{name}")
-            qb, kb = (query, key) if name == "plain" else widen_heads(graph, query, key, floored(graph, bias, emit), h, d,
-                                                                      1.0 / core.scale, emit)
-            context = emit("MultiHeadAttention", [qb, kb, value], "MultiHeadAttention",
-                           {"num_heads": h, "scale": core.scale}, MS_DOMAIN)  # (1, L, H*hd)
+            qb, kb = (
+                (query, key)
+                if name == "plain"
+                else widen_heads(
+                    graph, query, key, floored(graph, bias, emit), h, d, 1.0 / core.scale, emit
+                )
+            )
+            context = emit(
+                "MultiHeadAttention",
+                [qb, kb, value],
+                "MultiHeadAttention",
+                {"num_heads": h, "scale": core.scale},
+                MS_DOMAIN,
+            )  # (1, L, H*hd)
             context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
             branches.append(ir.Graph([], [context], nodes=nodes, name=f"{inner}/{name}"))
         context = op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
@@ -590,7 +1113,6 @@ def padded_rows(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, i
     return add("Squeeze", [stacked, axis1], "rows/context")
 
 
-
 def rows_alike(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> ir.Value:
     """(1,) bool: whether every query row of every term equals its first row, so that the terms are a
     key-only mask after all (a padding mask the exporter expanded to (N, 1, L, S), as Hugging Face
@@ -598,7 +1120,9 @@ def rows_alike(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> ir.Value:
     the terms, which the graph holds anyway, and nothing of their size made (an Equal against the
     first row would make an (L, S) bool and its float Cast: 1.25 GiB at 16384 tokens)."""
     same = None
-    for i, term in enumerate(terms):  # the terms broadcast together, and so do their (…, 1, S) flags
+    for i, term in enumerate(
+        terms
+    ):  # the terms broadcast together, and so do their (…, 1, S) flags
         axis = _ints(graph, f"axis{len(term.shape) - 2}", [len(term.shape) - 2])
         high = add("ReduceMax", [term, axis], f"rows_alike/high_{i}", {"keepdims": 1})
         low = add("ReduceMin", [term, axis], f"rows_alike/low_{i}", {"keepdims": 1})
@@ -612,26 +1136,49 @@ def first_rows(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> list[ir.Val
     out = []
     for i, term in enumerate(terms):
         axis = _ints(graph, f"axis{len(term.shape) - 2}", [len(term.shape) - 2])
-        row = add("Slice", [term, _ints(graph, "zero1", [0]), _ints(graph, "one", [1]), axis], f"first_row_{i}")
+        row = add(
+            "Slice",
+            [term, _ints(graph, "zero1", [0]), _ints(graph, "one", [1]), axis],
+            f"first_row_{i}",
+        )
         out.append(as_4d(graph, row, add, f"first_row_{i}", len(term.shape)))
     return out
 
 
-def _loop(graph: ir.Graph, add: Emit, count: ir.Value, name: str, scope: str,
-          step: Callable[[Emit, ir.Value], ir.Value]) -> ir.Value:
+def _loop(
+    graph: ir.Graph,
+    add: Emit,
+    count: ir.Value,
+    name: str,
+    scope: str,
+    step: Callable[[Emit, ir.Value], ir.Value],
+) -> ir.Value:
     """Loop ``count`` (a (1,) int64) times over ``step(op, index) -> output``, whose nodes ``op`` names
     under ``scope``: the outputs stacked on a new first axis."""
     body: list[ir.Node] = []
     op = emitter(body, scope)
-    index = ir.Value(name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
-    go_on = ir.Value(name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL))  # no shape: ONNX infers it from the Loop
+    index = ir.Value(
+        name=f"{scope}/index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([])
+    )
+    go_on = ir.Value(
+        name=f"{scope}/go_on", type=ir.TensorType(ir.DataType.BOOL)
+    )  # no shape: ONNX infers it from the Loop
     output = step(op, index)
     done = op("Identity", [go_on], "go_on_out")
-    done.type, output.type = ir.TensorType(ir.DataType.BOOL), ir.TensorType(ir.DataType.FLOAT)  # a body's outputs are typed
+    done.type, output.type = (
+        ir.TensorType(ir.DataType.BOOL),
+        ir.TensorType(ir.DataType.FLOAT),
+    )  # a body's outputs are typed
     trips = add("Squeeze", [count, _ints(graph, "zero1", [0])], f"{name}/trips")
-    run = add("Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], f"{name}/run")  # the Loop's condition: true
-    return add("Loop", [trips, run], f"{name}/Loop",
-               {"body": ir.Graph([index, go_on], [done, output], nodes=body, name=f"{scope}/body")})
+    run = add(
+        "Greater", [trips, _ints(graph, "zero_scalar_i64", 0)], f"{name}/run"
+    )  # the Loop's condition: true
+    return add(
+        "Loop",
+        [trips, run],
+        f"{name}/Loop",
+        {"body": ir.Graph([index, go_on], [done, output], nodes=body, name=f"{scope}/body")},
+    )
 
 
 def _visible(inside: CausalInside, add: Emit) -> ir.Value:
@@ -651,42 +1198,102 @@ def nothing_padded(graph: ir.Graph, inside: CausalInside, add: Emit) -> ir.Value
 def no_key_bias(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     """(1,) bool: whether a key bias (N|1, H|1, 1, S) is 0 everywhere at run time (a padding mask
     that hides no key), so that a causal mask with it is causal alone."""
-    return _all(graph, add("Equal", [bias, _floats(graph, "zero", 0.0)], "key_bias_zero"), add, "no_key_bias")
+    return _all(
+        graph,
+        add("Equal", [bias, _floats(graph, "zero", 0.0)], "key_bias_zero"),
+        add,
+        "no_key_bias",
+    )
 
 
 def _all(graph: ir.Graph, flags: ir.Value, add: Emit, name: str) -> ir.Value:
     """(1,) bool: every entry of the small bool tensor ``flags`` is true."""
-    fewest = add("ReduceMin", [add("Cast", [flags], f"{name}/as_float", {"to": ir.DataType.FLOAT})],
-                 f"{name}/fewest", {"keepdims": 0})
-    return add("Unsqueeze", [add("GreaterOrEqual", [fewest, _floats(graph, "half", 0.5)], f"{name}/all"),
-                             _ints(graph, "axis0", [0])], name)
+    fewest = add(
+        "ReduceMin",
+        [add("Cast", [flags], f"{name}/as_float", {"to": ir.DataType.FLOAT})],
+        f"{name}/fewest",
+        {"keepdims": 0},
+    )
+    return add(
+        "Unsqueeze",
+        [
+            add("GreaterOrEqual", [fewest, _floats(graph, "half", 0.5)], f"{name}/all"),
+            _ints(graph, "axis0", [0]),
+        ],
+        name,
+    )
 
 
-def causal_inside_blocks(graph: ir.Graph, core: Core, inputs: tuple[ir.Value, ir.Value, ir.Value],
-                         inside: CausalInside, add: Emit, scope: str) -> ir.Value:
+def causal_inside_blocks(
+    graph: ir.Graph,
+    core: Core,
+    inputs: tuple[ir.Value, ir.Value, ir.Value],
+    inside: CausalInside,
+    add: Emit,
+    scope: str,
+) -> ir.Value:
     """Attention (N, L, E) under a CausalInside mask: its padding as a key bias, its causal part as
     causal_blocks. A query whose every visible key is padding gets what the mask's graph gives it:
     the mean of all values where ``lowest`` is finite (every score equal), else zero where the
     graph guarded such rows, else NaN."""
     key_bias = None
     if inside.rest:
-        key_bias = add("Where", [_visible(inside, add), _floats(graph, "zero", 0.0), _floats(graph, "neg_inf", -np.inf)],
-                       "key_bias_terms")
+        key_bias = add(
+            "Where",
+            [
+                _visible(inside, add),
+                _floats(graph, "zero", 0.0),
+                _floats(graph, "neg_inf", -np.inf),
+            ],
+            "key_bias_terms",
+        )
     bias = floored(graph, key_bias, add) if key_bias is not None else None
-    context = causal_blocks(graph, core, *bsd_inputs(graph, core, inputs, add, bias, True), add, scope)
+    context = causal_blocks(
+        graph, core, *bsd_inputs(graph, core, inputs, add, bias, True), add, scope
+    )
     if key_bias is None:
         return context
-    dead = add("Squeeze", [add("Transpose", [dead_causal_rows(graph, key_bias, add)], "fully_masked/query_rows",
-                               {"perm": [0, 2, 1, 3]}), _ints(graph, "axis3", [3])], "fully_masked/rows_nl")  # (N, L, 1)
+    dead = add(
+        "Squeeze",
+        [
+            add(
+                "Transpose",
+                [dead_causal_rows(graph, key_bias, add)],
+                "fully_masked/query_rows",
+                {"perm": [0, 2, 1, 3]},
+            ),
+            _ints(graph, "axis3", [3]),
+        ],
+        "fully_masked/rows_nl",
+    )  # (N, L, 1)
     if np.isfinite(inside.lowest):
         v = inputs[2]
         if core.layout == "BSD":
-            fill = add("ReduceMean", [v, _ints(graph, "axis1", [1])], "fully_masked/mean_value", {"keepdims": 1})
+            fill = add(
+                "ReduceMean",
+                [v, _ints(graph, "axis1", [1])],
+                "fully_masked/mean_value",
+                {"keepdims": 1},
+            )
         else:
-            mean = add("ReduceMean", [v, _ints(graph, "axis2", [2])], "fully_masked/mean_value", {"keepdims": 1})
-            fill = add("Reshape", [add("Transpose", [mean], "fully_masked/mean_bsnh", {"perm": [0, 2, 1, 3]}),
-                                   _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim])],
-                       "fully_masked/mean_bsd")
+            mean = add(
+                "ReduceMean",
+                [v, _ints(graph, "axis2", [2])],
+                "fully_masked/mean_value",
+                {"keepdims": 1},
+            )
+            fill = add(
+                "Reshape",
+                [
+                    add("Transpose", [mean], "fully_masked/mean_bsnh", {"perm": [0, 2, 1, 3]}),
+                    _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim]),
+                ],
+                "fully_masked/mean_bsd",
+            )
     else:
-        fill = _floats(graph, "zero" if core.zeroes_dead_rows else "nan", 0.0 if core.zeroes_dead_rows else np.nan)
+        fill = _floats(
+            graph,
+            "zero" if core.zeroes_dead_rows else "nan",
+            0.0 if core.zeroes_dead_rows else np.nan,
+        )
     return add("Where", [dead, fill, context], "fully_masked/filled")

@@ -6,7 +6,6 @@ import onnx.helper
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
 
-
 _SOFTMAX_LIKE = ("Softmax", "LogSoftmax", "Hardmax")
 
 
@@ -53,7 +52,11 @@ def _softmax_as_opset_13(graph: ir.Graph, node: ir.Node) -> None:
     output = node.outputs[0]
     output.replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
     back.replace_input_with(0, output)  # replace_all_uses_with also rewired the Reshape's own input
-    back.outputs[0].type, back.outputs[0].shape, output.shape = output.type, x.shape, None  # the rows are 2-D
+    back.outputs[0].type, back.outputs[0].shape, output.shape = (
+        output.type,
+        x.shape,
+        None,
+    )  # the rows are 2-D
     if back.outputs[0].is_graph_output():
         name, output.name = output.name, f"{output.name}/rows"
         back.outputs[0].name = name

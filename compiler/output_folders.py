@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WRITTEN_BY = "attention-compiler"
-TRITON_MARKER = f"# written by {WRITTEN_BY} (compile.py --triton-repo); --force may replace this model folder"
+TRITON_MARKER = (
+    f"# written by {WRITTEN_BY} (compile.py --triton-repo); --force may replace this model folder"
+)
 MANIFEST_LIMIT = 64 * 2**20  # bytes: a manifest this tool writes is far smaller
 NAME_MAX = 255  # bytes of one path component on Linux, macOS and Windows file systems
 _STAGING_SUFFIXES = (".partial", ".old")
@@ -60,11 +62,16 @@ def _ours_compile(folder: Path) -> str | None:
         data = json.loads(manifest.read_bytes())
     except (OSError, ValueError):
         return "it has no readable manifest.json"
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict) or not (
-            data.get("written_by") == WRITTEN_BY or {"target", "tools"} <= data.keys()):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("files"), dict)
+        or not (data.get("written_by") == WRITTEN_BY or {"target", "tools"} <= data.keys())
+    ):
         return "its manifest.json was not written by compile.py"
     listed = {"manifest.json", *map(str, data["files"])}
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in listed or p.is_symlink() or p.is_dir())
+    foreign = sorted(
+        p.name for p in folder.iterdir() if p.name not in listed or p.is_symlink() or p.is_dir()
+    )
     return f"it holds {_names(foreign)}, which compile.py did not write" if foreign else None
 
 
@@ -80,12 +87,21 @@ def _ours_triton(folder: Path) -> str | None:
         return "it has no config.pbtxt compile.py wrote"
     if first != TRITON_MARKER:
         return "its config.pbtxt was not written by compile.py"
-    foreign = [p.name for p in folder.iterdir() if p.name not in ("config.pbtxt", "1") or p.is_symlink()]
+    foreign = [
+        p.name for p in folder.iterdir() if p.name not in ("config.pbtxt", "1") or p.is_symlink()
+    ]
     version = folder / "1"
     if version.is_dir() and not version.is_symlink():
-        foreign += [f"1/{p.name}" for p in version.iterdir()
-                    if p.name not in ("model.onnx", "model.onnx.data", "model.plan") or not p.is_file() or p.is_symlink()]
-    return f"it holds {_names(sorted(foreign))}, which compile.py did not write" if foreign else None
+        foreign += [
+            f"1/{p.name}"
+            for p in version.iterdir()
+            if p.name not in ("model.onnx", "model.onnx.data", "model.plan")
+            or not p.is_file()
+            or p.is_symlink()
+        ]
+    return (
+        f"it holds {_names(sorted(foreign))}, which compile.py did not write" if foreign else None
+    )
 
 
 OWNERS: dict[str, Callable[[Path], str | None]] = {"compile": _ours_compile, "triton": _ours_triton}
@@ -117,15 +133,21 @@ class Output:
     owner: str
     force: bool
     previous: tuple | None = None
-    created: list[Path] = field(default_factory=list)  # parent folders this run made, removed if it fails
+    created: list[Path] = field(
+        default_factory=list
+    )  # parent folders this run made, removed if it fails
 
     def _still_claimable(self) -> None:
         if _identity(self.path) != self.previous:
-            raise ArtifactError(f"output folder {show(self.path)} was written by another run while this one worked; "
-                                "this run's files were discarded")
+            raise ArtifactError(
+                f"output folder {show(self.path)} was written by another run while this one worked; "
+                "this run's files were discarded"
+            )
         if self.previous not in (None, ("empty",)) and (why := OWNERS[self.owner](self.path)):
-            raise OutputRefused(f"{self.flag} {show(self.given)} changed while this run worked: {why}; "
-                                "this run's files were discarded")
+            raise OutputRefused(
+                f"{self.flag} {show(self.given)} changed while this run worked: {why}; "
+                "this run's files were discarded"
+            )
 
 
 def _name_problem(path: str) -> str | None:
@@ -139,8 +161,10 @@ def _name_problem(path: str) -> str | None:
         return "holds a NUL byte"
     long = [part for part in Path(path).parts if len(part.encode()) > NAME_MAX]
     if long:
-        return (f"has a name of {len(long[0].encode())} bytes ({long[0][:40]}...), longer than the {NAME_MAX} "
-                "a file system allows")
+        return (
+            f"has a name of {len(long[0].encode())} bytes ({long[0][:40]}...), longer than the {NAME_MAX} "
+            "a file system allows"
+        )
     return None
 
 
@@ -170,33 +194,47 @@ def _protected(real: Path) -> str | None:
     return None
 
 
-def claim(given: str | os.PathLike[str], *, force: bool, flag: str = "--out", owner: str = "compile") -> Output:
+def claim(
+    given: str | os.PathLike[str], *, force: bool, flag: str = "--out", owner: str = "compile"
+) -> Output:
     """Check that ``given`` may receive this run's output folder; OutputRefused (one sentence) if not."""
     given = os.fspath(given)
     check_path_text(given, flag)
     real = Path(os.path.realpath(given))
     if real.name in ("", ".", ".."):
-        raise OutputRefused(f"{flag} {show(given)} is the root folder; expected a folder of its own")
+        raise OutputRefused(
+            f"{flag} {show(given)} is the root folder; expected a folder of its own"
+        )
     if (why := _protected(real)) is not None:
-        raise OutputRefused(f"{flag} {show(given)} {why}; compile.py writes only into a new folder or one it wrote itself")
+        raise OutputRefused(
+            f"{flag} {show(given)} {why}; compile.py writes only into a new folder or one it wrote itself"
+        )
     output = Output(given, flag, real, owner, force)
     try:
         info = real.lstat()
     except FileNotFoundError:
         return output
     except OSError as exc:
-        raise OutputRefused(f"{flag} {show(given)} cannot be examined: {exc.strerror or exc}") from exc
+        raise OutputRefused(
+            f"{flag} {show(given)} cannot be examined: {exc.strerror or exc}"
+        ) from exc
     if not stat.S_ISDIR(info.st_mode):
-        raise OutputRefused(f"{flag} {show(given)} is a file, not a folder; compile.py never replaces a file, give a "
-                            "folder path")
+        raise OutputRefused(
+            f"{flag} {show(given)} is a file, not a folder; compile.py never replaces a file, give a "
+            "folder path"
+        )
     output.previous = _identity(real)
     if output.previous != ("empty",):
         if not force:
-            raise OutputRefused(f"{flag} folder {show(given)} already exists and is not empty; pass --force to replace "
-                                "a folder compile.py wrote")
+            raise OutputRefused(
+                f"{flag} folder {show(given)} already exists and is not empty; pass --force to replace "
+                "a folder compile.py wrote"
+            )
         if (why := OWNERS[owner](real)) is not None:
-            raise OutputRefused(f"{flag} folder {show(given)} was not written by compile.py ({why}); --force replaces "
-                                "only folders compile.py wrote, so remove it yourself or choose another folder")
+            raise OutputRefused(
+                f"{flag} folder {show(given)} was not written by compile.py ({why}); --force replaces "
+                "only folders compile.py wrote, so remove it yourself or choose another folder"
+            )
     return output
 
 
@@ -206,8 +244,10 @@ def check_apart(a: Output, b: Output, b_root: tuple[str, Path] | None = None) ->
     Triton repository, which Triton reads whole)."""
     given, outer = b_root or (b.given, b.path)
     if a.path == b.path or a.path.is_relative_to(outer) or outer.is_relative_to(a.path):
-        raise OutputRefused(f"{a.flag} {show(a.given)} and {b.flag} {show(given)} overlap; each output needs a folder "
-                            "of its own, outside the other")
+        raise OutputRefused(
+            f"{a.flag} {show(a.given)} and {b.flag} {show(given)} overlap; each output needs a folder "
+            "of its own, outside the other"
+        )
 
 
 def _staging_name(out: Path) -> str:
@@ -229,7 +269,9 @@ def _make_parents(output: Output) -> None:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise ArtifactError(f"cannot create the folder {show(parent)}: {exc.strerror or exc}") from exc
+            raise ArtifactError(
+                f"cannot create the folder {show(parent)}: {exc.strerror or exc}"
+            ) from exc
         output.created.append(parent)
 
 
@@ -244,7 +286,9 @@ def _parents_locked(outputs: list[Output]) -> Iterator[None]:
     """An exclusive lock on each output's parent folder, in one order, with signals held back, so
     two runs cannot interleave their swaps and a signal cannot stop one half-way."""
     held = []
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    blocked = signal.pthread_sigmask(
+        signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    )
     try:
         for parent in sorted({o.path.parent for o in outputs}):
             fd = os.open(parent, os.O_RDONLY)
@@ -263,7 +307,11 @@ def _swap_in(output: Output, staging: Path) -> Path | None:
     if output.previous == ("empty",):
         output.path.rmdir()
     elif output.previous is not None:
-        old = Path(tempfile.mkdtemp(prefix=_staging_name(output.path), suffix=".old", dir=output.path.parent))
+        old = Path(
+            tempfile.mkdtemp(
+                prefix=_staging_name(output.path), suffix=".old", dir=output.path.parent
+            )
+        )
         os.rename(output.path, old / "replaced")
     try:
         os.rename(staging, output.path)
@@ -273,9 +321,13 @@ def _swap_in(output: Output, staging: Path) -> Path | None:
                 os.rename(old / "replaced", output.path)
                 old.rmdir()
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise ArtifactError(f"output folder {show(output.path)} was written by another run while this one worked; "
-                                "this run's files were discarded") from exc
-        raise ArtifactError(f"cannot move the finished output into {show(output.path)}: {exc.strerror or exc}") from exc
+            raise ArtifactError(
+                f"output folder {show(output.path)} was written by another run while this one worked; "
+                "this run's files were discarded"
+            ) from exc
+        raise ArtifactError(
+            f"cannot move the finished output into {show(output.path)}: {exc.strerror or exc}"
+        ) from exc
     return old
 
 
@@ -299,10 +351,15 @@ def staged(*outputs: Output) -> Iterator[list[Path]]:
         for output in outputs:
             _make_parents(output)
             try:
-                staging = Path(tempfile.mkdtemp(prefix=_staging_name(output.path), suffix=".partial",
-                                                dir=output.path.parent))
+                staging = Path(
+                    tempfile.mkdtemp(
+                        prefix=_staging_name(output.path), suffix=".partial", dir=output.path.parent
+                    )
+                )
             except OSError as exc:
-                raise ArtifactError(f"cannot create a folder beside {show(output.path)}: {exc.strerror or exc}") from exc
+                raise ArtifactError(
+                    f"cannot create a folder beside {show(output.path)}: {exc.strerror or exc}"
+                ) from exc
             stagings.append(staging)
             staging.chmod(0o777 & ~umask())  # mkdtemp makes it private; the artifact is not
         yield stagings
@@ -341,11 +398,17 @@ def check_output_file(given: str, flag: str) -> Path:
     check_path_text(given, flag)
     path = Path(os.path.realpath(given))
     if path.exists() and not path.is_file():
-        raise OutputRefused(f"{flag} {show(given)} is a folder or a device, not a file; give a file path")
+        raise OutputRefused(
+            f"{flag} {show(given)} is a folder or a device, not a file; give a file path"
+        )
     if not path.parent.is_dir():
-        raise OutputRefused(f"{flag} {show(given)} lies in a folder that does not exist ({show(path.parent)})")
+        raise OutputRefused(
+            f"{flag} {show(given)} lies in a folder that does not exist ({show(path.parent)})"
+        )
     if not os.access(path.parent, os.W_OK):
-        raise OutputRefused(f"{flag} {show(given)} lies in a folder this user cannot write ({show(path.parent)})")
+        raise OutputRefused(
+            f"{flag} {show(given)} lies in a folder this user cannot write ({show(path.parent)})"
+        )
     return path
 
 

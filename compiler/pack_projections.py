@@ -97,16 +97,37 @@ def _pack(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node]) -> bool:
     y = nodes[-1].outputs[0]
     if any(biases):
         dtype = weights[0].dtype
-        packed_b = np.concatenate([b[1] if b else np.zeros(w, dtype) for b, w in zip(biases, widths)]).astype(dtype)
-        nodes.append(named(ir.node("Add", [y, new_initializer(graph, f"{prefix}/bias", packed_b)], name=f"{prefix}/Add")))
+        packed_b = np.concatenate(
+            [b[1] if b else np.zeros(w, dtype) for b, w in zip(biases, widths)]
+        ).astype(dtype)
+        nodes.append(
+            named(
+                ir.node(
+                    "Add",
+                    [y, new_initializer(graph, f"{prefix}/bias", packed_b)],
+                    name=f"{prefix}/Add",
+                )
+            )
+        )
         y = nodes[-1].outputs[0]
     split = new_initializer(graph, f"{prefix}/split", np.asarray(widths, np.int64))
-    nodes.append(named(ir.node("Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split")))
+    nodes.append(
+        named(
+            ir.node(
+                "Split", [y, split], {"axis": -1}, num_outputs=len(matmuls), name=f"{prefix}/Split"
+            )
+        )
+    )
     graph.insert_before(matmuls[0], nodes)
     for final, out in zip(finals, nodes[-1].outputs):
-        out.type, out.shape = final.type, final.shape  # what the later passes read (a head split's width, say)
+        out.type, out.shape = (
+            final.type,
+            final.shape,
+        )  # what the later passes read (a head split's width, say)
         final.replace_all_uses_with(out)
-    graph.remove([n for m, b in zip(matmuls, biases) for n in ((m, b[0]) if b else (m,))], safe=True)
+    graph.remove(
+        [n for m, b in zip(matmuls, biases) for n in ((m, b[0]) if b else (m,))], safe=True
+    )
     return True
 
 
@@ -115,7 +136,11 @@ def _scope(graph: ir.Graph, matmuls: list[ir.Node]) -> str:
     under the same parent; any other group into ``packed_proj``; made unique in the graph."""
     paths = [(m.name or "").split("/") for m in matmuls]
     scopes = [p[-2] if len(p) >= 2 else "" for p in paths]
-    base = "".join(s[0] for s in scopes) + "_proj" if all(s.endswith("_proj") for s in scopes) else "packed_proj"
+    base = (
+        "".join(s[0] for s in scopes) + "_proj"
+        if all(s.endswith("_proj") for s in scopes)
+        else "packed_proj"
+    )
     parent = paths[0][:-2] if all(p[:-2] == paths[0][:-2] for p in paths) else []
     prefix = "/".join([*parent, base])
     taken = {node.name for node in graph if node.name}

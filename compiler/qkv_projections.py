@@ -40,8 +40,11 @@ def match_projections(core: Core) -> Projections | None:
     if core.layout == "BSD":
         flat = [core.q, core.k, core.v]
     else:
-        flat = [_merged(core.q, [0, 2, 1, 3], core), _merged(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], core),
-                _merged(core.v, [0, 2, 1, 3], core)]
+        flat = [
+            _merged(core.q, [0, 2, 1, 3], core),
+            _merged(core.k, [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], core),
+            _merged(core.v, [0, 2, 1, 3], core),
+        ]
     found = [_projection(p) if p is not None else None for p in flat]
     if any(f is None for f in found) or len({id(f[0]) for f in found}) != 1:
         return None
@@ -56,14 +59,23 @@ def match_projections(core: Core) -> Projections | None:
         return None
     axes: dict[ir.Value, tuple] = {}
     h, d = core.num_heads, core.head_dim
-    for value, p, perm in zip([core.q, core.k, core.v], flat,
-                              [[0, 2, 1, 3], [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], [0, 2, 1, 3]]):
+    for value, p, perm in zip(
+        [core.q, core.k, core.v],
+        flat,
+        [[0, 2, 1, 3], [0, 2, 3, 1] if core.k_transposed else [0, 2, 1, 3], [0, 2, 1, 3]],
+    ):
         axes[p] = ("N", "L", width)
         if value is not p:
             heads = ("N", "L", h, d)
             axes[value.producer().inputs[0]] = heads
             axes[value] = tuple(heads[i] for i in perm)
-    return Projections(x, np.concatenate(weights, axis=1), np.concatenate(biases).astype(np.float32), (width,) * 3, axes)
+    return Projections(
+        x,
+        np.concatenate(weights, axis=1),
+        np.concatenate(biases).astype(np.float32),
+        (width,) * 3,
+        axes,
+    )
 
 
 def reroute_shapes(graph: ir.Graph, projections: Projections) -> None:
@@ -74,18 +86,42 @@ def reroute_shapes(graph: ir.Graph, projections: Projections) -> None:
         for node in [use.node for use in value.uses()]:
             if node.op_type != "Shape" or node.domain:
                 continue
-            start, end = (node.attributes.get_int(k, default) for k, default in (("start", 0), ("end", len(axes))))
-            start, end = (max(0, a + len(axes)) if a < 0 else min(a, len(axes)) for a in (start, end))
+            start, end = (
+                node.attributes.get_int(k, default)
+                for k, default in (("start", 0), ("end", len(axes)))
+            )
+            start, end = (
+                max(0, a + len(axes)) if a < 0 else min(a, len(axes)) for a in (start, end)
+            )
             if start >= end:
                 continue
             new: list[ir.Node] = []
-            prefix = node.outputs[0].name  # value names are unique in a graph; node names need not be set
+            prefix = node.outputs[
+                0
+            ].name  # value names are unique in a graph; node names need not be set
             for axis in axes[start:end]:
                 if isinstance(axis, str):
-                    new.append(named(ir.node("Shape", [projections.x], {"start": "NL".index(axis), "end": "NL".index(axis) + 1},
-                                             name=f"{prefix}/from_x_{len(new)}")))
+                    new.append(
+                        named(
+                            ir.node(
+                                "Shape",
+                                [projections.x],
+                                {"start": "NL".index(axis), "end": "NL".index(axis) + 1},
+                                name=f"{prefix}/from_x_{len(new)}",
+                            )
+                        )
+                    )
                 else:
-                    new.append(named(ir.node("Constant", [], {"value_ints": [axis]}, name=f"{prefix}/size_{len(new)}")))
+                    new.append(
+                        named(
+                            ir.node(
+                                "Constant",
+                                [],
+                                {"value_ints": [axis]},
+                                name=f"{prefix}/size_{len(new)}",
+                            )
+                        )
+                    )
             parts = [n.outputs[0] for n in new]
             if len(parts) > 1:
                 new.append(named(ir.node("Concat", parts, {"axis": 0}, name=f"{prefix}/from_x")))
@@ -105,8 +141,12 @@ def _merged(value: ir.Value, perm: list[int], core: Core) -> ir.Value | None:
     if p.shape is None or heads.shape is None or len(p.shape) != 3 or len(heads.shape) != 4:
         return None
     # with the first two axes kept and the last one hd, the third is H (whatever shape inference knew)
-    if p.shape[2] != core.num_heads * core.head_dim or heads.shape[3] != core.head_dim \
-            or not same_dim(p.shape[0], heads.shape[0]) or not same_dim(p.shape[1], heads.shape[1]):
+    if (
+        p.shape[2] != core.num_heads * core.head_dim
+        or heads.shape[3] != core.head_dim
+        or not same_dim(p.shape[0], heads.shape[0])
+        or not same_dim(p.shape[1], heads.shape[1])
+    ):
         return None
     return p
 
@@ -127,7 +167,7 @@ def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | No
         if sizes is None or int(np.sum(sizes)) != packed[1].shape[1]:
             return None
         index = list(split.outputs).index(value)
-        start, stop = int(np.sum(sizes[:index])), int(np.sum(sizes[:index + 1]))
+        start, stop = int(np.sum(sizes[:index])), int(np.sum(sizes[: index + 1]))
         x, w, b = packed
         return x, w[:, start:stop], b[start:stop]
     if (rows := _gemm_rows(value)) is not None:
@@ -158,17 +198,31 @@ def _gemm_rows(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | Non
     if inner is None:
         return None
     x = inner.inputs[0]
-    if x.shape is None or value.shape is None or len(x.shape) != 3 or len(value.shape) != 3 \
-            or not same_dim(x.shape[0], value.shape[0]) or not same_dim(x.shape[1], value.shape[1]):
+    if (
+        x.shape is None
+        or value.shape is None
+        or len(x.shape) != 3
+        or len(value.shape) != 3
+        or not same_dim(x.shape[0], value.shape[0])
+        or not same_dim(x.shape[1], value.shape[1])
+    ):
         return None
     attrs = gemm.attributes
-    if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
+    if (
+        attrs.get_float("alpha", 1.0) != 1.0
+        or attrs.get_float("beta", 1.0) != 1.0
+        or attrs.get_int("transA", 0)
+    ):
         return None
     w = _constant(gemm.inputs[1])
     if w is None or w.ndim != 2:
         return None
     w = w.T if attrs.get_int("transB", 0) else w
-    b = _constant(gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] is not None else np.zeros(w.shape[1], w.dtype)
+    b = (
+        _constant(gemm.inputs[2])
+        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None
+        else np.zeros(w.shape[1], w.dtype)
+    )
     if b is None:
         return None
     if w.shape[0] != x.shape[2] or b.shape != (w.shape[1],):

@@ -21,22 +21,37 @@ code{background:#f4f4f4;padding:0 .2em}"""
 
 def graph_summary(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, Any]:
     """Node and op counts before and after the passes, for the manifest and the report."""
-    return {"before": {"nodes": len(before.graph.node), "ops": op_counts(before)},
-            "after": {"nodes": len(after.graph.node), "ops": op_counts(after)}}
+    return {
+        "before": {"nodes": len(before.graph.node), "ops": op_counts(before)},
+        "after": {"nodes": len(after.graph.node), "ops": op_counts(after)},
+    }
 
 
-def render_report(manifest: Mapping[str, Any], before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+def render_report(
+    manifest: Mapping[str, Any], before: onnx.ModelProto, after: onnx.ModelProto
+) -> str:
     """The page for one artifact; ``manifest`` is the artifact's manifest (check and latency included when measured)."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(_title(manifest))}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{_e(_title(manifest))}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(_title(manifest))}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{_e(_title(manifest))}</h1>"
+    ]
     parts.append(_section("What was compiled", _rows(_what(manifest))))
     parts.append(_section("Inputs and outputs", _signature(manifest)))
     parts.append(_section("Graph before and after the passes", _graphs(manifest, before, after)))
     parts.append(_section("Numeric check", _check(manifest.get("check"))))
     parts.append(_section("Latency", _latency(manifest.get("latency"))))
-    parts.append(_section("Files", _table(["file", "bytes", "sha256"],
-                                          [[name, _n(r["bytes"]), _Html(f"<code>{_e(r['sha256'])}</code>")]
-                                           for name, r in manifest["files"].items()])))
+    parts.append(
+        _section(
+            "Files",
+            _table(
+                ["file", "bytes", "sha256"],
+                [
+                    [name, _n(r["bytes"]), _Html(f"<code>{_e(r['sha256'])}</code>")]
+                    for name, r in manifest["files"].items()
+                ],
+            ),
+        )
+    )
     parts.append(_section("Tools", _rows(manifest["tools"])))
     parts.append("</body></html>\n")
     return "".join(parts)
@@ -44,13 +59,21 @@ def render_report(manifest: Mapping[str, Any], before: onnx.ModelProto, after: o
 
 def _title(manifest: Mapping[str, Any]) -> str:
     spec = manifest.get("spec")
-    what = f"{spec.get('block', 'mha')} E={spec['embed_dim']} H={spec['num_heads']}" if spec else "ONNX graph"
+    what = (
+        f"{spec.get('block', 'mha')} E={spec['embed_dim']} H={spec['num_heads']}"
+        if spec
+        else "ONNX graph"
+    )
     return f"attention-compiler: {what}, target {manifest['target']}, {manifest['precision']}"
 
 
 def _what(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    rows = {"target": f"{manifest['target']} (form {manifest['form']}): {manifest['target_form']}",
-            "precision": manifest["precision"], "opset": manifest["opset"], "attention became": manifest["attention_form"]}
+    rows = {
+        "target": f"{manifest['target']} (form {manifest['form']}): {manifest['target_form']}",
+        "precision": manifest["precision"],
+        "opset": manifest["opset"],
+        "attention became": manifest["attention_form"],
+    }
     if "spec" in manifest:
         rows.update({f"spec: {k}": v for k, v in manifest["spec"].items()})
         rows["weights"] = json.dumps(manifest.get("weights"))
@@ -58,54 +81,103 @@ def _what(manifest: Mapping[str, Any]) -> dict[str, Any]:
         rows["source"] = f"{manifest['source']['onnx']} (sha256 {manifest['source']['sha256']})"
         for finding in manifest.get("fusion", []):
             layer = f" ({finding['layer']})" if finding.get("layer") else ""
-            rows[f"Softmax {finding['softmax']}{layer}"] = ("fused: " if finding["fused"] else "left alone: ") + finding["detail"]
+            rows[f"Softmax {finding['softmax']}{layer}"] = (
+                "fused: " if finding["fused"] else "left alone: "
+            ) + finding["detail"]
     if manifest.get("config"):
         rows["config"] = f"{manifest['config']['path']} (sha256 {manifest['config']['sha256']})"
     return rows
 
 
 def _signature(manifest: Mapping[str, Any]) -> str:
-    rows = [[kind, s["name"], s["dtype"], " x ".join(str(d) for d in s["shape"])]
-            for kind in ("inputs", "outputs") for s in manifest[kind]]
+    rows = [
+        [kind, s["name"], s["dtype"], " x ".join(str(d) for d in s["shape"])]
+        for kind in ("inputs", "outputs")
+        for s in manifest[kind]
+    ]
     return _table(["", "name", "dtype", "shape"], rows)
 
 
 def _graphs(manifest: Mapping[str, Any], before: onnx.ModelProto, after: onnx.ModelProto) -> str:
     counts = manifest["graph"]
     ops = sorted(set(counts["before"]["ops"]) | set(counts["after"]["ops"]))
-    table = _table(["op", "before", "after"],
-                   [[op, _n(counts["before"]["ops"].get(op, 0)), _n(counts["after"]["ops"].get(op, 0))] for op in ops]
-                   + [[_Html("<b>all nodes</b>"), _n(counts["before"]["nodes"]), _n(counts["after"]["nodes"])]])
+    table = _table(
+        ["op", "before", "after"],
+        [
+            [op, _n(counts["before"]["ops"].get(op, 0)), _n(counts["after"]["ops"].get(op, 0))]
+            for op in ops
+        ]
+        + [
+            [_Html("<b>all nodes</b>"), _n(counts["before"]["nodes"]), _n(counts["after"]["nodes"])]
+        ],
+    )
     figures = []
     for label, model in (("before", before), ("after", after)):
         nodes = attention_nodes(model)
         picture = draw_svg(model, nodes) if nodes else "<p>no attention core in this graph</p>"
-        figures.append(f"<figure><figcaption>{label}: the {len(nodes)} nodes nearest the attention core</figcaption>"
-                       f"{picture}</figure>")
+        figures.append(
+            f"<figure><figcaption>{label}: the {len(nodes)} nodes nearest the attention core</figcaption>"
+            f"{picture}</figure>"
+        )
     return table + f"<div class='graphs'>{''.join(figures)}</div>"
 
 
 def _check(check: Mapping[str, Any] | None) -> str:
     if check is None:
         return "<p>Not run: compile with <code>--check</code>.</p>"
-    verdict = "<span class='pass'>PASS</span>" if check["passed"] else "<span class='fail'>FAIL</span>"
-    rows = [[c["reference"], ",".join(map(str, c["shape"])), c["output"], _f(c["max_abs_error"]),
-             _f(c["max_rel_error"]), _n(c.get("rows_excluded", 0))] for c in check["comparisons"]]
-    skipped = "".join(f"<p>{_e(name)} skipped: {_e(why)}</p>" for name, why in check.get("skipped", {}).items())
-    return (f"<p>{verdict}: worst relative error {_f(check['worst_rel_error'])} against a tolerance of "
-            f"{check['tolerance']:.0e} (relative to each reference output's largest magnitude).</p>"
-            + _table(["reference", "batch,tgt,src", "output", "max abs error", "max rel error", "rows excluded"], rows)
-            + skipped)
+    verdict = (
+        "<span class='pass'>PASS</span>" if check["passed"] else "<span class='fail'>FAIL</span>"
+    )
+    rows = [
+        [
+            c["reference"],
+            ",".join(map(str, c["shape"])),
+            c["output"],
+            _f(c["max_abs_error"]),
+            _f(c["max_rel_error"]),
+            _n(c.get("rows_excluded", 0)),
+        ]
+        for c in check["comparisons"]
+    ]
+    skipped = "".join(
+        f"<p>{_e(name)} skipped: {_e(why)}</p>" for name, why in check.get("skipped", {}).items()
+    )
+    return (
+        f"<p>{verdict}: worst relative error {_f(check['worst_rel_error'])} against a tolerance of "
+        f"{check['tolerance']:.0e} (relative to each reference output's largest magnitude).</p>"
+        + _table(
+            [
+                "reference",
+                "batch,tgt,src",
+                "output",
+                "max abs error",
+                "max rel error",
+                "rows excluded",
+            ],
+            rows,
+        )
+        + skipped
+    )
 
 
 def _latency(latency: Mapping[str, Any] | None) -> str:
     if latency is None:
         return "<p>Not measured: compile with <code>--latency</code>.</p>"
-    rows = [[name, *(f"{t[k] * 1e3:.3f}" for k in ("p50_s", "p90_s", "p99_s", "best_s")), _n(t["runs"])]
-            for name, t in (("before the passes", latency["before"]), ("after the passes", latency["after"]))]
-    return (f"<p>{_e(latency['where'])}, inputs {_e(input_shapes(latency['inputs']))}. "
-            f"After/before at p50: <b>{latency['ratio_p50']:.2f}x</b>.</p>"
-            + _table(["graph", "p50 ms", "p90 ms", "p99 ms", "best ms", "runs"], [[r[0], *map(_Num, r[1:5]), r[5]] for r in rows]))
+    rows = [
+        [name, *(f"{t[k] * 1e3:.3f}" for k in ("p50_s", "p90_s", "p99_s", "best_s")), _n(t["runs"])]
+        for name, t in (
+            ("before the passes", latency["before"]),
+            ("after the passes", latency["after"]),
+        )
+    ]
+    return (
+        f"<p>{_e(latency['where'])}, inputs {_e(input_shapes(latency['inputs']))}. "
+        f"After/before at p50: <b>{latency['ratio_p50']:.2f}x</b>.</p>"
+        + _table(
+            ["graph", "p50 ms", "p90 ms", "p99 ms", "best ms", "runs"],
+            [[r[0], *map(_Num, r[1:5]), r[5]] for r in rows],
+        )
+    )
 
 
 def input_shapes(inputs: Mapping[str, list[int]]) -> str:
@@ -123,8 +195,12 @@ def _rows(rows: Mapping[str, Any]) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if isinstance(v, _Num) else ''}>{_cell(v)}</td>" for v in row)
-                   + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=n' if isinstance(v, _Num) else ''}>{_cell(v)}</td>" for v in row)
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -39,7 +39,9 @@ class Shape:
         return f"batch {self.batch}, tgt_len {self.tgt_len}, src_len {self.src_len}"
 
 
-def attention_parts(spec: AttentionSpec, shape: Shape, precision: str, target: str) -> dict[str, int]:
+def attention_parts(
+    spec: AttentionSpec, shape: Shape, precision: str, target: str
+) -> dict[str, int]:
     """Bytes of each tensor one call of this attention holds, by a name a user can act on."""
     elt = 2 if precision == "fp16" else FLOAT32
     n, h, e = shape.batch, spec.num_heads, spec.embed_dim
@@ -48,12 +50,16 @@ def attention_parts(spec: AttentionSpec, shape: Shape, precision: str, target: s
     keys = src + spec.extra_keys
     parts = {
         "weights": elt * (2 * e * e + e * (spec.k_dim + spec.v_dim) + _bias_params(spec)),
-        "inputs and outputs": FLOAT32 * n * (2 * tgt * e + (0 if spec.self_attention else src * (spec.k_dim + spec.v_dim))),
+        "inputs and outputs": FLOAT32
+        * n
+        * (2 * tgt * e + (0 if spec.self_attention else src * (spec.k_dim + spec.v_dim))),
         "projected queries, keys and values": elt * n * e * (tgt + 2 * keys),
         "attention context": elt * n * tgt * e,
     }
     if target != "tensorrt" or spec.need_weights:
-        parts["attention scores (batch x heads x tgt_len x keys, float32)"] = FLOAT32 * n * h * tgt * keys
+        parts["attention scores (batch x heads x tgt_len x keys, float32)"] = (
+            FLOAT32 * n * h * tgt * keys
+        )
     if spec.key_padding_mask is not None or spec.attn_mask is not None or spec.is_causal:
         parts["combined mask"] = FLOAT32 * n * h * tgt * keys
     if spec.kv_cache:  # past in, present out, for keys and values
@@ -76,20 +82,30 @@ def declare_maxima(model: onnx.ModelProto, max_batch: int | None, max_len: int |
 
 
 def _bias_params(spec: AttentionSpec) -> int:
-    return (4 * spec.embed_dim if spec.bias else 0) + (2 * spec.embed_dim if spec.add_bias_kv else 0)
+    return (4 * spec.embed_dim if spec.bias else 0) + (
+        2 * spec.embed_dim if spec.add_bias_kv else 0
+    )
 
 
 def block_parts(spec: Any, shape: Shape, precision: str, target: str) -> dict[str, int]:
     """An encoder or decoder block: its attentions (the larger one's working set, the other's
     weights), the feed-forward hidden layer and the residual stream."""
     elt = 2 if precision == "fp16" else FLOAT32
-    attentions = [attention_parts(spec.self_attention_spec(), Shape(shape.batch, shape.tgt_len, shape.tgt_len),
-                                  precision, target)]
+    attentions = [
+        attention_parts(
+            spec.self_attention_spec(),
+            Shape(shape.batch, shape.tgt_len, shape.tgt_len),
+            precision,
+            target,
+        )
+    ]
     if spec.block == "decoder":
         attentions.append(attention_parts(spec.cross_attention_spec(), shape, precision, target))
     widest = max(attentions, key=lambda p: sum(p.values()) - p["weights"])
     parts = dict(widest)
-    parts["weights"] = sum(p["weights"] for p in attentions) + elt * 2 * spec.embed_dim * spec.dim_feedforward
+    parts["weights"] = (
+        sum(p["weights"] for p in attentions) + elt * 2 * spec.embed_dim * spec.dim_feedforward
+    )
     parts["feed-forward hidden layer"] = elt * shape.batch * shape.tgt_len * spec.dim_feedforward
     parts["residual stream"] = FLOAT32 * shape.batch * shape.tgt_len * spec.embed_dim * 2
     return parts
@@ -97,17 +113,26 @@ def block_parts(spec: Any, shape: Shape, precision: str, target: str) -> dict[st
 
 def check_memory(parts: dict[str, int], shape: Shape, limit: int, limit_source: str) -> int:
     """The total of ``parts``; MemoryBoundError naming the largest part when it passes ``limit``."""
-    return _check(parts, f"at its declared maximum shape ({shape}) this graph needs", "per call", limit, limit_source,
-                  "lower --max-batch or --max-len, or raise --memory-limit")
+    return _check(
+        parts,
+        f"at its declared maximum shape ({shape}) this graph needs",
+        "per call",
+        limit,
+        limit_source,
+        "lower --max-batch or --max-len, or raise --memory-limit",
+    )
 
 
-def _check(parts: dict[str, int], what: str, per: str, limit: int, limit_source: str, advice: str) -> int:
+def _check(
+    parts: dict[str, int], what: str, per: str, limit: int, limit_source: str, advice: str
+) -> int:
     total = sum(parts.values())
     if total > limit:
         name, size = max(parts.items(), key=lambda item: item[1])
         raise MemoryBoundError(
             f"{what} about {show_bytes(total)}{' ' + per if per else ''}, mostly the {name} ({show_bytes(size)}), more "
-            f"than the memory limit of {show_bytes(limit)} ({limit_source}); {advice}")
+            f"than the memory limit of {show_bytes(limit)} ({limit_source}); {advice}"
+        )
     return total
 
 
@@ -121,22 +146,46 @@ WORK_FIXED_BYTES = 256 * 2**20
 
 def work_parts(parameters: int, latency: dict[str, int] | None = None) -> dict[str, int]:
     """What compiling (and checking, and timing one call at the latency shape) holds at its peak."""
-    parts = {f"weights as they are built, written and checked ({parameters:,} parameters)":
-             WORK_BYTES_PER_PARAMETER * parameters,
-             "sessions and references, whatever the size": WORK_FIXED_BYTES}
+    parts = {
+        f"weights as they are built, written and checked ({parameters:,} parameters)": WORK_BYTES_PER_PARAMETER
+        * parameters,
+        "sessions and references, whatever the size": WORK_FIXED_BYTES,
+    }
     for name, size in (latency or {}).items():
         if name != "weights":
-            parts[f"{name} of one call at the --latency-shape"] = 2 * size  # before and after the passes
+            parts[f"{name} of one call at the --latency-shape"] = (
+                2 * size
+            )  # before and after the passes
     return parts
 
 
 def check_work(parts: dict[str, int], limit: int, limit_source: str) -> int:
-    return _check(parts, "compiling this graph needs", "", limit, limit_source,
-                  "lower --embed-dim, --dim-feedforward or --latency-shape, or compile on a machine with more memory")
+    return _check(
+        parts,
+        "compiling this graph needs",
+        "",
+        limit,
+        limit_source,
+        "lower --embed-dim, --dim-feedforward or --latency-shape, or compile on a machine with more memory",
+    )
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:

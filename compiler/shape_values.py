@@ -16,20 +16,35 @@ import onnx_ir as ir
 
 from compiler._ir import constant
 
-Entries = list  # list[int | float | None]: a 1-D value, or a scalar as one entry with ``scalar`` set
+Entries = (
+    list  # list[int | float | None]: a 1-D value, or a scalar as one entry with ``scalar`` set
+)
+
 
 def _pow(a: int | float, b: int | float) -> int | float | None:
     """ONNX Pow where it is real: integers stay integers (a non-negative exponent), floats need a
     positive base or a whole exponent (a scale written as head_size ** 0.5 by legacy exports)."""
     if isinstance(a, int) and isinstance(b, int):
-        return a ** b if b >= 0 else None
+        return a**b if b >= 0 else None
     return float(a) ** float(b) if a > 0 or float(b).is_integer() and a != 0 else None
 
 
-_BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-           "Div": lambda a, b: a / b if isinstance(a, float) or isinstance(b, float) else (a // b if b else None),
-           "Pow": _pow}
-_INTEGER_TYPES = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8, ir.DataType.UINT8}
+_BINARY = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: (
+        a / b if isinstance(a, float) or isinstance(b, float) else (a // b if b else None)
+    ),
+    "Pow": _pow,
+}
+_INTEGER_TYPES = {
+    ir.DataType.INT64,
+    ir.DataType.INT32,
+    ir.DataType.INT16,
+    ir.DataType.INT8,
+    ir.DataType.UINT8,
+}
 
 
 def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | None:
@@ -55,10 +70,18 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         end = node.attributes.get_int("end", len(dims))
         return dims[start:end], False
     inputs = [entries(x, depth - 1) for x in node.inputs]
-    if op in ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten") and inputs and inputs[0] is not None:
+    if (
+        op in ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
+        and inputs
+        and inputs[0] is not None
+    ):
         values, _ = inputs[0]
-        if op == "Squeeze" or (op == "Reshape" and len(values) == 1 and constant(node.inputs[1]) is not None
-                               and constant(node.inputs[1]).size == 0):
+        if op == "Squeeze" or (
+            op == "Reshape"
+            and len(values) == 1
+            and constant(node.inputs[1]) is not None
+            and constant(node.inputs[1]).size == 0
+        ):
             return (values, True) if len(values) == 1 else None
         return values, False if op != "Identity" else inputs[0][1]
     if op == "Cast" and inputs[0] is not None:
@@ -66,7 +89,12 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         values, scalar = inputs[0]
         cast = int if to in _INTEGER_TYPES else float
         return [None if x is None else cast(x) for x in values], scalar
-    if op == "Gather" and inputs[0] is not None and inputs[1] is not None and node.attributes.get_int("axis", 0) == 0:
+    if (
+        op == "Gather"
+        and inputs[0] is not None
+        and inputs[1] is not None
+        and node.attributes.get_int("axis", 0) == 0
+    ):
         values, _ = inputs[0]
         picked, scalar = inputs[1]
         if None in picked or any(not -len(values) <= int(i) < len(values) for i in picked):
@@ -74,7 +102,11 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         return [values[int(i)] for i in picked], scalar
     if op == "Concat" and all(x is not None for x in inputs):
         return [e for values, _ in inputs for e in values], False
-    if op == "Slice" and inputs[0] is not None and all(x is not None and None not in x[0] for x in inputs[1:3]):
+    if (
+        op == "Slice"
+        and inputs[0] is not None
+        and all(x is not None and None not in x[0] for x in inputs[1:3])
+    ):
         values, _ = inputs[0]
         start, end = int(inputs[1][0][0]), int(inputs[2][0][0])
         return values[slice(start, end)], False
@@ -84,11 +116,16 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
             return None
         n = max(len(a), len(b))
         a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
-        return [None if x is None or y is None else _BINARY[op](x, y) for x, y in zip(a, b)], a_scalar and b_scalar
+        return [
+            None if x is None or y is None else _BINARY[op](x, y) for x, y in zip(a, b)
+        ], a_scalar and b_scalar
     if op in ("Sqrt", "Reciprocal") and inputs[0] is not None:
         values, scalar = inputs[0]
         f = math.sqrt if op == "Sqrt" else (lambda x: 1.0 / x)
-        return [None if x is None or x < 0 or (op == "Reciprocal" and x == 0) else f(float(x)) for x in values], scalar
+        return [
+            None if x is None or x < 0 or (op == "Reciprocal" and x == 0) else f(float(x))
+            for x in values
+        ], scalar
     return None
 
 

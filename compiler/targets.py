@@ -35,7 +35,9 @@ class Form:
     name: str
     passes: tuple[PassFactory, ...]
     note: str
-    fusion: type | None = None  # the pass that fuses the core, with its refuse(core) -> reason | None
+    fusion: type | None = (
+        None  # the pass that fuses the core, with its refuse(core) -> reason | None
+    )
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,10 @@ class Target:
         for form in self.forms:
             if form.name == name:
                 return form
-        raise TargetError(f"target {self.name!r} has no form {name!r}; choose one of "
-                          f"{', '.join(f.name for f in self.forms)}")
+        raise TargetError(
+            f"target {self.name!r} has no form {name!r}; choose one of "
+            f"{', '.join(f.name for f in self.forms)}"
+        )
 
 
 # Model-local functions inlined first: the matchers walk the main graph, and torch's legacy exporter
@@ -58,45 +62,81 @@ class Target:
 # Shape inference next: the matcher of heads-split cores needs ranks (graphs from elsewhere).
 # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
 # CSE before both, so that projections of one tensor through duplicated layout ops are seen to share it.
-PACK_ROWS_CPU = 256  # on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
-_PREPARE: tuple[PassFactory, ...] = (InlinePass, ShapeInferencePass, CommonSubexpressionEliminationPass, FoldScalePass,
-                                     PackProjectionsPass)
-_PORTABLE = Form("matmul-softmax", _PREPARE,
-                 "standard ops (opset 18), scale folded into the query projection, projections that share an input packed")
-_ONNX_ATTENTION = Form("attention-op", _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
-                       f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
-                       "(with need_weights its qk_matmul_output returns the weights)", FuseOnnxAttentionPass)
+PACK_ROWS_CPU = (
+    256  # on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
+)
+_PREPARE: tuple[PassFactory, ...] = (
+    InlinePass,
+    ShapeInferencePass,
+    CommonSubexpressionEliminationPass,
+    FoldScalePass,
+    PackProjectionsPass,
+)
+_PORTABLE = Form(
+    "matmul-softmax",
+    _PREPARE,
+    "standard ops (opset 18), scale folded into the query projection, projections that share an input packed",
+)
+_ONNX_ATTENTION = Form(
+    "attention-op",
+    _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
+    f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
+    "(with need_weights its qk_matmul_output returns the weights)",
+    FuseOnnxAttentionPass,
+)
 _ONNX_ATTENTION_BLOCKS = Form(
     "attention-op-blocks",
-    _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), functools.partial(FuseOnnxAttentionPass, query_blocks=True)),
+    _PREPARE
+    + (
+        functools.partial(UpgradeOpsetPass, ATTENTION_OPSET),
+        functools.partial(FuseOnnxAttentionPass, query_blocks=True),
+    ),
     f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op, one op per block of queries "
     "(each with its rows of the mask; not with need_weights or a KV cache), so that a call holds (batch, heads, block, "
-    "keys) scores, not (batch, heads, queries, keys): memory linear in length", FuseOnnxAttentionPass)
-_ORT_CPU = Form("ms-multihead-attention",
-                _PREPARE[:-1] + (functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
-                                 functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
-                                 functools.partial(FuseOrtNormGeluPass, skip_norm=False), ResidualSumPass),
-                "portable but projections packed only where at most 256 rows (batch x length) are known, or with a KV "
-                "cache, with the attention core fused into com.microsoft MultiHeadAttention (or, for short inputs "
-                "of a core whose q, k, v are projections of one input, com.microsoft.Attention on that input) "
-                "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
-                "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; RMSNorms in the Div form "
-                "ONNX Runtime fuses; residual sums before a LayerNorm or RMSNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
-                "(its SkipLayerNormalization is slower there)", FuseOrtMultiHeadAttentionPass)
-_ORT_CUDA = Form("ms-multihead-attention", _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
-                 "portable, with the attention core fused into com.microsoft MultiHeadAttention "
-                 "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
-                 "as SkipLayerNormalization, GELU as Gelu and RMSNorms in the Div form ONNX Runtime fuses", FuseOrtMultiHeadAttentionPass)
-_TENSORRT_MATMUL = Form("matmul-softmax", _PREPARE + (GuardAfterContextPass,),
-                        "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
-                        "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)")
+    "keys) scores, not (batch, heads, queries, keys): memory linear in length",
+    FuseOnnxAttentionPass,
+)
+_ORT_CPU = Form(
+    "ms-multihead-attention",
+    _PREPARE[:-1]
+    + (
+        functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
+        functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
+        functools.partial(FuseOrtNormGeluPass, skip_norm=False),
+        ResidualSumPass,
+    ),
+    "portable but projections packed only where at most 256 rows (batch x length) are known, or with a KV "
+    "cache, with the attention core fused into com.microsoft MultiHeadAttention (or, for short inputs "
+    "of a core whose q, k, v are projections of one input, com.microsoft.Attention on that input) "
+    "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
+    "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; RMSNorms in the Div form "
+    "ONNX Runtime fuses; residual sums before a LayerNorm or RMSNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
+    "(its SkipLayerNormalization is slower there)",
+    FuseOrtMultiHeadAttentionPass,
+)
+_ORT_CUDA = Form(
+    "ms-multihead-attention",
+    _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
+    "portable, with the attention core fused into com.microsoft MultiHeadAttention "
+    "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
+    "as SkipLayerNormalization, GELU as Gelu and RMSNorms in the Div form ONNX Runtime fuses",
+    FuseOrtMultiHeadAttentionPass,
+)
+_TENSORRT_MATMUL = Form(
+    "matmul-softmax",
+    _PREPARE + (GuardAfterContextPass,),
+    "portable, with the fully-masked-row guard moved after the context MatMul so that the core is "
+    "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)",
+)
 
 TARGET_SPECS = {
     "portable": Target("portable", (_PORTABLE,)),
     "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION, _ONNX_ATTENTION_BLOCKS)),
     "ort-cpu": Target("ort-cpu", (_ORT_CPU,)),
     "ort-cuda": Target("ort-cuda", (_ORT_CUDA,)),
-    "tensorrt": Target("tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)),  # the Attention op needs TensorRT 10.14+
+    "tensorrt": Target(
+        "tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)
+    ),  # the Attention op needs TensorRT 10.14+
 }
 
 
@@ -114,7 +154,13 @@ FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupQueryAttention")
 
 def attention_form(model: onnx.ModelProto) -> str:
     """The form the attention core took in a compiled graph, for the manifest."""
-    fused = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in every_node(model.graph) if n.op_type in FUSED_OPS})
+    fused = sorted(
+        {
+            f"{n.domain or 'ai.onnx'}.{n.op_type}"
+            for n in every_node(model.graph)
+            if n.op_type in FUSED_OPS
+        }
+    )
     return ", ".join(fused) if fused else "unfused MatMul-Softmax-MatMul"
 
 
@@ -127,7 +173,9 @@ def every_node(graph: onnx.GraphProto):
                 yield from every_node(attr.g)
 
 
-def compile_model(model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None) -> onnx.ModelProto:
+def compile_model(
+    model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None
+) -> onnx.ModelProto:
     """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion."""
     _, chosen = get_target(target, precision, form)
     passes = [make() for make in chosen.passes]

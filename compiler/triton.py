@@ -19,18 +19,23 @@ def _tensors(values: Any, skip: set[str]) -> list[tuple[str, str, list[int | str
         if v.name in skip:
             continue
         t = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+        ]
         out.append((v.name, BY_ONNX[t.elem_type].triton, dims))
     return out
 
 
-def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int,
-                  platform: str = "onnxruntime_onnx") -> tuple[str, dict[str, Any]]:
+def triton_config(
+    model: onnx.ModelProto, name: str, max_batch_size: int, platform: str = "onnxruntime_onnx"
+) -> tuple[str, dict[str, Any]]:
     """config.pbtxt and what it chose. Dynamic batching needs batch as the first axis of every input
     and output (Triton stacks requests along it); otherwise max_batch_size is 0 and every dim is
     listed, -1 where dynamic, and the summary says which tensor prevented batching."""
     if platform not in PLATFORMS:
-        raise ValueError(f"unknown Triton platform {platform!r}; expected one of {', '.join(PLATFORMS)}")
+        raise ValueError(
+            f"unknown Triton platform {platform!r}; expected one of {', '.join(PLATFORMS)}"
+        )
     initializers = {t.name for t in model.graph.initializer}
     inputs, outputs = _tensors(model.graph.input, initializers), _tensors(model.graph.output, set())
     unbatched = [n for n, _, dims in inputs + outputs if not dims or dims[0] != "batch"]
@@ -42,14 +47,28 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int,
         shown = ", ".join(str(d) if isinstance(d, int) else "-1" for d in listed)
         return f'  {{\n    name: "{tname}"\n    data_type: {dtype}\n    dims: [ {shown} ]\n  }}'
 
-    lines = [TRITON_MARKER, f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size if batching else 0}",
-             "input [\n" + ",\n".join(entry(t) for t in inputs) + "\n]",
-             "output [\n" + ",\n".join(entry(t) for t in outputs) + "\n]"]
+    lines = [
+        TRITON_MARKER,
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch_size if batching else 0}",
+        "input [\n" + ",\n".join(entry(t) for t in inputs) + "\n]",
+        "output [\n" + ",\n".join(entry(t) for t in outputs) + "\n]",
+    ]
     if batching:
         lines.append("dynamic_batching { }")
-    summary = {"model_name": name, "platform": platform, "max_batch_size": max_batch_size if batching else 0,
-               "dynamic_batching": batching,
-               "note": None if batching else (f"no dynamic batching: {', '.join(unbatched)} "
-                                              f"{'has' if len(unbatched) == 1 else 'have'} no leading batch axis"
-                                              if unbatched else "no dynamic batching: --triton-max-batch 0")}
+    summary = {
+        "model_name": name,
+        "platform": platform,
+        "max_batch_size": max_batch_size if batching else 0,
+        "dynamic_batching": batching,
+        "note": None
+        if batching
+        else (
+            f"no dynamic batching: {', '.join(unbatched)} "
+            f"{'has' if len(unbatched) == 1 else 'have'} no leading batch axis"
+            if unbatched
+            else "no dynamic batching: --triton-max-batch 0"
+        ),
+    }
     return "\n".join(lines) + "\n", summary

@@ -4,4 +4,13 @@ from graphs.mha import build_mha
 from graphs.spec import AttentionSpec, SpecError, TensorSig, spec_from_module
 from graphs.weights import AttentionWeights, WeightsError, expected_shapes
 
-__all__ = ["AttentionSpec", "AttentionWeights", "SpecError", "TensorSig", "WeightsError", "build_mha", "expected_shapes", "spec_from_module"]
+__all__ = [
+    "AttentionSpec",
+    "AttentionWeights",
+    "SpecError",
+    "TensorSig",
+    "WeightsError",
+    "build_mha",
+    "expected_shapes",
+    "spec_from_module",
+]

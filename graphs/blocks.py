@@ -20,10 +20,27 @@ import onnx
 
 from graphs.builder import GraphBuilder
 from graphs.mha import add_attention, linear, to_batch_first
-from graphs.spec import (BATCH, PAST_LEN, SRC_LEN, TGT_LEN, TOTAL_LEN, AttentionSpec, MaskKind, SpecError, TensorSig,
-                         mask_dtype)
-from graphs.weights import (AttentionWeights, checked_tensors, expected_shapes, file_source, module_state, random_state,
-                            read_state_dict)
+from graphs.spec import (
+    BATCH,
+    PAST_LEN,
+    SRC_LEN,
+    TGT_LEN,
+    TOTAL_LEN,
+    AttentionSpec,
+    MaskKind,
+    SpecError,
+    TensorSig,
+    mask_dtype,
+)
+from graphs.weights import (
+    AttentionWeights,
+    checked_tensors,
+    expected_shapes,
+    file_source,
+    module_state,
+    random_state,
+    read_state_dict,
+)
 
 BLOCKS = ("mha", "encoder", "decoder")
 ACTIVATIONS = ("relu", "gelu")
@@ -57,30 +74,64 @@ class BlockSpec:
         if self.block not in ("encoder", "decoder"):
             raise SpecError(f"block must be 'encoder' or 'decoder', got {self.block!r}")
         if self.activation not in ACTIVATIONS:
-            raise SpecError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if isinstance(self.dim_feedforward, bool) or not isinstance(self.dim_feedforward, int) or self.dim_feedforward <= 0:
-            raise SpecError(f"dim_feedforward must be a positive integer, got {self.dim_feedforward!r}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
-            raise SpecError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+            raise SpecError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if (
+            isinstance(self.dim_feedforward, bool)
+            or not isinstance(self.dim_feedforward, int)
+            or self.dim_feedforward <= 0
+        ):
+            raise SpecError(
+                f"dim_feedforward must be a positive integer, got {self.dim_feedforward!r}"
+            )
+        if not (
+            isinstance(self.layer_norm_eps, (int, float))
+            and math.isfinite(self.layer_norm_eps)
+            and self.layer_norm_eps > 0
+        ):
+            raise SpecError(
+                f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}"
+            )
         if self.block == "encoder":
             for name in ("memory_key_padding_mask", "memory_mask"):
                 if getattr(self, name) is not None:
-                    raise SpecError(f"{name} belongs to the decoder block; the encoder has no memory")
+                    raise SpecError(
+                        f"{name} belongs to the decoder block; the encoder has no memory"
+                    )
         if self.kv_cache and self.block != "decoder":
-            raise SpecError("kv_cache belongs to the decoder block: an encoder attends over its whole input")
+            raise SpecError(
+                "kv_cache belongs to the decoder block: an encoder attends over its whole input"
+            )
         self.self_attention_spec()  # validates embed_dim, num_heads, masks, dropout and kv_cache
         self.cross_attention_spec()
 
     # The attention inside, always batch-first: the block transposes at its edges -----------------
 
     def self_attention_spec(self) -> AttentionSpec:
-        return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
-                             self_attention=True, key_padding_mask=self.key_padding_mask, attn_mask=self.attn_mask,
-                             is_causal=self.is_causal, kv_cache=self.kv_cache)
+        return AttentionSpec(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.bias,
+            batch_first=True,
+            self_attention=True,
+            key_padding_mask=self.key_padding_mask,
+            attn_mask=self.attn_mask,
+            is_causal=self.is_causal,
+            kv_cache=self.kv_cache,
+        )
 
     def cross_attention_spec(self) -> AttentionSpec:
-        return AttentionSpec(self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.bias, batch_first=True,
-                             key_padding_mask=self.memory_key_padding_mask, attn_mask=self.memory_mask)
+        return AttentionSpec(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.bias,
+            batch_first=True,
+            key_padding_mask=self.memory_key_padding_mask,
+            attn_mask=self.memory_mask,
+        )
 
     @property
     def prefix(self) -> str:
@@ -93,13 +144,17 @@ class BlockSpec:
     def from_dict(cls, options: dict[str, Any]) -> BlockSpec:
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise SpecError(f"unknown block option {unknown[0]!r}; the options are those of torch.nn.Transformer*Layer")
+            raise SpecError(
+                f"unknown block option {unknown[0]!r}; the options are those of torch.nn.Transformer*Layer"
+            )
         return cls(**options)
 
     # Graph signature (docs/ARCHITECTURE.md contract 2: the names of the layers' forward arguments)
 
     def _seq(self, name: str, length: str) -> TensorSig:
-        shape = (BATCH, length, self.embed_dim) if self.batch_first else (length, BATCH, self.embed_dim)
+        shape = (
+            (BATCH, length, self.embed_dim) if self.batch_first else (length, BATCH, self.embed_dim)
+        )
         return TensorSig(name, "float32", shape)
 
     def inputs(self) -> list[TensorSig]:
@@ -109,23 +164,37 @@ class BlockSpec:
             sigs.append(self._seq("memory", SRC_LEN))
         if self.kv_cache:
             cache = self.self_attention_spec().cache_shape(PAST_LEN)
-            sigs += [TensorSig("past_key", "float32", cache), TensorSig("past_value", "float32", cache)]
+            sigs += [
+                TensorSig("past_key", "float32", cache),
+                TensorSig("past_value", "float32", cache),
+            ]
         if self.attn_mask:
             sigs.append(TensorSig(f"{p}_mask", mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
         if self.memory_mask:
             sigs.append(TensorSig("memory_mask", mask_dtype(self.memory_mask), (TGT_LEN, SRC_LEN)))
         if self.key_padding_mask:
             keys = TOTAL_LEN if self.kv_cache else TGT_LEN
-            sigs.append(TensorSig(f"{p}_key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, keys)))
+            sigs.append(
+                TensorSig(f"{p}_key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, keys))
+            )
         if self.memory_key_padding_mask:
-            sigs.append(TensorSig("memory_key_padding_mask", mask_dtype(self.memory_key_padding_mask), (BATCH, SRC_LEN)))
+            sigs.append(
+                TensorSig(
+                    "memory_key_padding_mask",
+                    mask_dtype(self.memory_key_padding_mask),
+                    (BATCH, SRC_LEN),
+                )
+            )
         return sigs
 
     def outputs(self) -> list[TensorSig]:
         sigs = [self._seq("output", TGT_LEN)]
         if self.kv_cache:
             cache = self.self_attention_spec().cache_shape(TOTAL_LEN)
-            sigs += [TensorSig("present_key", "float32", cache), TensorSig("present_value", "float32", cache)]
+            sigs += [
+                TensorSig("present_key", "float32", cache),
+                TensorSig("present_value", "float32", cache),
+            ]
         return sigs
 
 
@@ -134,7 +203,10 @@ def block_shapes(spec: BlockSpec) -> dict[str, tuple[int, ...]]:
     e, f = spec.embed_dim, spec.dim_feedforward
     shapes = {f"self_attn.{k}": s for k, s in expected_shapes(spec.self_attention_spec()).items()}
     if spec.block == "decoder":
-        shapes |= {f"multihead_attn.{k}": s for k, s in expected_shapes(spec.cross_attention_spec()).items()}
+        shapes |= {
+            f"multihead_attn.{k}": s
+            for k, s in expected_shapes(spec.cross_attention_spec()).items()
+        }
     linears = {"linear1": (f, e), "linear2": (e, f)}
     for name, shape in linears.items():
         shapes[f"{name}.weight"] = shape
@@ -151,7 +223,11 @@ BLOCK_HINT = "check --block, --dim-feedforward and bias"
 
 
 def _owner(spec: BlockSpec) -> str:
-    return "torch.nn.TransformerEncoderLayer" if spec.block == "encoder" else "torch.nn.TransformerDecoderLayer"
+    return (
+        "torch.nn.TransformerEncoderLayer"
+        if spec.block == "encoder"
+        else "torch.nn.TransformerDecoderLayer"
+    )
 
 
 @dataclass(frozen=True)
@@ -162,27 +238,38 @@ class BlockWeights:
     source: Mapping[str, Any]
 
     @classmethod
-    def from_state_dict(cls, spec: BlockSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> BlockWeights:
+    def from_state_dict(
+        cls, spec: BlockSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None
+    ) -> BlockWeights:
         tensors = checked_tensors(block_shapes(spec), state, _owner(spec), BLOCK_HINT)
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
     @classmethod
     def from_file(cls, spec: BlockSpec, path: str | os.PathLike[str]) -> BlockWeights:
-        return cls.from_state_dict(spec, read_state_dict(path, block_shapes(spec), _owner(spec), BLOCK_HINT),
-                                   file_source(path))
+        return cls.from_state_dict(
+            spec,
+            read_state_dict(path, block_shapes(spec), _owner(spec), BLOCK_HINT),
+            file_source(path),
+        )
 
     @classmethod
     def from_module(cls, spec: BlockSpec, module: Any) -> BlockWeights:
-        return cls.from_state_dict(spec, module_state(module), {"kind": "module", "type": type(module).__name__})
+        return cls.from_state_dict(
+            spec, module_state(module), {"kind": "module", "type": type(module).__name__}
+        )
 
     @classmethod
     def random(cls, spec: BlockSpec, seed: int = 0) -> BlockWeights:
-        return cls.from_state_dict(spec, random_state(block_shapes(spec), seed), {"kind": "random", "seed": seed})
+        return cls.from_state_dict(
+            spec, random_state(block_shapes(spec), seed), {"kind": "random", "seed": seed}
+        )
 
     def attention(self, module: str) -> AttentionWeights:
         prefix = f"{module}."
-        return AttentionWeights({k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)},
-                                {"kind": "block", "module": module})
+        return AttentionWeights(
+            {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)},
+            {"kind": "block", "module": module},
+        )
 
 
 def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
@@ -194,14 +281,30 @@ def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
 
     def self_attention(h: str) -> str:
         with g.scope("self_attn"):
-            return add_attention(g, sa_spec, weights.attention("self_attn"), h, h, h,
-                                 key_padding_mask=f"{p}_key_padding_mask", attn_mask=f"{p}_mask")
+            return add_attention(
+                g,
+                sa_spec,
+                weights.attention("self_attn"),
+                h,
+                h,
+                h,
+                key_padding_mask=f"{p}_key_padding_mask",
+                attn_mask=f"{p}_mask",
+            )
 
     def cross_attention(h: str) -> str:
         ca_spec = spec.cross_attention_spec()
         with g.scope("multihead_attn"):
-            return add_attention(g, ca_spec, weights.attention("multihead_attn"), h, memory, memory,
-                                 key_padding_mask="memory_key_padding_mask", attn_mask="memory_mask")
+            return add_attention(
+                g,
+                ca_spec,
+                weights.attention("multihead_attn"),
+                h,
+                memory,
+                memory,
+                key_padding_mask="memory_key_padding_mask",
+                attn_mask="memory_mask",
+            )
 
     sublayers = [("norm1", self_attention)]
     if spec.block == "decoder":
@@ -218,13 +321,26 @@ def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
     else:
         g.op("Transpose", [x], "output/to_seq_first", outputs=["output"], perm=[1, 0, 2])
     name = "transformer_encoder_layer" if spec.block == "encoder" else "transformer_decoder_layer"
-    return g.model(name, spec.inputs(), spec.outputs(), doc=f"torch.nn.Transformer{spec.block.capitalize()}Layer, canonical form")
+    return g.model(
+        name,
+        spec.inputs(),
+        spec.outputs(),
+        doc=f"torch.nn.Transformer{spec.block.capitalize()}Layer, canonical form",
+    )
 
 
 def _layer_norm(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, name: str, x: str) -> str:
     scale = g.const(f"{name}/weight", weights.tensors[f"{name}.weight"])
-    inputs = [x, scale] + ([g.const(f"{name}/bias", weights.tensors[f"{name}.bias"])] if spec.bias else [])
-    return g.op("LayerNormalization", inputs, f"{name}/LayerNormalization", axis=-1, epsilon=float(spec.layer_norm_eps))
+    inputs = [x, scale] + (
+        [g.const(f"{name}/bias", weights.tensors[f"{name}.bias"])] if spec.bias else []
+    )
+    return g.op(
+        "LayerNormalization",
+        inputs,
+        f"{name}/LayerNormalization",
+        axis=-1,
+        epsilon=float(spec.layer_norm_eps),
+    )
 
 
 def _feed_forward(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, x: str) -> str:
@@ -234,9 +350,26 @@ def _feed_forward(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, x: st
     if spec.activation == "relu":
         h = g.op("Relu", [h], "activation/Relu")
     else:
-        erf = g.op("Erf", [g.op("Div", [h, g.const("activation/sqrt2", np.float32(math.sqrt(2.0)))], "activation/Div")],
-                   "activation/Erf")
+        erf = g.op(
+            "Erf",
+            [
+                g.op(
+                    "Div",
+                    [h, g.const("activation/sqrt2", np.float32(math.sqrt(2.0)))],
+                    "activation/Div",
+                )
+            ],
+            "activation/Erf",
+        )
         half = g.op("Mul", [h, g.const("activation/half", np.float32(0.5))], "activation/Mul_half")
-        h = g.op("Mul", [half, g.op("Add", [erf, g.const("activation/one", np.float32(1.0))], "activation/Add_one")],
-                 "activation/Mul")
+        h = g.op(
+            "Mul",
+            [
+                half,
+                g.op(
+                    "Add", [erf, g.const("activation/one", np.float32(1.0))], "activation/Add_one"
+                ),
+            ],
+            "activation/Mul",
+        )
     return linear(g, "linear2", h, t["linear2.weight"], t.get("linear2.bias"))

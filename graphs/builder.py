@@ -17,7 +17,9 @@ OPSET = 18
 
 
 def value_info(sig: TensorSig) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(sig.name, BY_NUMPY[np.dtype(sig.dtype)].onnx, list(sig.shape))
+    return helper.make_tensor_value_info(
+        sig.name, BY_NUMPY[np.dtype(sig.dtype)].onnx, list(sig.shape)
+    )
 
 
 class GraphBuilder:
@@ -48,11 +50,23 @@ class GraphBuilder:
         self._names.add(candidate)
         return candidate
 
-    def op(self, op_type: str, inputs: Sequence[str], name: str, *, outputs: Sequence[str] | None = None,
-           n_outputs: int = 1, **attrs: Any) -> Any:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        name: str,
+        *,
+        outputs: Sequence[str] | None = None,
+        n_outputs: int = 1,
+        **attrs: Any,
+    ) -> Any:
         """Add ``op_type`` named ``name`` (a scope such as ``q_proj/MatMul``)."""
         node_name = self._unique(self._prefix + name)
-        outs = list(outputs) if outputs is not None else [f"{node_name}:{i}" if n_outputs > 1 else node_name for i in range(n_outputs)]
+        outs = (
+            list(outputs)
+            if outputs is not None
+            else [f"{node_name}:{i}" if n_outputs > 1 else node_name for i in range(n_outputs)]
+        )
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
@@ -71,11 +85,25 @@ class GraphBuilder:
     def ints(self, name: str, values: Sequence[int]) -> str:
         return self.const(name, np.asarray(values, dtype=np.int64))
 
-    def model(self, graph_name: str, inputs: Sequence[TensorSig], outputs: Sequence[TensorSig],
-              doc: str = "") -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, [value_info(s) for s in inputs],
-                                  [value_info(s) for s in outputs], self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="attention-compiler", doc_string=doc)
+    def model(
+        self,
+        graph_name: str,
+        inputs: Sequence[TensorSig],
+        outputs: Sequence[TensorSig],
+        doc: str = "",
+    ) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            graph_name,
+            [value_info(s) for s in inputs],
+            [value_info(s) for s in outputs],
+            self.initializers,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="attention-compiler",
+            doc_string=doc,
+        )
         model.ir_version = 9  # opset 18 needs IR 8+; 9 is what ONNX Runtime 1.16+ reads
         return model

@@ -27,13 +27,26 @@ def build_mha(spec: AttentionSpec, weights: AttentionWeights) -> onnx.ModelProto
     else:
         out = add_attention(g, spec, weights, q_in, k_in, v_in)
         g.op("Transpose", [out], "out_proj/to_seq_first", outputs=["attn_output"], perm=[1, 0, 2])
-    return g.model("multi_head_attention", spec.inputs(), spec.outputs(),
-                   doc="torch.nn.MultiheadAttention, canonical form")
+    return g.model(
+        "multi_head_attention",
+        spec.inputs(),
+        spec.outputs(),
+        doc="torch.nn.MultiheadAttention, canonical form",
+    )
 
 
-def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeights, q_in: str, k_in: str, v_in: str, *,
-                  key_padding_mask: str = "key_padding_mask", attn_mask: str = "attn_mask",
-                  output: str | None = None) -> str:
+def add_attention(
+    g: GraphBuilder,
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    q_in: str,
+    k_in: str,
+    v_in: str,
+    *,
+    key_padding_mask: str = "key_padding_mask",
+    attn_mask: str = "attn_mask",
+    output: str | None = None,
+) -> str:
     """nn.MultiheadAttention over batch-first (N, L, E) values; returns the batch-first attn_output.
 
     The mask inputs are named by the caller (a block's ``src_key_padding_mask``, say) and used
@@ -49,20 +62,60 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
         k, v = _append_extra_keys(g, spec, weights, k, v)
 
     split = g.ints("heads/shape", [0, 0, h, hd])
-    q_h = g.op("Transpose", [g.op("Reshape", [q, split], "heads/q/Reshape")], "heads/q/Transpose", perm=[0, 2, 1, 3])
-    if spec.kv_cache:  # present = past followed by this step's keys and values, (N, H, past_len + L, hd)
-        k_h = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 1, 3])
-        present_k = g.op("Concat", ["past_key", k_h], "cache/present_key", outputs=["present_key"], axis=2)
+    q_h = g.op(
+        "Transpose",
+        [g.op("Reshape", [q, split], "heads/q/Reshape")],
+        "heads/q/Transpose",
+        perm=[0, 2, 1, 3],
+    )
+    if (
+        spec.kv_cache
+    ):  # present = past followed by this step's keys and values, (N, H, past_len + L, hd)
+        k_h = g.op(
+            "Transpose",
+            [g.op("Reshape", [k, split], "heads/k/Reshape")],
+            "heads/k/Transpose",
+            perm=[0, 2, 1, 3],
+        )
+        present_k = g.op(
+            "Concat", ["past_key", k_h], "cache/present_key", outputs=["present_key"], axis=2
+        )
         k_t = g.op("Transpose", [present_k], "cache/keys_transposed", perm=[0, 1, 3, 2])
-        v_h = g.op("Concat", ["past_value", g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")],
-                                                 "heads/v/Transpose", perm=[0, 2, 1, 3])],
-                   "cache/present_value", outputs=["present_value"], axis=2)
+        v_h = g.op(
+            "Concat",
+            [
+                "past_value",
+                g.op(
+                    "Transpose",
+                    [g.op("Reshape", [v, split], "heads/v/Reshape")],
+                    "heads/v/Transpose",
+                    perm=[0, 2, 1, 3],
+                ),
+            ],
+            "cache/present_value",
+            outputs=["present_value"],
+            axis=2,
+        )
     else:
-        k_t = g.op("Transpose", [g.op("Reshape", [k, split], "heads/k/Reshape")], "heads/k/Transpose", perm=[0, 2, 3, 1])
-        v_h = g.op("Transpose", [g.op("Reshape", [v, split], "heads/v/Reshape")], "heads/v/Transpose", perm=[0, 2, 1, 3])
+        k_t = g.op(
+            "Transpose",
+            [g.op("Reshape", [k, split], "heads/k/Reshape")],
+            "heads/k/Transpose",
+            perm=[0, 2, 3, 1],
+        )
+        v_h = g.op(
+            "Transpose",
+            [g.op("Reshape", [v, split], "heads/v/Reshape")],
+            "heads/v/Transpose",
+            perm=[0, 2, 1, 3],
+        )
 
     scores = g.op("MatMul", [q_h, k_t], "scores/MatMul")
-    scores = g.op("Mul", [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))], "scores/scale")
+    scores = g.op(
+        "Mul",
+        [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))],
+        "scores/scale",
+    )
     mask = _additive_mask(g, spec, q_in, k_in, key_padding_mask, attn_mask)
     if mask is not None:
         scores = g.op("Add", [scores, mask], "scores/add_mask")
@@ -72,15 +125,29 @@ def add_attention(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeight
 
     context = g.op("MatMul", [probs, v_h], "context/MatMul")
     context = g.op("Transpose", [context], "context/merge_heads/Transpose", perm=[0, 2, 1, 3])
-    context = g.op("Reshape", [context, g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])],
-                   "context/merge_heads/Reshape")
-    out = linear(g, "out_proj", context, weights.tensors["out_proj.weight"], weights.tensors.get("out_proj.bias"),
-                  output=output)
+    context = g.op(
+        "Reshape",
+        [context, g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])],
+        "context/merge_heads/Reshape",
+    )
+    out = linear(
+        g,
+        "out_proj",
+        context,
+        weights.tensors["out_proj.weight"],
+        weights.tensors.get("out_proj.bias"),
+        output=output,
+    )
 
     if spec.need_weights:
         if spec.average_attn_weights:
-            g.op("ReduceMean", [probs, g.ints("weights/head_axis", [1])], "weights/average_heads",
-                 outputs=["attn_output_weights"], keepdims=0)
+            g.op(
+                "ReduceMean",
+                [probs, g.ints("weights/head_axis", [1])],
+                "weights/average_heads",
+                outputs=["attn_output_weights"],
+                keepdims=0,
+            )
         else:
             g.op("Identity", [probs], "weights/per_head", outputs=["attn_output_weights"])
     return out
@@ -92,51 +159,118 @@ def to_batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
     return g.op("Transpose", [name], f"{name}/to_batch_first", perm=[1, 0, 2])
 
 
-def linear(g: GraphBuilder, scope: str, x: str, weight: np.ndarray, bias: np.ndarray | None,
-            output: str | None = None) -> str:
+def linear(
+    g: GraphBuilder,
+    scope: str,
+    x: str,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    output: str | None = None,
+) -> str:
     """x @ weight.T + bias, torch's Linear, as MatMul and Add so later passes can pack them."""
     last = output is not None
-    y = g.op("MatMul", [x, g.const(f"{scope}/weight_t", np.ascontiguousarray(weight.T))], f"{scope}/MatMul",
-             outputs=[output] if last and bias is None else None)
+    y = g.op(
+        "MatMul",
+        [x, g.const(f"{scope}/weight_t", np.ascontiguousarray(weight.T))],
+        f"{scope}/MatMul",
+        outputs=[output] if last and bias is None else None,
+    )
     if bias is None:
         return y
-    return g.op("Add", [y, g.const(f"{scope}/bias", bias)], f"{scope}/Add", outputs=[output] if last else None)
+    return g.op(
+        "Add",
+        [y, g.const(f"{scope}/bias", bias)],
+        f"{scope}/Add",
+        outputs=[output] if last else None,
+    )
 
 
-def _append_extra_keys(g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeights, k: str, v: str) -> tuple[str, str]:
+def _append_extra_keys(
+    g: GraphBuilder, spec: AttentionSpec, weights: AttentionWeights, k: str, v: str
+) -> tuple[str, str]:
     """torch appends bias_k/bias_v, then a zero key and value, after the real keys of each batch entry."""
     batch = g.op("Shape", [k], "extra_keys/batch", start=0, end=1)
-    shape = g.op("Concat", [batch, g.ints("extra_keys/row_shape", [1, spec.embed_dim])], "extra_keys/shape", axis=0)
+    shape = g.op(
+        "Concat",
+        [batch, g.ints("extra_keys/row_shape", [1, spec.embed_dim])],
+        "extra_keys/shape",
+        axis=0,
+    )
     ks, vs = [k], [v]
     if spec.add_bias_kv:
-        ks.append(g.op("Expand", [g.const("bias_kv/bias_k", weights.tensors["bias_k"]), shape], "bias_kv/expand_k"))
-        vs.append(g.op("Expand", [g.const("bias_kv/bias_v", weights.tensors["bias_v"]), shape], "bias_kv/expand_v"))
+        ks.append(
+            g.op(
+                "Expand",
+                [g.const("bias_kv/bias_k", weights.tensors["bias_k"]), shape],
+                "bias_kv/expand_k",
+            )
+        )
+        vs.append(
+            g.op(
+                "Expand",
+                [g.const("bias_kv/bias_v", weights.tensors["bias_v"]), shape],
+                "bias_kv/expand_v",
+            )
+        )
     if spec.add_zero_attn:
-        zeros = g.op("Expand", [g.const("zero_attn/zero", np.zeros((1, 1, spec.embed_dim), np.float32)), shape],
-                     "zero_attn/Expand")
+        zeros = g.op(
+            "Expand",
+            [g.const("zero_attn/zero", np.zeros((1, 1, spec.embed_dim), np.float32)), shape],
+            "zero_attn/Expand",
+        )
         ks.append(zeros)
         vs.append(zeros)
-    return (g.op("Concat", ks, "extra_keys/concat_k", axis=1), g.op("Concat", vs, "extra_keys/concat_v", axis=1))
+    return (
+        g.op("Concat", ks, "extra_keys/concat_k", axis=1),
+        g.op("Concat", vs, "extra_keys/concat_v", axis=1),
+    )
 
 
-def _additive_mask(g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str, kpm_name: str, attn_name: str) -> str | None:
+def _additive_mask(
+    g: GraphBuilder, spec: AttentionSpec, q_in: str, k_in: str, kpm_name: str, attn_name: str
+) -> str | None:
     """Sum of every mask as float (0 allowed, -inf not), broadcastable to (N, H, L, S')."""
     terms = []
     if spec.key_padding_mask is not None:
-        m = _pad_extra_keys(g, spec, _as_float(g, "mask/key_padding", kpm_name, spec.key_padding_mask), 2,
-                            "mask/key_padding")
-        terms.append(g.op("Unsqueeze", [m, g.ints("mask/key_padding/axes", [1, 2])], "mask/key_padding/Unsqueeze"))
+        m = _pad_extra_keys(
+            g,
+            spec,
+            _as_float(g, "mask/key_padding", kpm_name, spec.key_padding_mask),
+            2,
+            "mask/key_padding",
+        )
+        terms.append(
+            g.op(
+                "Unsqueeze",
+                [m, g.ints("mask/key_padding/axes", [1, 2])],
+                "mask/key_padding/Unsqueeze",
+            )
+        )
     if spec.attn_mask is not None:
         rank = 3 if spec.attn_mask_3d else 2
-        m = _pad_extra_keys(g, spec, _as_float(g, "mask/attn", attn_name, spec.attn_mask), rank, "mask/attn")
+        m = _pad_extra_keys(
+            g, spec, _as_float(g, "mask/attn", attn_name, spec.attn_mask), rank, "mask/attn"
+        )
         if spec.attn_mask_3d:  # (N*H, L, S') -> (N, H, L, S')
             lens = g.op("Shape", [m], "mask/attn/lengths", start=1)
-            shape = g.op("Concat", [g.ints("mask/attn/batch_heads", [-1, spec.num_heads]), lens], "mask/attn/shape", axis=0)
+            shape = g.op(
+                "Concat",
+                [g.ints("mask/attn/batch_heads", [-1, spec.num_heads]), lens],
+                "mask/attn/shape",
+                axis=0,
+            )
             m = g.op("Reshape", [m, shape], "mask/attn/split_heads")
         terms.append(m)
     if spec.is_causal:
-        terms.append(_pad_extra_keys(g, spec, _causal(g, q_in, k_in, past="past_key" if spec.kv_cache else None), 2,
-                                     "mask/causal"))
+        terms.append(
+            _pad_extra_keys(
+                g,
+                spec,
+                _causal(g, q_in, k_in, past="past_key" if spec.kv_cache else None),
+                2,
+                "mask/causal",
+            )
+        )
     if not terms:
         return None
     total = terms[0]
@@ -166,26 +300,48 @@ def _causal(g: GraphBuilder, q_in: str, k_in: str, past: str | None = None) -> s
     present, so a fused op can produce present). Without one, L = S (self-attention) or the mask is
     top-left aligned, as torch's SDPA."""
     squeeze0 = g.ints("mask/causal/axis0", [0])
-    tgt = g.op("Squeeze", [g.op("Shape", [q_in], "mask/causal/tgt_len", start=1, end=2), squeeze0], "mask/causal/tgt_scalar")
+    tgt = g.op(
+        "Squeeze",
+        [g.op("Shape", [q_in], "mask/causal/tgt_len", start=1, end=2), squeeze0],
+        "mask/causal/tgt_scalar",
+    )
     zero, one = g.const("mask/causal/start", np.int64(0)), g.const("mask/causal/step", np.int64(1))
     if past is None:
-        src = g.op("Squeeze", [g.op("Shape", [k_in], "mask/causal/src_len", start=1, end=2), squeeze0], "mask/causal/src_scalar")
+        src = g.op(
+            "Squeeze",
+            [g.op("Shape", [k_in], "mask/causal/src_len", start=1, end=2), squeeze0],
+            "mask/causal/src_scalar",
+        )
         first, end = zero, tgt
     else:
-        first = g.op("Squeeze", [g.op("Shape", [past], "mask/causal/past_len", start=2, end=3), squeeze0],
-                     "mask/causal/past_scalar")
+        first = g.op(
+            "Squeeze",
+            [g.op("Shape", [past], "mask/causal/past_len", start=2, end=3), squeeze0],
+            "mask/causal/past_scalar",
+        )
         src = end = g.op("Add", [first, tgt], "mask/causal/total_len")
-    rows = g.op("Unsqueeze", [g.op("Range", [first, end, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
-                "mask/causal/rows_col")
-    cols = g.op("Unsqueeze", [g.op("Range", [zero, src, one], "mask/causal/cols"), squeeze0], "mask/causal/cols_row")
+    rows = g.op(
+        "Unsqueeze",
+        [g.op("Range", [first, end, one], "mask/causal/rows"), g.ints("mask/causal/axis1", [1])],
+        "mask/causal/rows_col",
+    )
+    cols = g.op(
+        "Unsqueeze",
+        [g.op("Range", [zero, src, one], "mask/causal/cols"), squeeze0],
+        "mask/causal/cols_row",
+    )
     future = g.op("Greater", [cols, rows], "mask/causal/future")
     return g.op("Where", [future, _neg_inf(g), _zero(g)], "mask/causal/to_float")
 
 
 def _zero_fully_masked_rows(g: GraphBuilder, scores: str, probs: str) -> str:
     """Softmax of an all -inf row is NaN; docs/ARCHITECTURE.md asks for a zero context there instead."""
-    row_max = g.op("ReduceMax", [scores, g.ints("softmax/fully_masked/axis", [-1])], "softmax/fully_masked/ReduceMax",
-                   keepdims=1)
+    row_max = g.op(
+        "ReduceMax",
+        [scores, g.ints("softmax/fully_masked/axis", [-1])],
+        "softmax/fully_masked/ReduceMax",
+        keepdims=1,
+    )
     dead = g.op("IsInf", [row_max], "softmax/fully_masked/IsInf", detect_positive=0)
     return g.op("Where", [dead, _zero(g), probs], "softmax/fully_masked/Where")
 

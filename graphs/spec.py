@@ -109,7 +109,9 @@ class AttentionSpec:
     def from_dict(cls, options: dict[str, Any]) -> AttentionSpec:
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise SpecError(f"unknown spec option {unknown[0]!r}; the options are those of torch.nn.MultiheadAttention and its call")
+            raise SpecError(
+                f"unknown spec option {unknown[0]!r}; the options are those of torch.nn.MultiheadAttention and its call"
+            )
         missing = [n for n in ("embed_dim", "num_heads") if n not in options]
         if missing:
             raise SpecError(f"{missing[0]} is required")
@@ -126,10 +128,16 @@ class AttentionSpec:
             sigs.append(TensorSig("key", "float32", self._seq_shape(SRC_LEN, self.k_dim)))
             sigs.append(TensorSig("value", "float32", self._seq_shape(SRC_LEN, self.v_dim)))
         if self.kv_cache:
-            sigs += [TensorSig("past_key", "float32", self.cache_shape(PAST_LEN)),
-                     TensorSig("past_value", "float32", self.cache_shape(PAST_LEN))]
+            sigs += [
+                TensorSig("past_key", "float32", self.cache_shape(PAST_LEN)),
+                TensorSig("past_value", "float32", self.cache_shape(PAST_LEN)),
+            ]
         if self.key_padding_mask is not None:
-            sigs.append(TensorSig("key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)))
+            sigs.append(
+                TensorSig(
+                    "key_padding_mask", mask_dtype(self.key_padding_mask), (BATCH, self.src_axis)
+                )
+            )
         if self.attn_mask is not None:
             shape: tuple[int | str, ...] = (TGT_LEN, self.src_axis)
             if self.attn_mask_3d:
@@ -146,8 +154,10 @@ class AttentionSpec:
                 shape = (BATCH, self.num_heads, TGT_LEN, keys)
             sigs.append(TensorSig("attn_output_weights", "float32", shape))
         if self.kv_cache:
-            sigs += [TensorSig("present_key", "float32", self.cache_shape(TOTAL_LEN)),
-                     TensorSig("present_value", "float32", self.cache_shape(TOTAL_LEN))]
+            sigs += [
+                TensorSig("present_key", "float32", self.cache_shape(TOTAL_LEN)),
+                TensorSig("present_value", "float32", self.cache_shape(TOTAL_LEN)),
+            ]
         return sigs
 
 
@@ -169,19 +179,37 @@ def _validate(spec: AttentionSpec) -> None:
     _require_int(spec, "kdim", optional=True)
     _require_int(spec, "vdim", optional=True)
     if spec.embed_dim % spec.num_heads:
-        raise SpecError(f"embed_dim ({spec.embed_dim}) must be divisible by num_heads ({spec.num_heads})")
-    for name in ("bias", "add_bias_kv", "add_zero_attn", "batch_first", "self_attention",
-                 "attn_mask_3d", "is_causal", "need_weights", "average_attn_weights", "kv_cache"):
+        raise SpecError(
+            f"embed_dim ({spec.embed_dim}) must be divisible by num_heads ({spec.num_heads})"
+        )
+    for name in (
+        "bias",
+        "add_bias_kv",
+        "add_zero_attn",
+        "batch_first",
+        "self_attention",
+        "attn_mask_3d",
+        "is_causal",
+        "need_weights",
+        "average_attn_weights",
+        "kv_cache",
+    ):
         if not isinstance(getattr(spec, name), bool):
             raise SpecError(f"{name} must be True or False, got {getattr(spec, name)!r}")
-    if isinstance(spec.dropout, bool) or not isinstance(spec.dropout, (int, float)) or not 0.0 <= spec.dropout <= 1.0:
+    if (
+        isinstance(spec.dropout, bool)
+        or not isinstance(spec.dropout, (int, float))
+        or not 0.0 <= spec.dropout <= 1.0
+    ):
         raise SpecError(f"dropout must be a probability between 0 and 1, got {spec.dropout!r}")
     for name in ("key_padding_mask", "attn_mask"):
         kind = getattr(spec, name)
         if kind is not None and kind not in MASK_KINDS:
             raise SpecError(f"{name} must be 'bool', 'float' or None, got {kind!r}")
     if spec.attn_mask_3d and spec.attn_mask is None:
-        raise SpecError("attn_mask_3d needs an attn_mask input (set attn_mask to 'bool' or 'float')")
+        raise SpecError(
+            "attn_mask_3d needs an attn_mask input (set attn_mask to 'bool' or 'float')"
+        )
     if spec.self_attention:
         for name in ("kdim", "vdim"):
             value = getattr(spec, name)
@@ -193,12 +221,19 @@ def _validate(spec: AttentionSpec) -> None:
         raise SpecError("average_attn_weights=False only applies with need_weights=True")
     if spec.kv_cache:
         if not (spec.self_attention and spec.is_causal):
-            raise SpecError("kv_cache needs self_attention=True and is_causal=True: a cache carries one sequence's keys "
-                            "forward, and only causal attention leaves earlier outputs unchanged by later tokens")
-        for name, why in (("add_bias_kv", "torch appends bias_k after the whole sequence"),
-                          ("add_zero_attn", "torch appends the zero key after the whole sequence"),
-                          ("attn_mask", "the causal mask is built in and key_padding_mask covers past and new keys"),
-                          ("need_weights", "a cached step returns attn_output and the cache only")):
+            raise SpecError(
+                "kv_cache needs self_attention=True and is_causal=True: a cache carries one sequence's keys "
+                "forward, and only causal attention leaves earlier outputs unchanged by later tokens"
+            )
+        for name, why in (
+            ("add_bias_kv", "torch appends bias_k after the whole sequence"),
+            ("add_zero_attn", "torch appends the zero key after the whole sequence"),
+            (
+                "attn_mask",
+                "the causal mask is built in and key_padding_mask covers past and new keys",
+            ),
+            ("need_weights", "a cached step returns attn_output and the cache only"),
+        ):
             if getattr(spec, name):
                 raise SpecError(f"kv_cache does not combine with {name} ({why})")
 

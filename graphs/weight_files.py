@@ -31,8 +31,15 @@ from typing import Any
 import numpy as np
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_SAFETENSORS_DTYPES = {"F16": ("float16", 2), "BF16": ("bfloat16", 2), "F32": ("float32", 4), "F64": ("float64", 8)}
-HEADER_LIMIT = 8 * 2**20  # bytes of safetensors JSON header or .npy header; a state_dict needs a few KiB
+_SAFETENSORS_DTYPES = {
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+}
+HEADER_LIMIT = (
+    8 * 2**20
+)  # bytes of safetensors JSON header or .npy header; a state_dict needs a few KiB
 ARCHIVE_ALLOWANCE = 2**20  # bytes a .pt may hold beyond its tensors (the pickle, version records)
 
 
@@ -46,44 +53,66 @@ def first_line(exc: BaseException) -> str:
 
 
 def _names(keys: list[str]) -> str:
-    shown = ", ".join(repr(k[:80]) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    shown = ", ".join(repr(k[:80]) for k in keys[:8]) + (
+        f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    )
     return ("key " if len(keys) == 1 else "keys ") + shown
 
 
-def check_keys(expected: Mapping[str, tuple[int, ...]], keys: list[str], owner: str, hint: str) -> None:
+def check_keys(
+    expected: Mapping[str, tuple[int, ...]], keys: list[str], owner: str, hint: str
+) -> None:
     """WeightsError unless ``keys`` are exactly the expected ones."""
     missing = [k for k in expected if k not in keys]
     if missing:
-        raise WeightsError(f"weights are missing {_names(missing)} that {owner} has for this spec"
-                           f" (expected keys: {', '.join(expected)})")
+        raise WeightsError(
+            f"weights are missing {_names(missing)} that {owner} has for this spec"
+            f" (expected keys: {', '.join(expected)})"
+        )
     extra = sorted(k for k in keys if k not in expected)
     if extra:
-        raise WeightsError(f"weights hold unexpected {_names(extra)}; this spec takes exactly {', '.join(expected)} ({hint})")
+        raise WeightsError(
+            f"weights hold unexpected {_names(extra)}; this spec takes exactly {', '.join(expected)} ({hint})"
+        )
 
 
 def check_dtype(key: str, dtype: str) -> None:
     if dtype not in FLOAT_DTYPES:
-        raise WeightsError(f"weight {key!r} has dtype {dtype}, expected a floating-point tensor ({', '.join(FLOAT_DTYPES)})")
+        raise WeightsError(
+            f"weight {key!r} has dtype {dtype}, expected a floating-point tensor ({', '.join(FLOAT_DTYPES)})"
+        )
 
 
 def check_shape(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
-        raise WeightsError(f"weight {key!r} has shape {tuple(shape)}, expected {tuple(expected)} for this spec")
+        raise WeightsError(
+            f"weight {key!r} has shape {tuple(shape)}, expected {tuple(expected)} for this spec"
+        )
 
 
-def read_state_dict(path: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]], owner: str,
-                    hint: str) -> dict[str, Any]:
+def read_state_dict(
+    path: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]], owner: str, hint: str
+) -> dict[str, Any]:
     """The ``expected`` tensors of a .safetensors, .npz or .pt file, every declaration checked first."""
     path = Path(path)
-    readers = {".safetensors": _read_safetensors, ".npz": _read_npz, ".pt": _read_torch, ".pth": _read_torch}
+    readers = {
+        ".safetensors": _read_safetensors,
+        ".npz": _read_npz,
+        ".pt": _read_torch,
+        ".pth": _read_torch,
+    }
     if path.suffix.lower() not in readers:
-        raise WeightsError(f"weights file {str(path)!r} has an unknown type; expected .safetensors, .npz or .pt")
+        raise WeightsError(
+            f"weights file {str(path)!r} has an unknown type; expected .safetensors, .npz or .pt"
+        )
     try:
         info = path.stat()
     except OSError:
         raise WeightsError(f"weights file {str(path)!r} does not exist") from None
     if not stat.S_ISREG(info.st_mode):
-        raise WeightsError(f"weights file {str(path)!r} is not a regular file (a folder, a FIFO or a device)")
+        raise WeightsError(
+            f"weights file {str(path)!r} is not a regular file (a folder, a FIFO or a device)"
+        )
     return readers[path.suffix.lower()](path, info.st_size, expected, owner, hint)
 
 
@@ -93,10 +122,14 @@ def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
 
 # safetensors --------------------------------------------------------------------------------------
 
-def _read_safetensors(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str,
-                      hint: str) -> dict[str, Any]:
+
+def _read_safetensors(
+    path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str
+) -> dict[str, Any]:
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"weights file {str(path)!r} is not a readable safetensors file ({why})")
+        return WeightsError(
+            f"weights file {str(path)!r} is not a readable safetensors file ({why})"
+        )
 
     with open(path, "rb") as f:
         head = f.read(8)
@@ -104,8 +137,10 @@ def _read_safetensors(path: Path, size: int, expected: Mapping[str, tuple[int, .
             raise bad(f"{size} bytes, shorter than the 8-byte header length")
         (length,) = struct.unpack("<Q", head)
         if length > min(HEADER_LIMIT, size - 8):
-            raise bad(f"its header declares {length} bytes, more than the file's {size - 8} or the "
-                      f"{HEADER_LIMIT}-byte limit")
+            raise bad(
+                f"its header declares {length} bytes, more than the file's {size - 8} or the "
+                f"{HEADER_LIMIT}-byte limit"
+            )
         try:
             header = json.loads(f.read(length))
         except (ValueError, RecursionError) as exc:
@@ -118,20 +153,36 @@ def _read_safetensors(path: Path, size: int, expected: Mapping[str, tuple[int, .
     spans = []
     for key, shape in expected.items():
         entry = header[key]
-        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and _int_list(entry.get("shape"))
-                and _int_list(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and _int_list(entry.get("shape"))
+            and _int_list(entry.get("data_offsets"))
+            and len(entry["data_offsets"]) == 2
+        ):
             raise bad(f"tensor {key!r} lacks a dtype, a shape or two data_offsets")
         dtype = entry["dtype"]
         if dtype not in _SAFETENSORS_DTYPES:
-            check_dtype(key, {"BOOL": "bool", "C64": "complex64", "C128": "complex128"}.get(dtype, dtype.lower()))
+            check_dtype(
+                key,
+                {"BOOL": "bool", "C64": "complex64", "C128": "complex128"}.get(
+                    dtype, dtype.lower()
+                ),
+            )
         check_shape(key, tuple(entry["shape"]), shape)
         begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end <= data_size or end - begin != _nbytes(shape, _SAFETENSORS_DTYPES[dtype][1]):
-            raise bad(f"tensor {key!r} declares bytes {begin} to {end}, but its dtype and shape need "
-                      f"{_nbytes(shape, _SAFETENSORS_DTYPES[dtype][1])} within the file's {data_size} bytes of data")
+        if not 0 <= begin <= end <= data_size or end - begin != _nbytes(
+            shape, _SAFETENSORS_DTYPES[dtype][1]
+        ):
+            raise bad(
+                f"tensor {key!r} declares bytes {begin} to {end}, but its dtype and shape need "
+                f"{_nbytes(shape, _SAFETENSORS_DTYPES[dtype][1])} within the file's {data_size} bytes of data"
+            )
         spans.append((begin, end))
     spans.sort()
-    if sum(e - b for b, e in spans) != data_size or any(b < e0 for (_, e0), (b, _) in zip(spans, spans[1:])):
+    if sum(e - b for b, e in spans) != data_size or any(
+        b < e0 for (_, e0), (b, _) in zip(spans, spans[1:])
+    ):
         raise bad(f"its tensors do not cover its {data_size} bytes of data exactly once")
     from safetensors import SafetensorError, safe_open
 
@@ -143,14 +194,21 @@ def _read_safetensors(path: Path, size: int, expected: Mapping[str, tuple[int, .
 
 
 def _int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 # npz ----------------------------------------------------------------------------------------------
 
-def _read_npz(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str) -> dict[str, Any]:
+
+def _read_npz(
+    path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str
+) -> dict[str, Any]:
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"weights file {str(path)!r} is not a readable .npz archive of arrays ({why})")
+        return WeightsError(
+            f"weights file {str(path)!r} is not a readable .npz archive of arrays ({why})"
+        )
 
     try:
         with zipfile.ZipFile(path) as archive:
@@ -161,12 +219,16 @@ def _read_npz(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], ow
             for key, shape in expected.items():
                 info = members[key]
                 if info.file_size > _nbytes(shape, 8) + HEADER_LIMIT:
-                    raise bad(f"member {key!r} declares {info.file_size} bytes, more than a {shape} tensor needs")
+                    raise bad(
+                        f"member {key!r} declares {info.file_size} bytes, more than a {shape} tensor needs"
+                    )
                 with archive.open(info) as f:
                     dtype = _npy_header(f, key, shape, bad)
                     if info.file_size != f.tell() + _nbytes(shape, dtype.itemsize):
-                        raise bad(f"member {key!r} declares {info.file_size} bytes, but its header says "
-                                  f"{f.tell() + _nbytes(shape, dtype.itemsize)}")
+                        raise bad(
+                            f"member {key!r} declares {info.file_size} bytes, but its header says "
+                            f"{f.tell() + _nbytes(shape, dtype.itemsize)}"
+                        )
             state = {}
             for key in expected:
                 with archive.open(members[key]) as f:
@@ -180,20 +242,34 @@ def _read_npz(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], ow
 
 # What zipfile and zlib raise for a damaged archive: a bad header, a bad stream, a wrong CRC, an
 # encrypted or unknown-compression member, a size field past what Python can seek.
-_ZIP_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error,
-               struct.error, OverflowError)
+_ZIP_ERRORS = (
+    OSError,
+    ValueError,
+    zipfile.BadZipFile,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    struct.error,
+    OverflowError,
+)
 
 
 def _npy_header(f: Any, key: str, shape: tuple[int, ...], bad: Any) -> np.dtype:
     """The dtype of a .npy stream, its declared shape and dtype checked; reads the header only."""
     version = np.lib.format.read_magic(f)
-    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    read = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(version)
     if read is None:
         raise bad(f"member {key!r} has .npy version {version}")
     declared, _, dtype = read(f, max_header_size=HEADER_LIMIT)
     if dtype.hasobject:
-        raise WeightsError(f"weight {key!r} holds Python objects (a pickle, which is never loaded); expected a "
-                           f"floating-point tensor ({', '.join(FLOAT_DTYPES)})")
+        raise WeightsError(
+            f"weight {key!r} holds Python objects (a pickle, which is never loaded); expected a "
+            f"floating-point tensor ({', '.join(FLOAT_DTYPES)})"
+        )
     check_dtype(key, dtype.name)
     check_shape(key, declared, shape)
     return dtype
@@ -201,7 +277,10 @@ def _npy_header(f: Any, key: str, shape: tuple[int, ...], bad: Any) -> np.dtype:
 
 # torch ------------------------------------------------------------------------------------------
 
-def _read_torch(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str) -> dict[str, Any]:
+
+def _read_torch(
+    path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str
+) -> dict[str, Any]:
     limit = sum(_nbytes(s, 8) for s in expected.values()) + ARCHIVE_ALLOWANCE
     try:
         if zipfile.is_zipfile(path):
@@ -210,23 +289,35 @@ def _read_torch(path: Path, size: int, expected: Mapping[str, tuple[int, ...]], 
         else:
             declared = size  # torch's legacy format: one pickle stream, no larger than the file
     except _ZIP_ERRORS as exc:
-        raise WeightsError(f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
-                           f"{first_line(exc)}") from exc
+        raise WeightsError(
+            f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
+            f"{first_line(exc)}"
+        ) from exc
     if declared > limit:
-        raise WeightsError(f"weights file {str(path)!r} declares {declared} bytes, more than the {limit} that this "
-                           "spec's tensors need even in float64; save only this module's state_dict")
+        raise WeightsError(
+            f"weights file {str(path)!r} declares {declared} bytes, more than the {limit} that this "
+            "spec's tensors need even in float64; save only this module's state_dict"
+        )
     try:
         import torch
     except ImportError as exc:
-        raise WeightsError(f"reading {str(path)!r} needs torch; install the 'torch' extra or save the weights as "
-                           ".safetensors") from exc
+        raise WeightsError(
+            f"reading {str(path)!r} needs torch; install the 'torch' extra or save the weights as "
+            ".safetensors"
+        ) from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise WeightsError(f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
-                           f"{first_line(exc)}") from exc
+    except (
+        Exception
+    ) as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise WeightsError(
+            f"weights file {str(path)!r} could not be loaded with torch.load(weights_only=True): "
+            f"{first_line(exc)}"
+        ) from exc
     if not isinstance(state, Mapping):
-        raise WeightsError(f"weights file {str(path)!r} holds a {type(state).__name__}, expected a state_dict of tensors")
+        raise WeightsError(
+            f"weights file {str(path)!r} holds a {type(state).__name__}, expected a state_dict of tensors"
+        )
     check_keys(expected, [str(k) for k in state], owner, hint)
     tensors = {}
     for key, shape in expected.items():
@@ -240,10 +331,19 @@ def torch_array(key: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
 
     if not isinstance(value, torch.Tensor):
         raise WeightsError(f"weight {key!r} is a {type(value).__name__}, expected a tensor")
-    kind = ("a sparse" if value.layout != torch.strided else "a quantized" if value.is_quantized
-            else "a meta (data-less)" if value.is_meta else None)
+    kind = (
+        "a sparse"
+        if value.layout != torch.strided
+        else "a quantized"
+        if value.is_quantized
+        else "a meta (data-less)"
+        if value.is_meta
+        else None
+    )
     if kind is not None:
-        raise WeightsError(f"weight {key!r} is {kind} tensor, expected a dense floating-point tensor")
+        raise WeightsError(
+            f"weight {key!r} is {kind} tensor, expected a dense floating-point tensor"
+        )
     check_dtype(key, str(value.dtype).removeprefix("torch."))
     check_shape(key, tuple(value.shape), shape)
     return value.detach().to("cpu").double().numpy()

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from graphs.spec import AttentionSpec
-from graphs.weight_files import WeightsError, check_dtype, check_keys, check_shape, read_state_dict, torch_array
+from graphs.weight_files import (
+    WeightsError,
+    check_dtype,
+    check_keys,
+    check_shape,
+    read_state_dict,
+    torch_array,
+)
 
 OWNER = "torch.nn.MultiheadAttention"
 HINT = "check bias, add_bias_kv, kdim and vdim"
@@ -50,7 +57,9 @@ class AttentionWeights:
     source: Mapping[str, Any]
 
     @classmethod
-    def from_state_dict(cls, spec: AttentionSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> AttentionWeights:
+    def from_state_dict(
+        cls, spec: AttentionSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None
+    ) -> AttentionWeights:
         tensors = checked_tensors(expected_shapes(spec), state, OWNER, HINT)
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
@@ -62,13 +71,17 @@ class AttentionWeights:
     @classmethod
     def from_module(cls, spec: AttentionSpec, module: Any) -> AttentionWeights:
         """A live torch.nn.MultiheadAttention (any dtype or device)."""
-        return cls.from_state_dict(spec, module_state(module), {"kind": "module", "type": type(module).__name__})
+        return cls.from_state_dict(
+            spec, module_state(module), {"kind": "module", "type": type(module).__name__}
+        )
 
     @classmethod
     def random(cls, spec: AttentionSpec, seed: int = 0) -> AttentionWeights:
         """Seeded init in torch's scale (xavier-uniform weights); biases are non-zero, unlike torch's,
         so that a check exercises them."""
-        return cls.from_state_dict(spec, random_state(expected_shapes(spec), seed), {"kind": "random", "seed": seed})
+        return cls.from_state_dict(
+            spec, random_state(expected_shapes(spec), seed), {"kind": "random", "seed": seed}
+        )
 
     # Views the graph builder and references use ---------------------------------------------
 
@@ -78,7 +91,11 @@ class AttentionWeights:
             w = self.tensors["in_proj_weight"]
             e = spec.embed_dim
             return w[:e], w[e : 2 * e], w[2 * e :]
-        return self.tensors["q_proj_weight"], self.tensors["k_proj_weight"], self.tensors["v_proj_weight"]
+        return (
+            self.tensors["q_proj_weight"],
+            self.tensors["k_proj_weight"],
+            self.tensors["v_proj_weight"],
+        )
 
     def in_bias(self, spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         if not spec.bias:
@@ -92,8 +109,9 @@ class AttentionWeights:
         return self.tensors["out_proj.bias"] if spec.bias else np.zeros(spec.embed_dim, np.float32)
 
 
-def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], owner: str,
-                    hint: str) -> dict[str, np.ndarray]:
+def checked_tensors(
+    expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], owner: str, hint: str
+) -> dict[str, np.ndarray]:
     """``state`` as float32 arrays, refused with one sentence unless its keys are ``expected`` and its
     tensors are finite floats of the expected shapes."""
     check_keys(expected, list(state), owner, hint)
@@ -104,9 +122,15 @@ def checked_tensors(expected: Mapping[str, tuple[int, ...]], state: Mapping[str,
             tensors[key] = np.ascontiguousarray(array, dtype=np.float32)
         bad = np.size(tensors[key]) - np.count_nonzero(np.isfinite(tensors[key]))
         if bad:
-            where = " once cast to float32, which cannot hold its values" if np.isfinite(array.astype(np.float64)).all() else ""
-            raise WeightsError(f"weight {key!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}{where}; "
-                               "every output would be NaN, expected finite weights")
+            where = (
+                " once cast to float32, which cannot hold its values"
+                if np.isfinite(array.astype(np.float64)).all()
+                else ""
+            )
+            raise WeightsError(
+                f"weight {key!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}{where}; "
+                "every output would be NaN, expected finite weights"
+            )
     return tensors
 
 
@@ -120,8 +144,10 @@ def check_precision_range(tensors: Mapping[str, np.ndarray], precision: str) -> 
     for key, value in tensors.items():
         peak = float(np.max(np.abs(value))) if value.size else 0.0
         if peak > FLOAT16_MAX:
-            raise WeightsError(f"weight {key!r} holds values up to {peak:.4g}, beyond float16's range (±{FLOAT16_MAX:g}): "
-                               "with --precision fp16 every output would be inf; use --precision fp32")
+            raise WeightsError(
+                f"weight {key!r} holds values up to {peak:.4g}, beyond float16's range (±{FLOAT16_MAX:g}): "
+                "with --precision fp16 every output would be inf; use --precision fp32"
+            )
 
 
 def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
@@ -151,9 +177,13 @@ def file_source(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def _as_numpy(key: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(value, np.ndarray):
-        check_dtype(key, value.dtype.name)  # ml_dtypes' bfloat16 is named so; its float8s are refused
+        check_dtype(
+            key, value.dtype.name
+        )  # ml_dtypes' bfloat16 is named so; its float8s are refused
         check_shape(key, value.shape, shape)
         return value
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor; bf16 has no numpy dtype
+    if hasattr(value, "detach") and hasattr(
+        value, "numpy"
+    ):  # a torch tensor; bf16 has no numpy dtype
         return torch_array(key, value, shape)
     raise WeightsError(f"weight {key!r} is a {type(value).__name__}, expected a tensor")

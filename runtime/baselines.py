@@ -22,11 +22,15 @@ class SdpaAttention:
     F.scaled_dot_product_attention: the projections, one combined mask (or ``is_causal`` when the
     causal mask is the only one), and the fused attention kernel torch picks for the device."""
 
-    def __init__(self, spec: AttentionSpec, weights: AttentionWeights, *, dtype: Any, device: str) -> None:
+    def __init__(
+        self, spec: AttentionSpec, weights: AttentionWeights, *, dtype: Any, device: str
+    ) -> None:
         import torch
 
         if spec.need_weights:
-            raise ValueError("scaled_dot_product_attention returns no attention weights; the spec asks for them")
+            raise ValueError(
+                "scaled_dot_product_attention returns no attention weights; the spec asks for them"
+            )
         self.spec = spec
 
         def t(x: np.ndarray) -> Any:
@@ -37,7 +41,11 @@ class SdpaAttention:
         self.b_in = [None if b is None else t(b) for b in bias]
         self.w_out = t(weights.tensors["out_proj.weight"])
         self.b_out = t(weights.tensors["out_proj.bias"]) if spec.bias else None
-        self.bias_kv = (t(weights.tensors["bias_k"]), t(weights.tensors["bias_v"])) if spec.add_bias_kv else None
+        self.bias_kv = (
+            (t(weights.tensors["bias_k"]), t(weights.tensors["bias_v"]))
+            if spec.add_bias_kv
+            else None
+        )
 
     def __call__(self, inputs: Mapping[str, Any]) -> Any:
         import torch
@@ -61,10 +69,14 @@ class SdpaAttention:
             v = torch.cat([v, v.new_zeros(batch, heads, 1, hd)], 2)
         mask, causal_only = self._mask(inputs, batch, tgt, src, q)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_only)
-        out = F.linear(out.transpose(1, 2).reshape(batch, tgt, spec.embed_dim), self.w_out, self.b_out)
+        out = F.linear(
+            out.transpose(1, 2).reshape(batch, tgt, spec.embed_dim), self.w_out, self.b_out
+        )
         return out if spec.batch_first else out.transpose(0, 1)
 
-    def _mask(self, inputs: Mapping[str, Any], batch: int, tgt: int, src: int, q: Any) -> tuple[Any, bool]:
+    def _mask(
+        self, inputs: Mapping[str, Any], batch: int, tgt: int, src: int, q: Any
+    ) -> tuple[Any, bool]:
         """One (batch or 1, heads or 1, tgt, keys) mask, True or 0 where attention is allowed."""
         import torch
 
@@ -76,7 +88,9 @@ class SdpaAttention:
             blocked.append(inputs["key_padding_mask"][:, None, None, :])
         if "attn_mask" in inputs:
             mask = inputs["attn_mask"]
-            blocked.append(mask.reshape(batch, spec.num_heads, tgt, src) if mask.dim() == 3 else mask)
+            blocked.append(
+                mask.reshape(batch, spec.num_heads, tgt, src) if mask.dim() == 3 else mask
+            )
         if spec.is_causal:
             blocked.append(torch.ones(tgt, src, dtype=torch.bool, device=q.device).triu(1))
         if not blocked:
@@ -87,18 +101,34 @@ class SdpaAttention:
                 combined = combined | m
             allowed = ~combined
             if spec.extra_keys:  # bias_k and the zero key are never masked
-                allowed = torch.cat([allowed.expand(*allowed.shape[:-1], src),
-                                     allowed.new_ones(*allowed.shape[:-1], spec.extra_keys)], -1)
+                allowed = torch.cat(
+                    [
+                        allowed.expand(*allowed.shape[:-1], src),
+                        allowed.new_ones(*allowed.shape[:-1], spec.extra_keys),
+                    ],
+                    -1,
+                )
             return allowed, False
-        additive = sum(m.to(q.dtype) if m.is_floating_point() else
-                       torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf")) for m in blocked)
+        additive = sum(
+            m.to(q.dtype)
+            if m.is_floating_point()
+            else torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf"))
+            for m in blocked
+        )
         if spec.extra_keys:
-            additive = torch.cat([additive.expand(*additive.shape[:-1], src),
-                                  additive.new_zeros(*additive.shape[:-1], spec.extra_keys)], -1)
+            additive = torch.cat(
+                [
+                    additive.expand(*additive.shape[:-1], src),
+                    additive.new_zeros(*additive.shape[:-1], spec.extra_keys),
+                ],
+                -1,
+            )
         return additive, False
 
 
-def eager_attention(spec: AttentionSpec, weights: AttentionWeights, *, dtype: Any, device: str) -> Callable[[Mapping[str, Any]], Any]:
+def eager_attention(
+    spec: AttentionSpec, weights: AttentionWeights, *, dtype: Any, device: str
+) -> Callable[[Mapping[str, Any]], Any]:
     """nn.MultiheadAttention in eval mode; call it under torch.no_grad()."""
     module = torch_module(spec, weights, dtype=dtype, device=device)
 
@@ -109,8 +139,12 @@ def eager_attention(spec: AttentionSpec, weights: AttentionWeights, *, dtype: An
     return call
 
 
-def export_with_torch(spec: AttentionSpec, weights: AttentionWeights, path: str | os.PathLike[str],
-                      sample_len: int = 17) -> None:
+def export_with_torch(
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    path: str | os.PathLike[str],
+    sample_len: int = 17,
+) -> None:
     """torch.onnx.export(dynamo=True) of nn.MultiheadAttention called as the spec says, every
     batch and length axis dynamic; inputs in the order and layout of the spec's graph."""
     import torch
@@ -132,16 +166,29 @@ def export_with_torch(spec: AttentionSpec, weights: AttentionWeights, path: str 
     batch, tgt, src = Dim("batch", min=1), Dim("tgt_len", min=2), Dim("src_len", min=2)
     src = tgt if spec.self_attention else src
     axes = {"batch": batch, "tgt_len": tgt, "src_len": src}
-    sizes = {"batch": 2, "tgt_len": sample_len, "src_len": sample_len if spec.self_attention else sample_len + 2}
+    sizes = {
+        "batch": 2,
+        "tgt_len": sample_len,
+        "src_len": sample_len if spec.self_attention else sample_len + 2,
+    }
     args, dims = [], []
     for sig in spec.inputs():
-        shape = [sizes[d] if d in sizes else (2 * spec.num_heads if isinstance(d, str) else d) for d in sig.shape]
+        shape = [
+            sizes[d] if d in sizes else (2 * spec.num_heads if isinstance(d, str) else d)
+            for d in sig.shape
+        ]
         dyn = {i: axes[d] for i, d in enumerate(sig.shape) if d in axes}
-        if isinstance(sig.shape[0], str) and sig.shape[0] not in axes:  # batch*num_heads of a 3-D attn_mask
+        if (
+            isinstance(sig.shape[0], str) and sig.shape[0] not in axes
+        ):  # batch*num_heads of a 3-D attn_mask
             dyn[0] = spec.num_heads * batch
-        args.append(torch.zeros(shape, dtype=torch.bool) if sig.dtype == "bool" else torch.randn(shape))
+        args.append(
+            torch.zeros(shape, dtype=torch.bool) if sig.dtype == "bool" else torch.randn(shape)
+        )
         dims.append(dyn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(Call().eval(), tuple(args), dynamo=True, dynamic_shapes=(tuple(dims),), verbose=False)
+        program = torch.onnx.export(
+            Call().eval(), tuple(args), dynamo=True, dynamic_shapes=(tuple(dims),), verbose=False
+        )
     program.save(os.fspath(path))

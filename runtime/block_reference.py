@@ -16,14 +16,18 @@ from runtime.reference import mha_reference
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def block_reference(
+    spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     p, t = spec.prefix, {k: v.astype(np.float64) for k, v in weights.tensors.items()}
     present: dict[str, np.ndarray] = {}
 
     def batch_first(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float64) if spec.batch_first else x.astype(np.float64).transpose(1, 0, 2)
 
-    def attention(module: str, sub: Any, query: np.ndarray, kv: np.ndarray, kpm: str, mask: str) -> np.ndarray:
+    def attention(
+        module: str, sub: Any, query: np.ndarray, kv: np.ndarray, kpm: str, mask: str
+    ) -> np.ndarray:
         feeds = {"query": query}
         if not sub.self_attention:
             feeds |= {"key": kv, "value": kv}
@@ -44,16 +48,37 @@ def block_reference(spec: BlockSpec, weights: BlockWeights, inputs: Mapping[str,
 
     def feed_forward(x: np.ndarray) -> np.ndarray:
         h = x @ t["linear1.weight"].T + t.get("linear1.bias", 0.0)
-        h = np.maximum(h, 0.0) if spec.activation == "relu" else 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
+        h = (
+            np.maximum(h, 0.0)
+            if spec.activation == "relu"
+            else 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
+        )
         return h @ t["linear2.weight"].T + t.get("linear2.bias", 0.0)
 
     x = batch_first(inputs[p])
-    sublayers = [("norm1", lambda h: attention("self_attn", spec.self_attention_spec(), h, h,
-                                               f"{p}_key_padding_mask", f"{p}_mask"))]
+    sublayers = [
+        (
+            "norm1",
+            lambda h: attention(
+                "self_attn", spec.self_attention_spec(), h, h, f"{p}_key_padding_mask", f"{p}_mask"
+            ),
+        )
+    ]
     if spec.block == "decoder":
         memory = batch_first(inputs["memory"])
-        sublayers.append(("norm2", lambda h: attention("multihead_attn", spec.cross_attention_spec(), h, memory,
-                                                       "memory_key_padding_mask", "memory_mask")))
+        sublayers.append(
+            (
+                "norm2",
+                lambda h: attention(
+                    "multihead_attn",
+                    spec.cross_attention_spec(),
+                    h,
+                    memory,
+                    "memory_key_padding_mask",
+                    "memory_mask",
+                ),
+            )
+        )
     sublayers.append((f"norm{len(sublayers) + 1}", feed_forward))
     for name, sublayer in sublayers:
         x = x + sublayer(norm(name, x)) if spec.norm_first else norm(name, x + sublayer(x))
@@ -64,20 +89,40 @@ def torch_block(spec: BlockSpec, weights: BlockWeights, *, dtype: Any = None) ->
     """torch's layer with ``weights``, eval mode, float64 unless told otherwise."""
     import torch
 
-    layer = torch.nn.TransformerEncoderLayer if spec.block == "encoder" else torch.nn.TransformerDecoderLayer
-    module = layer(spec.embed_dim, spec.num_heads, dim_feedforward=spec.dim_feedforward, dropout=spec.dropout,
-                   activation=spec.activation, layer_norm_eps=spec.layer_norm_eps, batch_first=spec.batch_first,
-                   norm_first=spec.norm_first, bias=spec.bias, dtype=dtype or torch.float64)
-    module.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in weights.tensors.items()})
+    layer = (
+        torch.nn.TransformerEncoderLayer
+        if spec.block == "encoder"
+        else torch.nn.TransformerDecoderLayer
+    )
+    module = layer(
+        spec.embed_dim,
+        spec.num_heads,
+        dim_feedforward=spec.dim_feedforward,
+        dropout=spec.dropout,
+        activation=spec.activation,
+        layer_norm_eps=spec.layer_norm_eps,
+        batch_first=spec.batch_first,
+        norm_first=spec.norm_first,
+        bias=spec.bias,
+        dtype=dtype or torch.float64,
+    )
+    module.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in weights.tensors.items()}
+    )
     return module.eval()
 
 
-def torch_block_forward(spec: BlockSpec, module: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_block_forward(
+    spec: BlockSpec, module: Any, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Run torch's layer on the graph's inputs. The causal mask is passed as a mask with the
     is_causal hint, and masks of mixed kinds are merged as float, as torch itself does."""
     import torch
 
-    t = {k: torch.from_numpy(v.astype(np.float64) if v.dtype != np.bool_ else v) for k, v in inputs.items()}
+    t = {
+        k: torch.from_numpy(v.astype(np.float64) if v.dtype != np.bool_ else v)
+        for k, v in inputs.items()
+    }
     p = spec.prefix
     x = t[p]
     mask, kpm = t.get(f"{p}_mask"), t.get(f"{p}_key_padding_mask")
@@ -91,16 +136,29 @@ def torch_block_forward(spec: BlockSpec, module: Any, inputs: Mapping[str, np.nd
         if spec.block == "encoder":
             out = module(x, src_mask=mask, src_key_padding_mask=kpm, is_causal=hint)
         else:
-            memory_mask, memory_kpm = _same_kind(t.get("memory_mask"), t.get("memory_key_padding_mask"))
-            out = module(x, t["memory"], tgt_mask=mask, memory_mask=memory_mask, tgt_key_padding_mask=kpm,
-                         memory_key_padding_mask=memory_kpm, tgt_is_causal=hint)
+            memory_mask, memory_kpm = _same_kind(
+                t.get("memory_mask"), t.get("memory_key_padding_mask")
+            )
+            out = module(
+                x,
+                t["memory"],
+                tgt_mask=mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=kpm,
+                memory_key_padding_mask=memory_kpm,
+                tgt_is_causal=hint,
+            )
     return {"output": out.numpy()}
 
 
 def _additive(mask: Any) -> Any:
     import torch
 
-    return mask if mask.is_floating_point() else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))
+    return (
+        mask
+        if mask.is_floating_point()
+        else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask, float("-inf"))
+    )
 
 
 def _same_kind(a: Any, b: Any) -> tuple[Any, Any]:

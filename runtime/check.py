@@ -8,9 +8,9 @@ contract (docs/ARCHITECTURE.md) asks for a zero context.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,16 +19,20 @@ import numpy as np
 from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 from runtime.reference import fully_masked_rows, mha_reference
-from runtime.signature import InputError, evaluate
 from runtime.session import Session
+from runtime.signature import InputError, evaluate
 
 Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
 DEFAULT_SHAPES: tuple[Shape, ...] = ((2, 5, 7), (3, 11, 4))
-FP32_TOLERANCE = 1e-5  # float32 rounding through two projections and a softmax stays near 1e-6 of scale
+FP32_TOLERANCE = (
+    1e-5  # float32 rounding through two projections and a softmax stays near 1e-6 of scale
+)
 FP16_TOLERANCE = 1e-2  # float16 has an 11-bit significand (epsilon 9.8e-4); a few roundings in a chain stay well inside
 
 
-def random_inputs(spec: AttentionSpec, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+def random_inputs(
+    spec: AttentionSpec, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2
+) -> dict[str, np.ndarray]:
     """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys. With a KV cache,
     shape's SRC is the past's length and the cache is random."""
     batch, tgt, src = shape
@@ -48,7 +52,9 @@ def random_inputs(spec: AttentionSpec, shape: Shape, rng: np.random.Generator, m
     feeds = {"query": seq(tgt, spec.embed_dim)}
     if spec.kv_cache:  # SRC is the past's length; the keys are the past's and the query's
         for name in ("past_key", "past_value"):
-            feeds[name] = rng.standard_normal((batch, spec.num_heads, src, spec.head_dim)).astype(np.float32)
+            feeds[name] = rng.standard_normal((batch, spec.num_heads, src, spec.head_dim)).astype(
+                np.float32
+            )
         src += tgt
     if not spec.self_attention:
         feeds["key"] = seq(src, spec.k_dim)
@@ -86,25 +92,38 @@ class CheckReport:
         return bool(self.comparisons) and bool(self.worst_rel_error <= self.tolerance)
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "tolerance": self.tolerance, "worst_rel_error": self.worst_rel_error,
-                "comparisons": [asdict(c) for c in self.comparisons], "skipped": self.skipped}
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "worst_rel_error": self.worst_rel_error,
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "skipped": self.skipped,
+        }
 
     def table(self) -> str:
-        lines = [f"{'reference':<10} {'batch,tgt,src':<14} {'output':<20} {'max abs err':>12} {'max rel err':>12}"]
+        lines = [
+            f"{'reference':<10} {'batch,tgt,src':<14} {'output':<20} {'max abs err':>12} {'max rel err':>12}"
+        ]
         for c in self.comparisons:
             shape = ",".join(map(str, c.shape))
-            lines.append(f"{c.reference:<10} {shape:<14} {c.output:<20} {c.max_abs_error:>12.3e} {c.max_rel_error:>12.3e}")
+            lines.append(
+                f"{c.reference:<10} {shape:<14} {c.output:<20} {c.max_abs_error:>12.3e} {c.max_rel_error:>12.3e}"
+            )
         for name, why in self.skipped.items():
             lines.append(f"{name:<10} skipped: {why}")
         verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"{verdict}: worst relative error {self.worst_rel_error:.3e} (tolerance {self.tolerance:.0e})")
+        lines.append(
+            f"{verdict}: worst relative error {self.worst_rel_error:.3e} (tolerance {self.tolerance:.0e})"
+        )
         return "\n".join(lines)
 
 
 def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     """(max abs error, max abs error / max |expected|); NaN must sit where the reference has NaN."""
     if actual.shape != expected.shape:
-        raise ValueError(f"output shape {actual.shape} differs from the reference's {expected.shape}")
+        raise ValueError(
+            f"output shape {actual.shape} differs from the reference's {expected.shape}"
+        )
     if actual.size == 0:
         return 0.0, 0.0
     nan_a, nan_e = np.isnan(actual), np.isnan(expected)
@@ -113,26 +132,38 @@ def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     a, e = actual[~nan_e].astype(np.float64), expected[~nan_e]
     if a.size == 0:
         return 0.0, 0.0
-    same = (a == e)  # equal infinities have no error
+    same = a == e  # equal infinities have no error
     abs_err = float(np.max(np.where(same, 0.0, np.abs(a - e))))
     finite = np.abs(e[np.isfinite(e)])
     scale = float(finite.max()) if finite.size else 1.0
     return abs_err, float(abs_err / max(scale, np.finfo(np.float64).tiny))
 
 
-def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeights, *,
-                  shapes: Sequence[Shape] = DEFAULT_SHAPES, seed: int = 0, tolerance: float = FP32_TOLERANCE,
-                  use_torch: bool = True, mask_rate: float = 0.2) -> CheckReport:
+def check_session(
+    session: Session,
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    *,
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    seed: int = 0,
+    tolerance: float = FP32_TOLERANCE,
+    use_torch: bool = True,
+    mask_rate: float = 0.2,
+) -> CheckReport:
     report = CheckReport(tolerance)
     rng = np.random.default_rng(seed)
     module = _torch_module(spec, weights, report) if use_torch else None
     for shape in shapes:
         feeds = random_inputs(spec, shape, rng, mask_rate)
         tokens = None
-        if spec.kv_cache:  # a cache torch can be compared with: the one a prefill of random tokens leaves
+        if (
+            spec.kv_cache
+        ):  # a cache torch can be compared with: the one a prefill of random tokens leaves
             from runtime.generation import cache_of
 
-            feeds, tokens = _with_cache(spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t))
+            feeds, tokens = _with_cache(
+                spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t)
+            )
         got = session.run(feeds)
         _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
         if module is not None:
@@ -140,25 +171,48 @@ def check_session(session: Session, spec: AttentionSpec, weights: AttentionWeigh
 
             dead = fully_masked_rows(spec, feeds).any(axis=1)  # (N, L): some head sees no key
             if tokens is None:
-                _compare(report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead)
+                _compare(
+                    report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead
+                )
             else:
-                _compare(report, spec, "torch", shape, got, _torch_cached(spec, weights, module, feeds, tokens), dead)
+                _compare(
+                    report,
+                    spec,
+                    "torch",
+                    shape,
+                    got,
+                    _torch_cached(spec, weights, module, feeds, tokens),
+                    dead,
+                )
     return report
 
 
-def _with_cache(spec: Any, feeds: dict[str, np.ndarray], name: str, past_len: int, rng: np.random.Generator,
-                cache: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _with_cache(
+    spec: Any,
+    feeds: dict[str, np.ndarray],
+    name: str,
+    past_len: int,
+    rng: np.random.Generator,
+    cache: Any,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``feeds`` with past_key/past_value replaced by ``cache`` (tokens -> keys, values) of ``past_len``
     random tokens laid out as input ``name``; those tokens."""
     batch = feeds[name].shape[0 if spec.batch_first else 1]
-    dims = (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
+    dims = (
+        (batch, past_len, spec.embed_dim) if spec.batch_first else (past_len, batch, spec.embed_dim)
+    )
     tokens = rng.standard_normal(dims).astype(np.float32)
     past_key, past_value = cache(tokens)
     return {**feeds, "past_key": past_key, "past_value": past_value}, tokens
 
 
-def _torch_cached(spec: AttentionSpec, weights: AttentionWeights, module: Any, feeds: Mapping[str, np.ndarray],
-                  past_tokens: np.ndarray) -> dict[str, np.ndarray]:
+def _torch_cached(
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    module: Any,
+    feeds: Mapping[str, np.ndarray],
+    past_tokens: np.ndarray,
+) -> dict[str, np.ndarray]:
     """torch's one causal pass over past and new tokens: the new tokens' rows of attn_output, and
     the whole sequence's keys and values (from the weights, as torch projects them) as present."""
     from runtime.generation import cache_of
@@ -171,7 +225,11 @@ def _torch_cached(spec: AttentionSpec, weights: AttentionWeights, module: Any, f
     out = torch_forward(full_spec, module, inputs)["attn_output"]
     new = np.arange(past_tokens.shape[axis], tokens.shape[axis])
     present_key, present_value = cache_of(spec, weights, tokens)
-    return {"attn_output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
+    return {
+        "attn_output": np.take(out, new, axis=axis),
+        "present_key": present_key,
+        "present_value": present_value,
+    }
 
 
 def _torch_module(spec: AttentionSpec, weights: AttentionWeights, report: CheckReport) -> Any:
@@ -184,17 +242,28 @@ def _torch_module(spec: AttentionSpec, weights: AttentionWeights, report: CheckR
         return None
 
 
-def _compare(report: CheckReport, spec: AttentionSpec, reference: str, shape: Shape, got: Mapping[str, np.ndarray],
-             expected: Mapping[str, np.ndarray], dead: np.ndarray | None) -> None:
+def _compare(
+    report: CheckReport,
+    spec: AttentionSpec,
+    reference: str,
+    shape: Shape,
+    got: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    dead: np.ndarray | None,
+) -> None:
     for name, want in expected.items():
         actual = got[name]
         excluded = 0
-        if dead is not None and dead.any() and not name.startswith("present"):  # the cache has no query rows
+        if (
+            dead is not None and dead.any() and not name.startswith("present")
+        ):  # the cache has no query rows
             keep = ~dead  # (N, L)
             excluded = int(dead.sum())
             actual, want = _rows(spec, name, actual, keep), _rows(spec, name, want, keep)
         abs_err, rel_err = errors(actual, want)
-        report.comparisons.append(Comparison(reference, tuple(shape), name, abs_err, rel_err, excluded))
+        report.comparisons.append(
+            Comparison(reference, tuple(shape), name, abs_err, rel_err, excluded)
+        )
 
 
 def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -206,26 +275,43 @@ def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray)
     return array.transpose(1, 0, 2)[keep]
 
 
-def block_inputs(spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+def block_inputs(
+    spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2
+) -> dict[str, np.ndarray]:
     """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
     key 0, so no query row is fully masked (torch gives NaN there; docs/ARCHITECTURE.md a zero context)."""
     batch, tgt, src = shape
-    sizes = {"batch": batch, "tgt_len": tgt, "src_len": src, "past_len": src}  # a cache as long as the memory
+    sizes = {
+        "batch": batch,
+        "tgt_len": tgt,
+        "src_len": src,
+        "past_len": src,
+    }  # a cache as long as the memory
     feeds = {}
     for sig in spec.inputs():
         dims = tuple(evaluate(d, sizes) if isinstance(d, str) else d for d in sig.shape)
         if "mask" in sig.name:
             blocked = rng.random(dims) < mask_rate
             blocked[..., 0] = False
-            feeds[sig.name] = blocked if sig.dtype == "bool" else np.where(
-                blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
+            feeds[sig.name] = (
+                blocked
+                if sig.dtype == "bool"
+                else np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
+            )
         else:
             feeds[sig.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
 
-def check_block_session(session: Session, spec: Any, weights: Any, *, shapes: Sequence[Shape] = DEFAULT_SHAPES,
-                        seed: int = 0, tolerance: float = FP32_TOLERANCE) -> CheckReport:
+def check_block_session(
+    session: Session,
+    spec: Any,
+    weights: Any,
+    *,
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    seed: int = 0,
+    tolerance: float = FP32_TOLERANCE,
+) -> CheckReport:
     """A compiled encoder or decoder block against torch's layer and the NumPy composition."""
     from runtime.block_reference import block_reference, torch_block, torch_block_forward
 
@@ -240,13 +326,20 @@ def check_block_session(session: Session, spec: Any, weights: Any, *, shapes: Se
         feeds = block_inputs(spec, shape, rng)
         past_tokens = None
         if spec.kv_cache:
-            feeds, past_tokens = _with_cache(spec, feeds, spec.prefix, shape[2], rng,
-                                             lambda t: _block_cache(spec, weights, t))
+            feeds, past_tokens = _with_cache(
+                spec, feeds, spec.prefix, shape[2], rng, lambda t: _block_cache(spec, weights, t)
+            )
         got = session.run(feeds)
         references = [("numpy", block_reference(spec, weights, feeds))]
         if module is not None:
-            references.append(("torch", torch_block_forward(spec, module, feeds) if past_tokens is None
-                               else _torch_block_cached(spec, weights, module, feeds, past_tokens)))
+            references.append(
+                (
+                    "torch",
+                    torch_block_forward(spec, module, feeds)
+                    if past_tokens is None
+                    else _torch_block_cached(spec, weights, module, feeds, past_tokens),
+                )
+            )
         for name, want in references:
             for output, expected in want.items():
                 abs_err, rel_err = errors(got[output], expected)
@@ -259,31 +352,46 @@ def _block_cache(spec: Any, weights: Any, tokens: np.ndarray) -> tuple[np.ndarra
     the keys and values of what its self-attention reads, the input or (pre-norm) norm1 of it."""
     from runtime.generation import cache_of
 
-    x = tokens.astype(np.float64) if spec.batch_first else tokens.astype(np.float64).transpose(1, 0, 2)
+    x = (
+        tokens.astype(np.float64)
+        if spec.batch_first
+        else tokens.astype(np.float64).transpose(1, 0, 2)
+    )
     if spec.norm_first:
         t = weights.tensors
-        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + spec.layer_norm_eps) * t["norm1.weight"]
+        x = (
+            (x - x.mean(-1, keepdims=True))
+            / np.sqrt(x.var(-1, keepdims=True) + spec.layer_norm_eps)
+            * t["norm1.weight"]
+        )
         x = x + t["norm1.bias"] if spec.bias else x
     sub = spec.self_attention_spec()  # batch-first
     return cache_of(sub, weights.attention("self_attn"), x)
 
 
-def _torch_block_cached(spec: Any, weights: Any, module: Any, feeds: Mapping[str, np.ndarray],
-                        past_tokens: np.ndarray) -> dict[str, np.ndarray]:
+def _torch_block_cached(
+    spec: Any, weights: Any, module: Any, feeds: Mapping[str, np.ndarray], past_tokens: np.ndarray
+) -> dict[str, np.ndarray]:
     """torch's layer over past and new tokens in one causal pass: the new tokens' rows, and the cache."""
     from runtime.block_reference import torch_block_forward
 
     axis = 1 if spec.batch_first else 0
     tokens = np.concatenate([past_tokens, feeds[spec.prefix]], axis=axis)
     inputs = {k: v for k, v in feeds.items() if not k.startswith("past")} | {spec.prefix: tokens}
-    if "memory_mask" in inputs:  # (tgt_len, S) covers the new rows; the past rows' masks cannot reach them
+    if (
+        "memory_mask" in inputs
+    ):  # (tgt_len, S) covers the new rows; the past rows' masks cannot reach them
         mask = inputs["memory_mask"]
         past_rows = np.zeros((past_tokens.shape[axis], *mask.shape[1:]), mask.dtype)
         inputs["memory_mask"] = np.concatenate([past_rows, mask], axis=0)
     out = torch_block_forward(dataclasses.replace(spec, kv_cache=False), module, inputs)["output"]
     present_key, present_value = _block_cache(spec, weights, tokens)
     new = np.arange(past_tokens.shape[axis], tokens.shape[axis])
-    return {"output": np.take(out, new, axis=axis), "present_key": present_key, "present_value": present_value}
+    return {
+        "output": np.take(out, new, axis=axis),
+        "present_key": present_key,
+        "present_value": present_value,
+    }
 
 
 def _run_original(original: Session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -294,15 +402,27 @@ def _run_original(original: Session, feeds: Mapping[str, np.ndarray]) -> dict[st
     except InputError:
         raise
     except Exception as exc:  # onnxruntime raises Fail, RuntimeException, InvalidArgument...
-        shapes = ", ".join(f"{name} {'x'.join(map(str, value.shape))}" for name, value in feeds.items())
-        detail = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip().splitlines()[0])[:200]
-        raise InputError(f"the input graph itself fails in ONNX Runtime on inputs of {shapes}: {detail}; give inputs it "
-                         "takes with --inputs FILE.npz (or --latency-shape for --latency)") from exc
+        shapes = ", ".join(
+            f"{name} {'x'.join(map(str, value.shape))}" for name, value in feeds.items()
+        )
+        detail = re.sub(
+            r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc).strip().splitlines()[0]
+        )[:200]
+        raise InputError(
+            f"the input graph itself fails in ONNX Runtime on inputs of {shapes}: {detail}; give inputs it "
+            "takes with --inputs FILE.npz (or --latency-shape for --latency)"
+        ) from exc
 
 
-def check_against_graph(session: Session, original: Session, *, tolerance: float = FP32_TOLERANCE, seed: int = 0,
-                        ranges: Mapping[str, int] | None = None,
-                        inputs: Mapping[str, np.ndarray] | None = None) -> CheckReport:
+def check_against_graph(
+    session: Session,
+    original: Session,
+    *,
+    tolerance: float = FP32_TOLERANCE,
+    seed: int = 0,
+    ranges: Mapping[str, int] | None = None,
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> CheckReport:
     """A compiled graph against the graph it came from: on ``inputs`` where given, else on random
     inputs (runtime/graph_inputs.py; token ids within ``ranges``) at two sizes of every symbolic axis.
     Entries the original leaves NaN (torch's fully masked rows) are not compared; outputs that are
@@ -312,20 +432,41 @@ def check_against_graph(session: Session, original: Session, *, tolerance: float
     report = CheckReport(tolerance)
     rng = np.random.default_rng(seed)
     symbols = sorted({d for s in original.inputs for d in s.shape if isinstance(d, str)})
-    feed_sets = [dict(inputs)] if inputs is not None else [
-        graph_inputs(original.inputs, {name: size + i for i, name in enumerate(symbols)}, rng, ranges=ranges)
-        for size in (5, 11)]
+    feed_sets = (
+        [dict(inputs)]
+        if inputs is not None
+        else [
+            graph_inputs(
+                original.inputs,
+                {name: size + i for i, name in enumerate(symbols)},
+                rng,
+                ranges=ranges,
+            )
+            for size in (5, 11)
+        ]
+    )
     for feeds in feed_sets:
         want, got = _run_original(original, feeds), session.run(feeds)
         shape = tuple(feeds[original.inputs[0].name].shape)
         for name, expected in want.items():
             if expected.dtype.kind != "f":
-                same = got[name].shape == expected.shape and bool(np.array_equal(got[name], expected))
-                report.comparisons.append(Comparison("input graph", shape, name, 0.0 if same else float("inf"),
-                                                     0.0 if same else float("inf")))
+                same = got[name].shape == expected.shape and bool(
+                    np.array_equal(got[name], expected)
+                )
+                report.comparisons.append(
+                    Comparison(
+                        "input graph",
+                        shape,
+                        name,
+                        0.0 if same else float("inf"),
+                        0.0 if same else float("inf"),
+                    )
+                )
                 continue
             nan = np.isnan(expected)
             actual = np.where(nan, 0, got[name])
             abs_err, rel_err = errors(actual, np.where(nan, 0, expected))
-            report.comparisons.append(Comparison("input graph", shape, name, abs_err, rel_err, int(nan.sum())))
+            report.comparisons.append(
+                Comparison("input graph", shape, name, abs_err, rel_err, int(nan.sum()))
+            )
     return report

@@ -26,17 +26,22 @@ def attended_pairs(spec: AttentionSpec, tgt_len: int, src_len: int) -> int:
     return pairs + tgt_len * spec.extra_keys
 
 
-def attention_flops(spec: AttentionSpec, batch: int, tgt_len: int, src_len: int | None = None) -> int:
+def attention_flops(
+    spec: AttentionSpec, batch: int, tgt_len: int, src_len: int | None = None
+) -> int:
     """Projections (query, key, value, output) plus scores and context, over every head."""
     src_len = tgt_len if spec.self_attention or src_len is None else src_len
     e = spec.embed_dim
     macs = tgt_len * e * e + src_len * spec.k_dim * e + src_len * spec.v_dim * e + tgt_len * e * e
-    macs += 2 * attended_pairs(spec, tgt_len, src_len) * e  # q.k over head_dim, x num_heads; and weights.v
+    macs += (
+        2 * attended_pairs(spec, tgt_len, src_len) * e
+    )  # q.k over head_dim, x num_heads; and weights.v
     return 2 * batch * macs
 
 
-def attention_min_bytes(spec: AttentionSpec, batch: int, tgt_len: int, src_len: int | None = None,
-                        weight_bytes: int = 4) -> int:
+def attention_min_bytes(
+    spec: AttentionSpec, batch: int, tgt_len: int, src_len: int | None = None, weight_bytes: int = 4
+) -> int:
     """Inputs read once, parameters read once, outputs written once: what a perfectly fused
     kernel moves. Graph inputs and outputs are float32 (masks bool or float32) at every precision;
     ``weight_bytes`` is 2 for fp16 parameters."""

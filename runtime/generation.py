@@ -42,7 +42,9 @@ class KvCacheLoop:
 
     def __init__(self, session: OrtSession, spec: AttentionSpec | Any, device: str = "cpu") -> None:
         if not getattr(spec, "kv_cache", False):
-            raise InputError("KvCacheLoop needs a graph compiled with kv_cache=True (compile.py --kv-cache)")
+            raise InputError(
+                "KvCacheLoop needs a graph compiled with kv_cache=True (compile.py --kv-cache)"
+            )
         if not isinstance(session, OrtSession):
             raise InputError(f"KvCacheLoop runs on an OrtSession, not a {type(session).__name__}")
         self.session, self.spec, self.device = session, spec, device
@@ -57,7 +59,9 @@ class KvCacheLoop:
     def _check_session_fits(self) -> None:
         """InputError unless the session's graph is the one ``spec`` describes (names, heads, widths)."""
         declared = {s.name: s for s in self.session.inputs}
-        want = {self._input, "past_key", "past_value"} | ({self._padding_name} if self.spec.key_padding_mask else set())
+        want = {self._input, "past_key", "past_value"} | (
+            {self._padding_name} if self.spec.key_padding_mask else set()
+        )
         heads = (self._attention.num_heads, self._attention.head_dim)
         problem = None
         if not want <= declared.keys():
@@ -71,8 +75,10 @@ class KvCacheLoop:
         elif not {self._output, "present_key", "present_value"} <= set(self.session.output_names):
             problem = "it lacks present_key/present_value outputs"
         if problem is not None:
-            raise InputError(f"the session's graph does not match the spec given to KvCacheLoop: {problem}; "
-                             "give the spec the graph was compiled from")
+            raise InputError(
+                f"the session's graph does not match the spec given to KvCacheLoop: {problem}; "
+                "give the spec the graph was compiled from"
+            )
 
     def reset(self) -> None:
         self._past: tuple[Any, Any] | None = None
@@ -94,8 +100,10 @@ class KvCacheLoop:
     @contextlib.contextmanager
     def _held(self) -> Iterator[None]:
         if not self._lock.acquire(blocking=False):
-            raise LoopInUse("this KvCacheLoop is running a call from another thread; a loop holds one sequence's cache, "
-                            "so give each thread its own loop (they may share the OrtSession)")
+            raise LoopInUse(
+                "this KvCacheLoop is running a call from another thread; a loop holds one sequence's cache, "
+                "so give each thread its own loop (they may share the OrtSession)"
+            )
         try:
             yield
         finally:
@@ -108,21 +116,40 @@ class KvCacheLoop:
         check_inputs([declared[self._input]], {self._input: query})  # rank, dtype, empty axes
         batch = query.shape[0 if spec.batch_first else 1]
         if self._past is not None and self._past[0].shape()[0] != batch:
-            raise InputError(f"input {self._input!r} has batch={batch}, but the cache holds batch="
-                             f"{self._past[0].shape()[0]}; call prefill to start a new batch")
-        feeds: dict[str, Any] = {self._input: query, **{k: _array(k, v, declared.get(k)) for k, v in other.items()}}
+            raise InputError(
+                f"input {self._input!r} has batch={batch}, but the cache holds batch="
+                f"{self._past[0].shape()[0]}; call prefill to start a new batch"
+            )
+        feeds: dict[str, Any] = {
+            self._input: query,
+            **{k: _array(k, v, declared.get(k)) for k, v in other.items()},
+        }
         if spec.key_padding_mask is not None:
-            feeds[self._padding_name] = self._extend_padding(query, key_padding_mask, declared[self._padding_name])
+            feeds[self._padding_name] = self._extend_padding(
+                query, key_padding_mask, declared[self._padding_name]
+            )
         elif key_padding_mask is not None:
-            raise InputError(f"this graph takes no {self._padding_name} (compile it with --key-padding-mask)")
+            raise InputError(
+                f"this graph takes no {self._padding_name} (compile it with --key-padding-mask)"
+            )
         missing = [name for name in declared if name not in feeds and not name.startswith("past_")]
         if missing:
-            raise InputError(f"missing input {missing[0]!r}; give it to prefill and step as a keyword argument")
+            raise InputError(
+                f"missing input {missing[0]!r}; give it to prefill and step as a keyword argument"
+            )
         past_shape = (batch, heads.num_heads, self.past_len, heads.head_dim)
-        stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), past_shape, (0,) * 4)  # no memory
-        check_inputs(self.session.inputs, {**feeds, "past_key": stand_in, "past_value": stand_in}, self.session.maxima)
-        past = self._past or tuple(ort.OrtValue.ortvalue_from_numpy(np.zeros(past_shape, np.float32), self.device)
-                                   for _ in range(2))
+        stand_in = np.lib.stride_tricks.as_strided(
+            np.zeros(1, np.float32), past_shape, (0,) * 4
+        )  # no memory
+        check_inputs(
+            self.session.inputs,
+            {**feeds, "past_key": stand_in, "past_value": stand_in},
+            self.session.maxima,
+        )
+        past = self._past or tuple(
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(past_shape, np.float32), self.device)
+            for _ in range(2)
+        )
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -140,14 +167,20 @@ class KvCacheLoop:
     def _extend_padding(self, query: np.ndarray, new: Any, declared: InputSpec) -> np.ndarray:
         """The mask over past and new keys: the kept mask, then ``new`` (or all real)."""
         spec = self.spec
-        batch, length = (query.shape[0], query.shape[1]) if spec.batch_first else (query.shape[1], query.shape[0])
+        batch, length = (
+            (query.shape[0], query.shape[1])
+            if spec.batch_first
+            else (query.shape[1], query.shape[0])
+        )
         if new is None:
             new = np.zeros((batch, length), declared.dtype)
         new = _array(self._padding_name, new, declared)
         if new.shape != (batch, length) or new.dtype != declared.dtype:
-            raise InputError(f"{self._padding_name} for the new keys has shape {new.shape} and dtype {new.dtype}; "
-                             f"expected ({batch}, {length}) of {declared.dtype}: one entry per new key of each sequence "
-                             "(the loop keeps the past keys' mask)")
+            raise InputError(
+                f"{self._padding_name} for the new keys has shape {new.shape} and dtype {new.dtype}; "
+                f"expected ({batch}, {length}) of {declared.dtype}: one entry per new key of each sequence "
+                "(the loop keeps the past keys' mask)"
+            )
         past = self._padding if self._padding is not None else np.zeros((batch, 0), declared.dtype)
         return np.concatenate([past, new], axis=1)
 
@@ -159,11 +192,15 @@ def _array(name: str, value: Any, declared: InputSpec | None) -> Any:
         return value.detach().cpu().numpy()
     if not isinstance(value, np.ndarray):
         expected = f" of {declared.dtype}" if declared is not None else ""
-        raise InputError(f"input {name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor{expected}")
+        raise InputError(
+            f"input {name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor{expected}"
+        )
     return value
 
 
-def cache_of(spec: AttentionSpec, weights: AttentionWeights, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cache_of(
+    spec: AttentionSpec, weights: AttentionWeights, tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """past_key, past_value (N, H, P, hd) for ``tokens`` in the graph's layout, computed in float64
     from the weights: the cache a prefill of those tokens leaves."""
     x = tokens.astype(np.float64)
@@ -173,6 +210,14 @@ def cache_of(spec: AttentionSpec, weights: AttentionWeights, tokens: np.ndarray)
     w = weights.tensors["in_proj_weight"].astype(np.float64)
     b = weights.tensors["in_proj_bias"].astype(np.float64) if spec.bias else np.zeros(3 * e)
     n, p, _ = x.shape
-    k = (x @ w[e:2 * e].T + b[e:2 * e]).reshape(n, p, spec.num_heads, spec.head_dim).transpose(0, 2, 1, 3)
-    v = (x @ w[2 * e:].T + b[2 * e:]).reshape(n, p, spec.num_heads, spec.head_dim).transpose(0, 2, 1, 3)
+    k = (
+        (x @ w[e : 2 * e].T + b[e : 2 * e])
+        .reshape(n, p, spec.num_heads, spec.head_dim)
+        .transpose(0, 2, 1, 3)
+    )
+    v = (
+        (x @ w[2 * e :].T + b[2 * e :])
+        .reshape(n, p, spec.num_heads, spec.head_dim)
+        .transpose(0, 2, 1, 3)
+    )
     return k.astype(np.float32), v.astype(np.float32)

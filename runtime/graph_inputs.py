@@ -18,7 +18,18 @@ import onnx
 from runtime.signature import InputError, InputSpec
 
 # Ops that carry an index tensor to a Gather without changing what its values mean.
-_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice", "Concat", "Tile"}
+_PASS_THROUGH = {
+    "Cast",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Flatten",
+    "Identity",
+    "Expand",
+    "Slice",
+    "Concat",
+    "Tile",
+}
 INPUTS_LIMIT = 2**30  # bytes an --inputs file may declare; far past any one call a check makes
 
 
@@ -38,7 +49,12 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, int]:
         rows, seen, frontier = [], {value.name}, [value.name]
         while frontier:
             for node, index in users.get(frontier.pop(), []):
-                if node.op_type == "Gather" and not node.domain and index == 1 and node.input[0] in tables:
+                if (
+                    node.op_type == "Gather"
+                    and not node.domain
+                    and index == 1
+                    and node.input[0] in tables
+                ):
                     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
                     rows.append(tables[node.input[0]][axis])
                 elif node.op_type in _PASS_THROUGH and not node.domain and index == 0:
@@ -54,8 +70,14 @@ def _looks_like_mask(name: str) -> bool:
     return "mask" in name.lower()
 
 
-def graph_inputs(inputs: list[InputSpec], sizes: Mapping[str, int], rng: np.random.Generator, *,
-                 ranges: Mapping[str, int] | None = None, mask_rate: float = 0.2) -> dict[str, np.ndarray]:
+def graph_inputs(
+    inputs: list[InputSpec],
+    sizes: Mapping[str, int],
+    rng: np.random.Generator,
+    *,
+    ranges: Mapping[str, int] | None = None,
+    mask_rate: float = 0.2,
+) -> dict[str, np.ndarray]:
     """Random inputs from the graph's declared ``inputs``; each symbolic axis takes its size from
     ``sizes`` (3 when absent).
     - bool inputs, and float or integer inputs named like masks: about ``mask_rate`` of the last axis
@@ -71,16 +93,27 @@ def graph_inputs(inputs: list[InputSpec], sizes: Mapping[str, int], rng: np.rand
         if spec.dtype == np.bool_ or (kind in "fiu" and _looks_like_mask(spec.name)):
             padded = rng.random(dims) < mask_rate
             padded[..., :1] = False
-            feeds[spec.name] = (padded if spec.dtype == np.bool_ else np.where(padded, -np.inf, 0).astype(spec.dtype)
-                                if kind == "f" else (~padded).astype(spec.dtype))
+            feeds[spec.name] = (
+                padded
+                if spec.dtype == np.bool_
+                else np.where(padded, -np.inf, 0).astype(spec.dtype)
+                if kind == "f"
+                else (~padded).astype(spec.dtype)
+            )
         elif kind in "iu" and ranges and spec.name in ranges:
             feeds[spec.name] = rng.integers(0, ranges[spec.name], dims).astype(spec.dtype)
         elif kind == "f":
             feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         else:
-            what = spec.onnx_type if spec.dtype == np.dtype(object) else f"{spec.dtype} and reaches no embedding table"
-            raise InputError(f"input {spec.name!r} is {what}, so --check and --latency cannot make it; give real inputs "
-                             "with --inputs FILE.npz (one array per input name)")
+            what = (
+                spec.onnx_type
+                if spec.dtype == np.dtype(object)
+                else f"{spec.dtype} and reaches no embedding table"
+            )
+            raise InputError(
+                f"input {spec.name!r} is {what}, so --check and --latency cannot make it; give real inputs "
+                "with --inputs FILE.npz (one array per input name)"
+            )
     return feeds
 
 
@@ -96,12 +129,16 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
             members = {i.filename.removesuffix(".npy"): i for i in archive.infolist()}
             declared = sum(i.file_size for i in archive.infolist())
             if declared > INPUTS_LIMIT:
-                raise InputError(f"--inputs {str(path)!r} declares {declared} bytes, more than {INPUTS_LIMIT}")
+                raise InputError(
+                    f"--inputs {str(path)!r} declares {declared} bytes, more than {INPUTS_LIMIT}"
+                )
             missing = [n for n in names if n not in members]
             extra = sorted(m for m in members if m not in names)
             if missing or extra:
-                raise InputError(f"--inputs {str(path)!r} holds {', '.join(sorted(members)) or 'nothing'}; the graph takes "
-                                 f"{', '.join(names)}" + (f" (missing {', '.join(missing)})" if missing else ""))
+                raise InputError(
+                    f"--inputs {str(path)!r} holds {', '.join(sorted(members)) or 'nothing'}; the graph takes "
+                    f"{', '.join(names)}" + (f" (missing {', '.join(missing)})" if missing else "")
+                )
             arrays = {}
             for name in names:
                 with archive.open(members[name]) as f:
@@ -109,7 +146,9 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
     except InputError:
         raise
     except Exception as exc:  # zipfile, zlib and NumPy raise several types for a damaged archive
-        raise InputError(f"--inputs {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})") from exc
+        raise InputError(
+            f"--inputs {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})"
+        ) from exc
     return arrays
 
 

@@ -22,11 +22,20 @@ STRUCTURES: dict[str, dict[str, Any]] = {
 MASKS: list[dict[str, Any]] = [
     {"key_padding_mask": kpm, "attn_mask": am, "attn_mask_3d": am3, "is_causal": causal}
     for kpm in (None, "bool", "float")
-    for am, am3 in ((None, False), ("bool", False), ("float", False), ("bool", True), ("float", True))
+    for am, am3 in (
+        (None, False),
+        ("bool", False),
+        ("float", False),
+        ("bool", True),
+        ("float", True),
+    )
     for causal in (False, True)
 ]
 WEIGHTS: list[dict[str, Any]] = [
-    {"need_weights": False}, {"need_weights": True}, {"need_weights": True, "average_attn_weights": False}]
+    {"need_weights": False},
+    {"need_weights": True},
+    {"need_weights": True, "average_attn_weights": False},
+]
 SHAPES = ((2, 5, 7), (3, 9, 4))  # (batch, tgt_len, src_len); tgt < src and tgt > src
 EMBED_DIM, NUM_HEADS = 16, 4
 
@@ -37,5 +46,12 @@ def option_matrix() -> Iterator[tuple[str, dict[str, Any]]]:
     for (name, structure), (i, masks) in itertools.product(STRUCTURES.items(), enumerate(MASKS)):
         weights = WEIGHTS[(i + len(name)) % len(WEIGHTS)]
         mask_id = "-".join(f"{k}={v}" for k, v in masks.items() if v) or "nomask"
-        mode = "nw" if not weights["need_weights"] else ("w" if weights.get("average_attn_weights", True) else "wh")
-        yield f"{name}-{mask_id}-{mode}", {"embed_dim": EMBED_DIM, "num_heads": NUM_HEADS, **structure, **masks, **weights}
+        mode = (
+            "nw"
+            if not weights["need_weights"]
+            else ("w" if weights.get("average_attn_weights", True) else "wh")
+        )
+        yield (
+            f"{name}-{mask_id}-{mode}",
+            {"embed_dim": EMBED_DIM, "num_heads": NUM_HEADS, **structure, **masks, **weights},
+        )

@@ -33,8 +33,10 @@ class Profile:
 
     def trtexec(self) -> dict[str, str]:
         """The same profile as trtexec's --minShapes/--optShapes/--maxShapes values."""
-        return {kind: ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in self.shapes.items())
-                for i, kind in enumerate(KINDS)}
+        return {
+            kind: ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in self.shapes.items())
+            for i, kind in enumerate(KINDS)
+        }
 
 
 def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
@@ -43,8 +45,10 @@ def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"(.+):(\d+(?:x\d+)*)", item)
         if not match:
-            raise ProfileError(f"{flag} expects NAME:DIMxDIMx... per input, comma-separated as trtexec spells it "
-                               f"(query:1x128x512,key_padding_mask:1x128), got {item!r}")
+            raise ProfileError(
+                f"{flag} expects NAME:DIMxDIMx... per input, comma-separated as trtexec spells it "
+                f"(query:1x128x512,key_padding_mask:1x128), got {item!r}"
+            )
         name = match.group(1).strip("'\"")
         if name in shapes:
             raise ProfileError(f"{flag} names input {name!r} twice")
@@ -62,13 +66,20 @@ def profile_from_limits(inputs: Sequence[InputSpec], max_batch: int, max_len: in
     """Every batch axis from 1 to ``max_batch``, every other dynamic axis from 1 to ``max_len``;
     opt is half of max, rounded up, a middle the kernels are tuned for."""
     if max_batch < 1 or max_len < 1:
-        raise ProfileError(f"--max-batch and --max-len must be at least 1, got {max_batch} and {max_len}")
+        raise ProfileError(
+            f"--max-batch and --max-len must be at least 1, got {max_batch} and {max_len}"
+        )
     half = -(-max_len // 2)
     ranges = {"batch": (1, -(-max_batch // 2), max_batch)}
-    if any("past_len" in s.shape for s in inputs):  # a KV cache: past and new together stay within max_len,
+    if any(
+        "past_len" in s.shape for s in inputs
+    ):  # a KV cache: past and new together stay within max_len,
         # the past may be empty (a prefill), and opt is a decoding step (one new token after half the length)
-        ranges |= {"past_len": (0, half, max_len - 1), "tgt_len": (1, 1, max_len),
-                   "past_len+tgt_len": (1, half + 1, max_len)}
+        ranges |= {
+            "past_len": (0, half, max_len - 1),
+            "tgt_len": (1, 1, max_len),
+            "past_len+tgt_len": (1, half + 1, max_len),
+        }
 
     def axis(dim: int | str | None) -> tuple[int, int, int]:
         if isinstance(dim, int):
@@ -84,8 +95,12 @@ def profile_from_limits(inputs: Sequence[InputSpec], max_batch: int, max_len: in
     return Profile(shapes)
 
 
-def profile_from_shapes(inputs: Sequence[InputSpec], min_shapes: Mapping[str, Shape], opt_shapes: Mapping[str, Shape],
-                        max_shapes: Mapping[str, Shape]) -> Profile:
+def profile_from_shapes(
+    inputs: Sequence[InputSpec],
+    min_shapes: Mapping[str, Shape],
+    opt_shapes: Mapping[str, Shape],
+    max_shapes: Mapping[str, Shape],
+) -> Profile:
     """A profile given shape by shape, checked: every input with a dynamic axis named in all three,
     no unknown names, ranks and fixed sizes as declared, min <= opt <= max, and one range per symbol."""
     names = [s.name for s in inputs]
@@ -93,44 +108,60 @@ def profile_from_shapes(inputs: Sequence[InputSpec], min_shapes: Mapping[str, Sh
     for flag, shapes in given.items():
         for name in shapes:
             if name not in names:
-                raise ProfileError(f"{flag} names {name!r}, which is not an input; the inputs are {', '.join(names)}")
+                raise ProfileError(
+                    f"{flag} names {name!r}, which is not an input; the inputs are {', '.join(names)}"
+                )
         for s in dynamic_inputs(inputs):
             if s.name not in shapes:
-                raise ProfileError(f"{flag} does not give input {s.name!r}; every input with a dynamic axis "
-                                   f"({', '.join(d.name for d in dynamic_inputs(inputs))}) needs a shape in all three")
+                raise ProfileError(
+                    f"{flag} does not give input {s.name!r}; every input with a dynamic axis "
+                    f"({', '.join(d.name for d in dynamic_inputs(inputs))}) needs a shape in all three"
+                )
     shapes = {}
     for s in inputs:
-        triple = tuple(tuple(shapes_[s.name]) if s.name in shapes_ else tuple(s.shape)  # type: ignore[arg-type]
-                       for shapes_ in given.values())
+        triple = tuple(
+            tuple(shapes_[s.name]) if s.name in shapes_ else tuple(s.shape)  # type: ignore[arg-type]
+            for shapes_ in given.values()
+        )
         for flag, shape in zip(given, triple):
             if len(shape) != len(s.shape):
-                raise ProfileError(f"{flag} gives {s.name!r} rank {len(shape)} ({'x'.join(map(str, shape))}); "
-                                   f"it has rank {len(s.shape)} {show_shape(s.shape)}")
+                raise ProfileError(
+                    f"{flag} gives {s.name!r} rank {len(shape)} ({'x'.join(map(str, shape))}); "
+                    f"it has rank {len(s.shape)} {show_shape(s.shape)}"
+                )
             for axis, (want, got) in enumerate(zip(s.shape, shape)):
                 if isinstance(want, int) and want != got:
-                    raise ProfileError(f"{flag} gives {s.name!r} size {got} on axis {axis}, which is fixed at {want}")
+                    raise ProfileError(
+                        f"{flag} gives {s.name!r} size {got} on axis {axis}, which is fixed at {want}"
+                    )
         for axis in range(len(s.shape)):
             lo, opt, hi = (t[axis] for t in triple)
             least = 0 if s.shape[axis] in MAY_BE_EMPTY else 1
             if not least <= lo <= opt <= hi:
-                raise ProfileError(f"input {s.name!r} axis {axis} ({s.shape[axis]}) has min {lo}, opt {opt}, max {hi}; "
-                                   f"expected {least} <= min <= opt <= max")
+                raise ProfileError(
+                    f"input {s.name!r} axis {axis} ({s.shape[axis]}) has min {lo}, opt {opt}, max {hi}; "
+                    f"expected {least} <= min <= opt <= max"
+                )
         shapes[s.name] = triple
     profile = Profile(shapes)
     _check_symbols(inputs, profile)
     return profile
 
 
-def check_in_profile(inputs: Sequence[InputSpec], profile: Profile, shapes: Mapping[str, Shape]) -> None:
+def check_in_profile(
+    inputs: Sequence[InputSpec], profile: Profile, shapes: Mapping[str, Shape]
+) -> None:
     """Refuse input shapes the engine was not built for, naming the input, the axis and its range."""
     for s in inputs:
         lo, _, hi = profile.shapes[s.name]
         for axis, got in enumerate(shapes[s.name]):
             if not lo[axis] <= got <= hi[axis]:
                 name = f" ({s.shape[axis]})" if isinstance(s.shape[axis], str) else ""
-                raise InputError(f"input {s.name!r} has size {got} on axis {axis}{name}, outside the engine's profile "
-                                 f"range [{lo[axis]}, {hi[axis]}]; rebuild the engine with a larger --max-len/--max-batch "
-                                 "or --min-shapes/--max-shapes that cover it")
+                raise InputError(
+                    f"input {s.name!r} has size {got} on axis {axis}{name}, outside the engine's profile "
+                    f"range [{lo[axis]}, {hi[axis]}]; rebuild the engine with a larger --max-len/--max-batch "
+                    "or --min-shapes/--max-shapes that cover it"
+                )
 
 
 def _check_symbols(inputs: Sequence[InputSpec], profile: Profile) -> None:
@@ -142,11 +173,15 @@ def _check_symbols(inputs: Sequence[InputSpec], profile: Profile) -> None:
             symbol, op, k = _split(dim)
             values = tuple(profile.shapes[s.name][i][axis] for i in range(3))
             if op and any(_undo(v, op, k) is None for v in values):
-                raise ProfileError(f"input {s.name!r} axis {axis} is {dim}; its min/opt/max {values} must be that")
+                raise ProfileError(
+                    f"input {s.name!r} axis {axis} is {dim}; its min/opt/max {values} must be that"
+                )
             base = tuple(_undo(v, op, k) for v in values) if op else values
             if symbol in seen and seen[symbol][0] != base:
-                raise ProfileError(f"axis {symbol} has min/opt/max {seen[symbol][0]} in {seen[symbol][1]!r} but "
-                                   f"{base} in {s.name!r}; one axis needs one range")
+                raise ProfileError(
+                    f"axis {symbol} has min/opt/max {seen[symbol][0]} in {seen[symbol][1]!r} but "
+                    f"{base} in {s.name!r}; one axis needs one range"
+                )
             seen.setdefault(symbol, (base, s.name))  # type: ignore[arg-type]
 
 

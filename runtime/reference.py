@@ -15,7 +15,9 @@ from graphs.spec import AttentionSpec
 from graphs.weights import AttentionWeights
 
 
-def combined_mask(spec: AttentionSpec, inputs: Mapping[str, np.ndarray], batch: int, tgt: int, src: int) -> np.ndarray:
+def combined_mask(
+    spec: AttentionSpec, inputs: Mapping[str, np.ndarray], batch: int, tgt: int, src: int
+) -> np.ndarray:
     """Float64 additive mask (N*H, L, S + extra keys): 0 allowed, -inf not, float masks added."""
     h = spec.num_heads
     total = np.zeros((batch * h, tgt, src), np.float64)
@@ -24,7 +26,9 @@ def combined_mask(spec: AttentionSpec, inputs: Mapping[str, np.ndarray], batch: 
         total += m if m.ndim == 3 else m[None]
     if spec.is_causal:  # with a KV cache, query i is position past_len + i
         offset = src - tgt if spec.kv_cache else 0
-        total += np.where(np.arange(src)[None, :] > np.arange(tgt)[:, None] + offset, -np.inf, 0.0)[None]
+        total += np.where(np.arange(src)[None, :] > np.arange(tgt)[:, None] + offset, -np.inf, 0.0)[
+            None
+        ]
     if spec.key_padding_mask is not None:
         kpm = _to_additive(inputs["key_padding_mask"])  # (N, S)
         total += np.repeat(kpm, h, axis=0)[:, None, :]
@@ -43,7 +47,9 @@ def fully_masked_rows(spec: AttentionSpec, inputs: Mapping[str, np.ndarray]) -> 
     return np.all(np.isneginf(mask), axis=-1).reshape(n, spec.num_heads, tgt)
 
 
-def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def mha_reference(
+    spec: AttentionSpec, weights: AttentionWeights, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     t = {k: v.astype(np.float64) for k, v in weights.tensors.items()}
     e, h, hd = spec.embed_dim, spec.num_heads, spec.head_dim
     query = inputs["query"].astype(np.float64)
@@ -71,7 +77,10 @@ def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mappin
         k = np.concatenate([k, np.zeros((n * h, 1, hd))], axis=1)
         v = np.concatenate([v, np.zeros((n * h, 1, hd))], axis=1)
     if spec.kv_cache:  # (N, H, P, hd) -> (N*H, P, hd), the same head order as the fold above
-        past = [inputs[name].astype(np.float64).reshape(n * h, -1, hd) for name in ("past_key", "past_value")]
+        past = [
+            inputs[name].astype(np.float64).reshape(n * h, -1, hd)
+            for name in ("past_key", "past_value")
+        ]
         k, v = np.concatenate([past[0], k], axis=1), np.concatenate([past[1], v], axis=1)
         src = k.shape[1]
 
@@ -79,7 +88,9 @@ def mha_reference(spec: AttentionSpec, weights: AttentionWeights, inputs: Mappin
     mask = combined_mask(spec, inputs, n, tgt, src)
     scores = scores + mask
     row_max = scores.max(axis=-1, keepdims=True)
-    dead = np.all(np.isneginf(mask), axis=-1, keepdims=True)  # the contract's rows: every key masked, whatever the data
+    dead = np.all(
+        np.isneginf(mask), axis=-1, keepdims=True
+    )  # the contract's rows: every key masked, whatever the data
     with np.errstate(invalid="ignore"):
         exp = np.exp(scores - np.where(dead, 0.0, row_max))
         probs = np.where(dead, 0.0, exp / np.where(dead, 1.0, exp.sum(axis=-1, keepdims=True)))

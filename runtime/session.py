@@ -26,7 +26,9 @@ class Session(abc.ABC):
 
     _inputs: list[InputSpec]
     _outputs: list[str]
-    _maxima: dict[str, int] = {}  # the declared largest batch / length (graphs/spec.py MAX_*_KEY); empty: none
+    _maxima: dict[
+        str, int
+    ] = {}  # the declared largest batch / length (graphs/spec.py MAX_*_KEY); empty: none
 
     @property
     def inputs(self) -> list[InputSpec]:
@@ -56,9 +58,13 @@ class Session(abc.ABC):
         kinds = {is_torch(v) for v in feeds.values()}
         if kinds == {True}:
             if len({str(v.device) for v in feeds.values()}) > 1:
-                raise InputError("inputs are on different devices ("
-                                 f"{', '.join(f'{k}: {v.device}' for k, v in feeds.items())}); put them on one")
+                raise InputError(
+                    "inputs are on different devices ("
+                    f"{', '.join(f'{k}: {v.device}' for k, v in feeds.items())}); put them on one"
+                )
             return self._run_torch(feeds, sizes)
         if len(kinds) > 1:
-            raise InputError("give every input as a numpy.ndarray or every input as a torch.Tensor, not a mix")
+            raise InputError(
+                "give every input as a numpy.ndarray or every input as a torch.Tensor, not a mix"
+            )
         return self._run(feeds)

@@ -29,7 +29,9 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    dtype: np.dtype  # object where NumPy has no such type (bfloat16, string...): ``onnx_type`` names it
+    dtype: (
+        np.dtype
+    )  # object where NumPy has no such type (bfloat16, string...): ``onnx_type`` names it
     shape: tuple[int | str | None, ...]
     onnx_type: str = ""
 
@@ -41,10 +43,22 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if vi.name in initializers:
             continue
         tensor = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        specs.append(InputSpec(vi.name, BY_ONNX[tensor.elem_type].numpy if tensor.elem_type in BY_ONNX else np.dtype(object), dims,
-                               onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
-                               if tensor.elem_type in onnx.TensorProto.DataType.values() else "unknown"))
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+        specs.append(
+            InputSpec(
+                vi.name,
+                BY_ONNX[tensor.elem_type].numpy
+                if tensor.elem_type in BY_ONNX
+                else np.dtype(object),
+                dims,
+                onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+                if tensor.elem_type in onnx.TensorProto.DataType.values()
+                else "unknown",
+            )
+        )
     return specs
 
 
@@ -81,8 +95,9 @@ def declared_maxima(model: onnx.ModelProto) -> dict[str, int]:
     return maxima
 
 
-def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object],
-                 maxima: Mapping[str, int] | None = None) -> dict[str, int]:
+def check_inputs(
+    specs: Sequence[InputSpec], feeds: Mapping[str, object], maxima: Mapping[str, int] | None = None
+) -> dict[str, int]:
     """Raise InputError for the first input that does not fit (with ``maxima``, also one past the
     declared largest batch or length); return the size of every symbolic axis."""
     names = [s.name for s in specs]
@@ -97,22 +112,33 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object],
         value = feeds[spec.name]
         dtype = dtype_of(value)
         if dtype is None:
-            raise InputError(f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
-                             f"of {spec.dtype}")
+            raise InputError(
+                f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
+                f"of {spec.dtype}"
+            )
         if dtype != spec.dtype:
-            raise InputError(f"input {spec.name!r} has dtype {dtype}, expected {spec.onnx_type or spec.dtype}"
-                             if spec.dtype == np.dtype(object) else f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}")
+            raise InputError(
+                f"input {spec.name!r} has dtype {dtype}, expected {spec.onnx_type or spec.dtype}"
+                if spec.dtype == np.dtype(object)
+                else f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}"
+            )
         shape = tuple(value.shape)  # type: ignore[attr-defined]
         if len(shape) != len(spec.shape):
-            raise InputError(f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}")
+            raise InputError(
+                f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}"
+            )
         for axis, (want, got) in enumerate(zip(spec.shape, shape)):
             if isinstance(want, int):
                 if want != got:
-                    raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}")
+                    raise InputError(
+                        f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}"
+                    )
             elif got == 0 and want not in MAY_BE_EMPTY:
-                raise InputError(f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
-                                 "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
-                                 "batches and sequences: skip the call instead)")
+                raise InputError(
+                    f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
+                    "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
+                    "batches and sequences: skip the call instead)"
+                )
             elif isinstance(want, str) and ("*" in want or "+" in want):
                 deferred.append((spec, axis, want, got))
             elif isinstance(want, str):
@@ -126,14 +152,20 @@ def check_inputs(specs: Sequence[InputSpec], feeds: Mapping[str, object],
     for spec, axis, want, got in deferred:
         expected = evaluate(want, sizes)
         if expected is not None and expected != got:
-            sources = ", ".join(f"{s}={sizes[s]} from {bound[s][1]!r}" for s in re.findall(r"[A-Za-z_]\w*", want))
-            raise InputError(f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} ({sources})")
+            sources = ", ".join(
+                f"{s}={sizes[s]} from {bound[s][1]!r}" for s in re.findall(r"[A-Za-z_]\w*", want)
+            )
+            raise InputError(
+                f"input {spec.name!r} has size {got} on axis {axis}, expected {want} = {expected} ({sources})"
+            )
     if maxima:
         _check_maxima(sizes, {s: n for s, (_, n) in bound.items()}, maxima)
     return sizes
 
 
-def _check_maxima(sizes: Mapping[str, int], sources: Mapping[str, str], maxima: Mapping[str, int]) -> None:
+def _check_maxima(
+    sizes: Mapping[str, int], sources: Mapping[str, str], maxima: Mapping[str, int]
+) -> None:
     axes = dict(sizes)
     if (total := evaluate(LENGTH_AXES[-1], sizes)) is not None:
         axes[LENGTH_AXES[-1]] = total
@@ -143,8 +175,10 @@ def _check_maxima(sizes: Mapping[str, int], sources: Mapping[str, str], maxima: 
         limit = maxima.get(kind) if kind else None
         if limit is not None and size > limit:
             flag = f"--max-{'batch' if kind == 'batch' else 'len'}"
-            raise InputError(f"input {sources[symbol]!r} has {symbol}={size}, more than the {limit} this graph was compiled "
-                             f"for ({flag} {limit}); recompile with a larger {flag}, or split the call")
+            raise InputError(
+                f"input {sources[symbol]!r} has {symbol}={size}, more than the {limit} this graph was compiled "
+                f"for ({flag} {limit}); recompile with a larger {flag}, or split the call"
+            )
 
 
 def evaluate(dim: str, sizes: Mapping[str, int]) -> int | None:
@@ -152,14 +186,18 @@ def evaluate(dim: str, sizes: Mapping[str, int]) -> int | None:
     match = re.fullmatch(r"(\w+)(?:([*+])(\w+))?", dim or "")
     if not match:
         return None
-    terms = [sizes.get(t) if not t.isdigit() else int(t) for t in (match.group(1), match.group(3) or "0")]
+    terms = [
+        sizes.get(t) if not t.isdigit() else int(t) for t in (match.group(1), match.group(3) or "0")
+    ]
     if None in terms:
         return None
     a, b = terms
     return a * b if match.group(2) == "*" else a + b
 
 
-def resolve_shape(shape: Sequence[int | str | None], sizes: Mapping[str, int]) -> tuple[int, ...] | None:
+def resolve_shape(
+    shape: Sequence[int | str | None], sizes: Mapping[str, int]
+) -> tuple[int, ...] | None:
     """A declared shape at the given axis sizes; None if some axis is unknown."""
     dims = [dim if isinstance(dim, int) else evaluate(dim or "", sizes) for dim in shape]
     return None if None in dims else tuple(dims)  # type: ignore[return-value]

@@ -16,7 +16,9 @@ def cpu_name() -> str:
     """The CPU's model name, for figures that are only meaningful with the machine named."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -35,11 +37,24 @@ class Timing:
         return cls(float(p50), float(p90), float(p99), float(min(times)), len(times))
 
     def to_json(self) -> dict[str, float]:
-        return {"p50_s": self.p50, "p90_s": self.p90, "p99_s": self.p99, "best_s": self.best, "runs": self.runs}
+        return {
+            "p50_s": self.p50,
+            "p90_s": self.p90,
+            "p99_s": self.p99,
+            "best_s": self.best,
+            "runs": self.runs,
+        }
 
 
-def measure(fn: Callable[[], object], *, warmup: int = 2, min_runs: int = 5, min_seconds: float = 1.0,
-            max_runs: int = 200, sync: Callable[[], object] | None = None) -> Timing:
+def measure(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 2,
+    min_runs: int = 5,
+    min_seconds: float = 1.0,
+    max_runs: int = 200,
+    sync: Callable[[], object] | None = None,
+) -> Timing:
     """Wall-clock time of ``fn`` (perf_counter): ``warmup`` untimed calls, then at least ``min_runs``
     and at least ``min_seconds`` of timed calls. ``sync`` (a device synchronisation) runs inside
     each timed interval, after ``fn``, so asynchronous work is counted."""
@@ -49,7 +64,9 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, min_runs: int = 5, min
         sync()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+    while len(times) < min_runs or (
+        time.perf_counter() - start < min_seconds and len(times) < max_runs
+    ):
         t0 = time.perf_counter()
         fn()
         if sync:
@@ -58,15 +75,24 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, min_runs: int = 5, min
     return Timing.of(times)
 
 
-def measure_cuda(fn: Callable[[], object], torch: Any, *, warmup: int = 2, min_runs: int = 5, min_seconds: float = 1.0,
-                 max_runs: int = 200) -> Timing:
+def measure_cuda(
+    fn: Callable[[], object],
+    torch: Any,
+    *,
+    warmup: int = 2,
+    min_runs: int = 5,
+    min_seconds: float = 1.0,
+    max_runs: int = 200,
+) -> Timing:
     """GPU time of ``fn`` between CUDA events on the current stream, one event pair per run."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+    while len(times) < min_runs or (
+        time.perf_counter() - start < min_seconds and len(times) < max_runs
+    ):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
@@ -76,7 +102,9 @@ def measure_cuda(fn: Callable[[], object], torch: Any, *, warmup: int = 2, min_r
     return Timing.of(times)
 
 
-def _ort_cpu_rate(nodes: list[Any], inputs: dict[str, np.ndarray], threads: int, min_seconds: float) -> float:
+def _ort_cpu_rate(
+    nodes: list[Any], inputs: dict[str, np.ndarray], threads: int, min_seconds: float
+) -> float:
     """Best seconds per run of a one-op float32 ONNX Runtime CPU graph: a floor is what the device
     can do, so the fastest run counts, not the median."""
     import onnx
@@ -84,18 +112,26 @@ def _ort_cpu_rate(nodes: list[Any], inputs: dict[str, np.ndarray], threads: int,
     from onnx import TensorProto, helper
 
     out = nodes[-1].output[0]
-    graph = helper.make_graph(nodes, "rate", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, next(iter(inputs.values())).shape)])
+    graph = helper.make_graph(
+        nodes,
+        "rate",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, next(iter(inputs.values())).shape)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.checker.check_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return measure(lambda: session.run(None, inputs), min_runs=5, min_seconds=min_seconds).best
 
 
-def cpu_matmul_rate(sizes: tuple[int, ...] = (1024, 2048), threads: int = 0, min_seconds: float = 1.0) -> float:
+def cpu_matmul_rate(
+    sizes: tuple[int, ...] = (1024, 2048), threads: int = 0, min_seconds: float = 1.0
+) -> float:
     """FLOP/s of the fastest float32 (n, n) @ (n, n) MatMul on ONNX Runtime CPU over ``sizes``:
     the rate the graphs' own MatMuls can reach on this machine."""
     from onnx import helper
@@ -104,7 +140,13 @@ def cpu_matmul_rate(sizes: tuple[int, ...] = (1024, 2048), threads: int = 0, min
     rates = []
     for n in sizes:
         feeds = {x: rng.standard_normal((n, n)).astype(np.float32) for x in "ab"}
-        rates.append(2 * n**3 / _ort_cpu_rate([helper.make_node("MatMul", ["a", "b"], ["c"])], feeds, threads, min_seconds))
+        rates.append(
+            2
+            * n**3
+            / _ort_cpu_rate(
+                [helper.make_node("MatMul", ["a", "b"], ["c"])], feeds, threads, min_seconds
+            )
+        )
     return max(rates)
 
 
@@ -114,7 +156,12 @@ def cpu_bandwidth(n: int = 2**25, threads: int = 0, min_seconds: float = 1.0) ->
     from onnx import helper
 
     feeds = {x: np.full(n, 1.0, np.float32) for x in "ab"}
-    return 3 * 4 * n / _ort_cpu_rate([helper.make_node("Add", ["a", "b"], ["c"])], feeds, threads, min_seconds)
+    return (
+        3
+        * 4
+        * n
+        / _ort_cpu_rate([helper.make_node("Add", ["a", "b"], ["c"])], feeds, threads, min_seconds)
+    )
 
 
 def cuda_matmul_rate(torch: Any, dtype: Any, n: int = 8192, min_seconds: float = 1.0) -> float:

@@ -61,13 +61,26 @@ class EngineInfo:
     build_seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"cache_key": self.key, "cached_engine": str(self.path), "from_cache": self.from_cache,
-                "tensorrt": self.tensorrt, "gpu": self.gpu, "timing_cache": str(self.timing_cache),
-                "build_seconds": self.build_seconds}
+        return {
+            "cache_key": self.key,
+            "cached_engine": str(self.path),
+            "from_cache": self.from_cache,
+            "tensorrt": self.tensorrt,
+            "gpu": self.gpu,
+            "timing_cache": str(self.timing_cache),
+            "build_seconds": self.build_seconds,
+        }
 
 
-def engine_for(onnx_path: Path, model_sha256: Mapping[str, str], profile: Profile, precision: str,
-               cache: EngineCache, *, phase: Callable[[str], None] | None = None) -> tuple[bytes, EngineInfo]:
+def engine_for(
+    onnx_path: Path,
+    model_sha256: Mapping[str, str],
+    profile: Profile,
+    precision: str,
+    cache: EngineCache,
+    *,
+    phase: Callable[[str], None] | None = None,
+) -> tuple[bytes, EngineInfo]:
     """The engine for this ONNX, profile and precision on this GPU: from the cache when an identical
     build exists, else built (timing cache read and updated) and stored in the cache."""
     reason = tensorrt_unavailable()
@@ -83,24 +96,47 @@ def engine_for(onnx_path: Path, model_sha256: Mapping[str, str], profile: Profil
     timing = cache.timing_cache_path(trt.__version__, gpu)
     cached = cache.load(key)
     if cached is not None:
-        return cached, EngineInfo(key, cache.engine_path(key), True, trt.__version__, gpu, timing, 0.0)
+        return cached, EngineInfo(
+            key, cache.engine_path(key), True, trt.__version__, gpu, timing, 0.0
+        )
     start = time.perf_counter()
-    engine = build_engine(onnx_path, profile, precision, timing_cache=timing, cache=cache, phase=phase)
+    engine = build_engine(
+        onnx_path, profile, precision, timing_cache=timing, cache=cache, phase=phase
+    )
     cache.store(cache.engine_path(key), engine)
-    return engine, EngineInfo(key, cache.engine_path(key), False, trt.__version__, gpu, timing, time.perf_counter() - start)
+    return engine, EngineInfo(
+        key,
+        cache.engine_path(key),
+        False,
+        trt.__version__,
+        gpu,
+        timing,
+        time.perf_counter() - start,
+    )
 
 
-def build_engine(onnx_path: Path, profile: Profile, precision: str, *, timing_cache: Path, cache: EngineCache,
-                 phase: Callable[[str], None] | None = None) -> bytes:
+def build_engine(
+    onnx_path: Path,
+    profile: Profile,
+    precision: str,
+    *,
+    timing_cache: Path,
+    cache: EngineCache,
+    phase: Callable[[str], None] | None = None,
+) -> bytes:
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.fspath(onnx_path)):  # from the file, so external data beside it is found
+    if not parser.parse_from_file(
+        os.fspath(onnx_path)
+    ):  # from the file, so external data beside it is found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}")
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}"
+        )
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -110,14 +146,18 @@ def build_engine(onnx_path: Path, profile: Profile, precision: str, *, timing_ca
         trt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(trt_profile)
     known = timing_cache.read_bytes() if timing_cache.exists() else b""
-    config.set_timing_cache(config.create_timing_cache(known), False)  # False: a cache made on another device is not used
+    config.set_timing_cache(
+        config.create_timing_cache(known), False
+    )  # False: a cache made on another device is not used
     if phase is not None:
         monitor = _monitor(trt, phase)
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name} "
-                               "(its log above says why)")
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} could not build an engine from {onnx_path.name} "
+            "(its log above says why)"
+        )
     cache.store(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
@@ -146,7 +186,9 @@ class TensorRTSession(Session):
     """Runs a serialized engine. NumPy in, NumPy out (copied through the GPU); torch CUDA tensors in,
     torch CUDA tensors out, bound in place. Shapes outside the engine's profile are refused first."""
 
-    def __init__(self, engine: bytes, inputs: list[InputSpec], profile: Profile | None = None) -> None:
+    def __init__(
+        self, engine: bytes, inputs: list[InputSpec], profile: Profile | None = None
+    ) -> None:
         reason = tensorrt_unavailable()
         if reason:
             raise BackendUnavailable(reason)
@@ -157,11 +199,17 @@ class TensorRTSession(Session):
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(engine)
         if self._engine is None:
-            raise EngineBuildError("TensorRT could not load this engine (built by another TensorRT version or GPU?)")
+            raise EngineBuildError(
+                "TensorRT could not load this engine (built by another TensorRT version or GPU?)"
+            )
         self._context = self._engine.create_execution_context()
-        self._lock = threading.Lock()  # one execution context: its shapes and addresses are per call
+        self._lock = (
+            threading.Lock()
+        )  # one execution context: its shapes and addresses are per call
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._outputs = [
+            n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
+        ]
         self._profile = profile or self._built_profile()
 
     def _built_profile(self) -> Profile:
@@ -171,7 +219,9 @@ class TensorRTSession(Session):
             if all(isinstance(d, int) for d in s.shape):
                 shapes[s.name] = (tuple(s.shape),) * 3
             else:
-                shapes[s.name] = tuple(tuple(x) for x in self._engine.get_tensor_profile_shape(s.name, 0))
+                shapes[s.name] = tuple(
+                    tuple(x) for x in self._engine.get_tensor_profile_shape(s.name, 0)
+                )
         return Profile(shapes)  # type: ignore[arg-type]
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

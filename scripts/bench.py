@@ -22,17 +22,22 @@ from typing import Any, NoReturn
 
 import numpy as np
 import onnxruntime as ort
+from signals import Signals, Stopped, stop_as_exception
+from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
 from compiler.artifacts import file_records
-from compiler.output_folders import ArtifactError, OutputRefused, check_output_file, write_file_atomically
+from compiler.output_folders import (
+    ArtifactError,
+    OutputRefused,
+    check_output_file,
+    write_file_atomically,
+)
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime.check import random_inputs
 from runtime.cost import attention_flops, attention_min_bytes
 from runtime.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
 from runtime.timing import Timing, cpu_name, measure, measure_cuda
-from signals import Signals, Stopped, stop_as_exception
-from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
 BASELINES = ("eager", "sdpa", "exporter")
 MASKS = {  # --masks: the spec's mask options for each kind (bench_inputs draws the masks themselves)
@@ -42,7 +47,10 @@ MASKS = {  # --masks: the spec's mask options for each kind (bench_inputs draws 
     "causal+padding": {"is_causal": True, "key_padding_mask": "bool"},
     "float-2d": {"attn_mask": "float"},
 }
-DEVICE_TARGETS = {"cpu": ("portable", "onnx-attention", "ort-cpu"), "cuda": ("portable", "onnx-attention", "ort-cuda", "tensorrt")}
+DEVICE_TARGETS = {
+    "cpu": ("portable", "onnx-attention", "ort-cpu"),
+    "cuda": ("portable", "onnx-attention", "ort-cuda", "tensorrt"),
+}
 
 
 class BenchError(ValueError):
@@ -56,42 +64,91 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dir", nargs="?", default=None,
-                   help="a folder compile.py wrote: bench its model.onnx with its spec, weights, target and precision")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        help="a folder compile.py wrote: bench its model.onnx with its spec, weights, target and precision",
+    )
     groups = add_spec_flags(p, embed_dim_help="default 512 (64 with --quick); not with DIR")
     sweep = p.add_argument_group("sweep")
-    sweep.add_argument("--targets", nargs="+", choices=TARGETS, default=None,
-                       help="compile the spec for these targets (default: ort-cpu on cpu, ort-cuda on cuda); not with DIR")
-    sweep.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32"], help="not with DIR")
-    sweep.add_argument("--form", default=None, help="the targets' graph form where they offer several")
+    sweep.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=None,
+        help="compile the spec for these targets (default: ort-cpu on cpu, ort-cuda on cuda); not with DIR",
+    )
+    sweep.add_argument(
+        "--precisions", nargs="+", choices=PRECISIONS, default=["fp32"], help="not with DIR"
+    )
+    sweep.add_argument(
+        "--form", default=None, help="the targets' graph form where they offer several"
+    )
     sweep.add_argument("--batches", nargs="+", type=int, default=[1])
-    sweep.add_argument("--masks", nargs="+", choices=list(MASKS), default=None,
-                       help="one sweep per mask kind on a self-attention (padding: per-row trailing padding; float-2d: "
-                            "an (L, S) float attn_mask, about 20%% -inf), with each row also against the unmasked one; "
-                            "not with DIR or the spec's own mask flags")
-    sweep.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 2048, 4096],
-                       help="query length; key and value have the same length")
-    sweep.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
-                       help="torch eager nn.MultiheadAttention, the block on F.scaled_dot_product_attention, "
-                            "and torch.onnx.export(dynamo=True)'s graph on the same backend")
+    sweep.add_argument(
+        "--masks",
+        nargs="+",
+        choices=list(MASKS),
+        default=None,
+        help="one sweep per mask kind on a self-attention (padding: per-row trailing padding; float-2d: "
+        "an (L, S) float attn_mask, about 20%% -inf), with each row also against the unmasked one; "
+        "not with DIR or the spec's own mask flags",
+    )
+    sweep.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[128, 512, 2048, 4096],
+        help="query length; key and value have the same length",
+    )
+    sweep.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=BASELINES,
+        default=list(BASELINES),
+        help="torch eager nn.MultiheadAttention, the block on F.scaled_dot_product_attention, "
+        "and torch.onnx.export(dynamo=True)'s graph on the same backend",
+    )
     run = p.add_argument_group("measurement")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads and torch threads; 0: all cores")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads and torch threads; 0: all cores",
+    )
     run.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     run.add_argument("--runs", type=int, default=5, help="at least this many timed runs")
-    run.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long timing each row")
-    run.add_argument("--quick", action="store_true",
-                     help="a smoke run: embed_dim 64, 4 heads, batches 1 2, lengths 32 64, short timing (unless given)")
-    decode = p.add_argument_group("decoding (--decode: a KV-cache graph against recomputing; implies --self-attention "
-                                  "--causal)")
-    decode.add_argument("--decode", action="store_true",
-                        help="per-token latency of N new tokens after a P-token prompt: the KV-cache graph of each target, "
-                             "the plain graph recomputing causal attention over the prefix, and torch eager doing the same")
+    run.add_argument(
+        "--min-seconds", type=float, default=1.0, help="and at least this long timing each row"
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: embed_dim 64, 4 heads, batches 1 2, lengths 32 64, short timing (unless given)",
+    )
+    decode = p.add_argument_group(
+        "decoding (--decode: a KV-cache graph against recomputing; implies --self-attention "
+        "--causal)"
+    )
+    decode.add_argument(
+        "--decode",
+        action="store_true",
+        help="per-token latency of N new tokens after a P-token prompt: the KV-cache graph of each target, "
+        "the plain graph recomputing causal attention over the prefix, and torch eager doing the same",
+    )
     decode.add_argument("--prompt", type=int, default=2048, help="P, the prompt's length")
-    decode.add_argument("--new-tokens", type=int, default=32, help="N, tokens decoded one at a time")
+    decode.add_argument(
+        "--new-tokens", type=int, default=32, help="N, tokens decoded one at a time"
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
-    out.add_argument("--plot", default=None, help="write a log-log PNG of latency against length per backend")
+    out.add_argument(
+        "--json", default=None, help="write every figure, with the machine, to this file"
+    )
+    out.add_argument(
+        "--plot", default=None, help="write a log-log PNG of latency against length per backend"
+    )
     out.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     for flag in ("json", "plot"):  # checked now, not after a benchmark of many minutes
@@ -102,14 +159,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 p.error(str(exc))
     if args.dir is not None:
         clashing = given_spec_flags(args, groups)
-        clashing += [f for f, v in (("--targets", args.targets), ("--precisions", args.precisions != ["fp32"]),
-                                    ("--form", args.form)) if v]
+        clashing += [
+            f
+            for f, v in (
+                ("--targets", args.targets),
+                ("--precisions", args.precisions != ["fp32"]),
+                ("--form", args.form),
+            )
+            if v
+        ]
         if clashing:
-            p.error(f"DIR fixes the spec, weights, target and precision; drop {', '.join(clashing)}")
+            p.error(
+                f"DIR fixes the spec, weights, target and precision; drop {', '.join(clashing)}"
+            )
     if args.masks is not None:
-        own = [flag for flag, value in (("--key-padding-mask", args.key_padding_mask), ("--attn-mask", args.attn_mask),
-                                        ("--causal", args.causal), ("--kv-cache", args.kv_cache), ("--decode", args.decode),
-                                        ("DIR", args.dir)) if value]
+        own = [
+            flag
+            for flag, value in (
+                ("--key-padding-mask", args.key_padding_mask),
+                ("--attn-mask", args.attn_mask),
+                ("--causal", args.causal),
+                ("--kv-cache", args.kv_cache),
+                ("--decode", args.decode),
+                ("DIR", args.dir),
+            )
+            if value
+        ]
         if own:
             p.error(f"--masks sets the masks itself; drop {', '.join(own)}")
         args.self_attention = True
@@ -117,10 +192,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.dir is not None or args.device != "cpu":
             p.error("--decode builds its graphs from the spec flags and runs on --device cpu")
         if args.prompt < 1 or args.new_tokens < 2:
-            p.error("--prompt must be at least 1 and --new-tokens at least 2 (the first step warms up)")
+            p.error(
+                "--prompt must be at least 1 and --new-tokens at least 2 (the first step warms up)"
+            )
         args.self_attention = args.causal = True
     if args.quick:  # small sizes and short timing, where not given explicitly
-        for name, value in (("batches", [1, 2]), ("lengths", [32, 64]), ("min_seconds", 0.05), ("warmup", 1)):
+        for name, value in (
+            ("batches", [1, 2]),
+            ("lengths", [32, 64]),
+            ("min_seconds", 0.05),
+            ("warmup", 1),
+        ):
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
     if args.embed_dim is None and args.num_heads is None:
@@ -133,8 +215,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     targets = args.targets or [{"cpu": "ort-cpu", "cuda": "ort-cuda"}[args.device]]
     wrong = [t for t in targets if t not in DEVICE_TARGETS[args.device]]
     if args.dir is None and wrong:
-        p.error(f"target {wrong[0]} does not run on --device {args.device}; "
-                f"there: {', '.join(DEVICE_TARGETS[args.device])}")
+        p.error(
+            f"target {wrong[0]} does not run on --device {args.device}; "
+            f"there: {', '.join(DEVICE_TARGETS[args.device])}"
+        )
     args.targets = targets
     return args
 
@@ -147,7 +231,9 @@ class Compiled:
     target: str
     precision: str
     form: str
-    model: bytes | str  # serialized, or the path of a compile.py folder's model.onnx (its external data beside it)
+    model: (
+        bytes | str
+    )  # serialized, or the path of a compile.py folder's model.onnx (its external data beside it)
 
 
 def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights, Compiled]:
@@ -158,16 +244,26 @@ def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights,
         files = [name for name in manifest["files"] if name.startswith("model.onnx")]
         found = file_records(path, files)
     except (OSError, ValueError, KeyError) as exc:
-        raise BenchError(f"{folder!r} is not a folder compile.py wrote (no readable manifest.json and model.onnx: {exc})") from exc
+        raise BenchError(
+            f"{folder!r} is not a folder compile.py wrote (no readable manifest.json and model.onnx: {exc})"
+        ) from exc
     if "spec" not in manifest:
-        raise BenchError(f"{folder!r} holds a graph compiled with --onnx; bench.py needs the spec, so compile from spec flags")
+        raise BenchError(
+            f"{folder!r} holds a graph compiled with --onnx; bench.py needs the spec, so compile from spec flags"
+        )
     if "block" in manifest["spec"]:
-        raise BenchError(f"{folder!r} holds a {manifest['spec']['block']} block; bench.py times bare attention (--block mha)")
+        raise BenchError(
+            f"{folder!r} holds a {manifest['spec']['block']} block; bench.py times bare attention (--block mha)"
+        )
     for name in files:
         if found[name]["sha256"] != manifest["files"][name]["sha256"]:
-            raise BenchError(f"{folder}/{name} does not match the sha256 in its manifest.json; recompile it")
+            raise BenchError(
+                f"{folder}/{name} does not match the sha256 in its manifest.json; recompile it"
+            )
     if manifest["target"] not in DEVICE_TARGETS[device]:
-        raise BenchError(f"{folder!r} is compiled for {manifest['target']}, which does not run on --device {device}")
+        raise BenchError(
+            f"{folder!r} is compiled for {manifest['target']}, which does not run on --device {device}"
+        )
     spec = AttentionSpec.from_dict(manifest["spec"])
     source = manifest.get("weights", {})
     if source.get("kind") == "random":
@@ -175,13 +271,26 @@ def load_dir(folder: str, device: str) -> tuple[AttentionSpec, AttentionWeights,
     elif source.get("kind") == "file":
         weights = AttentionWeights.from_file(spec, source["path"])
     else:
-        raise BenchError(f"the weights of {folder!r} came from {source.get('kind', 'an unknown source')}, which bench.py "
-                         "cannot load again; compile with --weights FILE")
-    return spec, weights, Compiled(manifest["target"], manifest["precision"], manifest["form"], str(path / "model.onnx"))
+        raise BenchError(
+            f"the weights of {folder!r} came from {source.get('kind', 'an unknown source')}, which bench.py "
+            "cannot load again; compile with --weights FILE"
+        )
+    return (
+        spec,
+        weights,
+        Compiled(
+            manifest["target"], manifest["precision"], manifest["form"], str(path / "model.onnx")
+        ),
+    )
 
 
-def compile_all(spec: AttentionSpec, weights: AttentionWeights, targets: list[str], precisions: list[str],
-                form: str | None) -> list[Compiled]:
+def compile_all(
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    targets: list[str],
+    precisions: list[str],
+    form: str | None,
+) -> list[Compiled]:
     compiled = []
     for target in targets:
         for precision in precisions:
@@ -201,15 +310,24 @@ class Runner:
     timing: Callable[..., Timing]
 
 
-def ort_runner(model: bytes | str, feeds: Mapping[str, np.ndarray], device: str, threads: int,
-               providers: list[str]) -> Runner:
+def ort_runner(
+    model: bytes | str,
+    feeds: Mapping[str, np.ndarray],
+    device: str,
+    threads: int,
+    providers: list[str],
+) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model, options, providers=providers)
     names = [i.name for i in session.get_inputs()]
-    inputs = dict(zip(names, feeds.values()))  # the exporter names its inputs its own way; the order is the spec's
+    inputs = dict(
+        zip(names, feeds.values())
+    )  # the exporter names its inputs its own way; the order is the spec's
     if device == "cpu":
-        return Runner(lambda: session.run(None, inputs), lambda: session.run(None, inputs)[0], measure)
+        return Runner(
+            lambda: session.run(None, inputs), lambda: session.run(None, inputs)[0], measure
+        )
     import torch
 
     binding = session.io_binding()  # inputs copied to the GPU once; outputs left there
@@ -223,11 +341,16 @@ def ort_runner(model: bytes | str, feeds: Mapping[str, np.ndarray], device: str,
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    return Runner(lambda: session.run_with_iobinding(binding), output,
-                  lambda fn, **kw: measure(fn, sync=torch.cuda.synchronize, **kw))
+    return Runner(
+        lambda: session.run_with_iobinding(binding),
+        output,
+        lambda fn, **kw: measure(fn, sync=torch.cuda.synchronize, **kw),
+    )
 
 
-def torch_runner(fn: Callable[[Mapping[str, Any]], Any], feeds: Mapping[str, np.ndarray], device: str, dtype: Any) -> Runner:
+def torch_runner(
+    fn: Callable[[Mapping[str, Any]], Any], feeds: Mapping[str, np.ndarray], device: str, dtype: Any
+) -> Runner:
     import torch
 
     tensors = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
@@ -241,7 +364,9 @@ def torch_runner(fn: Callable[[Mapping[str, Any]], Any], feeds: Mapping[str, np.
     return Runner(call, lambda: call().float().cpu().numpy(), timing)
 
 
-def bench_inputs(spec: AttentionSpec, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def bench_inputs(
+    spec: AttentionSpec, batch: int, length: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Random inputs in the graph's layout. A key padding mask pads each row at its end, as batched
     serving does: at batch 1 the last 20% of keys; at batch 2 and more row 0 not at all, row 1 its
     last 30%, the others between 0 and 50% (drawn). An attn_mask blocks about 20% of keys at random.
@@ -251,7 +376,9 @@ def bench_inputs(spec: AttentionSpec, batch: int, length: int, rng: np.random.Ge
         padded = [0.2] if batch == 1 else [0.0, 0.3] + list(rng.uniform(0.0, 0.5, batch - 2))
         keep = np.arange(length)[None, :] < np.ceil(length * (1 - np.asarray(padded)))[:, None]
         mask = feeds["key_padding_mask"]
-        feeds["key_padding_mask"] = ~keep if mask.dtype == np.bool_ else np.where(keep, 0.0, -np.inf).astype(mask.dtype)
+        feeds["key_padding_mask"] = (
+            ~keep if mask.dtype == np.bool_ else np.where(keep, 0.0, -np.inf).astype(mask.dtype)
+        )
     for name in ("key_padding_mask", "attn_mask"):
         if name in feeds:
             feeds[name][..., 0] = False if feeds[name].dtype == np.bool_ else 0.0
@@ -266,23 +393,36 @@ def device_rates(device: str, threads: int, min_seconds: float) -> dict[str, flo
 
     if device == "cpu":
         rate = timing.cpu_matmul_rate(threads=threads, min_seconds=min_seconds)
-        return {"matmul_fp32_flops": rate, "matmul_fp16_flops": rate,  # ONNX Runtime CPU computes fp16 graphs in float32
-                "bandwidth_bytes_per_s": timing.cpu_bandwidth(threads=threads, min_seconds=min_seconds)}
+        return {
+            "matmul_fp32_flops": rate,
+            "matmul_fp16_flops": rate,  # ONNX Runtime CPU computes fp16 graphs in float32
+            "bandwidth_bytes_per_s": timing.cpu_bandwidth(threads=threads, min_seconds=min_seconds),
+        }
     import torch
 
-    return {"matmul_fp32_flops": timing.cuda_matmul_rate(torch, torch.float32, min_seconds=min_seconds),
-            "matmul_fp16_flops": timing.cuda_matmul_rate(torch, torch.float16, min_seconds=min_seconds),
-            "bandwidth_bytes_per_s": timing.cuda_bandwidth(torch, min_seconds=min_seconds)}
+    return {
+        "matmul_fp32_flops": timing.cuda_matmul_rate(torch, torch.float32, min_seconds=min_seconds),
+        "matmul_fp16_flops": timing.cuda_matmul_rate(torch, torch.float16, min_seconds=min_seconds),
+        "bandwidth_bytes_per_s": timing.cuda_bandwidth(torch, min_seconds=min_seconds),
+    }
 
 
-def sweep(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeights, compiled: list[Compiled],
-          rates: Mapping[str, float], tmp: Path) -> list[dict[str, Any]]:
+def sweep(
+    args: argparse.Namespace,
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    compiled: list[Compiled],
+    rates: Mapping[str, float],
+    tmp: Path,
+) -> list[dict[str, Any]]:
     import torch
 
     device, threads = args.device, args.threads
     dtypes = {"fp32": torch.float32, "fp16": torch.float16}
     # torch baselines in each precision asked for on a GPU; on the CPU in float32, as torch users run it there
-    torch_precisions = sorted({c.precision for c in compiled} | {"fp32"}) if device == "cuda" else ["fp32"]
+    torch_precisions = (
+        sorted({c.precision for c in compiled} | {"fp32"}) if device == "cuda" else ["fp32"]
+    )
     backends: list[tuple[str, str, Callable[[Mapping[str, np.ndarray]], Runner] | str]] = []
     for precision in torch_precisions:
         dtype = dtypes[precision]
@@ -290,13 +430,25 @@ def sweep(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeigh
             from runtime.baselines import eager_attention
 
             eager = eager_attention(spec, weights, dtype=dtype, device=device)
-            backends.append(("torch eager", precision, lambda f, fn=eager, d=dtype: torch_runner(fn, f, device, d)))
+            backends.append(
+                (
+                    "torch eager",
+                    precision,
+                    lambda f, fn=eager, d=dtype: torch_runner(fn, f, device, d),
+                )
+            )
         if "sdpa" in args.baselines:
             from runtime.baselines import SdpaAttention
 
             try:
                 sdpa = SdpaAttention(spec, weights, dtype=dtype, device=device)
-                backends.append(("torch sdpa", precision, lambda f, fn=sdpa, d=dtype: torch_runner(fn, f, device, d)))
+                backends.append(
+                    (
+                        "torch sdpa",
+                        precision,
+                        lambda f, fn=sdpa, d=dtype: torch_runner(fn, f, device, d),
+                    )
+                )
             except ValueError as exc:
                 backends.append(("torch sdpa", precision, str(exc)))
     gpu_providers = None
@@ -304,7 +456,13 @@ def sweep(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeigh
         available = ort.get_available_providers()
         gpu_providers = "CUDAExecutionProvider" in available
     if "exporter" in args.baselines:
-        backends.append(("exporter graph", "fp32", _exporter(spec, weights, tmp, device, threads, gpu_providers)))
+        backends.append(
+            (
+                "exporter graph",
+                "fp32",
+                _exporter(spec, weights, tmp, device, threads, gpu_providers),
+            )
+        )
     for c in compiled:
         backends.append((f"{c.target} graph", c.precision, _compiled(c, device, threads)))
 
@@ -320,21 +478,40 @@ def sweep(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeigh
                 if isinstance(make, str):
                     rows.append({**row, "skipped": make})
                     continue
-                history = [(r["length"], r["memory_growth_bytes"]) for r in rows
-                           if (r["backend"], r["precision"], r["batch"]) == (name, precision, batch) and "skipped" not in r]
+                history = [
+                    (r["length"], r["memory_growth_bytes"])
+                    for r in rows
+                    if (r["backend"], r["precision"], r["batch"]) == (name, precision, batch)
+                    and "skipped" not in r
+                ]
                 predicted = predicted_growth(history, length)
                 if predicted is not None and predicted > 0.9 * available:
-                    rows.append({**row, "skipped": f"needs about {predicted / 2**30:.1f} GiB by its growth over the shorter "
-                                                   f"lengths; {available / 2**30:.1f} GiB are available"})
+                    rows.append(
+                        {
+                            **row,
+                            "skipped": f"needs about {predicted / 2**30:.1f} GiB by its growth over the shorter "
+                            f"lengths; {available / 2**30:.1f} GiB are available",
+                        }
+                    )
                     continue
-                print(f"  {name} ({precision}), batch {batch}, length {length}", file=sys.stderr, flush=True)
+                print(
+                    f"  {name} ({precision}), batch {batch}, length {length}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rows.append({**row, **_measure(args, make, feeds)})
             _relate(rows, point, spec, rates)
     return rows
 
 
-def _exporter(spec: AttentionSpec, weights: AttentionWeights, tmp: Path, device: str, threads: int,
-              gpu: bool | None) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
+def _exporter(
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    tmp: Path,
+    device: str,
+    threads: int,
+    gpu: bool | None,
+) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
     from runtime.baselines import export_with_torch
 
     if gpu is False:
@@ -342,13 +519,17 @@ def _exporter(spec: AttentionSpec, weights: AttentionWeights, tmp: Path, device:
     path = tmp / "exported.onnx"
     try:
         export_with_torch(spec, weights, path)
-    except Exception as exc:  # torch.export's failures have many types; the row says why it is missing
+    except (
+        Exception
+    ) as exc:  # torch.export's failures have many types; the row says why it is missing
         return f"torch.onnx.export failed: {str(exc).splitlines()[0][:200]}"
     providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider"]
     return lambda feeds: ort_runner(str(path), feeds, device, threads, providers)
 
 
-def _compiled(c: Compiled, device: str, threads: int) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
+def _compiled(
+    c: Compiled, device: str, threads: int
+) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
     else:
@@ -359,8 +540,11 @@ def _compiled(c: Compiled, device: str, threads: int) -> Callable[[Mapping[str, 
     return lambda feeds: ort_runner(c.model, feeds, device, threads, providers)
 
 
-def _measure(args: argparse.Namespace, make: Callable[[Mapping[str, np.ndarray]], Runner],
-             feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _measure(
+    args: argparse.Namespace,
+    make: Callable[[Mapping[str, np.ndarray]], Runner],
+    feeds: Mapping[str, np.ndarray],
+) -> dict[str, Any]:
     """Set up (session or tensors), run, time, inside one peak-memory window, so the peak is
     this backend's at this point: a fresh session each time, so no arena carries over."""
     if args.device == "cpu":
@@ -372,16 +556,31 @@ def _measure(args: argparse.Namespace, make: Callable[[Mapping[str, np.ndarray]]
     with peak:
         runner = make(feeds)
         output = runner.output()
-        timing = runner.timing(runner.call, warmup=args.warmup, min_runs=args.runs, min_seconds=args.min_seconds)
+        timing = runner.timing(
+            runner.call, warmup=args.warmup, min_runs=args.runs, min_seconds=args.min_seconds
+        )
         del runner
-    return {**timing.to_json(), "memory_peak_bytes": peak.peak,
-            "memory_growth_bytes": peak.growth, "memory": "process rss" if args.device == "cpu" else "cuda device",
-            "_output": output}
+    return {
+        **timing.to_json(),
+        "memory_peak_bytes": peak.peak,
+        "memory_growth_bytes": peak.growth,
+        "memory": "process rss" if args.device == "cpu" else "cuda device",
+        "_output": output,
+    }
 
 
-def _relate(rows: list[dict[str, Any]], point: Mapping[str, int], spec: AttentionSpec, rates: Mapping[str, float]) -> None:
+def _relate(
+    rows: list[dict[str, Any]],
+    point: Mapping[str, int],
+    spec: AttentionSpec,
+    rates: Mapping[str, float],
+) -> None:
     """Figures that depend on other rows of the same point or on the device: ratios, floor, error."""
-    here = [r for r in rows if r["batch"] == point["batch"] and r["length"] == point["length"] and "skipped" not in r]
+    here = [
+        r
+        for r in rows
+        if r["batch"] == point["batch"] and r["length"] == point["length"] and "skipped" not in r
+    ]
     eager = {r["precision"]: r for r in here if r["backend"] == "torch eager"}
     exporter = next((r for r in here if r["backend"] == "exporter graph"), None)
     truth = eager["fp32"]["_output"] if "fp32" in eager else None
@@ -394,16 +593,21 @@ def _relate(rows: list[dict[str, Any]], point: Mapping[str, int], spec: Attentio
         compute = flops / rates["matmul_fp16_flops" if half else "matmul_fp32_flops"]
         memory = nbytes / rates["bandwidth_bytes_per_s"]
         base = eager.get(r["precision"], eager.get("fp32"))
-        r.update({
-            "tokens_per_s": batch * length / r["p50_s"],
-            "flops": flops, "gflops": flops / r["p50_s"] / 1e9, "min_bytes": nbytes,
-            "floor_s": max(compute, memory), "floor_bound": "compute" if compute >= memory else "memory",
-            "x_floor": r["p50_s"] / max(compute, memory),
-            "ratio_to_eager": r["p50_s"] / base["p50_s"] if base else None,
-            "eager_baseline": base["precision"] if base else None,
-            "ratio_to_exporter": r["p50_s"] / exporter["p50_s"] if exporter else None,
-            "rel_error_vs_eager_fp32": _rel_error(output, truth) if truth is not None else None,
-        })
+        r.update(
+            {
+                "tokens_per_s": batch * length / r["p50_s"],
+                "flops": flops,
+                "gflops": flops / r["p50_s"] / 1e9,
+                "min_bytes": nbytes,
+                "floor_s": max(compute, memory),
+                "floor_bound": "compute" if compute >= memory else "memory",
+                "x_floor": r["p50_s"] / max(compute, memory),
+                "ratio_to_eager": r["p50_s"] / base["p50_s"] if base else None,
+                "eager_baseline": base["precision"] if base else None,
+                "ratio_to_exporter": r["p50_s"] / exporter["p50_s"] if exporter else None,
+                "rel_error_vs_eager_fp32": _rel_error(output, truth) if truth is not None else None,
+            }
+        )
     if truth is not None:
         eager["fp32"]["rel_error_vs_eager_fp32"] = 0.0
 
@@ -427,8 +631,24 @@ def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
 def table(rows: list[dict[str, Any]]) -> str:
     masks = any("mask" in r for r in rows)
     head = (["mask"] if masks else []) + [
-        "batch", "length", "backend", "prec", "p50 ms", "p90 ms", "p99 ms", "runs", "x eager", "x exporter",
-        *(["x no mask"] if masks else []), "tokens/s", "GFLOP/s", "floor ms", "x floor", "mem +MiB", "rel err"]
+        "batch",
+        "length",
+        "backend",
+        "prec",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "runs",
+        "x eager",
+        "x exporter",
+        *(["x no mask"] if masks else []),
+        "tokens/s",
+        "GFLOP/s",
+        "floor ms",
+        "x floor",
+        "mem +MiB",
+        "rel err",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(value: float | None, fmt: str) -> str:
@@ -437,7 +657,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         mask = f"| {r['mask']} " if masks else ""
         if "skipped" in r:
-            lines.append(f"{mask}| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | skipped: {r['skipped']} |")
+            lines.append(
+                f"{mask}| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | skipped: {r['skipped']} |"
+            )
             continue
         floor = f"{r['floor_s'] * 1e3:.3g} ({r['floor_bound'][0]})"
         unmasked = f"{f(r.get('ratio_to_unmasked'), '.2f')} | " if masks else ""
@@ -445,7 +667,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{mask}| {r['batch']} | {r['length']} | {r['backend']} | {r['precision']} | {r['p50_s'] * 1e3:.3f} | "
             f"{r['p90_s'] * 1e3:.3f} | {r['p99_s'] * 1e3:.3f} | {r['runs']} | {f(r['ratio_to_eager'], '.2f')} | "
             f"{f(r['ratio_to_exporter'], '.2f')} | {unmasked}{r['tokens_per_s']:.4g} | {r['gflops']:.1f} | {floor} | "
-            f"{r['x_floor']:.1f} | {r['memory_growth_bytes'] / 2**20:.1f} | {f(r['rel_error_vs_eager_fp32'], '.1e')} |")
+            f"{r['x_floor']:.1f} | {r['memory_growth_bytes'] / 2**20:.1f} | {f(r['rel_error_vs_eager_fp32'], '.1e')} |"
+        )
     return "\n".join(lines)
 
 
@@ -461,13 +684,28 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     for ax, batch in zip(axes[0], batches):
         series = sorted({(r["backend"], r["precision"]) for r in timed if r["batch"] == batch})
         for backend, precision in series:
-            points = sorted((r["length"], r["p50_s"] * 1e3) for r in timed
-                            if (r["batch"], r["backend"], r["precision"]) == (batch, backend, precision))
+            points = sorted(
+                (r["length"], r["p50_s"] * 1e3)
+                for r in timed
+                if (r["batch"], r["backend"], r["precision"]) == (batch, backend, precision)
+            )
             ax.plot(*zip(*points), marker="o", label=f"{backend} ({precision})")
-        floor = sorted({(r["length"], r["floor_s"] * 1e3) for r in timed if r["batch"] == batch and r["precision"] == "fp32"})
+        floor = sorted(
+            {
+                (r["length"], r["floor_s"] * 1e3)
+                for r in timed
+                if r["batch"] == batch and r["precision"] == "fp32"
+            }
+        )
         if floor:
             ax.plot(*zip(*floor), linestyle="--", color="grey", label="floor (fp32)")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="p50 latency (ms)", title=f"batch {batch}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="sequence length",
+            ylabel="p50 latency (ms)",
+            title=f"batch {batch}",
+        )
         lengths = sorted({r["length"] for r in timed})
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.minorticks_off()
@@ -483,13 +721,28 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 def machine(device: str, threads: int) -> dict[str, Any]:
     versions = {}
-    for dist in ("attention-compiler", "onnxruntime", "onnxruntime-gpu", "torch", "onnx", "numpy", "tensorrt"):
+    for dist in (
+        "attention-compiler",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "torch",
+        "onnx",
+        "numpy",
+        "tensorrt",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions, "onnxruntime_providers": ort.get_available_providers()}
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "onnxruntime_providers": ort.get_available_providers(),
+    }
     if device == "cuda":
         import torch
 
@@ -505,7 +758,10 @@ def main(argv: list[str] | None = None) -> int:
         with stop_as_exception() as signals:
             return run(args)
     except (Stopped, KeyboardInterrupt):
-        print(f"bench.py: {'interrupted' if signals.exit_status == 130 else 'stopped by ' + signals.name}", file=sys.stderr)
+        print(
+            f"bench.py: {'interrupted' if signals.exit_status == 130 else 'stopped by ' + signals.name}",
+            file=sys.stderr,
+        )
         return signals.exit_status
     except (BenchError, SpecError, WeightsError, TargetError, ArtifactError) as exc:
         if args.verbose:
@@ -524,16 +780,26 @@ def run(args: argparse.Namespace) -> int:
         compiled = [model]
     else:
         spec, weights = spec_from_args(args), None
-        weights = AttentionWeights.from_file(spec, args.weights) if args.weights else AttentionWeights.random(spec, args.seed)
+        weights = (
+            AttentionWeights.from_file(spec, args.weights)
+            if args.weights
+            else AttentionWeights.random(spec, args.seed)
+        )
         if args.decode:
             return run_decode(args, spec, weights, args.threads or os.cpu_count() or 1)
-        compiled = compile_all(spec, weights, args.targets, args.precisions, args.form) if args.masks is None else []
+        compiled = (
+            compile_all(spec, weights, args.targets, args.precisions, args.form)
+            if args.masks is None
+            else []
+        )
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     rates = device_rates(args.device, threads, min(1.0, max(args.min_seconds, 0.2)))
-    print(f"{args.device}: matmul {rates['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s fp32"
-          + (f", {rates['matmul_fp16_flops'] / 1e9:.1f} fp16" if args.device == "cuda" else "")
-          + f"; bandwidth {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({threads} threads)")
+    print(
+        f"{args.device}: matmul {rates['matmul_fp32_flops'] / 1e9:.1f} GFLOP/s fp32"
+        + (f", {rates['matmul_fp16_flops'] / 1e9:.1f} fp16" if args.device == "cuda" else "")
+        + f"; bandwidth {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({threads} threads)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.masks is None:
             rows = sweep(args, spec, weights, compiled, rates, Path(tmp))
@@ -543,17 +809,33 @@ def run(args: argparse.Namespace) -> int:
                 print(f"mask: {kind}", file=sys.stderr, flush=True)
                 masked = dataclasses.replace(spec, **MASKS[kind])
                 compiled = compile_all(masked, weights, args.targets, args.precisions, args.form)
-                rows += [{"mask": kind, **r} for r in sweep(args, masked, weights, compiled, rates, Path(tmp))]
+                rows += [
+                    {"mask": kind, **r}
+                    for r in sweep(args, masked, weights, compiled, rates, Path(tmp))
+                ]
             _relate_masks(rows)
     print(table(rows))
-    title = (f"{args.device}, embed_dim {spec.embed_dim}, {spec.num_heads} heads"
-             + "".join(f", {k}" for k in ("key_padding_mask", "attn_mask") if getattr(spec, k))
-             + (", causal" if spec.is_causal else ""))
-    report = {"machine": machine(args.device, threads), "device": args.device, "rates": rates, "spec": spec.to_dict(),
-              "weights": dict(weights.source), "source": args.dir,
-              "compiled": [{"target": c.target, "precision": c.precision, "form": c.form} for c in compiled],
-              "settings": {k: getattr(args, k) for k in ("batches", "lengths", "masks", "baselines", "warmup", "runs", "min_seconds")},
-              "rows": rows}
+    title = (
+        f"{args.device}, embed_dim {spec.embed_dim}, {spec.num_heads} heads"
+        + "".join(f", {k}" for k in ("key_padding_mask", "attn_mask") if getattr(spec, k))
+        + (", causal" if spec.is_causal else "")
+    )
+    report = {
+        "machine": machine(args.device, threads),
+        "device": args.device,
+        "rates": rates,
+        "spec": spec.to_dict(),
+        "weights": dict(weights.source),
+        "source": args.dir,
+        "compiled": [
+            {"target": c.target, "precision": c.precision, "form": c.form} for c in compiled
+        ],
+        "settings": {
+            k: getattr(args, k)
+            for k in ("batches", "lengths", "masks", "baselines", "warmup", "runs", "min_seconds")
+        },
+        "rows": rows,
+    }
     if args.json:
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
@@ -563,21 +845,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_decode(args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeights, threads: int) -> int:
+def run_decode(
+    args: argparse.Namespace, spec: AttentionSpec, weights: AttentionWeights, threads: int
+) -> int:
     from decode_bench import decode_rows, decode_table, prefill_rows, prefill_table
 
     batch = args.batches[0]
-    print(f"decoding {args.new_tokens} tokens after a {args.prompt}-token prompt, batch {batch}, embed_dim "
-          f"{spec.embed_dim}, {spec.num_heads} heads, {args.precisions[0]}, {threads} threads; the first step warms up")
-    rows = decode_rows(spec, weights, args.targets, args.precisions[0], args.prompt, args.new_tokens, batch, threads,
-                       torch_eager="eager" in args.baselines)
+    print(
+        f"decoding {args.new_tokens} tokens after a {args.prompt}-token prompt, batch {batch}, embed_dim "
+        f"{spec.embed_dim}, {spec.num_heads} heads, {args.precisions[0]}, {threads} threads; the first step warms up"
+    )
+    rows = decode_rows(
+        spec,
+        weights,
+        args.targets,
+        args.precisions[0],
+        args.prompt,
+        args.new_tokens,
+        batch,
+        threads,
+        torch_eager="eager" in args.baselines,
+    )
     print(decode_table(rows))
-    prefill = prefill_rows(spec, weights, args.targets, args.precisions[0], args.prompt, batch, threads)
+    prefill = prefill_rows(
+        spec, weights, args.targets, args.precisions[0], args.prompt, batch, threads
+    )
     print(prefill_table(prefill))
     if args.json:
-        report = {"machine": machine("cpu", threads), "spec": spec.to_dict(), "weights": dict(weights.source),
-                  "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens, "batch": batch,
-                               "precision": args.precisions[0]}, "rows": rows, "prefill": prefill}
+        report = {
+            "machine": machine("cpu", threads),
+            "spec": spec.to_dict(),
+            "weights": dict(weights.source),
+            "settings": {
+                "prompt": args.prompt,
+                "new_tokens": args.new_tokens,
+                "batch": batch,
+                "precision": args.precisions[0],
+            },
+            "rows": rows,
+            "prefill": prefill,
+        }
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
     return 0

@@ -24,8 +24,13 @@ from typing import Any
 NOT_IN_CONFIG = ("help", "config", "verbose")
 SIZE_LIMIT = 2**20  # bytes
 NODE_LIMIT = 10_000  # YAML nodes after alias expansion
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 class ConfigError(ValueError):
@@ -46,12 +51,16 @@ def namespace_from_config(parser: argparse.ArgumentParser, path: str) -> argpars
     namespace = argparse.Namespace()
     for key, value in options.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config {path!r} has the key {shown(key)} ({type(key).__name__}); option names are text "
-                              "such as embed_dim")
+            raise ConfigError(
+                f"config {path!r} has the key {shown(key)} ({type(key).__name__}); option names are text "
+                "such as embed_dim"
+            )
         dest = key.replace("-", "_")
         if dest not in actions:
-            raise ConfigError(f"config {path!r} has unknown option {shown(key)}; it takes the command line's options "
-                              f"({', '.join(sorted(actions))})")
+            raise ConfigError(
+                f"config {path!r} has unknown option {shown(key)}; it takes the command line's options "
+                f"({', '.join(sorted(actions))})"
+            )
         setattr(namespace, dest, _value(path, key, actions[dest], value))
     return namespace
 
@@ -65,11 +74,15 @@ def _read(path: Path) -> dict[Any, Any]:
         data = _load_yaml(text) if yaml_file else json.loads(text, object_pairs_hook=_unique_pairs)
     except ConfigError as exc:
         raise ConfigError(f"config {str(path)!r}: {exc}") from None
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError from deep nesting
+    except (
+        Exception
+    ) as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError from deep nesting
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config {str(path)!r} is not valid {kind}: {detail[:200]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config {str(path)!r} must hold a mapping of option names to values, not a {type(data).__name__}")
+        raise ConfigError(
+            f"config {str(path)!r} must hold a mapping of option names to values, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -83,11 +96,15 @@ def read_small_file(path: Path, limit: int, what: str) -> bytes:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{what} {str(path)!r} is not a regular file (a FIFO, a device or a folder); "
-                              "expected a file")
+            raise ConfigError(
+                f"{what} {str(path)!r} is not a regular file (a FIFO, a device or a folder); "
+                "expected a file"
+            )
         if info.st_size > limit:
-            raise ConfigError(f"{what} {str(path)!r} has {info.st_size} bytes, more than a {what} file may have "
-                              f"({limit}); expected a short file of options")
+            raise ConfigError(
+                f"{what} {str(path)!r} has {info.st_size} bytes, more than a {what} file may have "
+                f"({limit}); expected a short file of options"
+            )
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{what} {str(path)!r} grew past {limit} bytes while being read")
@@ -97,13 +114,17 @@ def read_small_file(path: Path, limit: int, what: str) -> bytes:
 def _decode(path: Path, raw: bytes) -> str:
     encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
     if encoding == "utf-8" and b"\0" in raw:
-        raise ConfigError(f"config {str(path)!r} holds NUL bytes: UTF-16 without a byte-order mark, or not text; "
-                          "save it as UTF-8")
+        raise ConfigError(
+            f"config {str(path)!r} holds NUL bytes: UTF-16 without a byte-order mark, or not text; "
+            "save it as UTF-8"
+        )
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config {str(path)!r} is not {encoding.upper().removesuffix('-SIG')} text (byte "
-                          f"{exc.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"config {str(path)!r} is not {encoding.upper().removesuffix('-SIG')} text (byte "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -129,11 +150,16 @@ def _load_yaml(text: str) -> Any:
             for key_node, value_node in node.value:
                 key = self.construct_object(key_node, deep=True)
                 if key in keys:
-                    raise ConfigError(f"option {shown(key)} is given twice (line {key_node.start_mark.line + 1}); "
-                                      "give each option once")
+                    raise ConfigError(
+                        f"option {shown(key)} is given twice (line {key_node.start_mark.line + 1}); "
+                        "give each option once"
+                    )
                 keys.append(key)
-                if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith((":int", ":float")) \
-                        and not value_node.style:
+                if (
+                    isinstance(value_node, yaml.ScalarNode)
+                    and value_node.tag.endswith((":int", ":float"))
+                    and not value_node.style
+                ):
                     _check_yaml_number(key, value_node.value)
             return super().construct_mapping(node, deep)
 
@@ -151,11 +177,15 @@ def _load_yaml(text: str) -> Any:
 def _check_yaml_number(key: Any, text: str) -> None:
     """Refuse the YAML 1.1 numbers that read as something else than they look."""
     if _SEXAGESIMAL.fullmatch(text):
-        raise ConfigError(f"{key}: {text} is a base-60 number in YAML 1.1 ({text} would mean "
-                          f"{_sexagesimal(text)}); quote it, or write the number you mean")
+        raise ConfigError(
+            f"{key}: {text} is a base-60 number in YAML 1.1 ({text} would mean "
+            f"{_sexagesimal(text)}); quote it, or write the number you mean"
+        )
     if _OCTAL.fullmatch(text) and text.strip("+-0_"):
-        raise ConfigError(f"{key}: {text} is an octal number in YAML 1.1 (it would mean {int(text.replace('_', ''), 8)}); "
-                          "write it without the leading 0")
+        raise ConfigError(
+            f"{key}: {text} is an octal number in YAML 1.1 (it would mean {int(text.replace('_', ''), 8)}); "
+            "write it without the leading 0"
+        )
 
 
 def _sexagesimal(text: str) -> float:
@@ -175,13 +205,20 @@ def _check_expansion(root: Any) -> None:
         node, children_done = stack.pop()
         if id(node) in sizes:
             continue
-        children = [n for pair in node.value for n in pair] if node.id == "mapping" else \
-            list(node.value) if node.id == "sequence" else []
+        children = (
+            [n for pair in node.value for n in pair]
+            if node.id == "mapping"
+            else list(node.value)
+            if node.id == "sequence"
+            else []
+        )
         if children_done or not children:
             sizes[id(node)] = 1 + sum(sizes.get(id(c), 0) for c in children)
             if sizes[id(node)] > NODE_LIMIT:
-                raise ConfigError(f"it expands to more than {NODE_LIMIT} values (YAML anchors and aliases); a config "
-                                  "holds a flat mapping of options")
+                raise ConfigError(
+                    f"it expands to more than {NODE_LIMIT} values (YAML anchors and aliases); a config "
+                    "holds a flat mapping of options"
+                )
             continue
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
@@ -200,11 +237,19 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
             raise ConfigError(f"config {path!r}: {key} must be an integer, got {shown(value)}")
         return value
     if action.type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ConfigError(f"config {path!r}: {key} must be a finite number, got {shown(value)}")
         return float(value)
-    if isinstance(value, list) and action.type is not None and value and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and action.type is not None
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         value = ",".join(map(str, value))  # latency_shape: [1, 128, 128]
     if isinstance(value, (dict, list, bool)):
         raise ConfigError(f"config {path!r}: {key} must be a single value, got {shown(value)}")
@@ -216,5 +261,7 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"config {path!r}: {key}: {str(exc)[:200]}") from None
     if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"config {path!r}: {key} must be one of {', '.join(map(str, action.choices))}, got {shown(value)}")
+        raise ConfigError(
+            f"config {path!r}: {key} must be one of {', '.join(map(str, action.choices))}, got {shown(value)}"
+        )
     return value if action.type is not None else str(value)

@@ -16,9 +16,19 @@ from typing import TextIO
 
 
 class Console:
-    def __init__(self, *, quiet: bool = False, json_mode: bool = False, delay: float = 1.0, tick: float = 0.5,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
-        self._lines = None if quiet else ((stderr or sys.stderr) if json_mode else (stdout or sys.stdout))
+    def __init__(
+        self,
+        *,
+        quiet: bool = False,
+        json_mode: bool = False,
+        delay: float = 1.0,
+        tick: float = 0.5,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        self._lines = (
+            None if quiet else ((stderr or sys.stderr) if json_mode else (stdout or sys.stdout))
+        )
         self._progress = None if quiet else (stderr or sys.stderr)
         self._delay, self._tick = delay, tick
 
@@ -59,7 +69,10 @@ class Console:
             done.set()
             watcher.join()
             if shown.is_set():
-                emit(f"{chr(13) if tty else ''}{label}: {outcome} in {time.perf_counter() - start:.1f} s", stream)
+                emit(
+                    f"{chr(13) if tty else ''}{label}: {outcome} in {time.perf_counter() - start:.1f} s",
+                    stream,
+                )
 
 
 def emit(text: str, stream: TextIO, end: str = "\n") -> None:

@@ -31,17 +31,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import model_zoo
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-import model_zoo
 from compiler import attention_form, compile_model, get_target
-from compiler.targets import every_node
 from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
 from compiler.ingest import fusion_findings, load_onnx
-from compiler.pack_projections import PackProjectionsPass
 from compiler.output_folders import check_output_file, write_file_atomically
+from compiler.pack_projections import PackProjectionsPass
+from compiler.targets import every_node
 from runtime.check import check_against_graph
 from runtime.graph_inputs import graph_inputs, index_ranges
 from runtime.ort import OrtSession
@@ -49,35 +49,70 @@ from runtime.signature import input_specs
 from runtime.timing import Timing, cpu_matmul_rate, cpu_name
 
 TARGETS = ("ort-cpu", "onnx-attention")
-MODEL_TYPES = {"bert": "bert", "gpt2": "gpt2", "vit": "vit", "llama": "gpt2", "torch-encoder": "bert",
-               "torch-transformer": "bert"}
+MODEL_TYPES = {
+    "bert": "bert",
+    "gpt2": "gpt2",
+    "vit": "vit",
+    "llama": "gpt2",
+    "torch-encoder": "bert",
+    "torch-transformer": "bert",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", choices=model_zoo.FAMILIES, default=list(model_zoo.FAMILIES))
-    p.add_argument("--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--families", nargs="+", choices=model_zoo.FAMILIES, default=list(model_zoo.FAMILIES)
+    )
+    p.add_argument(
+        "--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS)
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seq", type=int, default=512, help="sequence length of the timed inputs (ViT: the image gives ~this)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=512,
+        help="sequence length of the timed inputs (ViT: the image gives ~this)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=30, help="at least this many timed rounds")
-    p.add_argument("--min-seconds", type=float, default=3.0, help="and at least this long per model")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads; 0: all cores")
-    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "attention-compiler", "zoo"),
-                   help="exported models are kept here between runs")
+    p.add_argument(
+        "--min-seconds", type=float, default=3.0, help="and at least this long per model"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads; 0: all cores"
+    )
+    p.add_argument(
+        "--cache",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "attention-compiler", "zoo"),
+        help="exported models are kept here between runs",
+    )
     p.add_argument("--markdown", default=None, help="also write the table to this file")
-    p.add_argument("--json", default=None, help="write every figure, with the machine, to this file")
-    p.add_argument("--layernorm", action="store_true",
-                   help="only time a residual LayerNorm three ways: Add + LayerNormalization, Sum + LayerNormalization, "
-                        "com.microsoft.SkipLayerNormalization")
-    p.add_argument("--packing", action="store_true",
-                   help="only time the ort-cpu graphs with their projections packed against unpacked, for the corpus "
-                        "and over lengths")
-    p.add_argument("--attention-op", action="store_true",
-                   help="only time the ort-cpu graphs with com.microsoft.Attention on the projections' input against "
-                        "MultiHeadAttention on the projected q, k, v, for the corpus and over lengths")
+    p.add_argument(
+        "--json", default=None, help="write every figure, with the machine, to this file"
+    )
+    p.add_argument(
+        "--layernorm",
+        action="store_true",
+        help="only time a residual LayerNorm three ways: Add + LayerNormalization, Sum + LayerNormalization, "
+        "com.microsoft.SkipLayerNormalization",
+    )
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="only time the ort-cpu graphs with their projections packed against unpacked, for the corpus "
+        "and over lengths",
+    )
+    p.add_argument(
+        "--attention-op",
+        action="store_true",
+        help="only time the ort-cpu graphs with com.microsoft.Attention on the projections' input against "
+        "MultiHeadAttention on the projected q, k, v, for the corpus and over lengths",
+    )
     args = p.parse_args(argv)
     for flag in ("markdown", "json"):
         if getattr(args, flag) is not None:
@@ -88,7 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions take turns on the cores
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0"
+    )  # sessions take turns on the cores
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -109,8 +146,13 @@ def _ort_transformers(path: Path, folder: Path, family: str, size: model_zoo.Siz
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimizer.optimize_model(str(path), model_type=MODEL_TYPES[family], num_heads=size.heads,
-                                             hidden_size=size.hidden, opt_level=0)
+        optimized = optimizer.optimize_model(
+            str(path),
+            model_type=MODEL_TYPES[family],
+            num_heads=size.heads,
+            hidden_size=size.hidden,
+            opt_level=0,
+        )
     out = folder / "ort_transformers.onnx"
     optimized.save_model_to_file(str(out), use_external_data_format=True)
     return out
@@ -129,10 +171,14 @@ def matmul_flops(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float 
                 dim.dim_value = size
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:  # noqa: BLE001: shape inference fails on some exports; the floor is then unknown
+    except Exception:  # noqa: BLE001 -- shape inference fails on some exports; the floor is then unknown
         return None
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    shapes = {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        ]
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
     shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
     total = 0.0
     for node in inferred.graph.node:
@@ -147,13 +193,21 @@ def matmul_flops(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float 
             n = b[0] if next((x.i for x in node.attribute if x.name == "transB"), 0) else b[1]
             total += 2.0 * m * k * n
         else:
-            batch = math.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))) if len(a) > 2 or len(b) > 2 else 1
+            batch = (
+                math.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))
+                if len(a) > 2 or len(b) > 2
+                else 1
+            )
             total += 2.0 * batch * (a[-2] if len(a) > 1 else 1) * a[-1] * b[-1]
     return total
 
 
-def time_in_turns(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], rounds: int,
-                  min_seconds: float) -> dict[str, list[float]]:
+def time_in_turns(
+    sessions: dict[str, ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+    rounds: int,
+    min_seconds: float,
+) -> dict[str, list[float]]:
     """Each round runs every session once, in a rotating order, so that the machine's drifts touch
     them all alike: the times of each session, round by round."""
     names = list(sessions)
@@ -163,7 +217,7 @@ def time_in_turns(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np
     times: dict[str, list[float]] = {name: [] for name in names}
     start, r = time.perf_counter(), 0
     while r < rounds or time.perf_counter() - start < min_seconds:
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             sessions[name].run(None, feeds)
             times[name].append(time.perf_counter() - t0)
@@ -173,46 +227,80 @@ def time_in_turns(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np
 
 def timed_inputs(model: onnx.ModelProto, batch: int, seq: int) -> dict[str, np.ndarray]:
     sizes = {"batch": batch, "sequence": seq, "target": seq}
-    return graph_inputs(input_specs(model), sizes, np.random.default_rng(0), ranges=index_ranges(model))
+    return graph_inputs(
+        input_specs(model), sizes, np.random.default_rng(0), ranges=index_ranges(model)
+    )
 
 
-def run_entry(entry: model_zoo.Entry, args: argparse.Namespace, folder: Path, rate: float) -> dict[str, Any]:
+def run_entry(
+    entry: model_zoo.Entry, args: argparse.Namespace, folder: Path, rate: float
+) -> dict[str, Any]:
     path = model_zoo.export(entry, args.cache)
     original = load_onnx(path)
-    row: dict[str, Any] = {"model": entry.name, "family": entry.family, "implementation": entry.implementation,
-                           "exporter": entry.exporter}
-    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")  # the legacy export fixed them
+    row: dict[str, Any] = {
+        "model": entry.name,
+        "family": entry.family,
+        "implementation": entry.implementation,
+        "exporter": entry.exporter,
+    }
+    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith(
+        "torch"
+    )  # the legacy export fixed them
     given = model_zoo.example_inputs(entry) if fixed_shapes else None
     compiled = {}
     for target in TARGETS:
         _, form = get_target(target)
         model = compile_model(original, target)
-        findings = [f for f in fusion_findings(original, model, form, attention_form(model)) if f.attention]
-        report = check_against_graph(OrtSession(model), OrtSession(original), ranges=index_ranges(original), inputs=given)
-        row[target] = {"cores": len(findings), "fused": sum(f.fused for f in findings),
-                       "worst_rel_error": report.worst_rel_error}
+        findings = [
+            f for f in fusion_findings(original, model, form, attention_form(model)) if f.attention
+        ]
+        report = check_against_graph(
+            OrtSession(model), OrtSession(original), ranges=index_ranges(original), inputs=given
+        )
+        row[target] = {
+            "cores": len(findings),
+            "fused": sum(f.fused for f in findings),
+            "worst_rel_error": report.worst_rel_error,
+        }
         compiled[target] = model
     sessions = {"input": _session(str(path), args.threads)}
     sessions.update({target: _session(model, args.threads) for target, model in compiled.items()})
-    for name, make in (("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
-                       ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size))):
+    for name, make in (
+        ("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
+        ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size)),
+    ):
         try:
             sessions[name] = _session(str(make()), args.threads)
-        except Exception as exc:  # noqa: BLE001: a baseline that fails is a finding, not the end of the run
-            row[name] = {"failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"}
+        except Exception as exc:  # noqa: BLE001 -- a baseline that fails is a finding, not the end of the run
+            row[name] = {
+                "failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+            }
     feeds = given if fixed_shapes else timed_inputs(original, args.batch, args.seq)
     row["inputs"] = {name: list(value.shape) for name, value in feeds.items()}
-    for name in [n for n in sessions if n != "input"]:  # a baseline that fails on the inputs is left out of the timing
+    for name in [
+        n for n in sessions if n != "input"
+    ]:  # a baseline that fails on the inputs is left out of the timing
         try:
             sessions[name].run(None, feeds)
         except Exception as exc:  # noqa: BLE001
-            row[name] = {"failed": f"{type(exc).__name__} at run: {str(exc).strip().splitlines()[0][:120]}"}
+            row[name] = {
+                "failed": f"{type(exc).__name__} at run: {str(exc).strip().splitlines()[0][:120]}"
+            }
             del sessions[name]
     times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
     base = np.asarray(times["input"])
-    for name, series in times.items():  # the ratio within each round, then its median: drift cancels round by round
-        row.setdefault(name, {}).update({**Timing.of(series).to_json(),
-                                         "ratio_to_input": float(np.median(np.asarray(series) / base))})
+    for (
+        name,
+        series,
+    ) in (
+        times.items()
+    ):  # the ratio within each round, then its median: drift cancels round by round
+        row.setdefault(name, {}).update(
+            {
+                **Timing.of(series).to_json(),
+                "ratio_to_input": float(np.median(np.asarray(series) / base)),
+            }
+        )
     flops = matmul_flops(onnx.load(str(path), load_external_data=False), feeds)
     row["matmul_flops"] = flops
     row["floor_s"] = flops / rate if flops else None
@@ -227,17 +315,21 @@ def _cell(row: dict[str, Any], name: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | exporter | cores | fused ort-cpu / onnx-attention | worst rel. error | input p50 (ms) | x floor | "
-             "ort-cpu | onnx-attention | optimize_for_ort | ORT transformers optimizer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | exporter | cores | fused ort-cpu / onnx-attention | worst rel. error | input p50 (ms) | x floor | "
+        "ort-cpu | onnx-attention | optimize_for_ort | ORT transformers optimizer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = "-".join(p for p in (r["family"], r["implementation"]) if p)
         error = max(r[t]["worst_rel_error"] for t in TARGETS)
         floor = f"{r['input']['p50_s'] / r['floor_s']:.1f}" if r.get("floor_s") else "-"
-        lines.append(f"| {name} | {r['exporter']} | {r['ort-cpu']['cores']} | {r['ort-cpu']['fused']} / "
-                     f"{r['onnx-attention']['fused']} | {error:.1e} | {r['input']['p50_s'] * 1e3:.2f} | {floor} | "
-                     f"{_cell(r, 'ort-cpu')} | {_cell(r, 'onnx-attention')} | {_cell(r, 'optimize_for_ort')} | "
-                     f"{_cell(r, 'ort_transformers')} |")
+        lines.append(
+            f"| {name} | {r['exporter']} | {r['ort-cpu']['cores']} | {r['ort-cpu']['fused']} / "
+            f"{r['onnx-attention']['fused']} | {error:.1e} | {r['input']['p50_s'] * 1e3:.2f} | {floor} | "
+            f"{_cell(r, 'ort-cpu')} | {_cell(r, 'onnx-attention')} | {_cell(r, 'optimize_for_ort')} | "
+            f"{_cell(r, 'ort_transformers')} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,18 +338,37 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
     from onnx import TensorProto, helper, numpy_helper
 
     def model(form: str, width: int) -> onnx.ModelProto:
-        inits = [numpy_helper.from_array(np.ones(width, np.float32), "g"), numpy_helper.from_array(np.zeros(width, np.float32), "b")]
+        inits = [
+            numpy_helper.from_array(np.ones(width, np.float32), "g"),
+            numpy_helper.from_array(np.zeros(width, np.float32), "b"),
+        ]
         if form == "SkipLayerNormalization":
-            nodes = [helper.make_node(form, ["x", "r", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-5)]
+            nodes = [
+                helper.make_node(
+                    form, ["x", "r", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-5
+                )
+            ]
         else:
-            nodes = [helper.make_node(form.split(" ")[0], ["x", "r"], ["s"]),
-                     helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
-        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", width]) for n in ("x", "r", "y")]
-        return helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
-                                 opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+            nodes = [
+                helper.make_node(form.split(" ")[0], ["x", "r"], ["s"]),
+                helper.make_node(
+                    "LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5
+                ),
+            ]
+        io = [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", width])
+            for n in ("x", "r", "y")
+        ]
+        return helper.make_model(
+            helper.make_graph(nodes, "g", io[:2], io[2:], inits),
+            opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+        )
 
     forms = ("Add + LayerNormalization", "Sum + LayerNormalization", "SkipLayerNormalization")
-    lines = ["| E | L | " + " | ".join(forms) + " | SkipLayerNormalization / Add + LN |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| E | L | " + " | ".join(forms) + " | SkipLayerNormalization / Add + LN |",
+        "|---|---|---|---|---|---|",
+    ]
     for width in (256, 768):
         for length in (128, 512, 2048):
             sessions = {}
@@ -265,15 +376,23 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                if form.startswith("Add"):  # ONNX Runtime would fuse the pair into SkipLayerNormalization itself
+                if form.startswith(
+                    "Add"
+                ):  # ONNX Runtime would fuse the pair into SkipLayerNormalization itself
                     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-                sessions[form] = ort.InferenceSession(model(form, width).SerializeToString(), options,
-                                                      providers=["CPUExecutionProvider"])
+                sessions[form] = ort.InferenceSession(
+                    model(form, width).SerializeToString(),
+                    options,
+                    providers=["CPUExecutionProvider"],
+                )
             x = np.random.default_rng(0).standard_normal((1, length, width)).astype(np.float32)
             times = time_in_turns(sessions, {"x": x, "r": x}, rounds, min_seconds)
             p50 = {form: float(np.median(t)) for form, t in times.items()}
-            lines.append(f"| {width} | {length} | " + " | ".join(f"{p50[f] * 1e3:.3f} ms" for f in forms)
-                         + f" | {float(np.median(np.asarray(times[forms[2]]) / np.asarray(times[forms[0]]))):.2f}x |")
+            lines.append(
+                f"| {width} | {length} | "
+                + " | ".join(f"{p50[f] * 1e3:.3f} ms" for f in forms)
+                + f" | {float(np.median(np.asarray(times[forms[2]]) / np.asarray(times[forms[0]]))):.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -286,8 +405,15 @@ def _compiled_with(model: onnx.ModelProto, options: dict[type, dict[str, Any]]) 
     from compiler.cleanup import CleanupPass
 
     _, form = get_target("ort-cpu")
-    passes = [functools.partial(getattr(p, "func", p), **{**getattr(p, "keywords", {}), **options[getattr(p, "func", p)]})
-              if getattr(p, "func", p) in options else p for p in form.passes]
+    passes = [
+        functools.partial(
+            getattr(p, "func", p),
+            **{**getattr(p, "keywords", {}), **options[getattr(p, "func", p)]},
+        )
+        if getattr(p, "func", p) in options
+        else p
+        for p in form.passes
+    ]
     ir_model = ir.serde.deserialize_model(model)
     ir.passes.Sequential(*(make() for make in passes), CleanupPass())(ir_model)
     return ir.serde.serialize_model(ir_model)
@@ -296,7 +422,10 @@ def _compiled_with(model: onnx.ModelProto, options: dict[type, dict[str, Any]]) 
 def _packing(max_rows: int | None) -> dict[type, dict[str, Any]]:
     """Packing at every size (None) or never (0), with MultiHeadAttention on the projected q, k, v, so
     that the Split is what differs (com.microsoft.Attention takes x whole, packed or not)."""
-    return {PackProjectionsPass: {"max_rows": max_rows}, FuseOrtMultiHeadAttentionPass: {"attention_op": False}}
+    return {
+        PackProjectionsPass: {"max_rows": max_rows},
+        FuseOrtMultiHeadAttentionPass: {"attention_op": False},
+    }
 
 
 def attention_op_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -> str:
@@ -304,11 +433,19 @@ def attention_op_table(args: argparse.Namespace, size: model_zoo.Size, threads: 
     input run com.microsoft.Attention on it for short inputs, against the same graph with
     MultiHeadAttention on the projected q, k, v there, timed in turns: the corpus models where a core
     takes the Attention op, at their timed inputs, and graphs/mha.py's self-attention over lengths."""
-    return _paired_table(args, size, threads, ("Attention", "MultiHeadAttention"),
-                         lambda model: compile_model(model, "ort-cpu"),
-                         lambda model: _compiled_with(model, {FuseOrtMultiHeadAttentionPass: {"attention_op": False}}),
-                         lambda compiled: any(n.op_type == "Attention" for n in every_node(compiled.graph)),
-                         (None, "bool"), (16, 128, 256, 383, 384, 512, 1024))
+    return _paired_table(
+        args,
+        size,
+        threads,
+        ("Attention", "MultiHeadAttention"),
+        lambda model: compile_model(model, "ort-cpu"),
+        lambda model: _compiled_with(
+            model, {FuseOrtMultiHeadAttentionPass: {"attention_op": False}}
+        ),
+        lambda compiled: any(n.op_type == "Attention" for n in every_node(compiled.graph)),
+        (None, "bool"),
+        (16, 128, 256, 383, 384, 512, 1024),
+    )
 
 
 def _rows(first: np.ndarray) -> int:
@@ -323,13 +460,30 @@ def packing_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) 
     """The ort-cpu graph with Q/K/V (and any other projections of one tensor) packed into one MatMul
     and a Split, against the same graph unpacked, timed in turns: for every model of the corpus at
     its timed inputs, and for graphs/mha.py's self-attention (E=512, 8 heads) over lengths."""
-    return _paired_table(args, size, threads, ("packed", "unpacked"), lambda model: _compiled_with(model, _packing(None)),
-                         lambda model: _compiled_with(model, _packing(0)), lambda compiled: True, (None,),
-                         (1, 16, 64, 256, 1024))
+    return _paired_table(
+        args,
+        size,
+        threads,
+        ("packed", "unpacked"),
+        lambda model: _compiled_with(model, _packing(None)),
+        lambda model: _compiled_with(model, _packing(0)),
+        lambda compiled: True,
+        (None,),
+        (1, 16, 64, 256, 1024),
+    )
 
 
-def _paired_table(args: argparse.Namespace, size: model_zoo.Size, threads: int, names: tuple[str, str], ours, theirs,
-                  keep, masks: tuple, lengths: tuple[int, ...]) -> str:
+def _paired_table(
+    args: argparse.Namespace,
+    size: model_zoo.Size,
+    threads: int,
+    names: tuple[str, str],
+    ours,
+    theirs,
+    keep,
+    masks: tuple,
+    lengths: tuple[int, ...],
+) -> str:
     """One graph form (``ours(model)``) against another (``theirs(model)``), timed in turns: the corpus
     models whose compiled graph ``keep`` accepts, at their timed inputs, then graphs/mha.py's
     self-attention block (E=512, 8 heads) with each of ``masks`` at batch 1 and each of ``lengths``."""
@@ -337,13 +491,29 @@ def _paired_table(args: argparse.Namespace, size: model_zoo.Size, threads: int, 
     from runtime.check import random_inputs
 
     a, b = names
-    lines = [f"| graph | mask | rows (batch x tokens) | {a} p50 (ms) | {b} / {a} | {a} / input |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| graph | mask | rows (batch x tokens) | {a} p50 (ms) | {b} / {a} | {a} / input |",
+        "|---|---|---|---|---|---|",
+    ]
 
-    def row(name: str, mask: str, rows: int, sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray]) -> None:
-        times = {k: np.asarray(v) for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()}
-        vs_input = f"{float(np.median(times[a] / times['input'])):.2f}x" if "input" in times else "-"
-        lines.append(f"| {name} | {mask} | {rows} | {float(np.median(times[a])) * 1e3:.2f} | "
-                     f"{float(np.median(times[b] / times[a])):.2f}x | {vs_input} |")
+    def row(
+        name: str,
+        mask: str,
+        rows: int,
+        sessions: dict[str, ort.InferenceSession],
+        feeds: dict[str, np.ndarray],
+    ) -> None:
+        times = {
+            k: np.asarray(v)
+            for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()
+        }
+        vs_input = (
+            f"{float(np.median(times[a] / times['input'])):.2f}x" if "input" in times else "-"
+        )
+        lines.append(
+            f"| {name} | {mask} | {rows} | {float(np.median(times[a])) * 1e3:.2f} | "
+            f"{float(np.median(times[b] / times[a])):.2f}x | {vs_input} |"
+        )
         print(lines[-1], flush=True)
 
     for entry in model_zoo.entries(size, tuple(args.families)):
@@ -355,17 +525,29 @@ def _paired_table(args: argparse.Namespace, size: model_zoo.Size, threads: int, 
         if not keep(compiled):
             continue
         fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
-        feeds = model_zoo.example_inputs(entry) if fixed_shapes else timed_inputs(original, args.batch, args.seq)
-        sessions = {"input": _session(str(path), threads), a: _session(compiled, threads),
-                    b: _session(theirs(original), threads)}
+        feeds = (
+            model_zoo.example_inputs(entry)
+            if fixed_shapes
+            else timed_inputs(original, args.batch, args.seq)
+        )
+        sessions = {
+            "input": _session(str(path), threads),
+            a: _session(compiled, threads),
+            b: _session(theirs(original), threads),
+        }
         row(entry.name, "the model's", _rows(next(iter(feeds.values()))), sessions, feeds)
     for mask in masks:
         spec = AttentionSpec(512, 8, batch_first=True, self_attention=True, key_padding_mask=mask)
         model = build_mha(spec, AttentionWeights.random(spec))
         sessions = {a: _session(ours(model), threads), b: _session(theirs(model), threads)}
         for length in lengths:
-            row("graphs/mha.py self-attention, E=512", "padding" if mask else "none", length, sessions,
-                random_inputs(spec, (1, length, length), np.random.default_rng(0)))
+            row(
+                "graphs/mha.py self-attention, E=512",
+                "padding" if mask else "none",
+                length,
+                sessions,
+                random_inputs(spec, (1, length, length), np.random.default_rng(0)),
+            )
     return "\n".join(lines)
 
 
@@ -373,17 +555,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     if args.layernorm:
-        print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}")
+        print(
+            f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}"
+        )
         print(layernorm_table(threads, max(args.rounds, 100)))
         return 0
-    size = model_zoo.Size(args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq))))
+    size = model_zoo.Size(
+        args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq)))
+    )
     if args.packing or args.attention_op:
-        print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}")
-        print(packing_table(args, size, threads) if args.packing else attention_op_table(args, size, threads))
+        print(
+            f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}"
+        )
+        print(
+            packing_table(args, size, threads)
+            if args.packing
+            else attention_op_table(args, size, threads)
+        )
         return 0
     rate = cpu_matmul_rate(threads=threads, min_seconds=min(1.0, max(0.1, args.min_seconds / 3)))
-    print(f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
-          f"{rate / 1e9:.1f} GFLOP/s; batch {args.batch}, sequence {args.seq}", flush=True)
+    print(
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__} MatMul "
+        f"{rate / 1e9:.1f} GFLOP/s; batch {args.batch}, sequence {args.seq}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in model_zoo.entries(size, tuple(args.families)):
@@ -398,10 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         write_file_atomically(Path(args.markdown), (text + "\n").encode())
     if args.json:
-        report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-                              "onnxruntime": ort.__version__, "matmul_fp32_flops": rate},
-                  "settings": {k: getattr(args, k) for k in ("hidden", "heads", "layers", "seq", "batch", "rounds",
-                                                             "min_seconds")}, "rows": rows}
+        report = {
+            "machine": {
+                "cpu": cpu_name(),
+                "cores": os.cpu_count(),
+                "threads": threads,
+                "onnxruntime": ort.__version__,
+                "matmul_fp32_flops": rate,
+            },
+            "settings": {
+                k: getattr(args, k)
+                for k in ("hidden", "heads", "layers", "seq", "batch", "rounds", "min_seconds")
+            },
+            "rows": rows,
+        }
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
     return 0
 

@@ -26,17 +26,27 @@ from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import random_inputs
 from runtime.timing import cpu_name
 
-MASKS = {"padding": {"key_padding_mask": "bool"}, "causal": {"is_causal": True}, "float-2d": {"attn_mask": "float"}}
+MASKS = {
+    "padding": {"key_padding_mask": "bool"},
+    "causal": {"is_causal": True},
+    "float-2d": {"attn_mask": "float"},
+}
 THRESHOLDS = ("ROWS_FROM", "CAUSAL_FROM", "CHUNKS_FROM", "BLOCKS_FROM")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mask", choices=list(MASKS), required=True)
     p.add_argument("--embed-dim", type=int, default=512)
     p.add_argument("--num-heads", type=int, default=8)
-    p.add_argument("--points", nargs="+", default=["1x128", "8x128", "1x512", "8x512", "1x1024", "1x2048"],
-                   help="BATCHxLENGTH, self-attention")
+    p.add_argument(
+        "--points",
+        nargs="+",
+        default=["1x128", "8x128", "1x512", "8x512", "1x1024", "1x2048"],
+        help="BATCHxLENGTH, self-attention",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="timing per point")
     args = p.parse_args(argv)
     try:
@@ -70,7 +80,7 @@ def _feeds(spec: AttentionSpec, batch: int, length: int) -> dict[str, np.ndarray
     rng = np.random.default_rng(1)
     if "key_padding_mask" in feeds:
         mask = np.zeros((batch, length), bool)
-        mask[:, int(length * 0.8):] = True
+        mask[:, int(length * 0.8) :] = True
         mask[:, 1:] |= rng.random((batch, length - 1)) < 0.05
         feeds["key_padding_mask"] = mask
     if "attn_mask" in feeds:
@@ -82,17 +92,25 @@ def _feeds(spec: AttentionSpec, batch: int, length: int) -> dict[str, np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = AttentionSpec(args.embed_dim, args.num_heads, batch_first=True, self_attention=True, **MASKS[args.mask])
+    spec = AttentionSpec(
+        args.embed_dim, args.num_heads, batch_first=True, self_attention=True, **MASKS[args.mask]
+    )
     canonical = build_mha(spec, AttentionWeights.random(spec))
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {}
     for mode in ("one op", "short", "long"):
         with _forms(mode):
-            sessions[mode] = ort.InferenceSession(compile_model(canonical, "ort-cpu").SerializeToString(), options,
-                                                  providers=["CPUExecutionProvider"])
-    print(f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; {args.mask}, embed_dim {args.embed_dim}, "
-          f"{args.num_heads} heads; thresholds now: " + ", ".join(f"{n} {getattr(fusion, n)}" for n in THRESHOLDS))
+            sessions[mode] = ort.InferenceSession(
+                compile_model(canonical, "ort-cpu").SerializeToString(),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+    print(
+        f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; {args.mask}, embed_dim {args.embed_dim}, "
+        f"{args.num_heads} heads; thresholds now: "
+        + ", ".join(f"{n} {getattr(fusion, n)}" for n in THRESHOLDS)
+    )
     print("| batch | length | one op ms | short | long |\n|---|---|---|---|---|")
     for batch, length in args.points:
         feeds = _feeds(spec, batch, length)
@@ -110,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             times.append(round_times["one op"])
             for mode in sessions:
                 ratios[mode].append(round_times[mode] / round_times["one op"])
-        print(f"| {batch} | {length} | {np.median(times) * 1e3:.2f} | {np.median(ratios['short']):.2f}x | "
-              f"{np.median(ratios['long']):.2f}x |", flush=True)
+        print(
+            f"| {batch} | {length} | {np.median(times) * 1e3:.2f} | {np.median(ratios['short']):.2f}x | "
+            f"{np.median(ratios['long']):.2f}x |",
+            flush=True,
+        )
     return 0
 
 

@@ -37,7 +37,12 @@ class Size:
     image: int = 64
 
     def to_json(self) -> dict[str, int]:
-        return {"hidden": self.hidden, "heads": self.heads, "layers": self.layers, "image": self.image}
+        return {
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "layers": self.layers,
+            "image": self.image,
+        }
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,18 @@ class Entry:
 
     @property
     def kind(self) -> str:
-        return "text" if self.family in ("bert", "gpt2", "llama") else "image" if self.family == "vit" else "sequence"
+        return (
+            "text"
+            if self.family in ("bert", "gpt2", "llama")
+            else "image"
+            if self.family == "vit"
+            else "sequence"
+        )
 
 
 def entries(size: Size = Size(), families: tuple[str, ...] = FAMILIES) -> Iterator[Entry]:
     for family in families:
-        for implementation in (IMPLEMENTATIONS if not family.startswith("torch") else (None,)):
+        for implementation in IMPLEMENTATIONS if not family.startswith("torch") else (None,):
             for exporter in EXPORTERS:
                 yield Entry(family, implementation, exporter, size)
 
@@ -83,10 +94,18 @@ def example_inputs(entry: Entry) -> dict[str, Any]:
     return {name: value.numpy() for name, value in inputs.items()}
 
 
-_AXES = {"text": {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
-         "image": {"pixel_values": {0: "batch"}},
-         "torch-encoder": {"src": {0: "batch", 1: "sequence"}, "src_key_padding_mask": {0: "batch", 1: "sequence"}},
-         "torch-transformer": {"src": {0: "batch", 1: "sequence"}, "tgt": {0: "batch", 1: "target"}}}
+_AXES = {
+    "text": {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+    },
+    "image": {"pixel_values": {0: "batch"}},
+    "torch-encoder": {
+        "src": {0: "batch", 1: "sequence"},
+        "src_key_padding_mask": {0: "batch", 1: "sequence"},
+    },
+    "torch-transformer": {"src": {0: "batch", 1: "sequence"}, "tgt": {0: "batch", 1: "target"}},
+}
 
 
 def _module(entry: Entry) -> Any:
@@ -98,25 +117,56 @@ def _module(entry: Entry) -> Any:
 
         impl = {"attn_implementation": entry.implementation}
         if entry.family == "bert":
-            config = transformers.BertConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_hidden_layers=s.layers,
-                                             intermediate_size=2 * s.hidden, vocab_size=1000, **impl)
+            config = transformers.BertConfig(
+                hidden_size=s.hidden,
+                num_attention_heads=s.heads,
+                num_hidden_layers=s.layers,
+                intermediate_size=2 * s.hidden,
+                vocab_size=1000,
+                **impl,
+            )
             return _Text(transformers.BertModel(config, add_pooling_layer=False)).eval()
         if entry.family == "gpt2":
-            config = transformers.GPT2Config(n_embd=s.hidden, n_head=s.heads, n_layer=s.layers, vocab_size=1000,
-                                             n_positions=4096, bos_token_id=0, eos_token_id=0, **impl)
+            config = transformers.GPT2Config(
+                n_embd=s.hidden,
+                n_head=s.heads,
+                n_layer=s.layers,
+                vocab_size=1000,
+                n_positions=4096,
+                bos_token_id=0,
+                eos_token_id=0,
+                **impl,
+            )
             return _Text(transformers.GPT2Model(config), use_cache=False).eval()
         if entry.family == "llama":
-            config = transformers.LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads,
-                                              num_key_value_heads=max(1, s.heads // 2), num_hidden_layers=s.layers,
-                                              intermediate_size=2 * s.hidden, vocab_size=1000, **impl)
+            config = transformers.LlamaConfig(
+                hidden_size=s.hidden,
+                num_attention_heads=s.heads,
+                num_key_value_heads=max(1, s.heads // 2),
+                num_hidden_layers=s.layers,
+                intermediate_size=2 * s.hidden,
+                vocab_size=1000,
+                **impl,
+            )
             return _Text(transformers.LlamaModel(config), use_cache=False).eval()
-        config = transformers.ViTConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_hidden_layers=s.layers,
-                                        intermediate_size=2 * s.hidden, image_size=s.image, patch_size=16, **impl)
+        config = transformers.ViTConfig(
+            hidden_size=s.hidden,
+            num_attention_heads=s.heads,
+            num_hidden_layers=s.layers,
+            intermediate_size=2 * s.hidden,
+            image_size=s.image,
+            patch_size=16,
+            **impl,
+        )
         return _Image(transformers.ViTModel(config, add_pooling_layer=False)).eval()
     if entry.family == "torch-encoder":
         layer = torch.nn.TransformerEncoderLayer(s.hidden, s.heads, 2 * s.hidden, batch_first=True)
-        return _Encoder(torch.nn.TransformerEncoder(layer, s.layers, enable_nested_tensor=False)).eval()
-    return _Transformer(torch.nn.Transformer(s.hidden, s.heads, s.layers, s.layers, 2 * s.hidden, batch_first=True)).eval()
+        return _Encoder(
+            torch.nn.TransformerEncoder(layer, s.layers, enable_nested_tensor=False)
+        ).eval()
+    return _Transformer(
+        torch.nn.Transformer(s.hidden, s.heads, s.layers, s.layers, 2 * s.hidden, batch_first=True)
+    ).eval()
 
 
 class _Text(torch.nn.Module):
@@ -127,7 +177,9 @@ class _Text(torch.nn.Module):
         self.inner, self.options = inner, options
 
     def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **self.options).last_hidden_state
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, **self.options
+        ).last_hidden_state
 
 
 class _Image(torch.nn.Module):
@@ -174,8 +226,10 @@ def _versions() -> dict[str, str]:
 
 def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
     """The entry's model.onnx (weights in external data for dynamo exports), exported once per key."""
-    key = json.dumps({"entry": entry.name, "size": entry.size.to_json(), "versions": _versions(), "format": 2},
-                     sort_keys=True)
+    key = json.dumps(
+        {"entry": entry.name, "size": entry.size.to_json(), "versions": _versions(), "format": 2},
+        sort_keys=True,
+    )
     folder = Path(cache) / f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     path = folder / "model.onnx"
     if path.exists():
@@ -193,20 +247,51 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
             from torch.export import Dim
 
             dims: dict[str, Any] = {}
-            shapes = tuple({axis: dims.setdefault(name, Dim(name, min=2, max=4096)) for axis, name in axes[n].items()}
-                           for n in names)
+            shapes = tuple(
+                {
+                    axis: dims.setdefault(name, Dim(name, min=2, max=4096))
+                    for axis, name in axes[n].items()
+                }
+                for n in names
+            )
             with torch.no_grad():
-                torch.onnx.export(module, args, str(partial), input_names=names, output_names=["output"], dynamo=True,
-                                  dynamic_shapes=shapes, opset_version=18, external_data=True, verbose=False)
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(partial),
+                    input_names=names,
+                    output_names=["output"],
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    opset_version=18,
+                    external_data=True,
+                    verbose=False,
+                )
         else:  # the legacy exporter needs grad on, or torch's fast encoder path is traced as one unexportable op
-            torch.onnx.export(module, args, str(partial), input_names=names, output_names=["output"], dynamo=False,
-                              dynamic_axes=axes, opset_version=18)
+            torch.onnx.export(
+                module,
+                args,
+                str(partial),
+                input_names=names,
+                output_names=["output"],
+                dynamo=False,
+                dynamic_axes=axes,
+                opset_version=18,
+            )
     data = folder / "partial.onnx.data"
-    if data.exists():  # external data keeps its location inside the model: move both under the final names
+    if (
+        data.exists()
+    ):  # external data keeps its location inside the model: move both under the final names
         import onnx
 
         model = onnx.load(str(partial))
-        onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", all_tensors_to_one_file=True)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            location="model.onnx.data",
+            all_tensors_to_one_file=True,
+        )
         partial.unlink()
         data.unlink()
     else:

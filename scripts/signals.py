@@ -31,7 +31,9 @@ class Signals:
 
     @property
     def exit_status(self) -> int:
-        return 130 if self.signum == signal.SIGINT else 128 + (self.signum or 0)  # as a shell reports it
+        return (
+            130 if self.signum == signal.SIGINT else 128 + (self.signum or 0)
+        )  # as a shell reports it
 
 
 @contextlib.contextmanager

@@ -30,7 +30,9 @@ def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
 def test_force_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _write(out, {"model.onnx": b"old"})
-    monkeypatch.setattr(artifacts, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(
+        artifacts, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone"))
+    )
     with pytest.raises(OSError):
         _write(out, {"model.onnx": b"new"}, force=True)
     assert (out / "model.onnx").read_bytes() == b"old"

@@ -18,12 +18,24 @@ from runtime.ort import OrtSession  # noqa: E402
 
 SPECS = [
     AttentionSpec(16, 4, self_attention=True, batch_first=True),
-    AttentionSpec(16, 4, self_attention=True, batch_first=True, key_padding_mask="bool", is_causal=True),
+    AttentionSpec(
+        16, 4, self_attention=True, batch_first=True, key_padding_mask="bool", is_causal=True
+    ),
     AttentionSpec(16, 4, kdim=12, vdim=8, key_padding_mask="float", attn_mask="bool"),
     AttentionSpec(16, 4, self_attention=True, attn_mask="float", attn_mask_3d=True, is_causal=True),
-    AttentionSpec(16, 4, batch_first=True, key_padding_mask="bool", attn_mask="float", add_bias_kv=True),
+    AttentionSpec(
+        16, 4, batch_first=True, key_padding_mask="bool", attn_mask="float", add_bias_kv=True
+    ),
     AttentionSpec(16, 4, self_attention=True, is_causal=True, add_zero_attn=True, bias=False),
-    AttentionSpec(16, 4, batch_first=True, attn_mask="bool", attn_mask_3d=True, add_bias_kv=True, add_zero_attn=True),
+    AttentionSpec(
+        16,
+        4,
+        batch_first=True,
+        attn_mask="bool",
+        attn_mask_3d=True,
+        add_bias_kv=True,
+        add_zero_attn=True,
+    ),
 ]
 
 
@@ -37,7 +49,9 @@ def _inputs(spec, rng):
     return feeds
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.key_padding_mask}-{s.attn_mask}-{s.is_causal}-{s.extra_keys}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.key_padding_mask}-{s.attn_mask}-{s.is_causal}-{s.extra_keys}"
+)
 def test_baselines_match_the_reference(spec, tmp_path):
     rng = np.random.default_rng(3)
     weights = AttentionWeights.random(spec, seed=1)
@@ -49,7 +63,9 @@ def test_baselines_match_the_reference(spec, tmp_path):
         sdpa = SdpaAttention(spec, weights, dtype=torch.float32, device="cpu")(tensors).numpy()
     export_with_torch(spec, weights, tmp_path / "exported.onnx")
     session = OrtSession(tmp_path / "exported.onnx")
-    exported = session._session.run(None, dict(zip((i.name for i in session.inputs), feeds.values())))[0]
+    exported = session._session.run(
+        None, dict(zip((i.name for i in session.inputs), feeds.values()))
+    )[0]
     for name, got in (("eager", eager), ("sdpa", sdpa), ("exporter", exported)):
         assert errors(got, want)[1] <= 1e-5, name
 

@@ -17,8 +17,21 @@ from runtime.timing import measure
 
 torch = pytest.importorskip("torch")
 
-POSITIVE = ("p50_s", "p90_s", "p99_s", "best_s", "tokens_per_s", "flops", "gflops", "min_bytes", "floor_s", "x_floor",
-            "ratio_to_eager", "ratio_to_exporter", "memory_peak_bytes")
+POSITIVE = (
+    "p50_s",
+    "p90_s",
+    "p99_s",
+    "best_s",
+    "tokens_per_s",
+    "flops",
+    "gflops",
+    "min_bytes",
+    "floor_s",
+    "x_floor",
+    "ratio_to_eager",
+    "ratio_to_exporter",
+    "memory_peak_bytes",
+)
 
 
 def _check_rows(report, backends, points):
@@ -40,9 +53,16 @@ def _check_rows(report, backends, points):
             assert r["ratio_to_eager"] == pytest.approx(r["p50_s"] / eager["p50_s"])
             assert r["ratio_to_exporter"] == pytest.approx(r["p50_s"] / exporter["p50_s"])
             assert r["tokens_per_s"] == pytest.approx(point[0] * point[1] / r["p50_s"])
-            floor = max(r["flops"] / rates["matmul_fp32_flops"], r["min_bytes"] / rates["bandwidth_bytes_per_s"])
-            assert r["floor_s"] == pytest.approx(floor) and r["x_floor"] == pytest.approx(r["p50_s"] / floor)
-            assert 0 <= r["rel_error_vs_eager_fp32"] <= 1e-5  # every backend computes the same function in float32
+            floor = max(
+                r["flops"] / rates["matmul_fp32_flops"],
+                r["min_bytes"] / rates["bandwidth_bytes_per_s"],
+            )
+            assert r["floor_s"] == pytest.approx(floor) and r["x_floor"] == pytest.approx(
+                r["p50_s"] / floor
+            )
+            assert (
+                0 <= r["rel_error_vs_eager_fp32"] <= 1e-5
+            )  # every backend computes the same function in float32
 
 
 def _in_process(script: str):
@@ -58,13 +78,31 @@ def _in_process(script: str):
 
 def test_quick_bench_from_spec_flags_writes_table_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert _in_process("bench").main(["--quick", "--self-attention", "--batch-first", "--key-padding-mask", "bool",
-                                      "--causal", "--json", str(out), "--plot", str(png)]) == 0
+    assert (
+        _in_process("bench").main(
+            [
+                "--quick",
+                "--self-attention",
+                "--batch-first",
+                "--key-padding-mask",
+                "bool",
+                "--causal",
+                "--json",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "| batch | length | backend |" in stdout and "ort-cpu graph" in stdout
     report = json.loads(out.read_text())
-    _check_rows(report, {"torch eager", "torch sdpa", "exporter graph", "ort-cpu graph"},
-                {(b, n) for b in (1, 2) for n in (32, 64)})
+    _check_rows(
+        report,
+        {"torch eager", "torch sdpa", "exporter graph", "ort-cpu graph"},
+        {(b, n) for b in (1, 2) for n in (32, 64)},
+    )
     spec = AttentionSpec.from_dict(report["spec"])
     assert spec.is_causal and spec.key_padding_mask == "bool" and spec.embed_dim == 64
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
@@ -73,12 +111,31 @@ def test_quick_bench_from_spec_flags_writes_table_json_and_plot(tmp_path, capsys
 
 def test_masks_sweep_one_spec_per_kind_each_row_against_its_unmasked_row(tmp_path, capsys):
     out = tmp_path / "masks.json"
-    assert _in_process("bench").main(["--quick", "--masks", "none", "causal", "float-2d", "--lengths", "16",
-                                      "--batches", "2", "--baselines", "sdpa", "--json", str(out)]) == 0
+    assert (
+        _in_process("bench").main(
+            [
+                "--quick",
+                "--masks",
+                "none",
+                "causal",
+                "float-2d",
+                "--lengths",
+                "16",
+                "--batches",
+                "2",
+                "--baselines",
+                "sdpa",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "| mask | batch | length |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mask"], r["backend"]) for r in rows] == [(m, b) for m in ("none", "causal", "float-2d")
-                                                          for b in ("torch sdpa", "ort-cpu graph")]
+    assert [(r["mask"], r["backend"]) for r in rows] == [
+        (m, b) for m in ("none", "causal", "float-2d") for b in ("torch sdpa", "ort-cpu graph")
+    ]
     unmasked = {r["backend"]: r["p50_s"] for r in rows if r["mask"] == "none"}
     for r in rows:
         assert r["ratio_to_unmasked"] == pytest.approx(r["p50_s"] / unmasked[r["backend"]])
@@ -98,18 +155,42 @@ def test_bench_padding_is_trailing_and_differs_per_row():
 
 def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(tmp_path):
     folder = tmp_path / "compiled"
-    assert _in_process("compile").main(["--embed-dim", "32", "--num-heads", "4", "--attn-mask", "float", "--seed", "7",
-                                        "--target", "onnx-attention", "--external-data", "always", "--quiet",
-                                        "--out", str(folder)]) == 0
+    assert (
+        _in_process("compile").main(
+            [
+                "--embed-dim",
+                "32",
+                "--num-heads",
+                "4",
+                "--attn-mask",
+                "float",
+                "--seed",
+                "7",
+                "--target",
+                "onnx-attention",
+                "--external-data",
+                "always",
+                "--quiet",
+                "--out",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     assert (folder / "model.onnx.data").exists()  # bench.py loads the model with its external data
     out = tmp_path / "bench.json"
     assert _in_process("bench").main([str(folder), "--quick", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["compiled"] == [{"target": "onnx-attention", "precision": "fp32", "form": "attention-op"}]
+    assert report["compiled"] == [
+        {"target": "onnx-attention", "precision": "fp32", "form": "attention-op"}
+    ]
     assert report["weights"] == {"kind": "random", "seed": 7}
     # the rebuilt torch modules hold the folder's weights: outputs agree to float32 rounding
-    _check_rows(report, {"torch eager", "torch sdpa", "exporter graph", "onnx-attention graph"},
-                {(b, n) for b in (1, 2) for n in (32, 64)})
+    _check_rows(
+        report,
+        {"torch eager", "torch sdpa", "exporter graph", "onnx-attention graph"},
+        {(b, n) for b in (1, 2) for n in (32, 64)},
+    )
 
 
 def test_bench_errors_are_one_clear_line(tmp_path, capsys):
@@ -123,7 +204,12 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
         return status, capsys.readouterr().err
 
     folder = tmp_path / "compiled"
-    assert compile_script.main(["--embed-dim", "8", "--num-heads", "2", "--quiet", "--out", str(folder)]) == 0
+    assert (
+        compile_script.main(
+            ["--embed-dim", "8", "--num-heads", "2", "--quiet", "--out", str(folder)]
+        )
+        == 0
+    )
     status, err = bench(folder, "--causal", "--targets", "portable")
     assert status == 2 and "DIR fixes the spec" in err and "--causal, --targets" in err
     status, err = bench("--targets", "ort-cuda")
@@ -133,8 +219,22 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
     status, err = bench(folder, "--quick")
     assert status == 2 and "does not match the sha256" in err and "Traceback" not in err
     external = tmp_path / "external"
-    assert compile_script.main(["--embed-dim", "32", "--num-heads", "2", "--external-data", "always", "--quiet",
-                                "--out", str(external)]) == 0
+    assert (
+        compile_script.main(
+            [
+                "--embed-dim",
+                "32",
+                "--num-heads",
+                "2",
+                "--external-data",
+                "always",
+                "--quiet",
+                "--out",
+                str(external),
+            ]
+        )
+        == 0
+    )
     data = external / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\1")
     status, err = bench(external, "--quick")
@@ -149,15 +249,28 @@ def test_quick_bench_on_gpu_times_torch_and_says_why_ort_rows_are_missing(run_cl
     import onnxruntime as ort
 
     out = tmp_path / "bench.json"
-    result = run_cli("bench.py", "--quick", "--device", "cuda", "--self-attention", "--precisions", "fp32", "fp16",
-                     "--json", out)
+    result = run_cli(
+        "bench.py",
+        "--quick",
+        "--device",
+        "cuda",
+        "--self-attention",
+        "--precisions",
+        "fp32",
+        "fp16",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["machine"]["gpu"] and report["rates"]["matmul_fp16_flops"] > 0
     rows = report["rows"]
     assert {r["backend"] for r in rows if "skipped" not in r} >= {"torch eager", "torch sdpa"}
     for r in rows:
-        if r["backend"].endswith("graph") and "CUDAExecutionProvider" not in ort.get_available_providers():
+        if (
+            r["backend"].endswith("graph")
+            and "CUDAExecutionProvider" not in ort.get_available_providers()
+        ):
             assert "onnxruntime has no CUDAExecutionProvider" in r["skipped"]
         elif "skipped" not in r:
             assert r["memory"] == "cuda device" and r["p50_s"] > 0
@@ -169,7 +282,9 @@ def test_quick_bench_on_gpu_times_torch_and_says_why_ort_rows_are_missing(run_cl
 @pytest.mark.parametrize("tgt,src,extra", [(5, 5, 0), (3, 7, 0), (7, 3, 0), (4, 4, 2), (6, 2, 1)])
 def test_causal_pairs_count_the_allowed_entries_of_the_mask(tgt, src, extra):
     spec = AttentionSpec(8, 2, is_causal=True, add_bias_kv=extra >= 1, add_zero_attn=extra == 2)
-    allowed = ~np.triu(np.ones((tgt, src), bool), 1)  # query i sees keys 0..i, as torch's causal attn_mask
+    allowed = ~np.triu(
+        np.ones((tgt, src), bool), 1
+    )  # query i sees keys 0..i, as torch's causal attn_mask
     assert attended_pairs(spec, tgt, src) == allowed.sum() + tgt * extra
     assert attended_pairs(AttentionSpec(8, 2), tgt, src) == tgt * src
 
@@ -194,7 +309,9 @@ def test_min_bytes_are_inputs_parameters_and_outputs_once():
     floats = 24 + 40 + 40 + 24 + 30
     params = 48 + 12 + 16 + 4
     assert attention_min_bytes(spec, 2, 3, 5) == 4 * floats + 10 + 4 * 15 + 4 * params
-    assert attention_min_bytes(spec, 2, 3, 5, weight_bytes=2) == 4 * floats + 10 + 4 * 15 + 2 * params
+    assert (
+        attention_min_bytes(spec, 2, 3, 5, weight_bytes=2) == 4 * floats + 10 + 4 * 15 + 2 * params
+    )
 
 
 # Measurement --------------------------------------------------------------------------------------
@@ -222,23 +339,55 @@ def test_measure_runs_at_least_the_minimum_and_orders_percentiles():
 
 def test_decode_bench_times_every_way_to_the_same_last_token(run_cli, tmp_path):
     out = tmp_path / "decode.json"
-    result = run_cli("bench.py", "--decode", "--embed-dim", 32, "--num-heads", 4, "--prompt", 48, "--new-tokens", 4,
-                     "--batches", 2, "--targets", "ort-cpu", "onnx-attention", "--json", out)
+    result = run_cli(
+        "bench.py",
+        "--decode",
+        "--embed-dim",
+        32,
+        "--num-heads",
+        4,
+        "--prompt",
+        48,
+        "--new-tokens",
+        4,
+        "--batches",
+        2,
+        "--targets",
+        "ort-cpu",
+        "onnx-attention",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     assert "decoding 4 tokens after a 48-token prompt, batch 2" in result.stdout
     report = json.loads(out.read_text())
     assert report["settings"] == {"prompt": 48, "new_tokens": 4, "batch": 2, "precision": "fp32"}
     rows = {r["backend"]: r for r in report["rows"]}
-    assert set(rows) == {"ort-cpu KV cache", "ort-cpu recompute", "onnx-attention KV cache", "onnx-attention recompute",
-                         "torch eager recompute"}
+    assert set(rows) == {
+        "ort-cpu KV cache",
+        "ort-cpu recompute",
+        "onnx-attention KV cache",
+        "onnx-attention recompute",
+        "torch eager recompute",
+    }
     for r in rows.values():
         assert r["steps_timed"] == 3 and 0 < r["p50_s"] and r["tokens_per_s"] > 0
-        assert r["last_token_max_abs_diff"] <= 1e-5  # every way computes the same token (outputs near 1 in size)
-    assert rows["ort-cpu KV cache"]["prefill_s"] > 0 and rows["ort-cpu recompute"]["prefill_s"] is None
+        assert (
+            r["last_token_max_abs_diff"] <= 1e-5
+        )  # every way computes the same token (outputs near 1 in size)
+    assert (
+        rows["ort-cpu KV cache"]["prefill_s"] > 0 and rows["ort-cpu recompute"]["prefill_s"] is None
+    )
     prefill = {r["backend"]: r for r in report["prefill"]}
-    assert set(prefill) == {f"{t} {way}" for t in ("ort-cpu", "onnx-attention")
-                            for way in ("no mask", "causal", "KV-cache prefill", "KV-cache prefill, --max-len 48")}
-    assert all(r["p50_s"] > 0 for r in prefill.values()) and prefill["ort-cpu no mask"]["vs_no_mask"] == 1.0
+    assert set(prefill) == {
+        f"{t} {way}"
+        for t in ("ort-cpu", "onnx-attention")
+        for way in ("no mask", "causal", "KV-cache prefill", "KV-cache prefill, --max-len 48")
+    }
+    assert (
+        all(r["p50_s"] > 0 for r in prefill.values())
+        and prefill["ort-cpu no mask"]["vs_no_mask"] == 1.0
+    )
     assert "ort-cpu KV-cache prefill" in result.stdout
     refused = run_cli("bench.py", "--decode", "--new-tokens", 1)
     assert refused.returncode == 2 and "--new-tokens at least 2" in refused.stderr

@@ -20,8 +20,12 @@ def _ops(model):
     return collections.Counter((n.domain, n.op_type) for n in model.graph.node)
 
 
-@pytest.mark.parametrize(("maxima", "attention_op"), [(None, False), ((2, 128), True), ((None, 383), True)])
-def test_ort_cpu_self_attention_projects_inside_attention_below_384_and_flash_above(maxima, attention_op):
+@pytest.mark.parametrize(
+    ("maxima", "attention_op"), [(None, False), ((2, 128), True), ((None, 383), True)]
+)
+def test_ort_cpu_self_attention_projects_inside_attention_below_384_and_flash_above(
+    maxima, attention_op
+):
     """Below ATTENTION_UNTIL (384) tokens com.microsoft.Attention takes the layer's input and the packed
     Q/K/V weights (it projects inside the op: no Split, no head split); from there on
     MultiHeadAttention's flash path. A length the model declares decides it at compile time; else
@@ -38,17 +42,30 @@ def test_ort_cpu_self_attention_projects_inside_attention_below_384_and_flash_ab
     assert ops[("", "Softmax")] == 0 and ops[("", "MatMul")] == 1  # out_proj only
     if maxima is None:
         (branch,) = [n for n in model.graph.node if n.op_type == "If"]
-        long_form, short = (next(a.g for a in branch.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+        long_form, short = (
+            next(a.g for a in branch.attribute if a.name == name)
+            for name in ("then_branch", "else_branch")
+        )
         assert [n.op_type for n in short.node] == ["Attention"]
         # q, k, v each by its columns of the packed weight (constants ONNX Runtime folds), no Split of (N, L, 3E)
-        assert [n.op_type for n in long_form.node] == ["Slice", "Slice", "MatMul", "Add"] * 3 + ["MultiHeadAttention"]
+        assert [n.op_type for n in long_form.node] == ["Slice", "Slice", "MatMul", "Add"] * 3 + [
+            "MultiHeadAttention"
+        ]
     else:
         assert ops[("com.microsoft", "Attention")] == attention_op
         assert ops[("com.microsoft", "MultiHeadAttention")] == (not attention_op)
 
 
-@pytest.mark.parametrize("options", [{}, {"key_padding_mask": "bool"}, {"is_causal": True, "key_padding_mask": "float"},
-                                     {"attn_mask": "float"}], ids=lambda o: "-".join(o) or "no-mask")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"key_padding_mask": "bool"},
+        {"is_causal": True, "key_padding_mask": "float"},
+        {"attn_mask": "float"},
+    ],
+    ids=lambda o: "-".join(o) or "no-mask",
+)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_the_attention_op_form_equals_the_reference(options, precision):
     """The short form (com.microsoft.Attention on x and the packed weights, masks as attention_bias)
@@ -58,7 +75,14 @@ def test_the_attention_op_form_equals_the_reference(options, precision):
     model = compile_model(build_mha(spec, weights), "ort-cpu", precision)
     assert any(n.op_type == "Attention" for n in _all_nodes(model.graph))
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
-    report = check_session(OrtSession(model), spec, weights, shapes=((2, 5, 5), (3, 9, 9)), tolerance=tolerance, mask_rate=0.5)
+    report = check_session(
+        OrtSession(model),
+        spec,
+        weights,
+        shapes=((2, 5, 5), (3, 9, 9)),
+        tolerance=tolerance,
+        mask_rate=0.5,
+    )
     assert report.passed, report
 
 
@@ -71,31 +95,41 @@ def _all_nodes(graph):
 
 
 def test_ort_cpu_packs_a_kv_cache_graph_whose_steps_take_few_rows():
-    spec = AttentionSpec(64, 4, batch_first=True, self_attention=True, is_causal=True, kv_cache=True)
+    spec = AttentionSpec(
+        64, 4, batch_first=True, self_attention=True, is_causal=True, kv_cache=True
+    )
     model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
     assert _ops(model)[("", "MatMul")] == 2 and _ops(model)[("", "Split")] == 1
 
 
 @pytest.mark.parametrize("average", [True, False])
 def test_need_weights_keeps_the_core_unfused(average):
-    spec = AttentionSpec(16, 4, need_weights=True, average_attn_weights=average, key_padding_mask="bool")
+    spec = AttentionSpec(
+        16, 4, need_weights=True, average_attn_weights=average, key_padding_mask="bool"
+    )
     model = compile_model(build_mha(spec, AttentionWeights.random(spec)), "ort-cpu")
     ops = _ops(model)
     assert ops[("com.microsoft", "MultiHeadAttention")] == 0 and ops[("", "Softmax")] == 1
 
 
-@pytest.mark.parametrize("options", [
-    {"key_padding_mask": "bool"},
-    {"key_padding_mask": "float", "attn_mask": "float", "attn_mask_3d": True},
-    {"attn_mask": "bool", "is_causal": True, "kdim": 6, "vdim": 6},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key_padding_mask": "bool"},
+        {"key_padding_mask": "float", "attn_mask": "float", "attn_mask_3d": True},
+        {"attn_mask": "bool", "is_causal": True, "kdim": 6, "vdim": 6},
+    ],
+)
 def test_fused_graph_keeps_the_fully_masked_row_rule(options):
     """MultiHeadAttention alone returns NaN on such rows; the fused graph returns out_proj.bias."""
     spec = AttentionSpec(16, 4, batch_first=True, **options)
     weights = AttentionWeights.random(spec, seed=4)
     canonical = build_mha(spec, weights)
     fused = compile_model(canonical, "ort-cpu")
-    assert attention_form(fused) == "com.microsoft.MultiHeadAttention" and _ops(fused)[("", "Softmax")] == 0
+    assert (
+        attention_form(fused) == "com.microsoft.MultiHeadAttention"
+        and _ops(fused)[("", "Softmax")] == 0
+    )
     feeds = random_inputs(spec, (3, 4, 6), np.random.default_rng(0))
     if "key_padding_mask" in feeds:
         feeds["key_padding_mask"][1] = True if spec.key_padding_mask == "bool" else -np.inf
@@ -112,12 +146,26 @@ def test_fused_graph_keeps_the_fully_masked_row_rule(options):
 def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
     import json
 
-    result = run_cli("compile.py", "--embed-dim", 64, "--num-heads", 4, "--self-attention", "--causal",
-                     "--target", "ort-cpu", "--check", "--out", tmp_path / "o")
+    result = run_cli(
+        "compile.py",
+        "--embed-dim",
+        64,
+        "--num-heads",
+        4,
+        "--self-attention",
+        "--causal",
+        "--target",
+        "ort-cpu",
+        "--check",
+        "--out",
+        tmp_path / "o",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["target"] == "ort-cpu" and "MultiHeadAttention" in manifest["target_form"]
-    assert manifest["attention_form"] == "com.microsoft.Attention, com.microsoft.GroupQueryAttention"  # short, long
+    assert (
+        manifest["attention_form"] == "com.microsoft.Attention, com.microsoft.GroupQueryAttention"
+    )  # short, long
     assert manifest["check"]["passed"]
 
 
@@ -125,9 +173,14 @@ def test_scores_used_outside_the_core_stay_unfused():
     """A graph that also outputs the raw scores cannot lose them to the fused op."""
     spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask="bool")
     model = build_mha(spec, AttentionWeights.random(spec))
-    model.graph.output.append(onnx.helper.make_tensor_value_info("scores/MatMul", onnx.TensorProto.FLOAT, None))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("scores/MatMul", onnx.TensorProto.FLOAT, None)
+    )
     fused = compile_model(model, "ort-cpu")
-    assert _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 0 and _ops(fused)[("", "Softmax")] == 1
+    assert (
+        _ops(fused)[("com.microsoft", "MultiHeadAttention")] == 0
+        and _ops(fused)[("", "Softmax")] == 1
+    )
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
@@ -153,12 +206,20 @@ def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask, m
     assert len([i for i in mha.input if i]) == 3  # query, key, value
     assert not any(n.op_type == "Expand" for n in rows.node)
     floor = next(t for t in model.graph.initializer if "key_bias_floor" in t.name)
-    assert np.isfinite(onnx.numpy_helper.to_array(floor)).all() and onnx.numpy_helper.to_array(floor) < -6e4
+    assert (
+        np.isfinite(onnx.numpy_helper.to_array(floor)).all()
+        and onnx.numpy_helper.to_array(floor) < -6e4
+    )
     shapes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert shapes["attention/widened_merge_shape"].tolist() == [0, 0, 4 * (4 + 1)]  # head size 4 + 1
+    assert shapes["attention/widened_merge_shape"].tolist() == [
+        0,
+        0,
+        4 * (4 + 1),
+    ]  # head size 4 + 1
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
     report = check_session(OrtSession(model), spec, weights, tolerance=tolerance)
     assert report.passed, report.table()
+
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -172,14 +233,25 @@ def test_ort_cuda_gives_a_causal_mask_alone_to_the_ops_own_flag(precision, batch
     weights = AttentionWeights.random(spec, seed=7)
     model = compile_model(build_mha(spec, weights), "ort-cuda", precision)
     (op,) = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
-    assert [i for i in op.input if i] == list(op.input[:3]) and any(a.name == "unidirectional" and a.i == 1 for a in op.attribute)
+    assert [i for i in op.input if i] == list(op.input[:3]) and any(
+        a.name == "unidirectional" and a.i == 1 for a in op.attribute
+    )
     session = OrtSession(model)
     for length in (1, 6, 9):
         feeds = random_inputs(spec, (2, length, length), np.random.default_rng(length))
-        got, want = session.run(feeds)["attn_output"], mha_reference(spec, weights, feeds)["attn_output"]
+        got, want = (
+            session.run(feeds)["attn_output"],
+            mha_reference(spec, weights, feeds)["attn_output"],
+        )
         assert errors(got, want)[1] <= (FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE)
-    for other in (AttentionSpec(16, 4, self_attention=True, is_causal=True, key_padding_mask="bool"),
-                  AttentionSpec(16, 4, is_causal=True)):
+    for other in (
+        AttentionSpec(16, 4, self_attention=True, is_causal=True, key_padding_mask="bool"),
+        AttentionSpec(16, 4, is_causal=True),
+    ):
         model = compile_model(build_mha(other, AttentionWeights.random(other)), "ort-cuda")
         (op,) = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
-        assert not any(a.name == "unidirectional" for a in op.attribute) and len(op.input) >= 6 and op.input[5]
+        assert (
+            not any(a.name == "unidirectional" for a in op.attribute)
+            and len(op.input) >= 6
+            and op.input[5]
+        )

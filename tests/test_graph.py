@@ -9,8 +9,19 @@ from runtime.check import check_session, random_inputs
 from runtime.ort import OrtSession
 from runtime.reference import mha_reference
 
-FULL = AttentionSpec(16, 4, kdim=6, vdim=10, add_bias_kv=True, add_zero_attn=True, key_padding_mask="bool",
-                     attn_mask="float", attn_mask_3d=True, is_causal=True, need_weights=True)
+FULL = AttentionSpec(
+    16,
+    4,
+    kdim=6,
+    vdim=10,
+    add_bias_kv=True,
+    add_zero_attn=True,
+    key_padding_mask="bool",
+    attn_mask="float",
+    attn_mask_3d=True,
+    is_causal=True,
+    need_weights=True,
+)
 
 
 def test_graph_passes_full_check_and_declares_the_contract_signature():
@@ -23,22 +34,48 @@ def test_graph_passes_full_check_and_declares_the_contract_signature():
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
     assert {vi.name: dims(vi) for vi in inferred.graph.input} == {
-        "query": ["tgt_len", "batch", 16], "key": ["src_len", "batch", 6], "value": ["src_len", "batch", 10],
-        "key_padding_mask": ["batch", "src_len"], "attn_mask": ["batch*4", "tgt_len", "src_len"]}
+        "query": ["tgt_len", "batch", 16],
+        "key": ["src_len", "batch", 6],
+        "value": ["src_len", "batch", 10],
+        "key_padding_mask": ["batch", "src_len"],
+        "attn_mask": ["batch*4", "tgt_len", "src_len"],
+    }
     assert [o.name for o in model.graph.output] == ["attn_output", "attn_output_weights"]
 
 
 def test_node_names_say_which_part_of_attention_they_compute():
     model = build_mha(FULL, AttentionWeights.random(FULL))
     scopes = {n.name.split("/")[0] for n in model.graph.node}
-    assert scopes == {"query", "key", "value", "q_proj", "k_proj", "v_proj", "extra_keys", "bias_kv", "zero_attn",
-                      "heads", "scores", "mask", "softmax", "context", "out_proj", "weights"}
+    assert scopes == {
+        "query",
+        "key",
+        "value",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "extra_keys",
+        "bias_kv",
+        "zero_attn",
+        "heads",
+        "scores",
+        "mask",
+        "softmax",
+        "context",
+        "out_proj",
+        "weights",
+    }
     by_op = {}
     for n in model.graph.node:
         by_op.setdefault(n.op_type, []).append(n.name)
     assert by_op["Softmax"] == ["softmax/Softmax"]
-    assert sorted(by_op["MatMul"]) == ["context/MatMul", "k_proj/MatMul", "out_proj/MatMul", "q_proj/MatMul",
-                                       "scores/MatMul", "v_proj/MatMul"]
+    assert sorted(by_op["MatMul"]) == [
+        "context/MatMul",
+        "k_proj/MatMul",
+        "out_proj/MatMul",
+        "q_proj/MatMul",
+        "scores/MatMul",
+        "v_proj/MatMul",
+    ]
 
 
 def test_no_length_is_baked_into_the_graph():
@@ -51,7 +88,9 @@ def test_no_length_is_baked_into_the_graph():
         if node.op_type == "Reshape" and node.input[1] in inits:
             assert set(inits[node.input[1]].tolist()) <= {0, -1, 4, 16}, node.name
     # One graph, lengths 1 to 128, tgt != src, batch 1 to 3.
-    report = check_session(OrtSession(model), spec, weights, shapes=((1, 1, 1), (3, 77, 77), (2, 128, 128)))
+    report = check_session(
+        OrtSession(model), spec, weights, shapes=((1, 1, 1), (3, 77, 77), (2, 128, 128))
+    )
     assert report.passed, report.table()
 
 
@@ -65,17 +104,28 @@ def _feeds_with_dead_rows(spec, rng):
 
 @pytest.mark.parametrize("attn_mask", [None, "float"])
 def test_fully_masked_rows_give_out_proj_bias_and_zero_weights(attn_mask):
-    spec = AttentionSpec(16, 4, batch_first=True, key_padding_mask="bool", attn_mask=attn_mask, need_weights=True,
-                         average_attn_weights=False)
+    spec = AttentionSpec(
+        16,
+        4,
+        batch_first=True,
+        key_padding_mask="bool",
+        attn_mask=attn_mask,
+        need_weights=True,
+        average_attn_weights=False,
+    )
     weights = AttentionWeights.random(spec, seed=5)
     feeds = _feeds_with_dead_rows(spec, np.random.default_rng(0))
     out = OrtSession(build_mha(spec, weights)).run(feeds)
     assert np.isfinite(out["attn_output"]).all() and np.isfinite(out["attn_output_weights"]).all()
     bias = weights.tensors["out_proj.bias"]
-    np.testing.assert_allclose(out["attn_output"][1], np.broadcast_to(bias, (4, 16)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        out["attn_output"][1], np.broadcast_to(bias, (4, 16)), rtol=0, atol=1e-6
+    )
     assert np.all(out["attn_output_weights"][1] == 0)
     if attn_mask:
-        np.testing.assert_allclose(out["attn_output"][:, 2], np.broadcast_to(bias, (3, 16)), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            out["attn_output"][:, 2], np.broadcast_to(bias, (3, 16)), rtol=0, atol=1e-6
+        )
         assert np.all(out["attn_output_weights"][:, :, 2] == 0)
     # Rows that still see a key are ordinary softmax rows.
     live = out["attn_output_weights"][0, :, [0, 1, 3]]
@@ -112,16 +162,33 @@ def test_numpy_reference_agrees_with_torch():
     from runtime.torch_reference import torch_forward, torch_module
 
     rng = np.random.default_rng(4)
-    for spec in (FULL, AttentionSpec(16, 2, batch_first=True, self_attention=True, key_padding_mask="float",
-                                     attn_mask="bool", need_weights=True, average_attn_weights=False)):
+    for spec in (
+        FULL,
+        AttentionSpec(
+            16,
+            2,
+            batch_first=True,
+            self_attention=True,
+            key_padding_mask="float",
+            attn_mask="bool",
+            need_weights=True,
+            average_attn_weights=False,
+        ),
+    ):
         weights = AttentionWeights.random(spec, seed=2)
         module = torch_module(spec, weights)
         for shape in ((2, 5, 7), (3, 6, 3)):
             feeds = random_inputs(spec, shape, rng)
             ours, theirs = mha_reference(spec, weights, feeds), torch_forward(spec, module, feeds)
             keep = ~fully_masked_rows(spec, feeds).any(axis=1)
-            out_ours = ours["attn_output"] if spec.batch_first else ours["attn_output"].transpose(1, 0, 2)
-            out_theirs = theirs["attn_output"] if spec.batch_first else theirs["attn_output"].transpose(1, 0, 2)
+            out_ours = (
+                ours["attn_output"] if spec.batch_first else ours["attn_output"].transpose(1, 0, 2)
+            )
+            out_theirs = (
+                theirs["attn_output"]
+                if spec.batch_first
+                else theirs["attn_output"].transpose(1, 0, 2)
+            )
             assert keep.sum() > keep.size // 2
             np.testing.assert_allclose(out_ours[keep], out_theirs[keep], rtol=1e-12, atol=1e-12)
             w_ours, w_theirs = ours["attn_output_weights"], theirs["attn_output_weights"]
@@ -141,11 +208,21 @@ def test_each_element_type_row_names_one_type_in_every_vocabulary():
 
     for row in ELEMENT_TYPES:
         assert helper.tensor_dtype_to_np_dtype(row.onnx) == row.numpy
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                                  [helper.make_tensor_value_info("x", row.onnx, [2])],
-                                  [helper.make_tensor_value_info("y", row.onnx, [2])])
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", row.onnx, [2])],
+            [helper.make_tensor_value_info("y", row.onnx, [2])],
+        )
+        session = ort.InferenceSession(
+            helper.make_model(
+                graph, opset_imports=[helper.make_opsetid("", 18)]
+            ).SerializeToString(),
+            providers=["CPUExecutionProvider"],
+        )
         assert session.get_inputs()[0].type == row.ort
-        assert row.triton == "TYPE_" + {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.DOUBLE: "FP64"}.get(
-            row.onnx, TensorProto.DataType.Name(row.onnx))
+        assert row.triton == "TYPE_" + {
+            TensorProto.FLOAT: "FP32",
+            TensorProto.FLOAT16: "FP16",
+            TensorProto.DOUBLE: "FP64",
+        }.get(row.onnx, TensorProto.DataType.Name(row.onnx))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from conftest import ROOT  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
 from graphs import AttentionSpec, AttentionWeights, WeightsError, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
 from runtime.memory import PeakRss  # noqa: E402
@@ -45,14 +45,19 @@ class Bounded:
 def refused(path, message, spec=SPEC):
     with Bounded(), pytest.raises(WeightsError) as info:
         AttentionWeights.from_file(spec, path)
-    assert message in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 600, str(info.value)
+    assert (
+        message in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 600
+    ), str(info.value)
 
 
 # npz ------------------------------------------------------------------------------------------
 
+
 def _npy_header(shape, descr="<f4"):
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
     return header.getvalue()
 
 
@@ -76,7 +81,9 @@ def test_an_npz_declaring_gigabytes_is_refused_before_decompressing(tmp_path):
     refused(alone, "weights are missing keys 'in_proj_bias', 'out_proj.weight', 'out_proj.bias'")
     whole = tmp_path / "whole.npz"
     _npz_with_a_huge_member(whole, {k: v for k, v in STATE.items() if k != "in_proj_weight"})
-    refused(whole, "member 'in_proj_weight' declares 268435584 bytes, more than a (48, 16) tensor needs")
+    refused(
+        whole, "member 'in_proj_weight' declares 268435584 bytes, more than a (48, 16) tensor needs"
+    )
 
 
 def test_an_npz_member_whose_zip_size_disagrees_with_its_header_is_refused(tmp_path):
@@ -90,12 +97,15 @@ def test_an_npz_member_whose_zip_size_disagrees_with_its_header_is_refused(tmp_p
 
 # safetensors ----------------------------------------------------------------------------------
 
+
 def _safetensors(path, header, data_size, sparse=False):
     body = json.dumps(header).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(body)) + body)
         if sparse:
-            f.truncate(8 + len(body) + data_size)  # a hole: no disk, no memory, until someone reads it
+            f.truncate(
+                8 + len(body) + data_size
+            )  # a hole: no disk, no memory, until someone reads it
         else:
             f.write(bytes(data_size))
 
@@ -118,16 +128,38 @@ def test_a_sparse_safetensors_declaring_an_extra_6_gb_tensor_is_refused_from_its
     refused(path, "weights hold unexpected key 'extra'")
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda h, n: (h, n - 4), "declares bytes"),  # the last tensor runs past the end of the file
-    (lambda h, n: ({**h, "out_proj.bias": {**h["out_proj.bias"], "shape": [17]}}, n), "has shape (17,), expected (16,)"),
-    (lambda h, n: ({**h, "out_proj.bias": {**h["out_proj.bias"], "dtype": "I64"}}, n), "has dtype i64"),
-    (lambda h, n: ({**h, "out_proj.bias": {**h["out_proj.bias"], "data_offsets": [0, 64]}}, n),
-     "do not cover its 4352 bytes of data exactly once"),
-    (lambda h, n: (h, n + 100), "do not cover"),
-    (lambda h, n: ({**h, "out_proj.bias": {"dtype": "F32"}}, n), "lacks a dtype, a shape or two data_offsets"),
-])
-def test_safetensors_declarations_are_checked_against_the_file_and_the_spec(tmp_path, mutate, message):
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda h, n: (h, n - 4),
+            "declares bytes",
+        ),  # the last tensor runs past the end of the file
+        (
+            lambda h, n: ({**h, "out_proj.bias": {**h["out_proj.bias"], "shape": [17]}}, n),
+            "has shape (17,), expected (16,)",
+        ),
+        (
+            lambda h, n: ({**h, "out_proj.bias": {**h["out_proj.bias"], "dtype": "I64"}}, n),
+            "has dtype i64",
+        ),
+        (
+            lambda h, n: (
+                {**h, "out_proj.bias": {**h["out_proj.bias"], "data_offsets": [0, 64]}},
+                n,
+            ),
+            "do not cover its 4352 bytes of data exactly once",
+        ),
+        (lambda h, n: (h, n + 100), "do not cover"),
+        (
+            lambda h, n: ({**h, "out_proj.bias": {"dtype": "F32"}}, n),
+            "lacks a dtype, a shape or two data_offsets",
+        ),
+    ],
+)
+def test_safetensors_declarations_are_checked_against_the_file_and_the_spec(
+    tmp_path, mutate, message
+):
     path = tmp_path / "w.safetensors"
     _safetensors(path, *mutate(*_header(STATE)))
     refused(path, message)
@@ -141,15 +173,27 @@ def test_a_safetensors_header_length_past_the_file_is_refused(tmp_path):
 
 # .pt -----------------------------------------------------------------------------------------
 
-def test_a_pt_declaring_more_data_than_the_spec_needs_is_refused_before_torch_load(tmp_path, monkeypatch):
+
+def test_a_pt_declaring_more_data_than_the_spec_needs_is_refused_before_torch_load(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "w.pt"
-    torch.save({**{k: torch.from_numpy(v) for k, v in STATE.items()}, "extra": torch.zeros(2**24)}, path)
+    torch.save(
+        {**{k: torch.from_numpy(v) for k, v in STATE.items()}, "extra": torch.zeros(2**24)}, path
+    )
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
     refused(path, "declares 67")
 
 
-@pytest.mark.parametrize(("dtype", "suffix"), [(d, s) for d in ("int8", "bool", "complex64", "float8_e4m3fn")
-                                                for s in (".pt", ".safetensors", ".npz") if (d, s) != ("float8_e4m3fn", ".npz")])
+@pytest.mark.parametrize(
+    ("dtype", "suffix"),
+    [
+        (d, s)
+        for d in ("int8", "bool", "complex64", "float8_e4m3fn")
+        for s in (".pt", ".safetensors", ".npz")
+        if (d, s) != ("float8_e4m3fn", ".npz")
+    ],
+)
 def test_one_dtype_rule_for_every_format(tmp_path, dtype, suffix):
     """int8, bool, complex and float8 weights are refused alike: a cast would compute something else."""
     state = {k: torch.from_numpy(v) for k, v in STATE.items()}
@@ -167,11 +211,14 @@ def test_one_dtype_rule_for_every_format(tmp_path, dtype, suffix):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's deprecation of quantized tensors
-@pytest.mark.parametrize(("make", "kind"), [
-    (lambda v: v.to_sparse(), "a sparse"),
-    (lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8), "a quantized"),
-    (lambda v: torch.empty(v.shape, device="meta"), "a meta (data-less)"),
-])
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda v: v.to_sparse(), "a sparse"),
+        (lambda v: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8), "a quantized"),
+        (lambda v: torch.empty(v.shape, device="meta"), "a meta (data-less)"),
+    ],
+)
 def test_sparse_quantized_and_meta_tensors_in_a_pt_are_refused(tmp_path, make, kind):
     path = tmp_path / "w.pt"
     state = {k: torch.from_numpy(v) for k, v in STATE.items()}
@@ -182,17 +229,28 @@ def test_sparse_quantized_and_meta_tensors_in_a_pt_are_refused(tmp_path, make, k
 
 # Weights past fp16's range --------------------------------------------------------------------
 
+
 def test_weights_past_fp16s_range_are_refused_with_precision_fp16(tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file({**STATE, "out_proj.bias": np.full(16, 1e5, np.float32)}, str(path))
     common = ["--embed-dim", "16", "--num-heads", "2", "--weights", str(path), "--quiet"]
-    assert compile_script.main([*common, "--precision", "fp16", "--out", str(tmp_path / "half")]) == 2
+    assert (
+        compile_script.main([*common, "--precision", "fp16", "--out", str(tmp_path / "half")]) == 2
+    )
     err = capsys.readouterr().err
-    assert "weight 'out_proj.bias' holds values up to 1e+05, beyond float16's range" in err and err.count("\n") == 1
+    assert (
+        "weight 'out_proj.bias' holds values up to 1e+05, beyond float16's range" in err
+        and err.count("\n") == 1
+    )
     assert not (tmp_path / "half").exists()
     assert compile_script.main([*common, "--out", str(tmp_path / "full")]) == 0  # fp32 holds them
     model = tmp_path / "full" / "model.onnx"
-    assert compile_script.main(["--onnx", str(model), "--precision", "fp16", "--out", str(tmp_path / "ingested")]) == 2
+    assert (
+        compile_script.main(
+            ["--onnx", str(model), "--precision", "fp16", "--out", str(tmp_path / "ingested")]
+        )
+        == 2
+    )
     assert "holds values up to 1e+05, beyond float16's range" in capsys.readouterr().err
 
 
@@ -217,23 +275,39 @@ def _external(folder, *, length=None, offset=None, location="w.bin", data=16):
     for key, value in (("location", location), ("offset", offset), ("length", length)):
         if value is not None:
             tensor.external_data.add(key=key, value=str(value))
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [tensor],
+    )
     path = folder / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
 
 
-@pytest.mark.parametrize(("declared", "message"), [
-    (dict(length=3 * 2**30), "declaring bytes 0 to 3221225472, past the end of its 16-byte file"),
-    (dict(length=8), "declaring 8 bytes where its dtype and dims [4] need 16"),
-    (dict(offset=32, length=16), "declaring bytes 32 to 48, past the end of its 16-byte file"),
-    (dict(offset=-4), "declaring bytes -4 to 16, past the end"),
-    (dict(length="many"), "with an offset or length that is not a number"),
-    (dict(location="w\0.bin", data=None), "which is not a file name (empty, not UTF-8, or holding a NUL byte)"),
-    (dict(data=32), "declaring 32 bytes where its dtype and dims [4] need 16"),  # no length: the rest of the file
-])
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        (
+            dict(length=3 * 2**30),
+            "declaring bytes 0 to 3221225472, past the end of its 16-byte file",
+        ),
+        (dict(length=8), "declaring 8 bytes where its dtype and dims [4] need 16"),
+        (dict(offset=32, length=16), "declaring bytes 32 to 48, past the end of its 16-byte file"),
+        (dict(offset=-4), "declaring bytes -4 to 16, past the end"),
+        (dict(length="many"), "with an offset or length that is not a number"),
+        (
+            dict(location="w\0.bin", data=None),
+            "which is not a file name (empty, not UTF-8, or holding a NUL byte)",
+        ),
+        (
+            dict(data=32),
+            "declaring 32 bytes where its dtype and dims [4] need 16",
+        ),  # no length: the rest of the file
+    ],
+)
 def test_external_data_declarations_are_checked_before_reading(tmp_path, declared, message):
     path = _external(tmp_path / "model", **declared)
     with Bounded(), pytest.raises(IngestError) as info:
@@ -243,7 +317,9 @@ def test_external_data_declarations_are_checked_before_reading(tmp_path, declare
 
 def test_hard_linked_external_data_is_refused_and_genuine_data_loads(tmp_path):
     path = _external(tmp_path / "model")
-    np.testing.assert_array_equal(numpy_helper.to_array(load_onnx(path).graph.initializer[0]), np.arange(4))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(load_onnx(path).graph.initializer[0]), np.arange(4)
+    )
     os.link(tmp_path / "model" / "w.bin", tmp_path / "elsewhere.bin")
     with pytest.raises(IngestError, match="a file with 2 hard links"):
         load_onnx(path)
@@ -253,34 +329,58 @@ def test_a_bad_external_data_file_is_exit_2_from_the_cli(tmp_path, capsys):
     path = _external(tmp_path / "model", length=3 * 2**30)
     assert compile_script.main(["--onnx", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "past the end of its 16-byte file" in err and not (tmp_path / "out").exists()
+    assert (
+        err.count("\n") == 1
+        and "past the end of its 16-byte file" in err
+        and not (tmp_path / "out").exists()
+    )
 
 
-def _core(path, *, opset=18, axis=None, scale=0.25, extra_outputs=(), extra_input=None, repeat_name=False):
+def _core(
+    path, *, opset=18, axis=None, scale=0.25, extra_outputs=(), extra_input=None, repeat_name=False
+):
     """Heads-split attention (N, 2, L, 4) as an exporter writes it: Softmax(q @ K^T * scale) @ v."""
     shape = ["N", 2, "L", 4]
-    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="transpose"),
-             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
-             helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scores" if repeat_name else "scale"),
-             helper.make_node("Softmax", ["scaled"], ["probs"], name="softmax", **({} if axis is None else {"axis": axis})),
-             helper.make_node("MatMul", ["probs", "v"], ["context"], name="context"),
-             helper.make_node("Identity", ["context"], ["out"], name="out")]
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="transpose"),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node(
+            "Mul", ["scores", "scale"], ["scaled"], name="scores" if repeat_name else "scale"
+        ),
+        helper.make_node(
+            "Softmax",
+            ["scaled"],
+            ["probs"],
+            name="softmax",
+            **({} if axis is None else {"axis": axis}),
+        ),
+        helper.make_node("MatMul", ["probs", "v"], ["context"], name="context"),
+        helper.make_node("Identity", ["context"], ["out"], name="out"),
+    ]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)]
     for name in extra_outputs:
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2, "L", "L"] if name == "probs" else shape))
+        outputs.append(
+            helper.make_tensor_value_info(
+                name, TensorProto.FLOAT, ["N", 2, "L", "L"] if name == "probs" else shape
+            )
+        )
     if extra_input is not None:
         inputs.append(helper.make_tensor_value_info("extra", extra_input, ["N"]))
         nodes.append(helper.make_node("Identity", ["extra"], ["extra_out"]))
         outputs.append(helper.make_tensor_value_info("extra_out", extra_input, ["N"]))
-    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(np.array(scale, np.float32), "scale")])
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(np.array(scale, np.float32), "scale")]
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
     return path
 
 
 def _compile(tmp_path, capsys, source, target, *extra):
     out = tmp_path / f"out-{target}-{len(list(tmp_path.iterdir()))}"
-    status = compile_script.main(["--onnx", str(source), "--target", target, "--check", "--out", str(out), *extra])
+    status = compile_script.main(
+        ["--onnx", str(source), "--target", target, "--check", "--out", str(out), *extra]
+    )
     captured = capsys.readouterr()
     return status, captured.out, captured.err, out
 
@@ -289,9 +389,16 @@ def _compile(tmp_path, capsys, source, target, *extra):
 def test_softmax_axes_follow_each_opsets_rule(tmp_path, capsys, target):
     """Opset 12's Softmax defaults to axis 1 and flattens there: not attention over keys, so it is left
     alone (it was fused, 13.6 off); with axis 3 it is, and it fuses."""
-    status, out, err, _ = _compile(tmp_path, capsys, _core(tmp_path / "default.onnx", opset=12), target)
-    assert status == 0 and "not an attention core: it does not normalise over the key axis alone" in out, err
-    status, out, err, _ = _compile(tmp_path, capsys, _core(tmp_path / "last.onnx", opset=12, axis=3), target)
+    status, out, err, _ = _compile(
+        tmp_path, capsys, _core(tmp_path / "default.onnx", opset=12), target
+    )
+    assert (
+        status == 0
+        and "not an attention core: it does not normalise over the key axis alone" in out
+    ), err
+    status, out, err, _ = _compile(
+        tmp_path, capsys, _core(tmp_path / "last.onnx", opset=12, axis=3), target
+    )
     assert status == 0 and "fused: attention at Softmax 'probs'" in out, err
 
 
@@ -301,54 +408,102 @@ def test_opset_upgrade_keeps_an_opset_12_softmax_exact():
 
     from compiler import compile_model
 
-    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
     upgraded = compile_model(model, "onnx-attention")
     x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
-    run = [ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0] for m in (model, upgraded)]
+    run = [
+        ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        for m in (model, upgraded)
+    ]
     np.testing.assert_allclose(run[1], run[0], rtol=1e-6)
-    assert np.allclose(run[0].reshape(2, 12).sum(1), 1) and [o.name for o in upgraded.graph.output] == ["y"]
+    assert np.allclose(run[0].reshape(2, 12).sum(1), 1) and [
+        o.name for o in upgraded.graph.output
+    ] == ["y"]
 
 
 @pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
 def test_a_negative_scale_is_left_unfused_with_its_reason(tmp_path, capsys, target):
-    status, out, err, _ = _compile(tmp_path, capsys, _core(tmp_path / "m.onnx", scale=-0.25), target)
+    status, out, err, _ = _compile(
+        tmp_path, capsys, _core(tmp_path / "m.onnx", scale=-0.25), target
+    )
     assert status == 0, err
-    assert "left alone: attention at Softmax 'probs': its scale (-0.25) is not a positive number" in out
+    assert (
+        "left alone: attention at Softmax 'probs': its scale (-0.25) is not a positive number"
+        in out
+    )
 
 
 @pytest.mark.parametrize("outputs", [("context",), ("probs",)])
 @pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
-def test_a_core_value_that_is_a_graph_output_keeps_its_name_and_type(tmp_path, capsys, outputs, target):
-    status, out, err, folder = _compile(tmp_path, capsys, _core(tmp_path / "m.onnx", extra_outputs=outputs), target)
+def test_a_core_value_that_is_a_graph_output_keeps_its_name_and_type(
+    tmp_path, capsys, outputs, target
+):
+    status, out, err, folder = _compile(
+        tmp_path, capsys, _core(tmp_path / "m.onnx", extra_outputs=outputs), target
+    )
     assert status == 0 and "PASS" in out, err
     model = onnx.load(folder / "model.onnx")
-    assert [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output] == \
-        [("out", TensorProto.FLOAT), (outputs[0], TensorProto.FLOAT)]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output] == [
+        ("out", TensorProto.FLOAT),
+        (outputs[0], TensorProto.FLOAT),
+    ]
 
 
-@pytest.mark.parametrize(("make", "check", "message"), [
-    (lambda p: _core(p, repeat_name=True), False, "ONNX Runtime cannot load"),
-    (lambda p: _core(p, extra_input=TensorProto.BFLOAT16), True, "input 'extra' is bfloat16, so --check and --latency cannot make it"),
-    (lambda p: _core(p, extra_input=TensorProto.STRING), True, "input 'extra' is string, so --check and --latency cannot make it"),
-])
-def test_graphs_onnx_runtime_or_the_check_cannot_take_are_one_line(tmp_path, capsys, make, check, message):
+@pytest.mark.parametrize(
+    ("make", "check", "message"),
+    [
+        (lambda p: _core(p, repeat_name=True), False, "ONNX Runtime cannot load"),
+        (
+            lambda p: _core(p, extra_input=TensorProto.BFLOAT16),
+            True,
+            "input 'extra' is bfloat16, so --check and --latency cannot make it",
+        ),
+        (
+            lambda p: _core(p, extra_input=TensorProto.STRING),
+            True,
+            "input 'extra' is string, so --check and --latency cannot make it",
+        ),
+    ],
+)
+def test_graphs_onnx_runtime_or_the_check_cannot_take_are_one_line(
+    tmp_path, capsys, make, check, message
+):
     source = make(tmp_path / "m.onnx")
     out = tmp_path / "out"
-    status = compile_script.main(["--onnx", str(source), "--target", "portable", *(["--check"] if check else []),
-                                  "--out", str(out)])
+    status = compile_script.main(
+        [
+            "--onnx",
+            str(source),
+            "--target",
+            "portable",
+            *(["--check"] if check else []),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and message in err and not out.exists(), err
 
 
 def test_a_graph_without_inputs_is_one_line(tmp_path, capsys):
-    graph = helper.make_graph([helper.make_node("Identity", ["c"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-                              [numpy_helper.from_array(np.ones(2, np.float32), "c")])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "c")],
+    )
     onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
-    assert compile_script.main(["--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        compile_script.main(["--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     assert "has no inputs: it computes a constant" in capsys.readouterr().err
 
 
@@ -358,12 +513,19 @@ def test_a_compiled_graph_onnx_runtime_refuses_is_never_written(tmp_path, capsys
 
     def broken(*args, **kwargs):
         model = real(*args, **kwargs)
-        model.graph.node.append(helper.make_node("NoSuchOp", ["query"], ["unused"], domain="com.example"))
+        model.graph.node.append(
+            helper.make_node("NoSuchOp", ["query"], ["unused"], domain="com.example")
+        )
         model.opset_import.append(helper.make_opsetid("com.example", 1))
         return model
 
     monkeypatch.setattr(compile_script, "compile_model", broken)
-    assert compile_script.main(["--embed-dim", "8", "--num-heads", "2", "--out", str(tmp_path / "out")]) == 3
+    assert (
+        compile_script.main(
+            ["--embed-dim", "8", "--num-heads", "2", "--out", str(tmp_path / "out")]
+        )
+        == 3
+    )
     err = capsys.readouterr().err
     assert "the compiled model does not load in ONNX Runtime" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []

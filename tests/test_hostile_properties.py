@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 from conftest import ROOT  # noqa: E402
+
 from graphs import AttentionSpec, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
 from runtime.memory import PeakRss  # noqa: E402
@@ -37,7 +38,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import compile as compile_script  # noqa: E402
 
 SPEC = ["--embed-dim", "8", "--num-heads", "2"]
-STATE = {k: v.astype(np.float32) for k, v in random_state(expected_shapes(AttentionSpec(8, 2)), 0).items()}
+STATE = {
+    k: v.astype(np.float32)
+    for k, v in random_state(expected_shapes(AttentionSpec(8, 2)), 0).items()
+}
 # a third of the profile's examples per test (ci: 33, thorough: 166): three tests share the budget of one
 EXAMPLES = settings(max_examples=max(20, settings().max_examples // 3))
 SIZES = st.sampled_from([0, 1, 7, 8, 255, 4096, 2**31 - 1, 2**32 + 5, 2**40, 2**62, 2**64 - 1])
@@ -58,14 +62,25 @@ def _weights_file(folder: Path, suffix: str) -> Path:
 
 def _onnx_file(folder: Path) -> Path:
     """x @ W + b with W in external data, as an exporter writes a model past 2 GB."""
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w"
+    )
     b = numpy_helper.from_array(np.ones(8, np.float32), "b")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
-                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [w, b])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [w, b],
+    )
     path = folder / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path, save_as_external_data=True,
-              location="m.onnx.data", size_threshold=0)
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+        path,
+        save_as_external_data=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -82,7 +97,9 @@ def mutations(draw: st.DrawFn, size: int, header: int) -> list[tuple]:
             edits.append(("append", draw(st.binary(min_size=1, max_size=64))))
         else:
             end = max(min(header, size) if kind == "header" else size, 1)
-            edits.append(("write", draw(st.integers(0, end - 1)), draw(st.binary(min_size=1, max_size=8))))
+            edits.append(
+                ("write", draw(st.integers(0, end - 1)), draw(st.binary(min_size=1, max_size=8)))
+            )
     return edits
 
 
@@ -90,17 +107,19 @@ def _apply(path: Path, edits: list[tuple]) -> None:
     data = bytearray(path.read_bytes())
     for edit in edits:
         if edit[0] == "truncate":
-            del data[edit[1]:]
+            del data[edit[1] :]
         elif edit[0] == "append":
             data += edit[1]
         elif edit[0] == "write":
-            data[edit[1]:edit[1] + len(edit[2])] = edit[2]
+            data[edit[1] : edit[1] + len(edit[2])] = edit[2]
         elif edit[0] == "u64":  # a declared length: the safetensors header's
-            data[edit[1]:edit[1] + 8] = struct.pack("<Q", edit[2])
-        elif edit[0] == "zip_sizes":  # every central-directory entry's compressed and uncompressed sizes
+            data[edit[1] : edit[1] + 8] = struct.pack("<Q", edit[2])
+        elif (
+            edit[0] == "zip_sizes"
+        ):  # every central-directory entry's compressed and uncompressed sizes
             start = 0
             while (start := data.find(b"PK\x01\x02", start)) >= 0:
-                data[start + 20:start + 28] = struct.pack("<II", edit[1] % 2**32, edit[2] % 2**32)
+                data[start + 20 : start + 28] = struct.pack("<II", edit[1] % 2**32, edit[2] % 2**32)
                 start += 4
     path.write_bytes(bytes(data))
 
@@ -116,7 +135,11 @@ def _compiles_or_refuses_in_one_line(argv: list[str], out: Path) -> None:
     err = stderr.getvalue()
     assert status in (0, 2), err
     if status == 2:
-        assert err.count("\n") == 1 and err.startswith("compile.py: error: ") and "Traceback" not in err, err
+        assert (
+            err.count("\n") == 1
+            and err.startswith("compile.py: error: ")
+            and "Traceback" not in err
+        ), err
     else:
         assert err == "" and (out / "model.onnx").is_file()
     assert seconds < 3 and peak.growth < 200 * 2**20, (seconds, peak.growth)
@@ -143,22 +166,32 @@ def test_mutated_onnx_files_and_external_data_compile_or_are_refused_in_one_line
     with tempfile.TemporaryDirectory() as tmp:
         path = _onnx_file(Path(tmp))
         target = data.draw(st.sampled_from(["model", "data", "declared"]))
-        if target == "declared":  # the offset and length an initializer declares for its external data
+        if (
+            target == "declared"
+        ):  # the offset and length an initializer declares for its external data
             model = onnx.load(path, load_external_data=False)
             entry = data.draw(st.sampled_from(list(model.graph.initializer)))
             for item in entry.external_data:
                 if item.key in ("offset", "length") and data.draw(st.booleans()):
-                    item.value = str(data.draw(SIZES | st.integers(-2**63, 2**63)))
+                    item.value = str(data.draw(SIZES | st.integers(-(2**63), 2**63)))
             onnx.save(model, path)
         else:
             victim = path if target == "model" else path.with_name("m.onnx.data")
             _apply(victim, data.draw(mutations(victim.stat().st_size, victim.stat().st_size)))
         target_flag = data.draw(st.sampled_from(["portable", "ort-cpu"]))
-        _compiles_or_refuses_in_one_line(["--onnx", str(path), "--target", target_flag], Path(tmp) / "out")
+        _compiles_or_refuses_in_one_line(
+            ["--onnx", str(path), "--target", target_flag], Path(tmp) / "out"
+        )
 
 
-CONFIG = {"embed_dim": 8, "num_heads": 2, "self_attention": True, "key_padding_mask": "bool", "latency_shape": [1, 4, 4],
-          "seed": 3}
+CONFIG = {
+    "embed_dim": 8,
+    "num_heads": 2,
+    "self_attention": True,
+    "key_padding_mask": "bool",
+    "latency_shape": [1, 4, 4],
+    "seed": 3,
+}
 
 
 @EXAMPLES
@@ -166,7 +199,11 @@ CONFIG = {"embed_dim": 8, "num_heads": 2, "self_attention": True, "key_padding_m
 def test_mutated_config_files_compile_or_are_refused_in_one_line(yaml, data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ("c.yaml" if yaml else "c.json")
-        text = "".join(f"{k}: {json.dumps(v)}\n" for k, v in CONFIG.items()) if yaml else json.dumps(CONFIG)
+        text = (
+            "".join(f"{k}: {json.dumps(v)}\n" for k, v in CONFIG.items())
+            if yaml
+            else json.dumps(CONFIG)
+        )
         path.write_text(text)
         _apply(path, data.draw(mutations(len(text), len(text))))
         _compiles_or_refuses_in_one_line(["--config", str(path)], Path(tmp) / "out")

@@ -4,14 +4,20 @@ import sys
 
 def test_core_imports_without_torch():
     """Graph building, passes, ONNX Runtime sessions and the NumPy check must not pull in torch."""
-    code = ("import sys, graphs, compiler, runtime, runtime.ort, runtime.check, runtime.reference; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, graphs, compiler, runtime, runtime.ort, runtime.check, runtime.reference; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 PACKAGES = ("graphs", "compiler", "runtime", "scripts")
 # what each package may not import: data flows graphs -> compiler -> runtime, and scripts sit on top
-FORBIDDEN = {"graphs": {"compiler", "runtime", "scripts"}, "compiler": {"runtime", "scripts"}, "runtime": {"scripts"}}
+FORBIDDEN = {
+    "graphs": {"compiler", "runtime", "scripts"},
+    "compiler": {"runtime", "scripts"},
+    "runtime": {"scripts"},
+}
 
 
 def _imports(path):
@@ -34,7 +40,9 @@ def test_layers_import_one_way():
     for package, forbidden in FORBIDDEN.items():
         for path in (root / package).rglob("*.py"):
             for line, module, _ in _imports(path):
-                assert module.split(".")[0] not in forbidden, f"{package}/{path.name}:{line} imports {module}"
+                assert module.split(".")[0] not in forbidden, (
+                    f"{package}/{path.name}:{line} imports {module}"
+                )
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -45,8 +53,14 @@ def test_no_module_imports_another_modules_private_names():
     for package in PACKAGES:
         for path in (root / package).rglob("*.py"):
             for line, module, names in _imports(path):
-                private = [n for n in names if n.startswith("_") and n != "__future__" and module != "__future__"]
-                assert not private or module.split(".")[0] not in PACKAGES, f"{path.name}:{line} imports {private} from {module}"
+                private = [
+                    n
+                    for n in names
+                    if n.startswith("_") and n != "__future__" and module != "__future__"
+                ]
+                assert not private or module.split(".")[0] not in PACKAGES, (
+                    f"{path.name}:{line} imports {private} from {module}"
+                )
 
 
 def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_them():
@@ -59,6 +73,11 @@ def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_t
     optional = {"tritonclient", "tensorrt", "transformers"}
     for path in (Path(__file__).resolve().parent).glob("*.py"):
         for node in ast.parse(path.read_text()).body:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.split(".")[0] in optional for n in names), f"{path.name}:{node.lineno} imports {names}"
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
+            assert not any(n.split(".")[0] in optional for n in names), (
+                f"{path.name}:{node.lineno} imports {names}"
+            )

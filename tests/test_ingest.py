@@ -30,13 +30,18 @@ class _Mha(torch.nn.Module):
 
     def forward(self, query, *masks):
         kpm, am = masks if self.masked else (None, None)
-        return self.attn(query, query, query, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0]
+        return self.attn(
+            query, query, query, key_padding_mask=kpm, attn_mask=am, need_weights=False
+        )[0]
 
 
 class _Encoder(torch.nn.Module):
     def __init__(self, masked: bool):
         super().__init__()
-        self.layer, self.masked = torch.nn.TransformerEncoderLayer(E, H, 96, batch_first=True, dropout=0.0), masked
+        self.layer, self.masked = (
+            torch.nn.TransformerEncoderLayer(E, H, 96, batch_first=True, dropout=0.0),
+            masked,
+        )
 
     def forward(self, src, *masks):
         return self.layer(src, src_key_padding_mask=masks[0] if masks else None)
@@ -73,12 +78,17 @@ def _example(kind: str, masked: bool):
         args = [torch.randn(l, n, E), torch.randn(s, n, E)]
         dims = [{0: "tgt_len", 1: "batch"}, {0: "src_len", 1: "batch"}]
         if masked:
-            args += [torch.nn.Transformer.generate_square_subsequent_mask(l), torch.rand(n, s) < 0.3]
+            args += [
+                torch.nn.Transformer.generate_square_subsequent_mask(l),
+                torch.rand(n, s) < 0.3,
+            ]
             dims += [{0: "tgt_len", 1: "tgt_len"}, {0: "batch", 1: "src_len"}]
     for mask in args[1:]:
         if mask.dtype == torch.bool:
             mask[..., 0] = False  # no fully padded entry: torch gives NaN there
-    fixed = 2 if kind == "decoder" else 1  # forward(x, [memory,] *masks): the masks' dims nest as one tuple
+    fixed = (
+        2 if kind == "decoder" else 1
+    )  # forward(x, [memory,] *masks): the masks' dims nest as one tuple
     masks = (tuple(dims[fixed:]),) if masked else ()
     return module, tuple(args), (*dims[:fixed], *masks)
 
@@ -96,7 +106,9 @@ def exported(tmp_path_factory):
         path = folder / f"{kind}-{masked}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dims, verbose=False)
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dims, verbose=False
+            )
         onnx.save(program.model_proto, path)
         out[kind, masked] = (module, args, path)
     return out
@@ -114,9 +126,13 @@ def test_exported_attention_fuses_and_keeps_outputs(exported, kind, masked, targ
     softmaxes = [n for n in original.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == cores
     # a masked core on ort-cpu runs in query blocks, inside an If (compiler/mask_forms.py)
-    fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "If")]
+    fused = [
+        n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "If")
+    ]
     assert len(fused) == cores and not any(n.op_type == "Softmax" for n in compiled.graph.node)
-    findings = fusion_findings(original, compiled, get_target(target, form=form)[1], attention_form(compiled))
+    findings = fusion_findings(
+        original, compiled, get_target(target, form=form)[1], attention_form(compiled)
+    )
     assert [f.fused for f in findings] == [True] * cores
 
     report = check_against_graph(OrtSession(compiled), OrtSession(original))
@@ -157,13 +173,19 @@ def test_a_constant_mask_that_hides_nothing_is_dropped(tmp_path, target, hidden)
     x = torch.randn(2, 6, E)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx.save(torch.onnx.export(module, (x,), dynamo=True, verbose=False).model_proto, tmp_path / "m.onnx")
+        onnx.save(
+            torch.onnx.export(module, (x,), dynamo=True, verbose=False).model_proto,
+            tmp_path / "m.onnx",
+        )
     original = load_onnx(tmp_path / "m.onnx")
     compiled = compile_model(original, target)
     fused = [n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention")]
     assert len(fused) == 1
     op = fused[0]
-    mask_inputs = {"MultiHeadAttention": (4, 5), "Attention": (3, 5) if op.domain == "com.microsoft" else (3,)}
+    mask_inputs = {
+        "MultiHeadAttention": (4, 5),
+        "Attention": (3, 5) if op.domain == "com.microsoft" else (3,),
+    }
     masks = [op.input[i] for i in mask_inputs[op.op_type] if i < len(op.input) and op.input[i]]
     assert bool(masks) == hidden, list(op.input)
     got = next(iter(OrtSession(compiled).run({"x": x.numpy()}).values()))
@@ -205,10 +227,19 @@ def test_attention_inside_model_local_functions_fuses(tmp_path, target):
     x = torch.randn(2, 6, E)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), tmp_path / "m.onnx", dynamo=False, export_modules_as_functions={_Layer},
-                          input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+        torch.onnx.export(
+            module,
+            (x,),
+            tmp_path / "m.onnx",
+            dynamo=False,
+            export_modules_as_functions={_Layer},
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 1: "seq"}},
+        )
     original = load_onnx(tmp_path / "m.onnx")
-    assert [f.name for f in original.functions] == ["_Layer"] and not any(n.op_type == "Softmax" for n in original.graph.node)
+    assert [f.name for f in original.functions] == ["_Layer"] and not any(
+        n.op_type == "Softmax" for n in original.graph.node
+    )
     compiled = compile_model(original, target)
     findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
     assert [f.fused for f in findings] == [True, True] and not compiled.functions
@@ -226,8 +257,12 @@ class _EitherLayer(torch.nn.Module):
         self.a, self.b = (torch.nn.MultiheadAttention(E, 4, batch_first=True) for _ in range(2))
 
     def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
-        return torch.cond(flag.sum() > 0, lambda x: self.a(x, x, x, need_weights=False)[0],
-                          lambda x: self.b(x, x, x, need_weights=False)[0], (x,))
+        return torch.cond(
+            flag.sum() > 0,
+            lambda x: self.a(x, x, x, need_weights=False)[0],
+            lambda x: self.b(x, x, x, need_weights=False)[0],
+            (x,),
+        )
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
@@ -241,8 +276,13 @@ def test_attention_inside_if_branches_fuses(tmp_path, target):
     x = torch.randn(2, 6, E)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x, torch.ones(1)), tmp_path / "m.onnx", dynamo=True,
-                          dynamic_shapes=({0: "batch", 1: "seq"}, None))
+        torch.onnx.export(
+            module,
+            (x, torch.ones(1)),
+            tmp_path / "m.onnx",
+            dynamo=True,
+            dynamic_shapes=({0: "batch", 1: "seq"}, None),
+        )
     original = load_onnx(tmp_path / "m.onnx")
     assert [n.op_type for n in original.graph.node if n.op_type == "If"] == ["If"]
     assert not any(n.op_type == "Softmax" for n in original.graph.node)
@@ -250,11 +290,24 @@ def test_attention_inside_if_branches_fuses(tmp_path, target):
     findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
     assert [f.fused for f in findings] == [True, True], [str(f) for f in findings]
     assert not any(n.op_type == "Softmax" for n in every_node(compiled.graph))
-    onnx.checker.check_model(compiled)  # the branches read the constants the fusion put in the main graph
+    onnx.checker.check_model(
+        compiled
+    )  # the branches read the constants the fusion put in the main graph
     session = OrtSession(compiled)
     for flag, layer in ((1.0, module.a), (-1.0, module.b)):
-        got = next(iter(session.run({name: value for name, value in zip(
-            [i.name for i in compiled.graph.input], (x.numpy(), np.array([flag], np.float32)))}).values()))
+        got = next(
+            iter(
+                session.run(
+                    {
+                        name: value
+                        for name, value in zip(
+                            [i.name for i in compiled.graph.input],
+                            (x.numpy(), np.array([flag], np.float32)),
+                        )
+                    }
+                ).values()
+            )
+        )
         with torch.no_grad():
             want = layer.double()(*(x.double(),) * 3, need_weights=False)[0].numpy()
         assert np.abs(got - want).max() <= FP32_TOLERANCE * np.abs(want).max(), flag
@@ -264,16 +317,23 @@ def test_portable_leaves_exported_attention_alone_and_says_so(exported):
     _, _, path = exported["decoder", True]
     original = load_onnx(path)
     compiled = compile_model(original, "portable")
-    findings = fusion_findings(original, compiled, get_target("portable")[1], attention_form(compiled))
+    findings = fusion_findings(
+        original, compiled, get_target("portable")[1], attention_form(compiled)
+    )
     assert len(findings) == 2 and not any(f.fused for f in findings)
     assert all("keeps MatMul-Softmax-MatMul" in str(f) for f in findings)
 
 
 def test_cli_ingests_prints_what_it_fused_and_checks(exported, run_cli, tmp_path):
     _, _, path = exported["encoder", True]
-    result = run_cli("compile.py", "--onnx", path, "--target", "ort-cpu", "--check", "--out", tmp_path / "o")
+    result = run_cli(
+        "compile.py", "--onnx", path, "--target", "ort-cpu", "--check", "--out", tmp_path / "o"
+    )
     assert result.returncode == 0, result.stderr
-    assert "fused: attention at Softmax" in result.stdout and "com.microsoft.MultiHeadAttention" in result.stdout
+    assert (
+        "fused: attention at Softmax" in result.stdout
+        and "com.microsoft.MultiHeadAttention" in result.stdout
+    )
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["fusion"][0]["fused"] and manifest["check"]["passed"]
     assert [i["name"] for i in manifest["inputs"]] == [i.name for i in OrtSession(str(path)).inputs]
@@ -282,7 +342,10 @@ def test_cli_ingests_prints_what_it_fused_and_checks(exported, run_cli, tmp_path
 def test_cli_refuses_spec_flags_with_onnx(exported, run_cli, tmp_path):
     _, _, path = exported["mha", False]
     result = run_cli("compile.py", "--onnx", path, "--embed-dim", 8, "--out", tmp_path / "o")
-    assert result.returncode == 2 and "--onnx compiles the graph as it is; drop --embed-dim" in result.stderr
+    assert (
+        result.returncode == 2
+        and "--onnx compiles the graph as it is; drop --embed-dim" in result.stderr
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -293,8 +356,13 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     tensor.data_location = TensorProto.EXTERNAL
     del tensor.float_data[:]
     tensor.external_data.add(key="location", value="../../etc/passwd")
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [tensor])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [tensor],
+    )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph), path)
     with pytest.raises(IngestError, match="not a file inside the model's folder"):
@@ -311,15 +379,22 @@ def test_a_corrupt_file_is_one_clear_error(tmp_path):
 def test_graph_inputs_never_mask_a_whole_row():
     session = OrtSession(_tiny_masked_graph())
     feeds = graph_inputs(session.inputs, {"n": 50}, np.random.default_rng(0), mask_rate=0.9)
-    assert feeds["mask"].shape == (50, 50) and not feeds["mask"][:, 0].any() and feeds["mask"].mean() > 0.8
+    assert (
+        feeds["mask"].shape == (50, 50)
+        and not feeds["mask"][:, 0].any()
+        and feeds["mask"].mean() > 0.8
+    )
 
 
 def _tiny_masked_graph() -> onnx.ModelProto:
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Not", ["mask"], ["y"])], "g",
-                              [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", "n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", "n"])])
+    graph = helper.make_graph(
+        [helper.make_node("Not", ["mask"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["n", "n"])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -327,16 +402,26 @@ def _token_model(path):
     """ids -> Cast -> Gather(table of 50 rows); + a 0/1 attention_mask as a float bias: a text model's inputs."""
     from onnx import TensorProto, helper, numpy_helper
 
-    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "table")
-    nodes = [helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
-             helper.make_node("Gather", ["table", "ids32"], ["embedded"]),
-             helper.make_node("Cast", ["attention_mask"], ["keep"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["keep", "axis"], ["keep3"]),
-             helper.make_node("Mul", ["embedded", "keep3"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-                                          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
-                              [table, numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    table = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "table"
+    )
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["table", "ids32"], ["embedded"]),
+        helper.make_node("Cast", ["attention_mask"], ["keep"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["keep", "axis"], ["keep3"]),
+        helper.make_node("Mul", ["embedded", "keep3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [table, numpy_helper.from_array(np.array([-1], np.int64), "axis")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
 
@@ -347,12 +432,22 @@ def test_token_ids_are_drawn_inside_the_embedding_table_and_masks_pad_some_keys(
     model = onnx.load(_token_model(tmp_path / "m.onnx"))
     ranges = index_ranges(model)
     assert ranges == {"input_ids": 50}  # found through the Cast; the mask reaches no table
-    feeds = graph_inputs(OrtSession(model).inputs, {"batch": 40, "seq": 30}, np.random.default_rng(0), ranges=ranges)
+    feeds = graph_inputs(
+        OrtSession(model).inputs, {"batch": 40, "seq": 30}, np.random.default_rng(0), ranges=ranges
+    )
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() == 49
-    assert mask.dtype == np.int64 and set(np.unique(mask)) == {0, 1} and (mask[:, 0] == 1).all() and 0.1 < 1 - mask.mean() < 0.3
-    with pytest.raises(InputError, match="input 'input_ids' is int64 and reaches no embedding table, so --check and "
-                                         "--latency cannot make it; give real inputs with --inputs FILE.npz"):
+    assert (
+        mask.dtype == np.int64
+        and set(np.unique(mask)) == {0, 1}
+        and (mask[:, 0] == 1).all()
+        and 0.1 < 1 - mask.mean() < 0.3
+    )
+    with pytest.raises(
+        InputError,
+        match="input 'input_ids' is int64 and reaches no embedding table, so --check and "
+        "--latency cannot make it; give real inputs with --inputs FILE.npz",
+    ):
         graph_inputs(OrtSession(model).inputs, {}, np.random.default_rng(0))
 
 
@@ -366,18 +461,64 @@ def test_a_text_graph_is_checked_and_timed_on_token_inputs_or_the_given_ones(tmp
 
     source = _token_model(tmp_path / "m.onnx")
     out = tmp_path / "out"
-    assert compile_script.main(["--onnx", str(source), "--check", "--latency", "--latency-shape", "2,7,7", "--quiet",
-                                "--out", str(out)]) == 0
+    assert (
+        compile_script.main(
+            [
+                "--onnx",
+                str(source),
+                "--check",
+                "--latency",
+                "--latency-shape",
+                "2,7,7",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["check"]["passed"] and manifest["latency"]["inputs"] == {"input_ids": [2, 7], "attention_mask": [2, 7]}
+    assert manifest["check"]["passed"] and manifest["latency"]["inputs"] == {
+        "input_ids": [2, 7],
+        "attention_mask": [2, 7],
+    }
     given = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.array([[1, 1, 0]])}
     np.savez(tmp_path / "inputs.npz", **given)
-    assert compile_script.main(["--onnx", str(source), "--check", "--latency", "--inputs", str(tmp_path / "inputs.npz"),
-                                "--quiet", "--out", str(tmp_path / "given")]) == 0
+    assert (
+        compile_script.main(
+            [
+                "--onnx",
+                str(source),
+                "--check",
+                "--latency",
+                "--inputs",
+                str(tmp_path / "inputs.npz"),
+                "--quiet",
+                "--out",
+                str(tmp_path / "given"),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
     assert [c["shape"] for c in manifest["check"]["comparisons"]] == [[1, 3]]
     assert manifest["latency"]["inputs"] == {"input_ids": [1, 3], "attention_mask": [1, 3]}
     np.savez(tmp_path / "wrong.npz", input_ids=given["input_ids"])
-    assert compile_script.main(["--onnx", str(source), "--check", "--inputs", str(tmp_path / "wrong.npz"),
-                                "--out", str(tmp_path / "wrong")]) == 2
-    assert "holds input_ids; the graph takes input_ids, attention_mask (missing attention_mask)" in capsys.readouterr().err
+    assert (
+        compile_script.main(
+            [
+                "--onnx",
+                str(source),
+                "--check",
+                "--inputs",
+                str(tmp_path / "wrong.npz"),
+                "--out",
+                str(tmp_path / "wrong"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "holds input_ids; the graph takes input_ids, attention_mask (missing attention_mask)"
+        in capsys.readouterr().err
+    )

@@ -27,7 +27,9 @@ def test_every_target_matches_torch(options, target, precision):
     weights = AttentionWeights.random(spec, seed=7)
     model = compile_model(build_mha(spec, weights), target, precision)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
-    report = check_session(OrtSession(model), spec, weights, shapes=SHAPES, seed=1, tolerance=tolerance)
+    report = check_session(
+        OrtSession(model), spec, weights, shapes=SHAPES, seed=1, tolerance=tolerance
+    )
     assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
     assert report.passed, report.table()
 
@@ -35,8 +37,17 @@ def test_every_target_matches_torch(options, target, precision):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_wide_heads_match_torch(batch_first):
     """A realistic width: 64 wide, 8 heads, masks and weights on."""
-    spec = AttentionSpec(64, 8, batch_first=batch_first, key_padding_mask="bool", attn_mask="float",
-                         is_causal=True, need_weights=True)
+    spec = AttentionSpec(
+        64,
+        8,
+        batch_first=batch_first,
+        key_padding_mask="bool",
+        attn_mask="float",
+        is_causal=True,
+        need_weights=True,
+    )
     weights = AttentionWeights.random(spec, seed=3)
-    report = check_session(OrtSession(build_mha(spec, weights)), spec, weights, shapes=((2, 33, 33), (1, 17, 40)))
+    report = check_session(
+        OrtSession(build_mha(spec, weights)), spec, weights, shapes=((2, 33, 33), (1, 17, 40))
+    )
     assert report.passed, report.table()

@@ -20,8 +20,12 @@ from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import errors, random_inputs
 from runtime.ort import OrtSession
 
-MASKED = AttentionSpec(16, 4, batch_first=True, key_padding_mask="bool", attn_mask="float", is_causal=True)
-WEIGHTS = AttentionSpec(16, 4, key_padding_mask="float", need_weights=True, average_attn_weights=False, add_bias_kv=True)
+MASKED = AttentionSpec(
+    16, 4, batch_first=True, key_padding_mask="bool", attn_mask="float", is_causal=True
+)
+WEIGHTS = AttentionSpec(
+    16, 4, key_padding_mask="float", need_weights=True, average_attn_weights=False, add_bias_kv=True
+)
 PLAIN = AttentionSpec(16, 4, self_attention=True, batch_first=True)
 
 
@@ -47,7 +51,9 @@ def _feeds(spec: AttentionSpec, shape=(3, 4, 6), seed=0) -> dict[str, np.ndarray
     return feeds
 
 
-def _assert_same(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+def _assert_same(
+    before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> None:
     want, got = OrtSession(before).run(feeds), OrtSession(after).run(feeds)
     for name in want:
         assert np.isfinite(got[name]).all(), name
@@ -107,7 +113,9 @@ def test_tensorrt_forms(form):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_ort_cuda_graph_keeps_its_masks_on_the_op_and_computes_what_the_canonical_graph_does(precision):
+def test_ort_cuda_graph_keeps_its_masks_on_the_op_and_computes_what_the_canonical_graph_does(
+    precision,
+):
     """CUDA's MultiHeadAttention takes the masks into its own kernels, so its graph gives them to the
     op (one node, attention_bias) where the CPU graph lowers them (compiler/mask_forms.py); ONNX
     Runtime CPU, which runs the same op, checks the graph CUDA would run."""
@@ -118,5 +126,8 @@ def test_ort_cuda_graph_keeps_its_masks_on_the_op_and_computes_what_the_canonica
     assert not any(n.op_type in ("If", "Loop") for n in cuda.graph.node)
     assert any(n.op_type == "If" for n in compile_model(model, "ort-cpu", precision).graph.node)
     feeds = _feeds(MASKED)
-    got, want = OrtSession(cuda).run(feeds)["attn_output"], OrtSession(model).run(feeds)["attn_output"]
+    got, want = (
+        OrtSession(cuda).run(feeds)["attn_output"],
+        OrtSession(model).run(feeds)["attn_output"],
+    )
     assert errors(got, want)[1] <= (1e-5 if precision == "fp32" else 1e-2)

@@ -17,7 +17,9 @@ from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import errors, random_inputs
 from runtime.ort import OrtSession
 
-SELF = AttentionSpec(16, 4, self_attention=True, batch_first=True, key_padding_mask="bool", need_weights=True)
+SELF = AttentionSpec(
+    16, 4, self_attention=True, batch_first=True, key_padding_mask="bool", need_weights=True
+)
 CROSS = AttentionSpec(16, 4, kdim=6, vdim=10, attn_mask="float", is_causal=True)
 NO_BIAS = AttentionSpec(16, 4, self_attention=True, bias=False, add_bias_kv=True)
 
@@ -60,7 +62,9 @@ def test_fold_scale_scales_exactly_the_query_projection():
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in after.graph.initializer}
     q_node = next(n for n in after.graph.node if n.name == "q_proj/MatMul")
     w_q, _, _ = weights.in_proj(SELF)
-    np.testing.assert_allclose(inits[q_node.input[1]], w_q.T / 2.0, rtol=1e-7)  # head_dim 4: scale 1/2
+    np.testing.assert_allclose(
+        inits[q_node.input[1]], w_q.T / 2.0, rtol=1e-7
+    )  # head_dim 4: scale 1/2
     k_node = next(n for n in after.graph.node if n.name == "k_proj/MatMul")
     np.testing.assert_array_equal(inits[k_node.input[1]], weights.in_proj(SELF)[1].T)
 
@@ -78,7 +82,9 @@ def test_pack_projections_makes_one_qkv_matmul_in_self_attention(spec, matmuls_a
     _assert_same_outputs(spec, before, after)
 
 
-@pytest.mark.parametrize(("rows", "packed"), [((2, 5), True), ((4, 64), True), ((4, 65), False), (("batch", 5), False)])
+@pytest.mark.parametrize(
+    ("rows", "packed"), [((2, 5), True), ((4, 64), True), ((4, 65), False), (("batch", 5), False)]
+)
 def test_pack_projections_with_max_rows_packs_only_inputs_known_to_be_that_small(rows, packed):
     """max_rows=256: x of fixed shape (N, L, E) is packed where N x L <= 256, and only then."""
     from onnx import helper
@@ -91,7 +97,9 @@ def test_pack_projections_with_max_rows_packs_only_inputs_known_to_be_that_small
     result = ir.passes.Sequential(PackProjectionsPass(max_rows=256), CleanupPass())(ir_model)
     after = ir.serde.serialize_model(result.model)
     assert result.modified == packed
-    assert _ops(after)["MatMul"] == (4 if packed else 6) and _ops(after)["Split"] == packed  # and scores, context, out_proj
+    assert (
+        _ops(after)["MatMul"] == (4 if packed else 6) and _ops(after)["Split"] == packed
+    )  # and scores, context, out_proj
 
 
 def test_pack_projections_leaves_projections_of_different_inputs_alone():
@@ -114,7 +122,11 @@ def test_pack_projections_packs_key_and_value_when_key_is_value():
     assert [n.name for n in after.graph.node if n.op_type == "Split"] == ["kv_proj/Split"]
     assert _ops(after)["MatMul"] == 5
     a, b = OrtSession(model), OrtSession(after)
-    feeds = {k: v for k, v in random_inputs(spec, (2, 3, 4), np.random.default_rng(1)).items() if k != "value"}
+    feeds = {
+        k: v
+        for k, v in random_inputs(spec, (2, 3, 4), np.random.default_rng(1)).items()
+        if k != "value"
+    }
     assert errors(b.run(feeds)["attn_output"], a.run(feeds)["attn_output"])[1] <= 1e-5
 
 
@@ -124,7 +136,9 @@ def test_fold_scale_leaves_a_non_constant_scale_alone():
     mul = next(n for n in model.graph.node if n.op_type == "Mul")
     scale_name = mul.input[1]
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == scale_name))
-    model.graph.input.append(onnx.helper.make_tensor_value_info(scale_name, onnx.TensorProto.FLOAT, []))
+    model.graph.input.append(
+        onnx.helper.make_tensor_value_info(scale_name, onnx.TensorProto.FLOAT, [])
+    )
     _, modified = _apply(FoldScalePass, model)
     assert not modified
 
@@ -142,8 +156,17 @@ def test_portable_target_packs_through_duplicated_layout_ops_and_folds_the_scale
     after = compile_model(model, "portable")
     assert [n.name for n in after.graph.node if n.op_type == "Split"] == ["kv_proj/Split"]
     assert _ops(after)["Mul"] == 0 and _ops(after)["MatMul"] == 5
-    feeds = {k: v for k, v in random_inputs(spec, (2, 3, 4), np.random.default_rng(1)).items() if k != "value"}
-    assert errors(OrtSession(after).run(feeds)["attn_output"], OrtSession(model).run(feeds)["attn_output"])[1] <= 1e-5
+    feeds = {
+        k: v
+        for k, v in random_inputs(spec, (2, 3, 4), np.random.default_rng(1)).items()
+        if k != "value"
+    }
+    assert (
+        errors(
+            OrtSession(after).run(feeds)["attn_output"], OrtSession(model).run(feeds)["attn_output"]
+        )[1]
+        <= 1e-5
+    )
 
 
 def test_portable_self_attention_has_one_projection_matmul_before_attention():

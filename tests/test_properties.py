@@ -40,49 +40,102 @@ def specs(draw: st.DrawFn) -> AttentionSpec:
     width = st.none() if self_attention else st.none() | st.integers(1, 9)
     attn_mask = draw(MASKS)
     need_weights = draw(st.booleans())
-    if self_attention and draw(st.booleans()):  # a KV-cache step: SRC is then the past's length, 1 to 6
-        return AttentionSpec(heads * head_dim, heads, bias=draw(st.booleans()), batch_first=draw(st.booleans()),
-                             self_attention=True, key_padding_mask=draw(MASKS), is_causal=True, kv_cache=True)
+    if self_attention and draw(
+        st.booleans()
+    ):  # a KV-cache step: SRC is then the past's length, 1 to 6
+        return AttentionSpec(
+            heads * head_dim,
+            heads,
+            bias=draw(st.booleans()),
+            batch_first=draw(st.booleans()),
+            self_attention=True,
+            key_padding_mask=draw(MASKS),
+            is_causal=True,
+            kv_cache=True,
+        )
     return AttentionSpec(
-        heads * head_dim, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
-        add_zero_attn=draw(st.booleans()), kdim=draw(width), vdim=draw(width), batch_first=draw(st.booleans()),
-        self_attention=self_attention, key_padding_mask=draw(MASKS), attn_mask=attn_mask,
-        attn_mask_3d=attn_mask is not None and draw(st.booleans()), is_causal=draw(st.booleans()),
-        need_weights=need_weights, average_attn_weights=not need_weights or draw(st.booleans()))
+        heads * head_dim,
+        heads,
+        bias=draw(st.booleans()),
+        add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()),
+        kdim=draw(width),
+        vdim=draw(width),
+        batch_first=draw(st.booleans()),
+        self_attention=self_attention,
+        key_padding_mask=draw(MASKS),
+        attn_mask=attn_mask,
+        attn_mask_3d=attn_mask is not None and draw(st.booleans()),
+        is_causal=draw(st.booleans()),
+        need_weights=need_weights,
+        average_attn_weights=not need_weights or draw(st.booleans()),
+    )
 
 
-SHAPES = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6))  # (batch, tgt_len, src_len)
+SHAPES = st.tuples(
+    st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)
+)  # (batch, tgt_len, src_len)
 
 
-def term_scale(spec: AttentionSpec, weights: AttentionWeights, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+def term_scale(
+    spec: AttentionSpec, weights: AttentionWeights, feeds: dict[str, np.ndarray]
+) -> dict[str, float]:
     """Per output, the largest magnitude among the terms it sums: the reference run on |weights| and
     |inputs| (masks as they are). Rounding error scales with the terms, not with their sum, which
     cancellation can make small: at embed_dim 1 an fp16 output of 1e-3 carries an error of 4e-5."""
-    magnitudes = AttentionWeights.from_state_dict(spec, {k: np.abs(v) for k, v in weights.tensors.items()})
+    magnitudes = AttentionWeights.from_state_dict(
+        spec, {k: np.abs(v) for k, v in weights.tensors.items()}
+    )
     inputs = {k: np.abs(v) if k in ("query", "key", "value") else v for k, v in feeds.items()}
-    return {name: float(np.nanmax(np.abs(out), initial=0.0)) for name, out in mha_reference(spec, magnitudes, inputs).items()}
+    return {
+        name: float(np.nanmax(np.abs(out), initial=0.0))
+        for name, out in mha_reference(spec, magnitudes, inputs).items()
+    }
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@given(spec=specs(), shape=SHAPES, mask_rate=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))
+@given(
+    spec=specs(),
+    shape=SHAPES,
+    mask_rate=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_every_cpu_target_equals_numpy_and_torch(precision, spec, shape, mask_rate, seed):
     """fp32 within 1e-5 of the output's scale. fp16 within 1e-2 of the terms' scale (term_scale):
     its weights alone are rounded by up to 2**-11 of their size."""
     weights = AttentionWeights.random(spec, seed)
     canonical = build_mha(spec, weights)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
-    scale = term_scale(spec, weights, random_inputs(spec, shape, np.random.default_rng(seed), mask_rate))
+    scale = term_scale(
+        spec, weights, random_inputs(spec, shape, np.random.default_rng(seed), mask_rate)
+    )
     for target in CPU_TARGETS:
         session = OrtSession(compile_model(canonical, target, precision))
-        report = check_session(session, spec, weights, shapes=[shape], seed=seed, tolerance=tolerance, mask_rate=mask_rate)
+        report = check_session(
+            session,
+            spec,
+            weights,
+            shapes=[shape],
+            seed=seed,
+            tolerance=tolerance,
+            mask_rate=mask_rate,
+        )
         assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
         if precision == "fp32":
             assert report.passed, f"{target} {spec}\n{report.table()}"
         for c in report.comparisons:
-            assert c.max_abs_error <= tolerance * scale[c.output], f"{target} {precision} {spec}\n{report.table()}"
+            assert c.max_abs_error <= tolerance * scale[c.output], (
+                f"{target} {precision} {spec}\n{report.table()}"
+            )
 
 
-UNMASKED = {"key_padding_mask": None, "attn_mask": None, "attn_mask_3d": False, "is_causal": False, "kv_cache": False}
+UNMASKED = {
+    "key_padding_mask": None,
+    "attn_mask": None,
+    "attn_mask_3d": False,
+    "is_causal": False,
+    "kv_cache": False,
+}
 
 
 @given(spec=specs(), shape=SHAPES, seed=st.integers(0, 2**16), data=st.data())
@@ -104,4 +157,6 @@ def test_nan_and_inf_propagate_as_in_the_float64_reference(spec, shape, seed, da
     for target in CPU_TARGETS:
         got = OrtSession(compile_model(canonical, target, "fp32")).run(feeds)
         for output, want in expected.items():
-            assert np.array_equal(np.isnan(got[output]), np.isnan(want)), f"{target}: {name}{index} = {feeds[name][index]}, {output}"
+            assert np.array_equal(np.isnan(got[output]), np.isnan(want)), (
+                f"{target}: {name}{index} = {feeds[name][index]}, {output}"
+            )

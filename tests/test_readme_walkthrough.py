@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from conftest import ROOT, parse_triton_config
 from safetensors.torch import load_file
 
-from conftest import ROOT, parse_triton_config
 from runtime.ort import OrtSession
 
 
 def walkthrough_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = re.search(r"<!-- walkthrough:begin -->(.*?)<!-- walkthrough:end -->", readme, flags=re.S).group(1)
+    section = re.search(
+        r"<!-- walkthrough:begin -->(.*?)<!-- walkthrough:end -->", readme, flags=re.S
+    ).group(1)
     return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
 
 
@@ -29,31 +31,53 @@ def test_walkthrough_commands_work_as_written(tmp_path):
     (tmp_path / "scripts").symlink_to(ROOT / "scripts")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for command in commands:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    out, repo = tmp_path / "walkthrough" / "encoder", tmp_path / "walkthrough" / "models" / "encoder"
+    out, repo = (
+        tmp_path / "walkthrough" / "encoder",
+        tmp_path / "walkthrough" / "models" / "encoder",
+    )
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.html"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
     assert manifest["latency"]["after"]["p50_s"] > 0 and "PASS" in (out / "report.html").read_text()
     ops = manifest["graph"]["after"]["ops"]
-    assert ops["com.microsoft.MultiHeadAttention"] == 1 and ops["com.microsoft.SkipLayerNormalization"] == 2
+    assert (
+        ops["com.microsoft.MultiHeadAttention"] == 1
+        and ops["com.microsoft.SkipLayerNormalization"] == 2
+    )
     assert ops["com.microsoft.Gelu"] == 1
     config = parse_triton_config((repo / "config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
-    assert [i.name for i in config.input] == ["src", "src_key_padding_mask"] and [o.name for o in config.output] == ["output"]
+    assert [i.name for i in config.input] == ["src", "src_key_padding_mask"] and [
+        o.name for o in config.output
+    ] == ["output"]
     assert (repo / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     # the artifact computes what the trained layer computes (the layer rebuilt from the saved state_dict)
-    layer = torch.nn.TransformerEncoderLayer(256, 4, dim_feedforward=1024, activation="gelu", batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(
+        256, 4, dim_feedforward=1024, activation="gelu", batch_first=True
+    )
     layer.load_state_dict(load_file(str(tmp_path / "walkthrough" / "encoder.safetensors")))
     layer = layer.double().eval()
     rng = np.random.default_rng(0)
     src = rng.standard_normal((3, 20, 256)).astype(np.float32)
     pad = np.zeros((3, 20), dtype=bool)
     pad[1, 15:] = pad[2, 7:] = True
-    got = OrtSession(onnx.load(out / "model.onnx")).run({"src": src, "src_key_padding_mask": pad})["output"]
+    got = OrtSession(onnx.load(out / "model.onnx")).run({"src": src, "src_key_padding_mask": pad})[
+        "output"
+    ]
     with torch.no_grad():
-        want = layer(torch.from_numpy(src).double(), src_key_padding_mask=torch.from_numpy(pad)).numpy()
-    keep = ~pad  # torch's fast path may leave padded rows as zeros; the contract covers the unpadded ones
+        want = layer(
+            torch.from_numpy(src).double(), src_key_padding_mask=torch.from_numpy(pad)
+        ).numpy()
+    keep = (
+        ~pad
+    )  # torch's fast path may leave padded rows as zeros; the contract covers the unpadded ones
     np.testing.assert_allclose(got[keep], want[keep], rtol=0, atol=1e-5 * np.abs(want[keep]).max())

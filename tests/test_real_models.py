@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers", reason="the real-model tests export transformers models (pip install -e '.[test]')")
+pytest.importorskip(
+    "transformers",
+    reason="the real-model tests export transformers models (pip install -e '.[test]')",
+)
 
 from conftest import ROOT  # noqa: E402
 
@@ -24,13 +27,22 @@ import compile as compile_script  # noqa: E402
 import model_zoo  # noqa: E402
 
 SIZE = model_zoo.Size(hidden=64, heads=4, layers=1, image=32)
-ENCODER = model_zoo.Size(hidden=64, heads=4, layers=2)  # nn.TransformerEncoder with 2 layers, as users stack them
+ENCODER = model_zoo.Size(
+    hidden=64, heads=4, layers=2
+)  # nn.TransformerEncoder with 2 layers, as users stack them
 # every family and exporter, one layer each (the layers repeat) but the encoder; Llama (grouped-query attention,
 # rotary embeddings) in two of its four forms, for the suite's time
-ENTRIES = [model_zoo.Entry(e.family, e.implementation, e.exporter, ENCODER) if e.family == "torch-encoder" else e
-           for e in model_zoo.entries(SIZE)
-           if e.family != "llama" or e.name in ("llama-sdpa-dynamo", "llama-eager-legacy")]
-CORES = {"torch-encoder": 2, "torch-transformer": 3}  # the decoder layer has self- and cross-attention; else one
+ENTRIES = [
+    model_zoo.Entry(e.family, e.implementation, e.exporter, ENCODER)
+    if e.family == "torch-encoder"
+    else e
+    for e in model_zoo.entries(SIZE)
+    if e.family != "llama" or e.name in ("llama-sdpa-dynamo", "llama-eager-legacy")
+]
+CORES = {
+    "torch-encoder": 2,
+    "torch-transformer": 3,
+}  # the decoder layer has self- and cross-attention; else one
 
 
 @pytest.fixture(scope="module")
@@ -45,33 +57,55 @@ def exported(zoo):
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
-def test_every_core_fuses_and_the_graph_computes_what_the_export_does(exported, tmp_path, entry, target):
+def test_every_core_fuses_and_the_graph_computes_what_the_export_does(
+    exported, tmp_path, entry, target
+):
     source = exported[entry.name]
-    argv = ["--onnx", str(source), "--target", target, "--check", "--quiet", "--out", str(tmp_path / "out")]
+    argv = [
+        "--onnx",
+        str(source),
+        "--target",
+        target,
+        "--check",
+        "--quiet",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     if entry.exporter == "legacy" and entry.family.startswith("torch"):
         # torch's legacy exporter fixes these modules' lengths at the traced ones: check at those
         np.savez(tmp_path / "inputs.npz", **model_zoo.example_inputs(entry))
         argv += ["--inputs", str(tmp_path / "inputs.npz")]
     assert compile_script.main(argv) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    cores = [f for f in manifest["fusion"] if f["fused"] or "not an attention core" not in f["detail"]]
+    cores = [
+        f for f in manifest["fusion"] if f["fused"] or "not an attention core" not in f["detail"]
+    ]
     assert len(cores) == CORES.get(entry.family, 1)
     assert all(f["fused"] for f in cores), [f["detail"] for f in cores if not f["fused"]]
-    layers = [f["layer"] for f in cores]  # each core named by the module it came from, one module each
+    layers = [
+        f["layer"] for f in cores
+    ]  # each core named by the module it came from, one module each
     assert all(layers) and len(set(layers)) == len(layers), layers
     import onnx
 
     from compiler._ir import module_path
 
-    fused = [n for n in onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph.node
-             if n.op_type in ("MultiHeadAttention", "Attention", "If")]  # the fused op (or the If of a masked one's
+    fused = [
+        n
+        for n in onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph.node
+        if n.op_type in ("MultiHeadAttention", "Attention", "If")
+    ]  # the fused op (or the If of a masked one's
     # query blocks, compiler/mask_forms.py) says so too (report.html's drawing)
-    assert sorted(module_path(n.name, {p.key: p.value for p in n.metadata_props}) for n in fused) == sorted(layers)
+    assert sorted(
+        module_path(n.name, {p.key: p.value for p in n.metadata_props}) for n in fused
+    ) == sorted(layers)
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["bert-sdpa-dynamo", "gpt2-eager-legacy", "llama-sdpa-dynamo"])
-def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_for_it(exported, tmp_path, name):
+def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_for_it(
+    exported, tmp_path, name
+):
     """onnx-attention's attention-op-blocks form: each masked core of an export (BERT's padding, GPT-2's
     and Llama's causal-and-padding masks) runs one Attention op per block of queries inside a Loop,
     and the graph still computes what the export does (fp32, 1e-5 of scale)."""
@@ -80,8 +114,23 @@ def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_f
     from compiler.targets import every_node
 
     out = tmp_path / "out"
-    assert compile_script.main(["--onnx", str(exported[name]), "--target", "onnx-attention", "--form", "attention-op-blocks",
-                                "--check", "--quiet", "--out", str(out)]) == 0
+    assert (
+        compile_script.main(
+            [
+                "--onnx",
+                str(exported[name]),
+                "--target",
+                "onnx-attention",
+                "--form",
+                "attention-op-blocks",
+                "--check",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model = onnx.load(out / "model.onnx", load_external_data=False)
     loops = [n for n in model.graph.node if n.op_type == "Loop"]
     assert len(loops) == SIZE.layers and not any(n.op_type == "Attention" for n in model.graph.node)
@@ -95,12 +144,43 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     import corpus
 
     out = tmp_path / "corpus.json"
-    assert corpus.main(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden", str(ENCODER.hidden), "--heads",
-                        str(ENCODER.heads), "--layers", str(ENCODER.layers), "--seq", "16", "--rounds", "3", "--min-seconds", "0",
-                        "--cache", str(zoo), "--json", str(out), "--markdown", str(tmp_path / "corpus.md")]) == 0
+    assert (
+        corpus.main(
+            [
+                "--families",
+                "torch-encoder",
+                "--exporters",
+                "dynamo",
+                "--hidden",
+                str(ENCODER.hidden),
+                "--heads",
+                str(ENCODER.heads),
+                "--layers",
+                str(ENCODER.layers),
+                "--seq",
+                "16",
+                "--rounds",
+                "3",
+                "--min-seconds",
+                "0",
+                "--cache",
+                str(zoo),
+                "--json",
+                str(out),
+                "--markdown",
+                str(tmp_path / "corpus.md"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     (row,) = report["rows"]
-    assert row["ort-cpu"]["cores"] == row["ort-cpu"]["fused"] == row["onnx-attention"]["fused"] == ENCODER.layers
+    assert (
+        row["ort-cpu"]["cores"]
+        == row["ort-cpu"]["fused"]
+        == row["onnx-attention"]["fused"]
+        == ENCODER.layers
+    )
     assert row["ort-cpu"]["worst_rel_error"] <= 1e-5
     assert row["inputs"] == {"src": [1, 16, ENCODER.hidden], "src_key_padding_mask": [1, 16]}
     for name in ("input", "ort-cpu", "onnx-attention"):
@@ -108,23 +188,43 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     assert row["input"]["ratio_to_input"] == 1.0
     assert report["machine"]["matmul_fp32_flops"] > 0
     table = (tmp_path / "corpus.md").read_text()
-    assert f"| torch-encoder | dynamo | {ENCODER.layers} | {ENCODER.layers} / {ENCODER.layers} |" in table
-    packing = corpus.packing_table(corpus.parse_args(["--families", "torch-encoder", "--exporters", "dynamo", "--hidden",
-                                                      str(ENCODER.hidden), "--heads", str(ENCODER.heads), "--layers",
-                                                      str(ENCODER.layers), "--seq", "16", "--rounds", "2",
-                                                      "--min-seconds", "0", "--cache", str(zoo)]),
-                                   ENCODER, threads=1).splitlines()
-    assert [line.split(" | ")[:3] for line in packing[2:]] == [["| torch-encoder-dynamo", "the model's", "16"]] + [
-        ["| graphs/mha.py self-attention, E=512", "none", str(n)] for n in (1, 16, 64, 256, 1024)]
+    assert (
+        f"| torch-encoder | dynamo | {ENCODER.layers} | {ENCODER.layers} / {ENCODER.layers} |"
+        in table
+    )
+
+    def options(rounds: int):
+        return corpus.parse_args(
+            [
+                "--families",
+                "torch-encoder",
+                "--exporters",
+                "dynamo",
+                "--hidden",
+                str(ENCODER.hidden),
+            ]
+            + ["--heads", str(ENCODER.heads), "--layers", str(ENCODER.layers), "--seq", "16"]
+            + ["--rounds", str(rounds), "--min-seconds", "0", "--cache", str(zoo)]
+        )
+
+    packing = corpus.packing_table(
+        options(2),
+        ENCODER,
+        threads=1,
+    ).splitlines()
+    assert [line.split(" | ")[:3] for line in packing[2:]] == [
+        ["| torch-encoder-dynamo", "the model's", "16"]
+    ] + [["| graphs/mha.py self-attention, E=512", "none", str(n)] for n in (1, 16, 64, 256, 1024)]
     assert all(line.endswith("x |") or line.endswith("- |") for line in packing[2:])
     # torch's encoder unflattens one packed projection: no core of it takes the Attention op, so only the sweep
-    attention_op = corpus.attention_op_table(corpus.parse_args(["--families", "torch-encoder", "--exporters", "dynamo",
-                                                                "--hidden", str(ENCODER.hidden), "--heads", str(ENCODER.heads),
-                                                                "--layers", str(ENCODER.layers), "--seq", "16", "--rounds",
-                                                                "1", "--min-seconds", "0", "--cache", str(zoo)]),
-                                             ENCODER, threads=1).splitlines()
+    attention_op = corpus.attention_op_table(
+        options(1),
+        ENCODER,
+        threads=1,
+    ).splitlines()
     assert [line.split(" | ")[1:3] for line in attention_op[2:]] == [
-        [mask, str(n)] for mask in ("none", "padding") for n in (16, 128, 256, 383, 384, 512, 1024)]
+        [mask, str(n)] for mask in ("none", "padding") for n in (16, 128, 256, 383, 384, 512, 1024)
+    ]
     lines = corpus.layernorm_table(threads=1, rounds=2, min_seconds=0).splitlines()
     assert len(lines) == 2 + 6 and all(line.count("ms") == 3 for line in lines[2:])
 
@@ -148,7 +248,10 @@ def test_the_mask_forms_if_leaves_onnx_runtime_no_more_transposes(exported, tmp_
     bare.CopyFrom(source)
     declare_maxima(bare, None, 64)
     counts = {}
-    for label, model in (("if", compile_model(source, "ort-cpu")), ("no_if", compile_model(bare, "ort-cpu"))):
+    for label, model in (
+        ("if", compile_model(source, "ort-cpu")),
+        ("no_if", compile_model(bare, "ort-cpu")),
+    ):
         has_if = any(n.op_type == "If" for n in model.graph.node)
         assert has_if == (label == "if"), label
         options = ort.SessionOptions()
@@ -171,7 +274,9 @@ def test_cores_fed_by_projections_of_one_input_take_the_attention_op_on_ort_cpu(
     from compiler.targets import every_node
 
     model = compile_model(load_onnx(exported[entry.name]), "ort-cpu")
-    takes = any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in every_node(model.graph))
+    takes = any(
+        n.op_type == "Attention" and n.domain == "com.microsoft" for n in every_node(model.graph)
+    )
     assert takes == (entry.family in ("bert", "vit", "gpt2")), entry.name
 
 
@@ -188,14 +293,22 @@ def test_llamas_rmsnorm_reaches_onnx_runtimes_fused_kernel(exported, tmp_path, t
     from compiler.ingest import load_onnx
 
     source = load_onnx(exported["llama-sdpa-dynamo"])
-    norms = sum(n.op_type == "Reciprocal" for n in source.graph.node)  # one per RMSNorm: 2 per layer and the final one
+    norms = sum(
+        n.op_type == "Reciprocal" for n in source.graph.node
+    )  # one per RMSNorm: 2 per layer and the final one
     assert norms == 2 * SIZE.layers + 1
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
-    ort.InferenceSession(compile_model(source, target).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        compile_model(source, target).SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    fused = optimized.count("SimplifiedLayerNormalization") + optimized.count("SkipSimplifiedLayerNormalization")
+    fused = optimized.count("SimplifiedLayerNormalization") + optimized.count(
+        "SkipSimplifiedLayerNormalization"
+    )
     assert fused == norms and "Reciprocal" not in optimized
     if target == "ort-cpu":
         assert "SkipSimplifiedLayerNormalization" not in optimized
@@ -214,16 +327,24 @@ def test_grouped_query_attention_reaches_the_attention_op_unrepeated(exported):
     from compiler.ingest import load_onnx
 
     source = load_onnx(exported[name])
-    assert sum(n.op_type == "Expand" for n in source.graph.node) >= 2 * SIZE.layers  # the repeat of keys and values
+    assert (
+        sum(n.op_type == "Expand" for n in source.graph.node) >= 2 * SIZE.layers
+    )  # the repeat of keys and values
     model = onnx.shape_inference.infer_shapes(compile_model(source, "onnx-attention"))
     producers = {out: n for n in model.graph.node for out in n.output}
-    heads = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in model.graph.value_info
-             if len(v.type.tensor_type.shape.dim) == 4}
+    heads = {
+        v.name: v.type.tensor_type.shape.dim[1].dim_value
+        for v in model.graph.value_info
+        if len(v.type.tensor_type.shape.dim) == 4
+    }
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
     assert len(attention) == SIZE.layers
     for node in attention:
         for kv in node.input[1:3]:
-            assert producers[kv].op_type != "Reshape" or producers[producers[kv].input[0]].op_type != "Expand"
+            assert (
+                producers[kv].op_type != "Reshape"
+                or producers[producers[kv].input[0]].op_type != "Expand"
+            )
             assert heads[kv] == SIZE.heads // 2
 
 
@@ -238,7 +359,9 @@ def test_keys_the_graph_fixes_below_the_forms_lengths_take_no_if(exported, name)
     from compiler.targets import every_node
 
     source = load_onnx(exported[name])
-    assert any(d.dim_param for i in source.graph.input for d in i.type.tensor_type.shape.dim)  # symbolic axes
+    assert any(
+        d.dim_param for i in source.graph.input for d in i.type.tensor_type.shape.dim
+    )  # symbolic axes
     ops = [n.op_type for n in every_node(compile_model(source, "ort-cpu").graph)]
     assert "If" not in ops and "Loop" not in ops and "MultiHeadAttention" in ops
 
@@ -260,8 +383,12 @@ def test_hugging_faces_causal_mask_takes_the_causal_blocks_and_keeps_every_row(e
     from compiler.mask_forms import CAUSAL_FROM
     from compiler.targets import every_node
 
-    if name not in exported:  # the legacy SDPA export, whose mask is -inf rather than lowest: this test only
-        exported[name] = model_zoo.export(next(e for e in model_zoo.entries(SIZE) if e.name == name), zoo)
+    if (
+        name not in exported
+    ):  # the legacy SDPA export, whose mask is -inf rather than lowest: this test only
+        exported[name] = model_zoo.export(
+            next(e for e in model_zoo.entries(SIZE) if e.name == name), zoo
+        )
     source = load_onnx(exported[name])
     compiled = compile_model(source, "ort-cpu")
     ops = [n.op_type for n in every_node(compiled.graph)]
@@ -269,20 +396,22 @@ def test_hugging_faces_causal_mask_takes_the_causal_blocks_and_keeps_every_row(e
     assert "GroupQueryAttention" in ops  # its chunks where nothing is padded (head size 16)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for m in (source, compiled)]
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for m in (source, compiled)
+    ]
     length = CAUSAL_FROM + 52  # not a multiple of the block
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 100, (2, length))
     for case in ("none", "trailing", "holes", "leading"):
         mask = np.ones((2, length), np.int64)
         if case == "trailing":
-            mask[1, -length // 3:] = 0
+            mask[1, -length // 3 :] = 0
         elif case == "holes":
             mask[:, 1:] = rng.random((2, length - 1)) > 0.3
             mask[0, 0] = 0  # row 0's first query sees nothing
         else:
-            mask[1, :length // 3] = 0
+            mask[1, : length // 3] = 0
         want, got = (s.run(None, {"input_ids": ids, "attention_mask": mask})[0] for s in sessions)
         assert np.array_equal(np.isnan(want), np.isnan(got)), case
         scale = np.nanmax(np.abs(want))

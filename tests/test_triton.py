@@ -8,7 +8,9 @@ import json
 import pytest
 
 pytest.importorskip("torch")
-model_config = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+model_config = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]"
+)
 from google.protobuf import text_format  # noqa: E402
 
 
@@ -24,14 +26,35 @@ def _tensors(entries):
 
 def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
     out, repo = tmp_path / "out", tmp_path / "repo"
-    result = run_cli("compile.py", "--embed-dim", "32", "--num-heads", "4", "--batch-first", "--self-attention",
-                     "--key-padding-mask", "bool", "--target", "ort-cpu", "--out", out, "--triton-repo", repo,
-                     "--triton-model-name", "mha", "--triton-max-batch", "16")
+    result = run_cli(
+        "compile.py",
+        "--embed-dim",
+        "32",
+        "--num-heads",
+        "4",
+        "--batch-first",
+        "--self-attention",
+        "--key-padding-mask",
+        "bool",
+        "--target",
+        "ort-cpu",
+        "--out",
+        out,
+        "--triton-repo",
+        repo,
+        "--triton-model-name",
+        "mha",
+        "--triton-max-batch",
+        "16",
+    )
     assert result.returncode == 0, result.stderr
     config = _parse(repo / "mha" / "config.pbtxt")
     assert (config.name, config.platform, config.max_batch_size) == ("mha", "onnxruntime_onnx", 16)
     assert config.HasField("dynamic_batching")
-    assert _tensors(config.input) == [("query", "TYPE_FP32", [-1, 32]), ("key_padding_mask", "TYPE_BOOL", [-1])]
+    assert _tensors(config.input) == [
+        ("query", "TYPE_FP32", [-1, 32]),
+        ("key_padding_mask", "TYPE_BOOL", [-1]),
+    ]
     assert _tensors(config.output) == [("attn_output", "TYPE_FP32", [-1, 32])]
     assert (repo / "mha" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -40,27 +63,69 @@ def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
 
 def test_unbatched_inputs_list_every_dim_without_batching(run_cli, tmp_path):
     repo = tmp_path / "repo"
-    result = run_cli("compile.py", "--embed-dim", "16", "--num-heads", "2", "--attn-mask", "float", "--need-weights",
-                     "--out", tmp_path / "out", "--triton-repo", repo)
+    result = run_cli(
+        "compile.py",
+        "--embed-dim",
+        "16",
+        "--num-heads",
+        "2",
+        "--attn-mask",
+        "float",
+        "--need-weights",
+        "--out",
+        tmp_path / "out",
+        "--triton-repo",
+        repo,
+    )
     assert result.returncode == 0, result.stderr
     config = _parse(repo / "attention" / "config.pbtxt")
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
-    assert _tensors(config.input) == [("query", "TYPE_FP32", [-1, -1, 16]), ("key", "TYPE_FP32", [-1, -1, 16]),
-                                      ("value", "TYPE_FP32", [-1, -1, 16]), ("attn_mask", "TYPE_FP32", [-1, -1])]
-    assert _tensors(config.output) == [("attn_output", "TYPE_FP32", [-1, -1, 16]),
-                                       ("attn_output_weights", "TYPE_FP32", [-1, -1, -1])]
+    assert _tensors(config.input) == [
+        ("query", "TYPE_FP32", [-1, -1, 16]),
+        ("key", "TYPE_FP32", [-1, -1, 16]),
+        ("value", "TYPE_FP32", [-1, -1, 16]),
+        ("attn_mask", "TYPE_FP32", [-1, -1]),
+    ]
+    assert _tensors(config.output) == [
+        ("attn_output", "TYPE_FP32", [-1, -1, 16]),
+        ("attn_output_weights", "TYPE_FP32", [-1, -1, -1]),
+    ]
     assert "query, key, value, attn_mask, attn_output have no leading batch axis" in result.stdout
 
 
 def test_encoder_block_repository(run_cli, tmp_path):
     repo = tmp_path / "repo"
-    result = run_cli("compile.py", "--block", "encoder", "--embed-dim", "16", "--num-heads", "2", "--dim-feedforward", "32",
-                     "--batch-first", "--key-padding-mask", "bool", "--precision", "fp16", "--target", "ort-cuda",
-                     "--out", tmp_path / "out", "--triton-repo", repo)
+    result = run_cli(
+        "compile.py",
+        "--block",
+        "encoder",
+        "--embed-dim",
+        "16",
+        "--num-heads",
+        "2",
+        "--dim-feedforward",
+        "32",
+        "--batch-first",
+        "--key-padding-mask",
+        "bool",
+        "--precision",
+        "fp16",
+        "--target",
+        "ort-cuda",
+        "--out",
+        tmp_path / "out",
+        "--triton-repo",
+        repo,
+    )
     assert result.returncode == 0, result.stderr
     config = _parse(repo / "attention" / "config.pbtxt")
-    assert _tensors(config.input) == [("src", "TYPE_FP32", [-1, 16]), ("src_key_padding_mask", "TYPE_BOOL", [-1])]
-    assert _tensors(config.output) == [("output", "TYPE_FP32", [-1, 16])]  # fp16 inside, float32 at the edges
+    assert _tensors(config.input) == [
+        ("src", "TYPE_FP32", [-1, 16]),
+        ("src_key_padding_mask", "TYPE_BOOL", [-1]),
+    ]
+    assert _tensors(config.output) == [
+        ("output", "TYPE_FP32", [-1, 16])
+    ]  # fp16 inside, float32 at the edges
 
 
 def test_a_repository_keeps_its_other_models_and_force_replaces_only_ours(tmp_path, capsys):
@@ -83,8 +148,20 @@ def test_a_repository_keeps_its_other_models_and_force_replaces_only_ours(tmp_pa
     assert compile_script.main([*args, "--out", str(tmp_path / "b"), "--seed", "1"]) == 2
     assert "--triton-repo folder" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert compile_script.main([*args, "--out", str(tmp_path / "b"), "--seed", "1", "--force"]) == 0
-    assert (repo / "attention" / "1" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
-    assert compile_script.main([*args, "--triton-model-name", "other", "--out", str(tmp_path / "c"), "--force"]) == 2
+    assert (repo / "attention" / "1" / "model.onnx").read_bytes() == (
+        tmp_path / "b" / "model.onnx"
+    ).read_bytes()
+    assert (
+        compile_script.main(
+            [*args, "--triton-model-name", "other", "--out", str(tmp_path / "c"), "--force"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "--triton-repo folder" in err and "was not written by compile.py (its config.pbtxt was not written" in err
-    assert (repo / "other" / "config.pbtxt").read_text() == 'name: "other"\n' and not (tmp_path / "c").exists()
+    assert (
+        "--triton-repo folder" in err
+        and "was not written by compile.py (its config.pbtxt was not written" in err
+    )
+    assert (repo / "other" / "config.pbtxt").read_text() == 'name: "other"\n' and not (
+        tmp_path / "c"
+    ).exists()

@@ -13,8 +13,14 @@ SEPARATE = AttentionSpec(8, 2, kdim=3, vdim=5, add_bias_kv=True)
 
 def _module(spec):
     torch.manual_seed(0)
-    return torch.nn.MultiheadAttention(spec.embed_dim, spec.num_heads, bias=spec.bias, add_bias_kv=spec.add_bias_kv,
-                                       kdim=spec.kdim, vdim=spec.vdim)
+    return torch.nn.MultiheadAttention(
+        spec.embed_dim,
+        spec.num_heads,
+        bias=spec.bias,
+        add_bias_kv=spec.add_bias_kv,
+        kdim=spec.kdim,
+        vdim=spec.vdim,
+    )
 
 
 def _state(spec):
@@ -52,7 +58,9 @@ def test_live_module_and_bf16_tensors():
     module = _module(SPEC).to(torch.bfloat16)
     weights = AttentionWeights.from_module(SPEC, module)
     assert weights.tensors["in_proj_weight"].dtype == np.float32
-    np.testing.assert_array_equal(weights.tensors["out_proj.weight"], module.out_proj.weight.detach().float().numpy())
+    np.testing.assert_array_equal(
+        weights.tensors["out_proj.weight"], module.out_proj.weight.detach().float().numpy()
+    )
 
 
 def test_random_init_is_seeded_with_nonzero_biases():
@@ -68,8 +76,14 @@ def test_random_init_is_seeded_with_nonzero_biases():
         (lambda s: s.pop("in_proj_bias"), "weights are missing key 'in_proj_bias'"),
         (lambda s: s.update(extra=np.zeros(3)), "weights hold unexpected key 'extra'"),
         (lambda s: s.update(bias_k=np.zeros((1, 1, 8))), "weights hold unexpected keys 'bias_k'"),
-        (lambda s: s.update(in_proj_weight=np.zeros((24, 7))), "weight 'in_proj_weight' has shape (24, 7), expected (24, 8)"),
-        (lambda s: s.update(in_proj_bias=np.zeros(24, np.int64)), "weight 'in_proj_bias' has dtype int64, expected a floating-point tensor"),
+        (
+            lambda s: s.update(in_proj_weight=np.zeros((24, 7))),
+            "weight 'in_proj_weight' has shape (24, 7), expected (24, 8)",
+        ),
+        (
+            lambda s: s.update(in_proj_bias=np.zeros(24, np.int64)),
+            "weight 'in_proj_bias' has dtype int64, expected a floating-point tensor",
+        ),
     ],
 )
 def test_bad_state_dicts_are_named(mutate, message):
@@ -83,7 +97,9 @@ def test_bad_state_dicts_are_named(mutate, message):
 
 
 def test_in_proj_weight_is_refused_where_torch_keeps_separate_weights():
-    with pytest.raises(WeightsError, match="missing keys 'q_proj_weight', 'k_proj_weight', 'v_proj_weight'"):
+    with pytest.raises(
+        WeightsError, match="missing keys 'q_proj_weight', 'k_proj_weight', 'v_proj_weight'"
+    ):
         AttentionWeights.from_state_dict(SEPARATE, _state(SPEC))
 
 
@@ -99,7 +115,9 @@ def test_truncated_files_give_a_clear_error(tmp_path, suffix):
 
 def test_unknown_suffix_and_missing_file(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(WeightsError, match="has an unknown type; expected .safetensors, .npz or .pt"):
+    with pytest.raises(
+        WeightsError, match="has an unknown type; expected .safetensors, .npz or .pt"
+    ):
         AttentionWeights.from_file(SPEC, tmp_path / "w.bin")
     with pytest.raises(WeightsError, match="does not exist"):
         AttentionWeights.from_file(SPEC, tmp_path / "none.pt")
@@ -117,7 +135,9 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"in_proj_weight": _Exploit(str(marker))}, path, pickle_module=pickle)
-    with pytest.raises(WeightsError, match=r"could not be loaded with torch.load\(weights_only=True\)"):
+    with pytest.raises(
+        WeightsError, match=r"could not be loaded with torch.load\(weights_only=True\)"
+    ):
         AttentionWeights.from_file(SPEC, path)
     assert not marker.exists()
 
@@ -126,7 +146,10 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "obj.npz"
     np.savez(path, **{**_state(SPEC), "in_proj_weight": np.array([{"a": 1}], dtype=object)})
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("the pickle was loaded"))
-    with pytest.raises(WeightsError, match=r"weight 'in_proj_weight' holds Python objects \(a pickle, which is never loaded"):
+    with pytest.raises(
+        WeightsError,
+        match=r"weight 'in_proj_weight' holds Python objects \(a pickle, which is never loaded",
+    ):
         AttentionWeights.from_file(SPEC, path)
 
 
@@ -134,6 +157,10 @@ def test_bf16_safetensors_load_through_torch(tmp_path):
     from safetensors.torch import save_file as save_torch
 
     module = _module(SPEC).to(torch.bfloat16)
-    save_torch({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_torch(
+        {k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     weights = AttentionWeights.from_file(SPEC, tmp_path / "w.safetensors")
-    np.testing.assert_array_equal(weights.tensors["in_proj_weight"], module.in_proj_weight.detach().float().numpy())
+    np.testing.assert_array_equal(
+        weights.tensors["in_proj_weight"], module.in_proj_weight.detach().float().numpy()
+    )
