@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from compiler.output_folders import write_file_atomically
 
 ENV = "ATTENTION_COMPILER_CACHE"
 
@@ -61,11 +62,4 @@ class EngineCache:
     def store(self, path: Path, data: bytes) -> None:
         """Write ``data`` to ``path`` under the cache root whole or not at all (concurrent builds may race)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomically(path, data)
