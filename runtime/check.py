@@ -33,37 +33,45 @@ FP16_TOLERANCE = 1e-2  # float16 has an 11-bit significand (epsilon 9.8e-4); a f
 def random_inputs(
     spec: AttentionSpec, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2
 ) -> dict[str, np.ndarray]:
-    """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys. With a KV cache,
-    shape's SRC is the past's length and the cache is random."""
+    """Inputs in the graph's layout; masks block about ``mask_rate`` of the keys, key 0 included (so
+    some rows may be fully masked). With a KV cache, shape's SRC is the past's length and the cache
+    is random."""
     batch, tgt, src = shape
-    if spec.self_attention and not spec.kv_cache:
-        src = tgt
+    sizes = {
+        "batch": batch,
+        "tgt_len": tgt,
+        "src_len": tgt if spec.self_attention else src,
+        "past_len": src,
+    }
+    return signature_inputs(spec.inputs(), sizes, rng, mask_rate, keep_first_key=False)
 
-    def seq(length: int, width: int) -> np.ndarray:
-        dims = (batch, length, width) if spec.batch_first else (length, batch, width)
-        return rng.standard_normal(dims).astype(np.float32)
 
-    def mask(kind: str, dims: tuple[int, ...]) -> np.ndarray:
-        blocked = rng.random(dims) < mask_rate
-        if kind == "bool":
-            return blocked
-        return np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
-
-    feeds = {"query": seq(tgt, spec.embed_dim)}
-    if spec.kv_cache:  # SRC is the past's length; the keys are the past's and the query's
-        for name in ("past_key", "past_value"):
-            feeds[name] = rng.standard_normal((batch, spec.num_heads, src, spec.head_dim)).astype(
-                np.float32
+def signature_inputs(
+    signature: Sequence[Any],
+    sizes: Mapping[str, int],
+    rng: np.random.Generator,
+    mask_rate: float = 0.2,
+    *,
+    keep_first_key: bool,
+) -> dict[str, np.ndarray]:
+    """Random inputs for a graph signature (TensorSig list) at ``sizes`` of its symbolic axes: floats
+    from a standard normal; masks (inputs named *mask) blocking about ``mask_rate`` of their entries,
+    bool as True, float as -inf among N(0, 0.5) biases. ``keep_first_key``: key 0 is never blocked,
+    so no query row is fully masked."""
+    feeds = {}
+    for sig in signature:
+        dims = tuple(evaluate(d, sizes) if isinstance(d, str) else d for d in sig.shape)
+        if "mask" in sig.name:
+            blocked = rng.random(dims) < mask_rate
+            if keep_first_key:
+                blocked[..., 0] = False
+            feeds[sig.name] = (
+                blocked
+                if sig.dtype == "bool"
+                else np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
             )
-        src += tgt
-    if not spec.self_attention:
-        feeds["key"] = seq(src, spec.k_dim)
-        feeds["value"] = seq(src, spec.v_dim)
-    if spec.key_padding_mask is not None:
-        feeds["key_padding_mask"] = mask(spec.key_padding_mask, (batch, src))
-    if spec.attn_mask is not None:
-        dims = (batch * spec.num_heads, tgt, src) if spec.attn_mask_3d else (tgt, src)
-        feeds["attn_mask"] = mask(spec.attn_mask, dims)
+        else:
+            feeds[sig.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
 
@@ -278,29 +286,11 @@ def _rows(spec: AttentionSpec, output: str, array: np.ndarray, keep: np.ndarray)
 def block_inputs(
     spec: Any, shape: Shape, rng: np.random.Generator, mask_rate: float = 0.2
 ) -> dict[str, np.ndarray]:
-    """Random inputs for a block's graph; masks block about ``mask_rate`` of the keys but never
-    key 0, so no query row is fully masked (torch gives NaN there; docs/ARCHITECTURE.md a zero context)."""
+    """Random inputs for a block's graph; masks never block key 0, so no query row is fully masked
+    (torch gives NaN there; docs/ARCHITECTURE.md a zero context). A cache is as long as the memory."""
     batch, tgt, src = shape
-    sizes = {
-        "batch": batch,
-        "tgt_len": tgt,
-        "src_len": src,
-        "past_len": src,
-    }  # a cache as long as the memory
-    feeds = {}
-    for sig in spec.inputs():
-        dims = tuple(evaluate(d, sizes) if isinstance(d, str) else d for d in sig.shape)
-        if "mask" in sig.name:
-            blocked = rng.random(dims) < mask_rate
-            blocked[..., 0] = False
-            feeds[sig.name] = (
-                blocked
-                if sig.dtype == "bool"
-                else np.where(blocked, -np.inf, rng.normal(0.0, 0.5, dims)).astype(np.float32)
-            )
-        else:
-            feeds[sig.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
+    sizes = {"batch": batch, "tgt_len": tgt, "src_len": src, "past_len": src}
+    return signature_inputs(spec.inputs(), sizes, rng, mask_rate, keep_first_key=True)
 
 
 def check_block_session(
