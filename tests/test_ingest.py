@@ -217,6 +217,22 @@ class _TwoLayers(torch.nn.Module):
         return self.second(self.first(x) + x)
 
 
+def _exported(module: torch.nn.Module, args: tuple, folder, **options) -> onnx.ModelProto:
+    """``module`` through torch.onnx.export (its warnings silenced), loaded as --onnx loads it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, folder / "m.onnx", **options)
+    return load_onnx(folder / "m.onnx")
+
+
+def _compiled(original: onnx.ModelProto, target: str):
+    """The compiled graph and its per-Softmax findings."""
+    compiled = compile_model(original, target)
+    return compiled, fusion_findings(
+        original, compiled, get_target(target)[1], attention_form(compiled)
+    )
+
+
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
 def test_attention_inside_model_local_functions_fuses(tmp_path, target):
     """torch's legacy exporter with export_modules_as_functions puts each layer in a model-local
@@ -225,23 +241,19 @@ def test_attention_inside_model_local_functions_fuses(tmp_path, target):
     torch.manual_seed(0)
     module = _TwoLayers().eval()
     x = torch.randn(2, 6, E)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (x,),
-            tmp_path / "m.onnx",
-            dynamo=False,
-            export_modules_as_functions={_Layer},
-            input_names=["x"],
-            dynamic_axes={"x": {0: "batch", 1: "seq"}},
-        )
-    original = load_onnx(tmp_path / "m.onnx")
+    original = _exported(
+        module,
+        (x,),
+        tmp_path,
+        dynamo=False,
+        export_modules_as_functions={_Layer},
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch", 1: "seq"}},
+    )
     assert [f.name for f in original.functions] == ["_Layer"] and not any(
         n.op_type == "Softmax" for n in original.graph.node
     )
-    compiled = compile_model(original, target)
-    findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
+    compiled, findings = _compiled(original, target)
     assert [f.fused for f in findings] == [True, True] and not compiled.functions
     got = next(iter(OrtSession(compiled).run({"x": x.numpy()}).values()))
     with torch.no_grad():
@@ -274,25 +286,20 @@ def test_attention_inside_if_branches_fuses(tmp_path, target):
     torch.manual_seed(0)
     module = _EitherLayer().eval()
     x = torch.randn(2, 6, E)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (x, torch.ones(1)),
-            tmp_path / "m.onnx",
-            dynamo=True,
-            dynamic_shapes=({0: "batch", 1: "seq"}, None),
-        )
-    original = load_onnx(tmp_path / "m.onnx")
+    original = _exported(
+        module,
+        (x, torch.ones(1)),
+        tmp_path,
+        dynamo=True,
+        dynamic_shapes=({0: "batch", 1: "seq"}, None),
+    )
     assert [n.op_type for n in original.graph.node if n.op_type == "If"] == ["If"]
     assert not any(n.op_type == "Softmax" for n in original.graph.node)
-    compiled = compile_model(original, target)
-    findings = fusion_findings(original, compiled, get_target(target)[1], attention_form(compiled))
+    compiled, findings = _compiled(original, target)
     assert [f.fused for f in findings] == [True, True], [str(f) for f in findings]
     assert not any(n.op_type == "Softmax" for n in every_node(compiled.graph))
-    onnx.checker.check_model(
-        compiled
-    )  # the branches read the constants the fusion put in the main graph
+    # the branches read the constants the fusion put in the main graph
+    onnx.checker.check_model(compiled)
     session = OrtSession(compiled)
     for flag, layer in ((1.0, module.a), (-1.0, module.b)):
         got = next(
