@@ -55,7 +55,7 @@ def _rows(x: ir.Value) -> float:
 
 
 def _declared_rows(model: ir.Model) -> float:
-    """max batch x max length where the model declares both (compiler/resources.declare_maxima), else infinity."""
+    """max batch x max length where the model declares both (graphs/builder.declare_maxima), else infinity."""
     sizes = [model.metadata_props.get(key) for key in (MAX_BATCH_KEY, MAX_LEN_KEY)]
     if not all(size is not None and size.isdigit() for size in sizes):
         return math.inf

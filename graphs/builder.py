@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphs.dtypes import BY_NUMPY
-from graphs.spec import TensorSig
+from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY, TensorSig
 
 OPSET = 18
 
@@ -107,3 +107,14 @@ class GraphBuilder:
         )
         model.ir_version = 9  # opset 18 needs IR 8+; 9 is what ONNX Runtime 1.16+ reads
         return model
+
+
+def declare_maxima(model: onnx.ModelProto, max_batch: int | None, max_len: int | None) -> None:
+    """Record the declared largest batch and length in the model's metadata, where every Session
+    reads them and refuses larger inputs (and the ort-cpu passes leave out forms for longer ones)."""
+    for key, value in ((MAX_BATCH_KEY, max_batch), (MAX_LEN_KEY, max_len)):
+        if value is not None:
+            kept = [p for p in model.metadata_props if p.key != key]
+            del model.metadata_props[:]
+            model.metadata_props.extend(kept)
+            model.metadata_props.add(key=key, value=str(value))

@@ -8,17 +8,18 @@ would break the float32 contract the check holds the engine to.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.engine_cache import EngineCache, engine_key
 from runtime.profiles import Profile, check_in_profile
 from runtime.session import BackendUnavailable, Session
 from runtime.signature import InputSpec, torch_dtype
@@ -70,6 +71,34 @@ class EngineInfo:
             "timing_cache": str(self.timing_cache),
             "build_seconds": self.build_seconds,
         }
+
+
+def engine_key(
+    model_sha256: Mapping[str, str],
+    tensorrt_version: str,
+    gpu: str,
+    profile: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> str:
+    """sha256 over everything an engine depends on: the model files' hashes, TensorRT's version, the
+    GPU's name (with its compute capability), the profile and the build settings (precision, flags)."""
+    described = {
+        "model": dict(sorted(model_sha256.items())),
+        "tensorrt": tensorrt_version,
+        "gpu": gpu,
+        "profile": profile,
+        "settings": dict(settings),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+class EngineCache(Protocol):
+    """Where engine_for keeps built engines and timing caches (artifacts.engine_cache.EngineCache)."""
+
+    def engine_path(self, key: str) -> Path: ...
+    def timing_cache_path(self, tensorrt_version: str, gpu: str) -> Path: ...
+    def load(self, key: str) -> bytes | None: ...
+    def store(self, path: Path, data: bytes) -> None: ...
 
 
 def engine_for(

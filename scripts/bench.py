@@ -25,19 +25,19 @@ import onnxruntime as ort
 from signals import Signals, Stopped, stop_as_exception
 from spec_flags import add_spec_flags, given_spec_flags, spec_from_args
 
-from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
-from compiler.artifacts import file_records
-from compiler.output_folders import (
+from artifacts.files import file_records
+from artifacts.output_folders import (
     ArtifactError,
     OutputRefused,
     check_output_file,
     write_file_atomically,
 )
+from benchmark.cost import attention_flops, attention_min_bytes
+from benchmark.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
+from benchmark.timing import Timing, cpu_name, measure, measure_cuda
+from compiler import PRECISIONS, TARGETS, TargetError, compile_model, get_target
 from graphs import AttentionSpec, AttentionWeights, SpecError, WeightsError, build_mha
 from runtime.check import random_inputs
-from runtime.cost import attention_flops, attention_min_bytes
-from runtime.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
-from runtime.timing import Timing, cpu_name, measure, measure_cuda
 
 BASELINES = ("eager", "sdpa", "exporter")
 MASKS = {  # --masks: the spec's mask options for each kind (bench_inputs draws the masks themselves)
@@ -389,7 +389,7 @@ def bench_inputs(
 
 
 def device_rates(device: str, threads: int, min_seconds: float) -> dict[str, float]:
-    from runtime import timing
+    from benchmark import timing
 
     if device == "cpu":
         rate = timing.cpu_matmul_rate(threads=threads, min_seconds=min_seconds)
@@ -427,7 +427,7 @@ def sweep(
     for precision in torch_precisions:
         dtype = dtypes[precision]
         if "eager" in args.baselines:
-            from runtime.baselines import eager_attention
+            from benchmark.baselines import eager_attention
 
             eager = eager_attention(spec, weights, dtype=dtype, device=device)
             backends.append(
@@ -438,7 +438,7 @@ def sweep(
                 )
             )
         if "sdpa" in args.baselines:
-            from runtime.baselines import SdpaAttention
+            from benchmark.baselines import SdpaAttention
 
             try:
                 sdpa = SdpaAttention(spec, weights, dtype=dtype, device=device)
@@ -512,7 +512,7 @@ def _exporter(
     threads: int,
     gpu: bool | None,
 ) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
-    from runtime.baselines import export_with_torch
+    from benchmark.baselines import export_with_torch
 
     if gpu is False:
         return "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"

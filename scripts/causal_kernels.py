@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.timing import cpu_matmul_rate, cpu_name
+from benchmark.timing import cpu_matmul_rate, cpu_name
 
 MS = "com.microsoft"
 

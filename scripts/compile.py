@@ -32,8 +32,7 @@ from spec_flags import (
     spec_from_args,
 )
 
-from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
-from compiler.artifacts import (
+from artifacts.files import (
     EXTERNAL_DATA,
     file_records,
     needs_external_data,
@@ -41,8 +40,7 @@ from compiler.artifacts import (
     write_file,
     write_manifest,
 )
-from compiler.ingest import IngestError
-from compiler.output_folders import (
+from artifacts.output_folders import (
     WRITTEN_BY,
     ArtifactError,
     Output,
@@ -53,9 +51,12 @@ from compiler.output_folders import (
     show,
     staged,
 )
-from compiler.report import graph_summary, input_shapes, render_report
-from compiler.resources import MemoryBoundError, declare_maxima
+from artifacts.report import graph_summary, input_shapes, render_report
+from artifacts.resources import MemoryBoundError
+from compiler import PRECISIONS, TARGETS, TargetError, attention_form, compile_model, get_target
 from graphs import AttentionWeights, SpecError, WeightsError, build_mha
+from graphs.builder import declare_maxima
+from graphs.onnx_files import IngestError
 from graphs.weight_files import first_line
 from graphs.weights import check_precision_range
 from runtime import InputError
@@ -294,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _size(text: str) -> int:
-    from compiler.resources import parse_size
+    from artifacts.resources import parse_size
 
     try:
         return parse_size(text)
@@ -312,7 +313,7 @@ def _bounded(args: argparse.Namespace) -> bool:
 
 
 def max_shape(args: argparse.Namespace) -> Any:
-    from compiler.resources import Shape
+    from artifacts.resources import Shape
 
     batch = 8 if args.max_batch is None else args.max_batch
     length = 512 if args.max_len is None else args.max_len
@@ -323,7 +324,7 @@ def memory_bound(args: argparse.Namespace, spec: Any, parameters: int) -> dict[s
     """MemoryBoundError, before anything is allocated, when the work (building, checking, timing)
     would not fit this machine's memory, or one call at the declared maximum shape would pass
     --memory-limit; the estimate at that shape, for the manifest."""
-    from compiler.resources import (
+    from artifacts.resources import (
         Shape,
         attention_parts,
         block_parts,
@@ -454,7 +455,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def run_onnx(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The target's pipeline over an existing graph; --check compares it with that graph on ONNX Runtime CPU."""
     from compiler.float16 import weight_beyond_float16
-    from compiler.ingest import fusion_findings, load_onnx
+    from compiler.ingest import fusion_findings
+    from graphs.onnx_files import load_onnx
     from runtime.check import check_against_graph
     from runtime.graph_inputs import graph_inputs, index_ranges, read_inputs
 
@@ -619,7 +621,7 @@ def _emit(
         }
     triton_text = None
     if args.triton_repo is not None:
-        from compiler.triton import triton_config
+        from artifacts.triton import triton_config
 
         max_batch = (
             args.triton_max_batch
@@ -829,7 +831,7 @@ def build_engine_file(
     checker: Callable[[Any], Any],
 ) -> dict[str, Any]:
     """staging/model.engine, from the engine cache or built; with --check, the engine is checked too."""
-    from runtime.engine_cache import EngineCache
+    from artifacts.engine_cache import EngineCache
     from runtime.trt_engine import TensorRTSession, engine_for
 
     model_files = {
@@ -880,8 +882,8 @@ def measure_latency(
     ``after`` is the written model's session, ``source`` the --onnx file ``before`` came from."""
     import onnxruntime
 
+    from benchmark.timing import cpu_name, measure
     from runtime.ort import OrtSession
-    from runtime.timing import cpu_name, measure
 
     sessions = {
         "before": input_session(before, source) if source is not None else OrtSession(before),

@@ -36,17 +36,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from artifacts.output_folders import check_output_file, write_file_atomically
+from benchmark.timing import Timing, cpu_matmul_rate, cpu_name
 from compiler import attention_form, compile_model, get_target
 from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
-from compiler.ingest import fusion_findings, load_onnx
-from compiler.output_folders import check_output_file, write_file_atomically
+from compiler.ingest import fusion_findings
 from compiler.pack_projections import PackProjectionsPass
 from compiler.targets import every_node
+from graphs.onnx_files import load_onnx
 from runtime.check import check_against_graph
 from runtime.graph_inputs import graph_inputs, index_ranges
 from runtime.ort import OrtSession
 from runtime.signature import input_specs
-from runtime.timing import Timing, cpu_matmul_rate, cpu_name
 
 TARGETS = ("ort-cpu", "onnx-attention")
 MODEL_TYPES = {

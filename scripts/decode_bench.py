@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler import compile_model
-from compiler.resources import declare_maxima
 from graphs import AttentionSpec, AttentionWeights, build_mha
+from graphs.builder import declare_maxima
 from runtime.generation import KvCacheLoop
 from runtime.ort import OrtSession
 

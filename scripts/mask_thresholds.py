@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort
 
 import compiler.fuse_ort_mha as fusion
+from benchmark.timing import cpu_name
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import random_inputs
-from runtime.timing import cpu_name
 
 MASKS = {
     "padding": {"key_padding_mask": "bool"},

@@ -1,18 +1,18 @@
 import pytest
 
-from compiler import artifacts, output_folders
+from artifacts import files, output_folders
 
 
-def _write(out, files, *, force=False):
+def _write(out, contents, *, force=False):
     with output_folders.staged_directory(out, force=force) as staging:
-        for name, data in files.items():
-            artifacts.write_file(staging / name, data)
-        artifacts.write_manifest(staging, {"files": {name: {} for name in files}})
+        for name, data in contents.items():
+            files.write_file(staging / name, data)
+        files.write_manifest(staging, {"files": {name: {} for name in contents}})
 
 
 def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
     calls = []
-    real = artifacts.write_file
+    real = files.write_file
 
     def failing(path, data):
         calls.append(path.name)
@@ -20,7 +20,7 @@ def test_a_failure_half_way_leaves_no_folder(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(artifacts, "write_file", failing)
+    monkeypatch.setattr(files, "write_file", failing)
     with pytest.raises(OSError, match="No space left"):
         _write(tmp_path / "a" / "out", {"model.onnx": b"abc"})
     assert calls == ["model.onnx", "manifest.json"]
@@ -31,7 +31,7 @@ def test_force_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path, monk
     out = tmp_path / "out"
     _write(out, {"model.onnx": b"old"})
     monkeypatch.setattr(
-        artifacts, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone"))
+        files, "write_file", lambda path, data: (_ for _ in ()).throw(OSError("disk gone"))
     )
     with pytest.raises(OSError):
         _write(out, {"model.onnx": b"new"}, force=True)

@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 
+from benchmark.cost import attended_pairs, attention_flops, attention_min_bytes
+from benchmark.memory import PeakRss, predicted_growth
+from benchmark.timing import measure
 from graphs import AttentionSpec
-from runtime.cost import attended_pairs, attention_flops, attention_min_bytes
-from runtime.memory import PeakRss, predicted_growth
-from runtime.timing import measure
 
 torch = pytest.importorskip("torch")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from compiler import artifacts
+from artifacts import files
 from graphs.blocks import BlockSpec, BlockWeights
 from runtime.block_reference import torch_block, torch_block_forward
 from runtime.check import block_inputs
@@ -269,8 +269,8 @@ def test_external_data_always_writes_checked_data_beside_the_model(run_cli, tmp_
 
 def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypatch, capsys):
     # The real limit needs 2 GB of weights (a 72 s, 12 GB run by hand, E=12288); a lower limit runs the same path.
-    monkeypatch.setattr(artifacts, "PROTOBUF_LIMIT", 2**20)
-    monkeypatch.setattr(artifacts, "GRAPH_HEADROOM", 0)
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 2**20)
+    monkeypatch.setattr(files, "GRAPH_HEADROOM", 0)
     small, large = tmp_path / "small", tmp_path / "large"
     assert compile_script.main(["--embed-dim", "8", "--num-heads", "2", "--out", str(small)]) == 0
     assert (

@@ -116,7 +116,7 @@ import time  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
-from runtime.memory import PeakRss  # noqa: E402
+from benchmark.memory import PeakRss  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import compile as compile_script  # noqa: E402

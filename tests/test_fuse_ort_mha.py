@@ -30,7 +30,7 @@ def test_ort_cpu_self_attention_projects_inside_attention_below_384_and_flash_ab
     Q/K/V weights (it projects inside the op: no Split, no head split); from there on
     MultiHeadAttention's flash path. A length the model declares decides it at compile time; else
     an If on the length. The projections are not left in the main graph either way."""
-    from compiler.resources import declare_maxima
+    from graphs.builder import declare_maxima
 
     spec = AttentionSpec(512, 8, batch_first=True, self_attention=True)
     source = build_mha(spec, AttentionWeights.random(spec))

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 from conftest import ROOT  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from benchmark.memory import PeakRss  # noqa: E402
 from graphs import AttentionSpec, AttentionWeights, WeightsError, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
-from runtime.memory import PeakRss  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import compile as compile_script  # noqa: E402
@@ -261,7 +261,7 @@ import os  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from compiler.ingest import IngestError, load_onnx  # noqa: E402
+from graphs.onnx_files import IngestError, load_onnx  # noqa: E402
 
 
 def _external(folder, *, length=None, offset=None, location="w.bin", data=16):

@@ -30,9 +30,9 @@ torch = pytest.importorskip("torch")
 
 from conftest import ROOT  # noqa: E402
 
+from benchmark.memory import PeakRss  # noqa: E402
 from graphs import AttentionSpec, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
-from runtime.memory import PeakRss  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import compile as compile_script  # noqa: E402

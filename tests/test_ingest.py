@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from compiler import attention_form, compile_model, get_target
-from compiler.ingest import IngestError, fusion_findings, load_onnx
+from compiler.ingest import fusion_findings
+from graphs.onnx_files import IngestError, load_onnx
 from runtime.check import FP32_TOLERANCE, check_against_graph
 from runtime.graph_inputs import graph_inputs
 from runtime.ort import OrtSession

@@ -391,7 +391,7 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(
     Prompts of 5 (one op) and 8 and 11 (blocks; 11 ends in a ragged block), then 3 steps, against
     one causal pass of the float64 reference over the whole sequence; left padding leaves a row
     with no visible key, which is zero (out_proj.bias)."""
-    from compiler.resources import declare_maxima
+    from graphs.builder import declare_maxima
     from runtime.generation import KvCacheLoop
 
     spec = AttentionSpec(

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from compiler import artifacts, output_folders
+from artifacts import files, output_folders
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench as bench_script  # noqa: E402
@@ -155,7 +155,7 @@ def test_a_failure_after_the_first_output_is_in_place_puts_both_back(tmp_path, m
     """--out and the Triton model swap in together: when the second swap fails, the first is undone."""
     first, second = tmp_path / "out", tmp_path / "repo" / "m"
     with output_folders.staged_directory(first) as staging:
-        artifacts.write_manifest(staging, {"files": {}})
+        files.write_manifest(staging, {"files": {}})
     claims = [
         output_folders.claim(first, force=True),
         output_folders.claim(second, force=False, owner="triton"),
@@ -170,7 +170,7 @@ def test_a_failure_after_the_first_output_is_in_place_puts_both_back(tmp_path, m
     monkeypatch.setattr(output_folders, "_swap_in", swap)
     with pytest.raises(output_folders.ArtifactError, match="disk gone"):
         with output_folders.staged(*claims) as (a, b):
-            artifacts.write_manifest(a, {"files": {"new": {}}})
+            files.write_manifest(a, {"files": {"new": {}}})
     assert json.loads((first / "manifest.json").read_text())["files"] == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "out"

@@ -240,8 +240,8 @@ def test_the_mask_forms_if_leaves_onnx_runtime_no_more_transposes(exported, tmp_
     import onnxruntime as ort
 
     from compiler import compile_model
-    from compiler.ingest import load_onnx
-    from compiler.resources import declare_maxima
+    from graphs.builder import declare_maxima
+    from graphs.onnx_files import load_onnx
 
     source = load_onnx(exported[name])
     bare = onnx.ModelProto()
@@ -270,8 +270,8 @@ def test_cores_fed_by_projections_of_one_input_take_the_attention_op_on_ort_cpu(
     packed output) do, so their short forms run com.microsoft.Attention; Llama (rotary embeddings
     between) and torch's modules (an unflattened packed projection) keep MultiHeadAttention."""
     from compiler import compile_model
-    from compiler.ingest import load_onnx
     from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
 
     model = compile_model(load_onnx(exported[entry.name]), "ort-cpu")
     takes = any(
@@ -290,7 +290,7 @@ def test_llamas_rmsnorm_reaches_onnx_runtimes_fused_kernel(exported, tmp_path, t
     import onnxruntime as ort
 
     from compiler import compile_model
-    from compiler.ingest import load_onnx
+    from graphs.onnx_files import load_onnx
 
     source = load_onnx(exported["llama-sdpa-dynamo"])
     norms = sum(
@@ -324,7 +324,7 @@ def test_grouped_query_attention_reaches_the_attention_op_unrepeated(exported):
     import onnx
 
     from compiler import compile_model
-    from compiler.ingest import load_onnx
+    from graphs.onnx_files import load_onnx
 
     source = load_onnx(exported[name])
     assert (
@@ -355,8 +355,8 @@ def test_keys_the_graph_fixes_below_the_forms_lengths_take_no_if(exported, name)
     so the graph gets the short form and no If (which costs ONNX Runtime a few percent on a graph
     this small)."""
     from compiler import compile_model
-    from compiler.ingest import load_onnx
     from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
 
     source = load_onnx(exported[name])
     assert any(
@@ -379,9 +379,9 @@ def test_hugging_faces_causal_mask_takes_the_causal_blocks_and_keeps_every_row(e
     import onnxruntime as ort
 
     from compiler import compile_model
-    from compiler.ingest import load_onnx
     from compiler.mask_forms import CAUSAL_FROM
     from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
 
     if (
         name not in exported

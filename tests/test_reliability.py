@@ -15,14 +15,15 @@ import onnx
 import pytest
 from conftest import ROOT
 
-from compiler import compile_model, output_folders
-from compiler.artifacts import write_manifest
-from compiler.resources import MemoryBoundError, Shape, attention_parts, check_memory, parse_size
+from artifacts import output_folders
+from artifacts.files import write_manifest
+from artifacts.resources import MemoryBoundError, Shape, attention_parts, check_memory, parse_size
+from benchmark.memory import PeakRss
+from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, WeightsError, build_mha
 from graphs.weights import expected_shapes, random_state
 from runtime import InputError
 from runtime.check import random_inputs
-from runtime.memory import PeakRss
 from runtime.ort import OrtSession
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -106,7 +107,7 @@ def _external_model(folder, location):
 def test_external_data_through_a_symlink_out_of_the_folder_is_refused_and_not_read(
     tmp_path, monkeypatch
 ):
-    import compiler.ingest as ingest
+    import graphs.onnx_files as ingest
 
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
@@ -520,7 +521,7 @@ def test_the_work_is_estimated_and_refused_before_it_starts(tmp_path, capsys, ar
 
 
 def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
-    from compiler.resources import work_parts
+    from artifacts.resources import work_parts
 
     compile_script.main(
         [
@@ -574,7 +575,7 @@ def test_memory_limit_needs_a_maximum_shape(run_cli, tmp_path):
 
 
 def test_the_work_is_bounded_by_this_machines_memory(tmp_path, capsys, monkeypatch):
-    from compiler import resources
+    from artifacts import resources
 
     args = ["--embed-dim", "256", "--num-heads", "2", "--out", str(tmp_path / "out")]
     weights = 4 * 256 * 256 + 4 * 256  # in_proj, out_proj and their biases
@@ -685,7 +686,7 @@ def test_the_estimate_counts_what_the_shape_needs():
 @pytest.mark.parametrize("target", ["portable", "onnx-attention"])
 def test_the_estimate_is_near_the_measured_peak(target):
     """One call at (4, 1024, 1024): the scores and weights (128 MiB each) dominate. Measured by the
-    kernel's high-water mark (runtime/memory.py), in a fresh session so no arena is reused."""
+    kernel's high-water mark (benchmark/memory.py), in a fresh session so no arena is reused."""
     spec = AttentionSpec(
         64,
         8,

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import parse_triton_config
 
+from artifacts.engine_cache import EngineCache
+from artifacts.triton import triton_config
 from compiler import compile_model
-from compiler.triton import triton_config
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime import InputError
 from runtime.check import check_session, random_inputs
-from runtime.engine_cache import EngineCache, engine_key
 from runtime.ort import PROVIDERS, OrtSession, tensorrt_provider_options
 from runtime.profiles import (
     ProfileError,
@@ -27,7 +27,7 @@ from runtime.profiles import (
 )
 from runtime.session import BackendUnavailable
 from runtime.signature import input_specs
-from runtime.trt_engine import TensorRTSession, engine_for, tensorrt_unavailable
+from runtime.trt_engine import TensorRTSession, engine_for, engine_key, tensorrt_unavailable
 
 SPEC = AttentionSpec(
     16, 2, batch_first=True, key_padding_mask="bool", attn_mask="float", attn_mask_3d=True

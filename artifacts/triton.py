@@ -7,7 +7,7 @@ from typing import Any
 
 import onnx
 
-from compiler.output_folders import TRITON_MARKER
+from artifacts.output_folders import TRITON_MARKER
 from graphs.dtypes import BY_ONNX
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # version 1 holds model.onnx or model.plan

@@ -8,7 +8,7 @@ kernels hold them whole (softmax works in place), except where its CPU MultiHead
 flash path or a form runs blocks of queries (ort-cpu's mask forms, onnx-attention's
 attention-op-blocks), so there the figure is high. TensorRT's fused kernels stream them, so for
 ``tensorrt`` they count only where ``need_weights`` returns them. docs/RELIABILITY.md compares the
-estimate with peaks measured by runtime/memory.py.
+estimate with peaks measured by benchmark/memory.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import onnx
-
-from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY, AttentionSpec
+from graphs.spec import AttentionSpec
 
 FLOAT32 = 4
 
@@ -68,17 +66,6 @@ def attention_parts(
         heads = 1 if spec.average_attn_weights else h
         parts["attn_output_weights"] = FLOAT32 * n * heads * tgt * keys
     return parts
-
-
-def declare_maxima(model: onnx.ModelProto, max_batch: int | None, max_len: int | None) -> None:
-    """Record the declared largest batch and length in the model's metadata, where every Session
-    reads them and refuses larger inputs (and the ort-cpu passes leave out forms for longer ones)."""
-    for key, value in ((MAX_BATCH_KEY, max_batch), (MAX_LEN_KEY, max_len)):
-        if value is not None:
-            kept = [p for p in model.metadata_props if p.key != key]
-            del model.metadata_props[:]
-            model.metadata_props.extend(kept)
-            model.metadata_props.add(key=key, value=str(value))
 
 
 def _bias_params(spec: AttentionSpec) -> int:

@@ -6,40 +6,17 @@ was built with; the key hashes all of them, so any change is a miss rather than 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from compiler.output_folders import write_file_atomically
+from artifacts.output_folders import write_file_atomically
 
 ENV = "ATTENTION_COMPILER_CACHE"
 
 
 def default_root() -> Path:
     return Path(os.environ.get(ENV) or Path.home() / ".cache" / "attention-compiler" / "tensorrt")
-
-
-def engine_key(
-    model_sha256: Mapping[str, str],
-    tensorrt_version: str,
-    gpu: str,
-    profile: Mapping[str, Any],
-    settings: Mapping[str, Any],
-) -> str:
-    """sha256 over everything an engine depends on: the model files' hashes, TensorRT's version, the
-    GPU's name (with its compute capability), the profile and the build settings (precision, flags)."""
-    described = {
-        "model": dict(sorted(model_sha256.items())),
-        "tensorrt": tensorrt_version,
-        "gpu": gpu,
-        "profile": profile,
-        "settings": dict(settings),
-    }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 class EngineCache:
