@@ -1,2 +1,11 @@
-"""What a compile run hands a user: the artifact (the compiled graph, its manifest and check), and
-writing it out: atomic output folders, the report, the Triton repository, memory estimates."""
+"""What a compile run hands a user, and how it is written out.
+
+``compile(source, ...)`` goes from a torch module, a spec or an ONNX graph to a checked ``Artifact``;
+``Artifact.save(dir)`` writes it. Beside them: atomic output folders, the report, the Triton
+repository, the engine cache and the memory estimates.
+"""
+
+from artifacts.artifact import Artifact, CheckFailed, NoEngine
+from artifacts.pipeline import Settings, compile
+
+__all__ = ["Artifact", "CheckFailed", "NoEngine", "Settings", "compile"]

@@ -250,6 +250,45 @@ def check_apart(a: Output, b: Output, b_root: tuple[str, Path] | None = None) ->
         )
 
 
+def claim_outputs(
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    triton_repo: str | os.PathLike[str] | None = None,
+    triton_model_name: str = "attention",
+    inputs: dict[str, str | os.PathLike[str] | None] | None = None,
+) -> list[Output]:
+    """The output folder, and the Triton model folder, checked before any work: never a file, the
+    working folder or a parent of it, a repository, the other output, a folder holding one of
+    ``inputs`` (flag: path), or (with ``force``) a folder this tool did not write."""
+    outputs = [claim(out, force=force, flag="--out")]
+    if triton_repo is not None:
+        triton_repo = os.fspath(triton_repo)
+        check_path_text(triton_repo, "--triton-repo")
+        repo = Path(os.path.realpath(triton_repo))
+        if repo.exists() and not repo.is_dir():
+            raise OutputRefused(f"--triton-repo {show(triton_repo)} is a file, not a folder")
+        model = claim(
+            os.path.join(triton_repo, triton_model_name),
+            force=force,
+            flag="--triton-repo",
+            owner="triton",
+        )
+        check_apart(outputs[0], model, (triton_repo, repo))
+        outputs.append(model)
+    for flag, given in (inputs or {}).items():
+        if given is None:
+            continue
+        source = Path(os.path.realpath(given))
+        for output in outputs:
+            if source.is_relative_to(output.path):
+                raise OutputRefused(
+                    f"{flag} {show(given)} lies inside {output.flag} {show(output.given)}, which this "
+                    "run would replace; copy it elsewhere first"
+                )
+    return outputs
+
+
 def _staging_name(out: Path) -> str:
     """A prefix for the staging folder whose whole name (prefix, 8 random characters, suffix) stays
     within NAME_MAX, however long the output's own name."""

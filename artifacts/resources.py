@@ -13,6 +13,7 @@ estimate with peaks measured by benchmark/memory.py.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -204,3 +205,41 @@ def show_bytes(size: float) -> str:
         if size < 1024:
             break
     return f"{size:.1f} {unit}"
+
+
+def parameters(spec: Any) -> int:
+    """How many weights the spec's module holds."""
+    from graphs.blocks import BlockSpec, block_shapes
+    from graphs.weights import expected_shapes
+
+    shapes = block_shapes(spec) if isinstance(spec, BlockSpec) else expected_shapes(spec)
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def memory_record(spec: Any, settings: Any) -> dict[str, Any] | None:
+    """MemoryBoundError, before anything is allocated, when the work (building, checking, timing)
+    would not fit this machine's memory, or one call at the declared maximum shape would pass
+    ``settings.memory_limit``; the estimate at that shape, for the manifest."""
+    parts_of = attention_parts if isinstance(spec, AttentionSpec) else block_parts
+    latency = None
+    if settings.latency:
+        shape = Shape(*settings.latency_shape)
+        latency = parts_of(spec, shape, settings.precision, "portable")
+    if (memory := machine_memory()) is not None:
+        check_work(work_parts(parameters(spec), latency), memory, "this machine's memory")
+    if not settings.bounded:
+        return None
+    shape = Shape(settings.max_batch or 8, settings.max_len or 512, settings.max_len or 512)
+    limit, source = settings.memory_limit, "--memory-limit"
+    if limit is None:
+        limit, source = memory, "this machine's memory; set --memory-limit"
+    parts = parts_of(spec, shape, settings.precision, settings.target)
+    if limit is not None:
+        check_memory(parts, shape, limit, source)
+    return {
+        "max_shape": vars(shape),
+        "limit_bytes": limit,
+        "limit_source": source,
+        "parts": parts,
+        "estimate_bytes": sum(parts.values()),
+    }

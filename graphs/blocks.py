@@ -198,6 +198,37 @@ class BlockSpec:
         return sigs
 
 
+def block_spec_from_module(layer: Any, **masks: Any) -> BlockSpec:
+    """The spec of a live torch.nn.TransformerEncoderLayer or TransformerDecoderLayer, plus the
+    mask inputs (``key_padding_mask="bool"``, ``is_causal=True``...) to compile it with."""
+    kind = type(layer).__name__
+    if kind not in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+        raise SpecError(
+            f"expected a TransformerEncoderLayer or TransformerDecoderLayer, got {kind}"
+        )
+    activation = layer.activation  # F.relu or F.gelu, or a module: nn.ReLU(), nn.GELU()
+    name = getattr(activation, "__name__", None) or type(activation).__name__.lower()
+    if name not in ACTIVATIONS or getattr(activation, "approximate", "none") != "none":
+        raise SpecError(
+            f"the layer's activation is {activation!r}; the blocks take relu or gelu (torch's "
+            "erf form)"
+        )
+    attention = layer.self_attn
+    return BlockSpec(
+        block="encoder" if kind == "TransformerEncoderLayer" else "decoder",
+        embed_dim=attention.embed_dim,
+        num_heads=attention.num_heads,
+        dim_feedforward=layer.linear1.out_features,
+        dropout=float(layer.dropout.p),
+        activation=name,
+        layer_norm_eps=float(layer.norm1.eps),
+        batch_first=bool(attention.batch_first),
+        norm_first=bool(layer.norm_first),
+        bias=layer.linear1.bias is not None,
+        **masks,
+    )
+
+
 def block_shapes(spec: BlockSpec) -> dict[str, tuple[int, ...]]:
     """The state_dict keys and shapes torch's layer has for this spec."""
     e, f = spec.embed_dim, spec.dim_feedforward

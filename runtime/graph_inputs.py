@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphs.spec import SpecError
 from runtime.signature import InputError, InputSpec
 
 # Ops that carry an index tensor to a Gather without changing what its values mean.
@@ -155,3 +156,23 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def onnx_axis_sizes(
+    inputs: list[InputSpec], shape: tuple[int, int, int] | Mapping[str, int]
+) -> dict[str, int]:
+    """Sizes for an ingested graph's symbolic axes. From BATCH,TGT,SRC: the axes named like batch
+    take BATCH, or where none is, the axes first in some input; every other axis TGT. AXIS=SIZE
+    names them all."""
+    axes = list(dict.fromkeys(d for s in inputs for d in s.shape if isinstance(d, str)))
+    if isinstance(shape, Mapping):
+        if sorted(shape) != sorted(axes):
+            raise SpecError(
+                f"--latency-shape names axes {', '.join(sorted(shape))}; the graph's symbolic axes "
+                f"are {', '.join(axes)}"
+            )
+        return dict(shape)
+    batch = {d for d in axes if "batch" in d.lower()} or {
+        s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], str)
+    }
+    return {d: shape[0] if d in batch else shape[1] for d in axes}

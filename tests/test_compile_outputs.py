@@ -300,12 +300,14 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypat
 def test_a_failed_check_half_way_leaves_no_folder_and_keeps_the_old_one(
     tmp_path, monkeypatch, capsys
 ):
-    import runtime.check
+    import artifacts.pipeline
 
     out = tmp_path / "mha"
     assert compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--out", str(out)]) == 0
     before = (out / "model.onnx").read_bytes()
-    monkeypatch.setattr(runtime.check, "FP32_TOLERANCE", 0.0)  # any rounding now fails the check
+    monkeypatch.setattr(
+        artifacts.pipeline, "FP32_TOLERANCE", 0.0
+    )  # any rounding now fails the check
     fresh = tmp_path / "fresh"
     assert (
         compile_script.main(
@@ -339,20 +341,20 @@ def test_a_failed_check_half_way_leaves_no_folder_and_keeps_the_old_one(
 
 
 def test_onnx_axis_sizes_from_batch_tgt_src_or_names():
+    from graphs.spec import SpecError
+    from runtime.graph_inputs import onnx_axis_sizes
     from runtime.signature import InputSpec
 
     inputs = [
         InputSpec("src", np.dtype(np.float32), ("s28", "s25", 512)),
         InputSpec("mask", np.dtype(np.bool_), ("s28", "s25")),
     ]
-    assert compile_script.onnx_axis_sizes(inputs, (2, 64, 9)) == {"s28": 2, "s25": 64}
+    assert onnx_axis_sizes(inputs, (2, 64, 9)) == {"s28": 2, "s25": 64}
     seq_first = [InputSpec("query", np.dtype(np.float32), ("tgt_len", "batch", 8))]
-    assert compile_script.onnx_axis_sizes(seq_first, (2, 64, 9)) == {"batch": 2, "tgt_len": 64}
-    assert compile_script.onnx_axis_sizes(seq_first, {"batch": 3, "tgt_len": 5}) == {
+    assert onnx_axis_sizes(seq_first, (2, 64, 9)) == {"batch": 2, "tgt_len": 64}
+    assert onnx_axis_sizes(seq_first, {"batch": 3, "tgt_len": 5}) == {
         "batch": 3,
         "tgt_len": 5,
     }
-    with pytest.raises(
-        compile_script.SpecError, match="the graph's symbolic axes are tgt_len, batch"
-    ):
-        compile_script.onnx_axis_sizes(seq_first, {"batch": 3})
+    with pytest.raises(SpecError, match="the graph's symbolic axes are tgt_len, batch"):
+        onnx_axis_sizes(seq_first, {"batch": 3})

@@ -509,7 +509,9 @@ def test_a_graph_without_inputs_is_one_line(tmp_path, capsys):
 
 def test_a_compiled_graph_onnx_runtime_refuses_is_never_written(tmp_path, capsys, monkeypatch):
     """Every written model loads in ONNX Runtime first: a pass that broke one is exit 3, nothing written."""
-    real = compile_script.compile_model
+    import artifacts.pipeline as pipeline
+
+    real = pipeline.compile_model
 
     def broken(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -519,7 +521,7 @@ def test_a_compiled_graph_onnx_runtime_refuses_is_never_written(tmp_path, capsys
         model.opset_import.append(helper.make_opsetid("com.example", 1))
         return model
 
-    monkeypatch.setattr(compile_script, "compile_model", broken)
+    monkeypatch.setattr(pipeline, "compile_model", broken)
     assert (
         compile_script.main(
             ["--embed-dim", "8", "--num-heads", "2", "--out", str(tmp_path / "out")]

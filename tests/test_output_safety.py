@@ -4,6 +4,7 @@ folders compile.py wrote, the outputs of one run appear together, and a signal l
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,15 +190,20 @@ def test_a_signal_during_the_work_leaves_nothing_behind(tmp_path, signum):
         "--out",
         str(tmp_path / "deep" / "out"),
     ]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the work happens in the artifact's working folder, under TMPDIR: signal once it is there
+    work = tmp_path / "tmp"
+    work.mkdir()
+    env = {**os.environ, "TMPDIR": str(work)}
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 120
-    while (
-        not any(p.name.endswith(".partial") for p in (tmp_path / "deep").glob(".*"))
-        and time.monotonic() < deadline
-    ):
+    while not list(work.glob("attention-compiler-*/model.onnx")) and time.monotonic() < deadline:
         time.sleep(0.05)
     run.send_signal(signum)
     _, err = run.communicate(timeout=120)
+    assert not list(work.glob("attention-compiler-*"))  # the working folder is gone
+    shutil.rmtree(work)
     assert run.returncode == (130 if signum == signal.SIGINT else 128 + signum), err
     assert err.strip().splitlines()[-1] in (
         "compile.py: interrupted; nothing was written",

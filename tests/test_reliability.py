@@ -218,7 +218,9 @@ def test_a_fault_of_ours_is_one_line_with_exit_3(tmp_path, monkeypatch, capsys):
     def broken(*args):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(compile_script, "build_mha", broken)
+    import artifacts.pipeline
+
+    monkeypatch.setattr(artifacts.pipeline, "build_mha", broken)
     assert (
         compile_script.main(
             ["--embed-dim", "8", "--num-heads", "2", "--out", str(tmp_path / "out")]
@@ -521,7 +523,7 @@ def test_the_work_is_estimated_and_refused_before_it_starts(tmp_path, capsys, ar
 
 
 def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
-    from artifacts.resources import work_parts
+    from artifacts.resources import parameters, work_parts
 
     compile_script.main(
         [
@@ -551,7 +553,7 @@ def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
             )
             == 0
         )
-    estimate = sum(work_parts(compile_script.parameters(AttentionSpec(1536, 8))).values())
+    estimate = sum(work_parts(parameters(AttentionSpec(1536, 8))).values())
     assert 0.5 * estimate < peak.growth < estimate, (peak.growth, estimate)
 
 

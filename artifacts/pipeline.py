@@ -1,0 +1,442 @@
+"""One call from what a user has (a torch module, a spec, an exported .onnx) to a checked artifact.
+
+The compiled graph is written once, into a working folder of the artifact's own, and everything
+after that (onnx.checker, the ONNX Runtime load, the check, the engine build, the timing) reads
+those bytes: what is checked is what ``Artifact.save`` copies out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from artifacts.artifact import Artifact, CheckFailed, NoEngine, checked
+from artifacts.files import EXTERNAL_DATA, file_records, needs_external_data, save_model
+from artifacts.manifest import describe_graph, manifest_head
+from artifacts.resources import memory_record
+from compiler import attention_form, compile_model, get_target
+from graphs import AttentionSpec, AttentionWeights, build_mha, spec_from_module
+from graphs.blocks import BlockSpec, BlockWeights, block_spec_from_module, build_block
+from graphs.builder import declare_maxima
+from graphs.onnx_files import IngestError, load_onnx
+from graphs.spec import SpecError
+from graphs.weight_files import first_line
+from graphs.weights import check_precision_range
+from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, CheckReport
+from runtime.session import Session
+
+
+class Progress(Protocol):
+    """Where the pipeline names its slow steps and prints its tables (scripts/console.py's Console)."""
+
+    def say(self, text: str) -> None: ...
+    def step(self, label: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+class Silent:
+    """The library's default: no output."""
+
+    def say(self, text: str) -> None:
+        pass
+
+    def step(self, label: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class UnloadableModel(RuntimeError):
+    """The compiled graph does not load in ONNX Runtime (a fault of ours)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to compile: every option but the source, as compile() takes them."""
+
+    target: str = "portable"
+    precision: str = "fp32"
+    form: str | None = None
+    check: bool = True
+    latency: bool = False
+    latency_shape: tuple[int, int, int] | Mapping[str, int] = (1, 128, 128)
+    max_batch: int | None = None
+    max_len: int | None = None
+    memory_limit: int | None = None
+    external_data: str = "auto"
+    profile_shapes: tuple[str, str, str] | None = None
+    engine_cache: str | os.PathLike[str] | None = None
+
+    @property
+    def tolerance(self) -> float:
+        return FP32_TOLERANCE if self.precision == "fp32" else FP16_TOLERANCE
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the graph has a declared maximum shape: given, or the TensorRT profile's defaults."""
+        return (
+            self.max_batch is not None
+            or self.max_len is not None
+            or (self.target == "tensorrt" and self.profile_shapes is None)
+        )
+
+
+@dataclass
+class Plan:
+    """A graph before and after the passes, and how to check and time it."""
+
+    before: onnx.ModelProto
+    model: onnx.ModelProto
+    described: dict[str, Any]  # the manifest's entries on what was compiled
+    checker: Callable[[Session], CheckReport]
+    feeds: Callable[[Session], dict[str, np.ndarray]]
+    source: str | None = None  # the .onnx an ingested graph came from, for ONNX Runtime's errors
+    fused: bool = True  # False: an ingested graph without attention, written unchanged
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compile(  # noqa: A001  (the library's one verb; the builtin is not used here)
+    source: Any,
+    weights: Any = None,
+    *,
+    seed: int = 0,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    record: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    settings: Settings | None = None,
+    **options: Any,
+) -> Artifact:
+    """Compile ``source`` for a target and check it: a torch.nn.MultiheadAttention (with its call's
+    options, ``self_attention=True, key_padding_mask="bool"``...), a TransformerEncoderLayer or
+    DecoderLayer (with its masks), an AttentionSpec or BlockSpec with ``weights`` (the weights, a
+    state_dict file, or None for seeded random ones), or an ONNX model or .onnx path (``inputs``: real
+    inputs for its check and timing). The other keywords are ``Settings``' fields (target,
+    precision, form, check, latency, ...). ``record`` adds entries to the manifest (the command
+    line's options); ``workdir`` holds the artifact's working folder (default: the system's)."""
+    fields = set(Settings.__dataclass_fields__)
+    settings = Settings(
+        **{**vars(settings or Settings()), **{k: v for k, v in options.items() if k in fields}}
+    )
+    call_options = {k: v for k, v in options.items() if k not in fields}
+    progress = progress or Silent()
+    get_target(settings.target, settings.precision, settings.form)
+    if isinstance(source, (onnx.ModelProto, str, os.PathLike)):
+        if weights is not None or call_options:
+            raise SpecError(
+                "an ONNX graph is compiled as it is; it takes no weights or spec options, "
+                f"got {', '.join(['weights'] * (weights is not None) + sorted(call_options))}"
+            )
+        plan = _ingested(source, inputs, settings, progress)
+    else:
+        if inputs is not None:
+            raise SpecError(
+                "inputs gives real inputs to an ONNX graph; a graph built from a spec is checked on "
+                "its own inputs"
+            )
+        spec, load = _spec_and_weights(source, weights, seed, call_options)
+        plan = _built(spec, load, settings, progress)
+    return _finish(
+        plan, settings, dict(record or {"options": _options(settings, options)}), progress, workdir
+    )
+
+
+def _options(settings: Settings, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's record of a library call: its settings and the options it passed."""
+    return {**vars(settings), **given, "latency_shape": settings.latency_shape}
+
+
+def _spec_and_weights(
+    source: Any, weights: Any, seed: int, call_options: dict[str, Any]
+) -> tuple[AttentionSpec | BlockSpec, Callable[[], AttentionWeights | BlockWeights]]:
+    """The spec, and how to get its weights: called once the memory they need has been checked."""
+    if isinstance(source, (AttentionSpec, BlockSpec)):
+        if call_options:
+            raise SpecError(
+                f"a spec holds its options; got {', '.join(sorted(call_options))} beside it"
+            )
+        kind = AttentionWeights if isinstance(source, AttentionSpec) else BlockWeights
+        if weights is None:
+            return source, lambda: kind.random(source, seed)
+        if isinstance(weights, kind):
+            return source, lambda: weights
+        if isinstance(weights, (str, os.PathLike)):
+            return source, lambda: kind.from_file(source, weights)
+        raise SpecError(
+            f"weights must be {kind.__name__}, a state_dict file or None, got {type(weights).__name__}"
+        )
+    name = type(source).__name__
+    if name == "MultiheadAttention":
+        spec = spec_from_module(source, **call_options)
+        return spec, lambda: AttentionWeights.from_module(spec, source)
+    if name in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+        spec = block_spec_from_module(source, **call_options)
+        return spec, lambda: BlockWeights.from_module(spec, source)
+    raise SpecError(
+        "compile() takes a torch.nn.MultiheadAttention, TransformerEncoderLayer or "
+        "TransformerDecoderLayer, an AttentionSpec or BlockSpec, or an ONNX model or .onnx path; "
+        f"got {name}"
+    )
+
+
+def _built(
+    spec: AttentionSpec | BlockSpec,
+    load: Callable[[], AttentionWeights | BlockWeights],
+    settings: Settings,
+    progress: Progress,
+) -> Plan:
+    from runtime import check
+
+    shape = _spec_shape(settings.latency_shape) if settings.latency else None
+    mha = isinstance(spec, AttentionSpec)
+    checks = check.check_session if mha else check.check_block_session
+    inputs = check.random_inputs if mha else check.block_inputs
+    memory = memory_record(spec, settings)
+    with progress.step("building the graph"):
+        weights = load()
+        check_precision_range(weights.tensors, settings.precision)
+        built = (build_mha if mha else build_block)(spec, weights)
+        declare_maxima(built, settings.max_batch, settings.max_len)  # no forms for longer inputs
+    with progress.step(f"running the {settings.target} passes"):
+        model = compile_model(built, settings.target, settings.precision, settings.form)
+    declare_maxima(model, settings.max_batch, settings.max_len)
+    return Plan(
+        built,
+        model,
+        {
+            "spec": spec.to_dict(),
+            "inputs": [s.to_json() for s in spec.inputs()],
+            "outputs": [s.to_json() for s in spec.outputs()],
+        },
+        checker=lambda session: checks(session, spec, weights, tolerance=settings.tolerance),
+        feeds=lambda session: inputs(spec, shape, np.random.default_rng(0)),
+        extra={"weights": dict(weights.source), "memory": memory},
+    )
+
+
+def _spec_shape(shape: tuple[int, int, int] | Mapping[str, int]) -> tuple[int, int, int]:
+    if isinstance(shape, Mapping):
+        raise SpecError(
+            "latency_shape AXIS=SIZE names the axes of an ONNX graph; give BATCH,TGT,SRC for a spec"
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _ingested(
+    source: onnx.ModelProto | str | os.PathLike[str],
+    given: Mapping[str, np.ndarray] | str | os.PathLike[str] | None,
+    settings: Settings,
+    progress: Progress,
+) -> Plan:
+    from compiler.float16 import weight_beyond_float16
+    from compiler.ingest import fusion_findings
+    from runtime.check import check_against_graph
+    from runtime.graph_inputs import graph_inputs, index_ranges, onnx_axis_sizes, read_inputs
+    from runtime.signature import input_specs
+
+    name, original, digest = _read_onnx(source, progress)
+    if settings.precision == "fp16" and (beyond := weight_beyond_float16(original)) is not None:
+        raise IngestError(
+            f"initializer {beyond[0]!r} of {name!r} holds values up to {beyond[1]:.4g}, beyond "
+            "float16's range (±65504): with --precision fp16 its outputs would be inf; use --precision fp32"
+        )
+    _, form = get_target(settings.target, settings.precision, settings.form)
+    with progress.step(f"running the {settings.target} passes"):
+        model = compile_model(original, settings.target, settings.precision, form.name)
+    findings = fusion_findings(original, model, form, attention_form(model))
+    for finding in findings:
+        progress.say(str(finding))
+    fused = any(f.attention for f in findings)
+    if not fused:
+        model = _unchanged(original, name, settings, findings, progress)
+    ranges = index_ranges(original)
+    if isinstance(given, (str, os.PathLike)):
+        given = read_inputs(given, input_specs(original))
+    sizes = None if given is not None else settings.latency_shape
+
+    def feeds(session: Session) -> dict[str, np.ndarray]:
+        if given is not None:
+            return dict(given)
+        axes = onnx_axis_sizes(session.inputs, sizes)
+        return graph_inputs(session.inputs, axes, np.random.default_rng(0), ranges=ranges)
+
+    return Plan(
+        original,
+        model,
+        {
+            "source": {"onnx": name, "sha256": digest},
+            "inputs": describe_graph(model.graph.input, model.graph.initializer),
+            "outputs": describe_graph(model.graph.output),
+        },
+        checker=lambda session: check_against_graph(
+            session,
+            input_session(original, name),
+            tolerance=settings.tolerance,
+            ranges=ranges,
+            inputs=given,
+        ),
+        feeds=feeds,
+        source=name,
+        fused=fused,
+        extra={
+            "fusion": [
+                {"softmax": f.softmax, "layer": f.layer, "fused": f.fused, "detail": f.detail}
+                for f in findings
+            ]
+        },
+    )
+
+
+def _read_onnx(
+    source: onnx.ModelProto | str | os.PathLike[str], progress: Progress
+) -> tuple[str, onnx.ModelProto, str]:
+    """The graph's name for messages, the graph, and the sha256 of its file (or its bytes)."""
+    if isinstance(source, onnx.ModelProto):
+        return (
+            "<the ONNX model given>",
+            source,
+            hashlib.sha256(source.SerializeToString()).hexdigest(),
+        )
+    with progress.step("reading the graph"):
+        model = load_onnx(source)
+    with open(source, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return os.fspath(source), model, digest
+
+
+def _unchanged(
+    original: onnx.ModelProto, name: str, settings: Settings, findings: list, progress: Progress
+) -> onnx.ModelProto:
+    """An ingested graph without attention is written as it came, in fp32 only."""
+    if settings.precision != "fp32":
+        raise IngestError(
+            f"{name!r} holds no attention, so the passes leave it as it is; --precision "
+            f"{settings.precision} converts attention graphs only, give fp32 to copy it unchanged"
+        )
+    why = "no Softmax" if not findings else "no Softmax is an attention core"
+    progress.say(f"no attention in the graph ({why}): model.onnx is the input graph, unchanged")
+    return original
+
+
+def _ort_problem(exc: BaseException) -> str:
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc))[:300]
+
+
+def input_session(original: onnx.ModelProto, name: str) -> Session:
+    """The input graph in ONNX Runtime, for the check and the timing; IngestError (the input's
+    fault) where ONNX Runtime refuses it."""
+    from runtime.ort import OrtSession
+
+    try:
+        return OrtSession(original)
+    except (
+        Exception
+    ) as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...
+        raise IngestError(
+            f"ONNX Runtime cannot load {name!r} itself: {_ort_problem(exc)}"
+        ) from None
+
+
+def _loaded(path: Path, plan: Plan) -> Session:
+    """The written graph in an ONNX Runtime CPU session. Where the input graph is refused too, the
+    fault is the input's."""
+    from runtime.ort import OrtSession
+
+    try:
+        return OrtSession(path, maxima=False)  # the check's and the timing's shapes are their own
+    except (
+        Exception
+    ) as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...
+        if plan.source is not None:
+            input_session(plan.before, plan.source)
+        raise UnloadableModel(
+            f"the compiled model does not load in ONNX Runtime: {_ort_problem(exc)}; nothing was "
+            "written (please report it, with the --verbose traceback)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _working_folder(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
+    """A private folder for the artifact's files, removed if compiling fails or is stopped."""
+    folder = Path(tempfile.mkdtemp(prefix="attention-compiler-", dir=workdir))
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _finish(
+    plan: Plan,
+    settings: Settings,
+    record: dict[str, Any],
+    progress: Progress,
+    workdir: str | os.PathLike[str] | None,
+) -> Artifact:
+    """Write the graph into the artifact's folder, validate, load, check, build the engine, time."""
+    external = settings.external_data == "always" or needs_external_data(plan.model)
+    manifest = manifest_head(plan, settings, record)
+    engine = _engine_plan(plan.model, settings, manifest)
+    with _working_folder(workdir) as folder:
+        with progress.step(
+            "writing model.onnx" + (f" with its weights in {EXTERNAL_DATA}" if external else "")
+        ):
+            names = save_model(plan.model, folder, external=external)
+        with progress.step("validating the ONNX (onnx.checker, full check)"):
+            onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+        with progress.step("loading it in ONNX Runtime"):
+            session = _loaded(folder / "model.onnx", plan)
+        manifest["files"] = file_records(folder, names)
+        manifest["check"] = checked(plan.checker, session, settings, progress)
+        if engine is not None and engine.reason is None:
+            manifest["engine"] = engine.build(folder, manifest, plan.checker, settings, progress)
+        manifest["latency"] = None
+        if settings.latency:
+            manifest["latency"] = _timed(plan, session, progress)
+        return Artifact(plan.model, manifest, folder, plan.before, engine)
+
+
+def _timed(plan: Plan, session: Session, progress: Progress) -> dict[str, Any]:
+    from artifacts.report import input_shapes
+    from benchmark.timing import before_and_after
+    from runtime.ort import OrtSession
+
+    with progress.step("measuring latency before and after the passes"):
+        before = input_session(plan.before, plan.source) if plan.source else OrtSession(plan.before)
+        t = before_and_after(before, session, plan.feeds(session))
+    progress.say(
+        f"latency p50 with {input_shapes(t['inputs'])}: {t['before']['p50_s'] * 1e3:.3f} ms before the "
+        f"passes, {t['after']['p50_s'] * 1e3:.3f} ms after ({t['ratio_p50']:.2f}x), {t['where']}"
+    )
+    return t
+
+
+def _engine_plan(model: onnx.ModelProto, settings: Settings, manifest: dict[str, Any]) -> Any:
+    from artifacts.engine import EnginePlan
+
+    if settings.target != "tensorrt":
+        return None
+    engine = EnginePlan.for_model(model, settings)
+    manifest["engine"] = engine.record(settings.precision)
+    return engine
+
+
+__all__ = [
+    "Artifact",
+    "CheckFailed",
+    "NoEngine",
+    "Progress",
+    "Settings",
+    "Silent",
+    "UnloadableModel",
+    "compile",
+    "input_session",
+]
