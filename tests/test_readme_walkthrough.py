@@ -81,3 +81,16 @@ def test_walkthrough_commands_work_as_written(tmp_path):
         ~pad
     )  # torch's fast path may leave padded rows as zeros; the contract covers the unpadded ones
     np.testing.assert_allclose(got[keep], want[keep], rtol=0, atol=1e-5 * np.abs(want[keep]).max())
+
+
+def test_from_python_runs_as_written(tmp_path):
+    """The README's "From Python" block, run as written (its output folder moved under tmp_path)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### From Python\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert code.count("import ") == 2 and "artifacts.compile(" in code
+    out = tmp_path / "mha-py"
+    exec(compile(code.replace("/tmp/mha-py", str(out)), "README.md", "exec"), {})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["passed"] and manifest["target"] == "ort-cpu"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.html"]
