@@ -69,8 +69,33 @@ def _shape(text: str) -> tuple[int, int, int] | dict[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = add_spec_flags(p, embed_dim_help="required unless --onnx")
-    block_group = add_block_flags(p)
+    groups = [*add_spec_flags(p, embed_dim_help="required unless --onnx"), add_block_flags(p)]
+    _add_source_flags(p)
+    out = p.add_argument_group("output")
+    _add_output_flags(out)
+    _add_bound_flags(p.add_argument_group("maximum shape and memory (every target)"))
+    _add_engine_flags(
+        p.add_argument_group(
+            "TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)"
+        )
+    )
+    _add_reporting_flags(out)
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it",
+    )
+    args = p.parse_args(argv, namespace=_config_namespace(p, argv))
+    if args.out is None:
+        p.error("the following arguments are required: --out (on the command line or in --config)")
+    for problem in (_engine_problem(args), _bound_problem(args), _source_problem(args, groups)):
+        if problem is not None:
+            p.error(problem)
+    return args
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--onnx",
         default=None,
@@ -84,7 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --onnx: real inputs for --check and --latency, one array per graph input (default: "
         "random ones that fit: token ids inside the embedding table, masks with some padding)",
     )
-    out = p.add_argument_group("output")
+
+
+def _add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--target", choices=TARGETS, default="portable")
     out.add_argument(
         "--precision",
@@ -126,7 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="max_batch_size with dynamic batching where every input and output leads with batch; 0: off",
     )
-    bounds = p.add_argument_group("maximum shape and memory (every target)")
+
+
+def _add_bound_flags(bounds: argparse._ArgumentGroup) -> None:
     # None marks "not given" (it conflicts with the shape flags); "%(default).0s" prints nothing but keeps the
     # help formatter from adding "(default: None)" after the real default.
     bounds.add_argument(
@@ -151,9 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="refuse to compile when one call at the maximum shape would need more than this "
         "(16GiB, 512MB...; default: this machine's memory)%(default).0s",
     )
-    trt = p.add_argument_group(
-        "TensorRT engine (--target tensorrt; needs the tensorrt package and a GPU)"
-    )
+
+
+def _add_engine_flags(trt: argparse._ArgumentGroup) -> None:
     for kind in ("min", "opt", "max"):
         trt.add_argument(
             f"--{kind}-shapes",
@@ -174,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="exit 0 when TensorRT or a GPU is missing and only model.onnx could be written",
     )
+
+
+def _add_reporting_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--external-data",
         choices=("auto", "always"),
@@ -209,12 +241,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with an error, also print its traceback (the detail behind the one-line message)",
     )
-    p.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE",
-        help="JSON or YAML file of these options (embed_dim: 512, block: encoder, ...); flags override it",
-    )
+
+
+def _config_namespace(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The --config file's options, which the flags then override."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -224,51 +254,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             namespace = namespace_from_config(p, known.config)
         except ConfigError as exc:
             p.exit(2, f"compile.py: error: {exc}\n")
-    args = p.parse_args(argv, namespace=namespace)
-    if args.out is None:
-        p.error("the following arguments are required: --out (on the command line or in --config)")
+    return namespace
+
+
+def _engine_problem(args: argparse.Namespace) -> str | None:
+    """Why the TensorRT profile flags do not fit together, or None."""
     engine_flags = [
         f"--{k.replace('_', '-')}" for k in ENGINE_FLAGS if getattr(args, k) not in (None, False)
     ]
     if engine_flags and args.target != "tensorrt":
-        p.error(
+        return (
             f"{', '.join(engine_flags)} shape{'s' if len(engine_flags) == 1 else ''} the TensorRT engine; "
             "it applies to --target tensorrt only"
         )
     if (args.min_shapes, args.opt_shapes, args.max_shapes).count(None) not in (0, 3):
-        p.error(
-            "--min-shapes, --opt-shapes and --max-shapes go together: give all three, or none and --max-batch/--max-len"
-        )
+        return "--min-shapes, --opt-shapes and --max-shapes go together: give all three, or none and --max-batch/--max-len"
     if args.min_shapes is not None and (args.max_batch is not None or args.max_len is not None):
-        p.error(
-            "--max-batch/--max-len and --min/--opt/--max-shapes both set the profile; give one or the other"
-        )
+        return "--max-batch/--max-len and --min/--opt/--max-shapes both set the profile; give one or the other"
+    return None
+
+
+def _bound_problem(args: argparse.Namespace) -> str | None:
+    """Why the maximum shape, memory limit or Triton flags are out of range, or None."""
     for flag in ("max_batch", "max_len"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
     if args.memory_limit is not None and (args.onnx is not None or not _bounded(args)):
-        p.error(
+        return (
             "--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
             + (" (not --onnx)" if args.onnx is not None else "")
         )
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
-        p.error(
-            "--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'"
-        )
-    spec_flags = given_spec_flags(args, [*groups, block_group])
+        return "--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'"
+    return None
+
+
+def _source_problem(args: argparse.Namespace, groups: list[argparse._ArgumentGroup]) -> str | None:
+    """Why the spec flags, --onnx and --inputs do not fit together, or None."""
+    spec_flags = given_spec_flags(args, groups)
     if args.inputs is not None and args.onnx is None:
-        p.error(
-            "--inputs gives real inputs to an --onnx graph; a graph built from a spec is checked on its own inputs"
-        )
+        return "--inputs gives real inputs to an --onnx graph; a graph built from a spec is checked on its own inputs"
     if args.onnx is not None and spec_flags:
-        p.error(f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}")
+        return f"--onnx compiles the graph as it is; drop {', '.join(spec_flags)}"
     if args.onnx is None and (args.embed_dim is None or args.num_heads is None):
-        p.error(
+        return (
             "the following arguments are required: --embed-dim, --num-heads (or give --onnx FILE)"
         )
-    if args.onnx is None and (problem := check_block_flags(args, block_group, groups)):
-        p.error(problem)
-    return args
+    if args.onnx is None:
+        return check_block_flags(args, groups[-1], groups[:-1])
+    return None
 
 
 def _size(text: str) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from benchmark.cost import attended_pairs, attention_flops, attention_min_bytes
 from benchmark.memory import PeakRss, predicted_growth
+from benchmark.sweep import bench_inputs
 from benchmark.timing import measure
 from graphs import AttentionSpec
 
@@ -143,13 +144,12 @@ def test_masks_sweep_one_spec_per_kind_each_row_against_its_unmasked_row(tmp_pat
 
 def test_bench_padding_is_trailing_and_differs_per_row():
     """Batched serving pads each sequence at its end: row 0 not at all, row 1 its last 30%."""
-    bench = _in_process("bench")
     spec = AttentionSpec(16, 2, batch_first=True, self_attention=True, key_padding_mask="bool")
-    mask = bench.bench_inputs(spec, 4, 10, np.random.default_rng(0))["key_padding_mask"]
+    mask = bench_inputs(spec, 4, 10, np.random.default_rng(0))["key_padding_mask"]
     assert not mask[0].any() and mask[1].tolist() == [False] * 7 + [True] * 3
     for row in mask:  # padding, if any, is one run at the end
         assert row.tolist() == sorted(row.tolist())
-    single = bench.bench_inputs(spec, 1, 10, np.random.default_rng(0))["key_padding_mask"]
+    single = bench_inputs(spec, 1, 10, np.random.default_rng(0))["key_padding_mask"]
     assert single.tolist() == [[False] * 8 + [True] * 2]
 
 
