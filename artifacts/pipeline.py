@@ -99,7 +99,6 @@ class Plan:
     checker: Callable[[Session], CheckReport]
     feeds: Callable[[Session], dict[str, np.ndarray]]
     source: str | None = None  # the .onnx an ingested graph came from, for ONNX Runtime's errors
-    fused: bool = True  # False: an ingested graph without attention, written unchanged
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -236,27 +235,12 @@ def _ingested(
     settings: Settings,
     progress: Progress,
 ) -> Plan:
-    from compiler.float16 import weight_beyond_float16
-    from compiler.ingest import fusion_findings
     from runtime.check import check_against_graph
     from runtime.graph_inputs import graph_inputs, index_ranges, onnx_axis_sizes, read_inputs
     from runtime.signature import input_specs
 
     name, original, digest = _read_onnx(source, progress)
-    if settings.precision == "fp16" and (beyond := weight_beyond_float16(original)) is not None:
-        raise IngestError(
-            f"initializer {beyond[0]!r} of {name!r} holds values up to {beyond[1]:.4g}, beyond "
-            "float16's range (±65504): with --precision fp16 its outputs would be inf; use --precision fp32"
-        )
-    _, form = get_target(settings.target, settings.precision, settings.form)
-    with progress.step(f"running the {settings.target} passes"):
-        model = compile_model(original, settings.target, settings.precision, form.name)
-    findings = fusion_findings(original, model, form, attention_form(model))
-    for finding in findings:
-        progress.say(str(finding))
-    fused = any(f.attention for f in findings)
-    if not fused:
-        model = _unchanged(original, name, settings, findings, progress)
+    model, findings = _passes_over(original, name, settings, progress)
     ranges = index_ranges(original)
     if isinstance(given, (str, os.PathLike)):
         given = read_inputs(given, input_specs(original))
@@ -285,7 +269,6 @@ def _ingested(
         ),
         feeds=feeds,
         source=name,
-        fused=fused,
         extra={
             "fusion": [
                 {"softmax": f.softmax, "layer": f.layer, "fused": f.fused, "detail": f.detail}
@@ -293,6 +276,30 @@ def _ingested(
             ]
         },
     )
+
+
+def _passes_over(
+    original: onnx.ModelProto, name: str, settings: Settings, progress: Progress
+) -> tuple[onnx.ModelProto, list[Any]]:
+    """The target's passes over an ingested graph, and what they fused and left alone; a graph
+    without attention comes back unchanged."""
+    from compiler.float16 import weight_beyond_float16
+    from compiler.ingest import fusion_findings
+
+    if settings.precision == "fp16" and (beyond := weight_beyond_float16(original)) is not None:
+        raise IngestError(
+            f"initializer {beyond[0]!r} of {name!r} holds values up to {beyond[1]:.4g}, beyond "
+            "float16's range (±65504): with --precision fp16 its outputs would be inf; use --precision fp32"
+        )
+    _, form = get_target(settings.target, settings.precision, settings.form)
+    with progress.step(f"running the {settings.target} passes"):
+        model = compile_model(original, settings.target, settings.precision, form.name)
+    findings = fusion_findings(original, model, form, attention_form(model))
+    for finding in findings:
+        progress.say(str(finding))
+    if not any(f.attention for f in findings):
+        model = _unchanged(original, name, settings, findings, progress)
+    return model, findings
 
 
 def _read_onnx(

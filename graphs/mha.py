@@ -52,7 +52,6 @@ def add_attention(
     The mask inputs are named by the caller (a block's ``src_key_padding_mask``, say) and used
     only where the spec has them; ``attn_output_weights`` is added as a graph value when asked.
     """
-    h, hd = spec.num_heads, spec.head_dim
     w_q, w_k, w_v = weights.in_proj(spec)
     b_q, b_k, b_v = weights.in_bias(spec) or (None, None, None)
     q = linear(g, "q_proj", q_in, w_q, b_q)
@@ -61,59 +60,11 @@ def add_attention(
     if spec.extra_keys:
         k, v = _append_extra_keys(g, spec, weights, k, v)
 
-    split = g.ints("heads/shape", [0, 0, h, hd])
-    q_h = g.op(
-        "Transpose",
-        [g.op("Reshape", [q, split], "heads/q/Reshape")],
-        "heads/q/Transpose",
-        perm=[0, 2, 1, 3],
-    )
-    if (
-        spec.kv_cache
-    ):  # present = past followed by this step's keys and values, (N, H, past_len + L, hd)
-        k_h = g.op(
-            "Transpose",
-            [g.op("Reshape", [k, split], "heads/k/Reshape")],
-            "heads/k/Transpose",
-            perm=[0, 2, 1, 3],
-        )
-        present_k = g.op(
-            "Concat", ["past_key", k_h], "cache/present_key", outputs=["present_key"], axis=2
-        )
-        k_t = g.op("Transpose", [present_k], "cache/keys_transposed", perm=[0, 1, 3, 2])
-        v_h = g.op(
-            "Concat",
-            [
-                "past_value",
-                g.op(
-                    "Transpose",
-                    [g.op("Reshape", [v, split], "heads/v/Reshape")],
-                    "heads/v/Transpose",
-                    perm=[0, 2, 1, 3],
-                ),
-            ],
-            "cache/present_value",
-            outputs=["present_value"],
-            axis=2,
-        )
-    else:
-        k_t = g.op(
-            "Transpose",
-            [g.op("Reshape", [k, split], "heads/k/Reshape")],
-            "heads/k/Transpose",
-            perm=[0, 2, 3, 1],
-        )
-        v_h = g.op(
-            "Transpose",
-            [g.op("Reshape", [v, split], "heads/v/Reshape")],
-            "heads/v/Transpose",
-            perm=[0, 2, 1, 3],
-        )
-
+    q_h, k_t, v_h = _heads(g, spec, q, k, v)
     scores = g.op("MatMul", [q_h, k_t], "scores/MatMul")
     scores = g.op(
         "Mul",
-        [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(hd)))],
+        [scores, g.const("scores/scale_value", np.float32(1.0 / math.sqrt(spec.head_dim)))],
         "scores/scale",
     )
     mask = _additive_mask(g, spec, q_in, k_in, key_padding_mask, attn_mask)
@@ -122,35 +73,56 @@ def add_attention(
     probs = g.op("Softmax", [scores], "softmax/Softmax", axis=-1)
     if spec.has_mask_input:
         probs = _zero_fully_masked_rows(g, scores, probs)
-
     context = g.op("MatMul", [probs, v_h], "context/MatMul")
     context = g.op("Transpose", [context], "context/merge_heads/Transpose", perm=[0, 2, 1, 3])
-    context = g.op(
-        "Reshape",
-        [context, g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])],
-        "context/merge_heads/Reshape",
-    )
-    out = linear(
-        g,
-        "out_proj",
-        context,
-        weights.tensors["out_proj.weight"],
-        weights.tensors.get("out_proj.bias"),
-        output=output,
-    )
-
+    merged = g.ints("context/merge_heads/shape", [0, 0, spec.embed_dim])
+    context = g.op("Reshape", [context, merged], "context/merge_heads/Reshape")
+    w_o, b_o = weights.tensors["out_proj.weight"], weights.tensors.get("out_proj.bias")
+    out = linear(g, "out_proj", context, w_o, b_o, output=output)
     if spec.need_weights:
-        if spec.average_attn_weights:
-            g.op(
-                "ReduceMean",
-                [probs, g.ints("weights/head_axis", [1])],
-                "weights/average_heads",
-                outputs=["attn_output_weights"],
-                keepdims=0,
-            )
-        else:
-            g.op("Identity", [probs], "weights/per_head", outputs=["attn_output_weights"])
+        _weights_output(g, spec, probs)
     return out
+
+
+def _heads(g: GraphBuilder, spec: AttentionSpec, q: str, k: str, v: str) -> tuple[str, str, str]:
+    """q as (N, H, L, hd), k transposed for the scores (N, H, hd, S), v as (N, H, S, hd); with a
+    KV cache, k and v follow the past (present = past, then this step's)."""
+    split = g.ints("heads/shape", [0, 0, spec.num_heads, spec.head_dim])
+
+    def heads(x: str, name: str, perm: list[int]) -> str:
+        reshaped = g.op("Reshape", [x, split], f"heads/{name}/Reshape")
+        return g.op("Transpose", [reshaped], f"heads/{name}/Transpose", perm=perm)
+
+    q_h = heads(q, "q", [0, 2, 1, 3])
+    if not spec.kv_cache:
+        return q_h, heads(k, "k", [0, 2, 3, 1]), heads(v, "v", [0, 2, 1, 3])
+    k_h = heads(k, "k", [0, 2, 1, 3])
+    present_k = g.op(
+        "Concat", ["past_key", k_h], "cache/present_key", outputs=["present_key"], axis=2
+    )
+    k_t = g.op("Transpose", [present_k], "cache/keys_transposed", perm=[0, 1, 3, 2])
+    v_h = g.op(
+        "Concat",
+        ["past_value", heads(v, "v", [0, 2, 1, 3])],
+        "cache/present_value",
+        outputs=["present_value"],
+        axis=2,
+    )
+    return q_h, k_t, v_h
+
+
+def _weights_output(g: GraphBuilder, spec: AttentionSpec, probs: str) -> None:
+    """attn_output_weights: averaged over heads, or per head."""
+    if spec.average_attn_weights:
+        g.op(
+            "ReduceMean",
+            [probs, g.ints("weights/head_axis", [1])],
+            "weights/average_heads",
+            outputs=["attn_output_weights"],
+            keepdims=0,
+        )
+    else:
+        g.op("Identity", [probs], "weights/per_head", outputs=["attn_output_weights"])
 
 
 def to_batch_first(g: GraphBuilder, spec: AttentionSpec, name: str) -> str:
@@ -232,51 +204,34 @@ def _additive_mask(
     """Sum of every mask as float (0 allowed, -inf not), broadcastable to (N, H, L, S')."""
     terms = []
     if spec.key_padding_mask is not None:
-        m = _pad_extra_keys(
-            g,
-            spec,
-            _as_float(g, "mask/key_padding", kpm_name, spec.key_padding_mask),
-            2,
-            "mask/key_padding",
-        )
-        terms.append(
-            g.op(
-                "Unsqueeze",
-                [m, g.ints("mask/key_padding/axes", [1, 2])],
-                "mask/key_padding/Unsqueeze",
-            )
-        )
+        m = _as_float(g, "mask/key_padding", kpm_name, spec.key_padding_mask)
+        m = _pad_extra_keys(g, spec, m, 2, "mask/key_padding")
+        axes = g.ints("mask/key_padding/axes", [1, 2])
+        terms.append(g.op("Unsqueeze", [m, axes], "mask/key_padding/Unsqueeze"))
     if spec.attn_mask is not None:
-        rank = 3 if spec.attn_mask_3d else 2
-        m = _pad_extra_keys(
-            g, spec, _as_float(g, "mask/attn", attn_name, spec.attn_mask), rank, "mask/attn"
-        )
-        if spec.attn_mask_3d:  # (N*H, L, S') -> (N, H, L, S')
-            lens = g.op("Shape", [m], "mask/attn/lengths", start=1)
-            shape = g.op(
-                "Concat",
-                [g.ints("mask/attn/batch_heads", [-1, spec.num_heads]), lens],
-                "mask/attn/shape",
-                axis=0,
-            )
-            m = g.op("Reshape", [m, shape], "mask/attn/split_heads")
-        terms.append(m)
+        terms.append(_attn_mask_term(g, spec, attn_name))
     if spec.is_causal:
-        terms.append(
-            _pad_extra_keys(
-                g,
-                spec,
-                _causal(g, q_in, k_in, past="past_key" if spec.kv_cache else None),
-                2,
-                "mask/causal",
-            )
-        )
+        causal = _causal(g, q_in, k_in, past="past_key" if spec.kv_cache else None)
+        terms.append(_pad_extra_keys(g, spec, causal, 2, "mask/causal"))
     if not terms:
         return None
     total = terms[0]
     for i, term in enumerate(terms[1:]):
         total = g.op("Add", [total, term], f"mask/combine_{i}")
     return total
+
+
+def _attn_mask_term(g: GraphBuilder, spec: AttentionSpec, attn_name: str) -> str:
+    """attn_mask as a float term: (L, S'), or (N, H, L, S') from the 3-D (N*H, L, S')."""
+    rank = 3 if spec.attn_mask_3d else 2
+    m = _as_float(g, "mask/attn", attn_name, spec.attn_mask)
+    m = _pad_extra_keys(g, spec, m, rank, "mask/attn")
+    if not spec.attn_mask_3d:
+        return m
+    lens = g.op("Shape", [m], "mask/attn/lengths", start=1)
+    heads = g.ints("mask/attn/batch_heads", [-1, spec.num_heads])
+    shape = g.op("Concat", [heads, lens], "mask/attn/shape", axis=0)
+    return g.op("Reshape", [m, shape], "mask/attn/split_heads")
 
 
 def _as_float(g: GraphBuilder, scope: str, name: str, kind: str) -> str:
