@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -305,43 +305,8 @@ class BlockWeights:
 
 def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
     g = GraphBuilder()
-    p = spec.prefix
-    x = to_batch_first(g, spec, p)
-    memory = to_batch_first(g, spec, "memory") if spec.block == "decoder" else None
-    sa_spec = spec.self_attention_spec()
-
-    def self_attention(h: str) -> str:
-        with g.scope("self_attn"):
-            return add_attention(
-                g,
-                sa_spec,
-                weights.attention("self_attn"),
-                h,
-                h,
-                h,
-                key_padding_mask=f"{p}_key_padding_mask",
-                attn_mask=f"{p}_mask",
-            )
-
-    def cross_attention(h: str) -> str:
-        ca_spec = spec.cross_attention_spec()
-        with g.scope("multihead_attn"):
-            return add_attention(
-                g,
-                ca_spec,
-                weights.attention("multihead_attn"),
-                h,
-                memory,
-                memory,
-                key_padding_mask="memory_key_padding_mask",
-                attn_mask="memory_mask",
-            )
-
-    sublayers = [("norm1", self_attention)]
-    if spec.block == "decoder":
-        sublayers.append(("norm2", cross_attention))
-    sublayers.append((f"norm{len(sublayers) + 1}", lambda h: _feed_forward(g, spec, weights, h)))
-    for i, (norm, sublayer) in enumerate(sublayers):
+    x = to_batch_first(g, spec, spec.prefix)
+    for i, (norm, sublayer) in enumerate(_sublayers(g, spec, weights)):
         with g.scope(f"residual{i + 1}"):
             if spec.norm_first:  # x + f(norm(x))
                 x = g.op("Add", [x, sublayer(_layer_norm(g, spec, weights, norm, x))], "Add")
@@ -358,6 +323,47 @@ def build_block(spec: BlockSpec, weights: BlockWeights) -> onnx.ModelProto:
         spec.outputs(),
         doc=f"torch.nn.Transformer{spec.block.capitalize()}Layer, canonical form",
     )
+
+
+def _sublayers(
+    g: GraphBuilder, spec: BlockSpec, weights: BlockWeights
+) -> list[tuple[str, Callable[[str], str]]]:
+    """(its LayerNorm, the sublayer) in order: self-attention, the decoder's cross-attention over
+    the memory, the feed-forward."""
+    p = spec.prefix
+    memory = to_batch_first(g, spec, "memory") if spec.block == "decoder" else None
+
+    def self_attention(h: str) -> str:
+        with g.scope("self_attn"):
+            return add_attention(
+                g,
+                spec.self_attention_spec(),
+                weights.attention("self_attn"),
+                h,
+                h,
+                h,
+                key_padding_mask=f"{p}_key_padding_mask",
+                attn_mask=f"{p}_mask",
+            )
+
+    def cross_attention(h: str) -> str:
+        with g.scope("multihead_attn"):
+            return add_attention(
+                g,
+                spec.cross_attention_spec(),
+                weights.attention("multihead_attn"),
+                h,
+                memory,
+                memory,
+                key_padding_mask="memory_key_padding_mask",
+                attn_mask="memory_mask",
+            )
+
+    sublayers = [("norm1", self_attention)]
+    if spec.block == "decoder":
+        sublayers.append(("norm2", cross_attention))
+    sublayers.append((f"norm{len(sublayers) + 1}", lambda h: _feed_forward(g, spec, weights, h)))
+    return sublayers
 
 
 def _layer_norm(g: GraphBuilder, spec: BlockSpec, weights: BlockWeights, name: str, x: str) -> str:

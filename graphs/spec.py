@@ -220,22 +220,27 @@ def _validate(spec: AttentionSpec) -> None:
     if not spec.average_attn_weights and not spec.need_weights:
         raise SpecError("average_attn_weights=False only applies with need_weights=True")
     if spec.kv_cache:
-        if not (spec.self_attention and spec.is_causal):
-            raise SpecError(
-                "kv_cache needs self_attention=True and is_causal=True: a cache carries one sequence's keys "
-                "forward, and only causal attention leaves earlier outputs unchanged by later tokens"
-            )
-        for name, why in (
-            ("add_bias_kv", "torch appends bias_k after the whole sequence"),
-            ("add_zero_attn", "torch appends the zero key after the whole sequence"),
-            (
-                "attn_mask",
-                "the causal mask is built in and key_padding_mask covers past and new keys",
-            ),
-            ("need_weights", "a cached step returns attn_output and the cache only"),
-        ):
-            if getattr(spec, name):
-                raise SpecError(f"kv_cache does not combine with {name} ({why})")
+        _validate_cache(spec)
+
+
+def _validate_cache(spec: AttentionSpec) -> None:
+    """A KV cache carries causal self-attention forward, and nothing appended after the sequence."""
+    if not (spec.self_attention and spec.is_causal):
+        raise SpecError(
+            "kv_cache needs self_attention=True and is_causal=True: a cache carries one sequence's keys "
+            "forward, and only causal attention leaves earlier outputs unchanged by later tokens"
+        )
+    for name, why in (
+        ("add_bias_kv", "torch appends bias_k after the whole sequence"),
+        ("add_zero_attn", "torch appends the zero key after the whole sequence"),
+        (
+            "attn_mask",
+            "the causal mask is built in and key_padding_mask covers past and new keys",
+        ),
+        ("need_weights", "a cached step returns attn_output and the cache only"),
+    ):
+        if getattr(spec, name):
+            raise SpecError(f"kv_cache does not combine with {name} ({why})")
 
 
 def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:

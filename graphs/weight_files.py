@@ -24,7 +24,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +126,39 @@ def _nbytes(shape: tuple[int, ...], itemsize: int) -> int:
 def _read_safetensors(
     path: Path, size: int, expected: Mapping[str, tuple[int, ...]], owner: str, hint: str
 ) -> dict[str, Any]:
+    bad = _safetensors_error(path)
+    header, length = _safetensors_header(path, size)
+    check_keys(expected, list(header), owner, hint)
+    data_size = size - 8 - length
+    spans = sorted(
+        _safetensors_span(key, header[key], shape, data_size, bad)
+        for key, shape in expected.items()
+    )
+    if sum(e - b for b, e in spans) != data_size or any(
+        b < e0 for (_, e0), (b, _) in zip(spans, spans[1:])
+    ):
+        raise bad(f"its tensors do not cover its {data_size} bytes of data exactly once")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in expected}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise bad(first_line(exc)) from exc
+
+
+def _safetensors_error(path: Path) -> Callable[[str], WeightsError]:
     def bad(why: str) -> WeightsError:
         return WeightsError(
             f"weights file {str(path)!r} is not a readable safetensors file ({why})"
         )
 
+    return bad
+
+
+def _safetensors_header(path: Path, size: int) -> tuple[dict[str, Any], int]:
+    """The header's tensors (its metadata dropped) and its length, read within HEADER_LIMIT."""
+    bad = _safetensors_error(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -148,49 +176,38 @@ def _read_safetensors(
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     header.pop("__metadata__", None)
-    check_keys(expected, list(header), owner, hint)
-    data_size = size - 8 - length
-    spans = []
-    for key, shape in expected.items():
-        entry = header[key]
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and _int_list(entry.get("shape"))
-            and _int_list(entry.get("data_offsets"))
-            and len(entry["data_offsets"]) == 2
-        ):
-            raise bad(f"tensor {key!r} lacks a dtype, a shape or two data_offsets")
-        dtype = entry["dtype"]
-        if dtype not in _SAFETENSORS_DTYPES:
-            check_dtype(
-                key,
-                {"BOOL": "bool", "C64": "complex64", "C128": "complex128"}.get(
-                    dtype, dtype.lower()
-                ),
-            )
-        check_shape(key, tuple(entry["shape"]), shape)
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end <= data_size or end - begin != _nbytes(
-            shape, _SAFETENSORS_DTYPES[dtype][1]
-        ):
-            raise bad(
-                f"tensor {key!r} declares bytes {begin} to {end}, but its dtype and shape need "
-                f"{_nbytes(shape, _SAFETENSORS_DTYPES[dtype][1])} within the file's {data_size} bytes of data"
-            )
-        spans.append((begin, end))
-    spans.sort()
-    if sum(e - b for b, e in spans) != data_size or any(
-        b < e0 for (_, e0), (b, _) in zip(spans, spans[1:])
-    ):
-        raise bad(f"its tensors do not cover its {data_size} bytes of data exactly once")
-    from safetensors import SafetensorError, safe_open
+    return header, length
 
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in expected}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise bad(first_line(exc)) from exc
+
+def _safetensors_span(
+    key: str,
+    entry: Any,
+    shape: tuple[int, ...],
+    data_size: int,
+    bad: Callable[[str], WeightsError],
+) -> tuple[int, int]:
+    """The bytes one tensor's header entry declares, checked against its dtype and shape."""
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and _int_list(entry.get("shape"))
+        and _int_list(entry.get("data_offsets"))
+        and len(entry["data_offsets"]) == 2
+    ):
+        raise bad(f"tensor {key!r} lacks a dtype, a shape or two data_offsets")
+    dtype = entry["dtype"]
+    if dtype not in _SAFETENSORS_DTYPES:
+        named = {"BOOL": "bool", "C64": "complex64", "C128": "complex128"}
+        check_dtype(key, named.get(dtype, dtype.lower()))
+    check_shape(key, tuple(entry["shape"]), shape)
+    begin, end = entry["data_offsets"]
+    needed = _nbytes(shape, _SAFETENSORS_DTYPES[dtype][1])
+    if not 0 <= begin <= end <= data_size or end - begin != needed:
+        raise bad(
+            f"tensor {key!r} declares bytes {begin} to {end}, but its dtype and shape need "
+            f"{needed} within the file's {data_size} bytes of data"
+        )
+    return begin, end
 
 
 def _int_list(value: Any) -> bool:
