@@ -41,48 +41,43 @@ def block_reference(
         present.update({k: v for k, v in out.items() if k.startswith("present")})
         return out["attn_output"]
 
-    def norm(name: str, x: np.ndarray) -> np.ndarray:
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        y = (x - mean) / np.sqrt(var + spec.layer_norm_eps) * t[f"{name}.weight"]
-        return y + t[f"{name}.bias"] if spec.bias else y
+    def self_attention(h: np.ndarray) -> np.ndarray:
+        kpm, mask = f"{p}_key_padding_mask", f"{p}_mask"
+        return attention("self_attn", spec.self_attention_spec(), h, h, kpm, mask)
 
-    def feed_forward(x: np.ndarray) -> np.ndarray:
-        h = x @ t["linear1.weight"].T + t.get("linear1.bias", 0.0)
-        h = (
-            np.maximum(h, 0.0)
-            if spec.activation == "relu"
-            else 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
-        )
-        return h @ t["linear2.weight"].T + t.get("linear2.bias", 0.0)
+    def cross_attention(h: np.ndarray) -> np.ndarray:
+        kpm, mask = "memory_key_padding_mask", "memory_mask"
+        return attention("multihead_attn", spec.cross_attention_spec(), h, memory, kpm, mask)
 
     x = batch_first(inputs[p])
-    sublayers = [
-        (
-            "norm1",
-            lambda h: attention(
-                "self_attn", spec.self_attention_spec(), h, h, f"{p}_key_padding_mask", f"{p}_mask"
-            ),
-        )
-    ]
+    sublayers = [("norm1", self_attention)]
     if spec.block == "decoder":
         memory = batch_first(inputs["memory"])
-        sublayers.append(
-            (
-                "norm2",
-                lambda h: attention(
-                    "multihead_attn",
-                    spec.cross_attention_spec(),
-                    h,
-                    memory,
-                    "memory_key_padding_mask",
-                    "memory_mask",
-                ),
-            )
-        )
-    sublayers.append((f"norm{len(sublayers) + 1}", feed_forward))
+        sublayers.append(("norm2", cross_attention))
+    sublayers.append((f"norm{len(sublayers) + 1}", lambda h: _feed_forward(spec, t, h)))
     for name, sublayer in sublayers:
-        x = x + sublayer(norm(name, x)) if spec.norm_first else norm(name, x + sublayer(x))
+        if spec.norm_first:
+            x = x + sublayer(_layer_norm(spec, t, name, x))
+        else:
+            x = _layer_norm(spec, t, name, x + sublayer(x))
     return {"output": x if spec.batch_first else x.transpose(1, 0, 2), **present}
+
+
+def _layer_norm(
+    spec: BlockSpec, t: Mapping[str, np.ndarray], name: str, x: np.ndarray
+) -> np.ndarray:
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + spec.layer_norm_eps) * t[f"{name}.weight"]
+    return y + t[f"{name}.bias"] if spec.bias else y
+
+
+def _feed_forward(spec: BlockSpec, t: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    h = x @ t["linear1.weight"].T + t.get("linear1.bias", 0.0)
+    if spec.activation == "relu":
+        h = np.maximum(h, 0.0)
+    else:  # torch's exact erf form
+        h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
+    return h @ t["linear2.weight"].T + t.get("linear2.bias", 0.0)
 
 
 def torch_block(spec: BlockSpec, weights: BlockWeights, *, dtype: Any = None) -> Any:

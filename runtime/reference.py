@@ -60,12 +60,7 @@ def mha_reference(
     tgt, n, _ = query.shape
     src = key.shape[0]
 
-    if spec.packed_in_proj:
-        w_q, w_k, w_v = np.split(t["in_proj_weight"], 3)
-    else:
-        w_q, w_k, w_v = t["q_proj_weight"], t["k_proj_weight"], t["v_proj_weight"]
-    b_q, b_k, b_v = np.split(t["in_proj_bias"], 3) if spec.bias else (0.0, 0.0, 0.0)
-    q, k, v = query @ w_q.T + b_q, key @ w_k.T + b_k, value @ w_v.T + b_v
+    q, k, v = _projections(spec, t, query, key, value)
 
     if spec.add_bias_kv:
         k = np.concatenate([k, np.repeat(t["bias_k"], n, axis=1)])
@@ -84,17 +79,8 @@ def mha_reference(
         k, v = np.concatenate([past[0], k], axis=1), np.concatenate([past[1], v], axis=1)
         src = k.shape[1]
 
-    scores = (q * np.sqrt(1.0 / hd)) @ k.transpose(0, 2, 1)
     mask = combined_mask(spec, inputs, n, tgt, src)
-    scores = scores + mask
-    row_max = scores.max(axis=-1, keepdims=True)
-    dead = np.all(
-        np.isneginf(mask), axis=-1, keepdims=True
-    )  # the contract's rows: every key masked, whatever the data
-    with np.errstate(invalid="ignore"):
-        exp = np.exp(scores - np.where(dead, 0.0, row_max))
-        probs = np.where(dead, 0.0, exp / np.where(dead, 1.0, exp.sum(axis=-1, keepdims=True)))
-
+    probs = _softmax((q * np.sqrt(1.0 / hd)) @ k.transpose(0, 2, 1) + mask, mask)
     context = (probs @ v).transpose(1, 0, 2).reshape(tgt * n, e)
     out = context @ t["out_proj.weight"].T + (t["out_proj.bias"] if spec.bias else 0.0)
     out = out.reshape(tgt, n, e)
@@ -105,6 +91,30 @@ def mha_reference(
     if spec.kv_cache:
         result["present_key"], result["present_value"] = (x.reshape(n, h, src, hd) for x in (k, v))
     return result
+
+
+def _projections(
+    spec: AttentionSpec,
+    t: Mapping[str, np.ndarray],
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if spec.packed_in_proj:
+        w_q, w_k, w_v = np.split(t["in_proj_weight"], 3)
+    else:
+        w_q, w_k, w_v = t["q_proj_weight"], t["k_proj_weight"], t["v_proj_weight"]
+    b_q, b_k, b_v = np.split(t["in_proj_bias"], 3) if spec.bias else (0.0, 0.0, 0.0)
+    return query @ w_q.T + b_q, key @ w_k.T + b_k, value @ w_v.T + b_v
+
+
+def _softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Softmax over keys; a row whose every key is masked is zero (the contract), whatever the data."""
+    row_max = scores.max(axis=-1, keepdims=True)
+    dead = np.all(np.isneginf(mask), axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        exp = np.exp(scores - np.where(dead, 0.0, row_max))
+        return np.where(dead, 0.0, exp / np.where(dead, 1.0, exp.sum(axis=-1, keepdims=True)))
 
 
 def _to_additive(mask: np.ndarray) -> np.ndarray:

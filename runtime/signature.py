@@ -104,42 +104,16 @@ def check_inputs(
     for name in feeds:
         if name not in names:
             raise InputError(f"unexpected input {name!r}; this graph takes {', '.join(names)}")
-    bound: dict[str, tuple[int, str]] = {}
-    deferred: list[tuple[InputSpec, int, str, int]] = []
+    bound: dict[str, tuple[int, str]] = {}  # axis name: its size, and the input that first gave it
+    deferred: list[
+        tuple[InputSpec, int, str, int]
+    ] = []  # axes computed from others: past_len+tgt_len
     for spec in specs:
         if spec.name not in feeds:
             raise InputError(f"missing input {spec.name!r}; this graph takes {', '.join(names)}")
-        value = feeds[spec.name]
-        dtype = dtype_of(value)
-        if dtype is None:
-            raise InputError(
-                f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
-                f"of {spec.dtype}"
-            )
-        if dtype != spec.dtype:
-            raise InputError(
-                f"input {spec.name!r} has dtype {dtype}, expected {spec.onnx_type or spec.dtype}"
-                if spec.dtype == np.dtype(object)
-                else f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}"
-            )
-        shape = tuple(value.shape)  # type: ignore[attr-defined]
-        if len(shape) != len(spec.shape):
-            raise InputError(
-                f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}"
-            )
+        shape = _checked_type(spec, feeds[spec.name])
         for axis, (want, got) in enumerate(zip(spec.shape, shape)):
-            if isinstance(want, int):
-                if want != got:
-                    raise InputError(
-                        f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}"
-                    )
-            elif got == 0 and want not in MAY_BE_EMPTY:
-                raise InputError(
-                    f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
-                    "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
-                    "batches and sequences: skip the call instead)"
-                )
-            elif isinstance(want, str) and ("*" in want or "+" in want):
+            if _checked_axis(spec, axis, want, got):
                 deferred.append((spec, axis, want, got))
             elif isinstance(want, str):
                 if want in bound and bound[want][0] != got:
@@ -161,6 +135,46 @@ def check_inputs(
     if maxima:
         _check_maxima(sizes, {s: n for s, (_, n) in bound.items()}, maxima)
     return sizes
+
+
+def _checked_type(spec: InputSpec, value: object) -> tuple[int, ...]:
+    """The value's shape, once its type, dtype and rank are the input's."""
+    dtype = dtype_of(value)
+    if dtype is None:
+        raise InputError(
+            f"input {spec.name!r} is a {type(value).__name__}, expected a numpy.ndarray or torch.Tensor "
+            f"of {spec.dtype}"
+        )
+    if dtype != spec.dtype:
+        raise InputError(
+            f"input {spec.name!r} has dtype {dtype}, expected {spec.onnx_type or spec.dtype}"
+            if spec.dtype == np.dtype(object)
+            else f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}"
+        )
+    shape = tuple(value.shape)  # type: ignore[attr-defined]
+    if len(shape) != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r} has rank {len(shape)} (shape {shape}), expected rank {len(spec.shape)} {show_shape(spec.shape)}"
+        )
+    return shape
+
+
+def _checked_axis(spec: InputSpec, axis: int, want: int | str | None, got: int) -> bool:
+    """InputError where a fixed size differs or a dynamic axis is empty; True for an axis whose
+    size is computed from others (checked once they are all known)."""
+    if isinstance(want, int):
+        if want != got:
+            raise InputError(
+                f"input {spec.name!r} has size {got} on axis {axis}, expected {want} {show_shape(spec.shape)}"
+            )
+        return False
+    if got == 0 and want not in MAY_BE_EMPTY:
+        raise InputError(
+            f"input {spec.name!r} has {want or 'a dynamic axis'}=0 on axis {axis}; every dynamic axis "
+            "needs at least 1 (ONNX Runtime's Attention kernels and TensorRT profiles refuse empty "
+            "batches and sequences: skip the call instead)"
+        )
+    return isinstance(want, str) and ("*" in want or "+" in want)
 
 
 def _check_maxima(
