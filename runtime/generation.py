@@ -138,9 +138,7 @@ class KvCacheLoop:
                 f"missing input {missing[0]!r}; give it to prefill and step as a keyword argument"
             )
         past_shape = (batch, heads.num_heads, self.past_len, heads.head_dim)
-        stand_in = np.lib.stride_tricks.as_strided(
-            np.zeros(1, np.float32), past_shape, (0,) * 4
-        )  # no memory
+        stand_in = np.broadcast_to(np.float32(0), past_shape)  # no memory
         check_inputs(
             self.session.inputs,
             {**feeds, "past_key": stand_in, "past_value": stand_in},
@@ -150,6 +148,14 @@ class KvCacheLoop:
             ort.OrtValue.ortvalue_from_numpy(np.zeros(past_shape, np.float32), self.device)
             for _ in range(2)
         )
+        outputs = self._run(feeds, past)
+        self._past = (outputs["present_key"], outputs["present_value"])
+        if spec.key_padding_mask is not None:
+            self._padding = feeds[self._padding_name]
+        return outputs[self._output].numpy()
+
+    def _run(self, feeds: dict[str, Any], past: tuple[Any, Any]) -> dict[str, Any]:
+        """One call with the cache bound where it lives (no copy through the host on a GPU)."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -158,11 +164,7 @@ class KvCacheLoop:
         for name in self.session.output_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        outputs = dict(zip(self.session.output_names, binding.get_outputs()))
-        self._past = (outputs["present_key"], outputs["present_value"])
-        if spec.key_padding_mask is not None:
-            self._padding = feeds[self._padding_name]
-        return outputs[self._output].numpy()
+        return dict(zip(self.session.output_names, binding.get_outputs()))
 
     def _extend_padding(self, query: np.ndarray, new: Any, declared: InputSpec) -> np.ndarray:
         """The mask over past and new keys: the kept mask, then ``new`` (or all real)."""

@@ -117,35 +117,38 @@ def profile_from_shapes(
                     f"{flag} does not give input {s.name!r}; every input with a dynamic axis "
                     f"({', '.join(d.name for d in dynamic_inputs(inputs))}) needs a shape in all three"
                 )
-    shapes = {}
-    for s in inputs:
-        triple = tuple(
-            tuple(shapes_[s.name]) if s.name in shapes_ else tuple(s.shape)  # type: ignore[arg-type]
-            for shapes_ in given.values()
-        )
-        for flag, shape in zip(given, triple):
-            if len(shape) != len(s.shape):
-                raise ProfileError(
-                    f"{flag} gives {s.name!r} rank {len(shape)} ({'x'.join(map(str, shape))}); "
-                    f"it has rank {len(s.shape)} {show_shape(s.shape)}"
-                )
-            for axis, (want, got) in enumerate(zip(s.shape, shape)):
-                if isinstance(want, int) and want != got:
-                    raise ProfileError(
-                        f"{flag} gives {s.name!r} size {got} on axis {axis}, which is fixed at {want}"
-                    )
-        for axis in range(len(s.shape)):
-            lo, opt, hi = (t[axis] for t in triple)
-            least = 0 if s.shape[axis] in MAY_BE_EMPTY else 1
-            if not least <= lo <= opt <= hi:
-                raise ProfileError(
-                    f"input {s.name!r} axis {axis} ({s.shape[axis]}) has min {lo}, opt {opt}, max {hi}; "
-                    f"expected {least} <= min <= opt <= max"
-                )
-        shapes[s.name] = triple
-    profile = Profile(shapes)
+    profile = Profile({s.name: _triple(s, given) for s in inputs})
     _check_symbols(inputs, profile)
     return profile
+
+
+def _triple(s: InputSpec, given: Mapping[str, Mapping[str, Shape]]) -> tuple[Shape, Shape, Shape]:
+    """An input's min, opt and max shapes (its declared shape where it has no dynamic axis), checked
+    against its rank and fixed sizes, and min <= opt <= max on every axis."""
+    triple = tuple(
+        tuple(shapes_[s.name]) if s.name in shapes_ else tuple(s.shape)  # type: ignore[arg-type]
+        for shapes_ in given.values()
+    )
+    for flag, shape in zip(given, triple):
+        if len(shape) != len(s.shape):
+            raise ProfileError(
+                f"{flag} gives {s.name!r} rank {len(shape)} ({'x'.join(map(str, shape))}); "
+                f"it has rank {len(s.shape)} {show_shape(s.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(s.shape, shape)):
+            if isinstance(want, int) and want != got:
+                raise ProfileError(
+                    f"{flag} gives {s.name!r} size {got} on axis {axis}, which is fixed at {want}"
+                )
+    for axis in range(len(s.shape)):
+        lo, opt, hi = (t[axis] for t in triple)
+        least = 0 if s.shape[axis] in MAY_BE_EMPTY else 1
+        if not least <= lo <= opt <= hi:
+            raise ProfileError(
+                f"input {s.name!r} axis {axis} ({s.shape[axis]}) has min {lo}, opt {opt}, max {hi}; "
+                f"expected {least} <= min <= opt <= max"
+            )
+    return triple  # type: ignore[return-value]
 
 
 def check_in_profile(
