@@ -74,10 +74,11 @@ def attention_nodes(model: onnx.ModelProto, limit: int = 40) -> list[onnx.NodePr
     return [nodes[i] for i in sorted(seen)]
 
 
-def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
-    """A top-down layered drawing of ``nodes`` (in graph order) with the graph inputs they read and
-    the graph outputs they write; boxes hold the op, the tooltip the node's name and the module it
-    came from, where the exporter recorded it."""
+def _boxes(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto]
+) -> tuple[list[tuple[str, str, str]], list[tuple[int, int]]]:
+    """The boxes (label, tooltip, colour) of ``nodes``, the graph inputs they read and the graph
+    outputs they write, in topological order, and the edges between them."""
     weights = {t.name for t in model.graph.initializer}
     graph_inputs = [v.name for v in model.graph.input if v.name not in weights]
     graph_outputs = {v.name for v in model.graph.output}
@@ -103,32 +104,21 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
             if v in graph_outputs:
                 edges.append((index[v], len(boxes)))
                 boxes.append((v, "graph output", "#ffffff"))
-    layer = [0] * len(boxes)
-    for a, b in sorted(edges, key=lambda e: e[1]):  # boxes are in topological order
-        layer[b] = max(layer[b], layer[a] + 1)
-    rows: list[list[int]] = [[] for _ in range(max(layer, default=-1) + 1)]
-    for i, depth in enumerate(layer):
-        rows[depth].append(i)
+    return boxes, edges
+
+
+def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
+    """A top-down layered drawing of ``nodes`` (in graph order) with the graph inputs they read and
+    the graph outputs they write; boxes hold the op, the tooltip the node's name and the module it
+    came from, where the exporter recorded it."""
+    boxes, edges = _boxes(model, nodes)
     width = [len(label) * CHAR_WIDTH + 16 for label, _, _ in boxes]
-    centre: dict[int, float] = {}
-    parents = {b: [a for a, c in edges if c == b] for b in range(len(boxes))}
-    for row in rows:  # order each row under its parents, then pack it
-        row.sort(
-            key=lambda i: sum(centre[p] for p in parents[i]) / len(parents[i]) if parents[i] else -1
-        )
-        x = 0.0
-        for i in row:
-            centre[i] = x + width[i] / 2
-            x += width[i] + NODE_GAP
-    row_width = [sum(width[i] for i in row) + NODE_GAP * (len(row) - 1) for row in rows]
-    total = max(row_width, default=0)
-    for row, w in zip(rows, row_width):
-        for i in row:
-            centre[i] += MARGIN + (total - w) / 2
+    layer, centre, total = _layout(boxes, edges, width)
+    rows = max(layer, default=-1) + 1
     top = [MARGIN + layer[i] * (NODE_HEIGHT + LAYER_GAP) for i in range(len(boxes))]
     svg_w, svg_h = (
         total + 2 * MARGIN,
-        MARGIN * 2 + len(rows) * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP,
+        MARGIN * 2 + rows * (NODE_HEIGHT + LAYER_GAP) - LAYER_GAP,
     )
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_w:.0f}" height="{svg_h:.0f}" '
@@ -152,3 +142,32 @@ def draw_svg(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
         )
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _layout(
+    boxes: list[tuple[str, str, str]], edges: list[tuple[int, int]], width: list[float]
+) -> tuple[list[int], dict[int, float], float]:
+    """Each box's layer (its longest path from an input), its centre across (each row ordered
+    under its parents and centred), and the widest row's width."""
+    layer = [0] * len(boxes)
+    for a, b in sorted(edges, key=lambda e: e[1]):  # boxes are in topological order
+        layer[b] = max(layer[b], layer[a] + 1)
+    rows: list[list[int]] = [[] for _ in range(max(layer, default=-1) + 1)]
+    for i, depth in enumerate(layer):
+        rows[depth].append(i)
+    centre: dict[int, float] = {}
+    parents = {b: [a for a, c in edges if c == b] for b in range(len(boxes))}
+    for row in rows:  # order each row under its parents, then pack it
+        row.sort(
+            key=lambda i: sum(centre[p] for p in parents[i]) / len(parents[i]) if parents[i] else -1
+        )
+        x = 0.0
+        for i in row:
+            centre[i] = x + width[i] / 2
+            x += width[i] + NODE_GAP
+    row_width = [sum(width[i] for i in row) + NODE_GAP * (len(row) - 1) for row in rows]
+    total = max(row_width, default=0)
+    for row, w in zip(rows, row_width):
+        for i in row:
+            centre[i] += MARGIN + (total - w) / 2
+    return layer, centre, total

@@ -148,7 +148,6 @@ def export_with_torch(
     """torch.onnx.export(dynamo=True) of nn.MultiheadAttention called as the spec says, every
     batch and length axis dynamic; inputs in the order and layout of the spec's graph."""
     import torch
-    from torch.export import Dim
 
     module = torch_module(spec, weights, dtype=torch.float32)
     names = [s.name for s in spec.inputs()]
@@ -162,6 +161,20 @@ def export_with_torch(
             args, kwargs = call_arguments(spec, dict(zip(names, tensors)))
             outputs = self.attn(*args, **kwargs)
             return outputs if spec.need_weights else outputs[0]
+
+    args, dims = _sample_inputs(spec, sample_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            Call().eval(), tuple(args), dynamo=True, dynamic_shapes=(tuple(dims),), verbose=False
+        )
+    program.save(os.fspath(path))
+
+
+def _sample_inputs(spec: AttentionSpec, sample_len: int) -> tuple[list[Any], list[dict[int, Any]]]:
+    """torch.export's sample inputs in the spec's order and layout, and each one's dynamic axes."""
+    import torch
+    from torch.export import Dim
 
     batch, tgt, src = Dim("batch", min=1), Dim("tgt_len", min=2), Dim("src_len", min=2)
     src = tgt if spec.self_attention else src
@@ -178,17 +191,10 @@ def export_with_torch(
             for d in sig.shape
         ]
         dyn = {i: axes[d] for i, d in enumerate(sig.shape) if d in axes}
-        if (
-            isinstance(sig.shape[0], str) and sig.shape[0] not in axes
-        ):  # batch*num_heads of a 3-D attn_mask
-            dyn[0] = spec.num_heads * batch
+        if isinstance(sig.shape[0], str) and sig.shape[0] not in axes:
+            dyn[0] = spec.num_heads * batch  # batch*num_heads of a 3-D attn_mask
         args.append(
             torch.zeros(shape, dtype=torch.bool) if sig.dtype == "bool" else torch.randn(shape)
         )
         dims.append(dyn)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            Call().eval(), tuple(args), dynamo=True, dynamic_shapes=(tuple(dims),), verbose=False
-        )
-    program.save(os.fspath(path))
+    return args, dims
