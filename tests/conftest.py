@@ -30,19 +30,41 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(script: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """Run a script from scripts/ in this process: its main(argv), with stdout and stderr captured
+    and its exit status returned as a fresh interpreter's would be (no interpreter start, no
+    second import of torch and onnxruntime)."""
+    import contextlib
+    import importlib
+    import io
+
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    module = importlib.import_module(script.removesuffix(".py"))
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = module.main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess([script, *argv], status or 0, out.getvalue(), err.getvalue())
+
+
+def run_fresh(script: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """Run a script from scripts/ in a fresh interpreter, exactly as a user would."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture
 def run_cli():
-    """Run a script from scripts/ in a fresh interpreter, as a user would."""
-
-    def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    return run
+    """A script's command line, run in this process (run_fresh for a new interpreter)."""
+    return run_script
 
 
 def parse_triton_config(text: str):

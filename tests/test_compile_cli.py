@@ -1,4 +1,5 @@
-"""scripts/compile.py end to end, in a fresh interpreter, as a user runs it."""
+"""scripts/compile.py end to end: its command line in this process (conftest.run_script), and the
+README's command in a fresh interpreter, exactly as a user runs it."""
 
 import hashlib
 import json
@@ -7,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import run_fresh
 from safetensors.torch import save_file
 
 from graphs import AttentionSpec, AttentionWeights
@@ -15,9 +17,9 @@ from runtime.ort import OrtSession
 from runtime.torch_reference import torch_forward
 
 
-def test_the_readme_command_writes_a_checked_model(run_cli, tmp_path):
+def test_the_readme_command_writes_a_checked_model(tmp_path):
     out = tmp_path / "mha"
-    result = run_cli(
+    result = run_fresh(
         "compile.py",
         "--embed-dim",
         512,

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_fresh
 
 from artifacts import files
 from graphs.blocks import BlockSpec, BlockWeights
@@ -129,9 +129,10 @@ def test_report_without_check_or_latency_says_how_to_get_them(run_cli, tmp_path)
     assert json.loads((out / "manifest.json").read_text())["latency"] is None
 
 
-def test_json_summary_is_the_only_thing_on_stdout(run_cli, tmp_path):
+def test_json_summary_is_the_only_thing_on_stdout(tmp_path):
+    """In a fresh interpreter: nothing else the process prints (warnings, progress) reaches stdout."""
     out = tmp_path / "enc"
-    result = run_cli("compile.py", *ENCODER, "--check", "--json", "--out", out)
+    result = run_fresh("compile.py", *ENCODER, "--check", "--json", "--out", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["ok"] and summary["out"] == str(out) and summary["report"] is None
