@@ -158,9 +158,38 @@ def check_session(
     use_torch: bool = True,
     mask_rate: float = 0.2,
 ) -> CheckReport:
-    report = CheckReport(tolerance)
+    """``session`` against the float64 NumPy reference and torch at each shape, on random inputs."""
+    cases = reference_cases(
+        spec, weights, shapes=shapes, seed=seed, use_torch=use_torch, mask_rate=mask_rate
+    )
+    return compare_cases(session, spec, cases, tolerance)
+
+
+@dataclass
+class ReferenceCase:
+    """Inputs at one shape and what each reference computes from them; one set serves every
+    session compiled from the same spec and weights."""
+
+    shape: Shape
+    feeds: dict[str, np.ndarray]
+    expected: dict[str, dict[str, np.ndarray]]  # reference ("numpy", "torch") -> outputs
+    dead: np.ndarray  # (N, L): query rows some head sees no key of (torch gives NaN there)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def reference_cases(
+    spec: AttentionSpec,
+    weights: AttentionWeights,
+    *,
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    seed: int = 0,
+    use_torch: bool = True,
+    mask_rate: float = 0.2,
+) -> list[ReferenceCase]:
     rng = np.random.default_rng(seed)
-    module = _torch_module(spec, weights, report) if use_torch else None
+    skipped: dict[str, str] = {}
+    module = _torch_module(spec, weights, skipped) if use_torch else None
+    cases = []
     for shape in shapes:
         feeds = random_inputs(spec, shape, rng, mask_rate)
         tokens = None
@@ -172,26 +201,30 @@ def check_session(
             feeds, tokens = _with_cache(
                 spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t)
             )
-        got = session.run(feeds)
-        _compare(report, spec, "numpy", shape, got, mha_reference(spec, weights, feeds), None)
+        expected = {"numpy": mha_reference(spec, weights, feeds)}
         if module is not None:
             from runtime.torch_reference import torch_forward
 
-            dead = fully_masked_rows(spec, feeds).any(axis=1)  # (N, L): some head sees no key
             if tokens is None:
-                _compare(
-                    report, spec, "torch", shape, got, torch_forward(spec, module, feeds), dead
-                )
+                expected["torch"] = torch_forward(spec, module, feeds)
             else:
-                _compare(
-                    report,
-                    spec,
-                    "torch",
-                    shape,
-                    got,
-                    _torch_cached(spec, weights, module, feeds, tokens),
-                    dead,
-                )
+                expected["torch"] = _torch_cached(spec, weights, module, feeds, tokens)
+        dead = fully_masked_rows(spec, feeds).any(axis=1)
+        cases.append(ReferenceCase(tuple(shape), feeds, expected, dead, skipped))
+    return cases
+
+
+def compare_cases(
+    session: Session, spec: AttentionSpec, cases: Sequence[ReferenceCase], tolerance: float
+) -> CheckReport:
+    """``session`` on each case's inputs against each of its references."""
+    report = CheckReport(tolerance)
+    for case in cases:
+        report.skipped.update(case.skipped)
+        got = session.run(case.feeds)
+        for reference, expected in case.expected.items():
+            dead = case.dead if reference == "torch" else None
+            _compare(report, spec, reference, case.shape, got, expected, dead)
     return report
 
 
@@ -240,13 +273,13 @@ def _torch_cached(
     }
 
 
-def _torch_module(spec: AttentionSpec, weights: AttentionWeights, report: CheckReport) -> Any:
+def _torch_module(spec: AttentionSpec, weights: AttentionWeights, skipped: dict[str, str]) -> Any:
     try:
         from runtime.torch_reference import torch_module
 
         return torch_module(spec, weights)
     except ImportError:
-        report.skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
+        skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
         return None
 
 

@@ -8,28 +8,47 @@ measured error is near 1e-7; float32 epsilon is 1.2e-7); fp16: 1e-2 (measured ne
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from benchmark.matrix import SHAPES, option_matrix
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
-from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session
+from runtime.check import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    check_session,
+    compare_cases,
+    reference_cases,
+)
 from runtime.ort import OrtSession
+
+MATRIX = [pytest.param(o, id=i) for i, o in option_matrix()]
+
+
+@functools.lru_cache(maxsize=4)  # the cases run option set by option set
+def _references(options: frozenset):
+    """The spec, its weights, the canonical graph, and the references' outputs (float64 NumPy and
+    torch) at both shapes: the same for all eight target and precision cases of an option set."""
+    spec = AttentionSpec(**dict(options))
+    weights = AttentionWeights.random(spec, seed=7)
+    cases = reference_cases(spec, weights, shapes=SHAPES, seed=1)
+    return spec, build_mha(spec, weights), cases
 
 
 # ort-cuda compiles to the ort-cpu graph and tensorrt's attention-op form to the onnx-attention graph
 # (tests/test_new_targets.py), so these four cover every graph a target emits.
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("target", ["portable", "onnx-attention", "ort-cpu", "tensorrt"])
-@pytest.mark.parametrize("options", [pytest.param(o, id=i) for i, o in option_matrix()])
+@pytest.mark.parametrize(
+    "options", MATRIX
+)  # nearest the test: each option set's cases run together
 def test_every_target_matches_torch(options, target, precision):
-    spec = AttentionSpec(**options)
-    weights = AttentionWeights.random(spec, seed=7)
-    model = compile_model(build_mha(spec, weights), target, precision)
+    spec, canonical, cases = _references(frozenset(options.items()))
+    model = compile_model(canonical, target, precision)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
-    report = check_session(
-        OrtSession(model), spec, weights, shapes=SHAPES, seed=1, tolerance=tolerance
-    )
+    report = compare_cases(OrtSession(model), spec, cases, tolerance)
     assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
     assert report.passed, report.table()
 
