@@ -227,12 +227,17 @@ def _versions() -> dict[str, str]:
 def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
     """The entry's model.onnx (weights in external data for dynamo exports), exported once per key."""
     key = json.dumps(
-        {"entry": entry.name, "size": entry.size.to_json(), "versions": _versions(), "format": 2},
+        {
+            "entry": entry.name,
+            "size": entry.size.to_json(),
+            "versions": _versions(),
+            "exporter": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        },
         sort_keys=True,
     )
     folder = Path(cache) / f"{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    path = folder / "model.onnx"
-    if path.exists():
+    path, complete = folder / "model.onnx", folder / "complete"
+    if complete.exists():  # written last: an export stopped half-way is made again
         return path
     module = _module(entry)
     inputs = example_inputs(entry)
@@ -296,4 +301,5 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
         data.unlink()
     else:
         partial.rename(path)
+    complete.touch()
     return path

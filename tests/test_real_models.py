@@ -46,8 +46,12 @@ CORES = {
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return tmp_path_factory.mktemp("zoo")
+def zoo(request, tmp_path_factory):
+    """Exports kept between runs in pytest's cache folder (.pytest_cache), each under a key of the
+    entry, its size, the versions of torch, transformers, onnx and onnxscript, and model_zoo.py's
+    own hash (model_zoo.export): a change to any of them exports afresh."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    return cache.mkdir("model-zoo") if cache is not None else tmp_path_factory.mktemp("zoo")
 
 
 @pytest.fixture(scope="module")
