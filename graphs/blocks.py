@@ -8,12 +8,10 @@ attention in a bare graph finds it inside a block.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -28,18 +26,16 @@ from graphs.spec import (
     TOTAL_LEN,
     AttentionSpec,
     MaskKind,
+    Spec,
     SpecError,
     TensorSig,
+    cache_sigs,
     mask_dtype,
 )
 from graphs.weights import (
     AttentionWeights,
-    checked_tensors,
+    Weights,
     expected_shapes,
-    file_source,
-    module_state,
-    random_state,
-    read_state_dict,
 )
 
 BLOCKS = ("mha", "encoder", "decoder")
@@ -47,9 +43,12 @@ ACTIVATIONS = ("relu", "gelu")
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class BlockSpec(Spec):
     """The options of TransformerEncoderLayer / TransformerDecoderLayer (torch's defaults; d_model
     and nhead under the attention's names) and which masks the graph takes as inputs."""
+
+    KIND: ClassVar[str] = "block"
+    OPTIONS: ClassVar[str] = "torch.nn.Transformer*Layer"
 
     block: Literal["encoder", "decoder"]
     embed_dim: int
@@ -109,12 +108,7 @@ class BlockSpec:
     # The attention inside, always batch-first: the block transposes at its edges -----------------
 
     def self_attention_spec(self) -> AttentionSpec:
-        return AttentionSpec(
-            self.embed_dim,
-            self.num_heads,
-            dropout=self.dropout,
-            bias=self.bias,
-            batch_first=True,
+        return self._attention(
             self_attention=True,
             key_padding_mask=self.key_padding_mask,
             attn_mask=self.attn_mask,
@@ -123,51 +117,33 @@ class BlockSpec:
         )
 
     def cross_attention_spec(self) -> AttentionSpec:
+        return self._attention(
+            key_padding_mask=self.memory_key_padding_mask, attn_mask=self.memory_mask
+        )
+
+    def _attention(self, **call: Any) -> AttentionSpec:
         return AttentionSpec(
             self.embed_dim,
             self.num_heads,
             dropout=self.dropout,
             bias=self.bias,
             batch_first=True,
-            key_padding_mask=self.memory_key_padding_mask,
-            attn_mask=self.memory_mask,
+            **call,
         )
 
     @property
     def prefix(self) -> str:
         return "src" if self.block == "encoder" else "tgt"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> BlockSpec:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SpecError(
-                f"unknown block option {unknown[0]!r}; the options are those of torch.nn.Transformer*Layer"
-            )
-        return cls(**options)
-
     # Graph signature (docs/ARCHITECTURE.md contract 2: the names of the layers' forward arguments)
-
-    def _seq(self, name: str, length: str) -> TensorSig:
-        shape = (
-            (BATCH, length, self.embed_dim) if self.batch_first else (length, BATCH, self.embed_dim)
-        )
-        return TensorSig(name, "float32", shape)
 
     def inputs(self) -> list[TensorSig]:
         p = self.prefix
-        sigs = [self._seq(p, TGT_LEN)]
+        sigs = [self.seq_sig(p, TGT_LEN, self.embed_dim)]
         if self.block == "decoder":
-            sigs.append(self._seq("memory", SRC_LEN))
+            sigs.append(self.seq_sig("memory", SRC_LEN, self.embed_dim))
         if self.kv_cache:
-            cache = self.self_attention_spec().cache_shape(PAST_LEN)
-            sigs += [
-                TensorSig("past_key", "float32", cache),
-                TensorSig("past_value", "float32", cache),
-            ]
+            sigs += cache_sigs("past", self.self_attention_spec().cache_shape(PAST_LEN))
         if self.attn_mask:
             sigs.append(TensorSig(f"{p}_mask", mask_dtype(self.attn_mask), (TGT_LEN, TGT_LEN)))
         if self.memory_mask:
@@ -188,13 +164,9 @@ class BlockSpec:
         return sigs
 
     def outputs(self) -> list[TensorSig]:
-        sigs = [self._seq("output", TGT_LEN)]
+        sigs = [self.seq_sig("output", TGT_LEN, self.embed_dim)]
         if self.kv_cache:
-            cache = self.self_attention_spec().cache_shape(TOTAL_LEN)
-            sigs += [
-                TensorSig("present_key", "float32", cache),
-                TensorSig("present_value", "float32", cache),
-            ]
+            sigs += cache_sigs("present", self.self_attention_spec().cache_shape(TOTAL_LEN))
         return sigs
 
 
@@ -262,38 +234,12 @@ def _owner(spec: BlockSpec) -> str:
 
 
 @dataclass(frozen=True)
-class BlockWeights:
-    """Checked float32 tensors keyed as in the layer's state_dict; ``source`` says where they came from."""
-
-    tensors: Mapping[str, np.ndarray]
-    source: Mapping[str, Any]
+class BlockWeights(Weights):
+    """The weights of a torch.nn.TransformerEncoderLayer or TransformerDecoderLayer."""
 
     @classmethod
-    def from_state_dict(
-        cls, spec: BlockSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None
-    ) -> BlockWeights:
-        tensors = checked_tensors(block_shapes(spec), state, _owner(spec), BLOCK_HINT)
-        return cls(tensors, dict(source or {"kind": "state_dict"}))
-
-    @classmethod
-    def from_file(cls, spec: BlockSpec, path: str | os.PathLike[str]) -> BlockWeights:
-        return cls.from_state_dict(
-            spec,
-            read_state_dict(path, block_shapes(spec), _owner(spec), BLOCK_HINT),
-            file_source(path),
-        )
-
-    @classmethod
-    def from_module(cls, spec: BlockSpec, module: Any) -> BlockWeights:
-        return cls.from_state_dict(
-            spec, module_state(module), {"kind": "module", "type": type(module).__name__}
-        )
-
-    @classmethod
-    def random(cls, spec: BlockSpec, seed: int = 0) -> BlockWeights:
-        return cls.from_state_dict(
-            spec, random_state(block_shapes(spec), seed), {"kind": "random", "seed": seed}
-        )
+    def layout(cls, spec: BlockSpec) -> tuple[dict[str, tuple[int, ...]], str, str]:
+        return block_shapes(spec), _owner(spec), BLOCK_HINT
 
     def attention(self, module: str) -> AttentionWeights:
         prefix = f"{module}."

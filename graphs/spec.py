@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 MaskKind = Literal["bool", "float"] | None
 MASK_KINDS = ("bool", "float")
@@ -39,8 +39,46 @@ class TensorSig:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+class Spec:
+    """What the attention and block specs share: their options as a dict and back, and the
+    signatures of their sequences and KV caches."""
+
+    KIND: ClassVar[str]  # "spec", "block": for the unknown-option message
+    OPTIONS: ClassVar[str]  # whose options they are
+    batch_first: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> Any:
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        unknown = sorted(set(options) - {f.name for f in fields})
+        if unknown:
+            raise SpecError(
+                f"unknown {cls.KIND} option {unknown[0]!r}; the options are those of {cls.OPTIONS}"
+            )
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in options]
+        if missing:
+            raise SpecError(f"{missing[0]} is required")
+        return cls(**options)
+
+    def seq_sig(self, name: str, length: str, width: int) -> TensorSig:
+        shape = (BATCH, length, width) if self.batch_first else (length, BATCH, width)
+        return TensorSig(name, "float32", shape)
+
+
+def cache_sigs(kind: str, shape: tuple[int | str, ...]) -> list[TensorSig]:
+    """past_key and past_value, or present_key and present_value, of one shape."""
+    return [TensorSig(f"{kind}_{name}", "float32", shape) for name in ("key", "value")]
+
+
 @dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(Spec):
+    KIND: ClassVar[str] = "spec"
+    OPTIONS: ClassVar[str] = "torch.nn.MultiheadAttention and its call"
+
     embed_dim: int
     num_heads: int
     dropout: float = 0.0
@@ -102,36 +140,15 @@ class AttentionSpec:
         """(batch, num_heads, length, head_dim): ONNX Runtime's and the Attention op's past/present layout."""
         return (BATCH, self.num_heads, length, self.head_dim)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> AttentionSpec:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SpecError(
-                f"unknown spec option {unknown[0]!r}; the options are those of torch.nn.MultiheadAttention and its call"
-            )
-        missing = [n for n in ("embed_dim", "num_heads") if n not in options]
-        if missing:
-            raise SpecError(f"{missing[0]} is required")
-        return cls(**options)
-
     # Graph signature (docs/ARCHITECTURE.md contract 2) ------------------------------------
 
-    def _seq_shape(self, length: str, width: int) -> tuple[int | str, ...]:
-        return (BATCH, length, width) if self.batch_first else (length, BATCH, width)
-
     def inputs(self) -> list[TensorSig]:
-        sigs = [TensorSig("query", "float32", self._seq_shape(TGT_LEN, self.embed_dim))]
+        sigs = [self.seq_sig("query", TGT_LEN, self.embed_dim)]
         if not self.self_attention:
-            sigs.append(TensorSig("key", "float32", self._seq_shape(SRC_LEN, self.k_dim)))
-            sigs.append(TensorSig("value", "float32", self._seq_shape(SRC_LEN, self.v_dim)))
+            sigs.append(self.seq_sig("key", SRC_LEN, self.k_dim))
+            sigs.append(self.seq_sig("value", SRC_LEN, self.v_dim))
         if self.kv_cache:
-            sigs += [
-                TensorSig("past_key", "float32", self.cache_shape(PAST_LEN)),
-                TensorSig("past_value", "float32", self.cache_shape(PAST_LEN)),
-            ]
+            sigs += cache_sigs("past", self.cache_shape(PAST_LEN))
         if self.key_padding_mask is not None:
             sigs.append(
                 TensorSig(
@@ -146,7 +163,7 @@ class AttentionSpec:
         return sigs
 
     def outputs(self) -> list[TensorSig]:
-        sigs = [TensorSig("attn_output", "float32", self._seq_shape(TGT_LEN, self.embed_dim))]
+        sigs = [self.seq_sig("attn_output", TGT_LEN, self.embed_dim)]
         if self.need_weights:
             keys = self.src_axis if not self.extra_keys else f"{self.src_axis}+{self.extra_keys}"
             shape: tuple[int | str, ...] = (BATCH, TGT_LEN, keys)
@@ -154,10 +171,7 @@ class AttentionSpec:
                 shape = (BATCH, self.num_heads, TGT_LEN, keys)
             sigs.append(TensorSig("attn_output_weights", "float32", shape))
         if self.kv_cache:
-            sigs += [
-                TensorSig("present_key", "float32", self.cache_shape(TOTAL_LEN)),
-                TensorSig("present_value", "float32", self.cache_shape(TOTAL_LEN)),
-            ]
+            sigs += cache_sigs("present", self.cache_shape(TOTAL_LEN))
         return sigs
 
 

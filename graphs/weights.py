@@ -50,38 +50,54 @@ def expected_shapes(spec: AttentionSpec) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class AttentionWeights:
-    """Checked float32 tensors, keyed as in torch's state_dict; ``source`` says where they came from."""
+class Weights:
+    """Checked float32 tensors, keyed as in a torch module's state_dict; ``source`` says where they
+    came from. A subclass says which keys and shapes its spec takes (``layout``)."""
 
     tensors: Mapping[str, np.ndarray]
     source: Mapping[str, Any]
 
     @classmethod
+    def layout(cls, spec: Any) -> tuple[dict[str, tuple[int, ...]], str, str]:
+        """The spec's keys and shapes, the module they belong to, and a hint for a wrong file."""
+        raise NotImplementedError
+
+    @classmethod
     def from_state_dict(
-        cls, spec: AttentionSpec, state: Mapping[str, Any], source: Mapping[str, Any] | None = None
-    ) -> AttentionWeights:
-        tensors = checked_tensors(expected_shapes(spec), state, OWNER, HINT)
+        cls, spec: Any, state: Mapping[str, Any], source: Mapping[str, Any] | None = None
+    ) -> Any:
+        shapes, owner, hint = cls.layout(spec)
+        tensors = checked_tensors(shapes, state, owner, hint)
         return cls(tensors, dict(source or {"kind": "state_dict"}))
 
     @classmethod
-    def from_file(cls, spec: AttentionSpec, path: str | os.PathLike[str]) -> AttentionWeights:
-        state = read_state_dict(path, expected_shapes(spec), OWNER, HINT)
+    def from_file(cls, spec: Any, path: str | os.PathLike[str]) -> Any:
+        state = read_state_dict(path, *cls.layout(spec))
         return cls.from_state_dict(spec, state, file_source(path))
 
     @classmethod
-    def from_module(cls, spec: AttentionSpec, module: Any) -> AttentionWeights:
-        """A live torch.nn.MultiheadAttention (any dtype or device)."""
-        return cls.from_state_dict(
-            spec, module_state(module), {"kind": "module", "type": type(module).__name__}
-        )
+    def from_module(cls, spec: Any, module: Any) -> Any:
+        """A live torch module (any dtype or device)."""
+        source = {"kind": "module", "type": type(module).__name__}
+        return cls.from_state_dict(spec, module_state(module), source)
 
     @classmethod
-    def random(cls, spec: AttentionSpec, seed: int = 0) -> AttentionWeights:
+    def random(cls, spec: Any, seed: int = 0) -> Any:
         """Seeded init in torch's scale (xavier-uniform weights); biases are non-zero, unlike torch's,
         so that a check exercises them."""
+        shapes = cls.layout(spec)[0]
         return cls.from_state_dict(
-            spec, random_state(expected_shapes(spec), seed), {"kind": "random", "seed": seed}
+            spec, random_state(shapes, seed), {"kind": "random", "seed": seed}
         )
+
+
+@dataclass(frozen=True)
+class AttentionWeights(Weights):
+    """The weights of a torch.nn.MultiheadAttention."""
+
+    @classmethod
+    def layout(cls, spec: AttentionSpec) -> tuple[dict[str, tuple[int, ...]], str, str]:
+        return expected_shapes(spec), OWNER, HINT
 
     # Views the graph builder and references use ---------------------------------------------
 

@@ -311,3 +311,13 @@ def test_the_gelu_forms_exporters_write_fuse_into_one_gelu(form):
     np.testing.assert_allclose(
         OrtSession(after).run(x)["y"], OrtSession(before).run(x)["y"], rtol=1e-5, atol=1e-6
     )
+
+
+def test_block_options_from_a_dict_name_what_is_wrong():
+    """The spec base's from_dict, for blocks as for bare attention: one sentence, never a TypeError."""
+    with pytest.raises(SpecError, match="num_heads is required"):
+        BlockSpec.from_dict({"block": "encoder", "embed_dim": 8})
+    with pytest.raises(SpecError, match="unknown block option 'nheads'"):
+        BlockSpec.from_dict({"block": "encoder", "embed_dim": 8, "num_heads": 2, "nheads": 2})
+    spec = BlockSpec("decoder", 8, 2, kv_cache=True, is_causal=True)
+    assert BlockSpec.from_dict(spec.to_dict()) == spec
