@@ -196,7 +196,6 @@ def _built(
 
     shape = _spec_shape(settings.latency_shape) if settings.latency else None
     mha = isinstance(spec, AttentionSpec)
-    checks = check.check_session if mha else check.check_block_session
     inputs = check.random_inputs if mha else check.block_inputs
     memory = memory_record(spec, settings)
     with progress.step("building the graph"):
@@ -215,7 +214,9 @@ def _built(
             "inputs": [s.to_json() for s in spec.inputs()],
             "outputs": [s.to_json() for s in spec.outputs()],
         },
-        checker=lambda session: checks(session, spec, weights, tolerance=settings.tolerance),
+        checker=lambda session: check.check_session(
+            session, spec, weights, tolerance=settings.tolerance
+        ),
         feeds=lambda session: inputs(spec, shape, np.random.default_rng(0)),
         extra={"weights": dict(weights.source), "memory": memory},
     )

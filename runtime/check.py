@@ -149,8 +149,8 @@ def errors(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 def check_session(
     session: Session,
-    spec: AttentionSpec,
-    weights: AttentionWeights,
+    spec: Any,
+    weights: Any,
     *,
     shapes: Sequence[Shape] = DEFAULT_SHAPES,
     seed: int = 0,
@@ -158,7 +158,9 @@ def check_session(
     use_torch: bool = True,
     mask_rate: float = 0.2,
 ) -> CheckReport:
-    """``session`` against the float64 NumPy reference and torch at each shape, on random inputs."""
+    """``session`` against the float64 NumPy reference and torch at each shape, on random inputs:
+    bare attention (an AttentionSpec) or an encoder or decoder block (a BlockSpec), with or
+    without a KV cache."""
     cases = reference_cases(
         spec, weights, shapes=shapes, seed=seed, use_torch=use_torch, mask_rate=mask_rate
     )
@@ -173,49 +175,85 @@ class ReferenceCase:
     shape: Shape
     feeds: dict[str, np.ndarray]
     expected: dict[str, dict[str, np.ndarray]]  # reference ("numpy", "torch") -> outputs
-    dead: np.ndarray  # (N, L): query rows some head sees no key of (torch gives NaN there)
+    dead: np.ndarray | None  # (N, L): query rows some head sees no key of (torch gives NaN there)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
 def reference_cases(
-    spec: AttentionSpec,
-    weights: AttentionWeights,
+    spec: Any,
+    weights: Any,
     *,
     shapes: Sequence[Shape] = DEFAULT_SHAPES,
     seed: int = 0,
     use_torch: bool = True,
     mask_rate: float = 0.2,
 ) -> list[ReferenceCase]:
+    """Random inputs at each shape for an attention or block spec (a KV cache filled as a prefill
+    of random tokens leaves it), and what the float64 NumPy reference and torch compute from them."""
     rng = np.random.default_rng(seed)
     skipped: dict[str, str] = {}
     module = _torch_module(spec, weights, skipped) if use_torch else None
+    block = not isinstance(spec, AttentionSpec)
     cases = []
     for shape in shapes:
-        feeds = random_inputs(spec, shape, rng, mask_rate)
-        tokens = None
-        if (
-            spec.kv_cache
-        ):  # a cache torch can be compared with: the one a prefill of random tokens leaves
-            from runtime.generation import cache_of
+        feeds, tokens = _case_inputs(spec, weights, shape, rng, mask_rate)
+        if block:
+            from runtime.block_reference import block_reference
 
-            feeds, tokens = _with_cache(
-                spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t)
-            )
-        expected = {"numpy": mha_reference(spec, weights, feeds)}
+            expected = {"numpy": block_reference(spec, weights, feeds)}
+        else:
+            expected = {"numpy": mha_reference(spec, weights, feeds)}
         if module is not None:
-            from runtime.torch_reference import torch_forward
-
-            if tokens is None:
-                expected["torch"] = torch_forward(spec, module, feeds)
-            else:
-                expected["torch"] = _torch_cached(spec, weights, module, feeds, tokens)
-        dead = fully_masked_rows(spec, feeds).any(axis=1)
+            expected["torch"] = _torch_outputs(spec, weights, module, feeds, tokens)
+        dead = None if block else fully_masked_rows(spec, feeds).any(axis=1)
         cases.append(ReferenceCase(tuple(shape), feeds, expected, dead, skipped))
     return cases
 
 
+def _case_inputs(
+    spec: Any, weights: Any, shape: Shape, rng: np.random.Generator, mask_rate: float
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs at ``shape``; with a KV cache, the tokens whose prefill left the cache too."""
+    if isinstance(spec, AttentionSpec):
+        feeds = random_inputs(spec, shape, rng, mask_rate)
+        if not spec.kv_cache:
+            return feeds, None
+        from runtime.generation import cache_of
+
+        return _with_cache(
+            spec, feeds, "query", shape[2], rng, lambda t: cache_of(spec, weights, t)
+        )
+    feeds = block_inputs(spec, shape, rng, mask_rate)
+    if not spec.kv_cache:
+        return feeds, None
+    return _with_cache(
+        spec, feeds, spec.prefix, shape[2], rng, lambda t: _block_cache(spec, weights, t)
+    )
+
+
+def _torch_outputs(
+    spec: Any,
+    weights: Any,
+    module: Any,
+    feeds: Mapping[str, np.ndarray],
+    tokens: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """torch's outputs; with a KV cache, of one causal pass over the past tokens and the new."""
+    if isinstance(spec, AttentionSpec):
+        from runtime.torch_reference import torch_forward
+
+        if tokens is None:
+            return torch_forward(spec, module, feeds)
+        return _torch_cached(spec, weights, module, feeds, tokens)
+    from runtime.block_reference import torch_block_forward
+
+    if tokens is None:
+        return torch_block_forward(spec, module, feeds)
+    return _torch_block_cached(spec, weights, module, feeds, tokens)
+
+
 def compare_cases(
-    session: Session, spec: AttentionSpec, cases: Sequence[ReferenceCase], tolerance: float
+    session: Session, spec: Any, cases: Sequence[ReferenceCase], tolerance: float
 ) -> CheckReport:
     """``session`` on each case's inputs against each of its references."""
     report = CheckReport(tolerance)
@@ -273,11 +311,15 @@ def _torch_cached(
     }
 
 
-def _torch_module(spec: AttentionSpec, weights: AttentionWeights, skipped: dict[str, str]) -> Any:
+def _torch_module(spec: Any, weights: Any, skipped: dict[str, str]) -> Any:
     try:
-        from runtime.torch_reference import torch_module
+        if isinstance(spec, AttentionSpec):
+            from runtime.torch_reference import torch_module
 
-        return torch_module(spec, weights)
+            return torch_module(spec, weights)
+        from runtime.block_reference import torch_block
+
+        return torch_block(spec, weights)
     except ImportError:
         skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
         return None
@@ -324,50 +366,6 @@ def block_inputs(
     batch, tgt, src = shape
     sizes = {"batch": batch, "tgt_len": tgt, "src_len": src, "past_len": src}
     return signature_inputs(spec.inputs(), sizes, rng, mask_rate, keep_first_key=True)
-
-
-def check_block_session(
-    session: Session,
-    spec: Any,
-    weights: Any,
-    *,
-    shapes: Sequence[Shape] = DEFAULT_SHAPES,
-    seed: int = 0,
-    tolerance: float = FP32_TOLERANCE,
-) -> CheckReport:
-    """A compiled encoder or decoder block against torch's layer and the NumPy composition."""
-    from runtime.block_reference import block_reference, torch_block, torch_block_forward
-
-    report = CheckReport(tolerance)
-    rng = np.random.default_rng(seed)
-    try:
-        module = torch_block(spec, weights)
-    except ImportError:
-        module = None
-        report.skipped["torch"] = "torch is not installed (pip install -e '.[torch]')"
-    for shape in shapes:
-        feeds = block_inputs(spec, shape, rng)
-        past_tokens = None
-        if spec.kv_cache:
-            feeds, past_tokens = _with_cache(
-                spec, feeds, spec.prefix, shape[2], rng, lambda t: _block_cache(spec, weights, t)
-            )
-        got = session.run(feeds)
-        references = [("numpy", block_reference(spec, weights, feeds))]
-        if module is not None:
-            references.append(
-                (
-                    "torch",
-                    torch_block_forward(spec, module, feeds)
-                    if past_tokens is None
-                    else _torch_block_cached(spec, weights, module, feeds, past_tokens),
-                )
-            )
-        for name, want in references:
-            for output, expected in want.items():
-                abs_err, rel_err = errors(got[output], expected)
-                report.comparisons.append(Comparison(name, tuple(shape), output, abs_err, rel_err))
-    return report
 
 
 def _block_cache(spec: Any, weights: Any, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

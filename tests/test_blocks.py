@@ -14,7 +14,7 @@ import pytest
 from compiler import compile_model
 from graphs import SpecError, WeightsError
 from graphs.blocks import BlockSpec, BlockWeights, build_block
-from runtime.check import FP32_TOLERANCE, check_block_session
+from runtime.check import FP32_TOLERANCE, check_session
 from runtime.ort import OrtSession
 
 torch = pytest.importorskip("torch")
@@ -54,7 +54,7 @@ def test_block_matches_torch_layer(block, norm_first, activation, target, form):
     )
     weights = BlockWeights.random(spec, seed=3)
     model = compile_model(build_block(spec, weights), target, "fp32", form)
-    report = check_block_session(OrtSession(model), spec, weights)
+    report = check_session(OrtSession(model), spec, weights)
     assert report.passed and not report.skipped, report.table()
     assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
     ops = collections.Counter(n.op_type for n in model.graph.node)
@@ -113,7 +113,7 @@ def test_decoder_with_every_mask_of_both_kinds(target):
         "tgt_key_padding_mask",
         "memory_key_padding_mask",
     ]
-    report = check_block_session(
+    report = check_session(
         OrtSession(compile_model(build_block(spec, weights), target)), spec, weights
     )
     assert report.passed, report.table()
@@ -136,7 +136,7 @@ def test_fp16_blocks_stay_within_fp16_tolerance(target, norm_first):
     )
     weights = BlockWeights.random(spec, seed=4)
     model = compile_model(build_block(spec, weights), target, "fp16")
-    report = check_block_session(OrtSession(model), spec, weights, tolerance=FP16_TOLERANCE)
+    report = check_session(OrtSession(model), spec, weights, tolerance=FP16_TOLERANCE)
     assert report.passed, report.table()
 
 
