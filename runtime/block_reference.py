@@ -12,6 +12,7 @@ import numpy as np
 
 from graphs.blocks import BlockSpec, BlockWeights
 from runtime.reference import mha_reference
+from runtime.torch_reference import loaded
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -101,10 +102,7 @@ def torch_block(spec: BlockSpec, weights: BlockWeights, *, dtype: Any = None) ->
         bias=spec.bias,
         dtype=dtype or torch.float64,
     )
-    module.load_state_dict(
-        {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in weights.tensors.items()}
-    )
-    return module.eval()
+    return loaded(module, weights)
 
 
 def torch_block_forward(

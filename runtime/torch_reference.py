@@ -31,6 +31,13 @@ def torch_module(
         dtype=dtype,
         device=device,
     )
+    return loaded(module, weights)
+
+
+def loaded(module: Any, weights: Any) -> Any:
+    """``module`` holding ``weights`` (cast to its dtype), in eval mode."""
+    import torch
+
     module.load_state_dict(
         {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in weights.tensors.items()}
     )

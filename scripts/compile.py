@@ -23,6 +23,7 @@ from spec_flags import (
     add_spec_flags,
     block_spec_from_args,
     check_block_flags,
+    from_args,
     given_spec_flags,
     spec_from_args,
 )
@@ -328,22 +329,9 @@ UNRECORDED = ("verbose", "force", "config", "quiet", "json", "outputs")
 
 
 def settings(args: argparse.Namespace) -> Settings:
-    return Settings(
-        target=args.target,
-        precision=args.precision,
-        form=args.form,
-        check=args.check,
-        latency=args.latency,
-        latency_shape=args.latency_shape,
-        max_batch=args.max_batch,
-        max_len=args.max_len,
-        memory_limit=args.memory_limit,
-        external_data=args.external_data,
-        profile_shapes=None
-        if args.min_shapes is None
-        else (args.min_shapes, args.opt_shapes, args.max_shapes),
-        engine_cache=args.engine_cache,
-    )
+    shapes = (args.min_shapes, args.opt_shapes, args.max_shapes)
+    args = argparse.Namespace(**vars(args), profile_shapes=None if shapes[0] is None else shapes)
+    return from_args(Settings, args)
 
 
 def record(args: argparse.Namespace) -> dict[str, Any]:

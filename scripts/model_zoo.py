@@ -239,54 +239,13 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
     path, complete = folder / "model.onnx", folder / "complete"
     if complete.exists():  # written last: an export stopped half-way is made again
         return path
-    module = _module(entry)
-    inputs = example_inputs(entry)
-    names = list(inputs)
-    args = tuple(torch.from_numpy(value) for value in inputs.values())
-    axes = _AXES[entry.kind if entry.kind != "sequence" else entry.family]
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / "partial.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if entry.exporter == "dynamo":
-            from torch.export import Dim
-
-            dims: dict[str, Any] = {}
-            shapes = tuple(
-                {
-                    axis: dims.setdefault(name, Dim(name, min=2, max=4096))
-                    for axis, name in axes[n].items()
-                }
-                for n in names
-            )
-            with torch.no_grad():
-                torch.onnx.export(
-                    module,
-                    args,
-                    str(partial),
-                    input_names=names,
-                    output_names=["output"],
-                    dynamo=True,
-                    dynamic_shapes=shapes,
-                    opset_version=18,
-                    external_data=True,
-                    verbose=False,
-                )
-        else:  # the legacy exporter needs grad on, or torch's fast encoder path is traced as one unexportable op
-            torch.onnx.export(
-                module,
-                args,
-                str(partial),
-                input_names=names,
-                output_names=["output"],
-                dynamo=False,
-                dynamic_axes=axes,
-                opset_version=18,
-            )
+        _torch_export(entry, partial)
     data = folder / "partial.onnx.data"
-    if (
-        data.exists()
-    ):  # external data keeps its location inside the model: move both under the final names
+    if data.exists():  # external data keeps its location inside the model: save both anew
         import onnx
 
         model = onnx.load(str(partial))
@@ -303,3 +262,36 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
         partial.rename(path)
     complete.touch()
     return path
+
+
+def _torch_export(entry: Entry, path: Path) -> None:
+    """torch.onnx.export of the entry's module by its exporter, every axis of _AXES dynamic."""
+    inputs = example_inputs(entry)
+    names = list(inputs)
+    args = tuple(torch.from_numpy(value) for value in inputs.values())
+    axes = _AXES[entry.kind if entry.kind != "sequence" else entry.family]
+    common = {"input_names": names, "output_names": ["output"], "opset_version": 18}
+    module = _module(entry)
+    if entry.exporter != "dynamo":
+        # the legacy exporter needs grad on, or torch's fast encoder path is traced as one
+        # unexportable op
+        torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=axes, **common)
+        return
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    shapes = tuple(
+        {axis: dims.setdefault(name, Dim(name, min=2, max=4096)) for axis, name in axes[n].items()}
+        for n in names
+    )
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            dynamic_shapes=shapes,
+            external_data=True,
+            verbose=False,
+            **common,
+        )

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TypeVar
 
 from graphs import AttentionSpec
 from graphs.blocks import ACTIVATIONS, BLOCKS, BlockSpec
+
+T = TypeVar("T")
 
 
 def add_spec_flags(
@@ -90,26 +94,16 @@ def given_spec_flags(args: argparse.Namespace, groups: list[argparse._ArgumentGr
     ]
 
 
-def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
-    return AttentionSpec(
-        embed_dim=args.embed_dim,
-        num_heads=args.num_heads,
-        dropout=args.dropout,
-        bias=args.bias,
-        add_bias_kv=args.add_bias_kv,
-        add_zero_attn=args.add_zero_attn,
-        kdim=args.kdim,
-        vdim=args.vdim,
-        batch_first=args.batch_first,
-        self_attention=args.self_attention,
-        key_padding_mask=args.key_padding_mask,
-        attn_mask=args.attn_mask,
-        attn_mask_3d=args.attn_mask_3d,
-        is_causal=args.causal,
-        need_weights=args.need_weights,
-        average_attn_weights=args.average_attn_weights,
-        kv_cache=args.kv_cache,
+def from_args(cls: type[T], args: argparse.Namespace, **flags: str) -> T:
+    """A dataclass (a spec, compile's settings) from the flags of its fields' names; ``flags``
+    names the flag of a field whose flag has another name (is_causal: --causal)."""
+    return cls(
+        **{f.name: getattr(args, flags.get(f.name, f.name)) for f in dataclasses.fields(cls)}
     )
+
+
+def spec_from_args(args: argparse.Namespace) -> AttentionSpec:
+    return from_args(AttentionSpec, args, is_causal="causal")
 
 
 # Blocks: torch.nn.TransformerEncoderLayer / TransformerDecoderLayer around the attention ------------
@@ -172,21 +166,4 @@ def check_block_flags(
 
 
 def block_spec_from_args(args: argparse.Namespace) -> BlockSpec:
-    return BlockSpec(
-        block=args.block,
-        embed_dim=args.embed_dim,
-        num_heads=args.num_heads,
-        dim_feedforward=args.dim_feedforward,
-        dropout=args.dropout,
-        activation=args.activation,
-        layer_norm_eps=args.layer_norm_eps,
-        batch_first=args.batch_first,
-        norm_first=args.norm_first,
-        bias=args.bias,
-        key_padding_mask=args.key_padding_mask,
-        attn_mask=args.attn_mask,
-        is_causal=args.causal,
-        memory_key_padding_mask=args.memory_key_padding_mask,
-        memory_mask=args.memory_mask,
-        kv_cache=args.kv_cache,
-    )
+    return from_args(BlockSpec, args, is_causal="causal")
