@@ -175,9 +175,8 @@ def _range_axis(value: ir.Value, depth: int = 6) -> tuple[int, int] | None:
     return axis, rank
 
 
-def _is_self_causal(term: ir.Value) -> bool:
-    """Where(Greater(cols, rows), -inf, 0) with rows = Range(0, n) on axis 0 and cols = Range(0, n) on
-    axis 1, one n (graphs/mha.py's causal mask of a self-attention): key j is hidden from query i > j."""
+def _causal_greater(term: ir.Value) -> ir.Node | None:
+    """The Greater(cols, rows) of a term Where(Greater(cols, rows), -inf, 0), else None."""
     where = producer_of(term, "Where")
     greater = producer_of(where.inputs[0], "Greater") if where is not None else None
     if (
@@ -185,6 +184,15 @@ def _is_self_causal(term: ir.Value) -> bool:
         or not _is_scalar(where.inputs[1], -np.inf)
         or not _is_scalar(where.inputs[2], 0.0)
     ):
+        return None
+    return greater
+
+
+def _is_self_causal(term: ir.Value) -> bool:
+    """Where(Greater(cols, rows), -inf, 0) with rows = Range(0, n) on axis 0 and cols = Range(0, n) on
+    axis 1, one n (graphs/mha.py's causal mask of a self-attention): key j is hidden from query i > j."""
+    greater = _causal_greater(term)
+    if greater is None:
         return False
     cols, rows = (_unsqueezed_range(x, axis) for x, axis in zip(greater.inputs, (0, 1)))
     return (
@@ -198,13 +206,8 @@ def _causal_after(term: ir.Value) -> ir.Value | None:
     """p where the term is Where(Greater(cols, rows), -inf, 0) with rows = Range(p, n) on axis 0 and
     cols = Range(0, n) on axis 1 (graphs/mha.py's causal mask with a KV cache of p keys): query i
     sees keys 0..p + i. Where p is 0 at run time, that is a self-attention's causal mask."""
-    where = producer_of(term, "Where")
-    greater = producer_of(where.inputs[0], "Greater") if where is not None else None
-    if (
-        greater is None
-        or not _is_scalar(where.inputs[1], -np.inf)
-        or not _is_scalar(where.inputs[2], 0.0)
-    ):
+    greater = _causal_greater(term)
+    if greater is None:
         return None
     cols = _unsqueezed_range(greater.inputs[0], 0)
     rows = _unsqueezed_range(greater.inputs[1], 1, any_start=True)
