@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -417,180 +418,219 @@ def causal_blocks(
     h, dv = core.num_heads, core.head_dim
     if dq == dv and chunkable(core, None):
         return _causal_chunks(graph, core, q, k, v, add, scope)
-    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
-    axis1, axis2, axis3, last = (
-        ints("axis1", [1]),
-        ints("axis2", [2]),
-        ints("axis3", [3]),
-        ints("last_axis", [-1]),
-    )
+    axes = [
+        _ints(graph, n, [i])
+        for n, i in (("axis1", 1), ("axis2", 2), ("axis3", 3), ("last_axis", -1))
+    ]
     length, block, blocks, (qp, kp, vp) = _blocked(graph, q, k, v, CAUSAL_BLOCK, add, "causal")
-    q_heads = add(
-        "Reshape", [qp, ints("causal/q_heads_shape", [0, 0, h, dq])], "causal/query_heads"
-    )  # (N, Lp, H, dq)
-    k_heads = add("Reshape", [kp, ints("causal/k_heads_shape", [0, 0, h, dq])], "causal/key_heads")
-    v_heads = add(
-        "Reshape", [vp, ints("causal/v_heads_shape", [0, 0, h, dv])], "causal/value_heads"
-    )
-    q_bnsh = add("Transpose", [q_heads], "causal/query_bnsh", {"perm": [0, 2, 1, 3]})
-    k_t = add("Transpose", [k_heads], "causal/key_bnhs", {"perm": [0, 2, 3, 1]})
-    v_bnsh = add("Transpose", [v_heads], "causal/value_bnsh", {"perm": [0, 2, 1, 3]})
-    batch = add("Shape", [q], "causal/batch", {"start": 0, "end": 1})
-    zero = _floats(graph, "zero", 0.0)
-
-    def with_kappa(heads: ir.Value, size: int, name: str) -> ir.Value:
-        """(N, 1 + Lp, H*(size+1)): kappa first, then ``heads`` with a zero entry appended to each head."""
-        one_hot = np.zeros((1, 1, h, size + 1), np.float32)
-        one_hot[..., -1] = 1.0
-        kappa = add(
-            "Expand",
-            [
-                _floats(graph, f"causal/kappa_{name}_one_hot", one_hot),
-                add(
-                    "Concat",
-                    [batch, ints(f"causal/kappa_{name}_dims", [1, h, size + 1])],
-                    f"causal/kappa_{name}_shape",
-                    {"axis": 0},
-                ),
-            ],
-            f"causal/kappa_{name}",
-        )
-        widened = add(
-            "Pad",
-            [heads, ints("widen_head", [0, 0, 0, 0, 0, 0, 0, 1]), zero],
-            f"causal/{name}_widened",
-        )
-        rows = add("Concat", [kappa, widened], f"causal/{name}_with_kappa", {"axis": 1})
-        return add(
-            "Reshape",
-            [rows, ints(f"causal/{name}_kappa_merge", [0, 0, h * (size + 1)])],
-            f"causal/{name}_kappa_bsd",
-        )
-
-    keys, values = with_kappa(k_heads, dq, "key"), with_kappa(v_heads, dv, "value")
-    triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)[None, None]
-    triangle = add(
-        "Slice",
+    parts = _CausalBlock.build(graph, h, dq, dv, axes, q, (qp, kp, vp), block, add)
+    stacked = _loop(graph, add, blocks, "causal", f"{scope}/causal/block", parts.step)
+    context = add(
+        "Reshape",
         [
-            _floats(graph, "causal/triangle", triangle),
-            ints("zeros2", [0, 0]),
-            add("Concat", [block, block], "causal/block_square", {"axis": 0}),
-            ints("axes23", [2, 3]),
+            add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
+            parts.ints("merge_shape", [0, -1, h * dv]),
         ],
-        "causal/triangle_block",
+        "causal/context_padded",
     )
-    floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
+    zero = parts.ints("zero1", [0])
+    return add("Slice", [context, zero, length, parts.axis1], "causal/context")
 
-    scope = f"{scope}/causal/block"
 
-    def step(op: Emit, index: ir.Value) -> ir.Value:
-        start = op("Mul", [index, block], "start")
-        end = op("Add", [start, block], "end")
-        q_block = op("Slice", [q_bnsh, start, end, axis2], "query")  # (N, H, b, dq)
-        scores = op(
-            "Add",
+@dataclass
+class _CausalBlock:
+    """What every block of causal_blocks reads (built once, outside its Loop), and the block's
+    computation: the diagonal in the graph, the keys before it through the flash kernel with
+    kappa, and the exact merge of the two."""
+
+    graph: ir.Graph
+    h: int
+    dq: int
+    dv: int
+    block: ir.Value
+    axis1: ir.Value
+    axis2: ir.Value
+    axis3: ir.Value
+    last: ir.Value
+    q_heads: ir.Value  # (N, Lp, H, dq)
+    q_bnsh: ir.Value
+    k_t: ir.Value  # (N, H, dq, Lp)
+    v_bnsh: ir.Value
+    keys: ir.Value  # (N, 1 + Lp, H*(dq+1)): kappa, then the keys
+    values: ir.Value
+    triangle: ir.Value  # (1, 1, b, b): -inf above the diagonal
+    floor: ir.Value
+
+    def ints(self, name: str, values: Any) -> ir.Value:
+        return _ints(self.graph, name, values)
+
+    @classmethod
+    def build(
+        cls,
+        graph: ir.Graph,
+        h: int,
+        dq: int,
+        dv: int,
+        axes: list[ir.Value],
+        q: ir.Value,
+        padded: tuple[ir.Value, ir.Value, ir.Value],
+        block: ir.Value,
+        add: Emit,
+    ) -> _CausalBlock:
+        """``axes``: 1, 2, 3 and -1; ``padded``: q, k, v padded to a multiple of the block."""
+
+        def ints(name: str, values: Any) -> ir.Value:
+            return _ints(graph, name, values)
+
+        qp, kp, vp = padded
+        heads = [
+            add("Reshape", [x, ints(f"causal/{n}_heads_shape", [0, 0, h, d])], f"causal/{name}")
+            for x, n, d, name in (
+                (qp, "q", dq, "query_heads"),
+                (kp, "k", dq, "key_heads"),
+                (vp, "v", dv, "value_heads"),
+            )
+        ]
+        q_bnsh = add("Transpose", [heads[0]], "causal/query_bnsh", {"perm": [0, 2, 1, 3]})
+        k_t = add("Transpose", [heads[1]], "causal/key_bnhs", {"perm": [0, 2, 3, 1]})
+        v_bnsh = add("Transpose", [heads[2]], "causal/value_bnsh", {"perm": [0, 2, 1, 3]})
+        batch = add("Shape", [q], "causal/batch", {"start": 0, "end": 1})
+        zero = _floats(graph, "zero", 0.0)
+        keys = _with_kappa(graph, add, heads[1], h, dq, "key", batch, zero)
+        values = _with_kappa(graph, add, heads[2], h, dv, "value", batch, zero)
+        triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)
+        triangle = add(
+            "Slice",
             [
-                op("MatMul", [q_block, op("Slice", [k_t, start, end, axis3], "key_t")], "scores"),
-                triangle,
+                _floats(graph, "causal/triangle", triangle[None, None]),
+                ints("zeros2", [0, 0]),
+                add("Concat", [block, block], "causal/block_square", {"axis": 0}),
+                ints("axes23", [2, 3]),
             ],
-            "causal_scores",
+            "causal/triangle_block",
+        )
+        floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
+        return cls(
+            graph,
+            h,
+            dq,
+            dv,
+            block,
+            *axes,
+            heads[0],
+            q_bnsh,
+            k_t,
+            v_bnsh,
+            keys,
+            values,
+            triangle,
+            floor,
+        )
+
+    def step(self, op: Emit, index: ir.Value) -> ir.Value:
+        start = op("Mul", [index, self.block], "start")
+        end = op("Add", [start, self.block], "end")
+        top, z, u = self._diagonal(op, start, end)
+        r, x = self._before_diagonal(op, start, end, top)
+        return self._merged(op, r, x, u, z)
+
+    def _diagonal(
+        self, op: Emit, start: ir.Value, end: ir.Value
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The diagonal block's row maximum m, z = sum(exp(s - m)) and u = exp(s - m) @ v."""
+        q_block = op("Slice", [self.q_bnsh, start, end, self.axis2], "query")  # (N, H, b, dq)
+        key_t = op("Slice", [self.k_t, start, end, self.axis3], "key_t")
+        scores = op(
+            "Add", [op("MatMul", [q_block, key_t], "scores"), self.triangle], "causal_scores"
         )  # (N, H, b, b)
-        top = op(
-            "Max", [op("ReduceMax", [scores, last], "row_max", {"keepdims": 1}), floor], "top"
-        )  # (N, H, b, 1)
+        row_max = op("ReduceMax", [scores, self.last], "row_max", {"keepdims": 1})
+        top = op("Max", [row_max, self.floor], "top")  # (N, H, b, 1)
         p = op("Exp", [op("Sub", [scores, top], "shifted")], "exp")
-        z = op("ReduceSum", [p, last], "denominator", {"keepdims": 1})
-        u = op(
-            "MatMul", [p, op("Slice", [v_bnsh, start, end, axis2], "value")], "numerator"
-        )  # (N, H, b, hd)
+        z = op("ReduceSum", [p, self.last], "denominator", {"keepdims": 1})
+        value = op("Slice", [self.v_bnsh, start, end, self.axis2], "value")
+        u = op("MatMul", [p, value], "numerator")  # (N, H, b, hd)
+        return top, z, u
+
+    def _before_diagonal(
+        self, op: Emit, start: ir.Value, end: ir.Value, top: ir.Value
+    ) -> tuple[ir.Value, ir.Value]:
+        """The keys before the block through MultiHeadAttention's flash kernel, kappa first:
+        r, the context over them, and x, kappa's share of the softmax (N, H, b, 1)."""
+        h, dq, dv, ints, last = self.h, self.dq, self.dv, self.ints, self.last
         query = op(
             "Concat",
             [
-                op("Slice", [q_heads, start, end, axis1], "query_heads"),
+                op("Slice", [self.q_heads, start, end, self.axis1], "query_heads"),
                 op("Transpose", [top], "top_bshd", {"perm": [0, 2, 1, 3]}),
             ],
             "query_kappa",
             {"axis": -1},
         )
-        query = op(
-            "Reshape",
-            [query, ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])],
-            "query_kappa_bsd",
-        )
+        merge = ints("causal/q_kappa_merge", [0, 0, h * (dq + 1)])
+        query = op("Reshape", [query, merge], "query_kappa_bsd")
         past = op("Add", [start, ints("one", [1])], "past_end")
+        past_keys = op("Slice", [self.keys, ints("zero1", [0]), past, self.axis1], "past_keys")
+        past_values = op(
+            "Slice", [self.values, ints("zero1", [0]), past, self.axis1], "past_values"
+        )
         attended = op(
             "MultiHeadAttention",
-            [
-                query,
-                op("Slice", [keys, ints("zero1", [0]), past, axis1], "past_keys"),
-                op("Slice", [values, ints("zero1", [0]), past, axis1], "past_values"),
-            ],
+            [query, past_keys, past_values],
             "MultiHeadAttention",
             {"num_heads": h, "scale": 1.0},
             MS_DOMAIN,
         )  # (N, b, H*(hd+1))
+        split = ints("causal/v_kappa_heads", [0, 0, h, dv + 1])
         attended = op(
             "Transpose",
-            [
-                op(
-                    "Reshape",
-                    [attended, ints("causal/v_kappa_heads", [0, 0, h, dv + 1])],
-                    "past_heads",
-                )
-            ],
+            [op("Reshape", [attended, split], "past_heads")],
             "past_bnsh",
             {"perm": [0, 2, 1, 3]},
         )
-        r = op(
-            "Slice",
-            [attended, ints("zero1", [0]), ints("causal/value_size", [dv]), last],
-            "past_context",
-        )
-        x = op(
-            "Slice",
-            [
-                attended,
-                ints("causal/value_size", [dv]),
-                ints("causal/value_size_1", [dv + 1]),
-                last,
-            ],
-            "kappa_weight",
-        )
-        merged = op(
-            "Div",
-            [
-                op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum"),
-                op(
-                    "Add",
-                    [
-                        op("Sub", [_floats(graph, "one", 1.0), x], "past_share"),
-                        op("Mul", [x, z], "diagonal_z"),
-                    ],
-                    "denominator_sum",
-                ),
-            ],
-            "context",
-        )
-        merged = op(
+        zero = ints("zero1", [0])
+        r = op("Slice", [attended, zero, ints("causal/value_size", [dv]), last], "past_context")
+        wider = ints("causal/value_size_1", [dv + 1])
+        x = op("Slice", [attended, ints("causal/value_size", [dv]), wider, last], "kappa_weight")
+        return r, x
+
+    def _merged(self, op: Emit, r: ir.Value, x: ir.Value, u: ir.Value, z: ir.Value) -> ir.Value:
+        """out = (r + x u) / ((1 - x) + x z), as (N, b, H*hd)."""
+        numerator = op("Add", [r, op("Mul", [x, u], "diagonal_share")], "numerator_sum")
+        past_share = op("Sub", [_floats(self.graph, "one", 1.0), x], "past_share")
+        denominator = op("Add", [past_share, op("Mul", [x, z], "diagonal_z")], "denominator_sum")
+        merged = op("Div", [numerator, denominator], "context")
+        return op(
             "Reshape",
             [
                 op("Transpose", [merged], "context_bshd", {"perm": [0, 2, 1, 3]}),
-                ints("merge_shape", [0, 0, h * dv]),
+                self.ints("merge_shape", [0, 0, self.h * self.dv]),
             ],
             "context_bsd",
         )
-        return merged
 
-    stacked = _loop(graph, add, blocks, "causal", scope, step)  # (blocks, N, b, H*hd)
-    context = add(
-        "Reshape",
-        [
-            add("Transpose", [stacked], "causal/blocks_first", {"perm": [1, 0, 2, 3]}),
-            ints("merge_shape", [0, -1, h * dv]),
-        ],
-        "causal/context_padded",
-    )
-    return add("Slice", [context, ints("zero1", [0]), length, axis1], "causal/context")
+
+def _with_kappa(
+    graph: ir.Graph,
+    add: Emit,
+    heads: ir.Value,
+    h: int,
+    size: int,
+    name: str,
+    batch: ir.Value,
+    zero: ir.Value,
+) -> ir.Value:
+    """(N, 1 + Lp, H*(size+1)): kappa first, then ``heads`` with a zero entry appended to each head."""
+    one_hot = np.zeros((1, 1, h, size + 1), np.float32)
+    one_hot[..., -1] = 1.0
+    one_hot = _floats(graph, f"causal/kappa_{name}_one_hot", one_hot)
+    dims = _ints(graph, f"causal/kappa_{name}_dims", [1, h, size + 1])
+    shape = add("Concat", [batch, dims], f"causal/kappa_{name}_shape", {"axis": 0})
+    kappa = add("Expand", [one_hot, shape], f"causal/kappa_{name}")
+    widen = _ints(graph, "widen_head", [0, 0, 0, 0, 0, 0, 0, 1])
+    widened = add("Pad", [heads, widen, zero], f"causal/{name}_widened")
+    rows = add("Concat", [kappa, widened], f"causal/{name}_with_kappa", {"axis": 1})
+    merge = _ints(graph, f"causal/{name}_kappa_merge", [0, 0, h * (size + 1)])
+    return add("Reshape", [rows, merge], f"causal/{name}_kappa_bsd")
 
 
 def chunkable(core: Core, key_bias: ir.Value | None) -> bool:
