@@ -478,13 +478,13 @@ class _CausalBlock:
         add: Emit,
     ) -> _CausalBlock:
         """``axes``: 1, 2, 3 and -1; ``padded``: q, k, v padded to a multiple of the block."""
-
-        def ints(name: str, values: Any) -> ir.Value:
-            return _ints(graph, name, values)
-
         qp, kp, vp = padded
         heads = [
-            add("Reshape", [x, ints(f"causal/{n}_heads_shape", [0, 0, h, d])], f"causal/{name}")
+            add(
+                "Reshape",
+                [x, _ints(graph, f"causal/{n}_heads_shape", [0, 0, h, d])],
+                f"causal/{name}",
+            )
             for x, n, d, name in (
                 (qp, "q", dq, "query_heads"),
                 (kp, "k", dq, "key_heads"),
@@ -498,34 +498,10 @@ class _CausalBlock:
         zero = _floats(graph, "zero", 0.0)
         keys = _with_kappa(graph, add, heads[1], h, dq, "key", batch, zero)
         values = _with_kappa(graph, add, heads[2], h, dv, "value", batch, zero)
-        triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)
-        triangle = add(
-            "Slice",
-            [
-                _floats(graph, "causal/triangle", triangle[None, None]),
-                ints("zeros2", [0, 0]),
-                add("Concat", [block, block], "causal/block_square", {"axis": 0}),
-                ints("axes23", [2, 3]),
-            ],
-            "causal/triangle_block",
-        )
+        triangle = _triangle_block(graph, add, block)
         floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
-        return cls(
-            graph,
-            h,
-            dq,
-            dv,
-            block,
-            *axes,
-            heads[0],
-            q_bnsh,
-            k_t,
-            v_bnsh,
-            keys,
-            values,
-            triangle,
-            floor,
-        )
+        sizes = (graph, h, dq, dv, block, *axes)
+        return cls(*sizes, heads[0], q_bnsh, k_t, v_bnsh, keys, values, triangle, floor)
 
     def step(self, op: Emit, index: ir.Value) -> ir.Value:
         start = op("Mul", [index, self.block], "start")
@@ -607,6 +583,21 @@ class _CausalBlock:
             ],
             "context_bsd",
         )
+
+
+def _triangle_block(graph: ir.Graph, add: Emit, block: ir.Value) -> ir.Value:
+    """(1, 1, b, b): -inf above the diagonal, 0 on and below it."""
+    triangle = np.triu(np.full((CAUSAL_BLOCK, CAUSAL_BLOCK), -np.inf, np.float32), 1)
+    return add(
+        "Slice",
+        [
+            _floats(graph, "causal/triangle", triangle[None, None]),
+            _ints(graph, "zeros2", [0, 0]),
+            add("Concat", [block, block], "causal/block_square", {"axis": 0}),
+            _ints(graph, "axes23", [2, 3]),
+        ],
+        "causal/triangle_block",
+    )
 
 
 def _with_kappa(
