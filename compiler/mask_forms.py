@@ -816,101 +816,25 @@ def query_blocks(
     last_start = add("Sub", [length, block], "blocks/last_start")
     axis1 = ints("axis1", [1])
 
-    inner = f"{scope}/blocks/block"
+    parts = (graph, h, d, core.scale, (q, k, v), terms, key_bias, block, last_start, keys)
+    blocks = _QueryBlock(*parts, axis1, heads, zero_dead, attend)
+    stacked = _loop(graph, add, count, "blocks", f"{scope}/blocks/block", blocks.step)
+    return _unblocked(graph, add, stacked, count, block, last_start, h * d)
 
-    def step(op: Emit, index: ir.Value) -> ir.Value:
-        start = op("Min", [op("Mul", [index, block], "start_unclamped"), last_start], "start")
-        end = op("Add", [start, block], "end")
-        parts = []
-        for i, term in enumerate(terms.other):
-            parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
-        if terms.causal:
-            rows = op(
-                "Unsqueeze",
-                [
-                    op(
-                        "Range",
-                        [
-                            op("Squeeze", [start], "start_scalar"),
-                            op("Squeeze", [end], "end_scalar"),
-                            _ints(graph, "one_i64", 1),
-                        ],
-                        "positions",
-                    ),
-                    ints("axes013", [0, 1, 3]),
-                ],
-                "query_positions",
-            )
-            cols = op(
-                "Unsqueeze",
-                [
-                    op(
-                        "Range",
-                        [
-                            _ints(graph, "zero_i64", 0),
-                            op("Squeeze", [keys], "keys_scalar"),
-                            _ints(graph, "one_i64", 1),
-                        ],
-                        "key_positions",
-                    ),
-                    ints("axes012", [0, 1, 2]),
-                ],
-                "key_positions_row",
-            )
-            parts.append(
-                op(
-                    "Where",
-                    [
-                        op("Greater", [cols, rows], "future"),
-                        _floats(graph, "neg_inf", -np.inf),
-                        _floats(graph, "zero", 0.0),
-                    ],
-                    "causal",
-                )
-            )
-        if key_bias is not None:
-            parts.append(key_bias)
-        bias = parts[0] if parts else None  # none: an unmasked core in blocks, for memory alone
-        for i, part in enumerate(parts[1:]):
-            bias = op("Add", [bias, part], f"bias_{i + 1}")
-        query = op("Slice", [q, start, end, axis1], "query")
-        if attend is None:
-            context = op(
-                "MultiHeadAttention",
-                [query, k, v, None, None, bias],
-                "MultiHeadAttention",
-                {"num_heads": h, "scale": core.scale},
-                MS_DOMAIN,
-            )  # (N, b, H*hd)
-        else:
-            context = attend(op, query, k, v, bias)
-        if zero_dead and bias is not None:
-            dead = op(
-                "IsInf",
-                [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})],
-                "dead",
-                {"detect_positive": 0},
-            )  # (N|1, H|1, b, 1)
-            context = op(
-                "Reshape",
-                [
-                    op(
-                        "Where",
-                        [
-                            op("Transpose", [dead], "dead_bshd", to_bnsh),
-                            _floats(graph, "zero", 0.0),
-                            op("Reshape", [context, heads], "context_heads"),
-                        ],
-                        "zeroed",
-                    ),
-                    ints("merge_shape", [0, 0, h * d]),
-                ],
-                "context_zeroed",
-            )
-        return context
 
-    stacked = _loop(graph, add, count, "blocks", inner, step)  # (count, N, b, E)
-    # all blocks but the last in order, then the rows of the last that the one before it did not cover
+def _unblocked(
+    graph: ir.Graph,
+    add: Emit,
+    stacked: ir.Value,
+    count: ir.Value,
+    block: ir.Value,
+    last_start: ir.Value,
+    width: int,
+) -> ir.Value:
+    """(N, L, width) from the Loop's (count, N, b, width): all blocks but the last in order, then
+    the rows of the last that the one before it did not cover."""
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
+    one, axis1 = ints("one", [1]), ints("axis1", [1])
     head = add(
         "Slice",
         [
@@ -925,7 +849,7 @@ def query_blocks(
         "Reshape",
         [
             add("Transpose", [head], "blocks/head_first", {"perm": [1, 0, 2, 3]}),
-            ints("merge_shape", [0, -1, h * d]),
+            ints("merge_shape", [0, -1, width]),
         ],
         "blocks/head",
     )
@@ -950,6 +874,131 @@ def query_blocks(
         "blocks/tail",
     )
     return add("Concat", [head, tail], "blocks/context", {"axis": 1})
+
+
+@dataclass
+class _QueryBlock:
+    """One block of query_blocks' Loop: its rows of every mask term, the op over them, and (with
+    ``zero_dead``) a zero context for rows whose every key is -inf."""
+
+    graph: ir.Graph
+    h: int
+    d: int
+    scale: float | None
+    qkv: tuple[ir.Value, ir.Value, ir.Value]  # q (N, L, E), k and v BNSH
+    terms: MaskTerms
+    key_bias: ir.Value | None
+    block: ir.Value
+    last_start: ir.Value
+    keys: ir.Value
+    axis1: ir.Value
+    heads: ir.Value
+    zero_dead: bool
+    attend: Attend | None
+
+    def ints(self, name: str, values: Any) -> ir.Value:
+        return _ints(self.graph, name, values)
+
+    def step(self, op: Emit, index: ir.Value) -> ir.Value:
+        graph, block, last_start, q, k, v = self.graph, self.block, self.last_start, *self.qkv
+        terms, key_bias, attend, axis1 = self.terms, self.key_bias, self.attend, self.axis1
+        start = op("Min", [op("Mul", [index, block], "start_unclamped"), last_start], "start")
+        end = op("Add", [start, block], "end")
+        parts = []
+        for i, term in enumerate(terms.other):
+            parts.append(_rows_of(graph, term, start, end, op, f"term_{i}"))
+        if terms.causal:
+            parts.append(self._causal(op, start, end))
+        if key_bias is not None:
+            parts.append(key_bias)
+        bias = parts[0] if parts else None  # none: an unmasked core in blocks, for memory alone
+        for i, part in enumerate(parts[1:]):
+            bias = op("Add", [bias, part], f"bias_{i + 1}")
+        query = op("Slice", [q, start, end, axis1], "query")
+        if attend is None:
+            context = op(
+                "MultiHeadAttention",
+                [query, k, v, None, None, bias],
+                "MultiHeadAttention",
+                {"num_heads": self.h, "scale": self.scale},
+                MS_DOMAIN,
+            )  # (N, b, H*hd)
+        else:
+            context = attend(op, query, k, v, bias)
+        if self.zero_dead and bias is not None:
+            context = self._zeroed(op, context, bias)
+        return context
+
+    def _causal(self, op: Emit, start: ir.Value, end: ir.Value) -> ir.Value:
+        """The causal term of the block's rows: -inf where the key comes after the query."""
+        graph, ints, keys = self.graph, self.ints, self.keys
+        rows = op(
+            "Unsqueeze",
+            [
+                op(
+                    "Range",
+                    [
+                        op("Squeeze", [start], "start_scalar"),
+                        op("Squeeze", [end], "end_scalar"),
+                        _ints(graph, "one_i64", 1),
+                    ],
+                    "positions",
+                ),
+                ints("axes013", [0, 1, 3]),
+            ],
+            "query_positions",
+        )
+        cols = op(
+            "Unsqueeze",
+            [
+                op(
+                    "Range",
+                    [
+                        _ints(graph, "zero_i64", 0),
+                        op("Squeeze", [keys], "keys_scalar"),
+                        _ints(graph, "one_i64", 1),
+                    ],
+                    "key_positions",
+                ),
+                ints("axes012", [0, 1, 2]),
+            ],
+            "key_positions_row",
+        )
+        return op(
+            "Where",
+            [
+                op("Greater", [cols, rows], "future"),
+                _floats(graph, "neg_inf", -np.inf),
+                _floats(graph, "zero", 0.0),
+            ],
+            "causal",
+        )
+
+    def _zeroed(self, op: Emit, context: ir.Value, bias: ir.Value) -> ir.Value:
+        graph, ints, heads, h, d = self.graph, self.ints, self.heads, self.h, self.d
+        to_bnsh = {"perm": [0, 2, 1, 3]}
+        dead = op(
+            "IsInf",
+            [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})],
+            "dead",
+            {"detect_positive": 0},
+        )  # (N|1, H|1, b, 1)
+        return op(
+            "Reshape",
+            [
+                op(
+                    "Where",
+                    [
+                        op("Transpose", [dead], "dead_bshd", to_bnsh),
+                        _floats(graph, "zero", 0.0),
+                        op("Reshape", [context, heads], "context_heads"),
+                    ],
+                    "zeroed",
+                ),
+                ints("merge_shape", [0, 0, h * d]),
+            ],
+            "context_zeroed",
+        )
 
 
 def _rows_of(
