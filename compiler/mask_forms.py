@@ -784,35 +784,23 @@ def query_blocks(
     q, k, v = inputs
     to_bnsh = {"perm": [0, 2, 1, 3]}
     heads = ints("heads_shape", [0, 0, h, d])
-    if (
-        core.layout == "BSD"
-    ):  # keys and values as BNSH once: the op takes them as they are (no copy per block)
-        k = add(
-            "Transpose",
-            [add("Reshape", [k, heads], "blocks/key_heads")],
-            "blocks/key_bnsh",
-            to_bnsh,
-        )
-        v = add(
-            "Transpose",
-            [add("Reshape", [v, heads], "blocks/value_heads")],
-            "blocks/value_bnsh",
-            to_bnsh,
+    if core.layout == "BSD":
+        # keys and values as BNSH once: the op takes them as they are (no copy per block)
+        k, v = (
+            add(
+                "Transpose",
+                [add("Reshape", [x, heads], f"blocks/{n}_heads")],
+                f"blocks/{n}_bnsh",
+                to_bnsh,
+            )
+            for x, n in ((k, "key"), (v, "value"))
         )
     length = add("Shape", [q], "blocks/length", {"start": 1, "end": 2})
     keys = add("Shape", [k], "blocks/keys", {"start": 2, "end": 3})
     block = add("Min", [length, ints("causal/block", [CAUSAL_BLOCK])], "blocks/block_len")
     one = ints("one", [1])
-    count = add(
-        "Div",
-        [
-            add(
-                "Sub", [add("Add", [length, block], "blocks/length_up"), one], "blocks/length_up_1"
-            ),
-            block,
-        ],
-        "blocks/count",
-    )
+    up = add("Sub", [add("Add", [length, block], "blocks/length_up"), one], "blocks/length_up_1")
+    count = add("Div", [up, block], "blocks/count")
     last_start = add("Sub", [length, block], "blocks/last_start")
     axis1 = ints("axis1", [1])
 
@@ -835,14 +823,10 @@ def _unblocked(
     the rows of the last that the one before it did not cover."""
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     one, axis1 = ints("one", [1]), ints("axis1", [1])
+    but_last = add("Sub", [count, one], "blocks/but_last")
     head = add(
         "Slice",
-        [
-            stacked,
-            ints("zero1", [0]),
-            add("Sub", [count, one], "blocks/but_last"),
-            ints("axis0", [0]),
-        ],
+        [stacked, ints("zero1", [0]), but_last, ints("axis0", [0])],
         "blocks/but_last_blocks",
     )
     head = add(
