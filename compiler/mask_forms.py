@@ -1046,30 +1046,23 @@ def padded_rows(
         ints("axis1", [1]),
         ints("last_axis", [-1]),
     )
+    ends = _kept_keys(graph, raw, add, axis0)
+    axes = (one, axis0, axis1, last)
+    rows = _PaddedRow(graph, h, d, core.scale, (q, k, v), raw, ends, *axes, f"{scope}/rows/row")
+    batch = add("Shape", [q], "rows/batch", {"start": 0, "end": 1})
+    stacked = _loop(graph, add, batch, "rows", rows.inner, rows.step)  # (N, 1, L, H*hd)
+    return add("Squeeze", [stacked, axis1], "rows/context")
+
+
+def _kept_keys(graph: ir.Graph, raw: ir.Value, add: Emit, axis0: ir.Value) -> ir.Value:
+    """(N|1,) int64: how many keys each entry keeps, up to its last one above KEY_BIAS_FLOOR in
+    any head; all of them where none is."""
+    ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     keys = add("Shape", [raw], "rows/keys", {"start": 3, "end": 4})
-    positions = add(
-        "Cast",
-        [
-            add(
-                "Range",
-                [
-                    _ints(graph, "one_i64", 1),
-                    add(
-                        "Add",
-                        [
-                            add("Squeeze", [keys, axis0], "rows/keys_scalar"),
-                            _ints(graph, "one_i64", 1),
-                        ],
-                        "rows/keys_1",
-                    ),
-                    _ints(graph, "one_i64", 1),
-                ],
-                "rows/positions_1",
-            )
-        ],
-        "rows/positions",
-        {"to": ir.DataType.FLOAT},
-    )  # 1..S
+    one = _ints(graph, "one_i64", 1)
+    past_last = add("Add", [add("Squeeze", [keys, axis0], "rows/keys_scalar"), one], "rows/keys_1")
+    positions = add("Range", [one, past_last, one], "rows/positions_1")
+    positions = add("Cast", [positions], "rows/positions", {"to": ir.DataType.FLOAT})  # 1..S
     floor = _floats(graph, "key_bias_floor", KEY_BIAS_FLOOR)
     visible = add(
         "Cast",
@@ -1100,38 +1093,30 @@ def padded_rows(
         "rows/ends",
         {"to": ir.DataType.INT64},
     )
+    return ends
 
-    inner = f"{scope}/rows/row"
 
-    def step(op: Emit, index: ir.Value) -> ir.Value:
-        first = op("Unsqueeze", [index, axis0], "first")
-        after = op("Add", [first, one], "after")
-        mask_rows = op("Shape", [raw], "mask_rows", {"start": 0, "end": 1})
-        # a mask that broadcasts over the batch has one row for all
-        mask_row = op("Min", [first, op("Sub", [mask_rows, one], "last_mask_row")], "mask_row")
-        mask_after = op("Add", [mask_row, one], "mask_after")
-        end = op("Slice", [ends, mask_row, mask_after, axis0], "end")
-        query = op("Slice", [q, first, after, axis0], "query")
-        key = op(
-            "Slice",
-            [op("Slice", [k, first, after, axis0], "key_row"), ints("zero1", [0]), end, axis1],
-            "key",
-        )
-        value = op(
-            "Slice",
-            [op("Slice", [v, first, after, axis0], "value_row"), ints("zero1", [0]), end, axis1],
-            "value",
-        )
-        bias = op(
-            "Slice",
-            [
-                op("Slice", [raw, mask_row, mask_after, axis0], "bias_row"),
-                ints("zero1", [0]),
-                end,
-                last,
-            ],
-            "bias",
-        )
+@dataclass
+class _PaddedRow:
+    """One batch entry of padded_rows' Loop: its query, its keys and bias cut to the ones kept,
+    and MultiHeadAttention over them, plain or with the bias as one more head dimension."""
+
+    graph: ir.Graph
+    h: int
+    d: int
+    scale: float | None
+    qkv: tuple[ir.Value, ir.Value, ir.Value]
+    raw: ir.Value
+    ends: ir.Value
+    one: ir.Value
+    axis0: ir.Value
+    axis1: ir.Value
+    last: ir.Value
+    inner: str
+
+    def step(self, op: Emit, index: ir.Value) -> ir.Value:
+        query, key, value, bias = self._row(op, index)
+        graph = self.graph
         nonzero = op(
             "ReduceMax",
             [
@@ -1152,32 +1137,51 @@ def padded_rows(
             {"keepdims": 0},
         )
         plain = op("Less", [nonzero, _floats(graph, "half", 0.5)], "plain")
-        branches = []
-        for name in ("plain", "widened"):
-            nodes: list[ir.Node] = []
-            emit = emitter(nodes, f"{inner}/{name}")
-            qb, kb = (
-                (query, key)
-                if name == "plain"
-                else widen_heads(
-                    graph, query, key, floored(graph, bias, emit), h, d, 1.0 / core.scale, emit
-                )
-            )
-            context = emit(
-                "MultiHeadAttention",
-                [qb, kb, value],
-                "MultiHeadAttention",
-                {"num_heads": h, "scale": core.scale},
-                MS_DOMAIN,
-            )  # (1, L, H*hd)
-            context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
-            branches.append(ir.Graph([], [context], nodes=nodes, name=f"{inner}/{name}"))
-        context = op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
-        return context
+        branches = [self._branch(name, query, key, value, bias) for name in ("plain", "widened")]
+        return op("If", [plain], "If", {"then_branch": branches[0], "else_branch": branches[1]})
 
-    batch = add("Shape", [q], "rows/batch", {"start": 0, "end": 1})
-    stacked = _loop(graph, add, batch, "rows", inner, step)  # (N, 1, L, H*hd)
-    return add("Squeeze", [stacked, axis1], "rows/context")
+    def _row(self, op: Emit, index: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        """The entry's query, and its keys, values and bias up to its last kept key."""
+        (q, k, v), raw, one, axis0, axis1 = self.qkv, self.raw, self.one, self.axis0, self.axis1
+        zero1 = lambda: _ints(self.graph, "zero1", [0])  # noqa: E731
+        first = op("Unsqueeze", [index, axis0], "first")
+        after = op("Add", [first, one], "after")
+        mask_rows = op("Shape", [raw], "mask_rows", {"start": 0, "end": 1})
+        # a mask that broadcasts over the batch has one row for all
+        mask_row = op("Min", [first, op("Sub", [mask_rows, one], "last_mask_row")], "mask_row")
+        mask_after = op("Add", [mask_row, one], "mask_after")
+        end = op("Slice", [self.ends, mask_row, mask_after, axis0], "end")
+        query = op("Slice", [q, first, after, axis0], "query")
+        key_row = op("Slice", [k, first, after, axis0], "key_row")
+        key = op("Slice", [key_row, zero1(), end, axis1], "key")
+        value_row = op("Slice", [v, first, after, axis0], "value_row")
+        value = op("Slice", [value_row, zero1(), end, axis1], "value")
+        bias_row = op("Slice", [raw, mask_row, mask_after, axis0], "bias_row")
+        bias = op("Slice", [bias_row, zero1(), end, self.last], "bias")
+        return query, key, value, bias
+
+    def _branch(
+        self, name: str, query: ir.Value, key: ir.Value, value: ir.Value, bias: ir.Value
+    ) -> ir.Graph:
+        """The If branch that runs the op: ``plain`` on q, k, v as they are, ``widened`` with the
+        bias as one more head dimension."""
+        nodes: list[ir.Node] = []
+        emit = emitter(nodes, f"{self.inner}/{name}")
+        qb, kb = query, key
+        if name != "plain":
+            floor = floored(self.graph, bias, emit)
+            qb, kb = widen_heads(
+                self.graph, query, key, floor, self.h, self.d, 1.0 / self.scale, emit
+            )
+        context = emit(
+            "MultiHeadAttention",
+            [qb, kb, value],
+            "MultiHeadAttention",
+            {"num_heads": self.h, "scale": self.scale},
+            MS_DOMAIN,
+        )  # (1, L, H*hd)
+        context.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        return ir.Graph([], [context], nodes=nodes, name=f"{self.inner}/{name}")
 
 
 def rows_alike(graph: ir.Graph, terms: list[ir.Value], add: Emit) -> ir.Value:
