@@ -636,9 +636,9 @@ def _causal_chunks(
     """Causal self-attention of BSD q (scaled already), k, v (one head size, a multiple of 8) as
     (N, L, H*hd), by ONNX Runtime's GroupQueryAttention as a chunked prefill: one batch entry and a
     block of at most CHUNK_BLOCK queries at a time, the keys before the block given as its past. Its CPU
-    kernel computes only the keys a query sees, so causal costs about 0.7x full attention
-    (docs/BENCHMARKS.md, "Masks"); it holds (H, b, S) scores per call, linear in S. It takes a past
-    with one batch entry only, hence the entries one by one."""
+    kernel computes only the keys a query sees (docs/BENCHMARKS.md, "Causal kernels", has what that
+    saves); it holds (H, b, S) scores per call, linear in S. It takes a past with one batch entry
+    only, hence the entries one by one."""
     h, d = core.num_heads, core.head_dim
     ints = lambda name, values: _ints(graph, name, values)  # noqa: E731
     batch = add("Shape", [q], "chunks/batch", {"start": 0, "end": 1})
@@ -660,7 +660,41 @@ def _causal_chunks(
         ints("one", [1]),
     )
 
-    def step(op: Emit, index: ir.Value) -> ir.Value:
+    chunks = _Chunks(h, (qp, kp, vp), k_bnsh, v_bnsh, block, blocks, axes01, axes02, zero1, one)
+    count = add("Mul", [batch, blocks], "chunks/calls")
+    stacked = _loop(
+        graph, add, count, "chunks", f"{scope}/chunks", chunks.step
+    )  # (N * blocks, 1, b, H*hd)
+    shape = add(
+        "Concat",
+        [batch, ints("chunks/rows_and_width", [-1, h * d])],
+        "chunks/context_shape",
+        {"axis": 0},
+    )
+    context = add("Reshape", [stacked, shape], "chunks/context_padded")
+    return add("Slice", [context, zero1, length, ints("axis1", [1])], "chunks/context")
+
+
+@dataclass
+class _Chunks:
+    """One call of _causal_chunks' Loop: batch entry index // blocks, its block index % blocks,
+    with the keys and values before the block as GroupQueryAttention's past."""
+
+    h: int
+    padded: tuple[ir.Value, ir.Value, ir.Value]  # q, k, v (N, Lp, E)
+    k_bnsh: ir.Value
+    v_bnsh: ir.Value
+    block: ir.Value
+    blocks: ir.Value
+    axes01: ir.Value
+    axes02: ir.Value
+    zero1: ir.Value
+    one: ir.Value
+
+    def step(self, op: Emit, index: ir.Value) -> ir.Value:
+        h, (qp, kp, vp), block, blocks = self.h, self.padded, self.block, self.blocks
+        k_bnsh, v_bnsh, axes01, axes02 = self.k_bnsh, self.v_bnsh, self.axes01, self.axes02
+        zero1, one = self.zero1, self.one
         entry = op("Div", [index, blocks], "entry")  # (1,): this call's batch entry, then its block
         start = op(
             "Mul",
@@ -697,19 +731,6 @@ def _causal_chunks(
             MS_DOMAIN,
             outputs=3,
         )[0]  # (1, b, H*hd)
-
-    count = add("Mul", [batch, blocks], "chunks/calls")
-    stacked = _loop(
-        graph, add, count, "chunks", f"{scope}/chunks", step
-    )  # (N * blocks, 1, b, H*hd)
-    shape = add(
-        "Concat",
-        [batch, ints("chunks/rows_and_width", [-1, h * d])],
-        "chunks/context_shape",
-        {"axis": 0},
-    )
-    context = add("Reshape", [stacked, shape], "chunks/context_padded")
-    return add("Slice", [context, zero1, length, ints("axis1", [1])], "chunks/context")
 
 
 def causal_bias(graph: ir.Graph, q: ir.Value, add: Emit) -> ir.Value:
