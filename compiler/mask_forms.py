@@ -1358,34 +1358,27 @@ def causal_inside_blocks(
         ],
         "fully_masked/rows_nl",
     )  # (N, L, 1)
-    if np.isfinite(inside.lowest):
-        v = inputs[2]
-        if core.layout == "BSD":
-            fill = add(
-                "ReduceMean",
-                [v, _ints(graph, "axis1", [1])],
-                "fully_masked/mean_value",
-                {"keepdims": 1},
-            )
-        else:
-            mean = add(
-                "ReduceMean",
-                [v, _ints(graph, "axis2", [2])],
-                "fully_masked/mean_value",
-                {"keepdims": 1},
-            )
-            fill = add(
-                "Reshape",
-                [
-                    add("Transpose", [mean], "fully_masked/mean_bsnh", {"perm": [0, 2, 1, 3]}),
-                    _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim]),
-                ],
-                "fully_masked/mean_bsd",
-            )
-    else:
-        fill = _floats(
-            graph,
-            "zero" if core.zeroes_dead_rows else "nan",
-            0.0 if core.zeroes_dead_rows else np.nan,
-        )
+    fill = _dead_row_fill(graph, core, inputs[2], inside.lowest, add)
     return add("Where", [dead, fill, context], "fully_masked/filled")
+
+
+def _dead_row_fill(graph: ir.Graph, core: Core, v: ir.Value, lowest: float, add: Emit) -> ir.Value:
+    """What the mask's graph gives a query whose every visible key is padding: the mean of the
+    values under a finite ``lowest`` (every score equal), else zero where the graph guards such
+    rows, else NaN."""
+    if not np.isfinite(lowest):
+        zero = core.zeroes_dead_rows
+        return _floats(graph, "zero" if zero else "nan", 0.0 if zero else np.nan)
+    if core.layout == "BSD":
+        axis = _ints(graph, "axis1", [1])
+        return add("ReduceMean", [v, axis], "fully_masked/mean_value", {"keepdims": 1})
+    axis = _ints(graph, "axis2", [2])
+    mean = add("ReduceMean", [v, axis], "fully_masked/mean_value", {"keepdims": 1})
+    return add(
+        "Reshape",
+        [
+            add("Transpose", [mean], "fully_masked/mean_bsnh", {"perm": [0, 2, 1, 3]}),
+            _ints(graph, "merge_shape", [0, 0, core.num_heads * core.head_dim]),
+        ],
+        "fully_masked/mean_bsd",
+    )
