@@ -105,77 +105,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(new, scope)
-            cache = core.cache
-            terms = mask_terms(core) if self.flash_forms else None
-            present = None
-            projections = (
-                match_projections(core) if self.flash_forms and self.attention_op else None
-            )
-            if not self.flash_forms and _causal_alone(
-                core
-            ):  # CUDA: the op's own causal flag, which its flash kernel takes
-                q, k, v = op_inputs(graph, core, add)
-                context = add(
-                    "MultiHeadAttention",
-                    [q, k, v],
-                    "MultiHeadAttention",
-                    {"num_heads": core.num_heads, "scale": core.scale, "unidirectional": 1},
-                    MS_DOMAIN,
-                )
-            elif (
-                cache is None
-                and terms is not None
-                and (terms.causal or terms.other)
-                and _blockable(terms)
-            ):  # query blocks
-                raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-                context = _by_length(
-                    graph,
-                    _Source.of(graph, core, projections, add),
-                    terms,
-                    raw,
-                    add,
-                    scope,
-                    self.max_len,
-                )
-                if core.zeroes_dead_rows and raw is not None and not terms.other:
-                    context = zero_dead_context(
-                        graph, core, context, dead_causal_rows(graph, raw, add), add
-                    )
-            elif (
-                cache is None and terms is not None and terms.key_only
-            ):  # flash, each entry's keys cut after the last visible
-                raw = summed(terms.keys, add, "key_bias_terms")
-                context = _padding(
-                    graph, _Source.of(graph, core, projections, add), raw, add, scope, self.max_len
-                )
-                if core.zeroes_dead_rows:
-                    context = zero_dead_context(
-                        graph, core, context, dead_rows(graph, raw, add), add
-                    )
-            elif (
-                cache is None and core.mask is None and projections is not None
-            ):  # Attention where short, flash where long
-                source = _Source.of(graph, core, projections, add)
-                context = _switch(
-                    graph,
-                    source,
-                    add,
-                    scope,
-                    ATTENTION_UNTIL,
-                    lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
-                    lambda emit, name: source.one_op(emit, None),
-                    self.max_len,
-                )
-            elif (
-                terms is not None
-                and terms.past is not None
-                and not terms.causal
-                and not terms.other
-            ):
-                context, present = _prefill_or_step(graph, core, terms, add, scope, self.max_len)
-            else:
-                context, present = _one_op(graph, core, add)
+            context, present = self._context(graph, core, add, scope)
             if core.layout == "BNSH":
                 split = new_initializer(
                     graph,
@@ -189,8 +119,64 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                     {"perm": [0, 2, 1, 3]},
                 )
             context = as_output(graph, core, context, add)
-            replace_core(graph, core, new, context, present=present if cache is not None else None)
+            present = present if core.cache is not None else None
+            replace_core(graph, core, new, context, present=present)
         return bool(cores)
+
+    def _context(
+        self, graph: ir.Graph, core: Core, add, scope: str
+    ) -> tuple[ir.Value, tuple[ir.Value, ir.Value] | None]:
+        """The core's context (and present keys and values) in the form its masks and this
+        target take."""
+        cache = core.cache
+        terms = mask_terms(core) if self.flash_forms else None
+        projections = match_projections(core) if self.flash_forms and self.attention_op else None
+        if not self.flash_forms and _causal_alone(core):
+            # CUDA: the op's own causal flag, which its flash kernel takes
+            q, k, v = op_inputs(graph, core, add)
+            attrs = {"num_heads": core.num_heads, "scale": core.scale, "unidirectional": 1}
+            return add(
+                "MultiHeadAttention", [q, k, v], "MultiHeadAttention", attrs, MS_DOMAIN
+            ), None
+        source = lambda: _Source.of(graph, core, projections, add)  # noqa: E731
+        if cache is None and terms is not None and (terms.causal or terms.other):
+            if _blockable(terms):  # query blocks
+                return self._blocked(graph, core, terms, source(), add, scope), None
+        if cache is None and terms is not None and terms.key_only:
+            # flash, each entry's keys cut after the last visible
+            raw = summed(terms.keys, add, "key_bias_terms")
+            context = _padding(graph, source(), raw, add, scope, self.max_len)
+            if core.zeroes_dead_rows:
+                context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
+            return context, None
+        if cache is None and core.mask is None and projections is not None:
+            return self._attention_or_flash(graph, source(), add, scope), None
+        if terms is not None and terms.past is not None and not terms.causal and not terms.other:
+            return _prefill_or_step(graph, core, terms, add, scope, self.max_len)
+        return _one_op(graph, core, add)
+
+    def _blocked(
+        self, graph: ir.Graph, core: Core, terms: MaskTerms, source: _Source, add, scope: str
+    ) -> ir.Value:
+        raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
+        context = _by_length(graph, source, terms, raw, add, scope, self.max_len)
+        if core.zeroes_dead_rows and raw is not None and not terms.other:
+            dead = dead_causal_rows(graph, raw, add)
+            context = zero_dead_context(graph, core, context, dead, add)
+        return context
+
+    def _attention_or_flash(self, graph: ir.Graph, source: _Source, add, scope: str) -> ir.Value:
+        """com.microsoft.Attention where short, flash where long."""
+        return _switch(
+            graph,
+            source,
+            add,
+            scope,
+            ATTENTION_UNTIL,
+            lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
+            lambda emit, name: source.one_op(emit, None),
+            self.max_len,
+        )
 
 
 @dataclass
@@ -288,36 +274,65 @@ def _by_length(
     those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
     "Masks"); its bias is built inside that branch, so a long input never builds it. Fully masked
     rows are zeroed inside the branches where the mask has such terms."""
-    core = source.core
-    zero_dead = core.zeroes_dead_rows and bool(terms.other)
+    forms = _LengthForms(graph, source, terms, raw)
+    if not terms.other:
+        start = CHUNKS_FROM if chunkable(source.core, raw) else CAUSAL_FROM
+        return _switch(graph, source, add, scope, start, forms.blocks, forms.one_op, max_len)
+    if terms.causal_inside is not None:
+        long = forms.causal_inside_or_blocks
+        return _switch(graph, source, add, scope, CAUSAL_FROM, long, forms.one_op, max_len)
+    long = forms.blocks if terms.causal else forms.padding_or_blocks
+    return _switch(graph, source, add, scope, BLOCKS_FROM, long, forms.one_op, max_len)
 
-    def causal_alone(emit, name: str) -> ir.Value:
-        return _causal(graph, core, source.inputs, None, emit, name)
 
-    def blocks(emit, name: str) -> ir.Value:
+@dataclass
+class _LengthForms:
+    """The forms _by_length chooses between, each ``form(emit, name) -> context``, built inside
+    the If branch that takes it."""
+
+    graph: ir.Graph
+    source: _Source
+    terms: MaskTerms
+    raw: ir.Value | None
+
+    @property
+    def core(self) -> Core:
+        return self.source.core
+
+    @property
+    def zero_dead(self) -> bool:
+        return self.core.zeroes_dead_rows and bool(self.terms.other)
+
+    def causal_alone(self, emit, name: str) -> ir.Value:
+        return _causal(self.graph, self.core, self.source.inputs, None, emit, name)
+
+    def blocks(self, emit, name: str) -> ir.Value:
+        graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
         if terms.other:
-            return query_blocks(graph, core, source.inputs(emit), terms, raw, emit, name, zero_dead)
+            inputs = source.inputs(emit)
+            return query_blocks(graph, core, inputs, terms, raw, emit, name, self.zero_dead)
         return _causal(graph, core, source.inputs, raw, emit, name)
 
-    def padding_or_blocks(emit, name: str) -> ir.Value:
+    def padding_or_blocks(self, emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
+        alike = rows_alike(self.graph, self.terms.other, emit)
+        return _if(alike, name, emit, self._padded, self.blocks)
 
-        def padded(inner, inner_name: str) -> ir.Value:
-            key_bias = summed(
-                first_rows(graph, terms.other, inner) + ([raw] if raw is not None else []),
-                inner,
-                "key_bias",
-            )
-            context = padded_rows(graph, core, source.inputs(inner), key_bias, inner, inner_name)
-            return (
-                zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner)
-                if zero_dead
-                else context
-            )
+    def _padded(self, inner, inner_name: str) -> ir.Value:
+        graph, core, raw = self.graph, self.core, self.raw
+        key_bias = summed(
+            first_rows(graph, self.terms.other, inner) + ([raw] if raw is not None else []),
+            inner,
+            "key_bias",
+        )
+        inputs = self.source.inputs(inner)
+        context = padded_rows(graph, core, inputs, key_bias, inner, inner_name)
+        if not self.zero_dead:
+            return context
+        return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner)
 
-        return _if(rows_alike(graph, terms.other, emit), name, emit, padded, blocks)
-
-    def one_op(emit, name: str) -> ir.Value:
+    def one_op(self, emit, name: str) -> ir.Value:
+        graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
         parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
         parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
         summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
@@ -325,18 +340,16 @@ def _by_length(
             full_bias(graph, core, emit, summed_bias, source.length) if terms.other else summed_bias
         )
         context = source.one_op(emit, bias)
+        if not self.zero_dead:
+            return context
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
-        return (
-            zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit)
-            if zero_dead
-            else context
-        )
+        return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit)
 
-    def causal_inside_or_blocks(emit, name: str) -> ir.Value:
+    def causal_inside_or_blocks(self, emit, name: str) -> ir.Value:
         """A Hugging Face mask (causal And padding): its causal part as causal blocks where the
         queries are the keys (L = S, as in every self-attention without a cache)."""
-        q, _, v = source.inputs(emit)
-        axis = 1 if core.layout == "BSD" else 2
+        q, _, v = self.source.inputs(emit)
+        axis = 1 if self.core.layout == "BSD" else 2
         square = emit(
             "Equal",
             [
@@ -345,40 +358,20 @@ def _by_length(
             ],
             "square",
         )
-        inside = terms.causal_inside
+        return _if(square, name, emit, self._causal_parts, self.padding_or_blocks)
 
-        def with_padding(inner, inner_name: str) -> ir.Value:
-            return causal_inside_blocks(
-                graph, core, source.inputs(inner), inside, inner, inner_name
-            )
+    def _with_padding(self, inner, inner_name: str) -> ir.Value:
+        inputs = self.source.inputs(inner)
+        inside = self.terms.causal_inside
+        return causal_inside_blocks(self.graph, self.core, inputs, inside, inner, inner_name)
 
-        def causal_parts(inner, inner_name: str) -> ir.Value:
-            """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
-            if not inside.rest or not chunkable(core, None):
-                return with_padding(inner, inner_name)
-            return _if(
-                nothing_padded(graph, inside, inner), inner_name, inner, causal_alone, with_padding
-            )
-
-        return _if(square, name, emit, causal_parts, padding_or_blocks)
-
-    if not terms.other:
-        start = CHUNKS_FROM if chunkable(core, raw) else CAUSAL_FROM
-        return _switch(graph, source, add, scope, start, blocks, one_op, max_len)
-    if terms.causal_inside is not None:
-        return _switch(
-            graph, source, add, scope, CAUSAL_FROM, causal_inside_or_blocks, one_op, max_len
-        )
-    return _switch(
-        graph,
-        source,
-        add,
-        scope,
-        BLOCKS_FROM,
-        blocks if terms.causal else padding_or_blocks,
-        one_op,
-        max_len,
-    )
+    def _causal_parts(self, inner, inner_name: str) -> ir.Value:
+        """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
+        inside = self.terms.causal_inside
+        if not inside.rest or not chunkable(self.core, None):
+            return self._with_padding(inner, inner_name)
+        padded = nothing_padded(self.graph, inside, inner)
+        return _if(padded, inner_name, inner, self.causal_alone, self._with_padding)
 
 
 def _padding(
