@@ -558,9 +558,9 @@ def _prefill_or_step(
     keys, which are all the keys there, with present = this step's heads; else (a decode step, or a
     short prompt) one op with the past (_one_op). (context, (present_key, present_value)).
 
-    The If that chooses costs every decode step 2-6% (docs/BENCHMARKS.md, "Decoding with a KV cache"),
-    and decode steps are what a KV-cache graph mostly runs, so it is there only where the model
-    declares prompts that long (compile.py --max-len)."""
+    The If that chooses costs every decode step a little (docs/BENCHMARKS.md, "Decoding with a KV
+    cache", has the figure), and decode steps are what a KV-cache graph mostly runs, so it is there
+    only where the model declares prompts that long (compile.py --max-len)."""
     start = CHUNKS_FROM if not terms.keys and chunkable(core, None) else CAUSAL_FROM
     if max_len is None or max_len < start:
         return _one_op(graph, core, add)
@@ -591,32 +591,23 @@ def _prefill_or_step(
         context, present = _one_op(graph, core, emit)
         return (context, *present)
 
-    zero = new_initializer(graph, "attention/zero_i64", np.zeros((), np.int64))
-    empty = add(
-        "Equal",
-        [add("Cast", [terms.past], "past_i64", {"to": ir.DataType.INT64}), zero],
-        "cache_empty",
-    )
-    length = add("Shape", [q], "query_length", {"start": 1, "end": 2})
-    long_input = add(
-        "GreaterOrEqual",
-        [length, new_initializer(graph, "attention/prefill_from", np.asarray([start], np.int64))],
-        "long_input",
-    )
-    prefilling = add(
-        "And",
-        [
-            add(
-                "Unsqueeze",
-                [empty, new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))],
-                "cache_empty_1",
-            ),
-            long_input,
-        ],
-        "prefill",
-    )
+    prefilling = _is_prefill(graph, add, terms.past, q, start)
     context, *present = _if(prefilling, scope, add, prefill, step, outputs=3)
     return context, tuple(present)
+
+
+def _is_prefill(graph: ir.Graph, add, past: ir.Value, q: ir.Value, start: int) -> ir.Value:
+    """(1,) bool: the cache is empty and the prompt has at least ``start`` tokens."""
+    zero = new_initializer(graph, "attention/zero_i64", np.zeros((), np.int64))
+    empty = add(
+        "Equal", [add("Cast", [past], "past_i64", {"to": ir.DataType.INT64}), zero], "cache_empty"
+    )
+    length = add("Shape", [q], "query_length", {"start": 1, "end": 2})
+    prefill_from = new_initializer(graph, "attention/prefill_from", np.asarray([start], np.int64))
+    long_input = add("GreaterOrEqual", [length, prefill_from], "long_input")
+    axis0 = new_initializer(graph, "attention/axis0", np.asarray([0], np.int64))
+    empty = add("Unsqueeze", [empty, axis0], "cache_empty_1")
+    return add("And", [empty, long_input], "prefill")
 
 
 def _bool_key_padding(core: Core) -> ir.Value | None:
