@@ -223,11 +223,63 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
         return end
     read, context_mm = end.bindings["read"], end.bindings["attended"].producer()
     after = [node for node in end.nodes if node not in (softmax, context_mm)]
-    weights_used = read.is_graph_output() or len(read.uses()) > 1
-    nodes = [softmax, *after]
+    weights = read if read.is_graph_output() or len(read.uses()) > 1 else None
+    peeled = _peeled_scores(softmax)
+    if isinstance(peeled, str):
+        return peeled
+    scores, biases, peeled_nodes, post = peeled
+    qk = _query_key(graph, scores)
+    if isinstance(qk, str):
+        return qk
+    scores_mm, q, k, (q_scale, k_scale), k_transposed, qk_nodes = qk
+    v = context_mm.inputs[1]
+    if {_rank(q), _rank(k), _rank(v)} != {4}:
+        return (
+            "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
+        )
+    nodes = [softmax, *after, *peeled_nodes, scores_mm, *qk_nodes, context_mm]
+    heads = _heads_of(q, k, v, k_transposed)
+    mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
+    core = Core(
+        "BNSH",
+        q,
+        k,
+        v,
+        heads[0] if heads else None,
+        heads[1] if heads else None,
+        post * q_scale * k_scale,
+        mask,
+        context_mm.outputs[0],
+        weights,
+        softmax,
+        context_mm,
+        [],
+        nodes,
+        extra_masks=extra,
+        k_transposed=k_transposed,
+        nan_guarded=any(n.op_type == "IsNaN" for n in after),
+    )
+    return _as_bsd(core) or core
+
+
+def _heads_of(q: ir.Value, k: ir.Value, v: ir.Value, k_transposed: bool) -> tuple[int, int] | None:
+    """The (num_heads, head_dim) some head split of q, k or v shows, else None."""
+    return (
+        _split_heads(q, (1, 3))
+        or _split_heads(k, (1, 2) if k_transposed else (1, 3))
+        or _split_heads(v, (1, 3))
+    )
+
+
+def _peeled_scores(
+    softmax: ir.Node,
+) -> tuple[ir.Value, list[ir.Value], list[ir.Node], float] | str:
+    """The scores under the Softmax's no-op Casts, added biases and scalings: the scores, the
+    biases, the nodes peeled, and the product of the scalings."""
     scores = softmax.inputs[0]
     if only_use(scores) is None:
         return "its scores are used outside the attention"
+    nodes = []
     while same_float_cast(scores.producer()) and only_use(scores) is not None:
         nodes.append(scores.producer())
         scores = scores.producer().inputs[0]
@@ -243,6 +295,14 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
             break
         post *= factor
         nodes.append(mul)
+    return scores, biases, nodes, post
+
+
+def _query_key(
+    graph: ir.Graph, scores: ir.Value
+) -> tuple[ir.Node, ir.Value, ir.Value, tuple[float, float], bool, list[ir.Node]] | str:
+    """The query-key MatMul under the scores (the QueryKeyEnd pattern): it, q, k, their scalings,
+    whether k comes transposed, and the nodes between the MatMul and q and k."""
     scores_mm = producer_of(scores, "MatMul")
     qk = (
         QUERY_KEY_END.found(graph, scores_mm)
@@ -257,43 +317,11 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     q, q_scale = _operand(b["q"], b["q_scale"], b["q_scaling"], scores_mm.inputs[0])
     k, k_scale = _operand(b["k"], b["k_scale"], b["k_scaling"], scores_mm.inputs[1])
     k_transposed = k is scores_mm.inputs[1] or b["key_form"] == "K^T"
-    v = context_mm.inputs[1]
-    if {_rank(q), _rank(k), _rank(v)} != {4}:
-        return (
-            "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
-        )
-    nodes += [
-        scores_mm,
+    between = [
         *_between(scores_mm.inputs[0], q, qk.nodes),
         *_between(scores_mm.inputs[1], k, qk.nodes),
-        context_mm,
     ]
-    heads = (
-        _split_heads(q, (1, 3))
-        or _split_heads(k, (1, 2) if k_transposed else (1, 3))
-        or _split_heads(v, (1, 3))
-    )
-    mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
-    core = Core(
-        "BNSH",
-        q,
-        k,
-        v,
-        heads[0] if heads else None,
-        heads[1] if heads else None,
-        post * q_scale * k_scale,
-        mask,
-        context_mm.outputs[0],
-        read if weights_used else None,
-        softmax,
-        context_mm,
-        [],
-        nodes,
-        extra_masks=extra,
-        k_transposed=k_transposed,
-        nan_guarded=any(n.op_type == "IsNaN" for n in after),
-    )
-    return _as_bsd(core) or core
+    return scores_mm, q, k, (q_scale, k_scale), k_transposed, between
 
 
 def _keeps(reshape: ir.Node, axis: int, source: ir.Value, source_axis: int) -> bool:
@@ -419,19 +447,21 @@ def _as_bsd(core: Core) -> Core | None:
         return dataclasses.replace(bsd, output_rows=True)  # (N*L, E), rows for a Gemm
     if dims is None or len(dims) != 3 or dims[2] not in (h * d, -1):
         return None
-    for axis in (0, 1):  # the context's batch and length are the query's
-        entry = _shape_entry(merge_r.inputs[1], axis)
-        if not (
-            _keeps(merge_r, axis, merge_t.outputs[0], axis)
-            or _keeps(merge_r, axis, q, axis)
-            or (
-                entry is not None
-                and entry[1] == axis
-                and entry[0].shape is not None
-                and len(entry[0].shape) > axis
-                and q.shape is not None
-                and same_dim(entry[0].shape[axis], q.shape[axis])
-            )
-        ):
-            return None
-    return bsd
+    return bsd if all(_query_axis(merge_r, merge_t, q, axis) for axis in (0, 1)) else None
+
+
+def _query_axis(merge_r: ir.Node, merge_t: ir.Node, q: ir.Value, axis: int) -> bool:
+    """Whether the head merge's Reshape keeps the query's ``axis`` (batch 0, length 1) as it is."""
+    entry = _shape_entry(merge_r.inputs[1], axis)
+    return (
+        _keeps(merge_r, axis, merge_t.outputs[0], axis)
+        or _keeps(merge_r, axis, q, axis)
+        or (
+            entry is not None
+            and entry[1] == axis
+            and entry[0].shape is not None
+            and len(entry[0].shape) > axis
+            and q.shape is not None
+            and same_dim(entry[0].shape[axis], q.shape[axis])
+        )
+    )
