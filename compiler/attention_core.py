@@ -157,19 +157,7 @@ def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
         dead = where.inputs[0].producer()
         guard = [where, dead, dead.inputs[0].producer()]
     scores_mm = b["product"].producer()
-    cache = None
-    if b["cached"]:
-        cache = Cache(
-            b["past_key"],
-            b["past_value"],
-            b["present_key"],
-            b["present_value"],
-            [
-                scores_mm.inputs[1].producer(),
-                b["present_key"].producer(),
-                b["present_value"].producer(),
-            ],
-        )
+    cache = _own_cache(b, scores_mm) if b["cached"] else None
     between = [
         x.producer() for x in (b["scores"], b["scaled"]) if x is not b["product"]
     ]  # the mask's Add, the scale's Mul
@@ -199,6 +187,17 @@ def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
         nodes,
         cache,
     )
+
+
+def _own_cache(b: dict[str, ir.Value], scores_mm: ir.Node) -> Cache:
+    """The KV cache OwnCore bound: past and present keys and values, and the Concats and the key
+    Transpose that join them."""
+    nodes = [
+        scores_mm.inputs[1].producer(),
+        b["present_key"].producer(),
+        b["present_value"].producer(),
+    ]
+    return Cache(b["past_key"], b["past_value"], b["present_key"], b["present_value"], nodes)
 
 
 Emit = Callable[..., ir.Value]

@@ -55,6 +55,44 @@ def _used_once(value: ir.Value | None) -> bool:
     return value is not None and not value.is_graph_output() and len(value.uses()) == 1
 
 
+def _heads(op, x, split, perm):
+    return op.Transpose(op.Reshape(x, split), perm=perm)
+
+
+def _own_keys_values(op, k_in, k_split, past_key, v_in, v_split, past_value):
+    """OwnCore's keys (transposed for the scores) and values: the head splits of this step's, or,
+    with a KV cache, the past followed by them (tagged ``cached``)."""
+    k_t = pattern.OrValue(
+        [
+            _heads(op, k_in, k_split, [0, 2, 3, 1]),
+            op.Transpose(
+                op.Concat(
+                    past_key,
+                    _heads(op, k_in, k_split, [0, 2, 1, 3]),
+                    axis=2,
+                    _outputs=["present_key"],
+                ),
+                perm=[0, 1, 3, 2],
+            ),
+        ],
+        tag_var="cached",
+        tag_values=[False, True],
+    )
+    v_heads = _heads(op, v_in, v_split, [0, 2, 1, 3])
+    v = pattern.OrValue(
+        [
+            v_heads,
+            op.Concat(
+                past_value,
+                _heads(op, v_in, v_split, [0, 2, 1, 3]),
+                axis=2,
+                _outputs=["present_value"],
+            ),
+        ]
+    )
+    return k_t, v
+
+
 class OwnCore(_CorePattern):
     """graphs/mha.py's core: heads split by Reshape(x, [0, 0, H, hd]) and Transpose, MatMul, Mul by
     the scale, [Add the mask], Softmax, [the fully-masked guard], MatMul, head merge. With a KV cache
@@ -76,37 +114,8 @@ class OwnCore(_CorePattern):
         zero,
         merge_shape,
     ):
-        def heads(x, split, perm):
-            return op.Transpose(op.Reshape(x, split), perm=perm)
-
-        k_t = pattern.OrValue(
-            [
-                heads(k_in, k_split, [0, 2, 3, 1]),
-                op.Transpose(
-                    op.Concat(
-                        past_key,
-                        heads(k_in, k_split, [0, 2, 1, 3]),
-                        axis=2,
-                        _outputs=["present_key"],
-                    ),
-                    perm=[0, 1, 3, 2],
-                ),
-            ],
-            tag_var="cached",
-            tag_values=[False, True],
-        )
-        v = pattern.OrValue(
-            [
-                heads(v_in, v_split, [0, 2, 1, 3]),
-                op.Concat(
-                    past_value,
-                    heads(v_in, v_split, [0, 2, 1, 3]),
-                    axis=2,
-                    _outputs=["present_value"],
-                ),
-            ]
-        )
-        product = op.MatMul(heads(q_in, q_split, [0, 2, 1, 3]), k_t, _outputs=["product"])
+        k_t, v = _own_keys_values(op, k_in, k_split, past_key, v_in, v_split, past_value)
+        product = op.MatMul(_heads(op, q_in, q_split, [0, 2, 1, 3]), k_t, _outputs=["product"])
         scaled = pattern.OrValue(
             [op.Mul(product, scale), product], name="scaled"
         )  # FoldScalePass may take the Mul

@@ -213,8 +213,7 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     """The heads-split form of scaled dot-product attention, as exporters write it; a reason string
     where it is not that. Its two ends are the patterns ContextEnd and QueryKeyEnd
     (compiler/core_patterns.py); between them the scalings and the added biases are walked here."""
-    probs = softmax.outputs[0]
-    if _rank(probs) != 4:
+    if _rank(softmax.outputs[0]) != 4:
         return "its rank is not known to be 4 (batch, heads, query, key)"
     if not over_keys(softmax, graph):
         return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
