@@ -11,6 +11,7 @@ fixes it and None where it depends on a dynamic axis.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import onnx_ir as ir
 
@@ -60,8 +61,7 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
     node = value.producer()
     if node is None or node.domain:
         return None
-    op = node.op_type
-    if op == "Shape":
+    if node.op_type == "Shape":
         shape = node.inputs[0].shape
         if shape is None:
             return None
@@ -70,11 +70,17 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         end = node.attributes.get_int("end", len(dims))
         return dims[start:end], False
     inputs = [entries(x, depth - 1) for x in node.inputs]
-    if (
-        op in ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten")
-        and inputs
-        and inputs[0] is not None
-    ):
+    if node.op_type in _BINARY or node.op_type in ("Sqrt", "Reciprocal"):
+        return _arithmetic(node.op_type, inputs)
+    return _rearranged(node, inputs)
+
+
+def _rearranged(node: ir.Node, inputs: list[tuple[Entries, bool] | None]) -> Any:
+    """The entries of a node that moves, casts, picks or joins its input's entries."""
+    op = node.op_type
+    if op in ("Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
+        if not inputs or inputs[0] is None:
+            return None
         values, _ = inputs[0]
         if op == "Squeeze" or (
             op == "Reshape"
@@ -89,12 +95,7 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         values, scalar = inputs[0]
         cast = int if to in _INTEGER_TYPES else float
         return [None if x is None else cast(x) for x in values], scalar
-    if (
-        op == "Gather"
-        and inputs[0] is not None
-        and inputs[1] is not None
-        and node.attributes.get_int("axis", 0) == 0
-    ):
+    if op == "Gather" and None not in inputs[:2] and node.attributes.get_int("axis", 0) == 0:
         values, _ = inputs[0]
         picked, scalar = inputs[1]
         if None in picked or any(not -len(values) <= int(i) < len(values) for i in picked):
@@ -110,6 +111,11 @@ def entries(value: ir.Value | None, depth: int = 16) -> tuple[Entries, bool] | N
         values, _ = inputs[0]
         start, end = int(inputs[1][0][0]), int(inputs[2][0][0])
         return values[slice(start, end)], False
+    return None
+
+
+def _arithmetic(op: str, inputs: list[tuple[Entries, bool] | None]) -> Any:
+    """Entry-wise arithmetic (broadcasting a single entry), None where an entry is unknown."""
     if op in _BINARY and len(inputs) == 2 and all(x is not None for x in inputs):
         (a, a_scalar), (b, b_scalar) = inputs
         if len(a) != len(b) and 1 not in (len(a), len(b)):
