@@ -23,33 +23,8 @@ class Float16Pass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for value in graph.initializers.values():
-            if _is_float(value):
-                array = value.const_value.numpy()
-                if (
-                    "key_bias_floor" in value.name
-                ):  # a masked key's bias stays finite, as in float32
-                    array = np.maximum(array, _FP16_LOWEST)
-                value.const_value = ir.tensor(array.astype(np.float16), name=value.name)
-                value.type = ir.TensorType(FLOAT16)
-        edges = set(graph.inputs) | set(graph.outputs)
-        for node in ir.traversal.RecursiveGraphIterator(
-            graph
-        ):  # a Loop's body too (compiler/mask_forms.py)
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == FLOAT:
-                    node.attributes[attr.name] = ir.AttrTensor(
-                        attr.name, ir.tensor(attr.value.numpy().astype(np.float16))
-                    )
-            if (
-                node.op_type == "Cast"
-                and not node.domain
-                and node.attributes.get_int("to") == FLOAT
-            ):
-                node.attributes["to"] = ir.AttrInt64("to", FLOAT16)
-            for value in node.outputs:
-                if _is_float(value) and value not in edges:
-                    value.type = ir.TensorType(FLOAT16)
+        _weights_to_float16(graph)
+        _compute_in_float16(graph)
         for node in [n for n in graph if n.op_type == "Softmax" and not n.domain]:
             _softmax_in_float32(graph, node)
         for node in graph:  # a fused op's mask fill must stay finite in fp16
@@ -76,6 +51,33 @@ class Float16Pass(ir.passes.InPlacePass):
             if _is_float(value):
                 graph.outputs[i] = _cast_output(graph, value)
         return ir.passes.PassResult(model, True)
+
+
+def _weights_to_float16(graph: ir.Graph) -> None:
+    for value in graph.initializers.values():
+        if _is_float(value):
+            array = value.const_value.numpy()
+            if "key_bias_floor" in value.name:  # a masked key's bias stays finite, as in float32
+                array = np.maximum(array, _FP16_LOWEST)
+            value.const_value = ir.tensor(array.astype(np.float16), name=value.name)
+            value.type = ir.TensorType(FLOAT16)
+
+
+def _compute_in_float16(graph: ir.Graph) -> None:
+    """Every float constant, Cast and value in float16 (a Loop's body too: compiler/mask_forms.py),
+    but the graph's own inputs and outputs."""
+    edges = set(graph.inputs) | set(graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value.dtype == FLOAT:
+                node.attributes[attr.name] = ir.AttrTensor(
+                    attr.name, ir.tensor(attr.value.numpy().astype(np.float16))
+                )
+        if node.op_type == "Cast" and not node.domain and node.attributes.get_int("to") == FLOAT:
+            node.attributes["to"] = ir.AttrInt64("to", FLOAT16)
+        for value in node.outputs:
+            if _is_float(value) and value not in edges:
+                value.type = ir.TensorType(FLOAT16)
 
 
 _WEIGHT_OPS = {"MatMul": (1,), "Gemm": (1, 2), "LayerNormalization": (1, 2), "Conv": (1, 2)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -75,28 +77,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 continue
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
-            if core.layout == "BSD":
-                attrs = {
-                    "q_num_heads": core.num_heads,
-                    "kv_num_heads": core.num_heads,
-                    "scale": core.scale,
-                }
-                k, v = core.k, core.v
-            else:
-                attrs = {"scale": core.scale}
-                k, v = _grouped(keys_bnsh(core, add), core.v, graph)
-            if core.weights is not None:
-                attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
+            node = _attention_node(graph, core, add, bias, scope)
             cache = core.cache
-            past = [cache.past_key, cache.past_value] if cache is not None else []
-            node = ir.node(
-                "Attention",
-                [core.q, k, v, bias, *past],
-                attrs,
-                name=f"{scope}/Attention",
-                num_outputs=4 if core.weights is not None else 3 if cache is not None else 1,
-            )
-            node.outputs[0].name = f"{scope}/Attention"
             new.append(node)
             context, weights = node.outputs[0], None
             if core.weights is not None:
@@ -118,6 +100,31 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             )
 
 
+def _attention_node(graph: ir.Graph, core: Core, add, bias: ir.Value | None, scope: str) -> ir.Node:
+    """The standard Attention op over the core: BSD q, k, v with the head counts stated, or BNSH
+    (grouped-query keys and values as they were before their repeat); with the weights after the
+    softmax as its fourth output, and the cache's past and present."""
+    if core.layout == "BSD":
+        attrs = {"q_num_heads": core.num_heads, "kv_num_heads": core.num_heads, "scale": core.scale}
+        k, v = core.k, core.v
+    else:
+        attrs = {"scale": core.scale}
+        k, v = _grouped(keys_bnsh(core, add), core.v, graph)
+    if core.weights is not None:
+        attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
+    cache = core.cache
+    past = [cache.past_key, cache.past_value] if cache is not None else []
+    node = ir.node(
+        "Attention",
+        [core.q, k, v, bias, *past],
+        attrs,
+        name=f"{scope}/Attention",
+        num_outputs=4 if core.weights is not None else 3 if cache is not None else 1,
+    )
+    node.outputs[0].name = f"{scope}/Attention"
+    return node
+
+
 def _blockable(core: Core) -> bool:
     """No cache, no weights output (the weights need the whole score tensor), heads stated. Unmasked
     cores too: ONNX Runtime's CPU Attention op holds the whole score tensor even without a mask."""
@@ -136,34 +143,7 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
-
-    def attend(op, query, keys, values, bias):
-        q = op(
-            "Transpose",
-            [op("Reshape", [query, heads], "query_heads")],
-            "query_bnsh",
-            {"perm": [0, 2, 1, 3]},
-        )
-        rows = op("Shape", [query], "block_rows", {"start": 1, "end": 2})
-        width = op("Shape", [keys], "block_keys", {"start": 2, "end": 3})
-        inputs = [q, keys, values]
-        if (
-            bias is not None
-        ):  # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
-            inputs.append(
-                op(
-                    "Expand",
-                    [bias, op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})],
-                    "block_mask",
-                )
-            )
-        context = op("Attention", inputs, "Attention", {"scale": core.scale})  # (N, H, b, hd)
-        return op(
-            "Reshape",
-            [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge],
-            "context",
-        )
-
+    attend = functools.partial(_block_attention, (heads, merge, corner), core.scale)
     terms = mask_terms(core)
     key_bias = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
     context = query_blocks(
@@ -185,6 +165,39 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
             {"perm": [0, 2, 1, 3]},
         )
     return as_output(graph, core, context, add)
+
+
+def _block_attention(
+    shapes: tuple[ir.Value, ir.Value, ir.Value],
+    scale: float | None,
+    op,
+    query: ir.Value,
+    keys: ir.Value,
+    values: ir.Value,
+    bias: ir.Value | None,
+) -> ir.Value:
+    """One block of _in_blocks: the Attention op over the block's queries (N, b, E) and every key,
+    with its rows of the bias; ``shapes``: the heads, merge and mask-corner shape constants."""
+    heads, merge, corner = shapes
+    q = op(
+        "Transpose",
+        [op("Reshape", [query, heads], "query_heads")],
+        "query_bnsh",
+        {"perm": [0, 2, 1, 3]},
+    )
+    rows = op("Shape", [query], "block_rows", {"start": 1, "end": 2})
+    width = op("Shape", [keys], "block_keys", {"start": 2, "end": 3})
+    inputs = [q, keys, values]
+    if bias is not None:
+        # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
+        shape = op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})
+        inputs.append(op("Expand", [bias, shape], "block_mask"))
+    context = op("Attention", inputs, "Attention", {"scale": scale})  # (N, H, b, hd)
+    return op(
+        "Reshape",
+        [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge],
+        "context",
+    )
 
 
 def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
