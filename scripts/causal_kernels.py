@@ -122,6 +122,18 @@ def flash_halving(length: int, heads: int, head: int, block: int):
     levels = int(np.log2(length // block))
     assert block << levels == length, "--length over --block must be a power of two"
     q = g.op("Mul", ["q", g.const(np.float32(d**-0.5))])
+    out, lse = _diagonal_blocks(g, q, length, heads, d, block)
+    heads_shape = g.const(np.array([1, length, heads, d]))
+    qkv = tuple(g.op("Reshape", [x, heads_shape]) for x in (q, "k", "v"))
+    for level in range(levels):
+        out, lse = _halving_level(g, qkv, out, lse, length, heads, d, block << level)
+    return g.model(
+        g.op("Reshape", [out, g.const(np.array([1, length, heads * d]))]), length, heads * d
+    )
+
+
+def _diagonal_blocks(g: _Graph, q: str, length: int, heads: int, d: int, block: int):
+    """Causal attention inside each diagonal block: its output and log-sum-exp per query."""
     nb = length // block
     blocked = [
         g.op(
@@ -152,83 +164,81 @@ def flash_halving(length: int, heads: int, head: int, block: int):
         "Reshape",
         [g.op("Transpose", [lse], perm=[0, 1, 3, 2, 4]), g.const(np.array([1, length, heads, 1]))],
     )
-    heads_shape = g.const(np.array([1, length, heads, d]))
-    qh, kh, vh = (g.op("Reshape", [x, heads_shape]) for x in (q, "k", "v"))
+    return out, lse
+
+
+def _halving_level(g: _Graph, qkv, out: str, lse: str, length: int, heads: int, d: int, size: int):
+    """One level: the second half of each segment of 2*size queries also attends, through the flash
+    kernel and kappa, to its first half; the two merge exactly."""
+    qh, kh, vh = qkv
+    segments = length // (2 * size)
+    shape = lambda w: g.const(np.array([segments, 2, size, heads, w]))  # noqa: E731
     kappa = np.zeros((1, 1, heads, d + 1), np.float32)
     kappa[..., -1] = 1
-    zero, tiny, widen = (
-        g.const(np.float32(0)),
-        g.const(np.float32(np.finfo(np.float32).tiny)),
-        g.const(np.array([0] * 7 + [1])),
-    )
-    for level in range(levels):
-        size, segments = block << level, length // (2 * block << level)
-        shape = lambda w: g.const(np.array([segments, 2, size, heads, w]))  # noqa: E731
-
-        def half(x, width, index):
-            return g.op(
-                "Squeeze",
-                [
-                    g.op(
-                        "Slice",
-                        [
-                            g.op("Reshape", [x, shape(width)]),
-                            g.const(np.array([index])),
-                            g.const(np.array([index + 1])),
-                            g.const(np.array([1])),
-                        ],
-                    ),
-                    g.const(np.array([1])),
-                ],
-            )
-
-        q2, l2, o2 = half(qh, d, 1), half(lse, 1, 1), half(out, d, 1)
-        kap = g.const(np.broadcast_to(kappa, (segments, 1, heads, d + 1)).copy())
-        merged = g.const(np.array([segments, size + 1, heads * (d + 1)]))
-        keys, values = (
-            g.op(
-                "Reshape",
-                [g.op("Concat", [kap, g.op("Pad", [half(x, d, 0), widen, zero])], axis=1), merged],
-            )
-            for x in (kh, vh)
-        )
-        query = g.op(
+    zero, widen = g.const(np.float32(0)), g.const(np.array([0] * 7 + [1]))
+    q2, l2, o2 = (_half(g, x, shape(w), 1) for x, w in ((qh, d), (lse, 1), (out, d)))
+    kap = g.const(np.broadcast_to(kappa, (segments, 1, heads, d + 1)).copy())
+    merged = g.const(np.array([segments, size + 1, heads * (d + 1)]))
+    keys, values = (
+        g.op(
             "Reshape",
             [
-                g.op("Concat", [q2, l2], axis=-1),
-                g.const(np.array([segments, size, heads * (d + 1)])),
+                g.op("Concat", [kap, g.op("Pad", [_half(g, x, shape(d), 0), widen, zero])], axis=1),
+                merged,
             ],
         )
-        y = g.op(
-            "Reshape",
-            [
-                g.op("MultiHeadAttention", [query, keys, values], MS, num_heads=heads, scale=1.0),
-                g.const(np.array([segments, size, heads, d + 1])),
-            ],
-        )
-        r = g.op("Slice", [y, g.const(np.array([0])), g.const(np.array([d])), last])
-        x = g.op("Slice", [y, g.const(np.array([d])), g.const(np.array([d + 1])), last])
-
-        def back(whole, second, width):
-            first = g.op(
-                "Slice",
-                [
-                    g.op("Reshape", [whole, shape(width)]),
-                    g.const(np.array([0])),
-                    g.const(np.array([1])),
-                    g.const(np.array([1])),
-                ],
-            )
-            both = g.op(
-                "Concat", [first, g.op("Unsqueeze", [second, g.const(np.array([1]))])], axis=1
-            )
-            return g.op("Reshape", [both, g.const(np.array([1, length, heads, width]))])
-
-        out = back(out, g.op("Add", [r, g.op("Mul", [x, o2])]), d)
-        lse = back(lse, g.op("Sub", [l2, g.op("Log", [g.op("Max", [x, tiny])])]), 1)
-    return g.model(
-        g.op("Reshape", [out, g.const(np.array([1, length, heads * d]))]), length, heads * d
+        for x in (kh, vh)
     )
+    query = g.op(
+        "Reshape",
+        [g.op("Concat", [q2, l2], axis=-1), g.const(np.array([segments, size, heads * (d + 1)]))],
+    )
+    y = g.op(
+        "Reshape",
+        [
+            g.op("MultiHeadAttention", [query, keys, values], MS, num_heads=heads, scale=1.0),
+            g.const(np.array([segments, size, heads, d + 1])),
+        ],
+    )
+    last = g.const(np.array([-1]))
+    r = g.op("Slice", [y, g.const(np.array([0])), g.const(np.array([d])), last])
+    x = g.op("Slice", [y, g.const(np.array([d])), g.const(np.array([d + 1])), last])
+    tiny = g.const(np.float32(np.finfo(np.float32).tiny))
+    out = _back(g, out, g.op("Add", [r, g.op("Mul", [x, o2])]), shape(d), length, heads, d)
+    second = g.op("Sub", [l2, g.op("Log", [g.op("Max", [x, tiny])])])
+    return out, _back(g, lse, second, shape(1), length, heads, 1)
+
+
+def _half(g: _Graph, x: str, shape: str, index: int) -> str:
+    """Half ``index`` (0 first, 1 second) of every segment of ``x`` reshaped to ``shape``."""
+    one = g.const(np.array([1]))
+    piece = g.op(
+        "Slice",
+        [
+            g.op("Reshape", [x, shape]),
+            g.const(np.array([index])),
+            g.const(np.array([index + 1])),
+            one,
+        ],
+    )
+    return g.op("Squeeze", [piece, g.const(np.array([1]))])
+
+
+def _back(
+    g: _Graph, whole: str, second: str, shape: str, length: int, heads: int, width: int
+) -> str:
+    """``whole`` with every segment's second half replaced by ``second``."""
+    first = g.op(
+        "Slice",
+        [
+            g.op("Reshape", [whole, shape]),
+            g.const(np.array([0])),
+            g.const(np.array([1])),
+            g.const(np.array([1])),
+        ],
+    )
+    both = g.op("Concat", [first, g.op("Unsqueeze", [second, g.const(np.array([1]))])], axis=1)
+    return g.op("Reshape", [both, g.const(np.array([1, length, heads, width]))])
 
 
 def decode_step(kind: str, batch: int, past: int, heads: int, head: int):
@@ -295,11 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         f"GQA chunks of {args.chunk}": gqa_chunks(length, heads, head, args.chunk),
         f"flash halving, blocks of {args.block}": flash_halving(length, heads, head, args.block),
     }
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = (
-        3  # one chunk leaves the past's initializers unused: ONNX Runtime warns
-    )
+    options = _options()
+    options.log_severity_level = 3  # one chunk leaves the past's initializers unused: ORT warns
     sessions = {
         name: ort.InferenceSession(
             m.SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -314,12 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, s in sessions.items()
         if name != "flash, no mask"
     }
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(args.rounds):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(["y"], feeds)
-            times[name].append(time.perf_counter() - start)
+    times = _timed(sessions, feeds, args.rounds, ["y"])
+    _print_table(times, errors, length, heads, head)
+    return 0
+
+
+def _print_table(
+    times: dict[str, list[float]], errors: dict[str, float], length: int, heads: int, head: int
+) -> None:
+    """The machine, then one row per kernel against unmasked flash."""
     base = np.median(times["flash, no mask"])
     print(
         f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}, MatMul rate "
@@ -333,13 +343,30 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {np.median(t) * 1e3:.1f} | {np.median(t) / base:.2f}x | "
             f"{'-' if name not in errors else f'{errors[name]:.1e}'} |"
         )
-    return 0
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _timed(
+    sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: int, outputs: list | None
+) -> dict[str, list[float]]:
+    """Each session's times over ``rounds`` rounds, the sessions taking turns within a round."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(outputs, feeds)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _decode(args: argparse.Namespace) -> int:
     heads, head, batch, past = args.heads, args.head_size, args.batch, args.decode
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = _options()
     sessions = {
         name: ort.InferenceSession(
             decode_step(kind, batch, past, heads, head).SerializeToString(),
@@ -359,12 +386,7 @@ def _decode(args: argparse.Namespace) -> int:
     }
     outs = [s.run(["y"], feeds)[0] for s in sessions.values()]
     error = float(np.abs(outs[1] - outs[0]).max() / np.abs(outs[0]).max())
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(max(args.rounds, 100)):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
+    times = _timed(sessions, feeds, max(args.rounds, 100), None)
     base = np.median(next(iter(times.values())))
     print(
         f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; one decode step, batch {batch}, "
