@@ -113,52 +113,7 @@ def _module(entry: Entry) -> Any:
     torch.manual_seed(0)
     s = entry.size
     if entry.family in ("bert", "gpt2", "vit", "llama"):
-        import transformers
-
-        impl = {"attn_implementation": entry.implementation}
-        if entry.family == "bert":
-            config = transformers.BertConfig(
-                hidden_size=s.hidden,
-                num_attention_heads=s.heads,
-                num_hidden_layers=s.layers,
-                intermediate_size=2 * s.hidden,
-                vocab_size=1000,
-                **impl,
-            )
-            return _Text(transformers.BertModel(config, add_pooling_layer=False)).eval()
-        if entry.family == "gpt2":
-            config = transformers.GPT2Config(
-                n_embd=s.hidden,
-                n_head=s.heads,
-                n_layer=s.layers,
-                vocab_size=1000,
-                n_positions=4096,
-                bos_token_id=0,
-                eos_token_id=0,
-                **impl,
-            )
-            return _Text(transformers.GPT2Model(config), use_cache=False).eval()
-        if entry.family == "llama":
-            config = transformers.LlamaConfig(
-                hidden_size=s.hidden,
-                num_attention_heads=s.heads,
-                num_key_value_heads=max(1, s.heads // 2),
-                num_hidden_layers=s.layers,
-                intermediate_size=2 * s.hidden,
-                vocab_size=1000,
-                **impl,
-            )
-            return _Text(transformers.LlamaModel(config), use_cache=False).eval()
-        config = transformers.ViTConfig(
-            hidden_size=s.hidden,
-            num_attention_heads=s.heads,
-            num_hidden_layers=s.layers,
-            intermediate_size=2 * s.hidden,
-            image_size=s.image,
-            patch_size=16,
-            **impl,
-        )
-        return _Image(transformers.ViTModel(config, add_pooling_layer=False)).eval()
+        return _transformers_module(entry)
     if entry.family == "torch-encoder":
         layer = torch.nn.TransformerEncoderLayer(s.hidden, s.heads, 2 * s.hidden, batch_first=True)
         return _Encoder(
@@ -167,6 +122,57 @@ def _module(entry: Entry) -> Any:
     return _Transformer(
         torch.nn.Transformer(s.hidden, s.heads, s.layers, s.layers, 2 * s.hidden, batch_first=True)
     ).eval()
+
+
+def _transformers_module(entry: Entry) -> Any:
+    """A Hugging Face model of the entry's family from a small config (random weights)."""
+    s = entry.size
+    import transformers
+
+    impl = {"attn_implementation": entry.implementation}
+    if entry.family == "bert":
+        config = transformers.BertConfig(
+            hidden_size=s.hidden,
+            num_attention_heads=s.heads,
+            num_hidden_layers=s.layers,
+            intermediate_size=2 * s.hidden,
+            vocab_size=1000,
+            **impl,
+        )
+        return _Text(transformers.BertModel(config, add_pooling_layer=False)).eval()
+    if entry.family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=s.hidden,
+            n_head=s.heads,
+            n_layer=s.layers,
+            vocab_size=1000,
+            n_positions=4096,
+            bos_token_id=0,
+            eos_token_id=0,
+            **impl,
+        )
+        return _Text(transformers.GPT2Model(config), use_cache=False).eval()
+    if entry.family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=s.hidden,
+            num_attention_heads=s.heads,
+            num_key_value_heads=max(1, s.heads // 2),
+            num_hidden_layers=s.layers,
+            intermediate_size=2 * s.hidden,
+            vocab_size=1000,
+            **impl,
+        )
+        return _Text(transformers.LlamaModel(config), use_cache=False).eval()
+    config = transformers.ViTConfig(
+        hidden_size=s.hidden,
+        num_attention_heads=s.heads,
+        num_hidden_layers=s.layers,
+        intermediate_size=2 * s.hidden,
+        image_size=s.image,
+        patch_size=16,
+        **impl,
+    )
+    return _Image(transformers.ViTModel(config, add_pooling_layer=False)).eval()
 
 
 class _Text(torch.nn.Module):

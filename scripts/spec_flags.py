@@ -34,6 +34,19 @@ def add_spec_flags(
         help="recorded in the manifest; never applied (inference)",
     )
     call = p.add_argument_group("call options, fixed at compile time")
+    _add_call_flags(call)
+    w = p.add_argument_group("weights")
+    w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
+    w.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the random initialisation when --weights is absent",
+    )
+    return [mha, call, w]
+
+
+def _add_call_flags(call: argparse._ArgumentGroup) -> None:
     call.add_argument(
         "--self-attention", action="store_true", help="key and value are the query: one input"
     )
@@ -60,15 +73,6 @@ def add_spec_flags(
         help="autoregressive decoding (needs --causal and --self-attention): inputs past_key/past_value, "
         "outputs present_key/present_value, (batch, num_heads, length, head_dim)",
     )
-    w = p.add_argument_group("weights")
-    w.add_argument("--weights", default=None, help="state_dict file: .safetensors, .npz or .pt")
-    w.add_argument(
-        "--seed",
-        type=seed,
-        default=0,
-        help="seed of the random initialisation when --weights is absent",
-    )
-    return [mha, call, w]
 
 
 def seed(text: str) -> int:
