@@ -45,12 +45,8 @@ def decode_rows(
     options.intra_op_num_threads = threads
     rows, reference = [], None
     for target in targets:
-        loop = KvCacheLoop(
-            OrtSession(
-                compile_model(build_mha(cached_spec, weights), target, precision), options=options
-            ),
-            cached_spec,
-        )
+        model = compile_model(build_mha(cached_spec, weights), target, precision)
+        loop = KvCacheLoop(OrtSession(model, options=options), cached_spec)
         start = time.perf_counter()
         loop.prefill(take(0, prompt))
         prefill_s = time.perf_counter() - start
@@ -59,25 +55,15 @@ def decode_rows(
         rows.append(
             _row(f"{target} KV cache", target, batch, times, last, reference, prefill_s=prefill_s)
         )
-        plain = OrtSession(
-            compile_model(build_mha(spec, weights), target, precision), options=options
-        )
-        times, out = _timed(
-            [
-                lambda i=i: plain.run({"query": take(0, i + 1)})["attn_output"]
-                for i in range(prompt, total)
-            ]
-        )
-        rows.append(
-            _row(
-                f"{target} recompute",
-                target,
-                batch,
-                times,
-                np.take(out, [-1], axis=axis),
-                reference,
-            )
-        )
+        model = compile_model(build_mha(spec, weights), target, precision)
+        plain = OrtSession(model, options=options)
+        recompute = [
+            lambda i=i: plain.run({"query": take(0, i + 1)})["attn_output"]
+            for i in range(prompt, total)
+        ]
+        times, out = _timed(recompute)
+        last = np.take(out, [-1], axis=axis)
+        rows.append(_row(f"{target} recompute", target, batch, times, last, reference))
     if torch_eager:
         rows.append(_torch_row(spec, weights, take, prompt, total, axis, batch, threads, reference))
     return rows
@@ -98,13 +84,8 @@ def prefill_rows(
     one untimed run): p50 and the median ratio within a round to the graph without a mask."""
     cached_spec = dataclasses.replace(spec, kv_cache=True)
     unmasked = dataclasses.replace(spec, is_causal=False)
-    tokens = (
-        np.random.default_rng(1)
-        .standard_normal(
-            (batch, prompt, spec.embed_dim) if spec.batch_first else (prompt, batch, spec.embed_dim)
-        )
-        .astype(np.float32)
-    )
+    dims = (batch, prompt, spec.embed_dim) if spec.batch_first else (prompt, batch, spec.embed_dim)
+    tokens = np.random.default_rng(1).standard_normal(dims).astype(np.float32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions take turns
@@ -120,19 +101,10 @@ def prefill_rows(
             (f"KV-cache prefill, --max-len {prompt}", cached_spec, cached, prompt),
         ):
             model = build_mha(s, weights)
-            declare_maxima(
-                model, None, max_len
-            )  # a declared prompt length lets ort-cpu lower the prefill
+            declare_maxima(model, None, max_len)  # a declared prompt length: ort-cpu's prefill form
             session = OrtSession(compile_model(model, target, precision), options=options)
             runs[name] = lambda session=session, feeds=feeds: session.run(feeds)
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for name, run in runs.items():
-            run()
-        for _ in range(rounds):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = _in_turns(runs, rounds)
         base = np.asarray(times["no mask"])
         rows += [
             {
@@ -144,6 +116,19 @@ def prefill_rows(
             for name, t in times.items()
         ]
     return rows
+
+
+def _in_turns(runs: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Each run's times over ``rounds`` rounds in which each runs once, after one untimed run."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def prefill_table(rows: list[dict[str, Any]]) -> str:
