@@ -21,6 +21,7 @@ Needs the transformers extra: pip install -e '.[transformers]'.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -92,6 +93,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.path.join(os.path.expanduser("~"), ".cache", "attention-compiler", "zoo"),
         help="exported models are kept here between runs",
     )
+    _add_output_flags(p)
+    args = p.parse_args(argv)
+    for flag in ("markdown", "json"):
+        if getattr(args, flag) is not None:
+            check_output_file(getattr(args, flag), f"--{flag}")
+    return args
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument(
         "--json", default=None, help="write every figure, with the machine, to this file"
@@ -114,11 +124,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only time the ort-cpu graphs with com.microsoft.Attention on the projections' input against "
         "MultiHeadAttention on the projected q, k, v, for the corpus and over lengths",
     )
-    args = p.parse_args(argv)
-    for flag in ("markdown", "json"):
-        if getattr(args, flag) is not None:
-            check_output_file(getattr(args, flag), f"--{flag}")
-    return args
 
 
 def _session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
@@ -244,10 +249,49 @@ def run_entry(
         "implementation": entry.implementation,
         "exporter": entry.exporter,
     }
-    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith(
-        "torch"
-    )  # the legacy export fixed them
+    # the legacy exporter fixed the shapes of torch's own modules
+    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
     given = model_zoo.example_inputs(entry) if fixed_shapes else None
+    compiled = _compiled_rows(original, given, row)
+    sessions = {"input": _session(str(path), args.threads)}
+    sessions.update({target: _session(model, args.threads) for target, model in compiled.items()})
+    for name, make in (
+        ("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
+        ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size)),
+    ):
+        try:
+            sessions[name] = _session(str(make()), args.threads)
+        except Exception as exc:  # noqa: BLE001 -- a baseline that fails is a finding, not the end of the run
+            row[name] = {"failed": f"{type(exc).__name__}: {_first_line(exc)}"}
+    feeds = given if fixed_shapes else timed_inputs(original, args.batch, args.seq)
+    row["inputs"] = {name: list(value.shape) for name, value in feeds.items()}
+    for name in [n for n in sessions if n != "input"]:
+        try:  # a baseline that fails on the inputs is left out of the timing
+            sessions[name].run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            row[name] = {"failed": f"{type(exc).__name__} at run: {_first_line(exc)}"}
+            del sessions[name]
+    times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
+    base = np.asarray(times["input"])
+    for name, series in times.items():
+        # the ratio within each round, then its median: drift cancels round by round
+        ratio = float(np.median(np.asarray(series) / base))
+        row.setdefault(name, {}).update({**Timing.of(series).to_json(), "ratio_to_input": ratio})
+    flops = matmul_flops(onnx.load(str(path), load_external_data=False), feeds)
+    row["matmul_flops"] = flops
+    row["floor_s"] = flops / rate if flops else None
+    return row
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:120] if text else ""
+
+
+def _compiled_rows(
+    original: onnx.ModelProto, given: dict[str, np.ndarray] | None, row: dict[str, Any]
+) -> dict[str, onnx.ModelProto]:
+    """Every target's graph, with its cores, how many fused and its worst error in ``row``."""
     compiled = {}
     for target in TARGETS:
         _, form = get_target(target)
@@ -264,48 +308,7 @@ def run_entry(
             "worst_rel_error": report.worst_rel_error,
         }
         compiled[target] = model
-    sessions = {"input": _session(str(path), args.threads)}
-    sessions.update({target: _session(model, args.threads) for target, model in compiled.items()})
-    for name, make in (
-        ("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
-        ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size)),
-    ):
-        try:
-            sessions[name] = _session(str(make()), args.threads)
-        except Exception as exc:  # noqa: BLE001 -- a baseline that fails is a finding, not the end of the run
-            row[name] = {
-                "failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
-            }
-    feeds = given if fixed_shapes else timed_inputs(original, args.batch, args.seq)
-    row["inputs"] = {name: list(value.shape) for name, value in feeds.items()}
-    for name in [
-        n for n in sessions if n != "input"
-    ]:  # a baseline that fails on the inputs is left out of the timing
-        try:
-            sessions[name].run(None, feeds)
-        except Exception as exc:  # noqa: BLE001
-            row[name] = {
-                "failed": f"{type(exc).__name__} at run: {str(exc).strip().splitlines()[0][:120]}"
-            }
-            del sessions[name]
-    times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
-    base = np.asarray(times["input"])
-    for (
-        name,
-        series,
-    ) in (
-        times.items()
-    ):  # the ratio within each round, then its median: drift cancels round by round
-        row.setdefault(name, {}).update(
-            {
-                **Timing.of(series).to_json(),
-                "ratio_to_input": float(np.median(np.asarray(series) / base)),
-            }
-        )
-    flops = matmul_flops(onnx.load(str(path), load_external_data=False), feeds)
-    row["matmul_flops"] = flops
-    row["floor_s"] = flops / rate if flops else None
-    return row
+    return compiled
 
 
 def _cell(row: dict[str, Any], name: str) -> str:
@@ -336,35 +339,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
     """A residual LayerNorm at (1, L, E) three ways, in turns: what ONNX Runtime runs for each form."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    def model(form: str, width: int) -> onnx.ModelProto:
-        inits = [
-            numpy_helper.from_array(np.ones(width, np.float32), "g"),
-            numpy_helper.from_array(np.zeros(width, np.float32), "b"),
-        ]
-        if form == "SkipLayerNormalization":
-            nodes = [
-                helper.make_node(
-                    form, ["x", "r", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-5
-                )
-            ]
-        else:
-            nodes = [
-                helper.make_node(form.split(" ")[0], ["x", "r"], ["s"]),
-                helper.make_node(
-                    "LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5
-                ),
-            ]
-        io = [
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", width])
-            for n in ("x", "r", "y")
-        ]
-        return helper.make_model(
-            helper.make_graph(nodes, "g", io[:2], io[2:], inits),
-            opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
-        )
-
     forms = ("Add + LayerNormalization", "Sum + LayerNormalization", "SkipLayerNormalization")
     lines = [
         "| E | L | " + " | ".join(forms) + " | SkipLayerNormalization / Add + LN |",
@@ -377,12 +351,10 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = threads
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                if form.startswith(
-                    "Add"
-                ):  # ONNX Runtime would fuse the pair into SkipLayerNormalization itself
+                if form.startswith("Add"):  # ORT would fuse the pair into SkipLayerNormalization
                     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
                 sessions[form] = ort.InferenceSession(
-                    model(form, width).SerializeToString(),
+                    _layernorm_model(form, width).SerializeToString(),
                     options,
                     providers=["CPUExecutionProvider"],
                 )
@@ -395,6 +367,36 @@ def layernorm_table(threads: int, rounds: int, min_seconds: float = 0.5) -> str:
                 + f" | {float(np.median(np.asarray(times[forms[2]]) / np.asarray(times[forms[0]]))):.2f}x |"
             )
     return "\n".join(lines)
+
+
+def _layernorm_model(form: str, width: int) -> onnx.ModelProto:
+    """A residual LayerNorm over (1, L, width): SkipLayerNormalization, or Add or Sum then
+    LayerNormalization."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.ones(width, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(width, np.float32), "b"),
+    ]
+    if form == "SkipLayerNormalization":
+        nodes = [
+            helper.make_node(
+                form, ["x", "r", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-5
+            )
+        ]
+    else:
+        nodes = [
+            helper.make_node(form.split(" ")[0], ["x", "r"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5),
+        ]
+    io = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", width])
+        for n in ("x", "r", "y")
+    ]
+    return helper.make_model(
+        helper.make_graph(nodes, "g", io[:2], io[2:], inits),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+    )
 
 
 def _compiled_with(model: onnx.ModelProto, options: dict[type, dict[str, Any]]) -> onnx.ModelProto:
@@ -488,35 +490,13 @@ def _paired_table(
     """One graph form (``ours(model)``) against another (``theirs(model)``), timed in turns: the corpus
     models whose compiled graph ``keep`` accepts, at their timed inputs, then graphs/mha.py's
     self-attention block (E=512, 8 heads) with each of ``masks`` at batch 1 and each of ``lengths``."""
-    from graphs import AttentionSpec, AttentionWeights, build_mha
-    from runtime.check import random_inputs
-
     a, b = names
     lines = [
         f"| graph | mask | rows (batch x tokens) | {a} p50 (ms) | {b} / {a} | {a} / input |",
         "|---|---|---|---|---|---|",
     ]
 
-    def row(
-        name: str,
-        mask: str,
-        rows: int,
-        sessions: dict[str, ort.InferenceSession],
-        feeds: dict[str, np.ndarray],
-    ) -> None:
-        times = {
-            k: np.asarray(v)
-            for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()
-        }
-        vs_input = (
-            f"{float(np.median(times[a] / times['input'])):.2f}x" if "input" in times else "-"
-        )
-        lines.append(
-            f"| {name} | {mask} | {rows} | {float(np.median(times[a])) * 1e3:.2f} | "
-            f"{float(np.median(times[b] / times[a])):.2f}x | {vs_input} |"
-        )
-        print(lines[-1], flush=True)
-
+    row = functools.partial(_paired_row, args, names, lines)
     for entry in model_zoo.entries(size, tuple(args.families)):
         if entry.exporter not in args.exporters:
             continue
@@ -526,17 +506,24 @@ def _paired_table(
         if not keep(compiled):
             continue
         fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
-        feeds = (
-            model_zoo.example_inputs(entry)
-            if fixed_shapes
-            else timed_inputs(original, args.batch, args.seq)
-        )
+        given = model_zoo.example_inputs(entry) if fixed_shapes else None
+        feeds = given or timed_inputs(original, args.batch, args.seq)
         sessions = {
             "input": _session(str(path), threads),
             a: _session(compiled, threads),
             b: _session(theirs(original), threads),
         }
         row(entry.name, "the model's", _rows(next(iter(feeds.values()))), sessions, feeds)
+    _block_pairs(row, names, threads, ours, theirs, masks, lengths)
+    return "\n".join(lines)
+
+
+def _block_pairs(row, names, threads, ours, theirs, masks, lengths) -> None:
+    """graphs/mha.py's self-attention block (E=512, 8 heads), each mask at batch 1 and each length."""
+    from graphs import AttentionSpec, AttentionWeights, build_mha
+    from runtime.check import random_inputs
+
+    a, b = names
     for mask in masks:
         spec = AttentionSpec(512, 8, batch_first=True, self_attention=True, key_padding_mask=mask)
         model = build_mha(spec, AttentionWeights.random(spec))
@@ -549,7 +536,30 @@ def _paired_table(
                 sessions,
                 random_inputs(spec, (1, length, length), np.random.default_rng(0)),
             )
-    return "\n".join(lines)
+
+
+def _paired_row(
+    args: argparse.Namespace,
+    names: tuple[str, str],
+    lines: list[str],
+    name: str,
+    mask: str,
+    rows: int,
+    sessions: dict[str, ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+) -> None:
+    """One row of _paired_table, timed in turns, added to ``lines`` and printed."""
+    a, b = names
+    times = {
+        k: np.asarray(v)
+        for k, v in time_in_turns(sessions, feeds, args.rounds, args.min_seconds).items()
+    }
+    vs_input = f"{float(np.median(times[a] / times['input'])):.2f}x" if "input" in times else "-"
+    lines.append(
+        f"| {name} | {mask} | {rows} | {float(np.median(times[a])) * 1e3:.2f} | "
+        f"{float(np.median(times[b] / times[a])):.2f}x | {vs_input} |"
+    )
+    print(lines[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -594,22 +604,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         write_file_atomically(Path(args.markdown), (text + "\n").encode())
     if args.json:
-        report = {
-            "machine": {
-                "cpu": cpu_name(),
-                "cores": os.cpu_count(),
-                "threads": threads,
-                "onnxruntime": ort.__version__,
-                "matmul_fp32_flops": rate,
-            },
-            "settings": {
-                k: getattr(args, k)
-                for k in ("hidden", "heads", "layers", "seq", "batch", "rounds", "min_seconds")
-            },
-            "rows": rows,
-        }
+        report = {"machine": _machine(threads, rate), "settings": _settings(args), "rows": rows}
         write_file_atomically(Path(args.json), (json.dumps(report, indent=2) + "\n").encode())
     return 0
+
+
+def _machine(threads: int, rate: float) -> dict[str, Any]:
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": ort.__version__,
+        "matmul_fp32_flops": rate,
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("hidden", "heads", "layers", "seq", "batch", "rounds", "min_seconds")
+    return {k: getattr(args, k) for k in names}
 
 
 if __name__ == "__main__":

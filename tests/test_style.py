@@ -1,5 +1,6 @@
-"""The tree keeps pyproject.toml's ruff rules: formatted at line length 100, and free of syntax
-errors, unused or undefined names and unsorted imports."""
+"""The tree keeps pyproject.toml's ruff rules (formatted at line length 100, free of syntax errors,
+unused or undefined names and unsorted imports), and no function outside the tests runs past 50
+lines."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-FOLDERS = ["graphs", "compiler", "runtime", "scripts", "tests"]
+PACKAGES = ["graphs", "compiler", "runtime", "benchmark", "artifacts", "scripts"]
+FOLDERS = [*PACKAGES, "tests"]
+LONGEST_FUNCTION = 50  # lines, its signature and docstring included
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
@@ -23,3 +26,19 @@ def test_the_tree_keeps_ruffs_rules(command):
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_function_outside_the_tests_runs_past_50_lines():
+    """Read with the ast module: every function and method, nested ones too, from its def to its
+    last line."""
+    import ast
+
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+    ]
+    assert not long, "\n".join(long)
