@@ -205,9 +205,7 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
 
     folder = tmp_path / "compiled"
     assert (
-        compile_script.main(
-            ["--embed-dim", "8", "--num-heads", "2", "--quiet", "--out", str(folder)]
-        )
+        compile_script.main([*"--embed-dim 8 --num-heads 2 --quiet --out".split(), str(folder)])
         == 0
     )
     status, err = bench(folder, "--causal", "--targets", "portable")
@@ -222,14 +220,8 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
     assert (
         compile_script.main(
             [
-                "--embed-dim",
-                "32",
-                "--num-heads",
-                "2",
-                "--external-data",
-                "always",
-                "--quiet",
-                "--out",
+                *"--embed-dim 32 --num-heads 2 --external-data always --quiet".split(),
+                *"--out".split(),
                 str(external),
             ]
         )
@@ -251,14 +243,8 @@ def test_quick_bench_on_gpu_times_torch_and_says_why_ort_rows_are_missing(run_cl
     out = tmp_path / "bench.json"
     result = run_cli(
         "bench.py",
-        "--quick",
-        "--device",
-        "cuda",
-        "--self-attention",
-        "--precisions",
-        "fp32",
-        "fp16",
-        "--json",
+        *"--quick --device cuda --self-attention --precisions fp32 fp16".split(),
+        *"--json".split(),
         out,
     )
     assert result.returncode == 0, result.stderr
@@ -341,21 +327,8 @@ def test_decode_bench_times_every_way_to_the_same_last_token(run_cli, tmp_path):
     out = tmp_path / "decode.json"
     result = run_cli(
         "bench.py",
-        "--decode",
-        "--embed-dim",
-        32,
-        "--num-heads",
-        4,
-        "--prompt",
-        48,
-        "--new-tokens",
-        4,
-        "--batches",
-        2,
-        "--targets",
-        "ort-cpu",
-        "onnx-attention",
-        "--json",
+        *"--decode --embed-dim 32 --num-heads 4 --prompt 48 --new-tokens 4".split(),
+        *"--batches 2 --targets ort-cpu onnx-attention --json".split(),
         out,
     )
     assert result.returncode == 0, result.stderr

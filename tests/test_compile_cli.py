@@ -21,16 +21,8 @@ def test_the_readme_command_writes_a_checked_model(tmp_path):
     out = tmp_path / "mha"
     result = run_fresh(
         "compile.py",
-        "--embed-dim",
-        512,
-        "--num-heads",
-        8,
-        "--batch-first",
-        "--self-attention",
-        "--key-padding-mask",
-        "bool",
-        "--check",
-        "--out",
+        *"--embed-dim 512 --num-heads 8 --batch-first --self-attention".split(),
+        *"--key-padding-mask bool --check --out".split(),
         out,
     )
     assert result.returncode == 0, result.stderr
@@ -65,19 +57,8 @@ def test_trained_weights_from_safetensors_match_the_module(run_cli, tmp_path):
     out = tmp_path / "out"
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        24,
-        "--num-heads",
-        3,
-        "--kdim",
-        10,
-        "--vdim",
-        14,
-        "--add-bias-kv",
-        "--attn-mask",
-        "bool",
-        "--need-weights",
-        "--weights",
+        *"--embed-dim 24 --num-heads 3 --kdim 10 --vdim 14 --add-bias-kv".split(),
+        *"--attn-mask bool --need-weights --weights".split(),
         tmp_path / "w.safetensors",
         "--check",
         "--out",
@@ -140,13 +121,7 @@ def test_wrong_weights_leave_no_folder(run_cli, tmp_path):
     )
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        8,
-        "--num-heads",
-        2,
-        "--kdim",
-        4,
-        "--weights",
+        *"--embed-dim 8 --num-heads 2 --kdim 4 --weights".split(),
         tmp_path / "w.npz",
         "--out",
         tmp_path / "out",
@@ -168,7 +143,7 @@ def test_existing_output_is_refused_then_replaced_with_force(run_cli, tmp_path):
         result.returncode == 2 and "already exists and is not empty; pass --force" in result.stderr
     )
     assert (out / "old.txt").read_text() == "keep me"
-    result = run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--out", out, "--force")
+    result = run_cli("compile.py", *"--embed-dim 8 --num-heads 2 --out".split(), out, "--force")
     assert (
         result.returncode == 2
         and "was not written by compile.py (it has no readable manifest.json)" in result.stderr
@@ -177,7 +152,7 @@ def test_existing_output_is_refused_then_replaced_with_force(run_cli, tmp_path):
     (out / "old.txt").unlink()
     assert run_cli("compile.py", "--embed-dim", 8, "--num-heads", 2, "--out", out).returncode == 0
     result = run_cli(
-        "compile.py", "--embed-dim", 8, "--num-heads", 2, "--seed", 3, "--out", out, "--force"
+        "compile.py", *"--embed-dim 8 --num-heads 2 --seed 3 --out".split(), out, "--force"
     )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]

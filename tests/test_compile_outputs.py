@@ -54,12 +54,7 @@ def test_report_holds_the_figures_of_the_manifest(run_cli, tmp_path):
     result = run_cli(
         "compile.py",
         *ENCODER,
-        "--check",
-        "--latency",
-        "--latency-shape",
-        "2,16,16",
-        "--report",
-        "--out",
+        *"--check --latency --latency-shape 2,16,16 --report --out".split(),
         out,
     )
     assert result.returncode == 0, result.stderr
@@ -119,7 +114,7 @@ def test_report_holds_the_figures_of_the_manifest(run_cli, tmp_path):
 
 def test_report_without_check_or_latency_says_how_to_get_them(run_cli, tmp_path):
     out = tmp_path / "mha"
-    result = run_cli("compile.py", "--embed-dim", 16, "--num-heads", 2, "--report", "--out", out)
+    result = run_cli("compile.py", *"--embed-dim 16 --num-heads 2 --report --out".split(), out)
     assert result.returncode == 0, result.stderr
     page = (out / "report.html").read_text()
     assert (
@@ -145,7 +140,7 @@ def test_json_summary_is_the_only_thing_on_stdout(tmp_path):
 
 def test_json_reports_an_error_with_its_exit_status(run_cli, tmp_path):
     result = run_cli(
-        "compile.py", "--embed-dim", 10, "--num-heads", 4, "--json", "--out", tmp_path / "x"
+        "compile.py", *"--embed-dim 10 --num-heads 4 --json --out".split(), tmp_path / "x"
     )
     assert result.returncode == 2
     assert json.loads(result.stdout) == {
@@ -165,13 +160,7 @@ def test_quiet_prints_nothing_and_still_writes(run_cli, tmp_path):
 def test_bad_latency_shape_is_one_line(run_cli, tmp_path):
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        16,
-        "--num-heads",
-        2,
-        "--latency-shape",
-        "1,0",
-        "--out",
+        *"--embed-dim 16 --num-heads 2 --latency-shape 1,0 --out".split(),
         tmp_path / "x",
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
@@ -223,10 +212,7 @@ def test_external_data_always_writes_checked_data_beside_the_model(run_cli, tmp_
     result = run_cli(
         "compile.py",
         *ENCODER,
-        "--external-data",
-        "always",
-        "--check",
-        "--out",
+        *"--external-data always --check --out".split(),
         out,
         "--triton-repo",
         repo,
@@ -276,16 +262,7 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypat
     assert compile_script.main(["--embed-dim", "8", "--num-heads", "2", "--out", str(small)]) == 0
     assert (
         compile_script.main(
-            [
-                "--embed-dim",
-                "512",
-                "--num-heads",
-                "8",
-                "--self-attention",
-                "--check",
-                "--out",
-                str(large),
-            ]
+            [*"--embed-dim 512 --num-heads 8 --self-attention --check --out".split(), str(large)]
         )
         == 0
     )
@@ -312,21 +289,14 @@ def test_a_failed_check_half_way_leaves_no_folder_and_keeps_the_old_one(
     fresh = tmp_path / "fresh"
     assert (
         compile_script.main(
-            ["--embed-dim", "16", "--num-heads", "2", "--seed", "1", "--check", "--out", str(fresh)]
+            [*"--embed-dim 16 --num-heads 2 --seed 1 --check --out".split(), str(fresh)]
         )
         == 1
     )
     assert (
         compile_script.main(
             [
-                "--embed-dim",
-                "16",
-                "--num-heads",
-                "2",
-                "--seed",
-                "1",
-                "--check",
-                "--out",
+                *"--embed-dim 16 --num-heads 2 --seed 1 --check --out".split(),
                 str(out),
                 "--force",
                 "--report",

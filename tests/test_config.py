@@ -59,16 +59,8 @@ def test_json_config_equals_the_same_flags(run_cli, tmp_path):
     assert (
         run_cli(
             "compile.py",
-            "--embed-dim",
-            "16",
-            "--num-heads",
-            "2",
-            "--self-attention",
-            "--causal",
-            "--no-bias",
-            "--seed",
-            "3",
-            "--out",
+            *"--embed-dim 16 --num-heads 2 --self-attention --causal --no-bias".split(),
+            *"--seed 3 --out".split(),
             tmp_path / "b",
         ).returncode
         == 0
@@ -137,11 +129,7 @@ def _config_refused(tmp_path, capsys, path, message):
             [
                 "--config",
                 str(path),
-                "--embed-dim",
-                "8",
-                "--num-heads",
-                "2",
-                "--out",
+                *"--embed-dim 8 --num-heads 2 --out".split(),
                 str(tmp_path / "out"),
             ]
         )
@@ -219,12 +207,7 @@ def test_config_values_in_their_natural_types_are_taken(tmp_path):
             [
                 "--config",
                 str(config),
-                "--embed-dim",
-                "8",
-                "--num-heads",
-                "2",
-                "--quiet",
-                "--out",
+                *"--embed-dim 8 --num-heads 2 --quiet --out".split(),
                 str(out),
             ]
         )

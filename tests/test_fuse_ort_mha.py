@@ -148,16 +148,8 @@ def test_the_manifest_names_the_form_each_target_got(run_cli, tmp_path):
 
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        64,
-        "--num-heads",
-        4,
-        "--self-attention",
-        "--causal",
-        "--target",
-        "ort-cpu",
-        "--check",
-        "--out",
+        *"--embed-dim 64 --num-heads 4 --self-attention --causal --target".split(),
+        *"ort-cpu --check --out".split(),
         tmp_path / "o",
     )
     assert result.returncode == 0, result.stderr

@@ -474,12 +474,7 @@ def test_a_text_graph_is_checked_and_timed_on_token_inputs_or_the_given_ones(tmp
             [
                 "--onnx",
                 str(source),
-                "--check",
-                "--latency",
-                "--latency-shape",
-                "2,7,7",
-                "--quiet",
-                "--out",
+                *"--check --latency --latency-shape 2,7,7 --quiet --out".split(),
                 str(out),
             ]
         )
@@ -497,9 +492,7 @@ def test_a_text_graph_is_checked_and_timed_on_token_inputs_or_the_given_ones(tmp
             [
                 "--onnx",
                 str(source),
-                "--check",
-                "--latency",
-                "--inputs",
+                *"--check --latency --inputs".split(),
                 str(tmp_path / "inputs.npz"),
                 "--quiet",
                 "--out",

@@ -283,20 +283,9 @@ def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
     out = tmp_path / "kv"
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        32,
-        "--num-heads",
-        4,
-        "--self-attention",
-        "--causal",
-        "--kv-cache",
-        "--key-padding-mask",
-        "bool",
-        "--batch-first",
-        "--target",
-        "ort-cpu",
-        "--check",
-        "--out",
+        *"--embed-dim 32 --num-heads 4 --self-attention --causal".split(),
+        *"--kv-cache --key-padding-mask bool --batch-first --target".split(),
+        *"ort-cpu --check --out".split(),
         out,
     )
     assert result.returncode == 0, result.stderr
@@ -317,7 +306,7 @@ def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
         ["batch", "past_len+tgt_len"],
     ]
     refused = run_cli(
-        "compile.py", "--embed-dim", 32, "--num-heads", 4, "--kv-cache", "--out", tmp_path / "no"
+        "compile.py", *"--embed-dim 32 --num-heads 4 --kv-cache --out".split(), tmp_path / "no"
     )
     assert (
         refused.returncode == 2
@@ -325,15 +314,8 @@ def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
     )
     encoder = run_cli(
         "compile.py",
-        "--embed-dim",
-        32,
-        "--num-heads",
-        4,
-        "--block",
-        "encoder",
-        "--causal",
-        "--kv-cache",
-        "--out",
+        *"--embed-dim 32 --num-heads 4 --block encoder --causal --kv-cache".split(),
+        *"--out".split(),
         tmp_path / "no",
     )
     assert encoder.returncode == 2 and "kv_cache belongs to the decoder block" in encoder.stderr
@@ -408,22 +390,9 @@ def test_compile_a_cached_decoder_block_checks_against_torch(run_cli, tmp_path):
     out = tmp_path / "decoder"
     result = run_cli(
         "compile.py",
-        "--block",
-        "decoder",
-        "--embed-dim",
-        32,
-        "--num-heads",
-        4,
-        "--dim-feedforward",
-        64,
-        "--causal",
-        "--kv-cache",
-        "--key-padding-mask",
-        "bool",
-        "--target",
-        "ort-cpu",
-        "--check",
-        "--out",
+        *"--block decoder --embed-dim 32 --num-heads 4 --dim-feedforward".split(),
+        *"64 --causal --kv-cache --key-padding-mask bool --target ort-cpu".split(),
+        *"--check --out".split(),
         out,
     )
     assert result.returncode == 0, result.stderr

@@ -123,13 +123,8 @@ def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_f
             [
                 "--onnx",
                 str(exported[name]),
-                "--target",
-                "onnx-attention",
-                "--form",
-                "attention-op-blocks",
-                "--check",
-                "--quiet",
-                "--out",
+                *"--target onnx-attention --form attention-op-blocks --check".split(),
+                *"--quiet --out".split(),
                 str(out),
             ]
         )

@@ -68,11 +68,7 @@ def test_a_corrupt_weights_file_is_one_line_from_the_cli(run_cli, tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        8,
-        "--num-heads",
-        2,
-        "--weights",
+        *"--embed-dim 8 --num-heads 2 --weights".split(),
         tmp_path / "w.safetensors",
         "--out",
         tmp_path / "out",
@@ -466,18 +462,14 @@ def test_a_graph_past_the_memory_limit_at_its_maximum_shape_is_refused(run_cli, 
         "more than the memory limit of" in huge.stderr
         and "(this machine's memory; set --memory-limit)" in huge.stderr
     )
-    small = run_cli(
-        "compile.py", *args, "--max-batch", 2, "--max-len", 512, "--memory-limit", "8MiB"
-    )
+    small = run_cli("compile.py", *args, *"--max-batch 2 --max-len 512 --memory-limit 8MiB".split())
     _one_line_error(
         small,
         2,
         "more than the memory limit of 8.0 MiB (--memory-limit); lower --max-batch or --max-len",
     )
     assert not (tmp_path / "out").exists()
-    fits = run_cli(
-        "compile.py", *args, "--max-batch", 2, "--max-len", 512, "--memory-limit", "64MiB"
-    )
+    fits = run_cli("compile.py", *args, *"--max-batch 2 --max-len 512 --memory-limit 64MiB".split())
     assert fits.returncode == 0, fits.stderr
     memory = json.loads((tmp_path / "out" / "manifest.json").read_text())["memory"]
     assert (
@@ -526,28 +518,13 @@ def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
     from artifacts.resources import parameters, work_parts
 
     compile_script.main(
-        [
-            "--embed-dim",
-            "16",
-            "--num-heads",
-            "2",
-            "--check",
-            "--quiet",
-            "--out",
-            str(tmp_path / "warm"),
-        ]
+        [*"--embed-dim 16 --num-heads 2 --check --quiet --out".split(), str(tmp_path / "warm")]
     )
     with PeakRss() as peak:
         assert (
             compile_script.main(
                 [
-                    "--embed-dim",
-                    "1536",
-                    "--num-heads",
-                    "8",
-                    "--check",
-                    "--quiet",
-                    "--out",
+                    *"--embed-dim 1536 --num-heads 8 --check --quiet --out".split(),
                     str(tmp_path / "out"),
                 ]
             )
@@ -560,13 +537,7 @@ def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
 def test_memory_limit_needs_a_maximum_shape(run_cli, tmp_path):
     result = run_cli(
         "compile.py",
-        "--embed-dim",
-        8,
-        "--num-heads",
-        2,
-        "--memory-limit",
-        "1GiB",
-        "--out",
+        *"--embed-dim 8 --num-heads 2 --memory-limit 1GiB --out".split(),
         tmp_path / "out",
     )
     _one_line_error(
@@ -599,18 +570,8 @@ def test_a_session_refuses_inputs_past_the_declared_maxima(tmp_path):
     assert (
         compile_script.main(
             [
-                "--embed-dim",
-                "16",
-                "--num-heads",
-                "2",
-                "--self-attention",
-                "--max-batch",
-                "1",
-                "--max-len",
-                "16",
-                "--check",
-                "--quiet",
-                "--out",
+                *"--embed-dim 16 --num-heads 2 --self-attention --max-batch 1".split(),
+                *"--max-len 16 --check --quiet --out".split(),
                 str(out),
             ]
         )
@@ -717,23 +678,10 @@ def test_a_cached_decoder_with_a_memory_mask_checks_against_torch(tmp_path, mask
     assert (
         compile_script.main(
             [
-                "--block",
-                "decoder",
-                "--embed-dim",
-                "16",
-                "--num-heads",
-                "2",
-                "--dim-feedforward",
-                "32",
-                "--causal",
-                "--kv-cache",
-                "--memory-mask",
+                *"--block decoder --embed-dim 16 --num-heads 2 --dim-feedforward".split(),
+                *"32 --causal --kv-cache --memory-mask".split(),
                 mask,
-                "--memory-key-padding-mask",
-                "bool",
-                "--check",
-                "--quiet",
-                "--out",
+                *"--memory-key-padding-mask bool --check --quiet --out".split(),
                 str(out),
             ]
         )
@@ -759,15 +707,9 @@ def test_zero_weights_pass_the_check_and_the_manifest_is_json(tmp_path):
     assert (
         compile_script.main(
             [
-                "--embed-dim",
-                "16",
-                "--num-heads",
-                "2",
-                "--weights",
+                *"--embed-dim 16 --num-heads 2 --weights".split(),
                 str(tmp_path / "w.safetensors"),
-                "--check",
-                "--quiet",
-                "--out",
+                *"--check --quiet --out".split(),
                 str(out),
             ]
         )

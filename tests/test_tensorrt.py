@@ -297,20 +297,8 @@ def test_tensorrt_absence_is_one_clear_message(run_cli, tmp_path):
     out = tmp_path / "trt"
     refused = run_cli(
         "compile.py",
-        "--embed-dim",
-        16,
-        "--num-heads",
-        2,
-        "--batch-first",
-        "--key-padding-mask",
-        "bool",
-        "--target",
-        "tensorrt",
-        "--max-len",
-        256,
-        "--max-batch",
-        4,
-        "--out",
+        *"--embed-dim 16 --num-heads 2 --batch-first --key-padding-mask".split(),
+        *"bool --target tensorrt --max-len 256 --max-batch 4 --out".split(),
         out,
     )
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
@@ -330,22 +318,9 @@ def test_tensorrt_absence_is_one_clear_message(run_cli, tmp_path):
     }
     allowed = run_cli(
         "compile.py",
-        "--embed-dim",
-        16,
-        "--num-heads",
-        2,
-        "--self-attention",
-        "--target",
-        "tensorrt",
-        "--allow-no-engine",
-        "--min-shapes",
-        "query:1x1x16",
-        "--opt-shapes",
-        "query:32x1x16",
-        "--max-shapes",
-        "query:64x2x16",
-        "--check",
-        "--out",
+        *"--embed-dim 16 --num-heads 2 --self-attention --target tensorrt".split(),
+        *"--allow-no-engine --min-shapes query:1x1x16 --opt-shapes".split(),
+        *"query:32x1x16 --max-shapes query:64x2x16 --check --out".split(),
         tmp_path / "allowed",
     )
     assert allowed.returncode == 0, allowed.stderr
@@ -359,14 +334,8 @@ def test_tensorrt_absence_is_one_clear_message(run_cli, tmp_path):
     assert engine["trtexec"]["opt"] == "query:32x1x16"
     served = run_cli(
         "compile.py",
-        "--embed-dim",
-        16,
-        "--num-heads",
-        2,
-        "--target",
-        "tensorrt",
-        "--allow-no-engine",
-        "--out",
+        *"--embed-dim 16 --num-heads 2 --target tensorrt --allow-no-engine".split(),
+        *"--out".split(),
         tmp_path / "served",
         "--triton-repo",
         tmp_path / "repo",
