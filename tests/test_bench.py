@@ -221,7 +221,7 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
         compile_script.main(
             [
                 *"--embed-dim 32 --num-heads 2 --external-data always --quiet".split(),
-                *"--out".split(),
+                "--out",
                 str(external),
             ]
         )
@@ -244,7 +244,7 @@ def test_quick_bench_on_gpu_times_torch_and_says_why_ort_rows_are_missing(run_cl
     result = run_cli(
         "bench.py",
         *"--quick --device cuda --self-attention --precisions fp32 fp16".split(),
-        *"--json".split(),
+        "--json",
         out,
     )
     assert result.returncode == 0, result.stderr

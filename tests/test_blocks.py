@@ -157,7 +157,7 @@ def test_block_weights_from_a_trained_layer_file_through_the_cli(run_cli, tmp_pa
         "compile.py",
         *"--block encoder --embed-dim 32 --num-heads 4 --dim-feedforward".split(),
         *"64 --activation gelu --batch-first --key-padding-mask bool".split(),
-        *"--weights".split(),
+        "--weights",
         path,
         *"--target ort-cpu --check --out".split(),
         out,

@@ -315,7 +315,7 @@ def test_compile_kv_cache_checks_against_torch(run_cli, tmp_path):
     encoder = run_cli(
         "compile.py",
         *"--embed-dim 32 --num-heads 4 --block encoder --causal --kv-cache".split(),
-        *"--out".split(),
+        "--out",
         tmp_path / "no",
     )
     assert encoder.returncode == 2 and "kv_cache belongs to the decoder block" in encoder.stderr

@@ -143,35 +143,18 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     import corpus
 
     out = tmp_path / "corpus.json"
-    assert (
-        corpus.main(
-            [
-                "--families",
-                "torch-encoder",
-                "--exporters",
-                "dynamo",
-                "--hidden",
-                str(ENCODER.hidden),
-                "--heads",
-                str(ENCODER.heads),
-                "--layers",
-                str(ENCODER.layers),
-                "--seq",
-                "16",
-                "--rounds",
-                "3",
-                "--min-seconds",
-                "0",
-                "--cache",
-                str(zoo),
-                "--json",
-                str(out),
-                "--markdown",
-                str(tmp_path / "corpus.md"),
-            ]
-        )
-        == 0
-    )
+    model = [
+        "--families",
+        "torch-encoder",
+        "--exporters",
+        "dynamo",
+        "--hidden",
+        str(ENCODER.hidden),
+    ]
+    model += ["--heads", str(ENCODER.heads), "--layers", str(ENCODER.layers), "--seq", "16"]
+    model += ["--cache", str(zoo), "--min-seconds", "0"]
+    written = ["--json", str(out), "--markdown", str(tmp_path / "corpus.md")]
+    assert corpus.main([*model, "--rounds", "3", *written]) == 0
     report = json.loads(out.read_text())
     (row,) = report["rows"]
     assert (
@@ -193,18 +176,7 @@ def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_pa
     )
 
     def options(rounds: int):
-        return corpus.parse_args(
-            [
-                "--families",
-                "torch-encoder",
-                "--exporters",
-                "dynamo",
-                "--hidden",
-                str(ENCODER.hidden),
-            ]
-            + ["--heads", str(ENCODER.heads), "--layers", str(ENCODER.layers), "--seq", "16"]
-            + ["--rounds", str(rounds), "--min-seconds", "0", "--cache", str(zoo)]
-        )
+        return corpus.parse_args([*model, "--rounds", str(rounds)])
 
     packing = corpus.packing_table(
         options(2),

@@ -335,7 +335,7 @@ def test_tensorrt_absence_is_one_clear_message(run_cli, tmp_path):
     served = run_cli(
         "compile.py",
         *"--embed-dim 16 --num-heads 2 --target tensorrt --allow-no-engine".split(),
-        *"--out".split(),
+        "--out",
         tmp_path / "served",
         "--triton-repo",
         tmp_path / "repo",

@@ -24,19 +24,30 @@ def _tensors(entries):
     return [(t.name, model_config.DataType.Name(t.data_type), list(t.dims)) for t in entries]
 
 
-def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
-    out, repo = tmp_path / "out", tmp_path / "repo"
+def _repository(run_cli, tmp_path, *flags):
+    """compile.py with ``flags`` into tmp_path/out and the repository tmp_path/repo: its result, and
+    the config of the model named by --triton-model-name (default attention)."""
     result = run_cli(
-        "compile.py",
-        *"--embed-dim 32 --num-heads 4 --batch-first --self-attention".split(),
-        *"--key-padding-mask bool --target ort-cpu --out".split(),
-        out,
-        "--triton-repo",
-        repo,
-        *"--triton-model-name mha --triton-max-batch 16".split(),
+        "compile.py", *flags, "--out", tmp_path / "out", "--triton-repo", tmp_path / "repo"
     )
     assert result.returncode == 0, result.stderr
-    config = _parse(repo / "mha" / "config.pbtxt")
+    name = (
+        flags[flags.index("--triton-model-name") + 1]
+        if "--triton-model-name" in flags
+        else "attention"
+    )
+    return result, _parse(tmp_path / "repo" / name / "config.pbtxt")
+
+
+def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    _, config = _repository(
+        run_cli,
+        tmp_path,
+        *"--embed-dim 32 --num-heads 4 --batch-first --self-attention".split(),
+        *"--key-padding-mask bool --target ort-cpu".split(),
+        *"--triton-model-name mha --triton-max-batch 16".split(),
+    )
     assert (config.name, config.platform, config.max_batch_size) == ("mha", "onnxruntime_onnx", 16)
     assert config.HasField("dynamic_batching")
     assert _tensors(config.input) == [
@@ -50,17 +61,8 @@ def test_batch_first_attention_gets_dynamic_batching(run_cli, tmp_path):
 
 
 def test_unbatched_inputs_list_every_dim_without_batching(run_cli, tmp_path):
-    repo = tmp_path / "repo"
-    result = run_cli(
-        "compile.py",
-        *"--embed-dim 16 --num-heads 2 --attn-mask float --need-weights".split(),
-        *"--out".split(),
-        tmp_path / "out",
-        "--triton-repo",
-        repo,
-    )
-    assert result.returncode == 0, result.stderr
-    config = _parse(repo / "attention" / "config.pbtxt")
+    flags = "--embed-dim 16 --num-heads 2 --attn-mask float --need-weights".split()
+    result, config = _repository(run_cli, tmp_path, *flags)
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
     assert _tensors(config.input) == [
         ("query", "TYPE_FP32", [-1, -1, 16]),
@@ -76,18 +78,13 @@ def test_unbatched_inputs_list_every_dim_without_batching(run_cli, tmp_path):
 
 
 def test_encoder_block_repository(run_cli, tmp_path):
-    repo = tmp_path / "repo"
-    result = run_cli(
-        "compile.py",
+    _, config = _repository(
+        run_cli,
+        tmp_path,
         *"--block encoder --embed-dim 16 --num-heads 2 --dim-feedforward".split(),
         *"32 --batch-first --key-padding-mask bool --precision fp16".split(),
-        *"--target ort-cuda --out".split(),
-        tmp_path / "out",
-        "--triton-repo",
-        repo,
+        *"--target ort-cuda".split(),
     )
-    assert result.returncode == 0, result.stderr
-    config = _parse(repo / "attention" / "config.pbtxt")
     assert _tensors(config.input) == [
         ("src", "TYPE_FP32", [-1, 16]),
         ("src_key_padding_mask", "TYPE_BOOL", [-1]),
