@@ -39,7 +39,7 @@ def _malloc_trim() -> None:
 class PeakRss:
     """``with PeakRss() as peak: ...`` then ``peak.peak``: the most resident memory the process held
     inside the block, and ``peak.growth``: how much of it was beyond what it held on entry (after
-    a garbage collection). ``settle=False`` skips the collection (40 ms with torch loaded), for a
+    a garbage collection). ``settle=False`` skips the collection (slow with torch loaded), for a
     bound checked many times over: memory freed earlier may then be reused unseen."""
 
     def __init__(self, settle: bool = True) -> None:

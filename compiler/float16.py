@@ -118,9 +118,9 @@ def _is_float(value: ir.Value) -> bool:
 def _layout_edge(value: ir.Value) -> list[ir.Value]:
     """Where an input's cast goes: after the Transposes that only relayout it, else at the input.
 
-    Besides keeping those Transposes out of the fp16 island, this avoids an ONNX Runtime 1.32 CPU
-    crash at session creation on Cast(fp16) -> Transpose -> MatMul with an fp16 weight (see
-    docs/BENCHMARKS.md, fp16 on CPU).
+    Besides keeping those Transposes out of the fp16 island, this avoids a crash of ONNX Runtime's
+    CPU provider at session creation on Cast(fp16) -> Transpose -> MatMul with an fp16 weight
+    (docs/BENCHMARKS.md, "fp16 on CPU", names the version).
     """
     users = [node for node, _ in value.uses()]
     if (

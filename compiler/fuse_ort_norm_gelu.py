@@ -3,17 +3,17 @@
 and for ort-cuda LayerNormalization over a residual Add becomes com.microsoft.SkipLayerNormalization.
 
 An RMSNorm written with Reciprocal (Llama's, as torch's dynamo exporter writes it) is rewritten with
-Div, the form ONNX Runtime's session fuses into its SimplifiedLayerNormalization kernel: Llama at
-128 tokens on CPU, 0.87x the export against 0.96x. The fused op itself would fail onnx.checker,
+Div, the form ONNX Runtime's session fuses into its SimplifiedLayerNormalization kernel
+(docs/BENCHMARKS.md has what that saves on Llama). The fused op itself would fail onnx.checker,
 as ONNX Runtime registers it in the ONNX domain, where ONNX has no such op.
 
 Written as onnxscript rewrite rules (pattern / check / rewrite). In a pre-norm block the residual
 sum is also the next sub-layer's input, so that rule keeps it as SkipLayerNormalization's
 fourth output (input_skip_bias_sum).
 
-ort-cpu keeps Add and LayerNormalization apart instead: ONNX Runtime 1.32's CPU
-SkipLayerNormalization takes 3 to 7 times as long as the pair (docs/BENCHMARKS.md, "LayerNorm on
-CPU"), and its session would fuse the pair itself wherever the shapes are known, in our graphs and in
+ort-cpu keeps Add and LayerNormalization apart instead: ONNX Runtime's CPU
+SkipLayerNormalization is slower than the pair (docs/BENCHMARKS.md, "LayerNorm on CPU", has the
+figures), and its session would fuse the pair itself wherever the shapes are known, in our graphs and in
 exported ones alike. ResidualSumPass writes that Add as Sum, the same sum, which its fusion leaves alone;
 the same for an RMSNorm's residual Add (its SkipSimplifiedLayerNormalization is slower there too).
 """

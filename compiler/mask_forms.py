@@ -365,8 +365,8 @@ def _blocked(
 ):
     """(length, block, blocks, (q, k, v) padded to blocks x block rows) for BSD q, k, v of one length:
     as few blocks as blocks of at most ``most`` rows allow, all of one size, so that the padding adds
-    fewer rows than there are blocks (blocks of exactly 1024 padded 1536 tokens to 2048: 1.17x the
-    time of one op there). A padded key lies after every real query: causal hides it."""
+    fewer rows than there are blocks (blocks of exactly ``most`` would pad 1.5 x ``most`` tokens to
+    2 x ``most``). A padded key lies after every real query: causal hides it."""
     one = _ints(graph, "one", [1])
 
     def ceil(a: ir.Value, b: ir.Value, out: str) -> ir.Value:

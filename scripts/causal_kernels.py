@@ -10,8 +10,8 @@ the causal form compiler/mask_forms.py takes (docs/BENCHMARKS.md, "Causal kernel
 - "flash halving": flash calls only, no GQA: the second half of each segment attends the first half
   unmasked, one call per level with the segments as its batch, the diagonal blocks in the graph,
   merged by softmax denominators (an extra key whose score is the accumulated log-denominator and an
-  extra value column that returns its weight). Its value heads are one wider, which costs the
-  flash kernel about 15% (its kernels run head sizes in steps of 16).
+  extra value column that returns its weight). Its value heads are one wider, which the flash
+  kernel pays for (its kernels run head sizes in steps of 16; docs/BENCHMARKS.md, "Causal kernels").
 
 With ``--decode P``: one decode step (one query, a cache of P keys given as past) instead, batch
 ``--batch``: MultiHeadAttention with past and its causal bias (what ort-cpu's KV-cache graph runs)
