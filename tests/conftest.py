@@ -28,6 +28,9 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts import each other as top-level modules (compile.py imports console, config...), and
+# the tests import them the same way: scripts/ is on the path once, here.
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def run_script(script: str, *args: object) -> subprocess.CompletedProcess[str]:
@@ -38,8 +41,6 @@ def run_script(script: str, *args: object) -> subprocess.CompletedProcess[str]:
     import importlib
     import io
 
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))
     module = importlib.import_module(script.removesuffix(".py"))
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()

@@ -69,11 +69,7 @@ def _check_rows(report, backends, points):
 def _in_process(script: str):
     """scripts/<script>.py imported into this process (its torch import is paid once for the suite)."""
     import importlib
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     return importlib.import_module(script)
 
 

@@ -5,26 +5,23 @@ import hashlib
 import io
 import json
 import re
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 
+import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, run_fresh
+from conftest import run_fresh
+from console import Console  # noqa: E402
 
 from artifacts import files
 from graphs.blocks import BlockSpec, BlockWeights
 from runtime.block_reference import torch_block, torch_block_forward
 from runtime.check import block_inputs
 from runtime.ort import OrtSession
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
-from console import Console  # noqa: E402
 
 ENCODER = [
     "--block",

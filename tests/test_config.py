@@ -103,15 +103,11 @@ def test_config_without_out_is_refused(run_cli, tmp_path):
 
 # Hostile and surprising files (docs/RELIABILITY.md) ---------------------------------------------
 
-import sys  # noqa: E402
 import time  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
+import compile as compile_script  # noqa: E402
 
 from benchmark.memory import PeakRss  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import compile as compile_script  # noqa: E402
 
 LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh")

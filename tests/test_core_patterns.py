@@ -4,9 +4,7 @@ each refusal reaches the per-Softmax report as the pattern check's reason."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import compile as compile_script  # noqa: E402
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -16,9 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler import compile_model
 from compiler.attention_core import Core, survey
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import compile as compile_script  # noqa: E402
 
 SHAPE = ["N", 2, "L", 8]  # batch, heads, length, head size
 

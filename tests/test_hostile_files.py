@@ -6,7 +6,6 @@ graph (a dtype a cast would change, values past fp16's range) refused in every f
 import io
 import json
 import struct
-import sys
 import time
 import zipfile
 
@@ -14,15 +13,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import ROOT  # noqa: E402
+import compile as compile_script  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from benchmark.memory import PeakRss  # noqa: E402
 from graphs import AttentionSpec, AttentionWeights, WeightsError, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import compile as compile_script  # noqa: E402
 
 SPEC = AttentionSpec(16, 2)
 STATE = {k: v.astype(np.float32) for k, v in random_state(expected_shapes(SPEC), 0).items()}

@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +27,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from conftest import ROOT  # noqa: E402
+
+import compile as compile_script  # noqa: E402
 
 from benchmark.memory import PeakRss  # noqa: E402
 from graphs import AttentionSpec, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import compile as compile_script  # noqa: E402
 
 SPEC = ["--embed-dim", "8", "--num-heads", "2"]
 STATE = {

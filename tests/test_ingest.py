@@ -460,11 +460,7 @@ def test_token_ids_are_drawn_inside_the_embedding_table_and_masks_pad_some_keys(
 
 
 def test_a_text_graph_is_checked_and_timed_on_token_inputs_or_the_given_ones(tmp_path, capsys):
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     import compile as compile_script
 
     source = _token_model(tmp_path / "m.onnx")

@@ -302,11 +302,7 @@ def test_a_mask_whose_rows_all_match_runs_as_padding(small_blocks, precision):
 def test_the_threshold_script_times_each_form_and_restores_the_thresholds(capsys):
     """scripts/mask_thresholds.py: one row per point, each form against one op in the same rounds."""
     import importlib
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     script = importlib.import_module("mask_thresholds")
     before = {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS}
     assert (
@@ -451,11 +447,7 @@ def test_the_causal_kernel_script_checks_every_form_against_the_causal_op(capsys
     """scripts/causal_kernels.py: each causal form (GroupQueryAttention whole and in chunks, the flash
     halving with its denominator merge) agrees with MultiHeadAttention's own causal flag."""
     import importlib
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     script = importlib.import_module("causal_kernels")
     assert (
         script.main(
@@ -493,11 +485,7 @@ def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
     """scripts/causal_kernels.py --decode: MultiHeadAttention with past and GroupQueryAttention agree."""
     import importlib
     import re
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     script = importlib.import_module("causal_kernels")
     assert (
         script.main(

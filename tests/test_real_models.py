@@ -9,7 +9,6 @@ itself (float32 rounding through the fused kernels stays near 1e-7).
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -20,9 +19,7 @@ pytest.importorskip(
     reason="the real-model tests export transformers models (pip install -e '.[test]')",
 )
 
-from conftest import ROOT  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "scripts"))
 import compile as compile_script  # noqa: E402
 import model_zoo  # noqa: E402
 

@@ -10,6 +10,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
 import numpy as np
 import onnx
 import pytest
@@ -25,9 +26,6 @@ from graphs.weights import expected_shapes, random_state
 from runtime import InputError
 from runtime.check import random_inputs
 from runtime.ort import OrtSession
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
 
 CPU_TARGETS = ("portable", "onnx-attention", "ort-cpu", "tensorrt")
 SPEC = AttentionSpec(8, 2)

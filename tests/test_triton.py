@@ -97,11 +97,7 @@ def test_encoder_block_repository(run_cli, tmp_path):
 def test_a_repository_keeps_its_other_models_and_force_replaces_only_ours(tmp_path, capsys):
     """Only REPO/NAME is this run's; another model beside it stays, and a NAME folder that compile.py
     did not write is refused even with --force, before any work."""
-    import sys
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     import compile as compile_script
 
     repo = tmp_path / "repo"
