@@ -16,26 +16,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from graphs.spec import AttentionSpec
+from runtime.check import Shape
 
 FLOAT32 = 4
 
 
 class MemoryBoundError(ValueError):
     """A spec needs more memory at its declared maximum shape than the stated limit."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    tgt_len: int
-    src_len: int
-
-    def __str__(self) -> str:
-        return f"batch {self.batch}, tgt_len {self.tgt_len}, src_len {self.src_len}"
 
 
 def attention_parts(
@@ -237,7 +227,7 @@ def memory_record(spec: Any, settings: Any) -> dict[str, Any] | None:
     if limit is not None:
         check_memory(parts, shape, limit, source)
     return {
-        "max_shape": vars(shape),
+        "max_shape": shape._asdict(),
         "limit_bytes": limit,
         "limit_source": source,
         "parts": parts,

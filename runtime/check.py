@@ -12,7 +12,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,7 +22,18 @@ from runtime.reference import fully_masked_rows, mha_reference
 from runtime.session import Session
 from runtime.signature import InputError, evaluate
 
-Shape = tuple[int, int, int]  # (batch, tgt_len, src_len)
+
+class Shape(NamedTuple):
+    """The sizes one call of an attention or block graph runs at (a KV cache: src_len is its past)."""
+
+    batch: int
+    tgt_len: int
+    src_len: int
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, tgt_len {self.tgt_len}, src_len {self.src_len}"
+
+
 DEFAULT_SHAPES: tuple[Shape, ...] = ((2, 5, 7), (3, 11, 4))
 FP32_TOLERANCE = (
     1e-5  # float32 rounding through two projections and a softmax stays near 1e-6 of scale

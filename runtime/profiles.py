@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from runtime.signature import MAY_BE_EMPTY, InputError, InputSpec, show_shape
 
-Shape = tuple[int, ...]
+Dims = tuple[int, ...]  # one tensor's sizes
 KINDS = ("min", "opt", "max")
 
 
@@ -26,7 +26,7 @@ class ProfileError(ValueError):
 class Profile:
     """(min, opt, max) per input, in the graph's input order; fixed inputs have all three equal."""
 
-    shapes: Mapping[str, tuple[Shape, Shape, Shape]]
+    shapes: Mapping[str, tuple[Dims, Dims, Dims]]
 
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         return {name: dict(zip(KINDS, map(list, s))) for name, s in self.shapes.items()}
@@ -39,9 +39,9 @@ class Profile:
         }
 
 
-def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
+def parse_shapes(text: str, flag: str) -> dict[str, Dims]:
     """``query:1x128x512,key_padding_mask:1x128`` (trtexec's spelling) as {name: shape}."""
-    shapes: dict[str, Shape] = {}
+    shapes: dict[str, Dims] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"(.+):(\d+(?:x\d+)*)", item)
         if not match:
@@ -97,9 +97,9 @@ def profile_from_limits(inputs: Sequence[InputSpec], max_batch: int, max_len: in
 
 def profile_from_shapes(
     inputs: Sequence[InputSpec],
-    min_shapes: Mapping[str, Shape],
-    opt_shapes: Mapping[str, Shape],
-    max_shapes: Mapping[str, Shape],
+    min_shapes: Mapping[str, Dims],
+    opt_shapes: Mapping[str, Dims],
+    max_shapes: Mapping[str, Dims],
 ) -> Profile:
     """A profile given shape by shape, checked: every input with a dynamic axis named in all three,
     no unknown names, ranks and fixed sizes as declared, min <= opt <= max, and one range per symbol."""
@@ -122,7 +122,7 @@ def profile_from_shapes(
     return profile
 
 
-def _triple(s: InputSpec, given: Mapping[str, Mapping[str, Shape]]) -> tuple[Shape, Shape, Shape]:
+def _triple(s: InputSpec, given: Mapping[str, Mapping[str, Dims]]) -> tuple[Dims, Dims, Dims]:
     """An input's min, opt and max shapes (its declared shape where it has no dynamic axis), checked
     against its rank and fixed sizes, and min <= opt <= max on every axis."""
     triple = tuple(
@@ -152,7 +152,7 @@ def _triple(s: InputSpec, given: Mapping[str, Mapping[str, Shape]]) -> tuple[Sha
 
 
 def check_in_profile(
-    inputs: Sequence[InputSpec], profile: Profile, shapes: Mapping[str, Shape]
+    inputs: Sequence[InputSpec], profile: Profile, shapes: Mapping[str, Dims]
 ) -> None:
     """Refuse input shapes the engine was not built for, naming the input, the axis and its range."""
     for s in inputs:

@@ -18,13 +18,13 @@ from conftest import ROOT
 
 from artifacts import output_folders
 from artifacts.files import write_manifest
-from artifacts.resources import MemoryBoundError, Shape, attention_parts, check_memory, parse_size
+from artifacts.resources import MemoryBoundError, attention_parts, check_memory, parse_size
 from benchmark.memory import PeakRss
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, WeightsError, build_mha
 from graphs.weights import expected_shapes, random_state
 from runtime import InputError
-from runtime.check import random_inputs
+from runtime.check import Shape, random_inputs
 from runtime.ort import OrtSession
 
 CPU_TARGETS = ("portable", "onnx-attention", "ort-cpu", "tensorrt")
