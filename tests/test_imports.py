@@ -62,8 +62,9 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_them():
     """A test module that imported tritonclient, tensorrt or transformers at its top level would fail
-    to collect where the package is missing, taking every other test in it along; those imports go
-    through pytest.importorskip, in the test or the helper that needs them."""
+    to collect where the package is missing, and one that skipped on it there would skip every
+    other test in it along; those imports go through pytest.importorskip, in the test or the helper
+    or fixture that needs them."""
     import ast
     from pathlib import Path
 
@@ -75,6 +76,16 @@ def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_t
                 if isinstance(node, ast.Import)
                 else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             )
-            assert not any(n.split(".")[0] in optional for n in names), (
-                f"{path.name}:{node.lineno} imports {names}"
+            skips = [
+                call.args[0].value
+                for call in ast.walk(node)
+                if isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "importorskip"
+                and call.args
+                and isinstance(call.args[0], ast.Constant)
+                and not isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            ]
+            assert not any(n.split(".")[0] in optional for n in names + skips), (
+                f"{path.name}:{node.lineno} imports or skips on {names + skips} at collection"
             )

@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import json
 
+import compile as compile_script
+import model_zoo
 import numpy as np
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip(
-    "transformers",
-    reason="the real-model tests export transformers models (pip install -e '.[test]')",
-)
-
-
-import compile as compile_script  # noqa: E402
-import model_zoo  # noqa: E402
 
 SIZE = model_zoo.Size(hidden=64, heads=4, layers=1, image=32)
 ENCODER = model_zoo.Size(
@@ -53,6 +45,10 @@ def zoo(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(zoo):
+    pytest.importorskip(
+        "transformers",
+        reason="the real-model tests export transformers models (pip install -e '.[test]')",
+    )
     return {entry.name: model_zoo.export(entry, zoo) for entry in ENTRIES}
 
 

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("torch")
-model_config = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]"
-)
-from google.protobuf import text_format  # noqa: E402
+from conftest import parse_triton_config
 
 
 def _parse(path):
-    config = model_config.ModelConfig()
-    text_format.Parse(path.read_text(), config)
-    return config
+    """config.pbtxt through tritonclient's protobuf; the test skips where tritonclient is missing."""
+    return parse_triton_config(path.read_text())
 
 
 def _tensors(entries):
-    return [(t.name, model_config.DataType.Name(t.data_type), list(t.dims)) for t in entries]
+    from tritonclient.grpc import model_config_pb2
+
+    return [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in entries]
 
 
 def _repository(run_cli, tmp_path, *flags):
