@@ -90,13 +90,15 @@ class Artifact:
         triton_repo: str | os.PathLike[str] | None = None,
         triton_model_name: str = "attention",
         triton_max_batch: int = 8,
+        triton_backend: str = "onnxruntime",
         report: bool = False,
         force: bool = False,
         claimed: list[Output] | None = None,
     ) -> dict[str, Any]:
         """Write ``out`` (model.onnx, its data, model.engine, manifest.json, with ``report``
-        report.html) and, with ``triton_repo``, the Triton model ``triton_repo/triton_model_name``;
-        ``force`` replaces folders this tool wrote. ``claimed``: the outputs, already claimed
+        report.html) and, with ``triton_repo``, the Triton model ``triton_repo/triton_model_name``
+        for ``triton_backend`` (onnxruntime, or python: model.onnx run by model.py); ``force``
+        replaces folders this tool wrote. ``claimed``: the outputs, already claimed
         (artifacts.output_folders.claim_outputs). Returns the manifest as written."""
         outputs = claimed or claim_outputs(
             out, force=force, triton_repo=triton_repo, triton_model_name=triton_model_name
@@ -104,7 +106,7 @@ class Artifact:
         manifest = {**self.manifest, "files": dict(self.manifest["files"])}
         triton = None
         if triton_repo is not None:
-            triton = self._triton(triton_model_name, triton_max_batch)
+            triton = self._triton(triton_model_name, triton_max_batch, triton_backend)
             manifest["triton"] = {**triton[1], "repo": os.fspath(triton_repo)}
         with staged(*outputs) as stagings:
             for name in self.manifest["files"]:
@@ -113,12 +115,24 @@ class Artifact:
                 self._report(stagings[0], manifest)
             write_manifest(stagings[0], manifest)
             if triton is not None:
-                _triton_model(stagings[1], triton[0], stagings[0], list(self.manifest["files"]))
+                names, python = list(self.manifest["files"]), triton_backend == "python"
+                _triton_model(stagings[1], triton[0], stagings[0], names, python)
         return manifest
 
-    def _triton(self, name: str, max_batch: int) -> tuple[str, dict[str, Any]]:
-        from artifacts.triton import triton_config
+    def _triton(self, name: str, max_batch: int, backend: str) -> tuple[str, dict[str, Any]]:
+        from artifacts.triton import BACKENDS, triton_config
 
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"triton_backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
+        if backend == "python":
+            if self._engine is not None:
+                raise NoEngine(
+                    "--triton-backend python serves model.onnx through ONNX Runtime; --target "
+                    "tensorrt serves model.engine: use --triton-backend onnxruntime or another target"
+                )
+            return triton_config(self.model, name, max_batch, "python")
         if self._engine is None:
             return triton_config(self.model, name, max_batch, "onnxruntime_onnx")
         if self.no_engine is not None:
@@ -144,11 +158,14 @@ def _copy(source: Path, target: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _triton_model(folder: Path, config: str, staging: Path, names: list[str]) -> None:
-    """config.pbtxt and version 1 of the Triton model, copied from the output folder's files."""
+def _triton_model(folder: Path, config: str, staging: Path, names: list[str], python: bool) -> None:
+    """config.pbtxt and version 1 of the Triton model, copied from the output folder's files; for
+    the python backend with model.py beside model.onnx."""
     write_file(folder / "config.pbtxt", config.encode())
     (folder / "1").mkdir()
     engine = "model.engine" in names
     served = {"model.plan": "model.engine"} if engine else {n: n for n in names}
     for name, source in served.items():
         _copy(staging / source, folder / "1" / name)
+    if python:
+        _copy(Path(__file__).with_name("triton_python_model.py"), folder / "1" / "model.py")

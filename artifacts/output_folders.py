@@ -95,7 +95,7 @@ def _ours_triton(folder: Path) -> str | None:
         foreign += [
             f"1/{p.name}"
             for p in version.iterdir()
-            if p.name not in ("model.onnx", "model.onnx.data", "model.plan")
+            if p.name not in ("model.onnx", "model.onnx.data", "model.plan", "model.py")
             or not p.is_file()
             or p.is_symlink()
         ]

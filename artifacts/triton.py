@@ -10,7 +10,10 @@ import onnx
 from artifacts.output_folders import TRITON_MARKER
 from graphs.dtypes import BY_ONNX
 
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # version 1 holds model.onnx or model.plan
+# version 1 holds model.onnx, model.plan, or model.onnx beside model.py (python: Triton's python
+# backend runs artifacts/triton_python_model.py, which runs model.onnx on ONNX Runtime)
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
+BACKENDS = ("onnxruntime", "python")  # compile.py --triton-backend
 
 
 def _tensors(values: Any, skip: set[str]) -> list[tuple[str, str, list[int | str]]]:
@@ -50,7 +53,7 @@ def triton_config(
     lines = [
         TRITON_MARKER,
         f'name: "{name}"',
-        f'platform: "{platform}"',
+        f'backend: "{platform}"' if platform == "python" else f'platform: "{platform}"',
         f"max_batch_size: {max_batch_size if batching else 0}",
         "input [\n" + ",\n".join(entry(t) for t in inputs) + "\n]",
         "output [\n" + ",\n".join(entry(t) for t in outputs) + "\n]",

@@ -34,6 +34,7 @@ from artifacts.output_folders import claim_outputs as claim_output_folders
 from artifacts.pipeline import CheckFailed, NoEngine, Settings, UnloadableModel
 from artifacts.pipeline import compile as compile_artifact
 from artifacts.resources import MemoryBoundError
+from artifacts.triton import BACKENDS
 from compiler import PRECISIONS, TARGETS, TargetError
 from graphs import SpecError, WeightsError
 from graphs.onnx_files import IngestError
@@ -139,6 +140,10 @@ def _add_output_flags(out: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="replace an existing, non-empty --out (and --triton-repo) folder",
     )
+    _add_triton_flags(out)
+
+
+def _add_triton_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--triton-repo",
         default=None,
@@ -147,6 +152,15 @@ def _add_output_flags(out: argparse._ArgumentGroup) -> None:
     )
     out.add_argument(
         "--triton-model-name", default="attention", help="NAME of the model in --triton-repo"
+    )
+    out.add_argument(
+        "--triton-backend",
+        choices=BACKENDS,
+        default="onnxruntime",
+        help="onnxruntime: Triton's onnxruntime backend runs model.onnx (platform onnxruntime_onnx); "
+        "python: its python backend runs model.py, which runs model.onnx with ONNX Runtime and "
+        "this project's input checks (for a server without the onnxruntime backend, such as "
+        "PyTriton's)",
     )
     out.add_argument(
         "--triton-max-batch",
@@ -285,6 +299,13 @@ def _bound_problem(args: argparse.Namespace) -> str | None:
             "--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
             + (" (not --onnx)" if args.onnx is not None else "")
         )
+    if args.triton_backend != "onnxruntime" and args.triton_repo is None:
+        return "--triton-backend chooses the backend of the --triton-repo model; give --triton-repo"
+    if args.triton_backend == "python" and args.target == "tensorrt":
+        return (
+            "--triton-backend python serves model.onnx through ONNX Runtime, and --target tensorrt "
+            "serves model.engine; use --triton-backend onnxruntime or another target"
+        )
     if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
         return "--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'"
     return None
@@ -366,6 +387,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             triton_repo=args.triton_repo,
             triton_model_name=args.triton_model_name,
             triton_max_batch=args.triton_max_batch,
+            triton_backend=args.triton_backend,
             report=args.report,
             claimed=args.outputs,
         )
