@@ -250,3 +250,21 @@ def test_a_server_killed_mid_test_fails_the_test_with_its_log(served, tmp_path):
         assert time.monotonic() - started < 30
     finally:
         other.stop()
+
+
+def test_the_load_test_checks_every_response(served, tmp_path, capsys):
+    """scripts/triton_load.py against the served model: every request answered and right, and the
+    server's statistics read before and after."""
+    import json
+
+    import triton_load
+
+    server, _ = served
+    onnx_path = server.log.parent / "mha" / "model.onnx"
+    out = tmp_path / "load.json"
+    argv = ["--url", server.http, "--model", "mha", "--onnx", onnx_path, "--json", out]
+    status = triton_load.main([str(a) for a in argv + ["--clients", "3", "--requests", "6"]])
+    result = json.loads(out.read_text())
+    assert status == 0 and result["answered"] == 18 and result["lost"] == result["wrong"] == 0
+    assert result["server_requests"] == 18 and result["server_executions"] <= 18
+    assert result["p99_ms"] >= result["p50_ms"] > 0
