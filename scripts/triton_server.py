@@ -90,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton_server.py: error: {exc}", file=sys.stderr)
         return 1
     server = subprocess.Popen(command, env=env)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        server.send_signal(signal.SIGINT)
-        return server.wait()
+
+    def stop(
+        signum: int, frame: object
+    ) -> None:  # the server ends with this script, never after it
+        server.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    return server.wait()
 
 
 if __name__ == "__main__":

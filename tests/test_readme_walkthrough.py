@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from conftest import ROOT, parse_triton_config
 from safetensors.torch import load_file
@@ -94,3 +95,44 @@ def test_from_python_runs_as_written(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["check"]["passed"] and manifest["target"] == "ort-cpu"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.html"]
+
+
+def test_the_serving_commands_run_as_written(tmp_path):
+    """The README's PyTriton serving block in bash, its folder and ports moved to free ones; the
+    server is stopped by the block itself, or by the test whatever happens."""
+    import signal
+    import socket
+
+    pytest.importorskip("tritonclient.http", reason="needs tritonclient (pip install -e '.[test]')")
+    pytest.importorskip("pytriton", reason="needs nvidia-pytriton (pip install -e '.[test]')")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- serving:begin -->\n```bash\n(.*?)```", readme, flags=re.S).group(1)
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [str(s.getsockname()[1]) for s in sockets]
+    for s in sockets:
+        s.close()
+    for default, port in zip(("8000", "8001", "8002"), ports):
+        block = block.replace(default, port)
+    block = block.replace("/tmp/serve", str(tmp_path / "serve"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.Popen(
+        ["bash", "-c", block],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = run.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert run.returncode == 0, err[-2000:]
+    summary, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "clients"') :])
+    assert summary["answered"] == 1600 and summary["lost"] == summary["wrong"] == 0
