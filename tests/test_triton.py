@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import parse_triton_config
 
 
@@ -122,3 +123,51 @@ def test_a_repository_keeps_its_other_models_and_force_replaces_only_ours(tmp_pa
     assert (repo / "other" / "config.pbtxt").read_text() == 'name: "other"\n' and not (
         tmp_path / "c"
     ).exists()
+
+
+def test_the_python_backend_repository_has_the_same_signature_and_model_py(run_cli, tmp_path):
+    flags = "--embed-dim 16 --num-heads 2 --batch-first --self-attention".split()
+    flags += "--key-padding-mask bool --triton-backend python".split()
+    _, config = _repository(run_cli, tmp_path, *flags)
+    assert (config.backend, config.platform, config.max_batch_size) == ("python", "", 8)
+    assert config.HasField("dynamic_batching")
+    assert _tensors(config.input) == [
+        ("query", "TYPE_FP32", [-1, 16]),
+        ("key_padding_mask", "TYPE_BOOL", [-1]),
+    ]
+    version = tmp_path / "repo" / "attention" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
+    assert (version / "model.onnx").read_bytes() == (tmp_path / "out" / "model.onnx").read_bytes()
+    assert "class TritonPythonModel" in (version / "model.py").read_text()
+    again = run_cli(
+        "compile.py",
+        *flags,
+        "--out",
+        tmp_path / "out",
+        "--triton-repo",
+        tmp_path / "repo",
+        "--force",
+    )
+    assert again.returncode == 0, again.stderr  # --force knows the folder, model.py and all
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--triton-backend python", "--triton-backend chooses the backend of the --triton-repo"),
+        (
+            "--triton-backend python --triton-repo R --target tensorrt",
+            "--triton-backend python serves model.onnx through ONNX Runtime",
+        ),
+    ],
+)
+def test_triton_backend_flags_that_cannot_apply_are_refused(run_cli, tmp_path, flags, message):
+    result = run_cli(
+        "compile.py",
+        *"--embed-dim 16 --num-heads 2".split(),
+        *flags.split(),
+        "--out",
+        tmp_path / "o",
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "o").exists()
