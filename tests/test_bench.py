@@ -44,15 +44,19 @@ def _check_rows(report, backends, points):
     for point in points:
         here = {r["backend"]: r for r in rows if (r["batch"], r["length"]) == point}
         assert set(here) == backends
-        eager, exporter = here["torch eager"], here["exporter graph"]
-        assert eager["ratio_to_eager"] == 1.0 and exporter["ratio_to_exporter"] == 1.0
+        eager, exporter = here["torch eager"], here.get("exporter graph")
+        assert eager["ratio_to_eager"] == 1.0
+        assert exporter is None or exporter["ratio_to_exporter"] == 1.0
         for r in here.values():
-            for key in POSITIVE:
+            for key in POSITIVE if exporter is not None else set(POSITIVE) - {"ratio_to_exporter"}:
                 assert math.isfinite(r[key]) and r[key] > 0, (key, r)
             assert r["memory_growth_bytes"] >= 0 and r["runs"] >= 5
             assert r["p50_s"] <= r["p90_s"] <= r["p99_s"]
             assert r["ratio_to_eager"] == pytest.approx(r["p50_s"] / eager["p50_s"])
-            assert r["ratio_to_exporter"] == pytest.approx(r["p50_s"] / exporter["p50_s"])
+            if exporter is None:  # not asked for: no ratio to it
+                assert r["ratio_to_exporter"] is None
+            else:
+                assert r["ratio_to_exporter"] == pytest.approx(r["p50_s"] / exporter["p50_s"])
             assert r["tokens_per_s"] == pytest.approx(point[0] * point[1] / r["p50_s"])
             floor = max(
                 r["flops"] / rates["matmul_fp32_flops"],
@@ -175,7 +179,9 @@ def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(tmp_path):
     )
     assert (folder / "model.onnx.data").exists()  # bench.py loads the model with its external data
     out = tmp_path / "bench.json"
-    assert _in_process("bench").main([str(folder), "--quick", "--json", str(out)]) == 0
+    # the exporter's graph is the spec test's to time (its export is most of a quick run)
+    argv = [str(folder), "--quick", "--baselines", "eager", "sdpa", "--json", str(out)]
+    assert _in_process("bench").main(argv) == 0
     report = json.loads(out.read_text())
     assert report["compiled"] == [
         {"target": "onnx-attention", "precision": "fp32", "form": "attention-op"}
@@ -184,7 +190,7 @@ def test_quick_bench_of_a_compiled_folder_uses_its_target_and_weights(tmp_path):
     # the rebuilt torch modules hold the folder's weights: outputs agree to float32 rounding
     _check_rows(
         report,
-        {"torch eager", "torch sdpa", "exporter graph", "onnx-attention graph"},
+        {"torch eager", "torch sdpa", "onnx-attention graph"},
         {(b, n) for b in (1, 2) for n in (32, 64)},
     )
 
