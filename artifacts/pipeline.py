@@ -149,8 +149,10 @@ def compile(  # noqa: A001  (the library's one verb; the builtin is not used her
 
 
 def _options(settings: Settings, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest's record of a library call: its settings and the options it passed."""
-    return {**vars(settings), **given, "latency_shape": settings.latency_shape}
+    """The manifest's record of a library call: its settings and the options it passed (paths as
+    text, so that the manifest is JSON)."""
+    options = {**vars(settings), **given, "latency_shape": settings.latency_shape}
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
 
 
 def _spec_and_weights(

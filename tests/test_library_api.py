@@ -118,7 +118,9 @@ def test_save_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     from artifacts.output_folders import OutputRefused
 
-    with artifacts.compile(AttentionSpec(16, 2), check=False) as artifact:
+    with artifacts.compile(AttentionSpec(16, 2), check=False, engine_cache=tmp_path) as artifact:
         with pytest.raises(OutputRefused, match="not written by compile.py"):
             artifact.save(tmp_path / "mine", force=True)
+        written = artifact.save(tmp_path / "ours")  # a path among the options: JSON all the same
+    assert written["options"]["engine_cache"] == str(tmp_path)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
