@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
-from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session, random_inputs
+from runtime.check import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    compare_cases,
+    random_inputs,
+    reference_cases,
+)
 from runtime.ort import OrtSession
 from runtime.reference import mha_reference
 
@@ -109,17 +115,11 @@ def test_every_cpu_target_equals_numpy_and_torch(precision, spec, shape, mask_ra
     scale = term_scale(
         spec, weights, random_inputs(spec, shape, np.random.default_rng(seed), mask_rate)
     )
+    # the references' outputs once for all targets: the same inputs, the same float64 results
+    cases = reference_cases(spec, weights, shapes=[shape], seed=seed, mask_rate=mask_rate)
     for target in CPU_TARGETS:
         session = OrtSession(compile_model(canonical, target, precision))
-        report = check_session(
-            session,
-            spec,
-            weights,
-            shapes=[shape],
-            seed=seed,
-            tolerance=tolerance,
-            mask_rate=mask_rate,
-        )
+        report = compare_cases(session, spec, cases, tolerance)
         assert {c.reference for c in report.comparisons} == {"numpy", "torch"}
         if precision == "fp32":
             assert report.passed, f"{target} {spec}\n{report.table()}"
