@@ -560,3 +560,20 @@ def test_the_attention_op_keeps_one_op_where_blocks_cannot_serve():
     assert [n.op_type for n in model.graph.node if n.op_type in ("Loop", "Attention")] == [
         "Attention"
     ]
+
+
+def test_the_cuda_causal_script_writes_graphs_whose_causal_forms_agree(tmp_path):
+    """scripts/cuda_causal.py times its graphs on a GPU only; what it writes is checked here, on ONNX
+    Runtime CPU: the unidirectional flag and the causal bias give the same output, and unmasked
+    attention does not (so the comparison it prints can fail)."""
+    import cuda_causal
+
+    cuda_causal.write(str(tmp_path))
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, 37, cuda_causal.E), dtype=np.float32) for n in "qkv"}
+    out = {
+        form: OrtSession(tmp_path / f"{form}.onnx").run(feeds)["y"]
+        for form in cuda_causal.FORMS.values()
+    }
+    np.testing.assert_allclose(out["unidirectional"], out["bias"], rtol=1e-6, atol=1e-6)
+    assert np.abs(out["flash"] - out["bias"]).max() > 1e-2
