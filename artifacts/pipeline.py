@@ -376,7 +376,7 @@ def _loaded(path: Path, plan: Plan) -> Session:
 @contextlib.contextmanager
 def _working_folder(workdir: str | os.PathLike[str] | None) -> Iterator[Path]:
     """A private folder for the artifact's files, removed if compiling fails or is stopped."""
-    folder = Path(tempfile.mkdtemp(prefix="attention-compiler-", dir=workdir))
+    folder = Path(tempfile.mkdtemp(prefix="attention-compiler-", dir=workdir or None))
     try:
         yield folder
     except BaseException:

@@ -166,11 +166,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--url {args.url} is not on loopback; this load test talks to this machine only")
     if not Path(args.onnx).is_file():
         p.error(f"--onnx {args.onnx} is not a file")
+    if args.json is not None:  # checked now, not after the load
+        from artifacts.output_folders import OutputRefused, check_output_file
+
+        try:
+            check_output_file(args.json, "--json")
+        except OutputRefused as exc:
+            p.error(str(exc))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        statistics(args.url, args.model)
+    except Exception as exc:  # noqa: BLE001 -- refused connection, unknown model: one line either way
+        print(
+            f"triton_load.py: error: no model {args.model!r} answers at {args.url} "
+            f"({str(exc).splitlines()[0][:200]}); start the server first (scripts/triton_server.py)",
+            file=sys.stderr,
+        )
+        return 2
     result = run(args)
     print(json.dumps(result, indent=2))
     if args.json:

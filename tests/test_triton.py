@@ -171,3 +171,27 @@ def test_triton_backend_flags_that_cannot_apply_are_refused(run_cli, tmp_path, f
     )
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_load_test_refuses_in_one_line_without_a_server_or_with_a_folder_for_json(
+    tmp_path, capsys
+):
+    import socket
+
+    import triton_load
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"")  # only its presence is checked before the server is asked
+    with pytest.raises(SystemExit) as exit_:
+        triton_load.main(["--model", "m", "--onnx", str(onnx_path), "--json", str(tmp_path)])
+    assert (
+        exit_.value.code == 2 and "is a folder or a device, not a file" in capsys.readouterr().err
+    )
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    status = triton_load.main(
+        ["--url", f"127.0.0.1:{port}", "--model", "m", "--onnx", str(onnx_path)]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "no model 'm' answers at" in err
