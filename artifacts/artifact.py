@@ -58,9 +58,10 @@ class Artifact:
         folder: Path,
         before: onnx.ModelProto,
         engine: Any = None,
+        max_batch: int | None = None,
     ) -> None:
         self.model, self.manifest, self.folder, self.before = model, manifest, folder, before
-        self._engine = engine
+        self._engine, self._max_batch = engine, max_batch
         self._cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
 
     @property
@@ -120,29 +121,29 @@ class Artifact:
         return manifest
 
     def _triton(self, name: str, max_batch: int, backend: str) -> tuple[str, dict[str, Any]]:
-        from artifacts.triton import BACKENDS, triton_config
+        from artifacts.triton import BACKENDS, TritonConfigError, triton_config
 
         if backend not in BACKENDS:
-            raise ValueError(
+            raise TritonConfigError(
                 f"triton_backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
             )
+        largest = None if self._max_batch is None else (self._max_batch, "--max-batch")
         if backend == "python":
             if self._engine is not None:
                 raise NoEngine(
                     "--triton-backend python serves model.onnx through ONNX Runtime; --target "
                     "tensorrt serves model.engine: use --triton-backend onnxruntime or another target"
                 )
-            return triton_config(self.model, name, max_batch, "python")
+            return triton_config(self.model, name, max_batch, "python", largest)
         if self._engine is None:
-            return triton_config(self.model, name, max_batch, "onnxruntime_onnx")
+            return triton_config(self.model, name, max_batch, "onnxruntime_onnx", largest)
         if self.no_engine is not None:
             raise NoEngine(
                 "--triton-repo with --target tensorrt serves model.engine, which cannot be built "
                 f"here: {self.no_engine}; nothing was written"
             )
-        return triton_config(
-            self.model, name, min(max_batch, self._engine.max_batch), "tensorrt_plan"
-        )
+        largest = (self._engine.max_batch, "the engine's profile, --max-batch")
+        return triton_config(self.model, name, max_batch, "tensorrt_plan", largest)
 
     def _report(self, staging: Path, manifest: dict[str, Any]) -> None:
         from artifacts.report import render_report

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -93,14 +94,25 @@ def _ours_triton(folder: Path) -> str | None:
     version = folder / "1"
     if version.is_dir() and not version.is_symlink():
         foreign += [
-            f"1/{p.name}"
-            for p in version.iterdir()
-            if p.name not in ("model.onnx", "model.onnx.data", "model.plan", "model.py")
-            or not p.is_file()
-            or p.is_symlink()
+            f"1/{p.name}" for p in version.iterdir() if not (_served_file(p) or _model_bytecode(p))
         ]
     return (
         f"it holds {_names(sorted(foreign))}, which compile.py did not write" if foreign else None
+    )
+
+
+def _served_file(path: Path) -> bool:
+    names = ("model.onnx", "model.onnx.data", "model.plan", "model.py")
+    return path.name in names and path.is_file() and not path.is_symlink()
+
+
+def _model_bytecode(path: Path) -> bool:
+    """The __pycache__ Python writes beside model.py when Triton's python backend imports it."""
+    if path.name != "__pycache__" or path.is_symlink() or not path.is_dir():
+        return False
+    return all(
+        re.fullmatch(r"model\.[\w-]+\.pyc", p.name) and p.is_file() and not p.is_symlink()
+        for p in path.iterdir()
     )
 
 
@@ -166,6 +178,17 @@ def _name_problem(path: str) -> str | None:
             "a file system allows"
         )
     return None
+
+
+def check_model_name(name: object) -> None:
+    """OutputRefused unless ``name`` is one path component Triton serves: letters, digits, '_', '-'
+    and '.', not starting with '.' (so never '.' or '..', nor a hidden folder Triton skips)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}", name):
+        shown = show(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+        raise OutputRefused(
+            f"--triton-model-name {shown} is not a model name Triton serves; expected one folder "
+            "name of letters, digits, '_', '-' and '.', not starting with '.', at most 200 characters"
+        )
 
 
 def check_path_text(path: str, flag: str) -> None:
@@ -263,6 +286,7 @@ def claim_outputs(
     ``inputs`` (flag: path), or (with ``force``) a folder this tool did not write."""
     outputs = [claim(out, force=force, flag="--out")]
     if triton_repo is not None:
+        check_model_name(triton_model_name)
         triton_repo = os.fspath(triton_repo)
         check_path_text(triton_repo, "--triton-repo")
         repo = Path(os.path.realpath(triton_repo))

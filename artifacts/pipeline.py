@@ -411,7 +411,7 @@ def _finish(
         manifest["latency"] = None
         if settings.latency:
             manifest["latency"] = _timed(plan, session, progress)
-        return Artifact(plan.model, manifest, folder, plan.before, engine)
+        return Artifact(plan.model, manifest, folder, plan.before, engine, settings.max_batch)
 
 
 def _timed(plan: Plan, session: Session, progress: Progress) -> dict[str, Any]:

@@ -167,12 +167,12 @@ _UNITS = {
 
 
 def parse_size(text: str) -> int:
-    """``16GiB``, ``512MB``, ``2e9``: a positive number of bytes."""
+    """``16GiB``, ``512MB``, ``2e9``: a positive, finite number of bytes."""
     match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if match and match.group(2) in _UNITS:
         try:
             size = int(float(match.group(1)) * _UNITS[match.group(2)])
-        except ValueError:
+        except (ValueError, OverflowError):  # '1.2.3'; '1e400' is infinite
             size = 0
         if size > 0:
             return size

@@ -24,6 +24,12 @@ ELEMENT_TYPES = (
     ElementType(onnx.TensorProto.BOOL, np.dtype(np.bool_), "tensor(bool)", "TYPE_BOOL"),
     ElementType(onnx.TensorProto.INT32, np.dtype(np.int32), "tensor(int32)", "TYPE_INT32"),
     ElementType(onnx.TensorProto.INT64, np.dtype(np.int64), "tensor(int64)", "TYPE_INT64"),
+    ElementType(onnx.TensorProto.INT8, np.dtype(np.int8), "tensor(int8)", "TYPE_INT8"),
+    ElementType(onnx.TensorProto.INT16, np.dtype(np.int16), "tensor(int16)", "TYPE_INT16"),
+    ElementType(onnx.TensorProto.UINT8, np.dtype(np.uint8), "tensor(uint8)", "TYPE_UINT8"),
+    ElementType(onnx.TensorProto.UINT16, np.dtype(np.uint16), "tensor(uint16)", "TYPE_UINT16"),
+    ElementType(onnx.TensorProto.UINT32, np.dtype(np.uint32), "tensor(uint32)", "TYPE_UINT32"),
+    ElementType(onnx.TensorProto.UINT64, np.dtype(np.uint64), "tensor(uint64)", "TYPE_UINT64"),
 )
 BY_ONNX = {t.onnx: t for t in ELEMENT_TYPES}
 BY_ORT = {t.ort: t for t in ELEMENT_TYPES}

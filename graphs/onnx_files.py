@@ -32,9 +32,13 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     for tensor in _tensors(model.graph):
         if uses_external_data(tensor):
             _check_external(path, folder, tensor)
+    _check_declarations(path, model.graph)
     try:  # from the file: in memory with its external data, a model past 2 GB is too large for the checker
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # ValidationError, or what the checker meets while describing damage (UnicodeDecodeError)
+        # full_check: the types each op takes, as the compiled graph is checked before it is written
+        onnx.checker.check_model(str(path), full_check=True)
+    except (
+        Exception
+    ) as exc:  # ValidationError, InferenceError, or what the checker meets while describing damage
         raise IngestError(f"'{path}' is not a valid ONNX model: {first_line(exc)[:200]}") from exc
     load_external_data_for_model(model, str(folder))
     try:  # what the passes will read it as; onnx.checker lets some damage through (names that are not UTF-8)
@@ -52,6 +56,25 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
             f"'{path}' has no inputs: it computes a constant, so there is nothing to compile or check"
         )
     return model
+
+
+def _check_declarations(path: Path, graph: onnx.GraphProto) -> None:
+    """IngestError for what the checker lets through and the passes cannot take: a negative size in
+    an input's or output's declared shape, a sparse initializer (onnx_ir reads none)."""
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    raise IngestError(
+                        f"{kind} {value.name[:80]!r} of '{path}' declares size {dim.dim_value} on "
+                        f"axis {axis}; a size is 0 or more, or a name for a dynamic axis"
+                    )
+    if graph.sparse_initializer:
+        names = ", ".join(repr(t.values.name[:80]) for t in graph.sparse_initializer[:3])
+        raise IngestError(
+            f"'{path}' holds sparse initializers ({names}), which this compiler does not read; "
+            "store them dense (onnx.numpy_helper.to_array of each, as an initializer) and compile that"
+        )
 
 
 _SUB_BYTE_BITS = {

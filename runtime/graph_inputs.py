@@ -90,10 +90,12 @@ def graph_inputs(
     feeds = {}
     for spec in inputs:
         dims = tuple(d if isinstance(d, int) else sizes.get(d or "", 3) for d in spec.shape)
+        _check_drawable(spec, dims)
         kind = spec.dtype.kind
         if spec.dtype == np.bool_ or (kind in "fiu" and _looks_like_mask(spec.name)):
-            padded = rng.random(dims) < mask_rate
-            padded[..., :1] = False
+            padded = np.asarray(rng.random(dims) < mask_rate)  # a scalar flag too
+            if padded.ndim:
+                padded[..., :1] = False
             feeds[spec.name] = (
                 padded
                 if spec.dtype == np.bool_
@@ -116,6 +118,19 @@ def graph_inputs(
                 "with --inputs FILE.npz (one array per input name)"
             )
     return feeds
+
+
+def _check_drawable(spec: InputSpec, dims: tuple[int, ...]) -> None:
+    """InputError where the declared shape is more than a drawn input should hold (a fixed size of
+    2^40 asked for terabytes) or has a negative size."""
+    if any(d < 0 for d in dims):
+        raise InputError(f"input {spec.name!r} declares a negative size: {dims}")
+    if int(np.prod(dims, dtype=object)) * max(spec.dtype.itemsize, 1) > INPUTS_LIMIT:
+        raise InputError(
+            f"input {spec.name!r} at shape {dims} would take more than {INPUTS_LIMIT >> 30} GiB, more "
+            "than --check and --latency draw for one input; give real inputs with --inputs FILE.npz, "
+            "or smaller sizes with --latency-shape"
+        )
 
 
 def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import signal
 import sys
 import traceback
@@ -34,7 +33,7 @@ from artifacts.output_folders import claim_outputs as claim_output_folders
 from artifacts.pipeline import CheckFailed, NoEngine, Settings, UnloadableModel
 from artifacts.pipeline import compile as compile_artifact
 from artifacts.resources import MemoryBoundError
-from artifacts.triton import BACKENDS
+from artifacts.triton import BACKENDS, INT32_MAX, TritonConfigError
 from compiler import PRECISIONS, TARGETS, TargetError
 from graphs import SpecError, WeightsError
 from graphs.onnx_files import IngestError
@@ -306,8 +305,8 @@ def _bound_problem(args: argparse.Namespace) -> str | None:
             "--triton-backend python serves model.onnx through ONNX Runtime, and --target tensorrt "
             "serves model.engine; use --triton-backend onnxruntime or another target"
         )
-    if args.triton_max_batch < 0 or not re.fullmatch(r"[A-Za-z0-9_.-]+", args.triton_model_name):
-        return "--triton-max-batch must be at least 0 and --triton-model-name letters, digits, '_', '-' or '.'"
+    if not 0 <= args.triton_max_batch <= INT32_MAX:
+        return f"--triton-max-batch must be from 0 to {INT32_MAX} (Triton's max_batch_size is an int32), got {args.triton_max_batch}"
     return None
 
 
@@ -447,6 +446,7 @@ USER_ERRORS = (
     ProfileError,
     MemoryBoundError,
     OutputRefused,
+    TritonConfigError,
 )
 
 
