@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from artifacts.files import file_records, write_file, write_manifest
-from artifacts.output_folders import Output, claim_outputs, staged
+from artifacts.output_folders import ArtifactError, Output, claim_outputs, staged
 from runtime.check import CheckReport
 
 
@@ -101,6 +101,10 @@ class Artifact:
         for ``triton_backend`` (onnxruntime, or python: model.onnx run by model.py); ``force``
         replaces folders this tool wrote. ``claimed``: the outputs, already claimed
         (artifacts.output_folders.claim_outputs). Returns the manifest as written."""
+        if not self._cleanup.alive:
+            raise ArtifactError(
+                "this artifact was closed, and its files went with it; compile it again to save it"
+            )
         outputs = claimed or claim_outputs(
             out, force=force, triton_repo=triton_repo, triton_model_name=triton_model_name
         )

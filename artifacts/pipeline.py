@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import onnx
 from artifacts.artifact import Artifact, CheckFailed, NoEngine, checked
 from artifacts.files import EXTERNAL_DATA, file_records, needs_external_data, save_model
 from artifacts.manifest import describe_graph, manifest_head
+from artifacts.options import checked_settings, whole_number_problem
 from artifacts.resources import memory_record
 from compiler import attention_form, compile_model, get_target
 from graphs import AttentionSpec, AttentionWeights, build_mha, spec_from_module
@@ -122,10 +124,11 @@ def compile(  # noqa: A001  (the library's one verb; the builtin is not used her
     precision, form, check, latency, ...). ``record`` adds entries to the manifest (the command
     line's options); ``workdir`` holds the artifact's working folder (default: the system's)."""
     fields = set(Settings.__dataclass_fields__)
-    settings = Settings(
-        **{**vars(settings or Settings()), **{k: v for k, v in options.items() if k in fields}}
-    )
+    given = {k: v for k, v in options.items() if k in fields}
+    settings = Settings(**checked_settings({**vars(settings or Settings()), **given}))
     call_options = {k: v for k, v in options.items() if k not in fields}
+    if (problem := whole_number_problem("seed", seed, least=0, most=2**64 - 1)) is not None:
+        raise SpecError(problem)
     progress = progress or Silent()
     get_target(settings.target, settings.precision, settings.form)
     if isinstance(source, (onnx.ModelProto, str, os.PathLike)):
@@ -142,7 +145,8 @@ def compile(  # noqa: A001  (the library's one verb; the builtin is not used her
                 "its own inputs"
             )
         spec, load = _spec_and_weights(source, weights, seed, call_options)
-        plan = _built(spec, load, settings, progress)
+        live = None if isinstance(source, (AttentionSpec, BlockSpec)) else source
+        plan = _built(spec, load, settings, progress, live)
     return _finish(
         plan, settings, dict(record or {"options": _options(settings, options)}), progress, workdir
     )
@@ -174,11 +178,19 @@ def _spec_and_weights(
         raise SpecError(
             f"weights must be {kind.__name__}, a state_dict file or None, got {type(weights).__name__}"
         )
+    torch = sys.modules.get("torch")  # a live module means torch is imported already
     name = type(source).__name__
-    if name == "MultiheadAttention":
+    if torch is not None and isinstance(source, torch.nn.MultiheadAttention):
+        _known_call_options(call_options, AttentionSpec, MODULE_OPTIONS)
         spec = spec_from_module(source, **call_options)
         return spec, lambda: AttentionWeights.from_module(spec, source)
-    if name in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+    layers = (
+        ()
+        if torch is None
+        else (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+    )
+    if isinstance(source, layers):
+        _known_call_options(call_options, BlockSpec, LAYER_OPTIONS)
         spec = block_spec_from_module(source, **call_options)
         return spec, lambda: BlockWeights.from_module(spec, source)
     raise SpecError(
@@ -188,12 +200,41 @@ def _spec_and_weights(
     )
 
 
+# what a live module's own attributes give; the rest of its spec's fields are call options
+MODULE_OPTIONS = {
+    "embed_dim", "num_heads", "dropout", "bias", "add_bias_kv", "add_zero_attn", "kdim", "vdim",
+    "batch_first",
+}  # fmt: skip
+LAYER_OPTIONS = {
+    "block", "embed_dim", "num_heads", "dim_feedforward", "dropout", "activation",
+    "layer_norm_eps", "batch_first", "norm_first", "bias",
+}  # fmt: skip
+
+
+def _known_call_options(given: dict[str, Any], kind: type, from_module: set[str]) -> None:
+    """SpecError for a keyword that is neither a Settings field nor a call option of the module."""
+    calls = [f for f in kind.__dataclass_fields__ if f not in from_module | {"KIND", "OPTIONS"}]
+    for name in given:
+        if name in from_module:
+            raise SpecError(
+                f"{name} is read from the module itself; compile() takes only its call options "
+                f"beside it ({', '.join(calls)}) and the Settings options"
+            )
+        if name not in calls:
+            raise SpecError(
+                f"compile() has no option {name!r}; beside the module it takes its call options "
+                f"({', '.join(calls)}) and the Settings options ({', '.join(Settings.__dataclass_fields__)})"
+            )
+
+
 def _built(
     spec: AttentionSpec | BlockSpec,
     load: Callable[[], AttentionWeights | BlockWeights],
     settings: Settings,
     progress: Progress,
+    live: Any = None,
 ) -> Plan:
+    """``live``: the torch module the spec was read from; torch's side of the check runs it."""
     from runtime import check
 
     shape = _spec_shape(settings.latency_shape) if settings.latency else None
@@ -217,7 +258,7 @@ def _built(
             "outputs": [s.to_json() for s in spec.outputs()],
         },
         checker=lambda session: check.check_session(
-            session, spec, weights, tolerance=settings.tolerance
+            session, spec, weights, tolerance=settings.tolerance, module=live
         ),
         feeds=lambda session: inputs(spec, shape, np.random.default_rng(0)),
         extra={"weights": dict(weights.source), "memory": memory},
@@ -238,7 +279,6 @@ def _ingested(
     settings: Settings,
     progress: Progress,
 ) -> Plan:
-    from runtime.check import check_against_graph
     from runtime.graph_inputs import graph_inputs, index_ranges, onnx_axis_sizes, read_inputs
     from runtime.signature import input_specs
 
@@ -263,13 +303,7 @@ def _ingested(
             "inputs": describe_graph(model.graph.input, model.graph.initializer),
             "outputs": describe_graph(model.graph.output),
         },
-        checker=lambda session: check_against_graph(
-            session,
-            input_session(original, name),
-            tolerance=settings.tolerance,
-            ranges=ranges,
-            inputs=given,
-        ),
+        checker=_graph_checker(original, name, settings.tolerance, ranges, given),
         feeds=feeds,
         source=name,
         extra={
@@ -278,6 +312,28 @@ def _ingested(
                 for f in findings
             ]
         },
+    )
+
+
+def _graph_checker(
+    original: onnx.ModelProto,
+    name: str,
+    tolerance: float,
+    ranges: Mapping[str, int],
+    given: Mapping[str, np.ndarray] | None,
+) -> Callable[[Session], CheckReport]:
+    """The check of a compiled graph against the graph it came from, with the initializers it also
+    lists as inputs fed values of their own."""
+    from runtime.check import check_against_graph
+    from runtime.graph_inputs import overridden_initializers
+
+    return lambda session: check_against_graph(
+        session,
+        input_session(original, name),
+        tolerance=tolerance,
+        ranges=ranges,
+        inputs=given,
+        overrides=overridden_initializers(original),
     )
 
 

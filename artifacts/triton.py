@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 from google.protobuf import text_encoding
 
+from artifacts.options import whole_number_problem
 from artifacts.output_folders import TRITON_MARKER, ArtifactError
 from graphs.dtypes import BY_ONNX
 
@@ -90,11 +91,8 @@ def triton_config(
         raise ValueError(
             f"unknown Triton platform {platform!r}; expected one of {', '.join(PLATFORMS)}"
         )
-    if type(max_batch_size) is not int or not 0 <= max_batch_size <= INT32_MAX:
-        raise TritonConfigError(
-            f"--triton-max-batch must be a whole number from 0 to {INT32_MAX} (Triton's "
-            f"max_batch_size is an int32), got {max_batch_size!r}"
-        )
+    if problem := whole_number_problem("triton_max_batch", max_batch_size, 0, INT32_MAX):
+        raise TritonConfigError(f"{problem} (Triton's max_batch_size is an int32)")
     initializers = {t.name for t in model.graph.initializer}
     inputs = _tensors(model.graph.input, initializers, platform)
     outputs = _tensors(model.graph.output, set(), platform)

@@ -9,8 +9,10 @@ import onnx_ir as ir
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
-    if value is None:
+    """The array behind an initializer or a Constant node's output, else None. An initializer that
+    is also a graph input (``keep_initializers_as_inputs``) is a default a caller may override, so
+    it is no constant: nothing may fold or fuse it as one."""
+    if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
         return value.const_value.numpy()
@@ -20,6 +22,11 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
         if attr is not None:
             return attr.as_tensor().numpy()
     return None
+
+
+def overridable(value: ir.Value | None) -> bool:
+    """An initializer the graph also lists as an input: a default a caller may replace."""
+    return value is not None and value.is_graph_input() and value.const_value is not None
 
 
 def uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:

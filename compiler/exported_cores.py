@@ -14,7 +14,7 @@ import dataclasses
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from compiler._ir import constant, only_use, uniform
+from compiler._ir import constant, only_use, overridable, uniform
 from compiler.attention_core import Core, over_keys, perm_of, producer_of, same_dim
 from compiler.core_patterns import CONTEXT_END, QUERY_KEY_END, same_float_cast, scaling_factor
 from compiler.shape_values import entries, scalar
@@ -294,6 +294,14 @@ def _peeled_scores(
             break
         post *= factor
         nodes.append(mul)
+    if (node := scores.producer()) is not None and (
+        held := [x.name for x in node.inputs if overridable(x)]
+    ):
+        return (
+            f"its {node.op_type} by {held[0]!r} reads an initializer the graph also lists as an "
+            "input (keep_initializers_as_inputs), which a caller may override, so it is no constant "
+            "to fuse; export without keep_initializers_as_inputs to fuse this core"
+        )
     return scores, biases, nodes, post
 
 

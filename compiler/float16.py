@@ -55,7 +55,7 @@ class Float16Pass(ir.passes.InPlacePass):
 
 def _weights_to_float16(graph: ir.Graph) -> None:
     for value in graph.initializers.values():
-        if _is_float(value):
+        if _is_float(value) and not value.is_graph_input():  # an input's type is the caller's
             array = value.const_value.numpy()
             if "key_bias_floor" in value.name:  # a masked key's bias stays finite, as in float32
                 array = np.maximum(array, _FP16_LOWEST)

@@ -173,11 +173,20 @@ class BlockSpec(Spec):
 def block_spec_from_module(layer: Any, **masks: Any) -> BlockSpec:
     """The spec of a live torch.nn.TransformerEncoderLayer or TransformerDecoderLayer, plus the
     mask inputs (``key_padding_mask="bool"``, ``is_causal=True``...) to compile it with."""
-    kind = type(layer).__name__
-    if kind not in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+    import torch
+
+    if not isinstance(layer, (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)):
         raise SpecError(
-            f"expected a TransformerEncoderLayer or TransformerDecoderLayer, got {kind}"
+            f"expected a TransformerEncoderLayer or TransformerDecoderLayer, got {type(layer).__name__}"
         )
+    kind = (
+        "TransformerEncoderLayer"
+        if isinstance(layer, torch.nn.TransformerEncoderLayer)
+        else "TransformerDecoderLayer"
+    )
+    from graphs.live_modules import check_block_parts
+
+    check_block_parts(layer)
     activation = layer.activation  # F.relu or F.gelu, or a module: nn.ReLU(), nn.GELU()
     name = getattr(activation, "__name__", None) or type(activation).__name__.lower()
     if name not in ACTIVATIONS or getattr(activation, "approximate", "none") != "none":
@@ -191,7 +200,7 @@ def block_spec_from_module(layer: Any, **masks: Any) -> BlockSpec:
         embed_dim=attention.embed_dim,
         num_heads=attention.num_heads,
         dim_feedforward=layer.linear1.out_features,
-        dropout=float(layer.dropout.p),
+        dropout=float(getattr(layer.dropout, "p", 0.0)),  # recorded, never applied
         activation=name,
         layer_norm_eps=float(layer.norm1.eps),
         batch_first=bool(attention.batch_first),

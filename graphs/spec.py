@@ -259,6 +259,9 @@ def _validate_cache(spec: AttentionSpec) -> None:
 
 def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:
     """The spec of a live torch.nn.MultiheadAttention, plus the call options to compile it with."""
+    from graphs.live_modules import check_attention_module
+
+    check_attention_module(module)
     return AttentionSpec(
         embed_dim=module.embed_dim,
         num_heads=module.num_heads,

@@ -168,12 +168,20 @@ def check_session(
     tolerance: float = FP32_TOLERANCE,
     use_torch: bool = True,
     mask_rate: float = 0.2,
+    module: Any = None,
 ) -> CheckReport:
     """``session`` against the float64 NumPy reference and torch at each shape, on random inputs:
     bare attention (an AttentionSpec) or an encoder or decoder block (a BlockSpec), with or
-    without a KV cache."""
+    without a KV cache. ``module``: the user's own torch module, which torch's side then runs (a
+    float64 copy in eval mode) instead of one built from the spec."""
     cases = reference_cases(
-        spec, weights, shapes=shapes, seed=seed, use_torch=use_torch, mask_rate=mask_rate
+        spec,
+        weights,
+        shapes=shapes,
+        seed=seed,
+        use_torch=use_torch,
+        mask_rate=mask_rate,
+        module=module,
     )
     return compare_cases(session, spec, cases, tolerance)
 
@@ -198,12 +206,13 @@ def reference_cases(
     seed: int = 0,
     use_torch: bool = True,
     mask_rate: float = 0.2,
+    module: Any = None,
 ) -> list[ReferenceCase]:
     """Random inputs at each shape for an attention or block spec (a KV cache filled as a prefill
     of random tokens leaves it), and what the float64 NumPy reference and torch compute from them."""
     rng = np.random.default_rng(seed)
     skipped: dict[str, str] = {}
-    module = _torch_module(spec, weights, skipped) if use_torch else None
+    module = _torch_module(spec, weights, skipped, module) if use_torch else None
     block = not isinstance(spec, AttentionSpec)
     cases = []
     for shape in shapes:
@@ -322,7 +331,13 @@ def _torch_cached(
     }
 
 
-def _torch_module(spec: Any, weights: Any, skipped: dict[str, str]) -> Any:
+def _torch_module(spec: Any, weights: Any, skipped: dict[str, str], own: Any = None) -> Any:
+    if own is not None:
+        import copy
+
+        import torch
+
+        return copy.deepcopy(own).to(torch.float64).eval()
     try:
         if isinstance(spec, AttentionSpec):
             from runtime.torch_reference import torch_module
@@ -454,11 +469,13 @@ def check_against_graph(
     seed: int = 0,
     ranges: Mapping[str, int] | None = None,
     inputs: Mapping[str, np.ndarray] | None = None,
+    overrides: Mapping[str, np.ndarray] | None = None,
 ) -> CheckReport:
     """A compiled graph against the graph it came from: on ``inputs`` where given, else on random
-    inputs (runtime/graph_inputs.py; token ids within ``ranges``) at two sizes of every symbolic axis.
-    Entries the original leaves NaN (torch's fully masked rows) are not compared; outputs that are
-    not floats must be equal."""
+    inputs (runtime/graph_inputs.py; token ids within ``ranges``) at two sizes of every symbolic axis,
+    with ``overrides`` fed to the initializers the graph also lists as inputs (a graph that baked
+    one in differs). Entries the original leaves NaN (torch's fully masked rows) are not compared;
+    outputs that are not floats must be equal."""
     from runtime.graph_inputs import graph_inputs
 
     report = CheckReport(tolerance)
@@ -477,8 +494,11 @@ def check_against_graph(
             for size in (5, 11)
         ]
     )
+    takes = {s.name for s in session.inputs + session.overridable}
     for feeds in feed_sets:
-        want, got = _run_original(original, feeds), session.run(feeds)
+        feeds = {**feeds, **(overrides or {})}
+        want = _run_original(original, feeds)
+        got = session.run({n: v for n, v in feeds.items() if n in takes})
         shape = tuple(feeds[original.inputs[0].name].shape)
         for name, expected in want.items():
             report.comparisons.append(_against_graph(shape, name, got[name], expected))

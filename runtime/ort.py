@@ -84,6 +84,7 @@ class OrtSession(Session):
             else onnx.load(os.fspath(model), load_external_data=False)
         )
         self._inputs = input_specs(proto)
+        self._optional = input_specs(proto, overridable=True)
         self._maxima = declared_maxima(proto) if maxima else {}
         source = (
             proto.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)

@@ -25,6 +25,9 @@ class Session(abc.ABC):
     A backend sets ``_inputs`` (the graph's declared inputs) and ``_outputs`` (its output names)."""
 
     _inputs: list[InputSpec]
+    _optional: list[
+        InputSpec
+    ] = []  # initializers a feed may override (keep_initializers_as_inputs)
     _outputs: list[str]
     _maxima: dict[
         str, int
@@ -33,6 +36,11 @@ class Session(abc.ABC):
     @property
     def inputs(self) -> list[InputSpec]:
         return self._inputs
+
+    @property
+    def overridable(self) -> list[InputSpec]:
+        """Inputs a feed may give beside ``inputs``: initializers the graph also lists as inputs."""
+        return list(self._optional)
 
     @property
     def output_names(self) -> list[str]:
@@ -54,7 +62,7 @@ class Session(abc.ABC):
         return {name: torch.from_numpy(out).to(device) for name, out in self._run(arrays).items()}
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        sizes = check_inputs(self.inputs, feeds, self._maxima)
+        sizes = check_inputs(self.inputs, feeds, self._maxima, self._optional)
         kinds = {is_torch(v) for v in feeds.values()}
         if kinds == {True}:
             if len({str(v.device) for v in feeds.values()}) > 1:

@@ -36,11 +36,13 @@ class InputSpec:
     onnx_type: str = ""
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+def input_specs(model: onnx.ModelProto, overridable: bool = False) -> list[InputSpec]:
+    """The graph's inputs a caller must give; with ``overridable``, instead those it may give: the
+    initializers also listed as inputs (``keep_initializers_as_inputs``), defaults a feed replaces."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
-        if vi.name in initializers:
+        if (vi.name in initializers) != overridable:
             continue
         tensor = vi.type.tensor_type
         dims = tuple(
@@ -96,14 +98,24 @@ def declared_maxima(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def check_inputs(
-    specs: Sequence[InputSpec], feeds: Mapping[str, object], maxima: Mapping[str, int] | None = None
+    specs: Sequence[InputSpec],
+    feeds: Mapping[str, object],
+    maxima: Mapping[str, int] | None = None,
+    optional: Sequence[InputSpec] = (),
 ) -> dict[str, int]:
     """Raise InputError for the first input that does not fit (with ``maxima``, also one past the
-    declared largest batch or length); return the size of every symbolic axis."""
+    declared largest batch or length; ``optional``: inputs that may be given, overriding an
+    initializer); return the size of every symbolic axis."""
     names = [s.name for s in specs]
     for name in feeds:
-        if name not in names:
+        if name not in names and name not in {s.name for s in optional}:
             raise InputError(f"unexpected input {name!r}; this graph takes {', '.join(names)}")
+    for spec in optional:
+        if spec.name in feeds:
+            for axis, (want, got) in enumerate(
+                zip(spec.shape, _checked_type(spec, feeds[spec.name]))
+            ):
+                _checked_axis(spec, axis, want, got)
     bound: dict[str, tuple[int, str]] = {}  # axis name: its size, and the input that first gave it
     deferred: list[
         tuple[InputSpec, int, str, int]

@@ -28,6 +28,7 @@ from spec_flags import (
 )
 
 from artifacts.files import EXTERNAL_DATA
+from artifacts.options import whole_number_problem
 from artifacts.output_folders import ArtifactError, Output, OutputRefused
 from artifacts.output_folders import claim_outputs as claim_output_folders
 from artifacts.pipeline import CheckFailed, NoEngine, Settings, UnloadableModel
@@ -291,8 +292,11 @@ def _engine_problem(args: argparse.Namespace) -> str | None:
 def _bound_problem(args: argparse.Namespace) -> str | None:
     """Why the maximum shape, memory limit or Triton flags are out of range, or None."""
     for flag in ("max_batch", "max_len"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+        value = getattr(args, flag)
+        if value is not None and (
+            problem := whole_number_problem(f"--{flag.replace('_', '-')}", value)
+        ):
+            return problem
     if args.memory_limit is not None and (args.onnx is not None or not _bounded(args)):
         return (
             "--memory-limit bounds a graph built from a spec at its maximum shape: give --max-batch and/or --max-len"
@@ -305,9 +309,7 @@ def _bound_problem(args: argparse.Namespace) -> str | None:
             "--triton-backend python serves model.onnx through ONNX Runtime, and --target tensorrt "
             "serves model.engine; use --triton-backend onnxruntime or another target"
         )
-    if not 0 <= args.triton_max_batch <= INT32_MAX:
-        return f"--triton-max-batch must be from 0 to {INT32_MAX} (Triton's max_batch_size is an int32), got {args.triton_max_batch}"
-    return None
+    return whole_number_problem("--triton-max-batch", args.triton_max_batch, 0, INT32_MAX)
 
 
 def _source_problem(args: argparse.Namespace, groups: list[argparse._ArgumentGroup]) -> str | None:

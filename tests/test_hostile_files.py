@@ -527,3 +527,46 @@ def test_a_compiled_graph_onnx_runtime_refuses_is_never_written(tmp_path, capsys
     err = capsys.readouterr().err
     assert "the compiled model does not load in ONNX Runtime" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def _overridable_scale_core(path):
+    """The core with its ``scale`` initializer also listed as a graph input, as
+    ``keep_initializers_as_inputs=True`` exports every weight."""
+    model = onnx.load(_core(path))
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    onnx.save(model, path)
+    return model
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx-attention", "ort-cpu", "tensorrt"])
+def test_an_initializer_that_is_also_an_input_is_never_baked_in(tmp_path, capsys, target):
+    """Fused with the scale as a constant, the compiled graph still listed 'scale' as an input but
+    ignored what was fed (0.28 off at scale 0.1), and --check passed: it never fed it."""
+    import onnxruntime as ort
+
+    original = _overridable_scale_core(tmp_path / "m.onnx")
+    extra = ["--allow-no-engine"] if target == "tensorrt" else []
+    status, out, err, folder = _compile(tmp_path, capsys, tmp_path / "m.onnx", target, *extra)
+    assert status == 0, err
+    assert "'scale' reads an initializer the graph also lists as an input" in out
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((2, 2, 5, 4)).astype(np.float32) for n in "qkv"}
+    feeds["scale"] = np.array(0.1, np.float32)
+    compiled = ort.InferenceSession(str(folder / "model.onnx"))
+    assert [i.name for i in compiled.get_overridable_initializers()] == ["scale"]
+    want = ort.InferenceSession(original.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(compiled.run(None, feeds)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_check_feeds_initializers_that_are_also_inputs(tmp_path):
+    """A graph that baked the scale in passes on the defaults alone; fed, it fails."""
+    from runtime.check import check_against_graph
+    from runtime.graph_inputs import overridden_initializers
+    from runtime.ort import OrtSession
+
+    original = _overridable_scale_core(tmp_path / "m.onnx")
+    baked = onnx.load(_core(tmp_path / "baked.onnx"))  # scale a constant, not an input
+    sessions = OrtSession(baked), OrtSession(original)
+    assert check_against_graph(*sessions).passed
+    report = check_against_graph(*sessions, overrides=overridden_initializers(original))
+    assert not report.passed and report.worst_rel_error > 1e-2

@@ -124,3 +124,147 @@ def test_save_refuses_a_folder_it_did_not_write(tmp_path):
         written = artifact.save(tmp_path / "ours")  # a path among the options: JSON all the same
     assert written["options"]["engine_cache"] == str(tmp_path)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+class _DoubledAttention(torch.nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return out * 2, weights
+
+
+class _PlainSubclass(torch.nn.MultiheadAttention):
+    """A subclass that adds nothing to what torch computes: taken."""
+
+
+def _encoder(**changes):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    for name, part in changes.items():
+        setattr(layer, name, part)
+    return layer
+
+
+def _decoder(**changes):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True).eval()
+    for name, part in changes.items():
+        setattr(layer, name, part)
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (
+            lambda: _encoder(norm2=torch.nn.LayerNorm(16, eps=0.5)),
+            "the layer's norm2.eps (0.5) differs from norm1.eps (1e-05)",
+        ),
+        (
+            lambda: _encoder(self_attn=_DoubledAttention(16, 2, batch_first=True)),
+            "the layer's self_attn is _DoubledAttention, a subclass of torch.nn.MultiheadAttention "
+            "with a forward of its own",
+        ),
+        (
+            lambda: _encoder(linear1=torch.nn.Linear(16, 32, bias=False)),
+            "the layer's self_attn has projection bias but linear1 has no bias",
+        ),
+        (lambda: _encoder(norm1=torch.nn.Identity()), "the layer's norm1 is Identity, expected"),
+        (
+            lambda: _encoder(norm1=torch.nn.LayerNorm(16, elementwise_affine=False)),
+            "the layer's norm1 has no weight (elementwise_affine=False)",
+        ),
+        (
+            lambda: _decoder(multihead_attn=torch.nn.MultiheadAttention(16, 2)),
+            "the layer's multihead_attn.batch_first (False) differs from self_attn.batch_first",
+        ),
+        (
+            lambda: _decoder(multihead_attn=torch.nn.MultiheadAttention(16, 4, batch_first=True)),
+            "the layer's multihead_attn.num_heads (4) differs from self_attn.num_heads (2)",
+        ),
+        (
+            lambda: _encoder(
+                self_attn=torch.nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
+            ),
+            "the layer's self_attn has add_bias_kv=True",
+        ),
+    ],
+)
+def test_a_live_layer_whose_parts_the_spec_cannot_express_is_refused_naming_the_part(
+    layer, message
+):
+    """A norm2 with an eps of its own compiled with norm1's (0.5 off), and a self_attn with its own
+    forward compiled as torch's (0.36 off); a linear1 without bias was reported as unexpected
+    linear2.bias and norm1.bias; norm1=Identity was an AttributeError."""
+    with pytest.raises(SpecError) as error:
+        artifacts.compile(layer(), target="ort-cpu")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_subclass_of_multihead_attention_is_refused_saying_why_or_taken_when_it_adds_nothing():
+    with pytest.raises(SpecError, match="a subclass of torch.nn.MultiheadAttention with a forward"):
+        artifacts.compile(_DoubledAttention(16, 2), self_attention=True)
+    torch.manual_seed(0)
+    with artifacts.compile(_PlainSubclass(16, 2), self_attention=True) as artifact:
+        assert artifact.check["passed"]
+    with torch.device("meta"):
+        on_meta = torch.nn.MultiheadAttention(16, 2)
+    with pytest.raises(SpecError, match="holds its weights on the meta device"):
+        artifacts.compile(on_meta)
+
+
+def test_the_check_of_a_live_module_runs_that_module():
+    """torch's side of the check runs the user's own module: another module with other weights
+    fails it."""
+    from runtime.check import check_session
+
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(16, 2).eval()
+    other = torch.nn.MultiheadAttention(16, 2).eval()
+    with artifacts.compile(module, check=False) as artifact:
+        session = OrtSession(artifact.model)
+    spec = artifacts.pipeline.spec_from_module(module)
+    weights = artifacts.pipeline.AttentionWeights.from_module(spec, module)
+    assert check_session(session, spec, weights, module=module).passed
+    report = check_session(session, spec, weights, module=other)
+    assert not report.passed
+    assert {c.reference for c in report.comparisons if c.max_rel_error > 1e-3} == {"torch"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_len": "big"}, "max_len must be a whole number of at least 1, got 'big'"),
+        ({"max_len": 0}, "max_len must be a whole number of at least 1, got 0"),
+        ({"max_len": -5}, "max_len must be a whole number of at least 1, got -5"),
+        ({"max_len": 2.5}, "max_len must be a whole number of at least 1, got 2.5"),
+        ({"max_batch": True}, "max_batch must be a whole number of at least 1, got True"),
+        ({"memory_limit": "abc"}, "memory_limit: expected a size such as 16GiB"),
+        ({"latency_shape": (1, -1, 4)}, "latency_shape: expected three positive integers"),
+        ({"check": "yes"}, "check must be True or False, got 'yes'"),
+        ({"seed": -1}, "seed must be a whole number from 0 to 2**64-1, got -1"),
+        ({"self_attentoin": True}, "compile() has no option 'self_attentoin'"),
+        ({"embed_dim": 16}, "embed_dim is read from the module itself"),
+    ],
+)
+def test_every_library_option_is_checked_as_its_flag_is(options, message):
+    """These were TypeError, ValueError or accepted (max_len=0 wrote a model every Session
+    refuses, after a 'passed' check)."""
+    with pytest.raises(SpecError) as error:
+        artifacts.compile(torch.nn.MultiheadAttention(16, 2), **options)
+    assert message in str(error.value)
+
+
+def test_a_library_option_given_in_its_natural_type_is_taken():
+    spec = AttentionSpec(16, 2, self_attention=True)
+    with artifacts.compile(spec, memory_limit="1GiB", max_len=8, latency_shape=[1, 4, 4]) as a:
+        assert a.manifest["memory"]["limit_bytes"] == 2**30
+
+
+def test_save_after_close_says_so(tmp_path):
+    from artifacts.output_folders import ArtifactError
+
+    artifact = artifacts.compile(AttentionSpec(16, 2), check=False)
+    artifact.close()
+    with pytest.raises(ArtifactError, match="this artifact was closed"):
+        artifact.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -721,7 +721,7 @@ def test_zero_weights_pass_the_check_and_the_manifest_is_json(tmp_path):
     [
         (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2**64-1, got '-1'"),
         (["--seed", "1e3"], "argument --seed: expected a whole number"),
-        (["--max-len", "0"], "--max-len must be at least 1, got 0"),
+        (["--max-len", "0"], "--max-len must be a whole number of at least 1, got 0"),
     ],
 )
 def test_bad_numbers_on_the_command_line_are_one_line(tmp_path, capsys, argv, message):

@@ -387,7 +387,10 @@ def test_tensorrt_absence_is_one_clear_message(run_cli, tmp_path):
             ],
             "input 'query' axis 0 (tgt_len) has min 1, opt 2, max 1; expected 1 <= min <= opt <= max",
         ),
-        (["--target", "tensorrt", "--max-len", 0], "--max-len must be at least 1, got 0"),
+        (
+            ["--target", "tensorrt", "--max-len", 0],
+            "--max-len must be a whole number of at least 1, got 0",
+        ),
     ],
 )
 def test_engine_flag_errors_are_one_line_and_write_nothing(run_cli, tmp_path, args, message):

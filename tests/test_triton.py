@@ -407,9 +407,9 @@ def test_every_type_triton_has_is_mapped_and_the_rest_refused_in_one_line(run_cl
     [
         (
             "--triton-max-batch 100000000000000000000",
-            "--triton-max-batch must be from 0 to 2147483647",
+            "--triton-max-batch must be a whole number from 0 to 2147483647",
         ),
-        ("--triton-max-batch -1", "--triton-max-batch must be from 0 to 2147483647"),
+        ("--triton-max-batch -1", "--triton-max-batch must be a whole number from 0 to 2147483647"),
         ("--memory-limit 1e400 --max-len 8", "--memory-limit"),
     ],
 )

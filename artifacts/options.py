@@ -1,0 +1,81 @@
+"""The rules for compile()'s and save()'s options, shared with compile.py's flags so that both say
+the same sentence for the same mistake (``name`` is the flag on the command line, the keyword in
+the library). A value is taken only in the type it means: ``True`` is no batch size, ``2.5`` no
+length."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from graphs.spec import SpecError
+
+LATENCY_SHAPE_RULE = (
+    "expected three positive integers BATCH,TGT,SRC such as 1,128,128 (or AXIS=SIZE,... for --onnx)"
+)
+
+
+def is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def whole_number_problem(
+    name: str, value: object, least: int = 1, most: int | None = None
+) -> str | None:
+    """Why ``value`` is not a whole number from ``least`` (to ``most``), or None."""
+    if is_whole(value) and value >= least and (most is None or value <= most):  # type: ignore[operator]
+        return None
+    shown = (
+        f"2**{most.bit_length()}-1" if most and most > 2**32 and most & (most + 1) == 0 else most
+    )
+    span = f"from {least} to {shown}" if most is not None else f"of at least {least}"
+    return f"{name} must be a whole number {span}, got {value!r}"[:200]
+
+
+def latency_shape_problem(value: object) -> str | None:
+    """Why ``value`` is not a latency shape (BATCH, TGT, SRC) or {axis: size}, or None."""
+    if isinstance(value, Mapping):
+        good = bool(value) and all(
+            isinstance(k, str) and k and is_whole(v) and v >= 1 for k, v in value.items()
+        )
+    else:
+        good = (
+            isinstance(value, (tuple, list))
+            and len(value) == 3
+            and all(is_whole(v) and v >= 1 for v in value)
+        )
+    return None if good else f"latency_shape: {LATENCY_SHAPE_RULE}, got {value!r}"[:200]
+
+
+def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """compile()'s Settings values, checked (SpecError, one sentence naming the option) and in
+    their own types: memory_limit may be given as text ('16GiB'), latency_shape as a list."""
+    from artifacts.resources import parse_size
+
+    for name in ("max_batch", "max_len"):
+        if values.get(name) is not None and (problem := whole_number_problem(name, values[name])):
+            raise SpecError(problem)
+    limit = values.get("memory_limit")
+    if isinstance(limit, str):
+        try:
+            values["memory_limit"] = parse_size(limit)
+        except ValueError as exc:
+            raise SpecError(f"memory_limit: {exc}") from None
+    elif limit is not None and (problem := whole_number_problem("memory_limit", limit)):
+        raise SpecError(problem)
+    if (problem := latency_shape_problem(values.get("latency_shape"))) is not None:
+        raise SpecError(problem)
+    if not isinstance(values["latency_shape"], Mapping):
+        values["latency_shape"] = tuple(values["latency_shape"])
+    for name in ("check", "latency"):
+        if not isinstance(values.get(name), bool):
+            raise SpecError(f"{name} must be True or False, got {values.get(name)!r}"[:200])
+    if values.get("external_data") not in ("auto", "always"):
+        raise SpecError(
+            f"external_data must be 'auto' or 'always', got {values.get('external_data')!r}"
+        )
+    cache = values.get("engine_cache")
+    if cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise SpecError(f"engine_cache must be a folder path, got {type(cache).__name__}")
+    return values
