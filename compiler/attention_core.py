@@ -154,8 +154,7 @@ def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
     guard = []
     if b["guarded"]:
         where = read.producer()
-        dead = where.inputs[0].producer()
-        guard = [where, dead, dead.inputs[0].producer()]
+        guard = [where, *_guard_nodes(where.inputs[0].producer())]
     scores_mm = b["product"].producer()
     cache = _own_cache(b, scores_mm) if b["cached"] else None
     between = [
@@ -345,13 +344,26 @@ def rank4(mask: ir.Value) -> ir.Value | None:
 def dead_rows(graph: ir.Graph, bias: ir.Value, add: Emit) -> ir.Value:
     """(N|1, H|1, L|1, 1): True where the rank-4 mask leaves a query no key (the whole row is -inf).
     Read from the mask before it is broadcast, this costs one pass over the mask, not over (N, H, L, S)."""
+    return no_key_left(graph, bias, add, "fully_masked")
+
+
+def no_key_left(graph: ir.Graph, bias: ir.Value, add: Emit, scope: str) -> ir.Value:
+    """``bias``'s last axis reduced to True where every entry is -inf. A NaN keeps its row alive
+    (ReduceMax may pass over a NaN, so a ReduceSum looks for one): NaN in an input reaches the
+    output, as in torch (docs/ARCHITECTURE.md)."""
     axis = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
-    return add(
-        "IsInf",
-        [add("ReduceMax", [bias, axis], "fully_masked/ReduceMax", {"keepdims": 1})],
-        "fully_masked/IsInf",
-        {"detect_positive": 0},
-    )
+    top = add("ReduceMax", [bias, axis], f"{scope}/ReduceMax", {"keepdims": 1})
+    total = add("ReduceSum", [bias, axis], f"{scope}/ReduceSum", {"keepdims": 1})
+    hidden = add("IsInf", [top], f"{scope}/IsInf", {"detect_positive": 0})
+    no_nan = add("Not", [add("IsNaN", [total], f"{scope}/IsNaN")], f"{scope}/Not")
+    return add("And", [hidden, no_nan], f"{scope}/And")
+
+
+def _guard_nodes(dead: ir.Node) -> list[ir.Node]:
+    """The nodes under the guard's And(IsInf(ReduceMax(s)), Not(IsNaN(ReduceSum(s))))."""
+    hidden, no_nan = (x.producer() for x in dead.inputs)
+    nan = no_nan.inputs[0].producer()
+    return [dead, hidden, hidden.inputs[0].producer(), no_nan, nan, nan.inputs[0].producer()]
 
 
 def zero_dead_context(

@@ -123,9 +123,9 @@ class OwnCore(_CorePattern):
             [op.Add(scaled, mask), op.Add(mask, scaled), scaled], name="scores"
         )
         probs = op.Softmax(scores, _outputs=["probs"])
-        guarded = op.Where(
-            op.IsInf(op.ReduceMax(scores, pattern.ANY_VALUE), detect_positive=0), zero, probs
-        )
+        hidden = op.IsInf(op.ReduceMax(scores, pattern.ANY_VALUE), detect_positive=0)
+        no_nan = op.Not(op.IsNaN(op.ReduceSum(scores, pattern.ANY_VALUE)))
+        guarded = op.Where(op.And(hidden, no_nan), zero, probs)
         read = pattern.OrValue(
             [guarded, probs], name="read", tag_var="guarded", tag_values=[True, False]
         )
@@ -154,8 +154,8 @@ class OwnCore(_CorePattern):
         ):
             return _refused("an intermediate score tensor is used outside the attention")
         if scores.is_graph_output() or len(scores.uses()) != (
-            2 if guarded else 1
-        ):  # the guard's ReduceMax reads them
+            3 if guarded else 1
+        ):  # the guard's ReduceMax and ReduceSum read them
             return _refused("its scores are used outside the attention")
         return MatchResult()
 

@@ -163,7 +163,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         if core.zeroes_dead_rows and raw is not None and not terms.other:
             dead = dead_causal_rows(graph, raw, add)
             context = zero_dead_context(graph, core, context, dead, add)
-        return context
+        return context if raw is None else _nan_entries(graph, context, raw, add)
 
     def _attention_or_flash(self, graph: ir.Graph, source: _Source, add, scope: str) -> ir.Value:
         """com.microsoft.Attention where short, flash where long."""
@@ -177,6 +177,24 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             lambda emit, name: source.one_op(emit, None),
             self.max_len,
         )
+
+
+def _nan_entries(graph: ir.Graph, context: ir.Value, raw: ir.Value, add) -> ir.Value:
+    """A NaN anywhere in an entry's key bias reaches every query row of it in torch (a key the
+    causal mask hides adds -inf to NaN: NaN), but the causal forms never read the keys they hide
+    and call a row with no visible key dead: the entry's rows take the NaN back from the bias."""
+    total = add(
+        "ReduceSum",
+        [raw, new_initializer(graph, "attention/axes123", np.asarray([1, 2, 3], np.int64))],
+        "nan_entries/total",
+        {"keepdims": 0},
+    )  # (N|1,): NaN where the entry's bias holds one
+    total = add(
+        "Reshape",
+        [total, new_initializer(graph, "attention/entry_shape", np.asarray([-1, 1, 1], np.int64))],
+        "nan_entries/per_entry",
+    )
+    return add("Where", [add("IsNaN", [total], "nan_entries/IsNaN"), total, context], "nan_entries")
 
 
 @dataclass

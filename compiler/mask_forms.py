@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, new_initializer, uniform
-from compiler.attention_core import Core, Emit, emitter, keys_bnsh, producer_of
+from compiler.attention_core import Core, Emit, emitter, keys_bnsh, no_key_left, producer_of
 
 MS_DOMAIN = "com.microsoft"
 KEY_BIAS_FLOOR = (
@@ -982,12 +982,7 @@ class _QueryBlock:
     def _zeroed(self, op: Emit, context: ir.Value, bias: ir.Value) -> ir.Value:
         graph, ints, heads, h, d = self.graph, self.ints, self.heads, self.h, self.d
         to_bnsh = {"perm": [0, 2, 1, 3]}
-        dead = op(
-            "IsInf",
-            [op("ReduceMax", [bias, ints("last_axis", [-1])], "row_max", {"keepdims": 1})],
-            "dead",
-            {"detect_positive": 0},
-        )  # (N|1, H|1, b, 1)
+        dead = no_key_left(graph, bias, op, "dead")  # (N|1, H|1, b, 1)
         return op(
             "Reshape",
             [

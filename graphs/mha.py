@@ -290,14 +290,16 @@ def _causal(g: GraphBuilder, q_in: str, k_in: str, past: str | None = None) -> s
 
 
 def _zero_fully_masked_rows(g: GraphBuilder, scores: str, probs: str) -> str:
-    """Softmax of an all -inf row is NaN; docs/ARCHITECTURE.md asks for a zero context there instead."""
-    row_max = g.op(
-        "ReduceMax",
-        [scores, g.ints("softmax/fully_masked/axis", [-1])],
-        "softmax/fully_masked/ReduceMax",
-        keepdims=1,
-    )
-    dead = g.op("IsInf", [row_max], "softmax/fully_masked/IsInf", detect_positive=0)
+    """Softmax of an all -inf row is NaN; docs/ARCHITECTURE.md asks for a zero context there instead.
+    A row is dead where its largest score is -inf and it holds no NaN: ReduceMax may pass over a
+    NaN (which one it keeps depends on the order), and a NaN from the inputs must reach the output."""
+    axis = g.ints("softmax/fully_masked/axis", [-1])
+    row_max = g.op("ReduceMax", [scores, axis], "softmax/fully_masked/ReduceMax", keepdims=1)
+    row_sum = g.op("ReduceSum", [scores, axis], "softmax/fully_masked/ReduceSum", keepdims=1)
+    hidden = g.op("IsInf", [row_max], "softmax/fully_masked/IsInf", detect_positive=0)
+    nan = g.op("IsNaN", [row_sum], "softmax/fully_masked/IsNaN")
+    no_nan = g.op("Not", [nan], "softmax/fully_masked/Not")
+    dead = g.op("And", [hidden, no_nan], "softmax/fully_masked/And")
     return g.op("Where", [dead, _zero(g), probs], "softmax/fully_masked/Where")
 
 

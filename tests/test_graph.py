@@ -154,6 +154,29 @@ def test_nan_in_an_input_propagates_to_its_rows_only():
     assert np.isfinite(np.delete(out.reshape(6, 16), 1, axis=0)).all()
 
 
+@pytest.mark.parametrize("target", ["portable", "onnx-attention", "ort-cpu", "tensorrt"])
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_nan_in_a_float_padding_mask_whose_other_keys_are_hidden_propagates(target, at):
+    """The fully-masked-row guard read ReduceMax over the row, which passes over a NaN unless it
+    comes first: the row was called dead and got out_proj.bias, where torch gives NaN."""
+    import torch
+
+    from compiler import compile_model
+    from runtime.torch_reference import torch_forward, torch_module
+
+    spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask="float")
+    weights = AttentionWeights.random(spec)
+    feeds = random_inputs(spec, (2, 3, 5), np.random.default_rng(2))
+    feeds["key_padding_mask"][:] = 0.0
+    feeds["key_padding_mask"][0] = -np.inf
+    feeds["key_padding_mask"][0, at] = np.nan
+    out = OrtSession(compile_model(build_mha(spec, weights), target)).run(feeds)["attn_output"]
+    with torch.no_grad():
+        want = torch_forward(spec, torch_module(spec, weights), feeds)["attn_output"]
+    assert np.isnan(want[0]).all() and np.isnan(out[0]).all()
+    assert np.isfinite(out[1]).all()
+
+
 def test_numpy_reference_agrees_with_torch():
     """The two references are independent; on rows torch defines they agree to float64 rounding."""
     import torch

@@ -160,3 +160,38 @@ def test_nan_and_inf_propagate_as_in_the_float64_reference(spec, shape, seed, da
             assert np.array_equal(np.isnan(got[output]), np.isnan(want)), (
                 f"{target}: {name}{index} = {feeds[name][index]}, {output}"
             )
+
+
+FLOAT_MASKS = ("key_padding_mask", "attn_mask")
+
+
+@given(spec=specs(), shape=SHAPES, seed=st.integers(0, 2**16), data=st.data())
+def test_nan_in_a_float_mask_propagates_as_in_the_float64_reference(spec, shape, seed, data):
+    """A NaN in a float mask reaches exactly the outputs it reaches in the NumPy reference (and in
+    torch), also where every other key of its row is -inf: the fully-masked-row guard took such a
+    row for dead and gave it the zero context."""
+    kinds = {m: data.draw(st.sampled_from(["float", getattr(spec, m)])) for m in FLOAT_MASKS}
+    if spec.kv_cache:
+        kinds["attn_mask"] = None
+    if "float" not in kinds.values():
+        kinds["key_padding_mask"] = "float"
+    spec = dataclasses.replace(
+        spec, **kinds, attn_mask_3d=spec.attn_mask_3d and kinds["attn_mask"] is not None
+    )
+    weights = AttentionWeights.random(spec, seed)
+    rng = np.random.default_rng(seed)
+    feeds = random_inputs(spec, shape, rng, data.draw(st.sampled_from([0.0, 0.3, 1.0])))
+    name = data.draw(st.sampled_from([m for m in FLOAT_MASKS if kinds[m] == "float"]))
+    index = tuple(data.draw(st.integers(0, d - 1)) for d in feeds[name].shape)
+    if data.draw(st.booleans()):  # every other key of the row -inf
+        feeds[name][index[:-1]] = -np.inf
+    feeds[name][index] = np.nan
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = mha_reference(spec, weights, feeds)
+    canonical = build_mha(spec, weights)
+    for target in CPU_TARGETS:
+        got = OrtSession(compile_model(canonical, target, "fp32")).run(feeds)
+        for output, want in expected.items():
+            assert np.array_equal(np.isnan(got[output]), np.isnan(want)), (
+                f"{target}: {name}{index} = NaN, {output}, {spec}"
+            )
