@@ -14,8 +14,10 @@ Fusion passes rewrite what this module finds; ``survey`` says why a Softmax was 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -59,7 +61,7 @@ class Core:
     weights: ir.Value | None
     softmax: ir.Node
     context_matmul: ir.Node
-    guard: list[ir.Node]  # Where, IsInf, ReduceMax of the fully-masked guard; empty without one
+    guard: list[ir.Node]  # the fully-masked guard's Where and what it reads; empty without one
     nodes: list[ir.Node]
     cache: Cache | None = None
     extra_masks: tuple[
@@ -405,6 +407,25 @@ def as_output(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.V
     return add("Reshape", [context, rows], "context_rows")
 
 
+def followed(core: Core, replaced: Mapping[ir.Value, ir.Value]) -> Core:
+    """``core`` as found before the fusions of earlier cores: where one of its values was such a
+    core's output (two cores chained, the first's context the second's q, k and v), the value that
+    took its place; else the stale value would feed the new op, produced by nothing."""
+
+    def swap(x: Any) -> Any:
+        if isinstance(x, ir.Value):
+            return replaced.get(x, x)
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], ir.Value):
+            return type(x)(swap(v) for v in x)
+        return x
+
+    if not replaced:
+        return core
+    return dataclasses.replace(
+        core, **{f.name: swap(getattr(core, f.name)) for f in dataclasses.fields(core)}
+    )
+
+
 def replace_core(
     graph: ir.Graph,
     core: Core,
@@ -412,10 +433,12 @@ def replace_core(
     context: ir.Value,
     weights: ir.Value | None = None,
     present: tuple[ir.Value, ir.Value] | None = None,
+    replaced_so_far: dict[ir.Value, ir.Value] | None = None,
 ) -> None:
     """Put ``new`` where the core was: its output becomes ``context``, its weights ``weights``, and
     a cache's present_key/present_value the fused op's ``present``. Where one of those was a graph
-    output, the new value takes its name, type and shape, so the graph's signature stays the same."""
+    output, the new value takes its name, type and shape, so the graph's signature stays the same.
+    ``replaced_so_far`` gains each old value and its replacement, for ``followed``."""
     graph.insert_before(core.nodes[-1], new)
     for (
         node
@@ -434,6 +457,8 @@ def replace_core(
     if core.cache is not None:
         assert present is not None, "a fusion that drops the cache must leave cached cores alone"
         replaced += list(zip((core.cache.present_key, core.cache.present_value), present))
+    if replaced_so_far is not None:
+        replaced_so_far.update(replaced)
     outputs = [old for old, _ in replaced if old.is_graph_output()]
     for old, fused in replaced:
         old.replace_all_uses_with(fused, replace_graph_outputs=True)

@@ -15,6 +15,7 @@ from compiler.attention_core import (
     dead_rows,
     emitter,
     find_cores,
+    followed,
     full_bias,
     keys_bnsh,
     rank4,
@@ -68,12 +69,15 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, fused)
 
     def _fuse(self, graph: ir.Graph, cores: list[Core]) -> None:
+        replaced: dict[ir.Value, ir.Value] = {}
         for core in cores:
+            core = followed(core, replaced)
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(new, scope)
             if self.query_blocks and _blockable(core):
-                replace_core(graph, core, new, _in_blocks(graph, core, add, scope))
+                context = _in_blocks(graph, core, add, scope)
+                replace_core(graph, core, new, context, replaced_so_far=replaced)
                 continue
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
@@ -97,6 +101,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 context,
                 weights,
                 tuple(node.outputs[1:3]) if cache is not None else None,
+                replaced,
             )
 
 

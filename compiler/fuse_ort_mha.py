@@ -16,6 +16,7 @@ from compiler.attention_core import (
     dead_rows,
     emitter,
     find_cores,
+    followed,
     full_bias,
     rank4,
     replace_core,
@@ -101,7 +102,9 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
 
     def _fuse(self, graph: ir.Graph) -> bool:
         cores = [core for core in find_cores(graph) if self.refuse(core) is None]
+        replaced: dict[ir.Value, ir.Value] = {}
         for core in cores:
+            core = followed(core, replaced)
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(new, scope)
@@ -120,7 +123,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
                 )
             context = as_output(graph, core, context, add)
             present = present if core.cache is not None else None
-            replace_core(graph, core, new, context, present=present)
+            replace_core(graph, core, new, context, present=present, replaced_so_far=replaced)
         return bool(cores)
 
     def _context(

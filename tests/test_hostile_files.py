@@ -570,3 +570,109 @@ def test_the_check_feeds_initializers_that_are_also_inputs(tmp_path):
     assert check_against_graph(*sessions).passed
     report = check_against_graph(*sessions, overrides=overridden_initializers(original))
     assert not report.passed and report.worst_rel_error > 1e-2
+
+
+def _chained_cores(path):
+    """Two cores with nothing between them: the first's context is the second's q, k and v."""
+    shape = ["N", 2, "L", 4]
+    nodes = []
+    for i, (q, k, v, out) in enumerate([("q", "k", "v", "c0"), ("c0", "c0", "c0", "c1")]):
+        nodes += [
+            helper.make_node("Transpose", [k], [f"kt{i}"], perm=[0, 1, 3, 2], name=f"t{i}"),
+            helper.make_node("MatMul", [q, f"kt{i}"], [f"s{i}"], name=f"s{i}"),
+            helper.make_node("Mul", [f"s{i}", "scale"], [f"sc{i}"], name=f"m{i}"),
+            helper.make_node("Softmax", [f"sc{i}"], [f"p{i}"], axis=-1, name=f"sm{i}"),
+            helper.make_node("MatMul", [f"p{i}", v], [out], name=f"c{i}"),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "chained",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"],
+        [helper.make_tensor_value_info("c1", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "scale")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["onnx-attention", "ort-cpu"])
+def test_two_cores_chained_with_nothing_between_fuse_both(tmp_path, capsys, target):
+    """The second core's q, k and v were the first's old output, produced by nothing once the
+    first was fused: 'Nodes in a graph must be topologically sorted', exit 3."""
+    status, out, err, _ = _compile(tmp_path, capsys, _chained_cores(tmp_path / "m.onnx"), target)
+    assert status == 0, err
+    assert out.count("fused: attention at Softmax") == 2 and "PASS" in out
+
+
+def _declared(path, dims, elem_type=TensorProto.FLOAT):
+    """A Softmax over an input declared with ``dims``."""
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        "g",
+        [helper.make_tensor_value_info("x", elem_type, dims)],
+        [helper.make_tensor_value_info("y", elem_type, dims)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _flagged(path):
+    """An If on a scalar bool input: a Softmax on one branch, the input on the other."""
+    x = helper.make_tensor_value_info
+    then = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["t"], axis=-1)], "then", [], [x("t", 1, None)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])], "else", [], [x("e", 1, None)]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [x("x", TensorProto.FLOAT, ["batch", 4]), x("flag", TensorProto.BOOL, [])],
+        [x("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _sparse(path):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )
+    values = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    indices = helper.make_tensor("w_indices", TensorProto.INT64, [1], [0])
+    graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [3]))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda p: _declared(p, ["batch", 2**40]),
+            "input 'x' at shape (5, 1099511627776) would take more than 1 GiB",
+        ),
+        (lambda p: _declared(p, ["batch", -3]), "input 'x' of '"),
+        (_sparse, "holds sparse initializers ('w'), which this compiler does not read"),
+        (
+            lambda p: _declared(p, ["batch", 4], TensorProto.FLOAT8E4M3FN),
+            "is not a valid ONNX model: [ShapeInferenceError]",
+        ),
+    ],
+)
+def test_graph_declarations_the_check_cannot_take_are_one_line(tmp_path, capsys, make, message):
+    """Input dims of 2^40 (MemoryError), negative dims (ValueError), a sparse initializer and an
+    op given a type its opset lacks (InferenceError) were exit 3."""
+    status, out, err, folder = _compile(tmp_path, capsys, make(tmp_path / "m.onnx"), "ort-cpu")
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert not folder.exists()
+
+
+def test_a_scalar_flag_input_is_drawn_for_the_check(tmp_path, capsys):
+    """A scalar bool (an If's predicate) was a TypeError while drawing the check's inputs."""
+    status, out, err, _ = _compile(tmp_path, capsys, _flagged(tmp_path / "m.onnx"), "ort-cpu")
+    assert status == 0 and "PASS" in out, err
