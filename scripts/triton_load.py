@@ -3,10 +3,12 @@
 mixed batch and length (or send for a fixed time), and every response is checked against ONNX
 Runtime running the same model.onnx here. Reports throughput, p50/p99 latency, how many requests
 the dynamic batcher merged into shared executions (the server's statistics, before and after),
-and how many responses were lost or wrong.
+and how many responses were lost or wrong. With --hostile, clients also send hostile requests
+(scripts/triton_hostile.py) between the valid ones: each must be refused, every valid one still
+answered exactly, and the server up at the end.
 
     python scripts/triton_load.py --url 127.0.0.1:8000 --model mha --onnx /tmp/mha/model.onnx \\
-        --clients 8 --requests 200
+        --clients 8 --requests 200 [--hostile 0.5]
 """
 
 from __future__ import annotations
@@ -27,13 +29,23 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 @dataclass
 class Tally:
-    """What the clients saw: a latency per answered request, and every failure by kind."""
+    """What the clients saw: a latency per answered request, every failure by kind, and per kind of
+    hostile request how many were sent, refused and (wrongly) answered."""
 
     latencies: list[float] = field(default_factory=list)
     rows: int = 0
     wrong: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    hostile: dict[str, dict[str, int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hostile_sent(self, kind: str, status: int | None) -> None:
+        outcome = "dropped" if status is None else "answered" if status < 400 else "refused"
+        with self.lock:
+            counts = self.hostile.setdefault(kind, {"sent": 0, "refused": 0, "answered": 0})
+            counts["sent"] += 1
+            if outcome != "dropped":
+                counts[outcome] += 1
 
 
 def requests_for(session: Any, count: int, seed: int, batches, lengths) -> list[tuple]:
@@ -55,17 +67,32 @@ def requests_for(session: Any, count: int, seed: int, batches, lengths) -> list[
     return made
 
 
-def client_loop(url: str, model: str, work: list[tuple], deadline: float, tally: Tally, tol: float):
+def client_loop(
+    url: str,
+    model: str,
+    work: list[tuple],
+    deadline: float,
+    tally: Tally,
+    tol: float,
+    hostile: tuple[Any, float, int] | None = None,
+):
+    """Send ``work`` in turn, checking each answer; with ``hostile`` (a triton_hostile.Hostile, the
+    share of valid requests a hostile one goes before, a seed), hostile requests in between."""
     import tritonclient.http as http
+    from triton_hostile import triton_type
 
     client = http.InferenceServerClient(url, network_timeout=60)
-    for feeds, expected in work:
+    rng = np.random.default_rng(hostile[2] if hostile else 0)
+    for turn, (feeds, expected) in enumerate(work):
         if time.monotonic() > deadline:
             break
+        if hostile is not None and rng.random() < hostile[1]:
+            kinds = hostile[0].kinds()
+            kind = kinds[(turn + hostile[2]) % len(kinds)]
+            tally.hostile_sent(kind, _sent_anyway(hostile[0], kind, feeds))
         inputs = []
         for name, value in feeds.items():
-            kind = "BOOL" if value.dtype == np.bool_ else "FP32"
-            inputs.append(http.InferInput(name, list(value.shape), kind))
+            inputs.append(http.InferInput(name, list(value.shape), triton_type(value.dtype)))
             inputs[-1].set_data_from_numpy(value)
         start = time.perf_counter()
         try:
@@ -84,6 +111,26 @@ def client_loop(url: str, model: str, work: list[tuple], deadline: float, tally:
             tally.rows += next(iter(feeds.values())).shape[0]
             if not worst <= tol:
                 tally.wrong.append(f"relative error {worst:.2e}")
+
+
+def _sent_anyway(hostile: Any, kind: str, feeds: dict[str, np.ndarray]) -> int | None:
+    """The status a hostile request got; 599 where the server did not answer at all."""
+    import http.client
+
+    try:
+        return hostile.send(kind, feeds)
+    except (OSError, http.client.HTTPException):
+        return None if kind == "dropped_connection" else 599
+
+
+def server_up(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=10) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def statistics(url: str, model: str) -> dict[str, int]:
@@ -107,11 +154,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before = statistics(args.url, args.model)
     tally = Tally()
     deadline = time.monotonic() + (args.seconds if args.seconds else float("inf"))
+    hostile = _hostile(args, session)
     threads = [
         threading.Thread(
-            target=client_loop, args=(args.url, args.model, w, deadline, tally, args.tolerance)
+            target=client_loop,
+            args=(args.url, args.model, w, deadline, tally, args.tolerance),
+            kwargs={"hostile": None if hostile is None else (hostile, args.hostile, seed)},
         )
-        for w in work
+        for seed, w in enumerate(work)
     ]
     start = time.perf_counter()
     for t in threads:
@@ -121,6 +171,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     after = statistics(args.url, args.model)
     return summary(args, tally, wall, before, after)
+
+
+def _hostile(args: argparse.Namespace, session: Any) -> Any:
+    if not args.hostile:
+        return None
+    import tritonclient.http as http
+    from triton_hostile import Hostile
+
+    config = http.InferenceServerClient(args.url).get_model_config(args.model)
+    return Hostile(args.url, args.model, config, {s.name: s.shape for s in session.inputs})
 
 
 def summary(args, tally: Tally, wall: float, before: dict, after: dict) -> dict[str, Any]:
@@ -142,6 +202,9 @@ def summary(args, tally: Tally, wall: float, before: dict, after: dict) -> dict[
         "server_requests": requests,
         "server_executions": executions,
         "merged_requests": requests - executions,
+        "hostile": tally.hostile,
+        "hostile_answered": sum(c["answered"] for c in tally.hostile.values()),
+        "server_up": server_up(args.url),
     }
 
 
@@ -160,6 +223,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128])
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error accepted")
+    p.add_argument(
+        "--hostile",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="before this share of the valid requests, send a hostile one (wrong dtype or shape, "
+        "oversize batch, an enormous or negative declared shape, a garbage body, a dropped "
+        "connection); each must be refused, and the server up at the end",
+    )
     p.add_argument("--json", default=None, help="also write the summary to this file")
     args = p.parse_args(argv)
     if args.url.rsplit(":", 1)[0] not in LOOPBACK:
@@ -193,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         from artifacts.output_folders import write_file_atomically
 
         write_file_atomically(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
-    return 0 if result["lost"] == 0 and result["wrong"] == 0 else 1
+    ok = result["lost"] == result["wrong"] == result["hostile_answered"] == 0
+    return 0 if ok and result["server_up"] else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ compile.py wrote with --triton-backend python.
 PyTriton's wheel holds the server, the python backend and a stub per Python version, but no
 onnxruntime backend; the stub runs model.py in this Python, which has this project and ONNX
 Runtime. A tritonserver on PATH (Triton's own image) is used as it is instead.
+
+Every request's inputs are bounded (--http-max-input-size, 64 MiB by default): a server that has
+that flag (Triton 2.59 and later) gets it; an older one (PyTriton's 2.51) serves HTTP behind
+scripts/triton_guard.py, which refuses what would pass the limit before the server sees it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from triton_guard import DEFAULT_LIMIT, GuardServer
 
 
 class NoServer(RuntimeError):
@@ -69,6 +78,64 @@ def server_command(
     return command, env
 
 
+def bounds_inputs_itself(command: list[str], env: dict[str, str]) -> bool:
+    """Whether this tritonserver has --http-max-input-size (Triton 2.59 and later)."""
+    try:
+        shown = subprocess.run(
+            [command[0], "--help"], env=env, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--http-max-input-size" in shown.stdout + shown.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A started tritonserver, and the guard in front of its HTTP port where it needs one."""
+
+    process: subprocess.Popen
+    guard: GuardServer | None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.guard is not None:
+            self.guard.stop()
+
+
+def start(
+    repository: str | os.PathLike[str],
+    ports: tuple[int, int, int],
+    workdir: str | os.PathLike[str],
+    *extra: str,
+    limit: int = DEFAULT_LIMIT,
+    **popen: Any,
+) -> Served:
+    """The server over ``repository`` on loopback, every HTTP request's inputs bounded by ``limit``
+    bytes: by the server itself where it can, else by a guard on the HTTP port."""
+    command, env = server_command(repository, ports, workdir, *extra)
+    guard = None
+    if bounds_inputs_itself(command, env):
+        command.append(f"--http-max-input-size={limit}")
+    else:
+        inner = free_port()
+        command = [f"--http-port={inner}" if c == f"--http-port={ports[0]}" else c for c in command]
+        guard = GuardServer(("127.0.0.1", ports[0]), ("127.0.0.1", inner), limit)
+        guard.start()
+    return Served(subprocess.Popen(command, env=env, **popen), guard)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,23 +149,41 @@ def main(argv: list[str] | None = None) -> int:
         default=os.path.join(os.path.expanduser("~"), ".cache", "attention-compiler", "triton"),
         help="where the python backend's folder is set up for PyTriton's binary",
     )
+    p.add_argument(
+        "--http-max-input-size",
+        type=_size,
+        default=DEFAULT_LIMIT,
+        metavar="SIZE",
+        help="bytes one HTTP request's inputs may declare (64MiB, as Triton's own default)",
+    )
     args = p.parse_args(argv)
     ports = (args.http_port, args.grpc_port, args.metrics_port)
     try:
-        command, env = server_command(args.model_repository, ports, args.workdir)
-    except NoServer as exc:
+        served = start(args.model_repository, ports, args.workdir, limit=args.http_max_input_size)
+    except (NoServer, OSError) as exc:
         print(f"triton_server.py: error: {exc}", file=sys.stderr)
         return 1
-    server = subprocess.Popen(command, env=env)
 
     def stop(
         signum: int, frame: object
     ) -> None:  # the server ends with this script, never after it
-        server.send_signal(signal.SIGTERM)
+        served.process.send_signal(signal.SIGTERM)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
-    return server.wait()
+    status = served.process.wait()
+    if served.guard is not None:
+        served.guard.stop()
+    return status
+
+
+def _size(text: str) -> int:
+    from artifacts.resources import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

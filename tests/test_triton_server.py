@@ -6,9 +6,12 @@ of a different thread split at most)."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -45,16 +48,23 @@ class Server:
     """A tritonserver process on free loopback ports; stop() ends it, whatever state it is in."""
 
     def __init__(self, repository, workdir, *extra: str) -> None:
-        from triton_server import NoServer, server_command
+        from triton_server import NoServer, start
 
         self.ports = _free_ports(3)
+        self.log = workdir / "server.log"
         try:
-            command, env = server_command(repository, tuple(self.ports), workdir, *extra)
+            with open(self.log, "wb") as log:
+                self.served = start(
+                    repository,
+                    tuple(self.ports),
+                    workdir,
+                    *extra,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         except NoServer as exc:
             pytest.skip(str(exc))
-        self.log = workdir / "server.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = self.served.process
         self.http, self.grpc = f"127.0.0.1:{self.ports[0]}", f"127.0.0.1:{self.ports[1]}"
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -74,13 +84,7 @@ class Server:
         return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-6:])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +268,6 @@ def test_a_server_killed_mid_test_fails_the_test_with_its_log(served, tmp_path):
 def test_the_load_test_checks_every_response(served, tmp_path, capsys):
     """scripts/triton_load.py against the served model: every request answered and right, and the
     server's statistics read before and after."""
-    import json
-
     import triton_load
 
     server, _ = served
@@ -274,8 +276,10 @@ def test_the_load_test_checks_every_response(served, tmp_path, capsys):
     argv = ["--url", server.http, "--model", "mha", "--onnx", onnx_path, "--json", out]
     status = triton_load.main([str(a) for a in argv + ["--clients", "3", "--requests", "6"]])
     result = json.loads(out.read_text())
-    assert status == 0 and result["answered"] == 18 and result["lost"] == result["wrong"] == 0
-    assert result["server_requests"] == 18 and result["server_executions"] <= 18
+    assert status == 0 and result["answered"] == 18 and result["lost"] == result["wrong"] == 0, (
+        result
+    )
+    assert result["server_requests"] == 18 and result["server_executions"] <= 18, result
     assert result["p99_ms"] >= result["p50_ms"] > 0
 
 
@@ -285,8 +289,6 @@ def test_a_graph_for_two_rows_answers_64_concurrent_clients_and_the_server_stays
     """Compiled with --max-batch 2, served under a config whose batcher joins up to 8 rows: 64
     clients x 5 batch-1 requests are all answered exactly (the server crashed on a shared error
     object, then refused 316 of 320 as 'batch=8, more than the 2'), and the server is up after."""
-    import json
-
     import triton_load
 
     server, _ = served
@@ -300,3 +302,108 @@ def test_a_graph_for_two_rows_answers_64_concurrent_clients_and_the_server_stays
     assert result["merged_requests"] > 0  # the batcher did join requests
     assert server.process.poll() is None
     assert urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5).status == 200
+
+
+def _post(server, model, body: bytes, headers=None):
+    request = urllib.request.Request(
+        f"http://{server.http}/v2/models/{model}/infer", data=body, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_request_declaring_an_enormous_shape_is_refused_and_the_server_stays_up(served):
+    """One JSON request declaring query [1, 1000000000, 32] with 160 values took PyTriton's
+    tritonserver 2.51 down (std::bad_alloc) with every model; over HTTP it is refused by the
+    server's --http-max-input-size or, where the server lacks it, by triton_guard, and over gRPC by
+    Triton's own byte check. Valid JSON requests are answered as before."""
+    import tritonclient.grpc as grpc
+
+    server, local = served
+    huge = {
+        "inputs": [
+            {"name": "query", "datatype": "FP32", "shape": [1, 10**9, 32], "data": [0.0] * 160},
+            {"name": "key_padding_mask", "datatype": "BOOL", "shape": [1, 5], "data": [False] * 5},
+        ]
+    }
+    status, answer = _post(server, "mha", json.dumps(huge).encode())
+    assert status == 400 and "128000000000 bytes" in answer["error"], answer
+    for shape in ([1, 10**9, 32], [-1, 5, 32]):
+        inputs = [
+            grpc.InferInput("query", shape, "FP32"),
+            grpc.InferInput("key_padding_mask", [1, 5], "BOOL"),
+        ]
+        inputs[0]._raw_content = np.zeros(160, np.float32).tobytes()
+        inputs[1].set_data_from_numpy(np.zeros((1, 5), bool))
+        with pytest.raises(Exception, match="(?i)byte size|shape|negative|invalid"):
+            grpc.InferenceServerClient(server.grpc).infer("mha", inputs, client_timeout=30)
+    rng = np.random.default_rng(3)
+    query = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    valid = {
+        "inputs": [
+            {
+                "name": "query",
+                "datatype": "FP32",
+                "shape": [1, 5, 32],
+                "data": query.ravel().tolist(),
+            },
+            {"name": "key_padding_mask", "datatype": "BOOL", "shape": [1, 5], "data": [False] * 5},
+        ]
+    }
+    status, answer = _post(server, "mha", json.dumps(valid).encode())
+    assert status == 200, answer
+    got = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(1, 5, 32)
+    want = local["mha"].run({"query": query, "key_padding_mask": np.zeros((1, 5), bool)})
+    np.testing.assert_allclose(got, want["attn_output"], rtol=0, atol=1e-5)
+    assert server.process.poll() is None
+    assert urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5).status == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"Transfer-Encoding": "chunked"}, 411), ({"Content-Encoding": "gzip"}, 415)],
+)
+def test_the_guard_refuses_bodies_whose_size_it_cannot_see(served, headers, status):
+    from triton_guard import GuardServer
+
+    server, _ = served
+    if server.served.guard is None:
+        pytest.skip("this tritonserver bounds its inputs itself (--http-max-input-size)")
+    assert isinstance(server.served.guard, GuardServer)
+    connection = http.client.HTTPConnection(server.http, timeout=30)
+    connection.putrequest("POST", "/v2/models/mha/infer")
+    for key, value in headers.items():
+        connection.putheader(key, value)
+    connection.putheader("Content-Length", "2")
+    connection.endheaders(b"{}")
+    response = connection.getresponse()
+    assert response.status == status and "refused by triton_guard" in response.read().decode()
+
+
+def test_the_hostile_load_mode_leaves_the_server_up_and_every_valid_request_answered(
+    served, tmp_path
+):
+    """scripts/triton_load.py --hostile: a hostile request (wrong dtype or shape, oversize batch,
+    an enormous or negative declared shape, a garbage body, a dropped connection) before each
+    valid one, from 16 clients: every hostile one refused, every valid one answered exactly, the
+    server up at the end."""
+    import triton_load
+
+    server, _ = served
+    onnx_path = server.log.parent / "mha_b2" / "model.onnx"
+    out = tmp_path / "load.json"
+    argv = ["--url", server.http, "--model", "mha_b2", "--onnx", onnx_path, "--json", out]
+    argv += ["--clients", "16", "--requests", "4", "--batches", "1", "2", "--hostile", "1"]
+    status = triton_load.main([str(a) for a in argv])
+    result = json.loads(out.read_text())
+    assert (status, result["answered"], result["lost"], result["wrong"]) == (0, 64, 0, 0), result
+    assert result["server_up"] and result["hostile_answered"] == 0
+    from triton_hostile import KINDS
+
+    assert set(result["hostile"]) == set(KINDS)
+    refusable = [k for k in KINDS if k != "dropped_connection"]
+    assert all(result["hostile"][k]["refused"] == result["hostile"][k]["sent"] for k in refusable)
+    assert server.process.poll() is None
