@@ -53,6 +53,21 @@ def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
     their own types: memory_limit may be given as text ('16GiB'), latency_shape as a list."""
     from artifacts.resources import parse_size
 
+    for name in ("target", "precision", "form"):
+        value = values.get(name)
+        if not isinstance(value, str) and not (name == "form" and value is None):
+            raise SpecError(f"{name} must be a name (see compile.py --help), got {value!r}"[:200])
+    shapes = values.get("profile_shapes")
+    if shapes is not None and not (
+        isinstance(shapes, (tuple, list))
+        and len(shapes) == 3
+        and all(isinstance(x, str) for x in shapes)
+    ):
+        raise SpecError(
+            f"profile_shapes must be three trtexec shape strings (min, opt, max), got {shapes!r}"[
+                :200
+            ]
+        )
     for name in ("max_batch", "max_len"):
         if values.get(name) is not None and (problem := whole_number_problem(name, values[name])):
             raise SpecError(problem)

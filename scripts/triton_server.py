@@ -120,20 +120,22 @@ def start(
     workdir: str | os.PathLike[str],
     *extra: str,
     limit: int = DEFAULT_LIMIT,
+    guard: bool = True,
     **popen: Any,
 ) -> Served:
     """The server over ``repository`` on loopback, every HTTP request's inputs bounded by ``limit``
-    bytes: by the server itself where it can, else by a guard on the HTTP port."""
+    bytes: by the server itself where it can, else by a guard on the HTTP port (``guard=False``:
+    unbounded on such a server)."""
     command, env = server_command(repository, ports, workdir, *extra)
-    guard = None
+    front = None
     if bounds_inputs_itself(command, env):
         command.append(f"--http-max-input-size={limit}")
-    else:
+    elif guard:
         inner = free_port()
         command = [f"--http-port={inner}" if c == f"--http-port={ports[0]}" else c for c in command]
-        guard = GuardServer(("127.0.0.1", ports[0]), ("127.0.0.1", inner), limit)
-        guard.start()
-    return Served(subprocess.Popen(command, env=env, **popen), guard)
+        front = GuardServer(("127.0.0.1", ports[0]), ("127.0.0.1", inner), limit)
+        front.start()
+    return Served(subprocess.Popen(command, env=env, **popen), front)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,13 +158,35 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SIZE",
         help="bytes one HTTP request's inputs may declare (64MiB, as Triton's own default)",
     )
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="on a server without --http-max-input-size, serve HTTP directly: faster on few cores "
+        "(docs/BENCHMARKS.md), but one request declaring an enormous shape ends the server",
+    )
     args = p.parse_args(argv)
     ports = (args.http_port, args.grpc_port, args.metrics_port)
     try:
-        served = start(args.model_repository, ports, args.workdir, limit=args.http_max_input_size)
+        served = start(
+            args.model_repository,
+            ports,
+            args.workdir,
+            limit=args.http_max_input_size,
+            guard=not args.no_guard,
+        )
     except (NoServer, OSError) as exc:
         print(f"triton_server.py: error: {exc}", file=sys.stderr)
         return 1
+
+    if served.guard is not None:
+        print(
+            f"triton_server.py: this tritonserver has no --http-max-input-size; HTTP on port "
+            f"{args.http_port} goes through triton_guard (the server's own HTTP: port "
+            f"{served.guard.upstream[1]}), which refuses requests declaring more than "
+            f"{args.http_max_input_size} bytes",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def stop(
         signum: int, frame: object

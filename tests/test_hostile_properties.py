@@ -217,3 +217,135 @@ def test_the_mutations_reach_the_readers(tmp_path):
 
     with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
         assert {(i.compress_size, i.file_size) for i in archive.infolist()} == {(7, 5)}
+
+
+# Names as an --onnx graph may carry them: quotes, newlines, braces, backslashes, dots, non-ASCII
+NAME_TEXT = st.text(
+    alphabet=st.sampled_from(list('ab_-.é字"\\{}[]:#\n\t /')) | st.characters(codec="utf-8"),
+    min_size=1,
+    max_size=24,
+)
+MODEL_NAMES = (
+    st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+    | st.sampled_from([".", "..", "../x", "/tmp/x", "a/b", "", "x" * 201])
+    | NAME_TEXT
+)
+
+
+def _identity(path: Path, inputs: list[tuple[str, int, list]], outputs: list[str]) -> Path:
+    """Identity from each input to its output, at opset 21 (Identity takes every type there)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [i[0]], [o]) for i, o in zip(inputs, outputs)],
+        "g",
+        [helper.make_tensor_value_info(n, t, dims) for n, t, dims in inputs],
+        [helper.make_tensor_value_info(o, t, dims) for (_, t, dims), o in zip(inputs, outputs)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    return path
+
+
+def _model_name_ok(name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}", name))
+
+
+@EXAMPLES
+@given(
+    names=st.lists(NAME_TEXT, min_size=2, max_size=6, unique=True),
+    model=MODEL_NAMES,
+    backend=st.sampled_from(["onnxruntime", "python"]),
+)
+def test_drawn_names_through_a_triton_repository(names, model, backend):
+    """Tensor names of every kind are written so that config.pbtxt parses to exactly the graph's
+    inputs and outputs (they were written raw: a name could inject configuration); a model name
+    is one folder name Triton serves or one line of refusal, and nothing lands outside the
+    repository (``..`` wrote into its parent)."""
+    from conftest import parse_triton_config
+
+    half = len(names) // 2
+    inputs = [(n, TensorProto.FLOAT, ["batch", 3]) for n in names[:half]]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "w"
+        root.mkdir()
+        path = _identity(Path(tmp) / "m.onnx", inputs, names[half : 2 * half])
+        argv = [
+            "--onnx",
+            str(path),
+            "--triton-repo",
+            str(root / "repo"),
+            "--triton-model-name",
+            model,
+        ]
+        _compiles_or_refuses_in_one_line([*argv, "--triton-backend", backend], root / "out")
+        if not (root / "out").exists():
+            assert not _model_name_ok(model) or sorted(root.iterdir()) == []
+            return
+        assert _model_name_ok(model)
+        assert sorted(p.name for p in root.iterdir()) == ["out", "repo"]
+        assert [p.name for p in (root / "repo").iterdir()] == [model]
+        config = parse_triton_config((root / "repo" / model / "config.pbtxt").read_text())
+        assert (config.name, not config.parameters) == (model, True)
+        assert [t.name for t in config.input] == names[:half]
+        assert [t.name for t in config.output] == names[half : 2 * half]
+
+
+TYPES = [
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BOOL,
+    TensorProto.INT8, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT64,
+    TensorProto.STRING, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN,
+]  # fmt: skip
+DIMS = st.sampled_from([-3, 0, 1, 5, 2**31, 2**40, 2**62]) | st.sampled_from(
+    ["batch", "L", "batch*8", "", "é x"]
+)
+
+
+@EXAMPLES
+@given(
+    declared=st.lists(
+        st.tuples(st.sampled_from(TYPES), st.none() | st.lists(DIMS, max_size=3)),
+        min_size=1,
+        max_size=3,
+    ),
+    flags=st.sampled_from([["--check"], ["--latency"], ["--triton-repo"], []]),
+)
+def test_drawn_graph_input_declarations_compile_or_are_refused_in_one_line(declared, flags):
+    """Dims of 2^40 (MemoryError), below 0 (ValueError), scalars (TypeError), types Triton or the
+    check lacks (KeyError): each compiles, or is refused in one line, in bounded time and memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = [(f"x{i}", t, dims) for i, (t, dims) in enumerate(declared)]
+        path = _identity(Path(tmp) / "m.onnx", inputs, [f"y{i}" for i in range(len(inputs))])
+        if flags == ["--triton-repo"]:
+            flags = [*flags, str(Path(tmp) / "repo")]
+        _compiles_or_refuses_in_one_line(["--onnx", str(path), *flags], Path(tmp) / "out")
+
+
+OPTION_VALUES = st.sampled_from(
+    [None, True, False, 0, -5, 2.5, 2**70, "big", "16GiB", "1e400", "", [1, 2, 3], (1, -1, 4),
+     {"batch": 1}, "portable", "ort-cpu", "fp16", object()]
+)  # fmt: skip
+OPTIONS = st.sampled_from(
+    ["target", "precision", "form", "check", "latency", "latency_shape", "max_batch", "max_len",
+     "memory_limit", "external_data", "profile_shapes", "engine_cache", "seed", "self_attention",
+     "key_padding_mask", "is_causal", "no_such_option"]
+)  # fmt: skip
+
+
+@EXAMPLES
+@given(options=st.dictionaries(OPTIONS, OPTION_VALUES, min_size=1, max_size=3))
+def test_drawn_library_options_compile_or_raise_this_projects_errors(options):
+    """compile() on a live module with drawn options: an Artifact, or one of this project's
+    errors in one line; never a raw TypeError, ValueError or AttributeError from inside."""
+    from compile import USER_ERRORS
+
+    import artifacts
+
+    module = torch.nn.MultiheadAttention(8, 2)
+    options = {k: v for k, v in options.items() if not (k == "latency" and v is True)}
+    started = time.monotonic()
+    try:
+        with artifacts.compile(module, **options):
+            pass
+    except (*USER_ERRORS, artifacts.CheckFailed, artifacts.NoEngine) as exc:
+        assert "\n" not in str(exc) and str(exc), repr(exc)
+    assert time.monotonic() - started < 10
