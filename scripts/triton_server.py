@@ -138,7 +138,7 @@ def start(
     return Served(subprocess.Popen(command, env=env, **popen), front)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         help="on a server without --http-max-input-size, serve HTTP directly: faster on few cores "
         "(docs/BENCHMARKS.md), but one request declaring an enormous shape ends the server",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     ports = (args.http_port, args.grpc_port, args.metrics_port)
     try:
         served = start(
@@ -177,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     except (NoServer, OSError) as exc:
         print(f"triton_server.py: error: {exc}", file=sys.stderr)
         return 1
-
     if served.guard is not None:
         print(
             f"triton_server.py: this tritonserver has no --http-max-input-size; HTTP on port "
