@@ -174,8 +174,8 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
             extra = sorted(m for m in members if m not in names)
             if missing or extra:
                 raise InputError(
-                    f"--inputs {str(path)!r} holds {', '.join(sorted(members)) or 'nothing'}; the graph takes "
-                    f"{', '.join(names)}" + (f" (missing {', '.join(missing)})" if missing else "")
+                    f"--inputs {str(path)!r} holds {_listed(sorted(members)) or 'nothing'}; the graph "
+                    f"takes {_listed(list(names))}" + (f" (missing {_listed(missing)})" if missing else "")
                 )
             arrays = {}
             for name in names:
@@ -188,6 +188,14 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
             f"--inputs {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})"
         ) from exc
     return arrays
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    """Names for a one-line message: any that would break the line (a newline) or hide its end
+    shown as a Python literal, and at most ``most`` of them."""
+    shown = [n if n.isprintable() else repr(n) for n in names[:most]]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(shown) + more
 
 
 def _first_line(exc: BaseException) -> str:

@@ -676,3 +676,18 @@ def test_a_scalar_flag_input_is_drawn_for_the_check(tmp_path, capsys):
     """A scalar bool (an If's predicate) was a TypeError while drawing the check's inputs."""
     status, out, err, _ = _compile(tmp_path, capsys, _flagged(tmp_path / "m.onnx"), "ort-cpu")
     assert status == 0 and "PASS" in out, err
+
+
+def test_npz_member_names_that_would_break_the_line_are_shown_as_literals(tmp_path, capsys):
+    """A member named with a newline split the one-line error in two."""
+    import zipfile
+
+    path = tmp_path / "inputs.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((1, 2, 1, 4), np.float32))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("q\nsecond line.npy", buffer.getvalue())
+    model = _core(tmp_path / "m.onnx")
+    status, out, err, _ = _compile(tmp_path, capsys, model, "ort-cpu", "--inputs", str(path))
+    assert status == 2 and err.count("\n") == 1, err
+    assert "holds 'q\\nsecond line'; the graph takes q, k, v (missing q, k, v)" in err
