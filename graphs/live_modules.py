@@ -62,6 +62,11 @@ def check_block_parts(layer: Any) -> None:
             f"{replaced[0]} of its own, which no spec describes; export it with torch.onnx.export "
             "and compile that with --onnx"
         )
+    if any(p.is_meta for p in layer.parameters()):
+        raise SpecError(
+            "the layer holds its weights on the meta device, which has no values; load them first "
+            "(layer.to_empty(device='cpu'), then load_state_dict)"
+        )
     attentions = ["self_attn"] if encoder else ["self_attn", "multihead_attn"]
     norms = ["norm1", "norm2"] if encoder else ["norm1", "norm2", "norm3"]
     _check_part(layer, "linear1", torch.nn.Linear, None)

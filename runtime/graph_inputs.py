@@ -175,7 +175,8 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
             if missing or extra:
                 raise InputError(
                     f"--inputs {str(path)!r} holds {_listed(sorted(members)) or 'nothing'}; the graph "
-                    f"takes {_listed(list(names))}" + (f" (missing {_listed(missing)})" if missing else "")
+                    f"takes {_listed(list(names))}"
+                    + (f" (missing {_listed(missing)})" if missing else "")
                 )
             arrays = {}
             for name in names:

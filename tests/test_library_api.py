@@ -210,6 +210,10 @@ def test_a_subclass_of_multihead_attention_is_refused_saying_why_or_taken_when_i
         on_meta = torch.nn.MultiheadAttention(16, 2)
     with pytest.raises(SpecError, match="holds its weights on the meta device"):
         artifacts.compile(on_meta)
+    with torch.device("meta"):
+        layer_on_meta = torch.nn.TransformerEncoderLayer(16, 2, 32)
+    with pytest.raises(SpecError, match="the layer holds its weights on the meta device"):
+        artifacts.compile(layer_on_meta)
 
 
 def test_the_check_of_a_live_module_runs_that_module():
