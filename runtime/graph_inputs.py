@@ -142,16 +142,16 @@ def _check_drawable(spec: InputSpec, dims: tuple[int, ...]) -> None:
     2^40 asked for terabytes) or has a negative size."""
     if any(d < 0 for d in dims):
         raise InputError(f"input {spec.name!r} declares a negative size: {dims}")
-    if any(d > INPUTS_LIMIT for d in dims):
-        raise InputError(
-            f"input {spec.name!r} at shape {dims} has an axis past {INPUTS_LIMIT}, more than --check "
-            "and --latency draw; give real inputs with --inputs FILE.npz"
-        )
     if int(np.prod(dims, dtype=object)) * max(spec.dtype.itemsize, 1) > INPUTS_LIMIT:
         raise InputError(
             f"input {spec.name!r} at shape {dims} would take more than {INPUTS_LIMIT >> 30} GiB, more "
             "than --check and --latency draw for one input; give real inputs with --inputs FILE.npz, "
             "or smaller sizes with --latency-shape"
+        )
+    if any(d > INPUTS_LIMIT for d in dims):
+        raise InputError(
+            f"input {spec.name!r} at shape {dims} has an axis past {INPUTS_LIMIT}, more than --check "
+            "and --latency draw; give real inputs with --inputs FILE.npz"
         )
 
 
