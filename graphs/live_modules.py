@@ -35,16 +35,21 @@ def check_attention_module(module: Any, part: str = "") -> None:
         raise SpecError(
             f"{where} is a {type(module).__name__}, expected a torch.nn.MultiheadAttention"
         )
-    if replaced := own_methods(module, torch.nn.MultiheadAttention):
+    _check_own(module, torch.nn.MultiheadAttention, where)
+
+
+def _check_own(module: Any, base: type, where: str) -> None:
+    """SpecError where ``module`` replaces a method ``base``'s forward runs, or has no values."""
+    if replaced := own_methods(module, base):
         raise SpecError(
-            f"{where} is {type(module).__name__}, a subclass of torch.nn.MultiheadAttention with a "
+            f"{where} is {type(module).__name__}, a subclass of torch.nn.{base.__name__} with a "
             f"{replaced[0]} of its own, which no spec describes; export it with torch.onnx.export "
             "and compile that with --onnx"
         )
     if any(p.is_meta for p in module.parameters()):
         raise SpecError(
             f"{where} holds its weights on the meta device, which has no values; load them first "
-            "(module.to_empty(device='cpu'), then load_state_dict)"
+            "(.to_empty(device='cpu'), then load_state_dict)"
         )
 
 
@@ -56,17 +61,7 @@ def check_block_parts(layer: Any) -> None:
 
     encoder = isinstance(layer, torch.nn.TransformerEncoderLayer)
     base = torch.nn.TransformerEncoderLayer if encoder else torch.nn.TransformerDecoderLayer
-    if replaced := own_methods(layer, base):
-        raise SpecError(
-            f"the layer is {type(layer).__name__}, a subclass of torch.nn.{base.__name__} with a "
-            f"{replaced[0]} of its own, which no spec describes; export it with torch.onnx.export "
-            "and compile that with --onnx"
-        )
-    if any(p.is_meta for p in layer.parameters()):
-        raise SpecError(
-            "the layer holds its weights on the meta device, which has no values; load them first "
-            "(layer.to_empty(device='cpu'), then load_state_dict)"
-        )
+    _check_own(layer, base, "the layer")
     attentions = ["self_attn"] if encoder else ["self_attn", "multihead_attn"]
     norms = ["norm1", "norm2"] if encoder else ["norm1", "norm2", "norm3"]
     _check_part(layer, "linear1", torch.nn.Linear, None)

@@ -137,16 +137,16 @@ class _PlainSubclass(torch.nn.MultiheadAttention):
 
 
 def _encoder(**changes):
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
-    for name, part in changes.items():
-        setattr(layer, name, part)
-    return layer
+    return _layer(torch.nn.TransformerEncoderLayer, changes)
 
 
 def _decoder(**changes):
+    return _layer(torch.nn.TransformerDecoderLayer, changes)
+
+
+def _layer(kind, changes):
     torch.manual_seed(0)
-    layer = torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True).eval()
+    layer = kind(16, 2, 32, batch_first=True).eval()
     for name, part in changes.items():
         setattr(layer, name, part)
     return layer

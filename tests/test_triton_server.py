@@ -283,21 +283,25 @@ def test_the_load_test_checks_every_response(served, tmp_path, capsys):
     assert result["p99_ms"] >= result["p50_ms"] > 0
 
 
+def _load(server, tmp_path, model: str, flags: str) -> tuple[int, dict]:
+    """scripts/triton_load.py against ``model``, with ``flags``: its exit status and summary."""
+    import triton_load
+
+    onnx_path = server.log.parent / model / "model.onnx"
+    out = tmp_path / "load.json"
+    argv = ["--url", server.http, "--model", model, "--onnx", onnx_path, "--json", out]
+    status = triton_load.main([str(a) for a in argv + ["--lengths", "8", "16", *flags.split()]])
+    return status, json.loads(out.read_text())
+
+
 def test_a_graph_for_two_rows_answers_64_concurrent_clients_and_the_server_stays_up(
     served, tmp_path
 ):
     """Compiled with --max-batch 2, served under a config whose batcher joins up to 8 rows: 64
     clients x 5 batch-1 requests are all answered exactly (the server crashed on a shared error
     object, then refused 316 of 320 as 'batch=8, more than the 2'), and the server is up after."""
-    import triton_load
-
     server, _ = served
-    onnx_path = server.log.parent / "mha_b2" / "model.onnx"
-    out = tmp_path / "load.json"
-    argv = ["--url", server.http, "--model", "mha_b2", "--onnx", onnx_path, "--json", out]
-    argv += ["--clients", "64", "--requests", "5", "--batches", "1", "--lengths", "8", "16"]
-    status = triton_load.main([str(a) for a in argv])
-    result = json.loads(out.read_text())
+    status, result = _load(server, tmp_path, "mha_b2", "--clients 64 --requests 5 --batches 1")
     assert (status, result["answered"], result["lost"], result["wrong"]) == (0, 320, 0, 0), result
     assert result["merged_requests"] > 0  # the batcher did join requests
     assert server.process.poll() is None
@@ -390,15 +394,9 @@ def test_the_hostile_load_mode_leaves_the_server_up_and_every_valid_request_answ
     an enormous or negative declared shape, a garbage body, a dropped connection) before each
     valid one, from 16 clients: every hostile one refused, every valid one answered exactly, the
     server up at the end."""
-    import triton_load
-
     server, _ = served
-    onnx_path = server.log.parent / "mha_b2" / "model.onnx"
-    out = tmp_path / "load.json"
-    argv = ["--url", server.http, "--model", "mha_b2", "--onnx", onnx_path, "--json", out]
-    argv += ["--clients", "16", "--requests", "4", "--batches", "1", "2", "--hostile", "1"]
-    status = triton_load.main([str(a) for a in argv])
-    result = json.loads(out.read_text())
+    flags = "--clients 16 --requests 4 --batches 1 2 --hostile 1"
+    status, result = _load(server, tmp_path, "mha_b2", flags)
     assert (status, result["answered"], result["lost"], result["wrong"]) == (0, 64, 0, 0), result
     assert result["server_up"] and result["hostile_answered"] == 0
     from triton_hostile import KINDS
