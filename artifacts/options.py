@@ -63,11 +63,10 @@ def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
         and len(shapes) == 3
         and all(isinstance(x, str) for x in shapes)
     ):
-        raise SpecError(
-            f"profile_shapes must be three trtexec shape strings (min, opt, max), got {shapes!r}"[
-                :200
-            ]
+        problem = (
+            f"profile_shapes must be three trtexec shape strings (min, opt, max), got {shapes!r}"
         )
+        raise SpecError(problem[:200])
     for name in ("max_batch", "max_len"):
         if values.get(name) is not None and (problem := whole_number_problem(name, values[name])):
             raise SpecError(problem)

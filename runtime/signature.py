@@ -107,8 +107,9 @@ def check_inputs(
     declared largest batch or length; ``optional``: inputs that may be given, overriding an
     initializer); return the size of every symbolic axis."""
     names = [s.name for s in specs]
+    overridable = {s.name for s in optional}
     for name in feeds:
-        if name not in names and name not in {s.name for s in optional}:
+        if name not in names and name not in overridable:
             raise InputError(f"unexpected input {name!r}; this graph takes {', '.join(names)}")
     for spec in optional:
         if spec.name in feeds:
