@@ -427,3 +427,22 @@ def test_out_of_range_numbers_are_one_line(run_cli, tmp_path, flags, message):
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_force_takes_the_bytecode_triton_leaves_beside_model_py_and_nothing_else(run_cli, tmp_path):
+    """Triton's python stub imports model.py and leaves 1/__pycache__: --force could never replace
+    a served python-backend model. Bytecode of model.py is ours; anything else there is not."""
+    flags = ["--embed-dim", "8", "--num-heads", "2", "--triton-backend", "python"]
+    run = lambda *extra: run_cli(  # noqa: E731
+        "compile.py", *flags, "--out", tmp_path / "o", "--triton-repo", tmp_path / "r", *extra
+    )
+    assert run().returncode == 0
+    cache = tmp_path / "r" / "attention" / "1" / "__pycache__"
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"\0")
+    assert run("--force").returncode == 0 and not cache.exists()
+    cache.mkdir()
+    (cache / "notes.txt").write_text("mine")
+    refused = run("--force")
+    assert refused.returncode == 2 and "1/__pycache__" in refused.stderr
+    assert (cache / "notes.txt").read_text() == "mine"
