@@ -118,9 +118,7 @@ def check_inputs(
             ):
                 _checked_axis(spec, axis, want, got)
     bound: dict[str, tuple[int, str]] = {}  # axis name: its size, and the input that first gave it
-    deferred: list[
-        tuple[InputSpec, int, str, int]
-    ] = []  # axes computed from others: past_len+tgt_len
+    deferred: list[tuple[InputSpec, int, str, int]] = []  # computed axes: past_len+tgt_len
     for spec in specs:
         if spec.name not in feeds:
             raise InputError(f"missing input {spec.name!r}; this graph takes {', '.join(names)}")
