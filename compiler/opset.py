@@ -6,12 +6,15 @@ import onnx.helper
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
 
+from compiler.opset_forms import MatchOpsetPass
+
 _SOFTMAX_LIKE = ("Softmax", "LogSoftmax", "Hardmax")
 
 
 class UpgradeOpsetPass(ir.passes.InPlacePass):
     """onnxscript's version converter (it adapts every node whose semantics changed), plus the IR
-    version the new opset needs, which the converter leaves alone, and the Softmax adapter it lacks:
+    version the new opset needs, which the converter leaves alone, the signatures it carries over
+    unchanged (compiler/opset_forms.py), and the Softmax adapter it lacks:
     before opset 13 Softmax flattens its input to 2-D at ``axis`` (default 1), from 13 on it works on
     the one ``axis`` (default -1), and the converter carries the node over unchanged."""
 
@@ -28,6 +31,7 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
         ConvertVersionPass(self.opset, fallback=False)(model)
         if model.opset_imports.get("") != self.opset:
             raise ir.passes.PassError(f"could not convert the graph to opset {self.opset}")
+        MatchOpsetPass()(model)  # the ops the converter carries over unchanged (ReduceMean-13)
         needed = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", self.opset)])
         model.ir_version = max(model.ir_version, needed)
         return ir.passes.PassResult(model, True)

@@ -18,6 +18,7 @@ from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
 from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass, ResidualSumPass
 from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
+from compiler.opset_forms import MatchOpsetPass
 from compiler.pack_projections import PackProjectionsPass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
@@ -176,11 +177,12 @@ def every_node(graph: onnx.GraphProto):
 def compile_model(
     model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None
 ) -> onnx.ModelProto:
-    """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion."""
+    """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion, and
+    every node then takes the signature of the model's opset."""
     _, chosen = get_target(target, precision, form)
     passes = [make() for make in chosen.passes]
     if precision == "fp16":
         passes.append(Float16Pass())
     ir_model = ir.serde.deserialize_model(model)
-    ir.passes.Sequential(*passes, CleanupPass())(ir_model)
+    ir.passes.Sequential(*passes, MatchOpsetPass(), CleanupPass())(ir_model)
     return ir.serde.serialize_model(ir_model)

@@ -51,10 +51,12 @@ class Entry:
     implementation: str | None  # transformers' attn_implementation; None for torch's modules
     exporter: str
     size: Size = field(default_factory=Size)
+    opset: int = 18  # the legacy exporter also writes 14 and 17, opsets users' exports carry
 
     @property
     def name(self) -> str:
-        return "-".join(p for p in (self.family, self.implementation, self.exporter) if p)
+        opset = f"opset{self.opset}" if self.opset != 18 else None
+        return "-".join(p for p in (self.family, self.implementation, self.exporter, opset) if p)
 
     @property
     def kind(self) -> str:
@@ -276,7 +278,7 @@ def _torch_export(entry: Entry, path: Path) -> None:
     names = list(inputs)
     args = tuple(torch.from_numpy(value) for value in inputs.values())
     axes = _AXES[entry.kind if entry.kind != "sequence" else entry.family]
-    common = {"input_names": names, "output_names": ["output"], "opset_version": 18}
+    common = {"input_names": names, "output_names": ["output"], "opset_version": entry.opset}
     module = _module(entry)
     if entry.exporter != "dynamo":
         # the legacy exporter needs grad on, or torch's fast encoder path is traced as one

@@ -78,3 +78,18 @@ def parse_triton_config(text: str):
     from google.protobuf import text_format
 
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 4 queries, and the long forms from length 8 on, so that short inputs cover both forms
+    and ragged last blocks."""
+    import compiler.fuse_ort_mha as compiler_fuse_ort_mha
+    import compiler.mask_forms as compiler_mask_forms
+
+    monkeypatch.setattr(compiler_mask_forms, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(compiler_mask_forms, "CHUNK_BLOCK", 4)
+    monkeypatch.setattr(compiler_fuse_ort_mha, "CAUSAL_FROM", 8)
+    monkeypatch.setattr(compiler_fuse_ort_mha, "CHUNKS_FROM", 8)
+    monkeypatch.setattr(compiler_fuse_ort_mha, "ROWS_FROM", 8)
+    monkeypatch.setattr(compiler_fuse_ort_mha, "BLOCKS_FROM", 8)

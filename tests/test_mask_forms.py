@@ -38,18 +38,6 @@ def _subgraphs_of(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return [attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 4 queries, and the long forms from length 8 on, so that short inputs cover both forms
-    and ragged last blocks."""
-    monkeypatch.setattr(compiler.mask_forms, "CAUSAL_BLOCK", 4)
-    monkeypatch.setattr(compiler.mask_forms, "CHUNK_BLOCK", 4)
-    monkeypatch.setattr(compiler.fuse_ort_mha, "CAUSAL_FROM", 8)
-    monkeypatch.setattr(compiler.fuse_ort_mha, "CHUNKS_FROM", 8)
-    monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 8)
-    monkeypatch.setattr(compiler.fuse_ort_mha, "BLOCKS_FROM", 8)
-
-
 def test_causal_attention_runs_in_query_blocks_with_no_mask_on_the_op():
     """The long form holds no (L, S) tensor: no Range builds positions outside the short form, and its
     MultiHeadAttention takes query, key and value only (the flash path)."""
