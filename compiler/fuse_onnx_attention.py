@@ -18,6 +18,7 @@ from compiler.attention_core import (
     followed,
     full_bias,
     keys_bnsh,
+    no_key_left,
     rank4,
     replace_core,
     summed,
@@ -81,6 +82,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 continue
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
+            if bias is not None:
+                bias = as_the_graph_reads(graph, bias, add, not core.zeroes_dead_rows)
             node = _attention_node(graph, core, add, bias, scope)
             cache = core.cache
             new.append(node)
@@ -148,7 +151,8 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
-    attend = functools.partial(_block_attention, (heads, merge, corner), core.scale)
+    keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=not core.zeroes_dead_rows)
+    attend = functools.partial(_block_attention, (heads, merge, corner), core.scale, keep_rows)
     terms = mask_terms(core)
     key_bias = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
     context = query_blocks(
@@ -175,6 +179,7 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
 def _block_attention(
     shapes: tuple[ir.Value, ir.Value, ir.Value],
     scale: float | None,
+    keep_rows,
     op,
     query: ir.Value,
     keys: ir.Value,
@@ -182,7 +187,8 @@ def _block_attention(
     bias: ir.Value | None,
 ) -> ir.Value:
     """One block of _in_blocks: the Attention op over the block's queries (N, b, E) and every key,
-    with its rows of the bias; ``shapes``: the heads, merge and mask-corner shape constants."""
+    with its rows of the bias; ``shapes``: the heads, merge and mask-corner shape constants;
+    ``keep_rows``: as_the_graph_reads over the block's bias."""
     heads, merge, corner = shapes
     q = op(
         "Transpose",
@@ -196,7 +202,8 @@ def _block_attention(
     if bias is not None:
         # ONNX Runtime takes a mask full over queries and keys only: a key bias gets its b rows
         shape = op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})
-        inputs.append(op("Expand", [bias, shape], "block_mask"))
+        block_mask = op("Expand", [bias, shape], "block_mask")
+        inputs.append(keep_rows(block_mask, op))
     context = op("Attention", inputs, "Attention", {"scale": scale})  # (N, H, b, hd)
     return op(
         "Reshape",
@@ -212,3 +219,24 @@ def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Va
     if k_kv is None or v_kv is None or k_kv.shape[1] != v_kv.shape[1]:
         return k, v
     return k_kv, v_kv
+
+
+def as_the_graph_reads(graph: ir.Graph, bias: ir.Value, add, nan_rows: bool) -> ir.Value:
+    """``bias`` as the op must read it for a row with no key left to get what the graph gives it.
+    ONNX Runtime's CPU Attention op gives such a row a zero context, counting float32's lowest as
+    -inf, where an unguarded graph gives the mean of the values (every score the same lowest, as
+    Hugging Face's masks make them) or NaN (all -inf). So lowest becomes lowest / 2, which weighs a
+    key the same (nothing beside any finite score, the same share in a row of them); with
+    ``nan_rows`` (the graph guards no row), a row left all -inf gets a NaN, which the op carries to
+    the context. A guarded graph zeroes only -inf rows, as the op does."""
+    lowest = float(np.finfo(np.float32).min)
+    low, half, nan = (
+        new_initializer(graph, f"attention/{name}", np.asarray(value, np.float32))
+        for name, value in (("lowest", lowest), ("half_lowest", lowest / 2), ("nan", np.nan))
+    )
+    found = add("Equal", [bias, low], "graph_rows/is_lowest")
+    bias = add("Where", [found, half, bias], "graph_rows/half_lowest")
+    if not nan_rows:
+        return bias
+    dead = no_key_left(graph, bias, add, "graph_rows")
+    return add("Where", [dead, nan, bias], "graph_rows/nan_rows")

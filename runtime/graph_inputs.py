@@ -3,8 +3,9 @@ it, or the user's own from an .npz file.
 
 A text model takes integer token ids and an integer or bool attention mask, not floats. Ids are drawn
 inside the embedding table that reads them (the Gather whose indices they are, through Casts and
-reshapes), so a check never indexes past a table; masks pad some keys but never a whole row, so no
-query is left with nothing to attend to (torch gives NaN there, docs/ARCHITECTURE.md a zero context).
+reshapes), so a check never indexes past a table; masks pad some keys, left-pad one batch entry and
+hide every key of another, so a check meets query rows with nothing to attend to: there the compiled
+graph must give what the input graph gives (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def graph_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs from the graph's declared ``inputs``; each symbolic axis takes its size from
     ``sizes`` (3 when absent).
-    - bool inputs, and float or integer inputs named like masks: about ``mask_rate`` of the last axis
-      padded, never its first entry (bool: True pads, as torch's key_padding_mask; float: -inf is
-      added; integer: 0 pads, 1 attends, as Hugging Face's attention_mask);
+    - bool inputs, and float or integer inputs named like masks: padded as ``_padding`` says (bool:
+      True pads, as torch's key_padding_mask; float: -inf is added; integer: 0 pads, 1 attends, as
+      Hugging Face's attention_mask);
     - integer inputs in ``ranges`` (from ``index_ranges``): ids from 0 to the table's rows;
     - float inputs: standard normal.
     Anything else is an InputError naming the input and pointing at --inputs."""
@@ -93,9 +94,7 @@ def graph_inputs(
         _check_drawable(spec, dims)
         kind = spec.dtype.kind
         if spec.dtype == np.bool_ or (kind in "fiu" and _looks_like_mask(spec.name)):
-            padded = np.asarray(rng.random(dims) < mask_rate)  # a scalar flag too
-            if padded.ndim:
-                padded[..., :1] = False
+            padded = _padding(dims, rng, mask_rate)
             feeds[spec.name] = (
                 padded
                 if spec.dtype == np.bool_
@@ -118,6 +117,22 @@ def graph_inputs(
                 "with --inputs FILE.npz (one array per input name)"
             )
     return feeds
+
+
+def _padding(dims: tuple[int, ...], rng: np.random.Generator, rate: float) -> np.ndarray:
+    """Which keys a drawn mask hides: about ``rate`` of them, never the first, in the first batch
+    entry; the second entry left-padded (its first third hidden: under a causal mask its first rows
+    see no key); the third hidden whole. So every check meets rows with nothing to attend to, where
+    fused kernels differ from the graphs they replace."""
+    padded = np.asarray(rng.random(dims) < rate)  # a scalar flag too
+    if padded.ndim:
+        padded[..., :1] = False
+    if padded.ndim >= 2 and dims[0] >= 2:
+        padded[1] = False
+        padded[1, ..., : max(1, dims[-1] // 3)] = True
+    if padded.ndim >= 2 and dims[0] >= 3:
+        padded[2] = True
+    return padded
 
 
 def overridden_initializers(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

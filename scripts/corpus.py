@@ -250,7 +250,7 @@ def run_entry(
         "exporter": entry.exporter,
     }
     # the legacy exporter fixed the shapes of torch's own modules
-    fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
+    fixed_shapes = entry.fixed_shapes
     given = model_zoo.example_inputs(entry) if fixed_shapes else None
     compiled = _compiled_rows(original, given, row)
     sessions = {"input": _session(str(path), args.threads)}
@@ -505,7 +505,7 @@ def _paired_table(
         compiled = ours(original)
         if not keep(compiled):
             continue
-        fixed_shapes = entry.exporter == "legacy" and entry.family.startswith("torch")
+        fixed_shapes = entry.fixed_shapes
         given = model_zoo.example_inputs(entry) if fixed_shapes else None
         feeds = given or timed_inputs(original, args.batch, args.seq)
         sessions = {

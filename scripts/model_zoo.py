@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("bert", "gpt2", "vit", "llama", "torch-encoder", "torch-transformer")
+TORCH_FAMILIES = ("torch-encoder", "torch-transformer", "detr")  # on nn.MultiheadAttention
 IMPLEMENTATIONS = ("sdpa", "eager")
 EXPORTERS = ("dynamo", "legacy")
 
@@ -59,19 +59,22 @@ class Entry:
         return "-".join(p for p in (self.family, self.implementation, self.exporter, opset) if p)
 
     @property
+    def fixed_shapes(self) -> bool:
+        """torch's legacy exporter fixes nn.MultiheadAttention's lengths at the traced ones: such an
+        export is checked and timed at its example inputs."""
+        return self.exporter == "legacy" and self.family in TORCH_FAMILIES
+
+    @property
     def kind(self) -> str:
-        return (
-            "text"
-            if self.family in ("bert", "gpt2", "llama")
-            else "image"
-            if self.family == "vit"
-            else "sequence"
-        )
+        """text, image, audio, or the torch family's own name."""
+        return HF_FAMILIES[self.family].wrap if self.family in HF_FAMILIES else self.family
 
 
-def entries(size: Size = Size(), families: tuple[str, ...] = FAMILIES) -> Iterator[Entry]:
-    for family in families:
-        for implementation in IMPLEMENTATIONS if not family.startswith("torch") else (None,):
+def entries(size: Size = Size(), families: tuple[str, ...] | None = None) -> Iterator[Entry]:
+    for family in families or FAMILIES:
+        for implementation in (
+            HF_FAMILIES[family].implementations if family in HF_FAMILIES else (None,)
+        ):
             for exporter in EXPORTERS:
                 yield Entry(family, implementation, exporter, size)
 
@@ -87,6 +90,12 @@ def example_inputs(entry: Entry) -> dict[str, Any]:
         inputs = {"input_ids": torch.randint(0, 1000, (2, 16)), "attention_mask": mask}
     elif entry.kind == "image":
         inputs = {"pixel_values": torch.randn(2, 3, s.image, s.image)}
+    elif entry.kind == "audio":  # Whisper's encoder takes twice its max_source_positions frames
+        inputs = {"input_features": torch.randn(2, 16, 32)}
+    elif entry.kind == "detr":
+        padding = torch.zeros(2, 16, dtype=torch.bool)
+        padding[1, -4:] = True
+        inputs = {"memory": torch.randn(2, 16, s.hidden), "memory_mask": padding}
     elif entry.family == "torch-encoder":
         padding = torch.zeros(2, 16, dtype=torch.bool)
         padding[1, -4:] = True
@@ -102,6 +111,8 @@ _AXES = {
         "attention_mask": {0: "batch", 1: "sequence"},
     },
     "image": {"pixel_values": {0: "batch"}},
+    "audio": {"input_features": {0: "batch"}},
+    "detr": {"memory": {0: "batch", 1: "sequence"}, "memory_mask": {0: "batch", 1: "sequence"}},
     "torch-encoder": {
         "src": {0: "batch", 1: "sequence"},
         "src_key_padding_mask": {0: "batch", 1: "sequence"},
@@ -114,8 +125,10 @@ def _module(entry: Entry) -> Any:
     """The module to export, taking its inputs positionally."""
     torch.manual_seed(0)
     s = entry.size
-    if entry.family in ("bert", "gpt2", "vit", "llama"):
+    if entry.family in HF_FAMILIES:
         return _transformers_module(entry)
+    if entry.family == "detr":
+        return _DetrHead(s).eval()
     if entry.family == "torch-encoder":
         layer = torch.nn.TransformerEncoderLayer(s.hidden, s.heads, 2 * s.hidden, batch_first=True)
         return _Encoder(
@@ -126,55 +139,239 @@ def _module(entry: Entry) -> Any:
     ).eval()
 
 
+@dataclass(frozen=True)
+class _Hf:
+    """A transformers family: its model and config classes, the config at a size, and how it is
+    called (``wrap``: the wrapper class, ``options``: what the model is built or called with)."""
+
+    model: str
+    config: str
+    settings: Any  # Size -> config keyword arguments
+    wrap: str = "text"
+    built: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the model's constructor
+    called: tuple[tuple[str, Any], ...] = ()  # keyword arguments of its call
+    implementations: tuple[str, ...] = IMPLEMENTATIONS  # those transformers has for it
+
+
+def _bert_like(s: Size) -> dict[str, Any]:
+    return {
+        "hidden_size": s.hidden,
+        "num_attention_heads": s.heads,
+        "num_hidden_layers": s.layers,
+        "intermediate_size": 2 * s.hidden,
+        "vocab_size": 1000,
+    }
+
+
+def _decoder(s: Size, kv_heads: int | None = None, **more: Any) -> dict[str, Any]:
+    kv = {"num_key_value_heads": kv_heads} if kv_heads else {}
+    return {**_bert_like(s), **kv, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **more}
+
+
+_NO_CACHE = (("use_cache", False),)
+_EAGER = ("eager",)  # transformers has no sdpa form of it
+_NO_POOL = (("add_pooling_layer", False),)
+HF_FAMILIES = {
+    "bert": _Hf("BertModel", "BertConfig", _bert_like, built=_NO_POOL),
+    "roberta": _Hf("RobertaModel", "RobertaConfig", _bert_like, built=_NO_POOL),
+    "electra": _Hf(
+        "ElectraModel", "ElectraConfig", lambda s: {**_bert_like(s), "embedding_size": s.hidden}
+    ),
+    "albert": _Hf(
+        "AlbertModel",
+        "AlbertConfig",
+        lambda s: {**_bert_like(s), "embedding_size": s.hidden},
+        built=_NO_POOL,
+    ),
+    "distilbert": _Hf(
+        "DistilBertModel",
+        "DistilBertConfig",
+        lambda s: {
+            "dim": s.hidden,
+            "n_heads": s.heads,
+            "n_layers": s.layers,
+            "hidden_dim": 2 * s.hidden,
+            "vocab_size": 1000,
+        },
+    ),
+    "modernbert": _Hf(
+        "ModernBertModel",
+        "ModernBertConfig",
+        lambda s: {
+            **_decoder(s),
+            "local_attention": 8,
+            "global_attn_every_n_layers": 2,
+            "cls_token_id": 0,
+            "sep_token_id": 0,
+        },
+    ),
+    "deberta": _Hf("DebertaV2Model", "DebertaV2Config", _bert_like, implementations=_EAGER),
+    "clip-text": _Hf(
+        "CLIPTextModel", "CLIPTextConfig", lambda s: {**_decoder(s), "max_position_embeddings": 77}
+    ),
+    "t5-encoder": _Hf(
+        "T5EncoderModel",
+        "T5Config",
+        lambda s: {
+            "d_model": s.hidden,
+            "d_kv": s.hidden // s.heads,
+            "d_ff": 2 * s.hidden,
+            "num_layers": s.layers,
+            "num_heads": s.heads,
+            "vocab_size": 1000,
+        },
+    ),
+    "bart": _Hf(
+        "BartModel",
+        "BartConfig",
+        lambda s: {
+            "d_model": s.hidden,
+            "encoder_layers": s.layers,
+            "decoder_layers": s.layers,
+            "encoder_attention_heads": s.heads,
+            "decoder_attention_heads": s.heads,
+            "encoder_ffn_dim": 2 * s.hidden,
+            "decoder_ffn_dim": 2 * s.hidden,
+            "vocab_size": 1000,
+            "pad_token_id": 1,
+            "decoder_start_token_id": 2,
+        },
+        called=_NO_CACHE,
+    ),
+    "gpt2": _Hf(
+        "GPT2Model",
+        "GPT2Config",
+        lambda s: {
+            "n_embd": s.hidden,
+            "n_head": s.heads,
+            "n_layer": s.layers,
+            "vocab_size": 1000,
+            "n_positions": 4096,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+        called=_NO_CACHE,
+    ),
+    "llama": _Hf(
+        "LlamaModel", "LlamaConfig", lambda s: _decoder(s, max(1, s.heads // 2)), called=_NO_CACHE
+    ),
+    "qwen2": _Hf(
+        "Qwen2Model", "Qwen2Config", lambda s: _decoder(s, max(1, s.heads // 2)), called=_NO_CACHE
+    ),
+    "mistral": _Hf(
+        "MistralModel",
+        "MistralConfig",
+        lambda s: _decoder(s, max(1, s.heads // 2), sliding_window=8),
+        called=_NO_CACHE,
+    ),
+    "phi3": _Hf(
+        "Phi3Model", "Phi3Config", lambda s: _decoder(s, max(1, s.heads // 2)), called=_NO_CACHE
+    ),
+    "gemma2": _Hf(
+        "Gemma2Model",
+        "Gemma2Config",
+        lambda s: _decoder(
+            s,
+            max(1, s.heads // 2),
+            head_dim=s.hidden // s.heads,
+            query_pre_attn_scalar=s.hidden // s.heads,
+            sliding_window=8,
+        ),
+        called=_NO_CACHE,
+        implementations=_EAGER,
+    ),
+    "opt": _Hf(
+        "OPTModel",
+        "OPTConfig",
+        lambda s: {
+            **_decoder(s),
+            "ffn_dim": 2 * s.hidden,
+            "word_embed_proj_dim": s.hidden,
+            "max_position_embeddings": 4096,
+        },
+        called=_NO_CACHE,
+    ),
+    "gpt-neox": _Hf(
+        "GPTNeoXModel", "GPTNeoXConfig", lambda s: _decoder(s, rotary_pct=0.25), called=_NO_CACHE
+    ),
+    "falcon": _Hf(
+        "FalconModel",
+        "FalconConfig",
+        lambda s: {**_decoder(s), "multi_query": True},
+        called=_NO_CACHE,
+    ),
+    "bloom": _Hf(
+        "BloomModel",
+        "BloomConfig",
+        lambda s: {
+            "hidden_size": s.hidden,
+            "n_head": s.heads,
+            "n_layer": s.layers,
+            "vocab_size": 1000,
+        },
+        called=_NO_CACHE,
+        implementations=_EAGER,
+    ),
+    "vit": _Hf(
+        "ViTModel",
+        "ViTConfig",
+        lambda s: {**_bert_like(s), "image_size": s.image, "patch_size": 16},
+        wrap="image",
+        built=_NO_POOL,
+    ),
+    "swin": _Hf(
+        "SwinModel",
+        "SwinConfig",
+        lambda s: {
+            "image_size": s.image,
+            "patch_size": 4,
+            "embed_dim": s.hidden // 2,
+            "depths": [2, 2],
+            "num_heads": [s.heads // 2, s.heads],
+            "window_size": 4,
+        },
+        wrap="image",
+    ),
+    "whisper": _Hf(
+        "WhisperModel",
+        "WhisperConfig",
+        lambda s: {
+            "d_model": s.hidden,
+            "encoder_layers": s.layers,
+            "decoder_layers": s.layers,
+            "encoder_attention_heads": s.heads,
+            "decoder_attention_heads": s.heads,
+            "encoder_ffn_dim": 2 * s.hidden,
+            "decoder_ffn_dim": 2 * s.hidden,
+            "vocab_size": 1000,
+            "num_mel_bins": 16,
+            "max_source_positions": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "decoder_start_token_id": 0,
+        },
+        wrap="audio",
+    ),
+}
+
+
+FAMILIES = (*HF_FAMILIES, *TORCH_FAMILIES)
+
+
 def _transformers_module(entry: Entry) -> Any:
     """A Hugging Face model of the entry's family from a small config (random weights)."""
-    s = entry.size
     import transformers
 
-    impl = {"attn_implementation": entry.implementation}
-    if entry.family == "bert":
-        config = transformers.BertConfig(
-            hidden_size=s.hidden,
-            num_attention_heads=s.heads,
-            num_hidden_layers=s.layers,
-            intermediate_size=2 * s.hidden,
-            vocab_size=1000,
-            **impl,
-        )
-        return _Text(transformers.BertModel(config, add_pooling_layer=False)).eval()
-    if entry.family == "gpt2":
-        config = transformers.GPT2Config(
-            n_embd=s.hidden,
-            n_head=s.heads,
-            n_layer=s.layers,
-            vocab_size=1000,
-            n_positions=4096,
-            bos_token_id=0,
-            eos_token_id=0,
-            **impl,
-        )
-        return _Text(transformers.GPT2Model(config), use_cache=False).eval()
-    if entry.family == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=s.hidden,
-            num_attention_heads=s.heads,
-            num_key_value_heads=max(1, s.heads // 2),
-            num_hidden_layers=s.layers,
-            intermediate_size=2 * s.hidden,
-            vocab_size=1000,
-            **impl,
-        )
-        return _Text(transformers.LlamaModel(config), use_cache=False).eval()
-    config = transformers.ViTConfig(
-        hidden_size=s.hidden,
-        num_attention_heads=s.heads,
-        num_hidden_layers=s.layers,
-        intermediate_size=2 * s.hidden,
-        image_size=s.image,
-        patch_size=16,
-        **impl,
-    )
-    return _Image(transformers.ViTModel(config, add_pooling_layer=False)).eval()
+    family = HF_FAMILIES[entry.family]
+    settings = {**family.settings(entry.size), "attn_implementation": entry.implementation}
+    config = getattr(transformers, family.config)(**settings)
+    model = getattr(transformers, family.model)(config, **dict(family.built))
+    if family.wrap == "image":
+        return _Image(model).eval()
+    if family.wrap == "audio":
+        return _Image(model.get_encoder(), "input_features").eval()
+    return _Text(model, **dict(family.called)).eval()
 
 
 class _Text(torch.nn.Module):
@@ -191,12 +388,14 @@ class _Text(torch.nn.Module):
 
 
 class _Image(torch.nn.Module):
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
+    """A model taking one float input by keyword (pixels, or an audio encoder's features)."""
 
-    def forward(self, pixel_values: Any) -> Any:
-        return self.inner(pixel_values=pixel_values).last_hidden_state
+    def __init__(self, inner: Any, name: str = "pixel_values") -> None:
+        super().__init__()
+        self.inner, self.name = inner, name
+
+    def forward(self, values: Any) -> Any:
+        return self.inner(**{self.name: values}).last_hidden_state
 
 
 class _Encoder(torch.nn.Module):
@@ -218,6 +417,25 @@ class _Transformer(torch.nn.Module):
     def forward(self, src: Any, tgt: Any) -> Any:
         mask = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
         return self.inner(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+
+
+class _DetrHead(torch.nn.Module):
+    """A DETR-style decoder layer as users write it on nn.MultiheadAttention: learned queries attend
+    to each other, then to image features under a memory padding mask, each call leaving
+    need_weights at torch's default (True)."""
+
+    def __init__(self, s: Size) -> None:
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(10, s.hidden))
+        self.self_attn = torch.nn.MultiheadAttention(s.hidden, s.heads, batch_first=True)
+        self.cross_attn = torch.nn.MultiheadAttention(s.hidden, s.heads, batch_first=True)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(s.hidden), torch.nn.LayerNorm(s.hidden)
+
+    def forward(self, memory: Any, memory_mask: Any) -> Any:
+        q = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        x = self.norm1(q + self.self_attn(q, q, q)[0])
+        attended = self.cross_attn(x, memory, memory, key_padding_mask=memory_mask)[0]
+        return self.norm2(x + attended)
 
 
 def _versions() -> dict[str, str]:
@@ -277,7 +495,7 @@ def _torch_export(entry: Entry, path: Path) -> None:
     inputs = example_inputs(entry)
     names = list(inputs)
     args = tuple(torch.from_numpy(value) for value in inputs.values())
-    axes = _AXES[entry.kind if entry.kind != "sequence" else entry.family]
+    axes = _AXES[entry.kind]
     common = {"input_names": names, "output_names": ["output"], "opset_version": entry.opset}
     module = _module(entry)
     if entry.exporter != "dynamo":

@@ -68,7 +68,7 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(
         "--out",
         str(tmp_path / "out"),
     ]
-    if entry.exporter == "legacy" and entry.family.startswith("torch"):
+    if entry.fixed_shapes:
         # torch's legacy exporter fixes these modules' lengths at the traced ones: check at those
         np.savez(tmp_path / "inputs.npz", **model_zoo.example_inputs(entry))
         argv += ["--inputs", str(tmp_path / "inputs.npz")]
