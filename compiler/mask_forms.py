@@ -273,7 +273,24 @@ def op_inputs(graph: ir.Graph, core: Core, add: Emit) -> tuple[ir.Value, ir.Valu
         [add("Transpose", [core.q], "query_bsnh", {"perm": [0, 2, 1, 3]}), merge],
         "query_bsd",
     )
-    return q, keys_bnsh(core, add), core.v
+    k, v = keys_bnsh(core, add), core.v
+    if core.num_heads > 1 and any(_head_axis(x) == 1 for x in (k, v)):
+        # multi-query keys and values, which the graph's MatMuls broadcast over the query heads:
+        # MultiHeadAttention takes as many as the query has (Falcon)
+        heads = _ints(graph, "query_heads", [1, core.num_heads, 1, 1])
+        k, v = (
+            add("Expand", [x, heads], f"{name}_per_head") for x, name in ((k, "key"), (v, "value"))
+        )
+    return q, k, v
+
+
+def _head_axis(value: ir.Value) -> int | str | None:
+    """Axis 1 of a rank-4 value as shape inference left it: a number, a symbol, or None."""
+    shape = value.shape
+    if shape is None or len(shape) != 4:
+        return None
+    dim = shape[1]
+    return dim if isinstance(dim, int) else None
 
 
 def bsd_inputs(

@@ -51,13 +51,17 @@ from runtime.ort import OrtSession
 from runtime.signature import input_specs
 
 TARGETS = ("ort-cpu", "onnx-attention")
-MODEL_TYPES = {
-    "bert": "bert",
-    "gpt2": "gpt2",
+MODEL_TYPES = {  # the model_type ONNX Runtime's transformers optimizer reads each family as
+    **dict.fromkeys(("bert", "roberta", "electra", "albert", "distilbert", "modernbert"), "bert"),
+    **dict.fromkeys(("deberta", "torch-encoder", "torch-transformer", "detr"), "bert"),
+    **dict.fromkeys(("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma2", "opt"), "gpt2"),
+    **dict.fromkeys(("falcon", "bloom"), "gpt2"),
+    "gpt-neox": "gpt_neox",
+    "clip-text": "clip",
+    "t5-encoder": "t5",
+    **dict.fromkeys(("bart", "whisper"), "bart"),
     "vit": "vit",
-    "llama": "gpt2",
-    "torch-encoder": "bert",
-    "torch-transformer": "bert",
+    "swin": "swin",
 }
 
 
@@ -70,6 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS)
+    )
+    p.add_argument(
+        "--legacy-opsets",
+        nargs="+",
+        type=int,
+        default=[18],
+        choices=range(14, 19),
+        help="opsets the legacy exporter writes (the dynamo exporter writes 18 and up)",
     )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -248,6 +260,7 @@ def run_entry(
         "family": entry.family,
         "implementation": entry.implementation,
         "exporter": entry.exporter,
+        "opset": entry.opset,
     }
     # the legacy exporter fixed the shapes of torch's own modules
     fixed_shapes = entry.fixed_shapes
@@ -281,6 +294,18 @@ def run_entry(
     row["matmul_flops"] = flops
     row["floor_s"] = flops / rate if flops else None
     return row
+
+
+def _failed_row(entry: model_zoo.Entry, exc: BaseException) -> dict[str, Any]:
+    where = "export" if isinstance(exc, model_zoo.ExportError) else "compile"
+    return {
+        "model": entry.name,
+        "family": entry.family,
+        "implementation": entry.implementation,
+        "exporter": entry.exporter,
+        "opset": entry.opset,
+        "failed": f"{where}: {type(exc).__name__}: {_first_line(exc)}",
+    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -326,10 +351,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = "-".join(p for p in (r["family"], r["implementation"]) if p)
+        exporter = r["exporter"] + (f", opset {r['opset']}" if r.get("opset", 18) != 18 else "")
+        if "failed" in r:
+            lines.append(f"| {name} | {exporter} | failed: {r['failed']} |")
+            continue
         error = max(r[t]["worst_rel_error"] for t in TARGETS)
         floor = f"{r['input']['p50_s'] / r['floor_s']:.1f}" if r.get("floor_s") else "-"
         lines.append(
-            f"| {name} | {r['exporter']} | {r['ort-cpu']['cores']} | {r['ort-cpu']['fused']} / "
+            f"| {name} | {exporter} | {r['ort-cpu']['cores']} | {r['ort-cpu']['fused']} / "
             f"{r['onnx-attention']['fused']} | {error:.1e} | {r['input']['p50_s'] * 1e3:.2f} | {floor} | "
             f"{_cell(r, 'ort-cpu')} | {_cell(r, 'onnx-attention')} | {_cell(r, 'optimize_for_ort')} | "
             f"{_cell(r, 'ort_transformers')} |"
@@ -592,12 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for entry in model_zoo.entries(size, tuple(args.families)):
+        for entry in model_zoo.entries(size, tuple(args.families), tuple(args.legacy_opsets)):
             if entry.exporter not in args.exporters:
                 continue
             folder = Path(tmp) / entry.name
             folder.mkdir()
-            rows.append(run_entry(entry, args, folder, rate))
+            try:
+                rows.append(run_entry(entry, args, folder, rate))
+            except Exception as exc:  # noqa: BLE001 -- an export or compile that fails is a row of the table
+                rows.append(_failed_row(entry, exc))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print(text)

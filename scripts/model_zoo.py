@@ -27,6 +27,10 @@ IMPLEMENTATIONS = ("sdpa", "eager")
 EXPORTERS = ("dynamo", "legacy")
 
 
+class ExportError(RuntimeError):
+    """torch's exporter could not export the entry."""
+
+
 @dataclass(frozen=True)
 class Size:
     """A model's width: hidden size, heads, layers, and the image side for ViT (patches of 16)."""
@@ -70,13 +74,19 @@ class Entry:
         return HF_FAMILIES[self.family].wrap if self.family in HF_FAMILIES else self.family
 
 
-def entries(size: Size = Size(), families: tuple[str, ...] | None = None) -> Iterator[Entry]:
+def entries(
+    size: Size = Size(),
+    families: tuple[str, ...] | None = None,
+    legacy_opsets: tuple[int, ...] = (18,),
+) -> Iterator[Entry]:
+    """Every family in each implementation transformers has for it, by both exporters; the legacy
+    one at each of ``legacy_opsets``."""
     for family in families or FAMILIES:
-        for implementation in (
-            HF_FAMILIES[family].implementations if family in HF_FAMILIES else (None,)
-        ):
-            for exporter in EXPORTERS:
-                yield Entry(family, implementation, exporter, size)
+        implementations = HF_FAMILIES[family].implementations if family in HF_FAMILIES else (None,)
+        for implementation in implementations:
+            yield Entry(family, implementation, "dynamo", size)
+            for opset in legacy_opsets:
+                yield Entry(family, implementation, "legacy", size, opset)
 
 
 def example_inputs(entry: Entry) -> dict[str, Any]:
@@ -469,7 +479,10 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
     partial = folder / "partial.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _torch_export(entry, partial)
+        try:
+            _torch_export(entry, partial)
+        except Exception as exc:  # the exporter's failure, recorded as such by the corpus
+            raise ExportError(f"{entry.name}: {type(exc).__name__}: {exc}") from exc
     data = folder / "partial.onnx.data"
     if data.exists():  # external data keeps its location inside the model: save both anew
         import onnx
