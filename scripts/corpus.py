@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS)
     )
     p.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=model_zoo.IMPLEMENTATIONS,
+        default=list(model_zoo.IMPLEMENTATIONS),
+        help="transformers' attn_implementation; a family that has neither listed runs its own",
+    )
+    p.add_argument(
         "--legacy-opsets",
         nargs="+",
         type=int,
@@ -294,6 +301,14 @@ def run_entry(
     row["matmul_flops"] = flops
     row["floor_s"] = flops / rate if flops else None
     return row
+
+
+def _implemented(entry: model_zoo.Entry, args: argparse.Namespace) -> bool:
+    """Whether the entry's implementation was asked for, or is the only one its family has."""
+    if entry.implementation is None or entry.implementation in args.implementations:
+        return True
+    own = model_zoo.HF_FAMILIES[entry.family].implementations
+    return not set(own) & set(args.implementations)
 
 
 def _failed_row(entry: model_zoo.Entry, exc: BaseException) -> dict[str, Any]:
@@ -622,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in model_zoo.entries(size, tuple(args.families), tuple(args.legacy_opsets)):
-            if entry.exporter not in args.exporters:
+            if entry.exporter not in args.exporters or not _implemented(entry, args):
                 continue
             folder = Path(tmp) / entry.name
             folder.mkdir()
