@@ -312,7 +312,7 @@ def _implemented(entry: model_zoo.Entry, args: argparse.Namespace) -> bool:
 
 
 def _failed_row(entry: model_zoo.Entry, exc: BaseException) -> dict[str, Any]:
-    where = "export" if isinstance(exc, model_zoo.ExportError) else "compile"
+    where = "export" if isinstance(exc, model_zoo.ExportError) else "compile, check or timing"
     return {
         "model": entry.name,
         "family": entry.family,

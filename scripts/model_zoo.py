@@ -217,7 +217,9 @@ HF_FAMILIES = {
     ),
     "deberta": _Hf("DebertaV2Model", "DebertaV2Config", _bert_like, implementations=_EAGER),
     "clip-text": _Hf(
-        "CLIPTextModel", "CLIPTextConfig", lambda s: {**_decoder(s), "max_position_embeddings": 77}
+        "CLIPTextModel",
+        "CLIPTextConfig",
+        lambda s: {**_decoder(s), "max_position_embeddings": 4096},
     ),
     "t5-encoder": _Hf(
         "T5EncoderModel",
