@@ -1,7 +1,6 @@
 #!/usr/bin/env python
-"""The corpus benchmark: compile.py --onnx over what users bring (scripts/model_zoo.py: Hugging Face
-BERT, GPT-2, ViT and Llama, sdpa and eager, and torch's TransformerEncoder and Transformer, from both
-exporters), in one run:
+"""The corpus benchmark: compile.py --onnx over what users bring (scripts/model_zoo.py: 27 families of
+Hugging Face models and torch's own modules, sdpa and eager, from both exporters), in one run:
 - cores found and fused on ort-cpu and onnx-attention, and the worst error against the input graph;
 - latency on ONNX Runtime CPU of the input graph, our ort-cpu and onnx-attention graphs, onnxscript's
   optimize_for_ort and ONNX Runtime's transformers optimizer, all timed in turns (each round runs every

@@ -2,10 +2,12 @@
 (tests/test_real_models.py): what users bring, from both torch exporters.
 
 Hugging Face transformers models (the optional extra ``transformers``) are built from small configs
-with random weights, never downloaded: BertModel and GPT2Model (token ids and an attention mask) and
-ViTModel (pixels) and LlamaModel (grouped-query attention: half as many key/value heads, and rotary
-embeddings), each with ``attn_implementation`` "sdpa" (transformers' default) and "eager"; and
-torch's own nn.TransformerEncoder (with a key padding mask) and nn.Transformer (causal target mask).
+with random weights, never downloaded (``HF_FAMILIES``: encoders, decoders with grouped-query,
+multi-query, sliding-window and ALiBi attention, encoder-decoders, vision and audio encoders), each
+with every ``attn_implementation`` transformers has for it; torch's own nn.TransformerEncoder (a key
+padding mask), nn.Transformer (a causal target mask) and a DETR-style head on nn.MultiheadAttention.
+Both exporters; the legacy one at the opset an entry names (18 unless told). timm and torchvision
+are not in it: PyPI's torchvision does not import beside the CPU build of torch this project pins.
 Exports are cached on disk under a key of the model, its config and the tool versions. Needs torch.
 """
 
@@ -178,6 +180,17 @@ def _decoder(s: Size, kv_heads: int | None = None, **more: Any) -> dict[str, Any
     return {**_bert_like(s), **kv, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **more}
 
 
+def _seq2seq(s: Size) -> dict[str, Any]:
+    """BART's and Whisper's widths: as many encoder as decoder layers and heads."""
+    return {
+        "d_model": s.hidden,
+        **{f"{part}_layers": s.layers for part in ("encoder", "decoder")},
+        **{f"{part}_attention_heads": s.heads for part in ("encoder", "decoder")},
+        **{f"{part}_ffn_dim": 2 * s.hidden for part in ("encoder", "decoder")},
+        "vocab_size": 1000,
+    }
+
+
 _NO_CACHE = (("use_cache", False),)
 _EAGER = ("eager",)  # transformers has no sdpa form of it
 _NO_POOL = (("add_pooling_layer", False),)
@@ -237,14 +250,7 @@ HF_FAMILIES = {
         "BartModel",
         "BartConfig",
         lambda s: {
-            "d_model": s.hidden,
-            "encoder_layers": s.layers,
-            "decoder_layers": s.layers,
-            "encoder_attention_heads": s.heads,
-            "decoder_attention_heads": s.heads,
-            "encoder_ffn_dim": 2 * s.hidden,
-            "decoder_ffn_dim": 2 * s.hidden,
-            "vocab_size": 1000,
+            **_seq2seq(s),
             "pad_token_id": 1,
             "decoder_start_token_id": 2,
         },
@@ -348,14 +354,7 @@ HF_FAMILIES = {
         "WhisperModel",
         "WhisperConfig",
         lambda s: {
-            "d_model": s.hidden,
-            "encoder_layers": s.layers,
-            "decoder_layers": s.layers,
-            "encoder_attention_heads": s.heads,
-            "decoder_attention_heads": s.heads,
-            "encoder_ffn_dim": 2 * s.hidden,
-            "decoder_ffn_dim": 2 * s.hidden,
-            "vocab_size": 1000,
+            **_seq2seq(s),
             "num_mel_bins": 16,
             "max_source_positions": 16,
             "pad_token_id": 0,
