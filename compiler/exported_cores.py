@@ -237,7 +237,9 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
             "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
         )
     nodes = [softmax, *after, *peeled_nodes, scores_mm, *qk_nodes, context_mm]
-    heads = _heads_of(q, k, v, k_transposed)
+    heads = _heads_of(q, k, v, k_transposed) or _heads_by_width(
+        q, v, context_mm.outputs[0], k, k_transposed
+    )
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
     core = Core(
         "BNSH",
@@ -268,6 +270,67 @@ def _heads_of(q: ir.Value, k: ir.Value, v: ir.Value, k_transposed: bool) -> tupl
         or _split_heads(k, (1, 2) if k_transposed else (1, 3))
         or _split_heads(v, (1, 3))
     )
+
+
+def _heads_by_width(
+    q: ir.Value, v: ir.Value, context: ir.Value, k: ir.Value, k_transposed: bool
+) -> tuple[int, int] | None:
+    """Where no head split states both: the width E the context's head merge gives, over a head
+    size the values or queries state, or a head count some split states (a packed (B, L, H, 3*hd)
+    split sliced per q, k, v, as GPT-NeoX's legacy export writes it)."""
+    width = _merged_width(context)
+    if width is None:
+        return None
+    sizes = {x.shape[3] for x in (q, v) if x.shape is not None and len(x.shape) == 4}
+    sizes = {d for d in sizes if isinstance(d, int) and d > 0 and width % d == 0}
+    if len(sizes) == 1:
+        size = sizes.pop()
+        return width // size, size
+    counts = {
+        h
+        for x, axes in ((q, (1, 3)), (v, (1, 3)), (k, (1, 2) if k_transposed else (1, 3)))
+        if (h := _head_count(x, axes)) is not None and width % h == 0
+    }
+    if len(counts) == 1:
+        heads = counts.pop()
+        return heads, width // heads
+    return None
+
+
+def _head_count(value: ir.Value, axes: tuple[int, int]) -> int | None:
+    """The head count of a split whose head axis a Slice then cut (the packed q, k, v of one
+    Reshape), else None."""
+    node = value.producer()
+    if node is None or node.domain or node.op_type != "Slice" or len(node.inputs) < 4:
+        return None
+    cut = constant(node.inputs[3])
+    if cut is None or [int(a) % 4 for a in cut.reshape(-1)] != [axes[1]]:
+        return None
+    split = _split_heads(node.inputs[0], axes)
+    return split[0] if split is not None and split[0] > 1 else None
+
+
+def _merged_width(context: ir.Value) -> int | None:
+    """E of the (N, L, E) the context's heads are merged into, through the Transposes and Reshapes
+    of the merge (reading the context's Shape beside them, as legacy SDPA exports do): from the
+    merged shape, or from the rows of the constant weight a MatMul multiplies it by."""
+    value, turned = context, False  # turned: the heads moved beside the head size
+    for _ in range(4):
+        users = [u.node for u in value.uses() if u.node.op_type != "Shape" or u.node.domain]
+        if len(users) != 1 or value.is_graph_output() or users[0].domain:
+            return None
+        node = users[0]
+        if node.op_type == "MatMul" and node.inputs[0] is value and turned:
+            weight = constant(node.inputs[1])
+            return weight.shape[0] if weight is not None and weight.ndim == 2 else None
+        if node.op_type not in ("Transpose", "Reshape"):
+            return None
+        turned = turned or perm_of(node) == [0, 2, 1, 3]
+        value = node.outputs[0]
+        shape = value.shape
+        if turned and shape is not None and len(shape) == 3 and isinstance(shape[2], int):
+            return shape[2]
+    return None
 
 
 def _peeled_scores(

@@ -50,8 +50,10 @@ ENTRIES += [
         ("qwen2", "sdpa", "dynamo", 18),  # left padding under a causal mask
         ("mistral", "eager", "legacy", 17),  # a sliding window
         ("phi3", "sdpa", "dynamo", 18),
+        ("phi3", "sdpa", "legacy", 17),  # head count and size from the merged width
         ("opt", "sdpa", "legacy", 14),
         ("gpt-neox", "sdpa", "dynamo", 18),  # partial rotary, parallel attention
+        ("gpt-neox", "sdpa", "legacy", 14),  # q, k, v sliced from one packed head split
         ("falcon", "sdpa", "legacy", 17),  # multi-query: one key/value head
         ("falcon", "eager", "dynamo", 18),
         ("whisper", "eager", "dynamo", 18),  # an audio encoder
