@@ -74,6 +74,7 @@ class Core:
     output_rows: bool = (
         False  # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
     )
+    softcap: float = 0.0  # scores = c * tanh(scale * q.k / c) before the masks (Gemma 2); 0: none
 
     @property
     def guarded(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -43,7 +44,7 @@ def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
         return False
     if node.op_type == "MatMul":
         return True
-    if node.op_type in ("Mul", "Div", "Cast"):
+    if node.op_type in ("Mul", "Div", "Cast", "Tanh"):  # Tanh: soft-capped scores
         return any(
             constant(x) is None and _reaches_scores(x, depth - 1)
             for x in node.inputs[: 1 if node.op_type == "Div" else 2]
@@ -85,6 +86,19 @@ def _adds_nothing(bias: ir.Value, scores: ir.Value) -> bool:
     return all(
         b == 1 or b == s for b, s in zip(reversed(bias.shape.dims), reversed(scores.shape.dims))
     )
+
+
+def _soft_capped(scores: ir.Value) -> tuple[ir.Value, float, list[ir.Node]]:
+    """scores = c * tanh(x / c) (Gemma 2's attn_logit_softcapping, before the mask is added):
+    (x, c, the three nodes); else (scores, 0, [])."""
+    outer, c, mul = _scaled(scores)
+    tanh = outer.producer() if mul is not None else None
+    if tanh is None or tanh.op_type != "Tanh" or tanh.domain or only_use(outer) is None:
+        return scores, 0.0, []
+    inner, inverse, div = _scaled(tanh.inputs[0])
+    if div is None or c <= 0 or not np.isclose(c * inverse, 1.0, rtol=1e-6):
+        return scores, 0.0, []
+    return inner, c, [mul, tanh, div]
 
 
 def _reshape_dims(node: ir.Node) -> list[int | None] | None:
@@ -226,7 +240,7 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     peeled = _peeled_scores(softmax)
     if isinstance(peeled, str):
         return peeled
-    scores, biases, peeled_nodes, post = peeled
+    scores, biases, peeled_nodes, post, softcap = peeled
     qk = _query_key(graph, scores)
     if isinstance(qk, str):
         return qk
@@ -259,6 +273,7 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
         extra_masks=extra,
         k_transposed=k_transposed,
         nan_guarded=any(n.op_type == "IsNaN" for n in after),
+        softcap=softcap,
     )
     return _as_bsd(core) or core
 
@@ -335,9 +350,9 @@ def _merged_width(context: ir.Value) -> int | None:
 
 def _peeled_scores(
     softmax: ir.Node,
-) -> tuple[ir.Value, list[ir.Value], list[ir.Node], float] | str:
-    """The scores under the Softmax's no-op Casts, added biases and scalings: the scores, the
-    biases, the nodes peeled, and the product of the scalings."""
+) -> tuple[ir.Value, list[ir.Value], list[ir.Node], float, float] | str:
+    """The scores under the Softmax's no-op Casts, added biases, soft cap and scalings: the scores,
+    the biases, the nodes peeled, the product of the scalings, and the cap (0: none)."""
     scores = softmax.inputs[0]
     if only_use(scores) is None:
         return "its scores are used outside the attention"
@@ -350,6 +365,8 @@ def _peeled_scores(
         return peeled
     scores, biases, adds = peeled
     nodes += adds
+    scores, softcap, capping = _soft_capped(scores)
+    nodes += capping
     post = 1.0
     while True:
         scores, factor, mul = _scaled(scores)
@@ -365,7 +382,7 @@ def _peeled_scores(
             "input (keep_initializers_as_inputs), which a caller may override, so it is no constant "
             "to fuse; export without keep_initializers_as_inputs to fuse this core"
         )
-    return scores, biases, nodes, post
+    return scores, biases, nodes, post, softcap
 
 
 def _query_key(

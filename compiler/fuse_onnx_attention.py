@@ -120,6 +120,8 @@ def _attention_node(graph: ir.Graph, core: Core, add, bias: ir.Value | None, sco
         k, v = _grouped(keys_bnsh(core, add), core.v, graph)
     if core.weights is not None:
         attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
+    if core.softcap:
+        attrs["softcap"] = core.softcap
     cache = core.cache
     past = [cache.past_key, cache.past_value] if cache is not None else []
     node = ir.node(
@@ -152,7 +154,9 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
     keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=not core.zeroes_dead_rows)
-    attend = functools.partial(_block_attention, (heads, merge, corner), core.scale, keep_rows)
+    attend = functools.partial(
+        _block_attention, (heads, merge, corner), (core.scale, core.softcap), keep_rows
+    )
     terms = mask_terms(core)
     key_bias = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
     context = query_blocks(
@@ -178,7 +182,7 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
 
 def _block_attention(
     shapes: tuple[ir.Value, ir.Value, ir.Value],
-    scale: float | None,
+    scaling: tuple[float | None, float],
     keep_rows,
     op,
     query: ir.Value,
@@ -188,6 +192,7 @@ def _block_attention(
 ) -> ir.Value:
     """One block of _in_blocks: the Attention op over the block's queries (N, b, E) and every key,
     with its rows of the bias; ``shapes``: the heads, merge and mask-corner shape constants;
+    ``scaling``: the core's scale and soft cap;
     ``keep_rows``: as_the_graph_reads over the block's bias."""
     heads, merge, corner = shapes
     q = op(
@@ -204,7 +209,9 @@ def _block_attention(
         shape = op("Concat", [corner, rows, width], "mask_shape", {"axis": 0})
         block_mask = op("Expand", [bias, shape], "block_mask")
         inputs.append(keep_rows(block_mask, op))
-    context = op("Attention", inputs, "Attention", {"scale": scale})  # (N, H, b, hd)
+    scale, softcap = scaling
+    attrs = {"scale": scale, **({"softcap": softcap} if softcap else {})}
+    context = op("Attention", inputs, "Attention", attrs)  # (N, H, b, hd)
     return op(
         "Reshape",
         [op("Transpose", [context], "context_bshd", {"perm": [0, 2, 1, 3]}), merge],

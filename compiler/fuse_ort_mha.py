@@ -88,6 +88,10 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             return "its weights are used outside the attention, and MultiHeadAttention cannot return them"
         if core.num_heads is None or core.head_dim is None:
             return "the graph does not state its head count and head size, which MultiHeadAttention needs"
+        if core.softcap:
+            return (
+                "its scores are soft-capped (c * tanh(s / c)), which MultiHeadAttention cannot do"
+            )
         return unfusable(core)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -24,7 +24,11 @@ class GuardAfterContextPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _move(graph: ir.Graph) -> bool:
-        cores = [core for core in find_cores(graph) if core.guarded and core.mask is not None]
+        cores = [
+            core
+            for core in find_cores(graph)
+            if core.guarded and core.mask is not None and not core.softcap
+        ]
         for core in cores:
             softmax, context_mm, where = core.softmax, core.context_matmul, core.guard[0]
             new: list[ir.Node] = []

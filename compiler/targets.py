@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass, InlinePass, ShapeInferencePass
 
+from compiler.batched_heads import BatchedHeadsPass
 from compiler.cleanup import CleanupPass
 from compiler.float16 import Float16Pass
 from compiler.fold_scale import FoldScalePass
@@ -80,7 +81,12 @@ _PORTABLE = Form(
 )
 _ONNX_ATTENTION = Form(
     "attention-op",
-    _PREPARE + (functools.partial(UpgradeOpsetPass, ATTENTION_OPSET), FuseOnnxAttentionPass),
+    _PREPARE
+    + (
+        BatchedHeadsPass,
+        functools.partial(UpgradeOpsetPass, ATTENTION_OPSET),
+        FuseOnnxAttentionPass,
+    ),
     f"opset {ATTENTION_OPSET}, the attention core fused into the standard Attention op "
     "(with need_weights its qk_matmul_output returns the weights)",
     FuseOnnxAttentionPass,
@@ -89,6 +95,7 @@ _ONNX_ATTENTION_BLOCKS = Form(
     "attention-op-blocks",
     _PREPARE
     + (
+        BatchedHeadsPass,
         functools.partial(UpgradeOpsetPass, ATTENTION_OPSET),
         functools.partial(FuseOnnxAttentionPass, query_blocks=True),
     ),
@@ -102,6 +109,7 @@ _ORT_CPU = Form(
     _PREPARE[:-1]
     + (
         functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
+        BatchedHeadsPass,
         functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
         functools.partial(FuseOrtNormGeluPass, skip_norm=False),
         ResidualSumPass,
@@ -117,7 +125,7 @@ _ORT_CPU = Form(
 )
 _ORT_CUDA = Form(
     "ms-multihead-attention",
-    _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
+    _PREPARE + (BatchedHeadsPass, FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
     "portable, with the attention core fused into com.microsoft MultiHeadAttention "
     "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
     "as SkipLayerNormalization, GELU as Gelu and RMSNorms in the Div form ONNX Runtime fuses",
