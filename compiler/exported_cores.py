@@ -251,17 +251,14 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
             "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
         )
     nodes = [softmax, *after, *peeled_nodes, scores_mm, *qk_nodes, context_mm]
-    heads = _heads_of(q, k, v, k_transposed) or _heads_by_width(
-        q, v, context_mm.outputs[0], k, k_transposed
-    )
+    heads = _heads_of(q, k, v, k_transposed, context_mm.outputs[0]) or (None, None)
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())
     core = Core(
         "BNSH",
         q,
         k,
         v,
-        heads[0] if heads else None,
-        heads[1] if heads else None,
+        *heads,
         post * q_scale * k_scale,
         mask,
         context_mm.outputs[0],
@@ -278,12 +275,16 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     return _as_bsd(core) or core
 
 
-def _heads_of(q: ir.Value, k: ir.Value, v: ir.Value, k_transposed: bool) -> tuple[int, int] | None:
-    """The (num_heads, head_dim) some head split of q, k or v shows, else None."""
+def _heads_of(
+    q: ir.Value, k: ir.Value, v: ir.Value, k_transposed: bool, context: ir.Value
+) -> tuple[int, int] | None:
+    """The (num_heads, head_dim) some head split of q, k or v shows, or the merged width tells;
+    else None."""
     return (
         _split_heads(q, (1, 3))
         or _split_heads(k, (1, 2) if k_transposed else (1, 3))
         or _split_heads(v, (1, 3))
+        or _heads_by_width(q, v, context, k, k_transposed)
     )
 
 

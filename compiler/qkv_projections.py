@@ -153,7 +153,8 @@ def _merged(value: ir.Value, perm: list[int], core: Core) -> ir.Value | None:
 
 def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | None:
     """(x, W, b) where value = x @ W + b (or x @ W: b = 0), W and b constants, or one output of a Split
-    on the last axis of such a packed projection (its columns of W and b)."""
+    on the last axis of such a packed projection (its columns of W and b), or such a projection
+    times a constant scalar (folded into W and b)."""
     split = producer_of(value, "Split")
     if split is not None:
         packed = _projection(split.inputs[0])
@@ -172,6 +173,18 @@ def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | No
         return x, w[:, start:stop], b[start:stop]
     if (rows := _gemm_rows(value)) is not None:
         return rows
+    scaled = producer_of(value, "Mul")
+    if scaled is not None:  # OPT's q_proj(x) * scaling: the factor goes into the weights
+        for i in (0, 1):
+            factor = _constant(scaled.inputs[1 - i])
+            inner = (
+                _projection(scaled.inputs[i]) if factor is not None and factor.size == 1 else None
+            )
+            if inner is not None:
+                x, w, b = inner
+                c = factor.reshape(()).astype(w.dtype)
+                return x, w * c, b * c
+        return None
     bias = None
     add = producer_of(value, "Add")
     if add is not None:
@@ -231,6 +244,14 @@ def _gemm_rows(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray] | Non
 
 
 def _constant(value: ir.Value) -> np.ndarray | None:
-    """A constant, also through the Identity legacy exports put before a weight."""
+    """A constant, also through the Identity legacy exports put before a weight, or the Transpose
+    the dynamo exporter keeps on a weight that several layers share (ALBERT's)."""
     identity = producer_of(value, "Identity")
-    return constant(identity.inputs[0] if identity is not None else value)
+    if identity is not None:
+        return constant(identity.inputs[0])
+    turned = producer_of(value, "Transpose")
+    if turned is not None:
+        inner = constant(turned.inputs[0])
+        perm = perm_of(turned) or None
+        return None if inner is None else np.transpose(inner, perm)
+    return constant(value)

@@ -68,27 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--families", nargs="+", choices=model_zoo.FAMILIES, default=list(model_zoo.FAMILIES)
-    )
-    p.add_argument(
-        "--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS)
-    )
-    p.add_argument(
-        "--implementations",
-        nargs="+",
-        choices=model_zoo.IMPLEMENTATIONS,
-        default=list(model_zoo.IMPLEMENTATIONS),
-        help="transformers' attn_implementation; a family that has neither listed runs its own",
-    )
-    p.add_argument(
-        "--legacy-opsets",
-        nargs="+",
-        type=int,
-        default=[18],
-        choices=range(14, 19),
-        help="opsets the legacy exporter writes (the dynamo exporter writes 18 and up)",
-    )
+    _add_model_flags(p)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
@@ -117,6 +97,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, flag) is not None:
             check_output_file(getattr(args, flag), f"--{flag}")
     return args
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Which exports of the zoo: families, exporters, implementations, the legacy exporter's opsets."""
+    p.add_argument(
+        "--families", nargs="+", choices=model_zoo.FAMILIES, default=list(model_zoo.FAMILIES)
+    )
+    p.add_argument(
+        "--exporters", nargs="+", choices=model_zoo.EXPORTERS, default=list(model_zoo.EXPORTERS)
+    )
+    p.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=model_zoo.IMPLEMENTATIONS,
+        default=list(model_zoo.IMPLEMENTATIONS),
+        help="transformers' attn_implementation; a family that has neither listed runs its own",
+    )
+    p.add_argument(
+        "--legacy-opsets",
+        nargs="+",
+        type=int,
+        default=[18],
+        choices=range(14, 19),
+        help="opsets the legacy exporter writes (the dynamo exporter writes 18 and up)",
+    )
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:

@@ -324,7 +324,7 @@ def test_cores_fed_by_projections_of_one_input_take_the_attention_op_on_ort_cpu(
     )
     # the wider corpus: encoders with MatMul + Add projections take it too, rotary ones do not
     reads_one_input = ("bert", "vit", "gpt2", "roberta", "electra", "albert", "distilbert")
-    reads_one_input += ("clip-text", "t5-encoder", "bart", "swin")
+    reads_one_input += ("clip-text", "t5-encoder", "bart", "swin", "whisper")
     assert takes == (entry.family in reads_one_input), entry.name
 
 
