@@ -20,6 +20,7 @@ Needs the transformers extra: pip install -e '.[transformers]'.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -140,6 +141,12 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only time the ort-cpu graphs with their projections packed against unpacked, for the corpus "
         "and over lengths",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="only the decoders exported with their KV cache: 32 greedy tokens through each graph "
+        "against the export's, and one decode step (one token after --seq cached) timed",
     )
     p.add_argument(
         "--attention-op",
@@ -499,6 +506,69 @@ def attention_op_table(args: argparse.Namespace, size: model_zoo.Size, threads: 
     )
 
 
+def decode_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -> str:
+    """Each decoder of the zoo exported with its cache (model_zoo.CAUSAL_LMS, sdpa where it has it):
+    whether 32 greedy tokens through ort-cpu's and onnx-attention's graphs are the export's, and one
+    decode step (one token after ``--seq`` cached, batch ``--batch``) of each, timed in turns."""
+    lines = [
+        "| model | exporter | same 32 tokens (ort-cpu / onnx-attention) | export step p50 (ms) | "
+        "ort-cpu | onnx-attention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family in [f for f in args.families if f in model_zoo.CAUSAL_LMS]:
+        own = model_zoo.HF_FAMILIES[family].implementations
+        entry = model_zoo.Entry(
+            family, "sdpa" if "sdpa" in own else own[0], "dynamo", size, past=True
+        )
+        for exporter in args.exporters:
+            entry = dataclasses.replace(entry, exporter=exporter)
+            lines.append(_decode_row(entry, args, threads))
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def _decode_row(entry: model_zoo.Entry, args: argparse.Namespace, threads: int) -> str:
+    original = load_onnx(model_zoo.export(entry, args.cache))
+    sessions = {"input": _session(original, threads)}
+    sessions.update({t: _session(compile_model(original, t), threads) for t in TARGETS})
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 1000, (2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0  # left padding
+    tokens = {
+        name: model_zoo.greedy_tokens(functools.partial(s.run, None), entry, prompt, mask)
+        for name, s in sessions.items()
+    }
+    same = " / ".join(
+        "yes" if np.array_equal(tokens[t], tokens["input"]) else "no" for t in TARGETS
+    )
+    feeds = _decode_step_feeds(entry, args.batch, args.seq)
+    times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
+    base = np.asarray(times["input"])
+    ratios = [f"{float(np.median(np.asarray(times[t]) / base)):.2f}x" for t in TARGETS]
+    name = f"{entry.family}-{entry.implementation}"
+    return (
+        f"| {name} | {entry.exporter} | {same} | {float(np.median(base)) * 1e3:.2f} | "
+        + " | ".join(ratios)
+        + " |"
+    )
+
+
+def _decode_step_feeds(entry: model_zoo.Entry, batch: int, cached: int) -> dict[str, np.ndarray]:
+    """One new token per sequence after ``cached`` random cache entries."""
+    rng = np.random.default_rng(1)
+    example = model_zoo.example_inputs(entry)
+    names, _ = model_zoo.past_names(entry.size.layers)
+    feeds = {
+        "input_ids": rng.integers(1, 1000, (batch, 1)).astype(np.int64),
+        "attention_mask": np.ones((batch, cached + 1), np.int64),
+    }
+    for n in names:
+        _, heads, _, size = example[n].shape
+        feeds[n] = rng.standard_normal((batch, heads, cached, size)).astype(np.float32)
+    return feeds
+
+
 def _rows(first: np.ndarray) -> int:
     """Batch x tokens of a model's first input: token ids (N, L), embeddings (N, L, E) or (L, N, E), or
     an image (N, 3, H, W) in patches of 16 plus the class token."""
@@ -622,15 +692,14 @@ def main(argv: list[str] | None = None) -> int:
     size = model_zoo.Size(
         args.hidden, args.heads, args.layers, image=16 * max(1, round(math.sqrt(args.seq)))
     )
-    if args.packing or args.attention_op:
+    if args.packing or args.attention_op or args.decode:
         print(
             f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads; ONNX Runtime {ort.__version__}"
         )
-        print(
-            packing_table(args, size, threads)
-            if args.packing
-            else attention_op_table(args, size, threads)
+        table_of = (
+            packing_table if args.packing else decode_table if args.decode else attention_op_table
         )
+        print(table_of(args, size, threads))
         return 0
     rate = cpu_matmul_rate(threads=threads, min_seconds=min(1.0, max(0.1, args.min_seconds / 3)))
     print(

@@ -58,11 +58,14 @@ class Entry:
     exporter: str
     size: Size = field(default_factory=Size)
     opset: int = 18  # the legacy exporter also writes 14 and 17, opsets users' exports carry
+    past: bool = False  # a decoder with its KV cache as inputs and outputs (CAUSAL_LMS)
 
     @property
     def name(self) -> str:
         opset = f"opset{self.opset}" if self.opset != 18 else None
-        return "-".join(p for p in (self.family, self.implementation, self.exporter, opset) if p)
+        past = "past" if self.past else None
+        parts = (self.family, self.implementation, self.exporter, opset, past)
+        return "-".join(p for p in parts if p)
 
     @property
     def fixed_shapes(self) -> bool:
@@ -72,7 +75,9 @@ class Entry:
 
     @property
     def kind(self) -> str:
-        """text, image, audio, or the torch family's own name."""
+        """text, image, audio, past (a decoder with its cache), or the torch family's own name."""
+        if self.past:
+            return "past"
         return HF_FAMILIES[self.family].wrap if self.family in HF_FAMILIES else self.family
 
 
@@ -96,6 +101,8 @@ def example_inputs(entry: Entry) -> dict[str, Any]:
     sequence's first three tokens padded, or pixels, or sequences with the second's last four keys padded."""
     torch.manual_seed(1)
     s = entry.size
+    if entry.past:
+        return _past_inputs(entry)
     if entry.kind == "text":
         mask = torch.ones(2, 16, dtype=torch.int64)
         mask[1, :3] = 0
@@ -137,6 +144,8 @@ def _module(entry: Entry) -> Any:
     """The module to export, taking its inputs positionally."""
     torch.manual_seed(0)
     s = entry.size
+    if entry.past:
+        return _WithPast(_transformers_module(entry, CAUSAL_LMS[entry.family]))
     if entry.family in HF_FAMILIES:
         return _transformers_module(entry)
     if entry.family == "detr":
@@ -163,6 +172,19 @@ class _Hf:
     built: tuple[tuple[str, Any], ...] = ()  # keyword arguments of the model's constructor
     called: tuple[tuple[str, Any], ...] = ()  # keyword arguments of its call
     implementations: tuple[str, ...] = IMPLEMENTATIONS  # those transformers has for it
+
+
+# decoders exported with their KV cache (Entry.past): the language-model class of each family
+CAUSAL_LMS = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "opt": "OPTForCausalLM",
+    "gpt-neox": "GPTNeoXForCausalLM",
+    "falcon": "FalconForCausalLM",
+}
 
 
 def _bert_like(s: Size) -> dict[str, Any]:
@@ -370,13 +392,16 @@ HF_FAMILIES = {
 FAMILIES = (*HF_FAMILIES, *TORCH_FAMILIES)
 
 
-def _transformers_module(entry: Entry) -> Any:
-    """A Hugging Face model of the entry's family from a small config (random weights)."""
+def _transformers_module(entry: Entry, model_class: str | None = None) -> Any:
+    """A Hugging Face model of the entry's family from a small config (random weights); with
+    ``model_class``, that class of it, returned as it is (a causal language model)."""
     import transformers
 
     family = HF_FAMILIES[entry.family]
     settings = {**family.settings(entry.size), "attn_implementation": entry.implementation}
     config = getattr(transformers, family.config)(**settings)
+    if model_class is not None:
+        return getattr(transformers, model_class)(config).eval()
     model = getattr(transformers, family.model)(config, **dict(family.built))
     if family.wrap == "image":
         return _Image(model).eval()
@@ -449,6 +474,74 @@ class _DetrHead(torch.nn.Module):
         return self.norm2(x + attended)
 
 
+class _WithPast(torch.nn.Module):
+    """A causal LM taking (input_ids, attention_mask, past key, past value per layer) and giving
+    (logits, present key, present value per layer): the form Optimum's text-generation-with-past
+    export has, cache tensors in and out."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: Any, attention_mask: Any, *past: Any) -> Any:
+        import transformers
+
+        cache = transformers.DynamicCache(config=self.inner.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *presents)
+
+
+def past_names(layers: int) -> tuple[list[str], list[str]]:
+    """The cache's input and output names, per layer: past_key_values.i.key/value, present.i.key/value."""
+    kinds = ("key", "value")
+    return (
+        [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in kinds],
+        [f"present.{i}.{kv}" for i in range(layers) for kv in kinds],
+    )
+
+
+def _past_inputs(entry: Entry) -> dict[str, Any]:
+    """Three new tokens after a cache of five, the second sequence left-padded by two: the cache
+    is the model's own, from a prefill of the first five."""
+    module = _WithPast(_transformers_module(entry, CAUSAL_LMS[entry.family]))
+    ids = torch.randint(1, 1000, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        cache = module(ids[:, :5], mask[:, :5])[1:]
+    names, _ = past_names(entry.size.layers)
+    inputs = {"input_ids": ids[:, 5:], "attention_mask": mask, **dict(zip(names, cache))}
+    return {name: value.numpy() for name, value in inputs.items()}
+
+
+def greedy_tokens(run: Any, entry: Entry, prompt: Any, mask: Any, steps: int = 32) -> Any:
+    """``steps`` tokens of greedy decoding through ``run(feeds) -> outputs`` (an exported or
+    compiled decoder with past, as a list in its output order): a prefill over the prompt with an
+    empty cache, then one token per call, the cache fed back."""
+    import numpy as np
+
+    names, _ = past_names(entry.size.layers)
+    shapes = {n: v.shape for n, v in _past_inputs(entry).items() if n in names}
+    past = {n: np.zeros((prompt.shape[0], s[1], 0, s[3]), np.float32) for n, s in shapes.items()}
+    ids, tokens = prompt, []
+    for _ in range(steps):
+        outputs = run({"input_ids": ids, "attention_mask": mask, **past})
+        token = outputs[0][:, -1].argmax(-1)
+        tokens.append(token)
+        past = dict(zip(names, outputs[1:]))
+        ids = token[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), mask.dtype)], axis=1)
+    return np.stack(tokens, axis=1)
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -504,13 +597,28 @@ def export(entry: Entry, cache: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _axes(entry: Entry) -> tuple[dict[str, dict[int, str]], list[str]]:
+    """The dynamic axes of each input (and output, for the legacy exporter), and the output names."""
+    if not entry.past:
+        return _AXES[entry.kind], ["output"]
+    names, presents = past_names(entry.size.layers)
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total"},
+        **{n: {0: "batch", 2: "past"} for n in names},
+        **{n: {0: "batch", 2: "total"} for n in presents},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    return axes, ["logits", *presents]
+
+
 def _torch_export(entry: Entry, path: Path) -> None:
     """torch.onnx.export of the entry's module by its exporter, every axis of _AXES dynamic."""
     inputs = example_inputs(entry)
     names = list(inputs)
     args = tuple(torch.from_numpy(value) for value in inputs.values())
-    axes = _AXES[entry.kind]
-    common = {"input_names": names, "output_names": ["output"], "opset_version": entry.opset}
+    axes, outputs = _axes(entry)
+    common = {"input_names": names, "output_names": outputs, "opset_version": entry.opset}
     module = _module(entry)
     if entry.exporter != "dynamo":
         # the legacy exporter needs grad on, or torch's fast encoder path is traced as one
@@ -519,11 +627,14 @@ def _torch_export(entry: Entry, path: Path) -> None:
         return
     from torch.export import Dim
 
+    low = 1 if entry.past else 2  # a decode step has one token, a prefill no cache
     dims: dict[str, Any] = {}
     shapes = tuple(
-        {axis: dims.setdefault(name, Dim(name, min=2, max=4096)) for axis, name in axes[n].items()}
+        {a: dims.setdefault(name, Dim(name, min=low, max=4096)) for a, name in axes[n].items()}
         for n in names
     )
+    if entry.past:  # the cache's tensors are one positional argument (*past)
+        shapes = (*shapes[:2], tuple(shapes[2:]))
     with torch.no_grad():
         torch.onnx.export(
             module,
