@@ -522,7 +522,10 @@ def decode_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -
         )
         for exporter in args.exporters:
             entry = dataclasses.replace(entry, exporter=exporter)
-            lines.append(_decode_row(entry, args, threads))
+            try:
+                lines.append(_decode_row(entry, args, threads))
+            except Exception as exc:  # noqa: BLE001 -- an export that fails is a row of the table
+                lines.append(f"| {entry.family} | {exporter} | failed: {_first_line(exc)} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
 

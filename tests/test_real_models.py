@@ -77,6 +77,12 @@ UNFUSED = {
     # Gemma 2 soft-caps its scores: the Attention op's softcap takes them, MultiHeadAttention cannot
     "gemma2": ("soft-capped", ("ort-cpu",)),
 }
+# decoders exported with their KV cache as inputs and outputs (Optimum's text-generation-with-past form)
+WITH_PAST = [
+    model_zoo.Entry("llama", "sdpa", "dynamo", SIZE, past=True),  # grouped-query
+    model_zoo.Entry("gpt2", "sdpa", "legacy", SIZE, 17, past=True),
+    model_zoo.Entry("qwen2", "eager", "legacy", SIZE, 14, past=True),
+]
 LEFT_ALONE = [
     model_zoo.Entry("deberta", "eager", "legacy", SIZE, 17),
     model_zoo.Entry("bloom", "eager", "dynamo", SIZE),
@@ -99,7 +105,7 @@ def exported(zoo):
         "transformers",
         reason="the real-model tests export transformers models (pip install -e '.[test]')",
     )
-    return {entry.name: model_zoo.export(entry, zoo) for entry in ENTRIES + LEFT_ALONE}
+    return {entry.name: model_zoo.export(entry, zoo) for entry in ENTRIES + LEFT_ALONE + WITH_PAST}
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
@@ -176,6 +182,36 @@ def test_attention_left_unfused_is_named_with_its_reason_and_the_graph_still_che
         ]
         assert cores and all(f["fused"] for f in cores), manifest["fusion"]
     assert manifest["check"]["passed"]
+
+
+@pytest.mark.parametrize("entry", WITH_PAST, ids=lambda e: e.name)
+def test_decoders_with_their_cache_fuse_and_decode_the_exports_tokens(exported, entry):
+    """32 greedy tokens, a left-padded prompt, the cache fed back each step: every core fused on
+    ort-cpu and onnx-attention, and each compiled graph decodes exactly the export's tokens."""
+    import onnxruntime as ort
+
+    from compiler import compile_model
+    from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
+
+    original = load_onnx(exported[entry.name])
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 1000, (2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+
+    def tokens(model):
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return model_zoo.greedy_tokens(lambda feeds: session.run(None, feeds), entry, prompt, mask)
+
+    expected = tokens(original)
+    for target in ("ort-cpu", "onnx-attention"):
+        compiled = compile_model(original, target)
+        ops = [n.op_type for n in every_node(compiled.graph)]
+        assert "Softmax" not in ops and {"MultiHeadAttention", "Attention"} & set(ops), target
+        np.testing.assert_array_equal(tokens(compiled), expected)
 
 
 @pytest.mark.parametrize("name", ["bert-sdpa-dynamo", "gpt2-eager-legacy", "llama-sdpa-dynamo"])
