@@ -205,14 +205,14 @@ def _own_cache(b: dict[str, ir.Value], scores_mm: ir.Node) -> Cache:
 Emit = Callable[..., ir.Value]
 
 
-def unique_scope(graph: ir.Graph) -> str:
+def unique_scope(graph: ir.Graph, prefix: str = "attention") -> str:
     """'attention', or 'attention_2', ... where the model already holds a fused core (decoders have two),
-    in any of its graphs."""
+    in any of its graphs; another ``prefix`` likewise."""
     taken = {node.name.split("/")[0] for g in nested_graphs(root(graph)) for node in g if node.name}
-    scope, i = "attention", 1
+    scope, i = prefix, 1
     while scope in taken:
         i += 1
-        scope = f"attention_{i}"
+        scope = f"{prefix}_{i}"
     return scope
 
 

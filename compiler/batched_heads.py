@@ -16,16 +16,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import (
-    constant,
-    model_graphs,
-    named,
-    nested_graphs,
-    new_initializer,
-    only_use,
-    root,
-)
-from compiler.attention_core import perm_of
+from compiler._ir import constant, model_graphs, named, new_initializer, only_use
+from compiler.attention_core import perm_of, unique_scope
 from compiler.shape_values import entries
 
 
@@ -142,7 +134,7 @@ def _four_d(graph: ir.Graph, core: _Batched) -> None:
     """Reshape the path's rank-3 inputs to (N, H, ...), run the path and the Softmax there, and give
     every reader of the probabilities and of the context the 3-D tensors they had."""
     h, probs = core.heads, core.softmax.outputs[0]
-    scope = _scope(graph)
+    scope = unique_scope(graph, "batched_heads")
     for node in [*core.path, core.context]:
         for i, x in enumerate(node.inputs):
             if x is not None and _rank(x) == 3 and x is not probs and x.producer() not in core.path:
@@ -172,16 +164,6 @@ def _with_heads(shape: ir.Shape | None, heads: int) -> ir.Shape | None:
     if shape is None or len(shape) != 3:
         return None
     return ir.Shape([None, heads, shape[1], shape[2]])
-
-
-def _scope(graph: ir.Graph) -> str:
-    """'batched_heads', or 'batched_heads_2', ...: a prefix no node of the model has."""
-    taken = {n.name.split("/")[0] for g in nested_graphs(root(graph)) for n in g if n.name}
-    scope, i = "batched_heads", 1
-    while scope in taken:
-        i += 1
-        scope = f"batched_heads_{i}"
-    return scope
 
 
 def _split(graph: ir.Graph, reader: ir.Node, x: ir.Value, heads: int, scope: str) -> ir.Value:
