@@ -398,11 +398,11 @@ def _ort_problem(exc: BaseException) -> str:
 
 def input_session(original: onnx.ModelProto, name: str) -> Session:
     """The input graph in ONNX Runtime, for the check and the timing; IngestError (the input's
-    fault) where ONNX Runtime refuses it."""
+    fault) where ONNX Runtime refuses it. Quiet: a run it fails is one line of ours, not a log."""
     from runtime.ort import OrtSession
 
     try:
-        return OrtSession(original)
+        return OrtSession(original, quiet=True)
     except (
         Exception
     ) as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, RuntimeException...

@@ -9,6 +9,7 @@ contract (docs/ARCHITECTURE.md) asks for a zero context.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -461,6 +462,43 @@ def _run_original(original: Session, feeds: Mapping[str, np.ndarray]) -> dict[st
         ) from exc
 
 
+def _case(
+    original: Session, feeds: dict[str, np.ndarray], overrides: Mapping[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    feeds = {**feeds, **(overrides or {})}
+    return feeds, _run_original(original, feeds)
+
+
+def _drawn_case(
+    original: Session,
+    size: int,
+    rng: np.random.Generator,
+    ranges: Mapping[str, int] | None,
+    overrides: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Inputs drawn at ``size`` (+ 0, 1, 2... per symbolic axis) and the input graph's outputs on
+    them. Where the graph refuses them, an axis the graph computes from two others (a decoder's
+    mask spanning its cache and the new tokens: total = past + sequence) is tried at their sum,
+    each axis and pair in turn; the first the graph takes is used, else the first refusal stands."""
+    from runtime.graph_inputs import graph_inputs
+
+    symbols = sorted({d for s in original.inputs for d in s.shape if isinstance(d, str)})
+    sizes = {name: size + i for i, name in enumerate(symbols)}
+    sums = [
+        {**sizes, total: sizes[a] + sizes[b]}
+        for total in symbols
+        for a, b in itertools.combinations([s for s in symbols if s != total], 2)
+    ]
+    first: InputError | None = None
+    for tried in [sizes, *sums]:
+        feeds = graph_inputs(original.inputs, tried, rng, ranges=ranges)
+        try:
+            return _case(original, feeds, overrides)
+        except InputError as exc:
+            first = first or exc
+    raise first
+
+
 def check_against_graph(
     session: Session,
     original: Session,
@@ -476,28 +514,14 @@ def check_against_graph(
     with ``overrides`` fed to the initializers the graph also lists as inputs (a graph that baked
     one in differs). Entries the original leaves NaN (torch's fully masked rows) are not compared;
     outputs that are not floats must be equal."""
-    from runtime.graph_inputs import graph_inputs
-
     report = CheckReport(tolerance)
     rng = np.random.default_rng(seed)
-    symbols = sorted({d for s in original.inputs for d in s.shape if isinstance(d, str)})
-    feed_sets = (
-        [dict(inputs)]
-        if inputs is not None
-        else [
-            graph_inputs(
-                original.inputs,
-                {name: size + i for i, name in enumerate(symbols)},
-                rng,
-                ranges=ranges,
-            )
-            for size in (5, 11)
-        ]
-    )
+    if inputs is not None:
+        cases = [_case(original, dict(inputs), overrides)]
+    else:
+        cases = [_drawn_case(original, size, rng, ranges, overrides) for size in (5, 11)]
     takes = {s.name for s in session.inputs + session.overridable}
-    for feeds in feed_sets:
-        feeds = {**feeds, **(overrides or {})}
-        want = _run_original(original, feeds)
+    for feeds, want in cases:
         got = session.run({n: v for n, v in feeds.items() if n in takes})
         shape = tuple(feeds[original.inputs[0].name].shape)
         for name, expected in want.items():

@@ -74,9 +74,11 @@ class OrtSession(Session):
         provider_options: Sequence[Mapping[str, Any]] | None = None,
         *,
         maxima: bool = True,
+        quiet: bool = False,
     ) -> None:
         """``maxima``: refuse inputs past the largest batch and length the model declares (compile.py
-        --max-batch/--max-len); False for a check at shapes of its own."""
+        --max-batch/--max-len); False for a check at shapes of its own. ``quiet``: a run that fails
+        raises without ONNX Runtime also logging it (the caller says what failed, in one line)."""
         check_providers(providers)
         proto = (
             model
@@ -101,9 +103,14 @@ class OrtSession(Session):
             for o in self._session.get_outputs()
         }
         self.on_gpu = providers[0] in GPU_PROVIDERS
+        self._run_options = None
+        if quiet:
+            self._run_options = ort.RunOptions()
+            self._run_options.log_severity_level = 4  # fatal only
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._outputs, self._session.run(self._outputs, dict(feeds))))
+        outputs = self._session.run(self._outputs, dict(feeds), self._run_options)
+        return dict(zip(self._outputs, outputs))
 
     def io_binding(self) -> ort.IOBinding:
         """An IO binding on this session, for callers that keep outputs on a device between runs

@@ -395,6 +395,30 @@ def test_graph_inputs_draw_rows_with_no_key_left():
     assert mask[2].all() and not mask[3:, 0].any()
 
 
+def test_the_check_finds_an_axis_the_graph_computes_from_two_others():
+    """A decoder with its cache takes a mask as long as the cache and the new tokens together, an
+    axis its declaration does not tie to the other two: drawn at sizes of their own, the input graph
+    refuses them; the check then draws that axis at the sum of two others, and passes."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Concat", ["past", "new"], ["joined"], axis=0),
+            helper.make_node("Add", ["joined", "mask"], ["y"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("past", TensorProto.FLOAT, ["past_len"]),
+            helper.make_tensor_value_info("new", TensorProto.FLOAT, ["seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["total"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["total"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    report = check_against_graph(OrtSession(model, quiet=True), OrtSession(model, quiet=True))
+    assert report.passed and [c.shape for c in report.comparisons] == [(5,), (11,)]  # past's
+
+
 def _tiny_masked_graph() -> onnx.ModelProto:
     from onnx import TensorProto, helper
 

@@ -214,6 +214,15 @@ def test_decoders_with_their_cache_fuse_and_decode_the_exports_tokens(exported, 
         np.testing.assert_array_equal(tokens(compiled), expected)
 
 
+def test_a_decoder_with_its_cache_is_checked_on_inputs_it_draws(exported, tmp_path):
+    """Its mask spans the cache and the new tokens: --check finds that length and passes."""
+    entry = WITH_PAST[0]
+    argv = ["--onnx", str(exported[entry.name]), "--target", "ort-cpu", "--check", "--quiet"]
+    assert compile_script.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["bert-sdpa-dynamo", "gpt2-eager-legacy", "llama-sdpa-dynamo"])
 def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_for_it(
     exported, tmp_path, name
