@@ -57,6 +57,36 @@ def uniform(value: ir.Value | None, depth: int = 8) -> float | bool | None:
     return None
 
 
+_KEEPS_VALUES = (
+    "Cast",
+    "Expand",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Slice",
+    "Transpose",
+    "Identity",
+)
+
+
+def finite(value: ir.Value | None, depth: int = 8) -> bool:
+    """Whether every element of ``value`` is finite, as far as constants fix it: a finite constant,
+    or a Where choosing between such values, through ops that move values without changing them.
+    False where the graph does not say (a graph input, a sum that may overflow)."""
+    array = constant(value)
+    if array is not None:
+        return array.dtype.kind in "iub" or bool(np.isfinite(array).all())
+    node = value.producer() if value is not None and depth > 0 else None
+    if node is None or node.domain:
+        return False
+    if node.op_type == "Where":
+        return finite(node.inputs[1], depth - 1) and finite(node.inputs[2], depth - 1)
+    if node.op_type == "ConstantOfShape":
+        attr = node.attributes.get("value")
+        return attr is None or bool(np.isfinite(attr.as_tensor().numpy()).all())
+    return node.op_type in _KEEPS_VALUES and finite(node.inputs[0], depth - 1)
+
+
 def nested_graphs(graph: ir.Graph) -> list[ir.Graph]:
     """``graph`` and every graph inside its nodes (If branches, Loop and Scan bodies), outermost first."""
     found = [graph]

@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from compiler._ir import constant, module_path, named, nested_graphs, new_initializer, root
+from compiler._ir import (
+    constant,
+    finite,
+    module_path,
+    named,
+    nested_graphs,
+    new_initializer,
+    root,
+)
 from compiler.core_patterns import OWN_CORE
 
 
@@ -81,11 +89,21 @@ class Core:
         return bool(self.guard)
 
     @property
+    def may_hide_every_key(self) -> bool:
+        """Whether a row of the masks can be all -inf: not where one mask, a finite constant or a
+        Where between finite constants, is all there is (Hugging Face's masks fill with the lowest
+        float; two such added may overflow to -inf)."""
+        if self.mask is None:
+            return False
+        return bool(self.extra_masks) or not finite(self.mask)
+
+    @property
     def zeroes_dead_rows(self) -> bool:
         """Whether the fused form must zero fully masked rows: where the graph did, with our guard or
-        torch's NaN guard. Elsewhere such a row is what the graph makes it (NaN for an all -inf row,
-        uniform for an all-lowest one), and the fused ops, adding the same bias, make it the same."""
-        return self.mask is not None and (self.guarded or self.nan_guarded)
+        torch's NaN guard, and a row can be all -inf. Elsewhere such a row is what the graph makes it
+        (NaN for an all -inf row, uniform for an all-lowest one), and the fused ops, adding the same
+        bias, make it the same."""
+        return (self.guarded or self.nan_guarded) and self.may_hide_every_key
 
     @property
     def name(self) -> str:

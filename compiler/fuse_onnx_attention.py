@@ -83,7 +83,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
             if bias is not None:
-                bias = as_the_graph_reads(graph, bias, add, not core.zeroes_dead_rows)
+                bias = as_the_graph_reads(graph, bias, add, _nan_rows(core))
             node = _attention_node(graph, core, add, bias, scope)
             cache = core.cache
             new.append(node)
@@ -153,7 +153,7 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
-    keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=not core.zeroes_dead_rows)
+    keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=_nan_rows(core))
     attend = functools.partial(
         _block_attention, (heads, merge, corner), (core.scale, core.softcap), keep_rows
     )
@@ -226,6 +226,11 @@ def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Va
     if k_kv is None or v_kv is None or k_kv.shape[1] != v_kv.shape[1]:
         return k, v
     return k_kv, v_kv
+
+
+def _nan_rows(core: Core) -> bool:
+    """Whether a row can be all -inf where the graph leaves it so (NaN), not zeroed."""
+    return core.may_hide_every_key and not core.zeroes_dead_rows
 
 
 def as_the_graph_reads(graph: ir.Graph, bias: ir.Value, add, nan_rows: bool) -> ir.Value:

@@ -214,6 +214,20 @@ def test_decoders_with_their_cache_fuse_and_decode_the_exports_tokens(exported, 
         np.testing.assert_array_equal(tokens(compiled), expected)
 
 
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
+def test_a_mask_that_cannot_hide_every_key_gets_no_dead_row_guard(exported, target):
+    """BERT's sdpa export fills its mask with the lowest float (a Where between finite constants):
+    no row is ever all -inf, so torch's NaN guard never fires and the fused graph computes no dead
+    rows (the test above checks its outputs, fully padded entries included)."""
+    from compiler import compile_model
+    from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
+
+    compiled = compile_model(load_onnx(exported["bert-sdpa-dynamo"]), target)
+    guards = [n.name for n in every_node(compiled.graph) if n.op_type in ("IsInf", "IsNaN")]
+    assert not guards, guards
+
+
 def test_a_decoder_with_its_cache_is_checked_on_inputs_it_draws(exported, tmp_path):
     """Its mask spans the cache and the new tokens: --check finds that length and passes."""
     entry = WITH_PAST[0]
