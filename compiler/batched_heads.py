@@ -1,8 +1,9 @@
 """Attention written over (batch*heads, length, head size) tensors, read as (batch, heads, ...).
 
 torch's nn.MultiheadAttention computes in 3-D batched MatMuls whenever it returns weights
-(``need_weights=True``, its default, so every DETR-style module that calls it plainly), and so do
-models that add a per-head bias with ``baddbmm`` (BLOOM's ALiBi). The 4-D core matcher and every
+(``need_weights=True``, its default, so every DETR-style module that calls it plainly). BLOOM's
+``baddbmm`` does too, but runs its Softmax over a 4-D view between them, which this pass leaves
+alone (README, "--onnx"). The 4-D core matcher and every
 fused op want the heads on an axis of their own; this pass gives them one, with a Reshape on each
 rank-3 input of the scores' path and the context's values, and one back on the context and on any
 other reader of the probabilities. A Reshape of a contiguous tensor is a view, so a core that no
