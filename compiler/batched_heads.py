@@ -6,8 +6,8 @@ torch's nn.MultiheadAttention computes in 3-D batched MatMuls whenever it return
 alone (README, "--onnx"). The 4-D core matcher and every
 fused op want the heads on an axis of their own; this pass gives them one, with a Reshape on each
 rank-3 input of the scores' path and the context's values, and one back on the context and on any
-other reader of the probabilities. A Reshape of a contiguous tensor is a view, so a core that no
-fusion takes costs nothing more.
+other reader of the probabilities. The onnx-attention target runs it; the ort targets do not, since
+MultiHeadAttention on such cores measured slower than the 3-D graph (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

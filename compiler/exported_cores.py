@@ -223,12 +223,19 @@ def _between(top: ir.Value, bottom: ir.Value, matched: list[ir.Node]) -> list[ir
     return nodes
 
 
+_NOT_FOUR_D = {
+    3: "its scores are 3-D (batch*heads, query, key); onnx-attention reads nn.MultiheadAttention's "
+    "as 4-D, the ort targets keep them (fused, they measured slower on ONNX Runtime's CPU)",
+    None: "its rank is not known to be 4 (batch, heads, query, key)",
+}
+
+
 def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     """The heads-split form of scaled dot-product attention, as exporters write it; a reason string
     where it is not that. Its two ends are the patterns ContextEnd and QueryKeyEnd
     (compiler/core_patterns.py); between them the scalings and the added biases are walked here."""
     if _rank(softmax.outputs[0]) != 4:
-        return "its rank is not known to be 4 (batch, heads, query, key)"
+        return _NOT_FOUR_D.get(_rank(softmax.outputs[0]), _NOT_FOUR_D[None])
     if not over_keys(softmax, graph):
         return "it does not normalise over the key axis alone (its axis, by its opset's rule, is not the last)"
     end = _context_end(softmax, graph)
@@ -247,9 +254,7 @@ def match_exported(softmax: ir.Node, graph: ir.Graph) -> Core | str:
     scores_mm, q, k, (q_scale, k_scale), k_transposed, qk_nodes = qk
     v = context_mm.inputs[1]
     if {_rank(q), _rank(k), _rank(v)} != {4}:
-        return (
-            "its queries, keys and values are not rank-4 (batch, heads, length, head_dim) tensors"
-        )
+        return "its queries, keys and values are not rank-4 (batch, heads, length, head_dim)"
     nodes = [softmax, *after, *peeled_nodes, scores_mm, *qk_nodes, context_mm]
     heads = _heads_of(q, k, v, k_transposed, context_mm.outputs[0]) or (None, None)
     mask, extra = (biases[0], tuple(biases[1:])) if biases else (None, ())

@@ -109,7 +109,6 @@ _ORT_CPU = Form(
     _PREPARE[:-1]
     + (
         functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
-        BatchedHeadsPass,
         functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
         functools.partial(FuseOrtNormGeluPass, skip_norm=False),
         ResidualSumPass,
@@ -125,7 +124,7 @@ _ORT_CPU = Form(
 )
 _ORT_CUDA = Form(
     "ms-multihead-attention",
-    _PREPARE + (BatchedHeadsPass, FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
+    _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
     "portable, with the attention core fused into com.microsoft MultiHeadAttention "
     "(left unfused with need_weights: that op cannot return the weights); in blocks, residual LayerNorms "
     "as SkipLayerNormalization, GELU as Gelu and RMSNorms in the Div form ONNX Runtime fuses",

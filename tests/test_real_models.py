@@ -58,8 +58,6 @@ ENTRIES += [
         ("falcon", "eager", "dynamo", 18),
         ("whisper", "eager", "dynamo", 18),  # an audio encoder
         ("swin", "sdpa", "legacy", 17),  # shifted windows, their mask through a 5-D view
-        ("detr", None, "dynamo", 18),  # need_weights=True: 3-D (batch*heads) MatMuls
-        ("detr", None, "legacy", 14),
     ]
 ]
 CORES = {
@@ -68,7 +66,6 @@ CORES = {
     "modernbert": 2,
     "bart": 3,
     "swin": 4,  # two stages of two blocks
-    "detr": 2,  # self-attention over the queries, cross-attention over the memory
 }
 # cores left unfused, each named with its reason in the report (README, "--onnx"), on these targets
 UNFUSED = {
@@ -76,6 +73,8 @@ UNFUSED = {
     "bloom": ("no single MatMul multiplies it with the values", ("ort-cpu", "onnx-attention")),
     # Gemma 2 soft-caps its scores: the Attention op's softcap takes them, MultiHeadAttention cannot
     "gemma2": ("soft-capped", ("ort-cpu",)),
+    # need_weights=True: 3-D (batch*heads) MatMuls, read as 4-D on onnx-attention only
+    "detr": ("its scores are 3-D", ("ort-cpu",)),
 }
 # decoders exported with their KV cache as inputs and outputs (Optimum's text-generation-with-past form)
 WITH_PAST = [
@@ -87,6 +86,8 @@ LEFT_ALONE = [
     model_zoo.Entry("deberta", "eager", "legacy", SIZE, 17),
     model_zoo.Entry("bloom", "eager", "dynamo", SIZE),
     model_zoo.Entry("gemma2", "eager", "legacy", SIZE, 17),
+    model_zoo.Entry("detr", None, "dynamo", SIZE),
+    model_zoo.Entry("detr", None, "legacy", SIZE, 14),
 ]
 
 
@@ -160,9 +161,10 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(
 def test_attention_left_unfused_is_named_with_its_reason_and_the_graph_still_checks(
     exported, tmp_path, entry, target
 ):
-    """DeBERTa and BLOOM, and Gemma 2 on ort-cpu: each Softmax is listed with the reason its core is
-    left alone (Gemma 2's soft cap fuses into the Attention op's softcap on onnx-attention), and
-    the graph still computes what the export does."""
+    """DeBERTa and BLOOM, and Gemma 2 and a DETR-style head on ort-cpu: each Softmax is listed with
+    the reason its core is left alone (on onnx-attention Gemma 2's soft cap fuses into the
+    Attention op's softcap, and the DETR head's 3-D cores into it as 4-D), and the graph still
+    computes what the export does."""
     out = tmp_path / "out"
     argv = ["--onnx", str(exported[entry.name]), "--target", target, "--check", "--quiet"]
     if entry.fixed_shapes:
