@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from compiler._ir import constant, model_graphs, named, new_initializer, only_use
 from compiler.attention_core import perm_of, unique_scope
+from compiler.exported_cores import reaches_scores
 from compiler.shape_values import entries
 
 
@@ -62,9 +63,9 @@ def _batched(softmax: ir.Node) -> _Batched | None:
         path.insert(0, node)
         if node.op_type == "MatMul":
             break
-        if node.op_type not in ("Add", "Mul", "Div", "Sub"):
+        if node.op_type not in ("Add", "Mul", "Div"):
             return None
-        on_path = [x for x in node.inputs if _rank(x) == 3 and _from_matmul(x)]
+        on_path = [x for x in node.inputs if _rank(x) == 3 and reaches_scores(x)]
         if len(on_path) != 1:
             return None
         value = on_path[0]
@@ -76,18 +77,6 @@ def _batched(softmax: ir.Node) -> _Batched | None:
         return None
     split = _head_split(path[0].inputs[0], contexts[0])
     return _Batched(softmax, path, contexts[0], *split) if split else None
-
-
-def _from_matmul(value: ir.Value, depth: int = 6) -> bool:
-    """Whether ``value`` is the scores' MatMul or reaches it through the path's element-wise ops."""
-    node = value.producer()
-    if node is None or node.domain or depth == 0:
-        return False
-    if node.op_type == "MatMul":
-        return True
-    return node.op_type in ("Add", "Mul", "Div", "Sub") and any(
-        x is not None and _from_matmul(x, depth - 1) for x in node.inputs
-    )
 
 
 def _head_split(query: ir.Value, context: ir.Node) -> tuple[int, int] | None:

@@ -37,7 +37,7 @@ def _rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
 
 
-def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
+def reaches_scores(value: ir.Value, depth: int = 6) -> bool:
     """Whether ``value`` is the query-key product, through scalings, casts and added biases."""
     node = value.producer()
     if node is None or node.domain or depth == 0:
@@ -46,11 +46,11 @@ def _reaches_scores(value: ir.Value, depth: int = 6) -> bool:
         return True
     if node.op_type in ("Mul", "Div", "Cast", "Tanh"):  # Tanh: soft-capped scores
         return any(
-            constant(x) is None and _reaches_scores(x, depth - 1)
+            constant(x) is None and reaches_scores(x, depth - 1)
             for x in node.inputs[: 1 if node.op_type == "Div" else 2]
         )
     if node.op_type == "Add":
-        return any(_reaches_scores(x, depth - 1) for x in node.inputs)
+        return any(reaches_scores(x, depth - 1) for x in node.inputs)
     return False
 
 
@@ -60,7 +60,7 @@ def _biases(scores: ir.Value) -> tuple[ir.Value, list[ir.Value], list[ir.Node]] 
     biases: list[ir.Value] = []
     nodes: list[ir.Node] = []
     while (add := producer_of(scores, "Add")) is not None:
-        sides = [i for i in (0, 1) if _reaches_scores(add.inputs[i])]
+        sides = [i for i in (0, 1) if reaches_scores(add.inputs[i])]
         if len(sides) != 1:
             return "its scores are not a MatMul plus masks"
         if only_use(add.inputs[sides[0]]) is None:
@@ -289,12 +289,12 @@ def _heads_of(
         _split_heads(q, (1, 3))
         or _split_heads(k, (1, 2) if k_transposed else (1, 3))
         or _split_heads(v, (1, 3))
-        or _heads_by_width(q, v, context, k, k_transposed)
+        or _heads_by_width(q, k, v, k_transposed, context)
     )
 
 
 def _heads_by_width(
-    q: ir.Value, v: ir.Value, context: ir.Value, k: ir.Value, k_transposed: bool
+    q: ir.Value, k: ir.Value, v: ir.Value, k_transposed: bool, context: ir.Value
 ) -> tuple[int, int] | None:
     """Where no head split states both: the width E the context's head merge gives, over a head
     size the values or queries state, or a head count some split states (a packed (B, L, H, 3*hd)

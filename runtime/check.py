@@ -491,7 +491,7 @@ def _drawn_case(
     ]
     first: InputError | None = None
     for tried in [sizes, *sums]:
-        feeds = graph_inputs(original.inputs, tried, rng, ranges=ranges)
+        feeds = graph_inputs(original.inputs, tried, rng, ranges=ranges)  # its errors stand
         try:
             return _case(original, feeds, overrides)
         except InputError as exc:
