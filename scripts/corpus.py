@@ -560,15 +560,12 @@ def _decode_row(entry: model_zoo.Entry, args: argparse.Namespace, threads: int) 
 def _decode_step_feeds(entry: model_zoo.Entry, batch: int, cached: int) -> dict[str, np.ndarray]:
     """One new token per sequence after ``cached`` random cache entries."""
     rng = np.random.default_rng(1)
-    example = model_zoo.example_inputs(entry)
-    names, _ = model_zoo.past_names(entry.size.layers)
     feeds = {
         "input_ids": rng.integers(1, 1000, (batch, 1)).astype(np.int64),
         "attention_mask": np.ones((batch, cached + 1), np.int64),
     }
-    for n in names:
-        _, heads, _, size = example[n].shape
-        feeds[n] = rng.standard_normal((batch, heads, cached, size)).astype(np.float32)
+    for name, (heads, size) in model_zoo.cache_heads(entry).items():
+        feeds[name] = rng.standard_normal((batch, heads, cached, size)).astype(np.float32)
     return feeds
 
 

@@ -13,6 +13,7 @@ Exports are cached on disk under a key of the model, its config and the tool ver
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -522,6 +523,15 @@ def _past_inputs(entry: Entry) -> dict[str, Any]:
     return {name: value.numpy() for name, value in inputs.items()}
 
 
+@functools.cache
+def cache_heads(entry: Entry) -> dict[str, tuple[int, int]]:
+    """(key/value heads, head size) of each cache input of a decoder with past, from its example
+    (built once per entry: it runs the model)."""
+    names, _ = past_names(entry.size.layers)
+    example = _past_inputs(entry)
+    return {name: (example[name].shape[1], example[name].shape[3]) for name in names}
+
+
 def greedy_tokens(run: Any, entry: Entry, prompt: Any, mask: Any, steps: int = 32) -> Any:
     """``steps`` tokens of greedy decoding through ``run(feeds) -> outputs`` (an exported or
     compiled decoder with past, as a list in its output order): a prefill over the prompt with an
@@ -529,8 +539,8 @@ def greedy_tokens(run: Any, entry: Entry, prompt: Any, mask: Any, steps: int = 3
     import numpy as np
 
     names, _ = past_names(entry.size.layers)
-    shapes = {n: v.shape for n, v in _past_inputs(entry).items() if n in names}
-    past = {n: np.zeros((prompt.shape[0], s[1], 0, s[3]), np.float32) for n, s in shapes.items()}
+    n = prompt.shape[0]
+    past = {name: np.zeros((n, h, 0, d), np.float32) for name, (h, d) in cache_heads(entry).items()}
     ids, tokens = prompt, []
     for _ in range(steps):
         outputs = run({"input_ids": ids, "attention_mask": mask, **past})
