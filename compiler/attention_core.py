@@ -31,7 +31,7 @@ from compiler._ir import (
     new_initializer,
     root,
 )
-from compiler.core_patterns import OWN_CORE
+from compiler.core_patterns import OWN_CORE, same_dim
 
 
 @dataclass
@@ -326,11 +326,6 @@ def _states(mask: ir.Value, axis: int, other: ir.Value, other_axis: int) -> bool
     return same_dim(mask.shape[axis], other.shape[other_axis])
 
 
-def same_dim(a: object, b: object) -> bool:
-    """Two dims known to be equal: the same size, or the same named symbolic dim."""
-    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
-
-
 def keys_bnsh(core: Core, add: Emit) -> ir.Value:
     """K as (N, H, S, hd) from a BNSH core's keys. Where the exporter transposed K itself, scaled or not,
     the keys before that transpose: no transpose pair is left for ONNX Runtime to cancel, which it
@@ -377,7 +372,37 @@ def no_key_left(graph: ir.Graph, bias: ir.Value, add: Emit, scope: str) -> ir.Va
     total = add("ReduceSum", [bias, axis], f"{scope}/ReduceSum", {"keepdims": 1})
     hidden = add("IsInf", [top], f"{scope}/IsInf", {"detect_positive": 0})
     no_nan = add("Not", [add("IsNaN", [total], f"{scope}/IsNaN")], f"{scope}/Not")
-    return add("And", [hidden, no_nan], f"{scope}/And")
+    dead = add("And", [hidden, no_nan], f"{scope}/And")
+    if bias.shape is not None and len(bias.shape) == 4:
+        dead.shape = ir.Shape([*bias.shape[:3], 1])  # what zero_dead_context reads
+        dead.type = ir.TensorType(ir.DataType.BOOL)
+    return dead
+
+
+def leaves_nan_rows(core: Core) -> bool:
+    """Whether a row can be all -inf where the graph leaves it so (NaN), not zeroed."""
+    return core.may_hide_every_key and not core.zeroes_dead_rows
+
+
+def as_the_graph_reads(graph: ir.Graph, bias: ir.Value, add, nan_rows: bool) -> ir.Value:
+    """``bias`` as the op must read it for a row with no key left to get what the graph gives it.
+    ONNX Runtime's CPU Attention op gives such a row a zero context, counting float32's lowest as
+    -inf, where an unguarded graph gives the mean of the values (every score the same lowest, as
+    Hugging Face's masks make them) or NaN (all -inf). So lowest becomes lowest / 2, which weighs a
+    key the same (nothing beside any finite score, the same share in a row of them); with
+    ``nan_rows`` (the graph guards no row), a row left all -inf gets a NaN, which the op carries to
+    the context. A guarded graph zeroes only -inf rows, as the op does."""
+    lowest = float(np.finfo(np.float32).min)
+    low, half, nan = (
+        new_initializer(graph, f"attention/{name}", np.asarray(value, np.float32))
+        for name, value in (("lowest", lowest), ("half_lowest", lowest / 2), ("nan", np.nan))
+    )
+    found = add("Equal", [bias, low], "graph_rows/is_lowest")
+    bias = add("Where", [found, half, bias], "graph_rows/half_lowest")
+    if not nan_rows:
+        return bias
+    dead = no_key_left(graph, bias, add, "graph_rows")
+    return add("Where", [dead, nan, bias], "graph_rows/nan_rows")
 
 
 def _guard_nodes(dead: ir.Node) -> list[ir.Node]:
@@ -394,6 +419,10 @@ def zero_dead_context(
     ``context`` is (N, L, H*hd) for layout BSD, (N, H, L, hd) for BNSH."""
     if layout == "BNSH":
         return add("Where", [dead, zero_scalar(graph), context], "fully_masked/Where")
+    if dead.shape is not None and dead.shape[1] == 1:  # one mask for every head: (N|1, L|1, 1)
+        axis = new_initializer(graph, "attention/axis1", np.asarray([1], np.int64))
+        rows = add("Squeeze", [dead, axis], "fully_masked/rows")
+        return add("Where", [rows, zero_scalar(graph), context], "fully_masked/Where")
     dead = add(
         "Transpose", [dead], "fully_masked/Transpose", {"perm": [0, 2, 1, 3]}
     )  # (N|1, L, H|1, 1)
@@ -414,6 +443,42 @@ def zero_dead_weights(graph: ir.Graph, weights: ir.Value, dead: ir.Value, add: E
 
 def zero_scalar(graph: ir.Graph) -> ir.Value:
     return new_initializer(graph, "attention/zero", np.zeros((), np.float32))
+
+
+def choose(condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1):
+    """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) (or a
+    tuple of ``outputs`` values) inside its branch, so that only the branch taken runs: the forms
+    a fusion chooses between at run time."""
+    branches = []
+    for name, build in (("then", then), ("else", otherwise)):
+        nodes: list[ir.Node] = []
+        results = build(emitter(nodes, f"{scope}/{name}"), f"{scope}/{name}")
+        results = list(results) if outputs > 1 else [results]
+        for i, value in enumerate(results):
+            if (
+                value.producer() is None or value.producer() not in nodes
+            ):  # a branch's output is a value it makes
+                results[i] = value = emitter(nodes, f"{scope}/{name}")(
+                    "Identity", [value], f"output_{i}"
+                )
+            value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
+        branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
+    return add(
+        "If",
+        [condition],
+        "If",
+        {"then_branch": branches[0], "else_branch": branches[1]},
+        outputs=outputs,
+    )
+
+
+def as_bnsh(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Value:
+    """A fused op's (N, L, H*hd) context as (N, H, L, hd), a BNSH core's layout."""
+    split = new_initializer(
+        graph, "attention/heads_shape", np.asarray([0, 0, core.num_heads, core.head_dim], np.int64)
+    )
+    heads = add("Reshape", [context, split], "context_bsnh")
+    return add("Transpose", [heads], "context_bnsh", {"perm": [0, 2, 1, 3]})
 
 
 def as_output(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Value:

@@ -282,7 +282,8 @@ QUERY_KEY_END = QueryKeyEnd()
 class RepeatedHeads(_CorePattern):
     """Reshape(Expand(Unsqueeze(x, [2]), (N, kv, r, S, hd)), (N, kv * r, S, hd)): grouped-query attention's
     keys or values repeated to the query heads, as transformers' repeat_kv writes them (head j reads
-    x's head j // r). Shapes must state kv and r."""
+    x's head j // r). Shapes must state kv and the merged heads; r, where the legacy exporter's
+    shape inference leaves it unknown, is their ratio (an Expand grows only axes of 1)."""
 
     def pattern(self, op, x, axes, expanded_shape, merged_shape):
         return op.Reshape(
@@ -301,20 +302,22 @@ class RepeatedHeads(_CorePattern):
             or [len(s) for s in shapes] != [4, 5, 4]
         ):
             return _refused("not heads repeated along a new axis 2")
-        (_, kv, s, d), (_, kv_e, r, s_e, d_e), (_, heads, s_m, d_m) = shapes
-        if (
-            not all(isinstance(n, int) for n in (kv, kv_e, r, heads))
-            or kv_e != kv
-            or heads != kv * r
-            or r < 2
-        ):
+        (_, kv, s, d), (_, _, r, _, _), (_, heads, s_m, d_m) = shapes
+        if not (isinstance(kv, int) and isinstance(heads, int)) or heads % kv or heads <= kv:
             return _refused("its head counts are not stated, or do not multiply")
-        if not (isinstance(d, int) and d == d_e == d_m) or not (s == s_e == s_m):
+        if isinstance(r, int) and r != heads // kv:
+            return _refused("its repeat is not the query heads' share")
+        if not (isinstance(d, int) and d == d_m) or not same_dim(s, s_m):
             return _refused("its length or head size changes")
         return MatchResult()
 
 
 REPEATED_HEADS = RepeatedHeads()
+
+
+def same_dim(a: object, b: object) -> bool:
+    """Two dims known to be equal: the same size, or the same named symbolic dim."""
+    return a == b and (isinstance(a, int) or getattr(a, "value", None) is not None)
 
 
 def repeated_heads(value: ir.Value, graph: ir.Graph) -> ir.Value | None:

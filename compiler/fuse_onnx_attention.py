@@ -11,6 +11,7 @@ from compiler._ir import model_graphs, new_initializer
 from compiler.attention_core import (
     Core,
     as_output,
+    as_the_graph_reads,
     combined_mask,
     dead_rows,
     emitter,
@@ -18,7 +19,7 @@ from compiler.attention_core import (
     followed,
     full_bias,
     keys_bnsh,
-    no_key_left,
+    leaves_nan_rows,
     rank4,
     replace_core,
     summed,
@@ -28,6 +29,7 @@ from compiler.attention_core import (
     zero_dead_weights,
 )
 from compiler.core_patterns import repeated_heads
+from compiler.joined_cache import shapes_before_repeat
 from compiler.mask_forms import mask_terms, op_inputs, query_blocks
 
 ATTENTION_OPSET = 23
@@ -83,7 +85,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
             mask = combined_mask(core, add)
             bias = full_bias(graph, core, add, mask)
             if bias is not None:
-                bias = as_the_graph_reads(graph, bias, add, _nan_rows(core))
+                bias = as_the_graph_reads(graph, bias, add, leaves_nan_rows(core))
             node = _attention_node(graph, core, add, bias, scope)
             cache = core.cache
             new.append(node)
@@ -117,7 +119,7 @@ def _attention_node(graph: ir.Graph, core: Core, add, bias: ir.Value | None, sco
         k, v = core.k, core.v
     else:
         attrs = {"scale": core.scale}
-        k, v = _grouped(keys_bnsh(core, add), core.v, graph)
+        k, v = _grouped(keys_bnsh(core, add), core.v, graph, add)
     if core.weights is not None:
         attrs["qk_matmul_output_mode"] = _AFTER_SOFTMAX
     if core.softcap:
@@ -153,7 +155,7 @@ def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))
     merge = new_initializer(graph, "attention/merge_shape", np.asarray([0, 0, h * d], np.int64))
     corner = new_initializer(graph, "attention/mask_corner", np.ones(2, np.int64))
-    keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=_nan_rows(core))
+    keep_rows = functools.partial(as_the_graph_reads, graph, nan_rows=leaves_nan_rows(core))
     attend = functools.partial(
         _block_attention, (heads, merge, corner), (core.scale, core.softcap), keep_rows
     )
@@ -219,36 +221,12 @@ def _block_attention(
     )
 
 
-def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+def _grouped(k: ir.Value, v: ir.Value, graph: ir.Graph, add) -> tuple[ir.Value, ir.Value]:
     """Grouped-query keys and values as the op takes them, before their repeat to the query heads:
     the op reads query head j's keys from head j // (q heads / kv heads) itself."""
     k_kv, v_kv = repeated_heads(k, graph), repeated_heads(v, graph)
     if k_kv is None or v_kv is None or k_kv.shape[1] != v_kv.shape[1]:
         return k, v
+    for repeated in (k, v):
+        shapes_before_repeat(graph, repeated, add)
     return k_kv, v_kv
-
-
-def _nan_rows(core: Core) -> bool:
-    """Whether a row can be all -inf where the graph leaves it so (NaN), not zeroed."""
-    return core.may_hide_every_key and not core.zeroes_dead_rows
-
-
-def as_the_graph_reads(graph: ir.Graph, bias: ir.Value, add, nan_rows: bool) -> ir.Value:
-    """``bias`` as the op must read it for a row with no key left to get what the graph gives it.
-    ONNX Runtime's CPU Attention op gives such a row a zero context, counting float32's lowest as
-    -inf, where an unguarded graph gives the mean of the values (every score the same lowest, as
-    Hugging Face's masks make them) or NaN (all -inf). So lowest becomes lowest / 2, which weighs a
-    key the same (nothing beside any finite score, the same share in a row of them); with
-    ``nan_rows`` (the graph guards no row), a row left all -inf gets a NaN, which the op carries to
-    the context. A guarded graph zeroes only -inf rows, as the op does."""
-    lowest = float(np.finfo(np.float32).min)
-    low, half, nan = (
-        new_initializer(graph, f"attention/{name}", np.asarray(value, np.float32))
-        for name, value in (("lowest", lowest), ("half_lowest", lowest / 2), ("nan", np.nan))
-    )
-    found = add("Equal", [bias, low], "graph_rows/is_lowest")
-    bias = add("Where", [found, half, bias], "graph_rows/half_lowest")
-    if not nan_rows:
-        return bias
-    dead = no_key_left(graph, bias, add, "graph_rows")
-    return add("Where", [dead, nan, bias], "graph_rows/nan_rows")

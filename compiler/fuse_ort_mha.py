@@ -11,7 +11,9 @@ import onnx_ir as ir
 from compiler._ir import constant, model_graphs, new_initializer
 from compiler.attention_core import (
     Core,
+    as_bnsh,
     as_output,
+    choose,
     combined_mask,
     dead_rows,
     emitter,
@@ -26,6 +28,7 @@ from compiler.attention_core import (
     zero_dead_context,
     zero_scalar,
 )
+from compiler.joined_cache import grouped_attention, joined_cache
 from compiler.mask_forms import (
     ATTENTION_UNTIL,
     BLOCKS_FROM,
@@ -107,28 +110,32 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     def _fuse(self, graph: ir.Graph) -> bool:
         cores = [core for core in find_cores(graph) if self.refuse(core) is None]
         replaced: dict[ir.Value, ir.Value] = {}
+        shared: dict = {}  # what the cores of an exported decoder with its cache share
         for core in cores:
             core = followed(core, replaced)
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(new, scope)
-            context, present = self._context(graph, core, add, scope)
-            if core.layout == "BNSH":
-                split = new_initializer(
-                    graph,
-                    "attention/heads_shape",
-                    np.asarray([0, 0, core.num_heads, core.head_dim], np.int64),
-                )
-                context = add(
-                    "Transpose",
-                    [add("Reshape", [context, split], "context_bsnh")],
-                    "context_bnsh",
-                    {"perm": [0, 2, 1, 3]},
-                )
+            joined = joined_cache(core, graph) if self._joins_caches() else None
+            if joined is not None:  # a BNSH context
+                context, present = grouped_attention(graph, core, joined, add, scope, shared)
+                core = dataclasses.replace(core, cache=joined.as_cache())
+            else:
+                context, present = self._context(graph, core, add, scope)
+                if core.layout == "BNSH":
+                    context = as_bnsh(graph, core, context, add)
             context = as_output(graph, core, context, add)
             present = present if core.cache is not None else None
             replace_core(graph, core, new, context, present=present, replaced_so_far=replaced)
         return bool(cores)
+
+    def _joins_caches(self) -> bool:
+        """An exported decoder's cache goes to GroupQueryAttention on the CPU, with no If: decode
+        steps are what such a graph mostly runs, and the If that would choose the long forms costs
+        each step more than the op saves (docs/BENCHMARKS.md, "Decoders with their cache"); unless
+        the model declares prompts as long as those forms start at (compile.py --max-len)."""
+        longest = self.max_len if self.max_len is not None else 0
+        return self.flash_forms and longest < min(ROWS_FROM, CHUNKS_FROM, CAUSAL_FROM, BLOCKS_FROM)
 
     def _context(
         self, graph: ir.Graph, core: Core, add, scope: str
@@ -341,7 +348,7 @@ class _LengthForms:
     def padding_or_blocks(self, emit, name: str) -> ir.Value:
         """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
         alike = rows_alike(self.graph, self.terms.other, emit)
-        return _if(alike, name, emit, self._padded, self.blocks)
+        return choose(alike, name, emit, self._padded, self.blocks)
 
     def _padded(self, inner, inner_name: str) -> ir.Value:
         graph, core, raw = self.graph, self.core, self.raw
@@ -383,7 +390,7 @@ class _LengthForms:
             ],
             "square",
         )
-        return _if(square, name, emit, self._causal_parts, self.padding_or_blocks)
+        return choose(square, name, emit, self._causal_parts, self.padding_or_blocks)
 
     def _with_padding(self, inner, inner_name: str) -> ir.Value:
         inputs = self.source.inputs(inner)
@@ -396,7 +403,7 @@ class _LengthForms:
         if not inside.rest or not chunkable(self.core, None):
             return self._with_padding(inner, inner_name)
         padded = nothing_padded(self.graph, inside, inner)
-        return _if(padded, inner_name, inner, self.causal_alone, self._with_padding)
+        return choose(padded, inner_name, inner, self.causal_alone, self._with_padding)
 
 
 def _padding(
@@ -440,7 +447,7 @@ def _causal(
         return build(emit, name, None)
     if not chunkable(core, None):
         return build(emit, name, floored(graph, raw, emit))
-    return _if(
+    return choose(
         no_key_bias(graph, raw, emit),
         name,
         emit,
@@ -483,33 +490,7 @@ def _switch(
         [length, new_initializer(graph, "attention/long_from", np.asarray([threshold], np.int64))],
         "long_input",
     )
-    return _if(long_input, scope, add, long, short)
-
-
-def _if(condition: ir.Value, scope: str, add, then, otherwise, outputs: int = 1):
-    """If(condition, then, otherwise), each built by ``fn(emit, scope)`` -> context (N, L, E) (or a
-    tuple of ``outputs`` values) inside its branch, so that only the branch taken runs."""
-    branches = []
-    for name, build in (("then", then), ("else", otherwise)):
-        nodes: list[ir.Node] = []
-        results = build(emitter(nodes, f"{scope}/{name}"), f"{scope}/{name}")
-        results = list(results) if outputs > 1 else [results]
-        for i, value in enumerate(results):
-            if (
-                value.producer() is None or value.producer() not in nodes
-            ):  # a branch's output is a value it makes
-                results[i] = value = emitter(nodes, f"{scope}/{name}")(
-                    "Identity", [value], f"output_{i}"
-                )
-            value.type = ir.TensorType(ir.DataType.FLOAT)  # a branch's output is typed
-        branches.append(ir.Graph([], results, nodes=nodes, name=f"{scope}/{name}"))
-    return add(
-        "If",
-        [condition],
-        "If",
-        {"then_branch": branches[0], "else_branch": branches[1]},
-        outputs=outputs,
-    )
+    return choose(long_input, scope, add, long, short)
 
 
 def _causal_alone(core: Core) -> bool:
@@ -617,7 +598,7 @@ def _prefill_or_step(
         return (context, *present)
 
     prefilling = _is_prefill(graph, add, terms.past, q, start)
-    context, *present = _if(prefilling, scope, add, prefill, step, outputs=3)
+    context, *present = choose(prefilling, scope, add, prefill, step, outputs=3)
     return context, tuple(present)
 
 

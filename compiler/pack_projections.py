@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer, only_use
 from compiler.attention_core import find_cores
+from compiler.joined_cache import joined_cache
 from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY
 
 
@@ -63,7 +64,10 @@ def _declared_rows(model: ir.Model) -> float:
 
 
 def _decodes(graph: ir.Graph) -> bool:
-    return any(core.cache is not None for core in find_cores(graph))
+    return any(
+        core.cache is not None or joined_cache(core, graph) is not None
+        for core in find_cores(graph)
+    )
 
 
 def _weight(matmul: ir.Node) -> np.ndarray | None:

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import CommonSubexpressionEliminationPass, InlinePass, ShapeInferencePass
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    DeduplicateInitializersPass,
+    InlinePass,
+    ShapeInferencePass,
+)
 
 from compiler.batched_heads import BatchedHeadsPass
 from compiler.cleanup import CleanupPass
@@ -110,6 +115,10 @@ _ORT_CPU = Form(
     + (
         functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
         functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
+        # what the fused cores each compute from one mask, once (initializers deduplicated first: each
+        # core's constants are its own until then)
+        DeduplicateInitializersPass,
+        CommonSubexpressionEliminationPass,
         functools.partial(FuseOrtNormGeluPass, skip_norm=False),
         ResidualSumPass,
     ),

@@ -189,11 +189,12 @@ def test_attention_left_unfused_is_named_with_its_reason_and_the_graph_still_che
 @pytest.mark.parametrize("entry", WITH_PAST, ids=lambda e: e.name)
 def test_decoders_with_their_cache_fuse_and_decode_the_exports_tokens(exported, entry):
     """32 greedy tokens, a left-padded prompt, the cache fed back each step: every core fused on
-    ort-cpu and onnx-attention, and each compiled graph decodes exactly the export's tokens."""
+    ort-cpu (GroupQueryAttention on the cache, whose present outputs are the graph's) and
+    onnx-attention, and each compiled graph decodes exactly the export's tokens."""
     import onnxruntime as ort
 
     from compiler import compile_model
-    from compiler.targets import every_node
+    from compiler.targets import FUSED_OPS, every_node
     from graphs.onnx_files import load_onnx
 
     original = load_onnx(exported[entry.name])
@@ -212,8 +213,37 @@ def test_decoders_with_their_cache_fuse_and_decode_the_exports_tokens(exported, 
     for target in ("ort-cpu", "onnx-attention"):
         compiled = compile_model(original, target)
         ops = [n.op_type for n in every_node(compiled.graph)]
-        assert "Softmax" not in ops and {"MultiHeadAttention", "Attention"} & set(ops), target
+        assert "Softmax" not in ops and set(FUSED_OPS) & set(ops), target
+        if target == "ort-cpu":  # the cache as GroupQueryAttention takes it
+            assert ops.count("GroupQueryAttention") == entry.size.layers
         np.testing.assert_array_equal(tokens(compiled), expected)
+
+
+@pytest.mark.parametrize("entry", WITH_PAST, ids=lambda e: e.name)
+def test_the_cache_step_computes_what_the_export_does_at_every_shape_of_step(exported, entry):
+    """ort-cpu's GroupQueryAttention on the cache, against the export (fp32, 1e-5 relative to its
+    largest output): a batch of three new tokens after a past, which the op's CPU kernel refuses
+    and MultiHeadAttention takes; one entry's three tokens after a past; and one token per entry
+    where an entry's every key is padding."""
+    import onnxruntime as ort
+
+    from compiler import compile_model
+    from graphs.onnx_files import load_onnx
+
+    original = load_onnx(exported[entry.name])
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for m in (original, compile_model(original, "ort-cpu"))
+    ]
+    batched = model_zoo.example_inputs(entry)  # 2 entries, 3 tokens after 5, one left-padded
+    alone = {k: v[:1] for k, v in batched.items()}
+    step = {k: v[:, -1:] if k == "input_ids" else v for k, v in batched.items()}
+    step["attention_mask"] = step["attention_mask"].copy()
+    step["attention_mask"][1] = 0  # no key left for entry 1
+    for feeds in (batched, alone, step):
+        expected, got = (s.run(None, feeds) for s in sessions)
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * max(1.0, np.abs(e).max()))
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
