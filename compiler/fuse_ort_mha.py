@@ -130,12 +130,10 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return bool(cores)
 
     def _joins_caches(self) -> bool:
-        """An exported decoder's cache goes to GroupQueryAttention on the CPU, with no If: decode
-        steps are what such a graph mostly runs, and the If that would choose the long forms costs
-        each step more than the op saves (docs/BENCHMARKS.md, "Decoders with their cache"); unless
-        the model declares prompts as long as those forms start at (compile.py --max-len)."""
-        longest = self.max_len if self.max_len is not None else 0
-        return self.flash_forms and longest < min(ROWS_FROM, CHUNKS_FROM, CAUSAL_FROM, BLOCKS_FROM)
+        """An exported decoder's cache goes to GroupQueryAttention on the CPU, with no If for long
+        prompts: decode steps are what such a graph mostly runs, and an If costs each step more
+        than the long forms save a prompt (docs/BENCHMARKS.md, "Decoders with their cache")."""
+        return self.flash_forms
 
     def _context(
         self, graph: ir.Graph, core: Core, add, scope: str
@@ -191,6 +189,34 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             lambda emit, name: source.one_op(emit, None),
             self.max_len,
         )
+
+
+class FuseOrtCpuAttentionPass(FuseOrtMultiHeadAttentionPass):
+    """The fusion on ONNX Runtime's CPU: the masks in the forms that keep its flash kernel, and an
+    exported decoder's cache step fused where GroupQueryAttention saves the export's repeat of
+    grouped keys and values, or takes as many key heads as query heads and needs no dead-row guard.
+    A decode step is a handful of small nodes, and elsewhere the export's own run faster
+    (docs/BENCHMARKS.md, "Decoders with their cache")."""
+
+    def __init__(self, attention_op: bool | None = None) -> None:
+        super().__init__(flash_forms=True, attention_op=attention_op)
+
+    @staticmethod
+    def refuse(core: Core) -> str | None:
+        reason = FuseOrtMultiHeadAttentionPass.refuse(core)
+        if reason is not None:
+            return reason
+        cache = joined_cache(core, core.softmax.graph)
+        if cache is None or cache.repeated:
+            return None
+        if core.zeroes_dead_rows or cache.kv_heads < core.num_heads:
+            return (
+                "it steps an exported decoder's KV cache that the export does not repeat (under a "
+                "mask whose rows with no key left it zeroes, or with keys broadcast over the query "
+                "heads): such a step runs faster unfused on ONNX Runtime's CPU than through "
+                "GroupQueryAttention"
+            )
+        return None
 
 
 def _nan_entries(graph: ir.Graph, context: ir.Value, raw: ir.Value, add) -> ir.Value:

@@ -46,6 +46,7 @@ class JoinedCache:
     present_key: ir.Value  # Concat(past, new) on the length axis: a graph output
     present_value: ir.Value
     kv_heads: int
+    repeated: bool  # the export repeats them to the query heads (grouped-query attention)
 
     def as_cache(self) -> Cache:
         """The Concats as the cache replace_core swaps for the op's present outputs."""
@@ -68,7 +69,8 @@ def joined_cache(core: Core, graph: ir.Graph) -> JoinedCache | None:
     kv = heads.pop() if len(heads) == 1 else None
     if not isinstance(kv, int) or core.num_heads % kv or sizes != {core.head_dim}:
         return None
-    return JoinedCache(key[0], value[0], key[1], value[1], key[2], value[2], kv)
+    repeated = all(repeated_heads(x, graph) is not None for x in (keys, core.v))
+    return JoinedCache(key[0], value[0], key[1], value[1], key[2], value[2], kv, repeated)
 
 
 def _keys(core: Core) -> ir.Value | None:

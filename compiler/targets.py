@@ -20,7 +20,7 @@ from compiler.cleanup import CleanupPass
 from compiler.float16 import Float16Pass
 from compiler.fold_scale import FoldScalePass
 from compiler.fuse_onnx_attention import ATTENTION_OPSET, FuseOnnxAttentionPass
-from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
+from compiler.fuse_ort_mha import FuseOrtCpuAttentionPass, FuseOrtMultiHeadAttentionPass
 from compiler.fuse_ort_norm_gelu import FuseOrtNormGeluPass, ResidualSumPass
 from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
@@ -114,7 +114,7 @@ _ORT_CPU = Form(
     _PREPARE[:-1]
     + (
         functools.partial(PackProjectionsPass, max_rows=PACK_ROWS_CPU),
-        functools.partial(FuseOrtMultiHeadAttentionPass, flash_forms=True),
+        FuseOrtCpuAttentionPass,
         # what the fused cores each compute from one mask, once (initializers deduplicated first: each
         # core's constants are its own until then)
         DeduplicateInitializersPass,
@@ -129,7 +129,7 @@ _ORT_CPU = Form(
     "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; RMSNorms in the Div form "
     "ONNX Runtime fuses; residual sums before a LayerNorm or RMSNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
     "(its SkipLayerNormalization is slower there)",
-    FuseOrtMultiHeadAttentionPass,
+    FuseOrtCpuAttentionPass,
 )
 _ORT_CUDA = Form(
     "ms-multihead-attention",

@@ -40,7 +40,7 @@ import onnxruntime as ort
 from artifacts.output_folders import check_output_file, write_file_atomically
 from benchmark.timing import Timing, cpu_matmul_rate, cpu_name
 from compiler import attention_form, compile_model, get_target
-from compiler.fuse_ort_mha import FuseOrtMultiHeadAttentionPass
+from compiler.fuse_ort_mha import FuseOrtCpuAttentionPass
 from compiler.ingest import fusion_findings
 from compiler.pack_projections import PackProjectionsPass
 from compiler.targets import every_node
@@ -482,7 +482,7 @@ def _packing(max_rows: int | None) -> dict[type, dict[str, Any]]:
     that the Split is what differs (com.microsoft.Attention takes x whole, packed or not)."""
     return {
         PackProjectionsPass: {"max_rows": max_rows},
-        FuseOrtMultiHeadAttentionPass: {"attention_op": False},
+        FuseOrtCpuAttentionPass: {"attention_op": False},
     }
 
 
@@ -497,9 +497,7 @@ def attention_op_table(args: argparse.Namespace, size: model_zoo.Size, threads: 
         threads,
         ("Attention", "MultiHeadAttention"),
         lambda model: compile_model(model, "ort-cpu"),
-        lambda model: _compiled_with(
-            model, {FuseOrtMultiHeadAttentionPass: {"attention_op": False}}
-        ),
+        lambda model: _compiled_with(model, {FuseOrtCpuAttentionPass: {"attention_op": False}}),
         lambda compiled: any(n.op_type == "Attention" for n in every_node(compiled.graph)),
         (None, "bool"),
         (16, 128, 256, 383, 384, 512, 1024),
