@@ -126,7 +126,9 @@ _ORT_CPU = Form(
     "cache, with the attention core fused into com.microsoft MultiHeadAttention (or, for short inputs "
     "of a core whose q, k, v are projections of one input, com.microsoft.Attention on that input) "
     "(left unfused with need_weights: that op cannot return the weights), padding and causal masks in "
-    "forms that keep its flash kernel (query blocks for causal); GELU as Gelu; RMSNorms in the Div form "
+    "forms that keep its flash kernel (query blocks for causal); an exported decoder's KV cache into "
+    "GroupQueryAttention where that saves the export's repeat of grouped keys or a dead-row guard; "
+    "GELU as Gelu; RMSNorms in the Div form "
     "ONNX Runtime fuses; residual sums before a LayerNorm or RMSNorm written as Sum, which ONNX Runtime's CPU session leaves apart from it "
     "(its SkipLayerNormalization is slower there)",
     FuseOrtCpuAttentionPass,
