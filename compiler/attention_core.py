@@ -29,9 +29,11 @@ from compiler._ir import (
     named,
     nested_graphs,
     new_initializer,
+    only_use,
     root,
 )
 from compiler.core_patterns import OWN_CORE, same_dim
+from compiler.shape_values import entries
 
 
 @dataclass
@@ -479,6 +481,23 @@ def as_bnsh(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Val
     )
     heads = add("Reshape", [context, split], "context_bsnh")
     return add("Transpose", [heads], "context_bnsh", {"perm": [0, 2, 1, 3]})
+
+
+def heads_merge(core: Core) -> ir.Node | None:
+    """The Reshape by which the graph merges a BNSH core's heads, Transpose(0, 2, 1, 3) then
+    Reshape, where that is all that reads the core's output: it may read a fused op's (N, L, H*hd)
+    context in its place (the same numbers in the same order), so that no transpose is copied
+    twice. Not where its target copies an axis past the second (a 0 there): that axis differs."""
+    turn = only_use(core.output) if core.layout == "BNSH" else None
+    if turn is None or perm_of(producer_of(turn.outputs[0], "Transpose")) != [0, 2, 1, 3]:
+        return None
+    reshape = only_use(turn.outputs[0])
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+        return None
+    found = entries(reshape.inputs[1])
+    if found is None or any(entry == 0 for entry in found[0][2:]):
+        return None
+    return reshape
 
 
 def as_output(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Value:

@@ -20,6 +20,7 @@ from compiler.attention_core import (
     find_cores,
     followed,
     full_bias,
+    heads_merge,
     rank4,
     replace_core,
     summed,
@@ -117,16 +118,23 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             scope = unique_scope(graph)
             add = emitter(new, scope)
             joined = joined_cache(core, graph) if self._joins_caches() else None
-            if joined is not None:  # a BNSH context
-                context, present = grouped_attention(graph, core, joined, add, scope, shared)
+            dead = None
+            if joined is not None:
+                context, dead, present = grouped_attention(graph, core, joined, add, scope, shared)
                 core = dataclasses.replace(core, cache=joined.as_cache())
             else:
                 context, present = self._context(graph, core, add, scope)
-                if core.layout == "BNSH":
-                    context = as_bnsh(graph, core, context, add)
+            bsd = context  # (N, L, E)
+            merge = heads_merge(core) if dead is None else None
+            if core.layout == "BNSH":
+                context = as_bnsh(graph, core, context, add)
+                if dead is not None:
+                    context = zero_dead_context(graph, core, context, dead, add, "BNSH")
             context = as_output(graph, core, context, add)
             present = present if core.cache is not None else None
             replace_core(graph, core, new, context, present=present, replaced_so_far=replaced)
+            if merge is not None:  # the graph's merge of the heads reads the op's (N, L, E)
+                merge.replace_input_with(0, bsd)
         return bool(cores)
 
     def _joins_caches(self) -> bool:

@@ -20,7 +20,6 @@ from compiler.attention_core import (
     Cache,
     Core,
     Emit,
-    as_bnsh,
     as_the_graph_reads,
     choose,
     combined_mask,
@@ -30,7 +29,6 @@ from compiler.attention_core import (
     perm_of,
     producer_of,
     rank4,
-    zero_dead_context,
 )
 from compiler.core_patterns import repeated_heads
 
@@ -110,9 +108,10 @@ class _StepInputs:
 
 def grouped_attention(
     graph: ir.Graph, core: Core, cache: JoinedCache, add: Emit, scope: str, shared: dict
-) -> tuple[ir.Value, tuple[ir.Value, ir.Value]]:
+) -> tuple[ir.Value, ir.Value | None, tuple[ir.Value, ir.Value]]:
     """GroupQueryAttention over the core, not causal (the mask says what each query sees): (context
-    (N, H, L, hd), (present_key, present_value)). Every entry's keys are all the past and this step's
+    (N, L, E), the dead rows to zero in it or None, (present_key, present_value)); the op zeroes a
+    row of -inf at one query, but not in a prompt, so the caller does. Every entry's keys are all the past and this step's
     (seqlens_k = total - 1), and the mask goes in whole as its attention_bias, read as the graph
     reads it (as_the_graph_reads: the op counts float32's lowest as -inf); rows with no key left
     get what the graph gives them. ``shared`` holds the _StepInputs of the cores fused so far:
@@ -137,10 +136,7 @@ def grouped_attention(
             shared[key] = step
     ops = _Operands(graph, core, cache, (q, k, v), step)
     context, *present = choose(step.batched_prompt, scope, add, ops.joined, ops.grouped, outputs=3)
-    context = as_bnsh(graph, core, context, add)
-    if step.dead is not None:  # the op zeroes a row of -inf at one query, not in a prompt
-        context = zero_dead_context(graph, core, context, step.dead, add, "BNSH")
-    return context, tuple(present)
+    return context, step.dead, tuple(present)
 
 
 @dataclass(frozen=True)
