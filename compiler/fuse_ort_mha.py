@@ -112,6 +112,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         cores = [core for core in find_cores(graph) if self.refuse(core) is None]
         replaced: dict[ir.Value, ir.Value] = {}
         shared: dict = {}  # what the cores of an exported decoder with its cache share
+        keys = [_bias_key(core) for core in cores] if self.flash_forms else []
+        self._biases: dict = {key: None for key in keys if key is not None and keys.count(key) > 1}
         for core in cores:
             core = followed(core, replaced)
             new: list[ir.Node] = []
@@ -179,7 +181,11 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         self, graph: ir.Graph, core: Core, terms: MaskTerms, source: _Source, add, scope: str
     ) -> ir.Value:
         raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-        context = _by_length(graph, source, terms, raw, add, scope, self.max_len)
+        key = _bias_key(core)
+        if key in self._biases and self._biases[key] is None:  # the first core that reads it
+            self._biases[key] = _whole_bias(graph, source, terms, raw, add)
+        whole = self._biases.get(key)
+        context = _by_length(graph, source, terms, raw, add, scope, self.max_len, whole)
         if core.zeroes_dead_rows and raw is not None and not terms.other:
             dead = dead_causal_rows(graph, raw, add)
             context = zero_dead_context(graph, core, context, dead, add)
@@ -331,6 +337,7 @@ def _by_length(
     add,
     scope: str,
     max_len: int | None,
+    whole: tuple[ir.Value, ir.Value] | None = None,
 ) -> ir.Value:
     """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
     blocks from length CAUSAL_FROM on (CHUNKS_FROM for GroupQueryAttention's chunks, which pay
@@ -338,9 +345,10 @@ def _by_length(
     any other mask from BLOCKS_FROM on as padding where its rows all match at run time, else in query
     blocks with its rows per block (query_blocks), which bound memory rather than save time. Below
     those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
-    "Masks"); its bias is built inside that branch, so a long input never builds it. Fully masked
-    rows are zeroed inside the branches where the mask has such terms."""
-    forms = _LengthForms(graph, source, terms, raw)
+    "Masks"); its bias is built inside that branch, so a long input never builds it, unless
+    ``whole`` (_whole_bias) holds it, built once for the cores that read the same terms at the same
+    lengths. Fully masked rows are zeroed inside the branches where the mask has such terms."""
+    forms = _LengthForms(graph, source, terms, raw, whole)
     if not terms.other:
         start = CHUNKS_FROM if chunkable(source.core, raw) else CAUSAL_FROM
         return _switch(graph, source, add, scope, start, forms.blocks, forms.one_op, max_len)
@@ -360,6 +368,7 @@ class _LengthForms:
     source: _Source
     terms: MaskTerms
     raw: ir.Value | None
+    whole: tuple[ir.Value, ir.Value] | None = None  # (summed, full) biases: _whole_bias
 
     @property
     def core(self) -> Core:
@@ -399,12 +408,17 @@ class _LengthForms:
 
     def one_op(self, emit, name: str) -> ir.Value:
         graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
-        parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
-        parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
-        summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-        bias = (
-            full_bias(graph, core, emit, summed_bias, source.length) if terms.other else summed_bias
-        )
+        if self.whole is not None:
+            summed_bias, bias = self.whole
+        else:
+            parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
+            parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
+            summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
+            bias = (
+                full_bias(graph, core, emit, summed_bias, source.length)
+                if terms.other
+                else summed_bias
+            )
         context = source.one_op(emit, bias)
         if not self.zero_dead:
             return context
@@ -438,6 +452,34 @@ class _LengthForms:
             return self._with_padding(inner, inner_name)
         padded = nothing_padded(self.graph, inside, inner)
         return choose(padded, inner_name, inner, self.causal_alone, self._with_padding)
+
+
+def _bias_key(core: Core) -> tuple | None:
+    """What makes two cores' whole biases one: the same mask terms (not causal: that one is built
+    per core) and the same query and key lengths, named or fixed dims of q and v."""
+    terms = mask_terms(core) if core.mask is not None else None
+    if terms is None or not terms.other or terms.causal or terms.past is not None:
+        return None
+    axis = 1 if core.layout == "BSD" else 2
+    lengths = [
+        x.shape[axis] if x.shape is not None and len(x.shape) > axis else None
+        for x in (core.q, core.v)
+    ]
+    if not all(isinstance(d, int) or getattr(d, "value", None) for d in lengths):
+        return None
+    return (tuple(terms.other), tuple(terms.keys), *lengths)
+
+
+def _whole_bias(
+    graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add
+) -> tuple[ir.Value, ir.Value]:
+    """The mask terms summed and broadcast to (N|1, H|1, L, S), outside any If, once for every core
+    that reads them at the same lengths (_bias_key): each core's own Expand would copy the whole
+    bias per layer (T5's relative position bias: about 5% of its encoder at 512 tokens). A mask
+    term of other kinds varies along the queries, so the broadcast copies what the graph holds."""
+    parts = [as_4d(graph, term, add, f"term_{i}") for i, term in enumerate(terms.other)]
+    whole = summed(parts + ([raw] if raw is not None else []), add, "bias")
+    return whole, full_bias(graph, source.core, add, whole, source.length)
 
 
 def _padding(

@@ -8,6 +8,7 @@ itself (float32 rounding through the fused kernels stays near 1e-7).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import compile as compile_script
@@ -255,6 +256,32 @@ def test_the_cache_step_computes_what_the_export_does_at_every_shape_of_step(exp
         expected, got = (s.run(None, feeds) for s in sessions)
         for e, g in zip(expected, got):
             np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * max(1.0, np.abs(e).max()))
+
+
+def test_layers_that_read_one_bias_share_its_broadcast(zoo):
+    """T5's encoder adds one relative position bias, built in its first layer, in every layer: on
+    ort-cpu the bias the fused op takes, broadcast to (N|1, H|1, L, S), is built once (one Expand,
+    outside the layers' Ifs), not copied per layer; the graph still computes what the export does."""
+    import onnxruntime as ort
+
+    from compiler import compile_model
+    from compiler.targets import every_node
+    from graphs.onnx_files import load_onnx
+
+    size = dataclasses.replace(SIZE, layers=3)
+    entry = model_zoo.Entry("t5-encoder", "sdpa", "legacy", size, 17)  # shapes it cannot name
+    original = load_onnx(model_zoo.export(entry, zoo))
+    compiled = compile_model(original, "ort-cpu")
+    expands = [n for n in every_node(compiled.graph) if n.name.endswith("/attention_bias")]
+    assert len(expands) == 1 and expands[0] in compiled.graph.node, [n.name for n in expands]
+    feeds = model_zoo.example_inputs(entry)
+    expected, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )[0]
+        for m in (original, compiled)
+    )
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
