@@ -71,7 +71,8 @@ _KEEPS_VALUES = (
 
 def finite(value: ir.Value | None, depth: int = 8) -> bool:
     """Whether every element of ``value`` is finite, as far as constants fix it: a finite constant,
-    or a Where choosing between such values, through ops that move values without changing them.
+    entries gathered from one (T5's relative position bias from its table), or a Where choosing
+    between such values, through ops that move values without changing them.
     False where the graph does not say (a graph input, a sum that may overflow)."""
     array = constant(value)
     if array is not None:
@@ -81,6 +82,8 @@ def finite(value: ir.Value | None, depth: int = 8) -> bool:
         return False
     if node.op_type == "Where":
         return finite(node.inputs[1], depth - 1) and finite(node.inputs[2], depth - 1)
+    if node.op_type in ("Gather", "GatherElements", "GatherND"):  # entries of its data (a table)
+        return finite(node.inputs[0], depth - 1)
     if node.op_type == "ConstantOfShape":
         attr = node.attributes.get("value")
         return attr is None or bool(np.isfinite(attr.as_tensor().numpy()).all())

@@ -20,6 +20,7 @@ from compiler.attention_core import (
     full_bias,
     keys_bnsh,
     leaves_nan_rows,
+    named_lengths,
     rank4,
     replace_core,
     summed,
@@ -73,6 +74,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
 
     def _fuse(self, graph: ir.Graph, cores: list[Core]) -> None:
         replaced: dict[ir.Value, ir.Value] = {}
+        biases: dict = {}  # the masks' broadcasts, by what makes two the same (_bias)
         for core in cores:
             core = followed(core, replaced)
             new: list[ir.Node] = []
@@ -82,10 +84,7 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 context = _in_blocks(graph, core, add, scope)
                 replace_core(graph, core, new, context, replaced_so_far=replaced)
                 continue
-            mask = combined_mask(core, add)
-            bias = full_bias(graph, core, add, mask)
-            if bias is not None:
-                bias = as_the_graph_reads(graph, bias, add, leaves_nan_rows(core))
+            mask, bias = self._bias(graph, core, add, biases)
             node = _attention_node(graph, core, add, bias, scope)
             cache = core.cache
             new.append(node)
@@ -108,6 +107,23 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
                 tuple(node.outputs[1:3]) if cache is not None else None,
                 replaced,
             )
+
+    @staticmethod
+    def _bias(graph: ir.Graph, core: Core, add, biases: dict) -> tuple:
+        """(the core's masks summed, the op's attn_mask): built once for the cores that read the
+        same masks at the same lengths (T5's relative position bias in every layer), not copied
+        per layer."""
+        lengths = named_lengths(core) if core.mask is not None else None
+        key = (core.mask, *core.extra_masks, lengths, leaves_nan_rows(core)) if lengths else None
+        if key in biases:
+            return biases[key]
+        mask = combined_mask(core, add)
+        bias = full_bias(graph, core, add, mask)
+        if bias is not None:
+            bias = as_the_graph_reads(graph, bias, add, leaves_nan_rows(core))
+        if key is not None:
+            biases[key] = (mask, bias)
+        return mask, bias
 
 
 def _attention_node(graph: ir.Graph, core: Core, add, bias: ir.Value | None, scope: str) -> ir.Node:

@@ -21,6 +21,7 @@ from compiler.attention_core import (
     followed,
     full_bias,
     heads_merge,
+    named_lengths,
     rank4,
     replace_core,
     summed,
@@ -460,14 +461,8 @@ def _bias_key(core: Core) -> tuple | None:
     terms = mask_terms(core) if core.mask is not None else None
     if terms is None or not terms.other or terms.causal or terms.past is not None:
         return None
-    axis = 1 if core.layout == "BSD" else 2
-    lengths = [
-        x.shape[axis] if x.shape is not None and len(x.shape) > axis else None
-        for x in (core.q, core.v)
-    ]
-    if not all(isinstance(d, int) or getattr(d, "value", None) for d in lengths):
-        return None
-    return (tuple(terms.other), tuple(terms.keys), *lengths)
+    lengths = named_lengths(core)
+    return (tuple(terms.other), tuple(terms.keys), *lengths) if lengths is not None else None
 
 
 def _whole_bias(

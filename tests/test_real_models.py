@@ -258,10 +258,13 @@ def test_the_cache_step_computes_what_the_export_does_at_every_shape_of_step(exp
             np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * max(1.0, np.abs(e).max()))
 
 
-def test_layers_that_read_one_bias_share_its_broadcast(zoo):
-    """T5's encoder adds one relative position bias, built in its first layer, in every layer: on
-    ort-cpu the bias the fused op takes, broadcast to (N|1, H|1, L, S), is built once (one Expand,
-    outside the layers' Ifs), not copied per layer; the graph still computes what the export does."""
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
+def test_layers_that_read_one_bias_share_its_broadcast(zoo, target):
+    """T5's encoder adds one relative position bias, built in its first layer, in every layer: the
+    bias the fused op takes, broadcast to (N|1, H|1, L, S) (and on onnx-attention read as the op
+    must, float32's lowest halved), is built once, outside the layers' Ifs, not copied per layer.
+    Its entries are gathered from a finite table and filled with the lowest float, so no row can
+    be all -inf and no NaN-row guard is built. The graph still computes what the export does."""
     import onnxruntime as ort
 
     from compiler import compile_model
@@ -271,9 +274,13 @@ def test_layers_that_read_one_bias_share_its_broadcast(zoo):
     size = dataclasses.replace(SIZE, layers=3)
     entry = model_zoo.Entry("t5-encoder", "sdpa", "legacy", size, 17)  # shapes it cannot name
     original = load_onnx(model_zoo.export(entry, zoo))
-    compiled = compile_model(original, "ort-cpu")
-    expands = [n for n in every_node(compiled.graph) if n.name.endswith("/attention_bias")]
+    compiled = compile_model(original, target)
+    nodes = list(every_node(compiled.graph))
+    expands = [n for n in nodes if n.name.endswith("/attention_bias")]
     assert len(expands) == 1 and expands[0] in compiled.graph.node, [n.name for n in expands]
+    halved = [n.name for n in nodes if n.name.endswith("graph_rows/half_lowest")]
+    assert len(halved) == (1 if target == "onnx-attention" else 0), halved
+    assert not [n.name for n in nodes if n.op_type in ("IsInf", "IsNaN")]
     feeds = model_zoo.example_inputs(entry)
     expected, got = (
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
