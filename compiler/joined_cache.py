@@ -31,8 +31,7 @@ from compiler.attention_core import (
     rank4,
 )
 from compiler.core_patterns import repeated_heads
-
-MS_DOMAIN = "com.microsoft"
+from compiler.mask_forms import MS_DOMAIN
 
 
 @dataclass(frozen=True)
