@@ -483,17 +483,18 @@ def as_bnsh(graph: ir.Graph, core: Core, context: ir.Value, add: Emit) -> ir.Val
     return add("Transpose", [heads], "context_bnsh", {"perm": [0, 2, 1, 3]})
 
 
-def named_lengths(core: Core) -> tuple | None:
-    """The query and key lengths of a core, as dims of q and v that name them (a fixed size or a
-    named symbol), else None: two cores with the same are known to have the same lengths."""
+def mask_key(core: Core) -> tuple | None:
+    """The masks a core reads and its query and key lengths, as dims of q and v that name them (a
+    fixed size or a named symbol), else None: cores with one key read one mask at the same
+    lengths, and may share what is built from it."""
     axis = 1 if core.layout == "BSD" else 2
     dims = [
         x.shape[axis] if x.shape is not None and len(x.shape) > axis else None
         for x in (core.q, core.v)
     ]
-    if not all(isinstance(d, int) or getattr(d, "value", None) for d in dims):
+    if core.mask is None or not all(isinstance(d, int) or getattr(d, "value", None) for d in dims):
         return None
-    return tuple(dims)
+    return (core.mask, *core.extra_masks, *dims)
 
 
 def heads_merge(core: Core) -> ir.Node | None:

@@ -20,7 +20,7 @@ from compiler.attention_core import (
     full_bias,
     keys_bnsh,
     leaves_nan_rows,
-    named_lengths,
+    mask_key,
     rank4,
     replace_core,
     summed,
@@ -113,8 +113,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
         """(the core's masks summed, the op's attn_mask): built once for the cores that read the
         same masks at the same lengths (T5's relative position bias in every layer), not copied
         per layer."""
-        lengths = named_lengths(core) if core.mask is not None else None
-        key = (core.mask, *core.extra_masks, lengths, leaves_nan_rows(core)) if lengths else None
+        shared = mask_key(core)
+        key = (*shared, leaves_nan_rows(core)) if shared is not None else None
         if key in biases:
             return biases[key]
         mask = combined_mask(core, add)

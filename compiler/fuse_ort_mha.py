@@ -21,7 +21,7 @@ from compiler.attention_core import (
     followed,
     full_bias,
     heads_merge,
-    named_lengths,
+    mask_key,
     rank4,
     replace_core,
     summed,
@@ -120,7 +120,10 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             new: list[ir.Node] = []
             scope = unique_scope(graph)
             add = emitter(new, scope)
-            joined = joined_cache(core, graph) if self._joins_caches() else None
+            # on the CPU an exported decoder's cache goes to GroupQueryAttention, with no If for
+            # long prompts: decode steps are what such a graph mostly runs (docs/BENCHMARKS.md,
+            # "Decoders with their cache")
+            joined = joined_cache(core, graph) if self.flash_forms else None
             dead = None
             if joined is not None:
                 context, dead, present = grouped_attention(graph, core, joined, add, scope, shared)
@@ -139,12 +142,6 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             if merge is not None:  # the graph's merge of the heads reads the op's (N, L, E)
                 merge.replace_input_with(0, bsd)
         return bool(cores)
-
-    def _joins_caches(self) -> bool:
-        """An exported decoder's cache goes to GroupQueryAttention on the CPU, with no If for long
-        prompts: decode steps are what such a graph mostly runs, and an If costs each step more
-        than the long forms save a prompt (docs/BENCHMARKS.md, "Decoders with their cache")."""
-        return self.flash_forms
 
     def _context(
         self, graph: ir.Graph, core: Core, add, scope: str
@@ -182,7 +179,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         self, graph: ir.Graph, core: Core, terms: MaskTerms, source: _Source, add, scope: str
     ) -> ir.Value:
         raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
-        key = _bias_key(core)
+        key = _bias_key(core, terms)
         if key in self._biases and self._biases[key] is None:  # the first core that reads it
             self._biases[key] = _whole_bias(graph, source, terms, raw, add)
         whole = self._biases.get(key)
@@ -409,17 +406,7 @@ class _LengthForms:
 
     def one_op(self, emit, name: str) -> ir.Value:
         graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
-        if self.whole is not None:
-            summed_bias, bias = self.whole
-        else:
-            parts = [as_4d(graph, term, emit, f"term_{i}") for i, term in enumerate(terms.other)]
-            parts += [causal_bias(graph, source.length, emit)] if terms.causal else []
-            summed_bias = summed(parts + ([raw] if raw is not None else []), emit, "bias")
-            bias = (
-                full_bias(graph, core, emit, summed_bias, source.length)
-                if terms.other
-                else summed_bias
-            )
+        summed_bias, bias = self.whole or _whole_bias(graph, source, terms, raw, emit)
         context = source.one_op(emit, bias)
         if not self.zero_dead:
             return context
@@ -455,25 +442,28 @@ class _LengthForms:
         return choose(padded, inner_name, inner, self.causal_alone, self._with_padding)
 
 
-def _bias_key(core: Core) -> tuple | None:
-    """What makes two cores' whole biases one: the same mask terms (not causal: that one is built
-    per core) and the same query and key lengths, named or fixed dims of q and v."""
-    terms = mask_terms(core) if core.mask is not None else None
+def _bias_key(core: Core, terms: MaskTerms | None = None) -> tuple | None:
+    """What makes two cores' whole biases one (mask_key): not a causal mask, built per core."""
+    key = mask_key(core)
+    terms = terms or (mask_terms(core) if key is not None else None)
     if terms is None or not terms.other or terms.causal or terms.past is not None:
         return None
-    lengths = named_lengths(core)
-    return (tuple(terms.other), tuple(terms.keys), *lengths) if lengths is not None else None
+    return key
 
 
 def _whole_bias(
     graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add
 ) -> tuple[ir.Value, ir.Value]:
-    """The mask terms summed and broadcast to (N|1, H|1, L, S), outside any If, once for every core
-    that reads them at the same lengths (_bias_key): each core's own Expand would copy the whole
+    """(the mask terms summed, broadcast to (N|1, H|1, L, S)): a core's one-op bias, built inside
+    its branch, or outside any If once for every core that reads the same terms at the same
+    lengths (_bias_key), where each core's own Expand would copy the whole
     bias per layer (T5's relative position bias: about 5% of its encoder at 512 tokens). A mask
     term of other kinds varies along the queries, so the broadcast copies what the graph holds."""
     parts = [as_4d(graph, term, add, f"term_{i}") for i, term in enumerate(terms.other)]
+    parts += [causal_bias(graph, source.length, add)] if terms.causal else []
     whole = summed(parts + ([raw] if raw is not None else []), add, "bias")
+    if not terms.other:  # a causal bias and key terms broadcast as they are
+        return whole, whole
     return whole, full_bias(graph, source.core, add, whole, source.length)
 
 
