@@ -1,4 +1,4 @@
-"""Find the attention core (scores, scale, mask, softmax, context) in a graph, and the pieces every
+"""The attention core (scores, scale, mask, softmax, context) of a graph, and the pieces every
 fused form needs around it: a mask the fused op accepts and the fully-masked-row rule.
 
 Cores are matched by structure, not by name, in two forms:
@@ -9,7 +9,7 @@ Cores are matched by structure, not by name, in two forms:
 - BNSH, any graph whose heads are already split, as torch's exporters write attention: rank-4
   (N, H, L, hd) tensors; compiler/exported_cores.py matches those (and gives the BSD form back where
   the exporter's head split can be looked through).
-Fusion passes rewrite what this module finds; ``survey`` says why a Softmax was not matched.
+compiler/core_survey.py finds both; the fusion passes rewrite what it finds.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from compiler._ir import (
     only_use,
     root,
 )
-from compiler.core_patterns import OWN_CORE, same_dim
+from compiler.core_patterns import same_dim
 from compiler.shape_values import entries
 
 
@@ -78,12 +78,10 @@ class Core:
         ir.Value, ...
     ] = ()  # further additive biases (relative position, causal...): summed with mask
     k_transposed: bool = True  # a BNSH core's k is K^T (N, H, hd, S); False: K (N, H, S, hd)
-    nan_guarded: bool = (
-        False  # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
-    )
-    output_rows: bool = (
-        False  # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
-    )
+    # torch's Where(IsNaN(p), 0, p) followed the softmax: fully masked rows give 0
+    nan_guarded: bool = False
+    # a BSD core's output is (N*L, E), as GPT-2's exports merge the heads for a Gemm
+    output_rows: bool = False
     softcap: float = 0.0  # scores = c * tanh(scale * q.k / c) before the masks (Gemma 2); 0: none
 
     @property
@@ -120,24 +118,6 @@ def unfusable(core: Core) -> str | None:
     return None
 
 
-def survey(graph: ir.Graph) -> list[tuple[ir.Node, Core | str]]:
-    """Every Softmax of the graph with its core, or the reason it is not one."""
-    from compiler.exported_cores import match_exported  # it builds on this module's Core
-
-    own = {
-        core.softmax: core
-        for node in list(graph)
-        if node.op_type == "Reshape"
-        and not node.domain
-        and (core := _own_core(node, graph)) is not None
-    }
-    return [
-        (node, own.get(node) or match_exported(node, graph))
-        for node in list(graph)
-        if node.op_type == "Softmax" and not node.domain
-    ]
-
-
 def over_keys(softmax: ir.Node, graph: ir.Graph, rank: int = 4) -> bool:
     """Whether a Softmax of a rank-``rank`` tensor normalises over its last axis alone, by its opset's
     rule: before opset 13 the axis defaults to 1 and the input is flattened to 2-D at it, from 13 on
@@ -147,10 +127,6 @@ def over_keys(softmax: ir.Node, graph: ir.Graph, rank: int = 4) -> bool:
     return axis % rank == rank - 1 if -rank <= axis < rank else False
 
 
-def find_cores(graph: ir.Graph) -> list[Core]:
-    return [found for _, found in survey(graph) if isinstance(found, Core)]
-
-
 def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
     return node if node is not None and node.op_type == op_type and not node.domain else None
@@ -158,68 +134,6 @@ def producer_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
 
 def perm_of(node: ir.Node | None) -> list[int] | None:
     return None if node is None else list(node.attributes.get_ints("perm", []))
-
-
-def _own_core(merge: ir.Node, graph: ir.Graph) -> Core | None:
-    """The core of our own graphs whose head merge is ``merge`` (compiler/core_patterns.py, OwnCore)."""
-    match = OWN_CORE.found(graph, merge)
-    if not match:
-        return None
-    b = match.bindings
-    softmax = b["probs"].producer()
-    if not over_keys(softmax, graph):
-        return None
-    split = constant(b["q_split"])
-    heads, head_dim = int(split[2]), int(split[3])
-    scale = float(constant(b["scale"]).reshape(())) if b["scale"] is not None else 1.0
-    read, context_mm = b["read"], b["attended"].producer()
-    weights_used = read.is_graph_output() or len(read.uses()) > 1
-    guard = []
-    if b["guarded"]:
-        where = read.producer()
-        guard = [where, *_guard_nodes(where.inputs[0].producer())]
-    scores_mm = b["product"].producer()
-    cache = _own_cache(b, scores_mm) if b["cached"] else None
-    between = [
-        x.producer() for x in (b["scores"], b["scaled"]) if x is not b["product"]
-    ]  # the mask's Add, the scale's Mul
-    nodes = [
-        softmax,
-        *dict.fromkeys(between),
-        *guard,
-        scores_mm,
-        context_mm,
-        merge.inputs[0].producer(),
-        merge,
-    ]
-    return Core(
-        "BSD",
-        b["q_in"],
-        b["k_in"],
-        b["v_in"],
-        heads,
-        head_dim,
-        scale,
-        b["mask"],
-        merge.outputs[0],
-        read if weights_used else None,
-        softmax,
-        context_mm,
-        guard,
-        nodes,
-        cache,
-    )
-
-
-def _own_cache(b: dict[str, ir.Value], scores_mm: ir.Node) -> Cache:
-    """The KV cache OwnCore bound: past and present keys and values, and the Concats and the key
-    Transpose that join them."""
-    nodes = [
-        scores_mm.inputs[1].producer(),
-        b["present_key"].producer(),
-        b["present_value"].producer(),
-    ]
-    return Cache(b["past_key"], b["past_value"], b["present_key"], b["present_value"], nodes)
 
 
 Emit = Callable[..., ir.Value]
@@ -287,9 +201,8 @@ def full_bias(
     the BSD query the op reads, to take L from (else the core's)."""
     if mask is None:
         return None
-    axis = (
-        1 if core.layout == "BSD" else 2
-    )  # the length axis of q and v (the values' length is the keys')
+    # the length axis of q and v (the values' length is the keys')
+    axis = 1 if core.layout == "BSD" else 2
     if core.cache is None and _states(mask, 2, core.q, axis) and _states(mask, 3, core.v, axis):
         return mask
     # the keys' length read from the values, so that no exporter node on the keys is kept for a Shape
@@ -407,7 +320,7 @@ def as_the_graph_reads(graph: ir.Graph, bias: ir.Value, add, nan_rows: bool) -> 
     return add("Where", [dead, nan, bias], "graph_rows/nan_rows")
 
 
-def _guard_nodes(dead: ir.Node) -> list[ir.Node]:
+def guard_nodes(dead: ir.Node) -> list[ir.Node]:
     """The nodes under the guard's And(IsInf(ReduceMax(s)), Not(IsNaN(ReduceSum(s))))."""
     hidden, no_nan = (x.producer() for x in dead.inputs)
     nan = no_nan.inputs[0].producer()

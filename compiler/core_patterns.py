@@ -32,9 +32,8 @@ class _CorePattern(pattern.PatternBase):
     """A pattern whose ``found`` keeps a failed check's reason with the match (onnxscript's ``match``
     returns None then, the reason going only to a tracer)."""
 
-    removable = (
-        False  # the softmax's output may also be the need_weights output: uses are checked by hand
-    )
+    # the softmax's output may also be the need_weights output: uses are checked by hand
+    removable = False
 
     def found(self, graph: ir.Graph, node: ir.Node) -> MatchResult | None:
         """None where the structure differs; else the match, failed with the check's reason if it refuses."""

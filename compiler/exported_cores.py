@@ -143,9 +143,8 @@ def _split_heads(value: ir.Value, axes: tuple[int, int], depth: int = 6) -> tupl
         and isinstance(source[2], int)
         and dims[2:].count(-1) == 1
     ):
-        known = (
-            dims[3] if dims[2] == -1 else dims[2]
-        )  # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
+        # (B, L, -1, hd) or (B, L, H, -1) from (B, L, E)
+        known = dims[3] if dims[2] == -1 else dims[2]
         if known and known > 0 and source[2] % known == 0:
             dims[2 if dims[2] == -1 else 3] = source[2] // known
     heads, size = dims[perm[axes[0]]], dims[perm[axes[1]]]

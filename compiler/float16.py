@@ -66,7 +66,7 @@ def _weights_to_float16(graph: ir.Graph) -> None:
 
 
 def _compute_in_float16(graph: ir.Graph) -> None:
-    """Every float constant, Cast and value in float16 (a Loop's body too: compiler/mask_forms.py),
+    """Every float constant, Cast and value in float16 (a Loop's body too: compiler/lowerings/),
     but the graph's own inputs and outputs."""
     edges = set(graph.inputs) | set(graph.outputs)
     for node in ir.traversal.RecursiveGraphIterator(graph):

@@ -15,7 +15,6 @@ from compiler.attention_core import (
     combined_mask,
     dead_rows,
     emitter,
-    find_cores,
     followed,
     full_bias,
     keys_bnsh,
@@ -30,8 +29,11 @@ from compiler.attention_core import (
     zero_dead_weights,
 )
 from compiler.core_patterns import repeated_heads
+from compiler.core_survey import find_cores
 from compiler.joined_cache import shapes_before_repeat
-from compiler.mask_forms import mask_terms, op_inputs, query_blocks
+from compiler.lowerings.query_blocks import query_blocks
+from compiler.mask_ops import op_inputs
+from compiler.mask_terms import mask_terms
 
 ATTENTION_OPSET = 23
 _AFTER_SOFTMAX = 3  # qk_matmul_output_mode: the fourth output holds the post-softmax scores
@@ -52,9 +54,8 @@ class FuseOnnxAttentionPass(ir.passes.InPlacePass):
 
     def __init__(self, query_blocks: bool = False) -> None:
         super().__init__()
-        self.query_blocks = (
-            query_blocks  # masked cores in blocks of queries: memory O(block x S), not O(L x S)
-        )
+        # masked cores in blocks of queries: memory O(block x S), not O(L x S)
+        self.query_blocks = query_blocks
 
     @staticmethod
     def refuse(core: Core) -> str | None:
@@ -165,7 +166,7 @@ def _blockable(core: Core) -> bool:
 
 
 def _in_blocks(graph: ir.Graph, core: Core, add, scope: str) -> ir.Value:
-    """The core's output, computed by one Attention op per block of queries (mask_forms.query_blocks),
+    """The core's output, computed by one Attention op per block of queries (compiler/lowerings/query_blocks.py),
     each with its rows of every mask term, so the op holds (N, H, block, S) scores."""
     h, d = core.num_heads, core.head_dim
     heads = new_initializer(graph, "attention/heads_shape", np.asarray([0, 0, h, d], np.int64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -17,7 +18,6 @@ from compiler.attention_core import (
     combined_mask,
     dead_rows,
     emitter,
-    find_cores,
     followed,
     full_bias,
     heads_merge,
@@ -30,34 +30,23 @@ from compiler.attention_core import (
     zero_dead_context,
     zero_scalar,
 )
+from compiler.core_survey import find_cores
 from compiler.joined_cache import grouped_attention, joined_cache
-from compiler.mask_forms import (
-    ATTENTION_UNTIL,
-    BLOCKS_FROM,
-    CAUSAL_FROM,
-    CHUNKS_FROM,
-    MS_DOMAIN,
-    ROWS_FROM,
-    MaskTerms,
-    as_4d,
-    bsd_inputs,
-    causal_bias,
-    causal_blocks,
-    causal_inside_blocks,
-    chunkable,
-    dead_causal_rows,
-    first_rows,
-    floored,
-    mask_terms,
-    no_key_bias,
-    nothing_padded,
-    op_inputs,
-    padded_rows,
-    query_blocks,
-    rows_alike,
-)
+from compiler.lowerings import Lowering, Masked
+from compiler.lowerings.causal_blocks import CausalBlocks, CausalInsideBlocks, causal, causal_from
+from compiler.lowerings.padded_rows import PaddedRows
+from compiler.lowerings.query_blocks import QueryBlocks
+from compiler.mask_ops import MS_DOMAIN, as_4d, causal_bias, dead_causal_rows, op_inputs
+from compiler.mask_terms import MaskTerms, mask_terms
 from compiler.qkv_projections import Projections, match_projections, reroute_shapes
 from graphs.spec import MAX_LEN_KEY
+
+# below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
+ATTENTION_UNTIL = 384
+# The lowerings of a masked core (compiler/lowerings/), the first that applies taking it; a mask of
+# the key alone takes PADDED_ROWS.
+LOWERINGS: tuple[Lowering, ...] = (CausalBlocks(), CausalInsideBlocks(), QueryBlocks())
+PADDED_ROWS = PaddedRows()
 
 _LOWEST = float(
     np.finfo(np.float32).min
@@ -69,7 +58,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
     mask on the CPU, query blocks of them.
 
     ONNX Runtime's CPU kernel runs flash attention only without any mask input, so with
-    ``flash_forms`` the masks it can take another way go that way (compiler/mask_forms.py): a mask
+    ``flash_forms`` the masks it can take another way go that way (compiler/lowerings/): a mask
     that depends on the key alone (padding) becomes one more head dimension; a causal self-attention
     mask, with or without padding, becomes query blocks whose visible past is flash attention. Any
     other mask becomes ``attention_bias`` (broadcast over batch and heads, full over query and key),
@@ -81,9 +70,8 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
 
     def __init__(self, flash_forms: bool = False, attention_op: bool | None = None) -> None:
         super().__init__()
-        self.flash_forms = (
-            flash_forms  # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
-        )
+        # ONNX Runtime's CPU kernel; its CUDA kernels take the masks as they are
+        self.flash_forms = flash_forms
         # com.microsoft.Attention on the projections' input for short inputs (qkv_projections.py): on the CPU
         self.attention_op = flash_forms if attention_op is None else attention_op
 
@@ -165,7 +153,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         if cache is None and terms is not None and terms.key_only:
             # flash, each entry's keys cut after the last visible
             raw = summed(terms.keys, add, "key_bias_terms")
-            context = _padding(graph, source(), raw, add, scope, self.max_len)
+            context = _padding(graph, source(), terms, raw, add, scope, self.max_len)
             if core.zeroes_dead_rows:
                 context = zero_dead_context(graph, core, context, dead_rows(graph, raw, add), add)
             return context, None
@@ -337,109 +325,26 @@ def _by_length(
     max_len: int | None,
     whole: tuple[ir.Value, ir.Value] | None = None,
 ) -> ir.Value:
-    """Masked attention (N, L, E), with the key bias ``raw`` if any: a causal mask alone in query
-    blocks from length CAUSAL_FROM on (CHUNKS_FROM for GroupQueryAttention's chunks, which pay
-    sooner), with flash attention left of the diagonal (causal_blocks);
-    any other mask from BLOCKS_FROM on as padding where its rows all match at run time, else in query
-    blocks with its rows per block (query_blocks), which bound memory rather than save time. Below
-    those lengths one MultiHeadAttention with the whole bias is as fast or faster (docs/BENCHMARKS.md,
-    "Masks"); its bias is built inside that branch, so a long input never builds it, unless
-    ``whole`` (_whole_bias) holds it, built once for the cores that read the same terms at the same
-    lengths. Fully masked rows are zeroed inside the branches where the mask has such terms."""
-    forms = _LengthForms(graph, source, terms, raw, whole)
-    if not terms.other:
-        start = CHUNKS_FROM if chunkable(source.core, raw) else CAUSAL_FROM
-        return _switch(graph, source, add, scope, start, forms.blocks, forms.one_op, max_len)
-    if terms.causal_inside is not None:
-        long = forms.causal_inside_or_blocks
-        return _switch(graph, source, add, scope, CAUSAL_FROM, long, forms.one_op, max_len)
-    long = forms.blocks if terms.causal else forms.padding_or_blocks
-    return _switch(graph, source, add, scope, BLOCKS_FROM, long, forms.one_op, max_len)
+    """Masked attention (N, L, E), with the key bias ``raw`` if any: the first of LOWERINGS that
+    takes the terms, from the query length it pays from; below it one MultiHeadAttention with the
+    whole bias, which is as fast or faster there (docs/BENCHMARKS.md, "Masks"). That bias is built
+    inside its branch, so a long input never builds it, unless ``whole`` (_whole_bias) holds it,
+    built once for the cores that read the same terms at the same lengths. Fully masked rows are
+    zeroed inside the branches where the mask has such terms."""
+    masked = Masked(graph, source.core, terms, raw, source.inputs)
+    lowering = next(form for form in LOWERINGS if form.applies(masked))
 
-
-@dataclass
-class _LengthForms:
-    """The forms _by_length chooses between, each ``form(emit, name) -> context``, built inside
-    the If branch that takes it."""
-
-    graph: ir.Graph
-    source: _Source
-    terms: MaskTerms
-    raw: ir.Value | None
-    whole: tuple[ir.Value, ir.Value] | None = None  # (summed, full) biases: _whole_bias
-
-    @property
-    def core(self) -> Core:
-        return self.source.core
-
-    @property
-    def zero_dead(self) -> bool:
-        return self.core.zeroes_dead_rows and bool(self.terms.other)
-
-    def causal_alone(self, emit, name: str) -> ir.Value:
-        return _causal(self.graph, self.core, self.source.inputs, None, emit, name)
-
-    def blocks(self, emit, name: str) -> ir.Value:
-        graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
-        if terms.other:
-            inputs = source.inputs(emit)
-            return query_blocks(graph, core, inputs, terms, raw, emit, name, self.zero_dead)
-        return _causal(graph, core, source.inputs, raw, emit, name)
-
-    def padding_or_blocks(self, emit, name: str) -> ir.Value:
-        """Terms whose rows all match at run time are padding after all: cut per entry, flash."""
-        alike = rows_alike(self.graph, self.terms.other, emit)
-        return choose(alike, name, emit, self._padded, self.blocks)
-
-    def _padded(self, inner, inner_name: str) -> ir.Value:
-        graph, core, raw = self.graph, self.core, self.raw
-        key_bias = summed(
-            first_rows(graph, self.terms.other, inner) + ([raw] if raw is not None else []),
-            inner,
-            "key_bias",
-        )
-        inputs = self.source.inputs(inner)
-        context = padded_rows(graph, core, inputs, key_bias, inner, inner_name)
-        if not self.zero_dead:
-            return context
-        return zero_dead_context(graph, core, context, dead_rows(graph, key_bias, inner), inner)
-
-    def one_op(self, emit, name: str) -> ir.Value:
-        graph, core, source, terms, raw = self.graph, self.core, self.source, self.terms, self.raw
-        summed_bias, bias = self.whole or _whole_bias(graph, source, terms, raw, emit)
+    def one_op(emit, name: str) -> ir.Value:
+        summed_bias, bias = whole or _whole_bias(graph, source, terms, raw, emit)
         context = source.one_op(emit, bias)
-        if not self.zero_dead:
+        if not masked.zero_dead:
             return context
         # dead rows read from the bias before its broadcast: one pass over the mask, not over (N, H, L, S)
-        return zero_dead_context(graph, core, context, dead_rows(graph, summed_bias, emit), emit)
+        dead = dead_rows(graph, summed_bias, emit)
+        return zero_dead_context(graph, source.core, context, dead, emit)
 
-    def causal_inside_or_blocks(self, emit, name: str) -> ir.Value:
-        """A Hugging Face mask (causal And padding): its causal part as causal blocks where the
-        queries are the keys (L = S, as in every self-attention without a cache)."""
-        q, _, v = self.source.inputs(emit)
-        axis = 1 if self.core.layout == "BSD" else 2
-        square = emit(
-            "Equal",
-            [
-                emit("Shape", [q], "query_len", {"start": 1, "end": 2}),
-                emit("Shape", [v], "key_len", {"start": axis, "end": axis + 1}),
-            ],
-            "square",
-        )
-        return choose(square, name, emit, self._causal_parts, self.padding_or_blocks)
-
-    def _with_padding(self, inner, inner_name: str) -> ir.Value:
-        inputs = self.source.inputs(inner)
-        inside = self.terms.causal_inside
-        return causal_inside_blocks(self.graph, self.core, inputs, inside, inner, inner_name)
-
-    def _causal_parts(self, inner, inner_name: str) -> ir.Value:
-        """Where GroupQueryAttention's chunks take a causal mask alone: them, when no key is padding."""
-        inside = self.terms.causal_inside
-        if not inside.rest or not chunkable(self.core, None):
-            return self._with_padding(inner, inner_name)
-        padded = nothing_padded(self.graph, inside, inner)
-        return choose(padded, inner_name, inner, self.causal_alone, self._with_padding)
+    long = partial(lowering.emit, masked)
+    return _switch(graph, source, add, scope, lowering.start(masked), long, one_op, max_len)
 
 
 def _bias_key(core: Core, terms: MaskTerms | None = None) -> tuple | None:
@@ -468,53 +373,25 @@ def _whole_bias(
 
 
 def _padding(
-    graph: ir.Graph, source: _Source, raw: ir.Value, add, scope: str, max_len: int | None
+    graph: ir.Graph,
+    source: _Source,
+    terms: MaskTerms,
+    raw: ir.Value,
+    add,
+    scope: str,
+    max_len: int | None,
 ) -> ir.Value:
-    """Attention (N, L, E) with a mask that depends on the key alone (padding): from length ROWS_FROM
-    on one batch entry at a time with its trailing padding cut, on the op's flash path (padded_rows);
-    below it one op with the mask as its attention_bias, which is as fast there (docs/BENCHMARKS.md,
-    "Masks")."""
-
+    """Attention (N, L, E) with a mask that depends on the key alone (padding): PaddedRows from the
+    length it pays from, on the op's flash path; below it one op with the mask as its
+    attention_bias, which is as fast there (docs/BENCHMARKS.md, "Masks")."""
     core = source.core
+    masked = Masked(graph, core, terms, raw, source.inputs)
 
     def one_op(emit, name: str) -> ir.Value:
         return source.one_op(emit, full_bias(graph, core, emit, raw, source.length))
 
-    return _switch(
-        graph,
-        source,
-        add,
-        scope,
-        ROWS_FROM,
-        lambda emit, name: padded_rows(graph, core, source.inputs(emit), raw, emit, name),
-        one_op,
-        max_len,
-    )
-
-
-def _causal(
-    graph: ir.Graph, core: Core, inputs_of, raw: ir.Value | None, emit, name: str
-) -> ir.Value:
-    """Causal self-attention (N, L, E) in blocks, with the key bias ``raw`` if any; ``inputs_of(emit)``
-    gives q, k, v (op_inputs' form). A key bias that is 0 everywhere at run time (padding that hides
-    no key) takes the form of a causal mask alone, GroupQueryAttention's chunks, where they apply."""
-
-    def build(op, op_name: str, bias: ir.Value | None) -> ir.Value:
-        return causal_blocks(
-            graph, core, *bsd_inputs(graph, core, inputs_of(op), op, bias, True), op, op_name
-        )
-
-    if raw is None:
-        return build(emit, name, None)
-    if not chunkable(core, None):
-        return build(emit, name, floored(graph, raw, emit))
-    return choose(
-        no_key_bias(graph, raw, emit),
-        name,
-        emit,
-        lambda op, n: build(op, n, None),
-        lambda op, n: build(op, n, floored(graph, raw, op)),
-    )
+    long = partial(PADDED_ROWS.emit, masked)
+    return _switch(graph, source, add, scope, PADDED_ROWS.start(masked), long, one_op, max_len)
 
 
 def _switch(
@@ -628,7 +505,7 @@ def _prefill_or_step(
     The If that chooses costs every decode step a little (docs/BENCHMARKS.md, "Decoding with a KV
     cache", has the figure), and decode steps are what a KV-cache graph mostly runs, so it is there
     only where the model declares prompts that long (compile.py --max-len)."""
-    start = CHUNKS_FROM if not terms.keys and chunkable(core, None) else CAUSAL_FROM
+    start = causal_from(core, bool(terms.keys))
     if max_len is None or max_len < start:
         return _one_op(graph, core, add)
     q, k, v = inputs = op_inputs(graph, core, add)
@@ -638,7 +515,7 @@ def _prefill_or_step(
     )
 
     def prefill(emit, name: str) -> tuple[ir.Value, ...]:
-        context = _causal(graph, core, lambda _: inputs, raw, emit, name)
+        context = causal(graph, core, lambda _: inputs, raw, emit, name)
         if core.zeroes_dead_rows and raw is not None:
             context = zero_dead_context(
                 graph, core, context, dead_causal_rows(graph, raw, emit), emit

@@ -6,7 +6,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from compiler._ir import model_graphs
-from compiler.attention_core import dead_rows, emitter, find_cores, unique_scope, zero_dead_weights
+from compiler.attention_core import dead_rows, emitter, unique_scope, zero_dead_weights
+from compiler.core_survey import find_cores
 
 
 class GuardAfterContextPass(ir.passes.InPlacePass):

@@ -10,7 +10,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from compiler._ir import module_path, nested_graphs
-from compiler.attention_core import Core, survey
+from compiler.attention_core import Core
+from compiler.core_survey import survey
 from compiler.targets import Form, every_node
 
 
@@ -20,9 +21,8 @@ class Finding:
     fused: bool
     detail: str
     attention: bool = True  # False: this Softmax is no attention core
-    layer: str = (
-        ""  # the module it came from, where the exporter said: "encoder.layer.0.attention.self"
-    )
+    # the module it came from, where the exporter said: "encoder.layer.0.attention.self"
+    layer: str = ""
 
     def __str__(self) -> str:
         where = f" ({self.layer})" if self.layer else ""

@@ -31,7 +31,7 @@ from compiler.attention_core import (
     rank4,
 )
 from compiler.core_patterns import repeated_heads
-from compiler.mask_forms import MS_DOMAIN
+from compiler.mask_ops import MS_DOMAIN
 
 
 @dataclass(frozen=True)

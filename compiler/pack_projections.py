@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler._ir import constant, named, new_initializer, only_use
-from compiler.attention_core import find_cores
+from compiler.core_survey import find_cores
 from compiler.joined_cache import joined_cache
 from graphs.spec import MAX_BATCH_KEY, MAX_LEN_KEY
 

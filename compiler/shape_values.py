@@ -17,9 +17,8 @@ import onnx_ir as ir
 
 from compiler._ir import constant
 
-Entries = (
-    list  # list[int | float | None]: a 1-D value, or a scalar as one entry with ``scalar`` set
-)
+# list[int | float | None]: a 1-D value, or a scalar as one entry with ``scalar`` set
+Entries = list
 
 
 def _pow(a: int | float, b: int | float) -> int | float | None:

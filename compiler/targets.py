@@ -42,9 +42,8 @@ class Form:
     name: str
     passes: tuple[PassFactory, ...]
     note: str
-    fusion: type | None = (
-        None  # the pass that fuses the core, with its refuse(core) -> reason | None
-    )
+    # the pass that fuses the core, with its refuse(core) -> reason | None
+    fusion: type | None = None
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,8 @@ class Target:
 # Shape inference next: the matcher of heads-split cores needs ranks (graphs from elsewhere).
 # Fold before packing: once packed, the query's slice of the weight cannot be scaled alone.
 # CSE before both, so that projections of one tensor through duplicated layout ops are seen to share it.
-PACK_ROWS_CPU = (
-    256  # on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
-)
+# on ONNX Runtime's CPU, packing pays up to this many rows (docs/BENCHMARKS.md, "Packing")
+PACK_ROWS_CPU = 256
 _PREPARE: tuple[PassFactory, ...] = (
     InlinePass,
     ShapeInferencePass,

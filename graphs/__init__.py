@@ -1,7 +1,8 @@
 """Attention specs, their weights, and the canonical (unfused) ONNX graphs built from them."""
 
+from graphs.live_modules import spec_from_module
 from graphs.mha import build_mha
-from graphs.spec import AttentionSpec, SpecError, TensorSig, spec_from_module
+from graphs.spec import AttentionSpec, SpecError, TensorSig
 from graphs.weights import AttentionWeights, WeightsError, expected_shapes
 
 __all__ = [

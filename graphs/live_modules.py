@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphs.spec import SpecError
+from graphs.spec import AttentionSpec, SpecError
 
 # the methods of torch's layers their forward runs; a subclass that replaces one computes
 # something else
@@ -130,3 +130,20 @@ def _check_block_attention(layer: Any, name: str, bias: bool) -> None:
             f"projection bias but linear1 {'has' if bias else 'has no'} bias; a block spec's bias "
             "covers every linear, norm and attention projection, as torch's bias= sets them"
         )
+
+
+def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:
+    """The spec of a live torch.nn.MultiheadAttention, plus the call options to compile it with."""
+    check_attention_module(module)
+    return AttentionSpec(
+        embed_dim=module.embed_dim,
+        num_heads=module.num_heads,
+        dropout=float(module.dropout),
+        bias=module.in_proj_bias is not None,
+        add_bias_kv=module.bias_k is not None,
+        add_zero_attn=bool(module.add_zero_attn),
+        kdim=None if module.kdim == module.embed_dim else module.kdim,
+        vdim=None if module.vdim == module.embed_dim else module.vdim,
+        batch_first=bool(module.batch_first),
+        **call_options,
+    )

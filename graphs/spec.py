@@ -255,22 +255,3 @@ def _validate_cache(spec: AttentionSpec) -> None:
     ):
         if getattr(spec, name):
             raise SpecError(f"kv_cache does not combine with {name} ({why})")
-
-
-def spec_from_module(module: Any, **call_options: Any) -> AttentionSpec:
-    """The spec of a live torch.nn.MultiheadAttention, plus the call options to compile it with."""
-    from graphs.live_modules import check_attention_module
-
-    check_attention_module(module)
-    return AttentionSpec(
-        embed_dim=module.embed_dim,
-        num_heads=module.num_heads,
-        dropout=float(module.dropout),
-        bias=module.in_proj_bias is not None,
-        add_bias_kv=module.bias_k is not None,
-        add_zero_attn=bool(module.add_zero_attn),
-        kdim=None if module.kdim == module.embed_dim else module.kdim,
-        vdim=None if module.vdim == module.embed_dim else module.vdim,
-        batch_first=bool(module.batch_first),
-        **call_options,
-    )

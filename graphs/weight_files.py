@@ -37,9 +37,8 @@ _SAFETENSORS_DTYPES = {
     "F32": ("float32", 4),
     "F64": ("float64", 8),
 }
-HEADER_LIMIT = (
-    8 * 2**20
-)  # bytes of safetensors JSON header or .npy header; a state_dict needs a few KiB
+# bytes of safetensors JSON header or .npy header; a state_dict needs a few KiB
+HEADER_LIMIT = 8 * 2**20
 ARCHIVE_ALLOWANCE = 2**20  # bytes a .pt may hold beyond its tensors (the pickle, version records)
 
 

@@ -36,9 +36,8 @@ class Shape(NamedTuple):
 
 
 DEFAULT_SHAPES: tuple[Shape, ...] = ((2, 5, 7), (3, 11, 4))
-FP32_TOLERANCE = (
-    1e-5  # float32 rounding through two projections and a softmax stays near 1e-6 of scale
-)
+# float32 rounding through two projections and a softmax stays near 1e-6 of scale
+FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2  # float16 has an 11-bit significand (epsilon 9.8e-4); a few roundings in a chain stay well inside
 
 

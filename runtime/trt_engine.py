@@ -232,9 +232,8 @@ class TensorRTSession(Session):
                 "TensorRT could not load this engine (built by another TensorRT version or GPU?)"
             )
         self._context = self._engine.create_execution_context()
-        self._lock = (
-            threading.Lock()
-        )  # one execution context: its shapes and addresses are per call
+        # one execution context: its shapes and addresses are per call
+        self._lock = threading.Lock()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._outputs = [
             n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT

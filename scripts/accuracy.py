@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Worst error of every target's graph over the core option matrix (benchmark/matrix.py), per reference."""
+"""Worst error of every target's graph over the core option matrix (attention_compiler/benchmark/matrix.py), per reference."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmark.matrix import SHAPES, option_matrix
+from attention_compiler.benchmark.matrix import SHAPES, option_matrix
 from compiler import PRECISIONS, TARGETS, attention_form, compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, check_session

@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not Path(args.onnx).is_file():
         p.error(f"--onnx {args.onnx} is not a file")
     if args.json is not None:  # checked now, not after the load
-        from artifacts.output_folders import OutputRefused, check_output_file
+        from attention_compiler.artifacts.output_folders import OutputRefused, check_output_file
 
         try:
             check_output_file(args.json, "--json")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(json.dumps(result, indent=2))
     if args.json:
-        from artifacts.output_folders import write_file_atomically
+        from attention_compiler.artifacts.output_folders import write_file_atomically
 
         write_file_atomically(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
     ok = result["lost"] == result["wrong"] == result["hostile_answered"] == 0

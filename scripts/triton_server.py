@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _size(text: str) -> int:
-    from artifacts.resources import parse_size
+    from attention_compiler.artifacts.resources import parse_size
 
     try:
         return parse_size(text)

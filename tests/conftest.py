@@ -28,20 +28,26 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parents[1]
-# The scripts import each other as top-level modules (compile.py imports console, config...), and
-# the tests import them the same way: scripts/ is on the path once, here.
-sys.path.insert(0, str(ROOT / "scripts"))
+# The scripts and the studies import each other as top-level modules (corpus.py imports model_zoo,
+# triton_server.py triton_guard), and the tests import them the same way: both folders are on the
+# path once, here.
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "studies")]
+# compile.py and bench.py in scripts/ only run the installed commands' modules
+COMMANDS = {
+    "compile.py": "attention_compiler.cli.compile",
+    "bench.py": "attention_compiler.cli.bench",
+}
 
 
 def run_script(script: str, *args: object) -> subprocess.CompletedProcess[str]:
-    """Run a script from scripts/ in this process: its main(argv), with stdout and stderr captured
+    """Run a command in this process: its main(argv), with stdout and stderr captured
     and its exit status returned as a fresh interpreter's would be (no interpreter start, no
     second import of torch and onnxruntime)."""
     import contextlib
     import importlib
     import io
 
-    module = importlib.import_module(script.removesuffix(".py"))
+    module = importlib.import_module(COMMANDS.get(script, script.removesuffix(".py")))
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -84,12 +90,12 @@ def parse_triton_config(text: str):
 def small_blocks(monkeypatch):
     """Blocks of 4 queries, and the long forms from length 8 on, so that short inputs cover both forms
     and ragged last blocks."""
-    import compiler.fuse_ort_mha as compiler_fuse_ort_mha
-    import compiler.mask_forms as compiler_mask_forms
+    from compiler.lowerings import causal_blocks, causal_chunks, padded_rows, query_blocks
 
-    monkeypatch.setattr(compiler_mask_forms, "CAUSAL_BLOCK", 4)
-    monkeypatch.setattr(compiler_mask_forms, "CHUNK_BLOCK", 4)
-    monkeypatch.setattr(compiler_fuse_ort_mha, "CAUSAL_FROM", 8)
-    monkeypatch.setattr(compiler_fuse_ort_mha, "CHUNKS_FROM", 8)
-    monkeypatch.setattr(compiler_fuse_ort_mha, "ROWS_FROM", 8)
-    monkeypatch.setattr(compiler_fuse_ort_mha, "BLOCKS_FROM", 8)
+    monkeypatch.setattr(causal_blocks, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(query_blocks, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(causal_chunks, "CHUNK_BLOCK", 4)
+    monkeypatch.setattr(causal_blocks, "CAUSAL_FROM", 8)
+    monkeypatch.setattr(causal_chunks, "CHUNKS_FROM", 8)
+    monkeypatch.setattr(padded_rows, "ROWS_FROM", 8)
+    monkeypatch.setattr(query_blocks, "BLOCKS_FROM", 8)

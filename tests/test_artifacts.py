@@ -1,6 +1,6 @@
 import pytest
 
-from artifacts import files, output_folders
+from attention_compiler.artifacts import files, output_folders
 
 
 def _write(out, contents, *, force=False):

@@ -13,7 +13,7 @@ from runtime.reference import mha_reference
 
 torch = pytest.importorskip("torch")
 
-from benchmark.baselines import SdpaAttention, eager_attention, export_with_torch  # noqa: E402
+from attention_compiler.benchmark.baselines import SdpaAttention, eager_attention, export_with_torch  # noqa: E402
 from runtime.ort import OrtSession  # noqa: E402
 
 SPECS = [

@@ -1,4 +1,4 @@
-"""scripts/bench.py end to end in quick mode (schema, finite positive figures, ratios against the
+"""attention-bench (scripts/bench.py) end to end in quick mode (schema, finite positive figures, ratios against the
 same run's torch eager, the floor from the same run's rates), from spec flags and from a compiled
 folder, and its errors; the cost model and memory measurement it rests on."""
 
@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from benchmark.cost import attended_pairs, attention_flops, attention_min_bytes
-from benchmark.memory import PeakRss, predicted_growth
-from benchmark.sweep import bench_inputs
-from benchmark.timing import measure
+from attention_compiler.benchmark.cost import attended_pairs, attention_flops, attention_min_bytes
+from attention_compiler.benchmark.memory import PeakRss, predicted_growth
+from attention_compiler.benchmark.sweep import bench_inputs
+from attention_compiler.benchmark.timing import measure
 from graphs import AttentionSpec
 
 torch = pytest.importorskip("torch")
@@ -71,10 +71,10 @@ def _check_rows(report, backends, points):
 
 
 def _in_process(script: str):
-    """scripts/<script>.py imported into this process (its torch import is paid once for the suite)."""
+    """A command's module imported into this process (its torch import is paid once for the suite)."""
     import importlib
 
-    return importlib.import_module(script)
+    return importlib.import_module(f"attention_compiler.cli.{script}")
 
 
 def test_quick_bench_from_spec_flags_writes_table_json_and_plot(tmp_path, capsys):

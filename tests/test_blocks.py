@@ -61,9 +61,8 @@ def test_block_matches_torch_layer(block, norm_first, activation, target, form):
     attentions = 1 if block == "encoder" else 2
     fused = FUSED.get(form or target)
     if fused:
-        lowered = (
-            ops["If"] if target == "ort-cpu" else 0
-        )  # a causal core in query blocks (compiler/mask_forms.py)
+        # a causal core in query blocks (compiler/lowerings/)
+        lowered = ops["If"] if target == "ort-cpu" else 0
         assert ops[fused] + lowered == attentions and ops["Softmax"] == 0, ops
     else:
         assert ops["Softmax"] == attentions

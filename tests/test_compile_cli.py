@@ -1,4 +1,4 @@
-"""scripts/compile.py end to end: its command line in this process (conftest.run_script), and the
+"""attention-compile (scripts/compile.py) end to end: its command line in this process (conftest.run_script), and the
 README's command in a fresh interpreter, exactly as a user runs it."""
 
 import hashlib

@@ -9,15 +9,15 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
 import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import run_fresh
-from console import Console  # noqa: E402
 
-from artifacts import files
+from attention_compiler.artifacts import files
+from attention_compiler.cli import compile as compile_script  # noqa: E402  (in this process, so it can be patched)
+from attention_compiler.cli.console import Console  # noqa: E402
 from graphs.blocks import BlockSpec, BlockWeights
 from runtime.block_reference import torch_block, torch_block_forward
 from runtime.check import block_inputs
@@ -79,7 +79,7 @@ def test_report_holds_the_figures_of_the_manifest(run_cli, tmp_path):
         [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
         for svg in svgs
     ]
-    # the padded encoder's core: an If of the padding forms (compiler/mask_forms.py), Attention on the layer's
+    # the padded encoder's core: an If of the padding forms (compiler/lowerings/), Attention on the layer's
     # input for short inputs, MultiHeadAttention per batch entry for long ones
     assert (
         "Softmax" in drawn[0]
@@ -275,7 +275,7 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypat
 def test_a_failed_check_half_way_leaves_no_folder_and_keeps_the_old_one(
     tmp_path, monkeypatch, capsys
 ):
-    import artifacts.pipeline
+    from attention_compiler import artifacts
 
     out = tmp_path / "mha"
     assert compile_script.main(["--embed-dim", "16", "--num-heads", "2", "--out", str(out)]) == 0

@@ -105,9 +105,8 @@ def test_config_without_out_is_refused(run_cli, tmp_path):
 
 import time  # noqa: E402
 
-import compile as compile_script  # noqa: E402
-
-from benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.cli import compile as compile_script  # noqa: E402
 
 LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh")

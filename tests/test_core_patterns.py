@@ -4,7 +4,6 @@ each refusal reaches the per-Softmax report as the pattern check's reason."""
 
 from __future__ import annotations
 
-import compile as compile_script  # noqa: E402
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -12,8 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from attention_compiler.cli import compile as compile_script  # noqa: E402
 from compiler import compile_model
-from compiler.attention_core import Core, survey
+from compiler.attention_core import Core
+from compiler.core_survey import survey
 
 SHAPE = ["N", 2, "L", 8]  # batch, heads, length, head size
 

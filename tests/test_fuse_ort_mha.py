@@ -182,9 +182,9 @@ def test_a_key_padding_mask_goes_into_one_more_head_dimension(precision, mask, m
     more entry (1/scale) and each key head the key's bias, so scale * q'.k' = scale * q.k + bias. No
     (N, 1, L, S) bias is built, and the masked keys' bias stays finite in the precision. (The form of
     long inputs; ROWS_FROM is lowered so that the check's short inputs take it.)"""
-    import compiler.fuse_ort_mha
+    import compiler.lowerings.padded_rows
 
-    monkeypatch.setattr(compiler.fuse_ort_mha, "ROWS_FROM", 1)
+    monkeypatch.setattr(compiler.lowerings.padded_rows, "ROWS_FROM", 1)
     spec = AttentionSpec(16, 4, batch_first=True, self_attention=True, key_padding_mask=mask)
     weights = AttentionWeights.random(spec)
     model = compile_model(build_mha(spec, weights), "ort-cpu", precision)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import compile as compile_script  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.cli import compile as compile_script  # noqa: E402
 from graphs import AttentionSpec, AttentionWeights, WeightsError, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
 
@@ -505,7 +505,7 @@ def test_a_graph_without_inputs_is_one_line(tmp_path, capsys):
 
 def test_a_compiled_graph_onnx_runtime_refuses_is_never_written(tmp_path, capsys, monkeypatch):
     """Every written model loads in ONNX Runtime first: a pass that broke one is exit 3, nothing written."""
-    import artifacts.pipeline as pipeline
+    import attention_compiler.artifacts.pipeline as pipeline
 
     real = pipeline.compile_model
 

@@ -28,9 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 
-import compile as compile_script  # noqa: E402
-
-from benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.benchmark.memory import PeakRss  # noqa: E402
+from attention_compiler.cli import compile as compile_script  # noqa: E402
 from graphs import AttentionSpec, expected_shapes  # noqa: E402
 from graphs.weights import random_state  # noqa: E402
 
@@ -336,9 +335,7 @@ OPTIONS = st.sampled_from(
 def test_drawn_library_options_compile_or_raise_this_projects_errors(options):
     """compile() on a live module with drawn options: an Artifact, or one of this project's
     errors in one line; never a raw TypeError, ValueError or AttributeError from inside."""
-    from compile import USER_ERRORS
-
-    import artifacts
+    from attention_compiler import USER_ERRORS, artifacts
 
     module = torch.nn.MultiheadAttention(8, 2)
     options = {k: v for k, v in options.items() if not (k == "latency" and v is True)}

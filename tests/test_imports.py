@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_core_imports_without_torch():
@@ -11,9 +12,45 @@ def test_core_imports_without_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-# in layer order: each package may import the ones before it, never one after it
-PACKAGES = ("graphs", "compiler", "runtime", "benchmark", "artifacts", "scripts")
-FORBIDDEN = {p: set(PACKAGES[i + 1 :]) for i, p in enumerate(PACKAGES)}
+ROOT = Path(__file__).resolve().parents[1]
+# Rooms in layer order: each may import the ones before it, never one after it. The installed
+# package's own rooms come after the three layers it is built on; scripts/ and studies/ are
+# modules run from a checkout (imported by their bare names).
+LAYERS = (
+    "graphs",
+    "compiler",
+    "runtime",
+    "attention_compiler.benchmark",
+    "attention_compiler.artifacts",
+    "attention_compiler",
+    "attention_compiler.cli",
+    "scripts",
+    "studies",
+)
+FOLDERS = ("graphs", "compiler", "runtime", "attention_compiler", "scripts", "studies")
+SCRIPT_MODULES = {
+    path.stem: folder for folder in ("scripts", "studies") for path in (ROOT / folder).glob("*.py")
+}
+
+
+def _layer(module: str) -> str | None:
+    """The room a dotted module name (or a script's bare name) belongs to; None for other projects."""
+    if module in SCRIPT_MODULES:
+        return SCRIPT_MODULES[module]
+    rooms = [r for r in LAYERS if module == r or module.startswith(r + ".")]
+    return max(rooms, key=len) if rooms else None
+
+
+def _module_name(path: Path) -> str:
+    if path.parent.name in ("scripts", "studies"):
+        return path.stem
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules():
+    for folder in FOLDERS:
+        yield from sorted((ROOT / folder).rglob("*.py"))
 
 
 def _imports(path):
@@ -28,36 +65,52 @@ def _imports(path):
 
 
 def test_layers_import_one_way():
-    """graphs imports nothing from compiler, runtime, benchmark, artifacts or scripts; compiler
-    nothing from the packages after it, and so on: read with the ast module, every import form, at
-    any depth."""
-    from pathlib import Path
+    """graphs imports nothing from compiler, runtime, the package's rooms, scripts or studies;
+    compiler nothing from the rooms after it, and so on: read with the ast module, every import form,
+    at any depth."""
+    for path in _modules():
+        own = LAYERS.index(_layer(_module_name(path)))
+        for line, module, _ in _imports(path):
+            room = _layer(module)
+            assert room is None or LAYERS.index(room) <= own, (
+                f"{path.relative_to(ROOT)}:{line} imports {module}, a room after its own"
+            )
 
-    root = Path(__file__).resolve().parents[1]
-    for package, forbidden in FORBIDDEN.items():
-        for path in (root / package).rglob("*.py"):
-            for line, module, _ in _imports(path):
-                assert module.split(".")[0] not in forbidden, (
-                    f"{package}/{path.name}:{line} imports {module}"
-                )
+
+def test_no_two_modules_import_each_other_even_through_others():
+    """The modules' imports (any depth) form no cycle: each module can be read after what it uses."""
+    names = {_module_name(p): p for p in _modules()}
+    uses = {
+        name: {m for _, m, _ in _imports(path) if m in names and m != name}
+        | {f"{m}.{n}" for _, m, ns in _imports(path) for n in ns if f"{m}.{n}" in names}
+        for name, path in names.items()
+    }
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, "import cycle: " + " -> ".join([*path[path.index(name) :], name])
+        if name not in done:
+            for used in sorted(uses[name]):
+                visit(used, [*path, name])
+            done.add(name)
+
+    for name in sorted(names):
+        visit(name, [])
 
 
 def test_no_module_imports_another_modules_private_names():
-    """A name with a leading underscore stays in its module: the packages import none across modules."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    for package in PACKAGES:
-        for path in (root / package).rglob("*.py"):
-            for line, module, names in _imports(path):
-                private = [
-                    n
-                    for n in names
-                    if n.startswith("_") and n != "__future__" and module != "__future__"
-                ]
-                assert not private or module.split(".")[0] not in PACKAGES, (
-                    f"{path.name}:{line} imports {private} from {module}"
-                )
+    """A name with a leading underscore stays in its module: no module here imports one across
+    modules."""
+    for path in _modules():
+        for line, module, names in _imports(path):
+            private = [
+                n
+                for n in names
+                if n.startswith("_") and n != "__future__" and module != "__future__"
+            ]
+            assert not private or _layer(module) is None, (
+                f"{path.name}:{line} imports {private} from {module}"
+            )
 
 
 def test_test_modules_import_optional_packages_only_inside_the_tests_that_need_them():

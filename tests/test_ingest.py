@@ -87,9 +87,8 @@ def _example(kind: str, masked: bool):
     for mask in args[1:]:
         if mask.dtype == torch.bool:
             mask[..., 0] = False  # no fully padded entry: torch gives NaN there
-    fixed = (
-        2 if kind == "decoder" else 1
-    )  # forward(x, [memory,] *masks): the masks' dims nest as one tuple
+    # forward(x, [memory,] *masks): the masks' dims nest as one tuple
+    fixed = 2 if kind == "decoder" else 1
     masks = (tuple(dims[fixed:]),) if masked else ()
     return module, tuple(args), (*dims[:fixed], *masks)
 
@@ -126,7 +125,7 @@ def test_exported_attention_fuses_and_keeps_outputs(exported, kind, masked, targ
     cores = 2 if kind == "decoder" else 1
     softmaxes = [n for n in original.graph.node if n.op_type == "Softmax"]
     assert len(softmaxes) == cores
-    # a masked core on ort-cpu runs in query blocks, inside an If (compiler/mask_forms.py)
+    # a masked core on ort-cpu runs in query blocks, inside an If (compiler/lowerings/)
     fused = [
         n for n in compiled.graph.node if n.op_type in ("Attention", "MultiHeadAttention", "If")
     ]

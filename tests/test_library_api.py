@@ -1,4 +1,4 @@
-"""The library call: artifacts.compile from what a user has (a live torch module, a spec, an ONNX
+"""The library call: ac.compile from what a user has (a live torch module, a spec, an ONNX
 graph) to a checked Artifact, and Artifact.save. Tolerances: fp32 graphs against float64
 references, 1e-5 relative (runtime.check.FP32_TOLERANCE)."""
 
@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
-import artifacts
-from graphs import AttentionSpec, SpecError
+import attention_compiler as ac
+from graphs import AttentionSpec, AttentionWeights, SpecError, spec_from_module
 from graphs.blocks import BlockSpec, block_spec_from_module
 from runtime.ort import OrtSession
 
@@ -20,9 +20,7 @@ from runtime.ort import OrtSession
 def test_a_live_module_compiles_checks_and_saves(tmp_path):
     torch.manual_seed(0)
     module = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
-    artifact = artifacts.compile(
-        module, target="ort-cpu", self_attention=True, key_padding_mask="bool"
-    )
+    artifact = ac.compile(module, target="ort-cpu", self_attention=True, key_padding_mask="bool")
     assert artifact.check["passed"] and artifact.check["worst_rel_error"] < 1e-5
     assert artifact.manifest["attention_form"].startswith("com.microsoft.")
     written = artifact.save(tmp_path / "mha", report=True)
@@ -58,7 +56,7 @@ def test_an_encoder_layer_compiles_with_its_own_options():
         "gelu",
         True,
     )
-    with artifacts.compile(layer, target="ort-cpu", key_padding_mask="bool") as artifact:
+    with ac.compile(layer, target="ort-cpu", key_padding_mask="bool") as artifact:
         assert artifact.check["passed"]
         assert artifact.manifest["spec"] == spec.to_dict()
 
@@ -68,17 +66,17 @@ def test_a_layer_with_an_activation_the_blocks_lack_is_refused():
         16, 2, activation=torch.nn.GELU(approximate="tanh"), batch_first=True
     )
     with pytest.raises(SpecError, match="blocks take relu or gelu"):
-        artifacts.compile(layer)
+        ac.compile(layer)
 
 
 def test_a_spec_with_a_weights_file_or_random_weights(tmp_path):
     spec = BlockSpec("decoder", 16, 2, dim_feedforward=32, batch_first=True, is_causal=True)
-    with artifacts.compile(spec, seed=3, target="onnx-attention") as artifact:
+    with ac.compile(spec, seed=3, target="onnx-attention") as artifact:
         assert artifact.check["passed"]
         assert artifact.manifest["weights"] == {"kind": "random", "seed": 3}
         assert artifact.manifest["options"]["target"] == "onnx-attention"
     with pytest.raises(SpecError, match="a spec holds its options"):
-        artifacts.compile(AttentionSpec(16, 2), self_attention=True)
+        ac.compile(AttentionSpec(16, 2), self_attention=True)
 
 
 def test_an_onnx_graph_compiles_as_it_is(tmp_path):
@@ -92,33 +90,33 @@ def test_an_onnx_graph_compiles_as_it_is(tmp_path):
         dynamo=True,
         dynamic_shapes=({0: "batch", 1: "seq"},),
     )
-    with artifacts.compile(path, target="ort-cpu", latency=True) as artifact:
+    with ac.compile(path, target="ort-cpu", latency=True) as artifact:
         assert artifact.check["passed"]
         assert [f["fused"] for f in artifact.manifest["fusion"]] == [True]
         assert artifact.manifest["latency"]["after"]["p50_s"] > 0
         out = tmp_path / "out"
         artifact.save(out)
     with pytest.raises(SpecError, match="compiled as it is"):
-        artifacts.compile(onnx.load(path), weights=str(path))
+        ac.compile(onnx.load(path), weights=str(path))
 
 
 def test_a_failed_check_raises_and_leaves_no_working_folder(tmp_path, monkeypatch):
-    import artifacts.pipeline
+    from attention_compiler.artifacts import pipeline
 
-    monkeypatch.setattr(artifacts.pipeline, "FP32_TOLERANCE", 0.0)  # any rounding fails
+    monkeypatch.setattr(pipeline, "FP32_TOLERANCE", 0.0)  # any rounding fails
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # read TMPDIR again
-    with pytest.raises(artifacts.CheckFailed, match="check failed"):
-        artifacts.compile(AttentionSpec(16, 2, self_attention=True), seed=1)
+    with pytest.raises(ac.CheckFailed, match="check failed"):
+        ac.compile(AttentionSpec(16, 2, self_attention=True), seed=1)
     assert not list(tmp_path.glob("attention-compiler-*"))
 
 
 def test_save_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    from artifacts.output_folders import OutputRefused
+    from attention_compiler.artifacts.output_folders import OutputRefused
 
-    with artifacts.compile(AttentionSpec(16, 2), check=False, engine_cache=tmp_path) as artifact:
+    with ac.compile(AttentionSpec(16, 2), check=False, engine_cache=tmp_path) as artifact:
         with pytest.raises(OutputRefused, match="not written by compile.py"):
             artifact.save(tmp_path / "mine", force=True)
         written = artifact.save(tmp_path / "ours")  # a path among the options: JSON all the same
@@ -196,24 +194,24 @@ def test_a_live_layer_whose_parts_the_spec_cannot_express_is_refused_naming_the_
     forward compiled as torch's (0.36 off); a linear1 without bias was reported as unexpected
     linear2.bias and norm1.bias; norm1=Identity was an AttributeError."""
     with pytest.raises(SpecError) as error:
-        artifacts.compile(layer(), target="ort-cpu")
+        ac.compile(layer(), target="ort-cpu")
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_subclass_of_multihead_attention_is_refused_saying_why_or_taken_when_it_adds_nothing():
     with pytest.raises(SpecError, match="a subclass of torch.nn.MultiheadAttention with a forward"):
-        artifacts.compile(_DoubledAttention(16, 2), self_attention=True)
+        ac.compile(_DoubledAttention(16, 2), self_attention=True)
     torch.manual_seed(0)
-    with artifacts.compile(_PlainSubclass(16, 2), self_attention=True) as artifact:
+    with ac.compile(_PlainSubclass(16, 2), self_attention=True) as artifact:
         assert artifact.check["passed"]
     with torch.device("meta"):
         on_meta = torch.nn.MultiheadAttention(16, 2)
     with pytest.raises(SpecError, match="holds its weights on the meta device"):
-        artifacts.compile(on_meta)
+        ac.compile(on_meta)
     with torch.device("meta"):
         layer_on_meta = torch.nn.TransformerEncoderLayer(16, 2, 32)
     with pytest.raises(SpecError, match="the layer holds its weights on the meta device"):
-        artifacts.compile(layer_on_meta)
+        ac.compile(layer_on_meta)
 
 
 def test_the_check_of_a_live_module_runs_that_module():
@@ -224,10 +222,10 @@ def test_the_check_of_a_live_module_runs_that_module():
     torch.manual_seed(0)
     module = torch.nn.MultiheadAttention(16, 2).eval()
     other = torch.nn.MultiheadAttention(16, 2).eval()
-    with artifacts.compile(module, check=False) as artifact:
+    with ac.compile(module, check=False) as artifact:
         session = OrtSession(artifact.model)
-    spec = artifacts.pipeline.spec_from_module(module)
-    weights = artifacts.pipeline.AttentionWeights.from_module(spec, module)
+    spec = spec_from_module(module)
+    weights = AttentionWeights.from_module(spec, module)
     assert check_session(session, spec, weights, module=module).passed
     report = check_session(session, spec, weights, module=other)
     assert not report.passed
@@ -254,20 +252,20 @@ def test_every_library_option_is_checked_as_its_flag_is(options, message):
     """These were TypeError, ValueError or accepted (max_len=0 wrote a model every Session
     refuses, after a 'passed' check)."""
     with pytest.raises(SpecError) as error:
-        artifacts.compile(torch.nn.MultiheadAttention(16, 2), **options)
+        ac.compile(torch.nn.MultiheadAttention(16, 2), **options)
     assert message in str(error.value)
 
 
 def test_a_library_option_given_in_its_natural_type_is_taken():
     spec = AttentionSpec(16, 2, self_attention=True)
-    with artifacts.compile(spec, memory_limit="1GiB", max_len=8, latency_shape=[1, 4, 4]) as a:
+    with ac.compile(spec, memory_limit="1GiB", max_len=8, latency_shape=[1, 4, 4]) as a:
         assert a.manifest["memory"]["limit_bytes"] == 2**30
 
 
 def test_save_after_close_says_so(tmp_path):
-    from artifacts.output_folders import ArtifactError
+    from attention_compiler.artifacts.output_folders import ArtifactError
 
-    artifact = artifacts.compile(AttentionSpec(16, 2), check=False)
+    artifact = ac.compile(AttentionSpec(16, 2), check=False)
     artifact.close()
     with pytest.raises(ArtifactError, match="this artifact was closed"):
         artifact.save(tmp_path / "out")

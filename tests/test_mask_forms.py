@@ -1,4 +1,4 @@
-"""The mask forms of the ort-cpu target (compiler/mask_forms.py): masks kept off MultiHeadAttention's
+"""The mask forms of the ort-cpu target (compiler/lowerings/): masks kept off MultiHeadAttention's
 inputs, so that ONNX Runtime's CPU kernel runs flash attention, and results equal to the float64
 reference (fp32 1e-5, fp16 1e-2) on every row: padded per row, fully masked, lengths that are not
 a multiple of the block."""
@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import compiler.fuse_ort_mha
-import compiler.mask_forms
+import compiler.mask_terms
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, errors, random_inputs
@@ -156,9 +156,8 @@ def test_a_past_far_above_the_diagonal_block_is_still_exact(small_blocks, heads)
     )  # q = k = v = x
     x = np.zeros((1, 12, 8), np.float32)
     x[0, :, 0] = 1.0
-    x[0, 0, 0] = (
-        300.0  # key 0 scores 300 * 300 / sqrt(head size) against every later query, the others about 1
-    )
+    # key 0 scores 300 * 300 / sqrt(head size) against every later query, the others about 1
+    x[0, 0, 0] = 300.0
     x[0, 1:, 1] = np.linspace(-1, 1, 11)
     session = OrtSession(compile_model(build_mha(spec, weights), "ort-cpu"))
     got = session.run({"query": x})["attn_output"]
@@ -288,11 +287,11 @@ def test_a_mask_whose_rows_all_match_runs_as_padding(small_blocks, precision):
 
 
 def test_the_threshold_script_times_each_form_and_restores_the_thresholds(capsys):
-    """scripts/mask_thresholds.py: one row per point, each form against one op in the same rounds."""
+    """studies/mask_thresholds.py: one row per point, each form against one op in the same rounds."""
     import importlib
 
     script = importlib.import_module("mask_thresholds")
-    before = {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS}
+    before = {place: getattr(*place) for place in script.THRESHOLDS}
     assert (
         script.main(
             [
@@ -320,8 +319,8 @@ def test_the_threshold_script_times_each_form_and_restores_the_thresholds(capsys
     for row in rows:
         ratios = [float(cell.strip(" |x")) for cell in row.split(" | ")[3:]]
         assert all(0 < r < 100 for r in ratios)
-    assert {name: getattr(compiler.fuse_ort_mha, name) for name in script.THRESHOLDS} == before
-    assert compiler.fuse_ort_mha.mask_terms is compiler.mask_forms.mask_terms
+    assert {place: getattr(*place) for place in script.THRESHOLDS} == before
+    assert compiler.fuse_ort_mha.mask_terms is compiler.mask_terms.mask_terms
 
 
 def test_a_declared_largest_length_below_the_forms_leaves_out_the_if(run_cli, tmp_path):
@@ -415,9 +414,8 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(
         feeds, kpm = {"query": tokens}, None
         if padding is not None:  # entry 1's prompt starts after 3 padding keys
             blocked = np.zeros((2, total), bool)
-            blocked[1, :3] = (
-                hides  # unpadded: a padding input that hides nothing (the chunks, with head size 8)
-            )
+            # unpadded: a padding input that hides nothing (the chunks, with head size 8)
+            blocked[1, :3] = hides
             kpm = (
                 blocked if padding == "bool" else np.where(blocked, -np.inf, 0.0).astype(np.float32)
             )
@@ -432,7 +430,7 @@ def test_a_kv_cache_prefill_runs_in_query_blocks_and_its_steps_continue_it(
 
 
 def test_the_causal_kernel_script_checks_every_form_against_the_causal_op(capsys):
-    """scripts/causal_kernels.py: each causal form (GroupQueryAttention whole and in chunks, the flash
+    """studies/causal_kernels.py: each causal form (GroupQueryAttention whole and in chunks, the flash
     halving with its denominator merge) agrees with MultiHeadAttention's own causal flag."""
     import importlib
 
@@ -470,7 +468,7 @@ def test_the_causal_kernel_script_checks_every_form_against_the_causal_op(capsys
 
 
 def test_the_causal_kernel_script_times_a_decode_step_on_both_ops(capsys):
-    """scripts/causal_kernels.py --decode: MultiHeadAttention with past and GroupQueryAttention agree."""
+    """studies/causal_kernels.py --decode: MultiHeadAttention with past and GroupQueryAttention agree."""
     import importlib
     import re
 
@@ -551,7 +549,7 @@ def test_the_attention_op_keeps_one_op_where_blocks_cannot_serve():
 
 
 def test_the_cuda_causal_script_writes_graphs_whose_causal_forms_agree(tmp_path):
-    """scripts/cuda_causal.py times its graphs on a GPU only; what it writes is checked here, on ONNX
+    """studies/cuda_causal.py times its graphs on a GPU only; what it writes is checked here, on ONNX
     Runtime CPU: the unidirectional flag and the causal bias give the same output, and unmasked
     attention does not (so the comparison it prints can fail)."""
     import cuda_causal

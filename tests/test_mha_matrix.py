@@ -1,6 +1,6 @@
 """Every target's graph on ONNX Runtime CPU against torch.nn.MultiheadAttention in float64.
 
-Every structural variant meets every mask combination (benchmark/matrix.py); weights are random with
+Every structural variant meets every mask combination (attention_compiler/benchmark/matrix.py); weights are random with
 non-zero biases (torch initialises biases to zero, which would hide a missing bias). Each graph is
 checked at two (batch, tgt_len, src_len) shapes. fp32 tolerance: 1e-5 of the output's scale (the
 measured error is near 1e-7; float32 epsilon is 1.2e-7); fp16: 1e-2 (measured near 1e-3).
@@ -12,7 +12,7 @@ import functools
 
 import pytest
 
-from benchmark.matrix import SHAPES, option_matrix
+from attention_compiler.benchmark.matrix import SHAPES, option_matrix
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import (

@@ -117,7 +117,7 @@ def test_ort_cuda_graph_keeps_its_masks_on_the_op_and_computes_what_the_canonica
     precision,
 ):
     """CUDA's MultiHeadAttention takes the masks into its own kernels, so its graph gives them to the
-    op (one node, attention_bias) where the CPU graph lowers them (compiler/mask_forms.py); ONNX
+    op (one node, attention_bias) where the CPU graph lowers them (compiler/lowerings/); ONNX
     Runtime CPU, which runs the same op, checks the graph CUDA would run."""
     model = build_mha(MASKED, AttentionWeights.random(MASKED))
     cuda = compile_model(model, "ort-cuda", precision)

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import time
 
-import bench as bench_script  # noqa: E402
-import compile as compile_script  # noqa: E402
 import pytest
 from conftest import ROOT
 
-from artifacts import files, output_folders
+from attention_compiler.artifacts import files, output_folders
+from attention_compiler.cli import bench as bench_script  # noqa: E402
+from attention_compiler.cli import compile as compile_script  # noqa: E402
 
 C = ["--embed-dim", "16", "--num-heads", "2", "--quiet"]
 

@@ -1,7 +1,7 @@
 """What users bring to compile.py --onnx: Hugging Face BertModel, GPT2Model (with an attention mask),
 ViTModel and LlamaModel (grouped-query attention), each with attn_implementation "sdpa" and "eager",
 and torch's nn.TransformerEncoder (2 layers, a padding mask) and nn.Transformer, exported by both
-torch exporters (scripts/model_zoo.py, small random configs). On ort-cpu and onnx-attention every attention core fuses, and the compiled
+torch exporters (studies/model_zoo.py, small random configs). On ort-cpu and onnx-attention every attention core fuses, and the compiled
 graph equals the exported one within 1e-5 of scale on token, mask and pixel inputs compile.py draws
 itself (float32 rounding through the fused kernels stays near 1e-7).
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import compile as compile_script
 import model_zoo
 import numpy as np
 import pytest
+
+from attention_compiler.cli import compile as compile_script
 
 SIZE = model_zoo.Size(hidden=64, heads=4, layers=1, image=32)
 ENCODER = model_zoo.Size(
@@ -150,7 +151,7 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(
         for n in onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph.node
         if n.op_type in ("MultiHeadAttention", "Attention", "If")
     ]  # the fused op (or the If of a masked one's
-    # query blocks, compiler/mask_forms.py) says so too (report.html's drawing)
+    # query blocks, compiler/lowerings/) says so too (report.html's drawing)
     assert sorted(
         module_path(n.name, {p.key: p.value for p in n.metadata_props}) for n in fused
     ) == sorted(layers)
@@ -347,7 +348,7 @@ def test_exported_masks_run_in_query_blocks_on_the_attention_op_form_that_asks_f
 
 
 def test_the_corpus_benchmark_writes_its_table_and_figures(exported, zoo, tmp_path):
-    """scripts/corpus.py end to end on one small model (exported above): every column filled from one run."""
+    """studies/corpus.py end to end on one small model (exported above): every column filled from one run."""
     import corpus
 
     out = tmp_path / "corpus.json"
@@ -553,7 +554,7 @@ def test_keys_the_graph_fixes_below_the_forms_lengths_take_no_if(exported, name)
 @pytest.mark.parametrize("name", ["llama-sdpa-dynamo", "llama-eager-legacy", "llama-sdpa-legacy"])
 def test_hugging_faces_causal_mask_takes_the_causal_blocks_and_keeps_every_row(exported, zoo, name):
     """transformers builds a decoder's mask as Where(causal AND padding, 0, lowest) in the graph;
-    ort-cpu reads the causal comparison and the padding out of it (mask_forms.causal_inside), so
+    ort-cpu reads the causal comparison and the padding out of it (compiler/mask_terms.py, causal_inside), so
     from CAUSAL_FROM tokens on the core runs the causal query blocks with the padding as a key bias
     (Llama at 4096 tokens: 0.49x the export, against 0.94x as query blocks over the whole mask;
     docs/BENCHMARKS.md). Every row stays what the export makes it, at 1e-5 of scale: with trailing
@@ -563,7 +564,7 @@ def test_hugging_faces_causal_mask_takes_the_causal_blocks_and_keeps_every_row(e
     import onnxruntime as ort
 
     from compiler import compile_model
-    from compiler.mask_forms import CAUSAL_FROM
+    from compiler.lowerings.causal_blocks import CAUSAL_FROM
     from compiler.targets import every_node
     from graphs.onnx_files import load_onnx
 

@@ -10,16 +10,21 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import compile as compile_script  # noqa: E402  (scripts/compile.py, in this process so it can be patched)
 import numpy as np
 import onnx
 import pytest
 from conftest import ROOT
 
-from artifacts import output_folders
-from artifacts.files import write_manifest
-from artifacts.resources import MemoryBoundError, attention_parts, check_memory, parse_size
-from benchmark.memory import PeakRss
+from attention_compiler.artifacts import output_folders
+from attention_compiler.artifacts.files import write_manifest
+from attention_compiler.artifacts.resources import (
+    MemoryBoundError,
+    attention_parts,
+    check_memory,
+    parse_size,
+)
+from attention_compiler.benchmark.memory import PeakRss
+from attention_compiler.cli import compile as compile_script  # noqa: E402  (in this process, so it can be patched)
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, WeightsError, build_mha
 from graphs.weights import expected_shapes, random_state
@@ -212,7 +217,7 @@ def test_a_fault_of_ours_is_one_line_with_exit_3(tmp_path, monkeypatch, capsys):
     def broken(*args):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    import artifacts.pipeline
+    from attention_compiler import artifacts
 
     monkeypatch.setattr(artifacts.pipeline, "build_mha", broken)
     assert (
@@ -513,7 +518,7 @@ def test_the_work_is_estimated_and_refused_before_it_starts(tmp_path, capsys, ar
 
 
 def test_the_work_estimate_is_above_the_measured_peak(tmp_path):
-    from artifacts.resources import parameters, work_parts
+    from attention_compiler.artifacts.resources import parameters, work_parts
 
     compile_script.main(
         [*"--embed-dim 16 --num-heads 2 --check --quiet --out".split(), str(tmp_path / "warm")]
@@ -546,7 +551,7 @@ def test_memory_limit_needs_a_maximum_shape(run_cli, tmp_path):
 
 
 def test_the_work_is_bounded_by_this_machines_memory(tmp_path, capsys, monkeypatch):
-    from artifacts import resources
+    from attention_compiler.artifacts import resources
 
     args = ["--embed-dim", "256", "--num-heads", "2", "--out", str(tmp_path / "out")]
     weights = 4 * 256 * 256 + 4 * 256  # in_proj, out_proj and their biases
@@ -647,7 +652,7 @@ def test_the_estimate_counts_what_the_shape_needs():
 @pytest.mark.parametrize("target", ["portable", "onnx-attention"])
 def test_the_estimate_is_near_the_measured_peak(target):
     """One call at (4, 1024, 1024): the scores and weights (128 MiB each) dominate. Measured by the
-    kernel's high-water mark (benchmark/memory.py), in a fresh session so no arena is reused."""
+    kernel's high-water mark (attention_compiler/benchmark/memory.py), in a fresh session so no arena is reused."""
     spec = AttentionSpec(
         64,
         8,

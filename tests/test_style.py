@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-PACKAGES = ["graphs", "compiler", "runtime", "benchmark", "artifacts", "scripts"]
+PACKAGES = ["graphs", "compiler", "runtime", "attention_compiler", "scripts", "studies"]
 FOLDERS = [*PACKAGES, "tests"]
 LONGEST_FUNCTION = 50  # lines, its signature and docstring included
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import parse_triton_config
 
-from artifacts.engine_cache import EngineCache
-from artifacts.triton import triton_config
+from attention_compiler.artifacts.engine_cache import EngineCache
+from attention_compiler.artifacts.triton import triton_config
 from compiler import compile_model
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime import InputError

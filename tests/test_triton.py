@@ -231,11 +231,13 @@ def _python_model(monkeypatch, tmp_path, max_batch_size, fail=False):
     import json
     import sys
 
-    import artifacts
+    from attention_compiler import artifacts
     from graphs import AttentionSpec
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackendUtils)
-    module = importlib.reload(importlib.import_module("artifacts.triton_python_model"))
+    module = importlib.reload(
+        importlib.import_module("attention_compiler.artifacts.triton_python_model")
+    )
     spec = AttentionSpec(8, 2, batch_first=True, self_attention=True)
     with artifacts.compile(spec, target="ort-cpu", check=False, max_batch=2) as artifact:
         artifact.save(tmp_path / "out")
@@ -323,7 +325,7 @@ def test_tensor_names_are_escaped_into_config_pbtxt(tmp_path, backend):
     """An --onnx graph's names with quotes, newlines, braces, backslashes and non-ASCII are read
     back as exactly those names, and inject nothing (they were written raw: a name could add the
     python backend's EXECUTION_ENV_PATH)."""
-    import artifacts
+    from attention_compiler import artifacts
 
     names, outputs = [INJECTING, "plain"], ["é{}..\\", "tab\there\r"]
     with artifacts.compile(_identity_graph(names, out_names=outputs), check=False) as artifact:
@@ -349,8 +351,8 @@ def test_a_model_name_is_one_folder_name_triton_serves(run_cli, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["..", "../../x", "/tmp/elsewhere", 'a"\nb', "a/b", 7])
 def test_the_library_applies_the_same_model_name_rule(tmp_path, name):
-    import artifacts
-    from artifacts.output_folders import OutputRefused
+    from attention_compiler import artifacts
+    from attention_compiler.artifacts.output_folders import OutputRefused
     from graphs import AttentionSpec
 
     with artifacts.compile(AttentionSpec(8, 2), target="portable", check=False) as artifact:

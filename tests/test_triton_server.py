@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-import artifacts
+from attention_compiler import artifacts
 from graphs import AttentionSpec
 from graphs.blocks import BlockSpec
 from runtime.ort import OrtSession

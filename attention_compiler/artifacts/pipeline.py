@@ -22,11 +22,16 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from artifacts.artifact import Artifact, CheckFailed, NoEngine, checked
-from artifacts.files import EXTERNAL_DATA, file_records, needs_external_data, save_model
-from artifacts.manifest import describe_graph, manifest_head
-from artifacts.options import checked_settings, whole_number_problem
-from artifacts.resources import memory_record
+from attention_compiler.artifacts.artifact import Artifact, CheckFailed, NoEngine, checked
+from attention_compiler.artifacts.files import (
+    EXTERNAL_DATA,
+    file_records,
+    needs_external_data,
+    save_model,
+)
+from attention_compiler.artifacts.manifest import describe_graph, manifest_head
+from attention_compiler.artifacts.options import checked_settings, whole_number_problem
+from attention_compiler.artifacts.resources import memory_record
 from compiler import attention_form, compile_model, get_target
 from graphs import AttentionSpec, AttentionWeights, build_mha, spec_from_module
 from graphs.blocks import BlockSpec, BlockWeights, block_spec_from_module, build_block
@@ -40,7 +45,7 @@ from runtime.session import Session
 
 
 class Progress(Protocol):
-    """Where the pipeline names its slow steps and prints its tables (scripts/console.py's Console)."""
+    """Where the pipeline names its slow steps and prints its tables (attention_compiler/cli/console.py's Console)."""
 
     def say(self, text: str) -> None: ...
     def step(self, label: str) -> contextlib.AbstractContextManager[None]: ...
@@ -471,8 +476,8 @@ def _finish(
 
 
 def _timed(plan: Plan, session: Session, progress: Progress) -> dict[str, Any]:
-    from artifacts.report import input_shapes
-    from benchmark.timing import before_and_after
+    from attention_compiler.artifacts.report import input_shapes
+    from attention_compiler.benchmark.timing import before_and_after
     from runtime.ort import OrtSession
 
     with progress.step("measuring latency before and after the passes"):
@@ -486,7 +491,7 @@ def _timed(plan: Plan, session: Session, progress: Progress) -> dict[str, Any]:
 
 
 def _engine_plan(model: onnx.ModelProto, settings: Settings, manifest: dict[str, Any]) -> Any:
-    from artifacts.engine import EnginePlan
+    from attention_compiler.artifacts.engine import EnginePlan
 
     if settings.target != "tensorrt":
         return None

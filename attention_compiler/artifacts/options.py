@@ -51,7 +51,7 @@ def latency_shape_problem(value: object) -> str | None:
 def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
     """compile()'s Settings values, checked (SpecError, one sentence naming the option) and in
     their own types: memory_limit may be given as text ('16GiB'), latency_shape as a list."""
-    from artifacts.resources import parse_size
+    from attention_compiler.artifacts.resources import parse_size
 
     for name in ("target", "precision", "form"):
         value = values.get(name)

@@ -11,8 +11,8 @@ from typing import Any
 
 import onnx
 
-from artifacts.output_folders import WRITTEN_BY
-from artifacts.report import graph_summary
+from attention_compiler.artifacts.output_folders import WRITTEN_BY
+from attention_compiler.artifacts.report import graph_summary
 from compiler import attention_form, get_target
 
 TOOLS = ("attention-compiler", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch")

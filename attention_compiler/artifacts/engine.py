@@ -10,8 +10,8 @@ from typing import Any
 
 import onnx
 
-from artifacts.artifact import checked
-from artifacts.files import file_records, write_file
+from attention_compiler.artifacts.artifact import checked
+from attention_compiler.artifacts.files import file_records, write_file
 from runtime import InputError
 from runtime.profiles import Profile
 from runtime.signature import input_specs
@@ -66,7 +66,7 @@ class EnginePlan:
         progress: Any,
     ) -> dict[str, Any]:
         """folder/model.engine, from the engine cache or built; checked too when the graph was."""
-        from artifacts.engine_cache import EngineCache
+        from attention_compiler.artifacts.engine_cache import EngineCache
         from runtime.trt_engine import TensorRTSession, engine_for
 
         model_files = {

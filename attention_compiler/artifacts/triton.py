@@ -12,12 +12,12 @@ from typing import Any
 import onnx
 from google.protobuf import text_encoding
 
-from artifacts.options import whole_number_problem
-from artifacts.output_folders import TRITON_MARKER, ArtifactError
+from attention_compiler.artifacts.options import whole_number_problem
+from attention_compiler.artifacts.output_folders import TRITON_MARKER, ArtifactError
 from graphs.dtypes import BY_ONNX
 
 # version 1 holds model.onnx, model.plan, or model.onnx beside model.py (python: Triton's python
-# backend runs artifacts/triton_python_model.py, which runs model.onnx on ONNX Runtime)
+# backend runs attention_compiler/artifacts/triton_python_model.py, which runs model.onnx on ONNX Runtime)
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
 BACKENDS = ("onnxruntime", "python")  # compile.py --triton-backend
 INT32_MAX = 2**31 - 1  # model_config.proto's max_batch_size is an int32

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from benchmark.cost import attention_flops, attention_min_bytes
-from benchmark.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
-from benchmark.timing import Timing, measure, measure_cuda
+from attention_compiler.benchmark.cost import attention_flops, attention_min_bytes
+from attention_compiler.benchmark.memory import PeakCuda, PeakRss, available_bytes, predicted_growth
+from attention_compiler.benchmark.timing import Timing, measure, measure_cuda
 from compiler import compile_model, get_target
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import random_inputs
@@ -138,7 +138,7 @@ def bench_inputs(
 
 
 def device_rates(device: str, threads: int, min_seconds: float) -> dict[str, float]:
-    from benchmark import timing
+    from attention_compiler.benchmark import timing
 
     if device == "cpu":
         rate = timing.cpu_matmul_rate(threads=threads, min_seconds=min_seconds)
@@ -248,14 +248,14 @@ def _torch_backends(
     device = settings.device
     backends: list[Backend] = []
     if "eager" in settings.baselines:
-        from benchmark.baselines import eager_attention
+        from attention_compiler.benchmark.baselines import eager_attention
 
         eager = eager_attention(spec, weights, dtype=dtype, device=device)
         backends.append(
             ("torch eager", precision, lambda f, fn=eager: torch_runner(fn, f, device, dtype))
         )
     if "sdpa" in settings.baselines:
-        from benchmark.baselines import SdpaAttention
+        from attention_compiler.benchmark.baselines import SdpaAttention
 
         try:
             sdpa = SdpaAttention(spec, weights, dtype=dtype, device=device)
@@ -295,7 +295,7 @@ def _exporter(
     threads: int,
     gpu: bool | None,
 ) -> Callable[[Mapping[str, np.ndarray]], Runner] | str:
-    from benchmark.baselines import export_with_torch
+    from attention_compiler.benchmark.baselines import export_with_torch
 
     if gpu is False:
         return "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"

@@ -5,8 +5,8 @@ writes for a causal mask alone), and the causal mask as ``attention_bias`` (what
 takes there). Outputs are compared between the two causal forms; times are p50 over rounds in
 which each form runs once, inputs and outputs bound on the GPU.
 
-    python scripts/cuda_causal.py --write DIR      # the three graphs (needs onnx)
-    python scripts/cuda_causal.py --time DIR       # on the GPU (onnxruntime-gpu, torch with CUDA)
+    python studies/cuda_causal.py --write DIR      # the three graphs (needs onnx)
+    python studies/cuda_causal.py --time DIR       # on the GPU (onnxruntime-gpu, torch with CUDA)
 """
 
 from __future__ import annotations

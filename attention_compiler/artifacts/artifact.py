@@ -12,8 +12,8 @@ from typing import Any
 
 import onnx
 
-from artifacts.files import file_records, write_file, write_manifest
-from artifacts.output_folders import ArtifactError, Output, claim_outputs, staged
+from attention_compiler.artifacts.files import file_records, write_file, write_manifest
+from attention_compiler.artifacts.output_folders import ArtifactError, Output, claim_outputs, staged
 from runtime.check import CheckReport
 
 
@@ -125,7 +125,7 @@ class Artifact:
         return manifest
 
     def _triton(self, name: str, max_batch: int, backend: str) -> tuple[str, dict[str, Any]]:
-        from artifacts.triton import BACKENDS, TritonConfigError, triton_config
+        from attention_compiler.artifacts.triton import BACKENDS, TritonConfigError, triton_config
 
         if backend not in BACKENDS:
             raise TritonConfigError(
@@ -150,7 +150,7 @@ class Artifact:
         return triton_config(self.model, name, max_batch, "tensorrt_plan", largest)
 
     def _report(self, staging: Path, manifest: dict[str, Any]) -> None:
-        from artifacts.report import render_report
+        from attention_compiler.artifacts.report import render_report
 
         after = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
         write_file(staging / "report.html", render_report(manifest, self.before, after).encode())

@@ -1,5 +1,5 @@
 """The files of an output folder: model.onnx (with its external data past 2 GB), manifest.json, and
-their records; artifacts/output_folders.py makes the folder appear whole."""
+their records; output_folders.py makes the folder appear whole."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from artifacts.output_folders import WRITTEN_BY, umask
+from attention_compiler.artifacts.output_folders import WRITTEN_BY, umask
 
 PROTOBUF_LIMIT = 2**31  # bytes: protobuf cannot serialise a message this large
 GRAPH_HEADROOM = 2**24  # bytes kept for everything in the graph but its weights

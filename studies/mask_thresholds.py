@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Where the ort-cpu mask forms start to pay (compiler/mask_forms.py): for one mask kind, the ort-cpu
+"""Where the ort-cpu mask forms start to pay (compiler/lowerings/): for one mask kind, the ort-cpu
 graph with each length threshold forced off ("short": one MultiHeadAttention with the whole mask as
 attention_bias) and on ("long": the flash or query-block form), timed in turns against the graph
 without any mask form ("one op", as before the forms), at each batch x length. Each figure is the
 median over rounds of that graph's time over the one-op graph's in the same round; idle sessions do
-not spin. The thresholds in compiler/mask_forms.py come from this table.
+not spin. The thresholds in compiler/lowerings/ come from this table.
 
-    python scripts/mask_thresholds.py --mask padding --points 1x128 8x512 1x1024 1x2048
+    python studies/mask_thresholds.py --mask padding --points 1x128 8x512 1x1024 1x2048
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 import compiler.fuse_ort_mha as fusion
-from benchmark.timing import cpu_name
+from attention_compiler.benchmark.timing import cpu_name
 from compiler import compile_model
+from compiler.lowerings import causal_blocks, causal_chunks, padded_rows, query_blocks
 from graphs import AttentionSpec, AttentionWeights, build_mha
 from runtime.check import random_inputs
 
@@ -31,7 +32,13 @@ MASKS = {
     "causal": {"is_causal": True},
     "float-2d": {"attn_mask": "float"},
 }
-THRESHOLDS = ("ROWS_FROM", "CAUSAL_FROM", "CHUNKS_FROM", "BLOCKS_FROM")
+# where each lowering starts (compiler/lowerings/)
+THRESHOLDS = (
+    (padded_rows, "ROWS_FROM"),
+    (causal_blocks, "CAUSAL_FROM"),
+    (causal_chunks, "CHUNKS_FROM"),
+    (query_blocks, "BLOCKS_FROM"),
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,16 +68,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @contextlib.contextmanager
 def _forms(mode: str):
     """The fusion with its mask forms as before them ("one op"), never ("short") or always ("long")."""
-    saved = {name: getattr(fusion, name) for name in THRESHOLDS}, fusion.mask_terms
+    saved = {place: getattr(*place) for place in THRESHOLDS}, fusion.mask_terms
     if mode == "one op":
         fusion.mask_terms = lambda core: None
-    for name in THRESHOLDS:
-        setattr(fusion, name, {"short": 2**62, "long": 1}.get(mode, saved[0][name]))
+    for module, name in THRESHOLDS:
+        value = {"short": 2**62, "long": 1}.get(mode, saved[0][module, name])
+        setattr(module, name, value)
     try:
         yield
     finally:
-        for name, value in saved[0].items():
-            setattr(fusion, name, value)
+        for (module, name), value in saved[0].items():
+            setattr(module, name, value)
         fusion.mask_terms = saved[1]
 
 
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{cpu_name()}, {os.cpu_count()} cores, onnxruntime {ort.__version__}; {args.mask}, embed_dim {args.embed_dim}, "
         f"{args.num_heads} heads; thresholds now: "
-        + ", ".join(f"{n} {getattr(fusion, n)}" for n in THRESHOLDS)
+        + ", ".join(f"{n} {getattr(module, n)}" for module, n in THRESHOLDS)
     )
     print("| batch | length | one op ms | short | long |\n|---|---|---|---|---|")
     for batch, length in args.points:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """What ONNX Runtime's CPU kernels make of causal attention, on the core alone (q, k, v given, batch
 1), timed in turns against MultiHeadAttention without a mask (its flash kernel): the evidence behind
-the causal form compiler/mask_forms.py takes (docs/BENCHMARKS.md, "Causal kernels").
+the causal form compiler/lowerings/ takes (docs/BENCHMARKS.md, "Causal kernels").
 
 - "flash, no mask": the time causal attention should halve;
 - "MHA unidirectional", "Attention-23 is_causal": one op with its own causal flag;
 - "GQA one call", "GQA chunks": GroupQueryAttention as one prompt, and as the chunked prefill
-  compiler/mask_forms.py builds (here unrolled: one call per chunk, the keys before it as its past);
+  compiler/lowerings/ builds (here unrolled: one call per chunk, the keys before it as its past);
 - "flash halving": flash calls only, no GQA: the second half of each segment attends the first half
   unmasked, one call per level with the segments as its batch, the diagonal blocks in the graph,
   merged by softmax denominators (an extra key whose score is the accumulated log-denominator and an
@@ -17,8 +17,8 @@ With ``--decode P``: one decode step (one query, a cache of P keys given as past
 ``--batch``: MultiHeadAttention with past and its causal bias (what ort-cpu's KV-cache graph runs)
 against GroupQueryAttention with the same past.
 
-    python scripts/causal_kernels.py --length 4096
-    python scripts/causal_kernels.py --decode 2048 --batch 4
+    python studies/causal_kernels.py --length 4096
+    python studies/causal_kernels.py --decode 2048 --batch 4
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmark.timing import cpu_matmul_rate, cpu_name
+from attention_compiler.benchmark.timing import cpu_matmul_rate, cpu_name
 
 MS = "com.microsoft"
 

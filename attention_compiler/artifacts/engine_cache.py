@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from artifacts.output_folders import write_file_atomically
+from attention_compiler.artifacts.output_folders import write_file_atomically
 
 ENV = "ATTENTION_COMPILER_CACHE"
 

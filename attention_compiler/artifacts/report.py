@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx
 
-from artifacts.graph_picture import attention_nodes, draw_svg, op_counts
+from attention_compiler.artifacts.graph_picture import attention_nodes, draw_svg, op_counts
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}

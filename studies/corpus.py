@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The corpus benchmark: compile.py --onnx over what users bring (scripts/model_zoo.py: 27 families of
+"""The corpus benchmark: compile.py --onnx over what users bring (studies/model_zoo.py: 27 families of
 Hugging Face models and torch's own modules, sdpa and eager, from both exporters), in one run:
 - cores found and fused on ort-cpu and onnx-attention, and the worst error against the input graph;
 - latency on ONNX Runtime CPU of the input graph, our ort-cpu and onnx-attention graphs, onnxscript's
@@ -8,10 +8,10 @@ Hugging Face models and torch's own modules, sdpa and eager, from both exporters
   input graph is the median over rounds of the ratio within a round, so the machine's drift cancels;
 - each input graph against the floor its MatMuls set at ONNX Runtime's own MatMul rate on this machine.
 
-    python scripts/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
-    python scripts/corpus.py --layernorm    # why ort-cpu keeps Add and LayerNormalization apart
-    python scripts/corpus.py --packing      # why ort-cpu packs projections only for few rows
-    python scripts/corpus.py --attention-op # com.microsoft.Attention against MultiHeadAttention on ort-cpu
+    python studies/corpus.py [--seq 512] [--batch 1] [--families bert gpt2 ...] [--markdown FILE] [--json FILE]
+    python studies/corpus.py --layernorm    # why ort-cpu keeps Add and LayerNormalization apart
+    python studies/corpus.py --packing      # why ort-cpu packs projections only for few rows
+    python studies/corpus.py --attention-op # com.microsoft.Attention against MultiHeadAttention on ort-cpu
 
 
 Needs the transformers extra: pip install -e '.[transformers]'.
@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from artifacts.output_folders import check_output_file, write_file_atomically
-from benchmark.timing import Timing, cpu_matmul_rate, cpu_name
+from attention_compiler.artifacts.output_folders import check_output_file, write_file_atomically
+from attention_compiler.benchmark.timing import Timing, cpu_matmul_rate, cpu_name
 from compiler import attention_form, compile_model, get_target
 from compiler.fuse_ort_mha import FuseOrtCpuAttentionPass
 from compiler.ingest import fusion_findings

@@ -1,4 +1,4 @@
-"""The exported models compile.py --onnx is measured on (scripts/corpus.py) and tested on
+"""The exported models compile.py --onnx is measured on (studies/corpus.py) and tested on
 (tests/test_real_models.py): what users bring, from both torch exporters.
 
 Hugging Face transformers models (the optional extra ``transformers``) are built from small configs

@@ -10,7 +10,7 @@ import onnx
 
 from compiler._ir import module_path
 
-# the fused core if there is one (an If: a masked core in query blocks, compiler/mask_forms.py), else its Softmax
+# the fused core if there is one (an If: a masked core in query blocks, compiler/lowerings/), else its Softmax
 ANCHORS = ("MultiHeadAttention", "Attention", "If", "Softmax")
 NODE_HEIGHT, LAYER_GAP, NODE_GAP, CHAR_WIDTH, MARGIN = 30, 26, 14, 7.2, 12
 COLOURS = {
@@ -31,7 +31,7 @@ def op_name(node: onnx.NodeProto) -> str:
 
 def _label(node: onnx.NodeProto) -> str:
     """A node's box: its op, and for an If or Loop the fused attention op it runs (a masked core in
-    query blocks, compiler/mask_forms.py)."""
+    query blocks, compiler/lowerings/)."""
     inner = {op_name(n) for n in _inside(node) if n.op_type in ("MultiHeadAttention", "Attention")}
     return f"{node.op_type}: {', '.join(sorted(inner))}" if inner else op_name(node)
 

@@ -8,7 +8,7 @@ kernels hold them whole (softmax works in place), except where its CPU MultiHead
 flash path or a form runs blocks of queries (ort-cpu's mask forms, onnx-attention's
 attention-op-blocks), so there the figure is high. TensorRT's fused kernels stream them, so for
 ``tensorrt`` they count only where ``need_weights`` returns them. docs/RELIABILITY.md compares the
-estimate with peaks measured by benchmark/memory.py.
+estimate with peaks measured by attention_compiler/benchmark/memory.py.
 """
 
 from __future__ import annotations
@@ -131,9 +131,8 @@ def work_parts(parameters: int, latency: dict[str, int] | None = None) -> dict[s
     }
     for name, size in (latency or {}).items():
         if name != "weights":
-            parts[f"{name} of one call at the --latency-shape"] = (
-                2 * size
-            )  # before and after the passes
+            # before and after the passes
+            parts[f"{name} of one call at the --latency-shape"] = 2 * size
     return parts
 
 

@@ -5,7 +5,7 @@
 repository, the engine cache and the memory estimates.
 """
 
-from artifacts.artifact import Artifact, CheckFailed, NoEngine
-from artifacts.pipeline import Settings, compile
+from attention_compiler.artifacts.artifact import Artifact, CheckFailed, NoEngine
+from attention_compiler.artifacts.pipeline import Settings, compile
 
 __all__ = ["Artifact", "CheckFailed", "NoEngine", "Settings", "compile"]
