@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -38,7 +37,8 @@ from compiler.lowerings.padded_rows import PaddedRows
 from compiler.lowerings.query_blocks import QueryBlocks
 from compiler.mask_ops import MS_DOMAIN, as_4d, causal_bias, dead_causal_rows, op_inputs
 from compiler.mask_terms import MaskTerms, mask_terms
-from compiler.qkv_projections import Projections, match_projections, reroute_shapes
+from compiler.op_source import OpSource, emit_mha
+from compiler.qkv_projections import match_projections
 from graphs.spec import MAX_LEN_KEY
 
 # below it, com.microsoft.Attention outruns the flash MultiHeadAttention without a mask
@@ -146,7 +146,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             return add(
                 "MultiHeadAttention", [q, k, v], "MultiHeadAttention", attrs, MS_DOMAIN
             ), None
-        source = lambda: _Source.of(graph, core, projections, add)  # noqa: E731
+        source = lambda: OpSource.of(graph, core, projections, add)  # noqa: E731
         if cache is None and terms is not None and (terms.causal or terms.other):
             if _blockable(terms):  # query blocks
                 return self._blocked(graph, core, terms, source(), add, scope), None
@@ -164,7 +164,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
         return _one_op(graph, core, add)
 
     def _blocked(
-        self, graph: ir.Graph, core: Core, terms: MaskTerms, source: _Source, add, scope: str
+        self, graph: ir.Graph, core: Core, terms: MaskTerms, source: OpSource, add, scope: str
     ) -> ir.Value:
         raw = summed(terms.keys, add, "key_bias_terms") if terms.keys else None
         key = _bias_key(core, terms)
@@ -177,7 +177,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             context = zero_dead_context(graph, core, context, dead, add)
         return context if raw is None else _nan_entries(graph, context, raw, add)
 
-    def _attention_or_flash(self, graph: ir.Graph, source: _Source, add, scope: str) -> ir.Value:
+    def _attention_or_flash(self, graph: ir.Graph, source: OpSource, add, scope: str) -> ir.Value:
         """com.microsoft.Attention where short, flash where long."""
         return _switch(
             graph,
@@ -185,7 +185,7 @@ class FuseOrtMultiHeadAttentionPass(ir.passes.InPlacePass):
             add,
             scope,
             ATTENTION_UNTIL,
-            lambda emit, name: _emit_mha(emit, *source.inputs(emit), None, source.core),
+            lambda emit, name: emit_mha(emit, *source.inputs(emit), None, source.core),
             lambda emit, name: source.one_op(emit, None),
             self.max_len,
         )
@@ -237,79 +237,6 @@ def _nan_entries(graph: ir.Graph, context: ir.Value, raw: ir.Value, add) -> ir.V
     return add("Where", [add("IsNaN", [total], "nan_entries/IsNaN"), total, context], "nan_entries")
 
 
-@dataclass
-class _Source:
-    """Where a core's q, k, v come from, for the forms to read. Without Projections: built once
-    outside any If (op_inputs says why), and the one-op form is MultiHeadAttention on them. With
-    Projections (compiler/qkv_projections.py): the layer's input, read whole by
-    com.microsoft.Attention in the one-op form (faster on the CPU for short inputs:
-    docs/BENCHMARKS.md, "Attention op on CPU"), and projected inside the branches that need q, k, v,
-    so a short input never projects twice; ``core`` is then a BSD view of it."""
-
-    core: Core
-    length: ir.Value  # (N, L, ...): the query length on axis 1
-    values: tuple[ir.Value, ir.Value, ir.Value] | None = None
-    weight: ir.Value | None = None
-    bias: ir.Value | None = None
-    columns: list[tuple[ir.Value, ir.Value]] = dataclasses.field(
-        default_factory=list
-    )  # q's, k's, v's [start, end)
-    last_axis: ir.Value | None = None
-
-    @classmethod
-    def of(cls, graph: ir.Graph, core: Core, projections: Projections | None, add) -> _Source:
-        if projections is None:
-            values = op_inputs(graph, core, add)
-            return cls(core, values[0], values)
-        x = projections.x
-        reroute_shapes(graph, projections)
-        view = dataclasses.replace(
-            core, layout="BSD", q=x, k=x, v=x
-        )  # self-attention: L = S, both on axis 1
-        weight = new_initializer(graph, "attention/qkv_weight", projections.weight)
-        bias = new_initializer(graph, "attention/qkv_bias", projections.bias)
-        bounds = np.cumsum([0, *projections.sizes])
-        columns = [
-            (
-                new_initializer(graph, "attention/qkv_from", np.asarray([bounds[i]], np.int64)),
-                new_initializer(graph, "attention/qkv_to", np.asarray([bounds[i + 1]], np.int64)),
-            )
-            for i in range(3)
-        ]
-        last = new_initializer(graph, "attention/last_axis", np.asarray([-1], np.int64))
-        return cls(view, x, None, weight, bias, columns, last)
-
-    def inputs(self, emit) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """q, k, v projected apart, each by its columns of the packed weight (slices of constants,
-        which ONNX Runtime folds once): a Split of one packed projection would copy (N, L, 3E) per call."""
-        if self.values is not None:
-            return self.values
-        last, out = self.last_axis, []
-        for name, (start, end) in zip("qkv", self.columns):
-            w = emit("Slice", [self.weight, start, end, last], f"{name}_proj/weight")
-            b = emit("Slice", [self.bias, start, end, last], f"{name}_proj/bias")
-            out.append(
-                emit(
-                    "Add",
-                    [emit("MatMul", [self.length, w], f"{name}_proj/MatMul"), b],
-                    f"{name}_proj/Add",
-                )
-            )
-        return tuple(out)
-
-    def one_op(self, emit, bias: ir.Value | None) -> ir.Value:
-        if self.values is not None:
-            return _emit_mha(emit, *self.values, bias, self.core)
-        return emit(
-            "Attention",
-            [self.length, self.weight, self.bias]
-            + ([None, None, bias] if bias is not None else []),
-            "Attention",
-            {"num_heads": self.core.num_heads, "scale": self.core.scale},
-            MS_DOMAIN,
-        )
-
-
 def _blockable(terms: MaskTerms) -> bool:
     """Whether every term's query axis is known (its rank is): a block takes its rows of each."""
     return all(t.shape is not None and len(t.shape) >= 2 for t in terms.other)
@@ -317,7 +244,7 @@ def _blockable(terms: MaskTerms) -> bool:
 
 def _by_length(
     graph: ir.Graph,
-    source: _Source,
+    source: OpSource,
     terms: MaskTerms,
     raw: ir.Value | None,
     add,
@@ -357,7 +284,7 @@ def _bias_key(core: Core, terms: MaskTerms | None = None) -> tuple | None:
 
 
 def _whole_bias(
-    graph: ir.Graph, source: _Source, terms: MaskTerms, raw: ir.Value | None, add
+    graph: ir.Graph, source: OpSource, terms: MaskTerms, raw: ir.Value | None, add
 ) -> tuple[ir.Value, ir.Value]:
     """(the mask terms summed, broadcast to (N|1, H|1, L, S)): a core's one-op bias, built inside
     its branch, or outside any If once for every core that reads the same terms at the same
@@ -374,7 +301,7 @@ def _whole_bias(
 
 def _padding(
     graph: ir.Graph,
-    source: _Source,
+    source: OpSource,
     terms: MaskTerms,
     raw: ir.Value,
     add,
@@ -396,7 +323,7 @@ def _padding(
 
 def _switch(
     graph: ir.Graph,
-    source: _Source,
+    source: OpSource,
     add,
     scope: str,
     threshold: int,
@@ -439,19 +366,6 @@ def _causal_alone(core: Core) -> bool:
         return False
     terms = mask_terms(core)
     return terms.causal and not terms.keys and not terms.other and terms.past is None
-
-
-def _emit_mha(
-    emit, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None, core: Core
-) -> ir.Value:
-    """MultiHeadAttention(q, k, v, attention_bias=bias) with the core's heads and scale: its output."""
-    return emit(
-        "MultiHeadAttention",
-        [q, k, v, None, None, bias] if bias is not None else [q, k, v],
-        "MultiHeadAttention",
-        {"num_heads": core.num_heads, "scale": core.scale},
-        MS_DOMAIN,
-    )
 
 
 def _one_op(graph: ir.Graph, core: Core, add) -> tuple[ir.Value, tuple[ir.Value, ...] | None]:

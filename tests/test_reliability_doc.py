@@ -31,7 +31,16 @@ def test_the_repository_points_at_no_design_file_outside_it():
     and every module or doc path it names exists."""
     tracked = [
         p
-        for folder in ("compiler", "graphs", "runtime", "scripts", "tests", "docs")
+        for folder in (
+            "attention_compiler",
+            "compiler",
+            "graphs",
+            "runtime",
+            "scripts",
+            "studies",
+            "tests",
+            "docs",
+        )
         for p in (ROOT / folder).rglob("*")
         if p.suffix in (".py", ".md")
     ] + [ROOT / "README.md"]
@@ -44,10 +53,8 @@ def test_the_repository_points_at_no_design_file_outside_it():
         assert not any(name in text for name in outside), (
             f"{path} points at a file outside the repository"
         )
-    architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    for name in re.findall(
-        r"`((?:compiler|graphs|runtime|scripts|tests|docs)/[\w/]+\.(?:py|md))`", architecture
-    ):
-        assert (ROOT / name).exists(), (
-            f"docs/ARCHITECTURE.md names {name}, which is not in the repository"
-        )
+    rooms = "attention_compiler|compiler|graphs|runtime|scripts|studies|tests|docs"
+    for doc in ("docs/ARCHITECTURE.md", "README.md", "docs/BENCHMARKS.md", "docs/RELIABILITY.md"):
+        text = (ROOT / doc).read_text()
+        for name in re.findall(rf"`((?:{rooms})/[\w/]+\.(?:py|md))`", text):
+            assert (ROOT / name).exists(), f"{doc} names {name}, which is not in the repository"
