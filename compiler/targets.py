@@ -26,9 +26,10 @@ from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
 from compiler.opset_forms import MatchOpsetPass
 from compiler.pack_projections import PackProjectionsPass
+from compiler.quantize_int8 import DynamicInt8Pass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 PassFactory = Callable[[], ir.passes.PassBase]
 
@@ -50,6 +51,7 @@ class Form:
 class Target:
     name: str
     forms: tuple[Form, ...]  # the first is the default
+    int8: Form | None = None  # the form --precision int8 takes, where the target has one
 
     def form(self, name: str | None) -> Form:
         if name is None:
@@ -131,6 +133,20 @@ _ORT_CPU = Form(
     "(its SkipLayerNormalization is slower there)",
     FuseOrtCpuAttentionPass,
 )
+_ORT_CPU_INT8 = Form(
+    _ORT_CPU.name,
+    tuple(
+        functools.partial(FuseOrtCpuAttentionPass, attention_op=False)
+        if make is FuseOrtCpuAttentionPass
+        else make
+        for make in _ORT_CPU.passes
+    ),
+    "ort-cpu's form without com.microsoft.Attention (it would keep the projections float32), then every "
+    "MatMul with a constant weight in int8 (per output channel) on activations quantized per call: "
+    "ONNX Runtime's dynamic quantization, which its session runs as DynamicQuantizeMatMul; the attention "
+    "op, normalisations and residual sums stay float32",
+    FuseOrtCpuAttentionPass,
+)
 _ORT_CUDA = Form(
     "ms-multihead-attention",
     _PREPARE + (FuseOrtMultiHeadAttentionPass, FuseOrtNormGeluPass),
@@ -149,7 +165,7 @@ _TENSORRT_MATMUL = Form(
 TARGET_SPECS = {
     "portable": Target("portable", (_PORTABLE,)),
     "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION, _ONNX_ATTENTION_BLOCKS)),
-    "ort-cpu": Target("ort-cpu", (_ORT_CPU,)),
+    "ort-cpu": Target("ort-cpu", (_ORT_CPU,), _ORT_CPU_INT8),
     "ort-cuda": Target("ort-cuda", (_ORT_CUDA,)),
     "tensorrt": Target(
         "tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)
@@ -161,9 +177,20 @@ def get_target(name: str, precision: str = "fp32", form: str | None = None) -> t
     if name not in TARGET_SPECS:
         raise TargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     if precision not in PRECISIONS:
-        raise TargetError(f"unknown precision {precision!r}; choose fp32 or fp16")
+        raise TargetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     target = TARGET_SPECS[name]
-    return target, target.form(form)
+    if precision != "int8":
+        return target, target.form(form)
+    int8 = [t for t, spec in TARGET_SPECS.items() if spec.int8 is not None]
+    if target.int8 is None:
+        raise TargetError(
+            f"precision int8 runs on {', '.join(int8)} only; target {name!r} takes fp32 or fp16"
+        )
+    if form is not None and form != target.int8.name:
+        raise TargetError(
+            f"target {name!r} has no int8 form {form!r}; its one is {target.int8.name!r}"
+        )
+    return target, target.int8
 
 
 FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupQueryAttention")
@@ -193,12 +220,15 @@ def every_node(graph: onnx.GraphProto):
 def compile_model(
     model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None
 ) -> onnx.ModelProto:
-    """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion, and
-    every node then takes the signature of the model's opset."""
+    """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion, int8
+    (the target's int8 form) quantizes last, and every node then takes the signature of the model's
+    opset."""
     _, chosen = get_target(target, precision, form)
     passes = [make() for make in chosen.passes]
     if precision == "fp16":
         passes.append(Float16Pass())
+    if precision == "int8":  # the quantizer infers shapes, which needs the opset's signatures first
+        passes += [MatchOpsetPass(), DynamicInt8Pass()]
     ir_model = ir.serde.deserialize_model(model)
-    ir.passes.Sequential(*passes, MatchOpsetPass(), CleanupPass())(ir_model)
-    return ir.serde.serialize_model(ir_model)
+    result = ir.passes.Sequential(*passes, MatchOpsetPass(), CleanupPass())(ir_model)
+    return ir.serde.serialize_model(result.model)

@@ -156,7 +156,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
+def cpu_session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry(
@@ -166,7 +166,7 @@ def _session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _optimize_for_ort(path: Path, folder: Path) -> Path:
+def optimize_for_ort_file(path: Path, folder: Path) -> Path:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -284,14 +284,16 @@ def run_entry(
     fixed_shapes = entry.fixed_shapes
     given = model_zoo.example_inputs(entry) if fixed_shapes else None
     compiled = _compiled_rows(original, given, row)
-    sessions = {"input": _session(str(path), args.threads)}
-    sessions.update({target: _session(model, args.threads) for target, model in compiled.items()})
+    sessions = {"input": cpu_session(str(path), args.threads)}
+    sessions.update(
+        {target: cpu_session(model, args.threads) for target, model in compiled.items()}
+    )
     for name, make in (
-        ("optimize_for_ort", lambda: _optimize_for_ort(path, folder)),
+        ("optimize_for_ort", lambda: optimize_for_ort_file(path, folder)),
         ("ort_transformers", lambda: _ort_transformers(path, folder, entry.family, entry.size)),
     ):
         try:
-            sessions[name] = _session(str(make()), args.threads)
+            sessions[name] = cpu_session(str(make()), args.threads)
         except Exception as exc:  # noqa: BLE001 -- a baseline that fails is a finding, not the end of the run
             row[name] = {"failed": f"{type(exc).__name__}: {_first_line(exc)}"}
     feeds = given if fixed_shapes else timed_inputs(original, args.batch, args.seq)
@@ -530,8 +532,8 @@ def decode_table(args: argparse.Namespace, size: model_zoo.Size, threads: int) -
 
 def _decode_row(entry: model_zoo.Entry, args: argparse.Namespace, threads: int) -> str:
     original = load_onnx(model_zoo.export(entry, args.cache))
-    sessions = {"input": _session(original, threads)}
-    sessions.update({t: _session(compile_model(original, t), threads) for t in TARGETS})
+    sessions = {"input": cpu_session(original, threads)}
+    sessions.update({t: cpu_session(compile_model(original, t), threads) for t in TARGETS})
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, 1000, (2, 7)).astype(np.int64)
     mask = np.ones((2, 7), np.int64)
@@ -625,9 +627,9 @@ def _paired_table(
         given = model_zoo.example_inputs(entry) if fixed_shapes else None
         feeds = given or timed_inputs(original, args.batch, args.seq)
         sessions = {
-            "input": _session(str(path), threads),
-            a: _session(compiled, threads),
-            b: _session(theirs(original), threads),
+            "input": cpu_session(str(path), threads),
+            a: cpu_session(compiled, threads),
+            b: cpu_session(theirs(original), threads),
         }
         row(entry.name, "the model's", _rows(next(iter(feeds.values()))), sessions, feeds)
     _block_pairs(row, names, threads, ours, theirs, masks, lengths)
@@ -643,7 +645,7 @@ def _block_pairs(row, names, threads, ours, theirs, masks, lengths) -> None:
     for mask in masks:
         spec = AttentionSpec(512, 8, batch_first=True, self_attention=True, key_padding_mask=mask)
         model = build_mha(spec, AttentionWeights.random(spec))
-        sessions = {a: _session(ours(model), threads), b: _session(theirs(model), threads)}
+        sessions = {a: cpu_session(ours(model), threads), b: cpu_session(theirs(model), threads)}
         for length in lengths:
             row(
                 "graphs/mha.py self-attention, E=512",

@@ -158,6 +158,41 @@ def test_every_core_fuses_and_the_graph_computes_what_the_export_does(
     assert manifest["check"]["passed"] and manifest["check"]["worst_rel_error"] <= 1e-5
 
 
+# both exporters, opsets 14 to 18, a decoder with its cache (grouped-query), a relative position bias
+INT8_NAMES = ("bert-sdpa-dynamo", "bert-sdpa-legacy-opset17", "gpt2-eager-legacy-opset14")
+INT8 = [e for e in ENTRIES if e.name in INT8_NAMES or e.family == "t5-encoder"] + [WITH_PAST[0]]
+
+
+@pytest.mark.parametrize("entry", INT8, ids=lambda e: e.name)
+def test_int8_keeps_every_core_fused_and_its_bound_on_real_exports(exported, tmp_path, entry):
+    """--precision int8 on ort-cpu: the cores fused as in fp32 (all, but a cache step that runs
+    faster left to the export), with every constant-weight MatMul (projections, feed-forward, the
+    LM head) in int8, within the int8 bound against the export (relative error 5e-2, cosine
+    0.999)."""
+    import onnx
+
+    from compiler.targets import every_node
+
+    out = tmp_path / "out"
+    argv = ["--onnx", str(exported[entry.name]), "--target", "ort-cpu", "--check", "--quiet"]
+    assert compile_script.main([*argv, "--precision", "int8", "--out", str(out)]) == 0
+    assert compile_script.main([*argv, "--out", str(tmp_path / "fp32")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    fp32 = json.loads((tmp_path / "fp32" / "manifest.json").read_text())
+    assert any(f["fused"] for f in manifest["fusion"])
+    assert [f["fused"] for f in manifest["fusion"]] == [f["fused"] for f in fp32["fusion"]]
+    check = manifest["check"]
+    assert check["passed"] and check["tolerance"] == 5e-2 and check["min_cosine"] == 0.999
+    assert 1e-4 < check["worst_rel_error"] <= 5e-2  # quantized, and within the bound
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    ops = [n.op_type for n in every_node(model.graph)]
+    assert "MatMulInteger" in ops
+    assert not [
+        n for n in every_node(model.graph) if n.op_type == "MatMul" and n.input[1] in weights
+    ]
+
+
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
 @pytest.mark.parametrize("entry", LEFT_ALONE, ids=lambda e: e.name)
 def test_attention_left_unfused_is_named_with_its_reason_and_the_graph_still_checks(

@@ -41,8 +41,7 @@ def checked(
     progress.say(("TensorRT engine:\n" if engine else "") + report.table())
     if not report.passed:
         raise CheckFailed(
-            f"{'engine ' if engine else ''}check failed: worst relative error "
-            f"{report.worst_rel_error:.3e} exceeds {report.tolerance:.0e}; nothing was written"
+            f"{'engine ' if engine else ''}check failed: {report.failure()}; nothing was written"
         )
     return report.to_json()
 

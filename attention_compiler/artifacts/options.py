@@ -5,6 +5,7 @@ length."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -85,6 +86,7 @@ def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
     for name in ("check", "latency"):
         if not isinstance(values.get(name), bool):
             raise SpecError(f"{name} must be True or False, got {values.get(name)!r}"[:200])
+    _check_bounds(values)
     if values.get("external_data") not in ("auto", "always"):
         raise SpecError(
             f"external_data must be 'auto' or 'always', got {values.get('external_data')!r}"
@@ -93,3 +95,18 @@ def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
     if cache is not None and not isinstance(cache, (str, os.PathLike)):
         raise SpecError(f"engine_cache must be a folder path, got {type(cache).__name__}")
     return values
+
+
+def _check_bounds(values: dict[str, Any]) -> None:
+    """The check's bound, where given: a relative error above 0, a cosine similarity in (-1, 1]."""
+    for name, low, high in (("max_rel_error", 0.0, math.inf), ("min_cosine", -1.0, 1.0)):
+        bound = values.get(name)
+        if bound is not None and not (
+            isinstance(bound, (int, float))
+            and not isinstance(bound, bool)
+            and low < bound <= high
+            and math.isfinite(bound)
+        ):
+            raise SpecError(
+                f"{name} must be a number above {low:g} and at most {high:g}, got {bound!r}"[:200]
+            )

@@ -40,7 +40,13 @@ from graphs.onnx_files import IngestError, load_onnx
 from graphs.spec import SpecError
 from graphs.weight_files import first_line
 from graphs.weights import check_precision_range
-from runtime.check import FP16_TOLERANCE, FP32_TOLERANCE, CheckReport
+from runtime.check import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    INT8_MIN_COSINE,
+    INT8_TOLERANCE,
+    CheckReport,
+)
 from runtime.session import Session
 
 
@@ -81,10 +87,21 @@ class Settings:
     external_data: str = "auto"
     profile_shapes: tuple[str, str, str] | None = None
     engine_cache: str | os.PathLike[str] | None = None
+    # the check's bound where given: relative error, and cosine similarity (default: the precision's)
+    max_rel_error: float | None = None
+    min_cosine: float | None = None
 
     @property
     def tolerance(self) -> float:
-        return FP32_TOLERANCE if self.precision == "fp32" else FP16_TOLERANCE
+        if self.max_rel_error is not None:
+            return self.max_rel_error
+        return {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE}.get(self.precision, INT8_TOLERANCE)
+
+    @property
+    def cosine_bound(self) -> float | None:
+        if self.min_cosine is not None:
+            return self.min_cosine
+        return INT8_MIN_COSINE if self.precision == "int8" else None
 
     @property
     def bounded(self) -> bool:
@@ -263,7 +280,12 @@ def _built(
             "outputs": [s.to_json() for s in spec.outputs()],
         },
         checker=lambda session: check.check_session(
-            session, spec, weights, tolerance=settings.tolerance, module=live
+            session,
+            spec,
+            weights,
+            tolerance=settings.tolerance,
+            min_cosine=settings.cosine_bound,
+            module=live,
         ),
         feeds=lambda session: inputs(spec, shape, np.random.default_rng(0)),
         extra={"weights": dict(weights.source), "memory": memory},
@@ -308,7 +330,7 @@ def _ingested(
             "inputs": describe_graph(model.graph.input, model.graph.initializer),
             "outputs": describe_graph(model.graph.output),
         },
-        checker=_graph_checker(original, name, settings.tolerance, ranges, given),
+        checker=_graph_checker(original, name, settings, ranges, given),
         feeds=feeds,
         source=name,
         extra={
@@ -323,7 +345,7 @@ def _ingested(
 def _graph_checker(
     original: onnx.ModelProto,
     name: str,
-    tolerance: float,
+    settings: Settings,
     ranges: Mapping[str, int],
     given: Mapping[str, np.ndarray] | None,
 ) -> Callable[[Session], CheckReport]:
@@ -335,7 +357,8 @@ def _graph_checker(
     return lambda session: check_against_graph(
         session,
         input_session(original, name),
-        tolerance=tolerance,
+        tolerance=settings.tolerance,
+        min_cosine=settings.cosine_bound,
         ranges=ranges,
         inputs=given,
         overrides=overridden_initializers(original),

@@ -136,15 +136,22 @@ def _check(check: Mapping[str, Any] | None) -> str:
             _f(c["max_abs_error"]),
             _f(c["max_rel_error"]),
             _n(c.get("rows_excluded", 0)),
+            *([f"{c['cosine']:.6f}"] if "min_cosine" in check else []),
         ]
         for c in check["comparisons"]
     ]
+    cosine = (
+        f" and every output's cosine similarity at least {check['min_cosine']} (worst "
+        f"{check['worst_cosine']:.6f})"
+        if "min_cosine" in check
+        else ""
+    )
     skipped = "".join(
         f"<p>{_e(name)} skipped: {_e(why)}</p>" for name, why in check.get("skipped", {}).items()
     )
     return (
         f"<p>{verdict}: worst relative error {_f(check['worst_rel_error'])} against a tolerance of "
-        f"{check['tolerance']:.0e} (relative to each reference output's largest magnitude).</p>"
+        f"{check['tolerance']:.0e} (relative to each reference output's largest magnitude){cosine}.</p>"
         + _table(
             [
                 "reference",
@@ -153,6 +160,7 @@ def _check(check: Mapping[str, Any] | None) -> str:
                 "max abs error",
                 "max rel error",
                 "rows excluded",
+                *(["cosine"] if "min_cosine" in check else []),
             ],
             rows,
         )

@@ -23,6 +23,26 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_int8_instructions() -> str:
+    """The CPU's int8 dot-product instructions, which decide what int8 saves: AMX, VNNI (AVX512 or
+    AVX), or none (an AVX2 CPU multiplies uint8 by int8 through int16 pairs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "unknown"
+    for flag, name in (
+        ("amx_int8", "AMX"),
+        ("avx512_vnni", "AVX512-VNNI"),
+        ("avx_vnni", "AVX-VNNI"),
+    ):
+        if flag in flags:
+            return name
+    return "none (AVX2)" if "avx2" in flags else "none"
+
+
 @dataclass(frozen=True)
 class Timing:
     p50: float  # seconds

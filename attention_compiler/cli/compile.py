@@ -117,7 +117,25 @@ def _add_output_flags(out: argparse._ArgumentGroup) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp16: half-precision weights and compute, float32 inputs, outputs and softmax",
+        help="fp16: half-precision weights and compute, float32 inputs, outputs and softmax; int8 "
+        "(ort-cpu): int8 weights and activations quantized per call in every projection and "
+        "feed-forward MatMul, checked against a bound (--tolerance, --min-cosine)",
+    )
+    out.add_argument(
+        "--tolerance",
+        "--max-rel-error",
+        dest="max_rel_error",
+        type=float,
+        default=None,
+        help="--check's bound on the relative error (max abs error over the reference's largest "
+        "magnitude); default 1e-5 for fp32, 1e-2 for fp16, 5e-2 for int8",
+    )
+    out.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        help="--check's bound on each output's cosine similarity to the reference; default 0.999 for "
+        "int8, none otherwise",
     )
     out.add_argument(
         "--form",
