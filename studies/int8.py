@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from corpus import cpu_session, optimize_for_ort_file, time_in_turns, timed_inputs
 
-from attention_compiler.benchmark.timing import cpu_int8_instructions, cpu_name
+from attention_compiler.benchmark.timing import cpu_int8_instructions, cpu_matmul_rate, cpu_name
 from compiler import compile_model
 from graphs.onnx_files import load_onnx
 from runtime.check import cosine, errors
@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     size = model_zoo.Size(args.hidden, args.heads, args.layers)
+    rate = cpu_matmul_rate(threads=threads)
     print(
         f"{cpu_name()}, {os.cpu_count()} logical CPUs, {threads} threads, int8 instructions: "
-        f"{cpu_int8_instructions()}; ONNX Runtime {ort.__version__}"
+        f"{cpu_int8_instructions()}; ONNX Runtime {ort.__version__} float32 MatMul "
+        f"{rate / 1e9:.1f} GFLOP/s"
     )
     head = [
         "| model | batch x seq | export fp32 p50 (ms) | "
