@@ -75,13 +75,14 @@ def graphs(entry: model_zoo.Entry, cache: str, folder: Path) -> dict[str, str | 
 
 def rows(entry: model_zoo.Entry, args: argparse.Namespace, threads: int) -> list[str]:
     out = []
+    original = load_onnx(model_zoo.export(entry, args.cache))
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {
             name: cpu_session(model, threads)
             for name, model in graphs(entry, args.cache, Path(tmp)).items()
         }
         for batch, seq in args.points:
-            feeds = timed_inputs(load_onnx(model_zoo.export(entry, args.cache)), batch, seq)
+            feeds = timed_inputs(original, batch, seq)
             times = time_in_turns(sessions, feeds, args.rounds, args.min_seconds)
             base = np.asarray(times["export fp32"])
             want = sessions["export fp32"].run(None, feeds)[0]
