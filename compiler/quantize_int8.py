@@ -16,7 +16,11 @@ end would infer wrong.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+
 import onnx_ir as ir
+
+from compiler._ir import module_path
 
 # Weights in 7 bits (-64..63): x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into
 # int16 (vpmaddubsw), which saturates with 8-bit weights: 19% relative error on one random 64 x 64
@@ -28,8 +32,44 @@ REDUCE_RANGE = True
 QUANTIZED_OPS = ("MatMul",)
 
 
+def layer_name(node: ir.Node) -> str:
+    """The module a MatMul belongs to, as the per-core findings print it: the exporter's record, else
+    its node's name up to the op (``residual2/linear1/MatMul``: ``residual2.linear1``)."""
+    name = node.name or ""
+    return module_path(name, node.metadata_props) or ".".join(name.split("/")[:-1]) or name
+
+
+def int8_layers(model: ir.Model) -> dict[str, list[str]]:
+    """The layers int8 quantizes, each with its nodes' names: every MatMul or Gemm of the main graph
+    whose weight is a constant. The nodes must be named (NameFixPass), as the quantizer excludes
+    nodes by name."""
+    layers: dict[str, list[str]] = {}
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gemm") and not node.domain and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            if weight is not None and weight.is_initializer():
+                layers.setdefault(layer_name(node), []).append(node.name)
+    return layers
+
+
+def kept_layers(layers: Iterable[str], names: Collection[str]) -> list[str]:
+    """The layers ``names`` keep in float32: a layer named, or one under a module named (``encoder.layer.0``
+    keeps every projection of that layer)."""
+    return [
+        layer
+        for layer in layers
+        if any(layer == name or layer.startswith(f"{name}.") for name in names)
+    ]
+
+
 class DynamicInt8Pass(ir.passes.FunctionalPass):
-    """Weights int8 per channel, activations uint8 per call, on every constant-weight MatMul."""
+    """Weights int8 per channel, activations uint8 per call, on every constant-weight MatMul but the
+    nodes named in ``keep`` (kept float32)."""
+
+    def __init__(self, keep: Collection[str] = ()) -> None:
+        super().__init__()
+        # a Gemm is quantized as the MatMul the quantizer makes of it, named after it
+        self.keep = sorted({n for name in keep for n in (name, f"{name}_MatMul")})
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxruntime.quantization import QuantizationMode, QuantType
@@ -46,7 +86,7 @@ class DynamicInt8Pass(ir.passes.FunctionalPass):
             QuantType.QUInt8,  # the dynamic activations' type ONNX Runtime takes
             None,
             [],
-            [],
+            self.keep,
             list(QUANTIZED_OPS),
             {"MatMulConstBOnly": True},
         )

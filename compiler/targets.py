@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import onnx
@@ -12,6 +12,7 @@ from onnx_ir.passes.common import (
     CommonSubexpressionEliminationPass,
     DeduplicateInitializersPass,
     InlinePass,
+    NameFixPass,
     ShapeInferencePass,
 )
 
@@ -26,7 +27,7 @@ from compiler.guard_after_context import GuardAfterContextPass
 from compiler.opset import UpgradeOpsetPass
 from compiler.opset_forms import MatchOpsetPass
 from compiler.pack_projections import PackProjectionsPass
-from compiler.quantize_int8 import DynamicInt8Pass
+from compiler.quantize_int8 import DynamicInt8Pass, int8_layers, kept_layers
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -218,17 +219,53 @@ def every_node(graph: onnx.GraphProto):
 
 
 def compile_model(
-    model: onnx.ModelProto, target: str, precision: str = "fp32", form: str | None = None
+    model: onnx.ModelProto,
+    target: str,
+    precision: str = "fp32",
+    form: str | None = None,
+    keep_fp32: Collection[str] = (),
 ) -> onnx.ModelProto:
     """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion, int8
-    (the target's int8 form) quantizes last, and every node then takes the signature of the model's
-    opset."""
+    (the target's int8 form) quantizes last, but the layers ``keep_fp32`` names (modules, as
+    ``int8_layers`` gives them), and every node then takes the signature of the model's opset."""
+    if precision == "int8":
+        return quantize(prepare_int8(model, target, form), keep_fp32)
+    if keep_fp32:
+        raise TargetError(
+            f"keep_fp32 chooses layers that int8 leaves float32; precision is {precision}"
+        )
     _, chosen = get_target(target, precision, form)
     passes = [make() for make in chosen.passes]
     if precision == "fp16":
         passes.append(Float16Pass())
-    if precision == "int8":  # the quantizer infers shapes, which needs the opset's signatures first
-        passes += [MatchOpsetPass(), DynamicInt8Pass()]
-    ir_model = ir.serde.deserialize_model(model)
-    result = ir.passes.Sequential(*passes, MatchOpsetPass(), CleanupPass())(ir_model)
+    return _run(model, passes)
+
+
+def prepare_int8(model: onnx.ModelProto, target: str, form: str | None = None) -> onnx.ModelProto:
+    """The target's int8 form up to quantizing, every node named: what ``quantize`` takes, once for
+    every choice of layers to keep. The quantizer infers shapes, which needs the opset's signatures."""
+    _, chosen = get_target(target, "int8", form)
+    return _run(model, [make() for make in chosen.passes] + [MatchOpsetPass(), NameFixPass()])
+
+
+def quantize(prepared: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> onnx.ModelProto:
+    """``prepared`` (from ``prepare_int8``) in int8, but the layers ``keep_fp32`` names."""
+    ir_model = ir.serde.deserialize_model(prepared)
+    layers = int8_layers(ir_model)
+    for name in keep_fp32:
+        if not kept_layers(layers, [name]):
+            known = sorted(layers)
+            raise TargetError(
+                f"keep_fp32 {name!r} is no layer that int8 quantizes, nor a module above one; they "
+                f"are {', '.join(known[:6])}"
+                + (f" and {len(known) - 6} more" if len(known) > 6 else "")
+            )
+    keep = [n for layer in kept_layers(layers, keep_fp32) for n in layers[layer]]
+    return _run(prepared, [DynamicInt8Pass(keep)])
+
+
+def _run(model: onnx.ModelProto, passes: list[ir.passes.PassBase]) -> onnx.ModelProto:
+    result = ir.passes.Sequential(*passes, MatchOpsetPass(), CleanupPass())(
+        ir.serde.deserialize_model(model)
+    )
     return ir.serde.serialize_model(result.model)

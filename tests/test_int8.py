@@ -6,6 +6,7 @@ refuses to write beyond it. Real exports: tests/test_real_models.py."""
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -81,17 +82,81 @@ def test_a_graph_beyond_the_bound_is_refused_and_nothing_is_written(run_cli, tmp
     )
     assert result.returncode == 1 and not refused.exists()
     assert "check failed: worst relative error" in result.stderr
-    assert "(output 'attn_output') exceeds 1e-04; nothing was written" in result.stderr
+    # the fallback tried each layer alone: every one misses a bound of 1e-4, so none is kept
+    assert (
+        "(output 'attn_output') exceeds 1e-04 and every layer alone misses the bound; nothing was "
+        "written" in result.stderr
+    )
     result = run_cli(
-        "compile.py", *argv, "--precision", "int8", "--check", "--min-cosine", "1", "--out", refused
+        "compile.py",
+        *argv,
+        *("--precision", "int8", "--check", "--min-cosine", "1", "--no-fallback"),
+        *("--out", refused),
     )
     assert result.returncode == 1 and not refused.exists()
     assert "worst cosine similarity 0.99" in result.stderr and "is below 1.0" in result.stderr
 
 
+BLOCK = ac.BlockSpec("encoder", 64, 4, dim_feedforward=128)
+
+
+def _float_matmuls(model) -> int:
+    weights = {t.name for t in model.graph.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in weights for n in every_node(model.graph))
+
+
+def test_keep_fp32_keeps_the_layers_under_a_module_named():
+    """``residual2`` is the feed-forward module of a block: its two MatMuls stay float32, the four
+    attention projections go to int8, and the manifest names the two layers and why."""
+    with ac.compile(
+        BLOCK, seed=1, target="ort-cpu", precision="int8", keep_fp32=["residual2"]
+    ) as a:
+        assert _float_matmuls(a.model) == 2 and _ops(a.model)["MatMulInteger"] == 4
+        assert a.manifest["int8"] == {
+            "layers": 6,
+            "quantized": 4,
+            "kept_fp32": [
+                {"layer": "residual2.linear1", "why": "--keep-fp32"},
+                {"layer": "residual2.linear2", "why": "--keep-fp32"},
+            ],
+        }
+        assert a.check["passed"]
+
+
+def _outlier_weights() -> ac.BlockWeights:
+    """The block with one hidden unit of its feed-forward 1000x larger and read back 1000x smaller:
+    the same function, but linear2's input holds one channel that a per-tensor uint8 activation
+    cannot hold beside the others (LLM.int8's outlier features)."""
+    import dataclasses
+
+    tensors = {k: v.copy() for k, v in ac.BlockWeights.random(BLOCK, 1).tensors.items()}
+    tensors["linear1.weight"][0] *= 1000
+    tensors["linear1.bias"][0] = 1000 * abs(tensors["linear1.bias"][0]) + 50
+    tensors["linear2.weight"][:, 0] /= 1000
+    return dataclasses.replace(ac.BlockWeights.random(BLOCK, 1), tensors=tensors)
+
+
+def test_a_layer_that_alone_misses_the_bound_is_kept_fp32_and_reported():
+    weights = _outlier_weights()
+    with pytest.raises(ac.CheckFailed, match="exceeds 5e-02; nothing was written"):
+        ac.compile(BLOCK, weights, target="ort-cpu", precision="int8", fallback=False)
+    with ac.compile(BLOCK, weights, target="ort-cpu", precision="int8") as artifact:
+        kept = artifact.manifest["int8"]["kept_fp32"]
+        assert [k["layer"] for k in kept] == ["residual2.linear2"]
+        assert kept[0]["why"] == "alone beyond the check's bound" and kept[0]["rel_error"] > 5e-2
+        assert _float_matmuls(artifact.model) == 1 and _ops(artifact.model)["MatMulInteger"] == 5
+        assert artifact.check["passed"] and artifact.check["worst_rel_error"] <= 5e-2
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (
+            ["--target", "ort-cpu", "--precision", "int8", "--keep-fp32", "linear1"],
+            "keep_fp32 'linear1' is no layer that int8 quantizes, nor a module above one; they are "
+            "k_proj, out_proj, q_proj, v_proj",
+        ),
+        (["--target", "ort-cpu", "--keep-fp32", "q_proj"], "precision is fp32"),
         (["--target", "portable", "--precision", "int8"], "precision int8 runs on ort-cpu only"),
         (["--target", "ort-cpu", "--precision", "int8", "--min-cosine", "2"], "min_cosine must be"),
         (["--target", "ort-cpu", "--tolerance", "nan"], "max_rel_error must be a number above 0"),
@@ -127,3 +192,19 @@ def test_a_report_within_its_relative_bound_fails_on_cosine_naming_the_output():
     )
     assert "cosine" in report.table() and report.to_json()["min_cosine"] == 0.999
     assert CheckReport(5e-2, report.comparisons).passed  # no cosine bound: fp32 and fp16
+
+
+def test_a_config_file_keeps_layers_as_the_flags_do(run_cli, tmp_path):
+    config = tmp_path / "int8.yaml"
+    config.write_text(
+        "embed_dim: 32\nnum_heads: 4\ntarget: ort-cpu\nprecision: int8\n"
+        "keep_fp32: [q_proj, k_proj]\nfallback: false\n"
+    )
+    result = run_cli("compile.py", "--config", config, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [k["layer"] for k in manifest["int8"]["kept_fp32"]] == ["q_proj", "k_proj"]
+    assert manifest["int8"]["quantized"] == 2 and manifest["options"]["fallback"] is False
+    config.write_text("keep_fp32: [1]\n")
+    result = run_cli("compile.py", "--config", config, "--out", tmp_path / "bad")
+    assert result.returncode == 2 and "keep_fp32 must be a list of names" in result.stderr

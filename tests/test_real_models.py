@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from attention_compiler.cli import compile as compile_script
+from compiler.targets import every_node
 
 SIZE = model_zoo.Size(hidden=64, heads=4, layers=1, image=32)
 ENCODER = model_zoo.Size(
@@ -191,6 +192,32 @@ def test_int8_keeps_every_core_fused_and_its_bound_on_real_exports(exported, tmp
     assert not [
         n for n in every_node(model.graph) if n.op_type == "MatMul" and n.input[1] in weights
     ]
+
+
+@pytest.mark.parametrize("entry", INT8[:2], ids=lambda e: e.name)
+def test_keep_fp32_names_a_module_of_either_exporter(exported, tmp_path, entry):
+    """The module path the exporter recorded (dynamo: its name scopes; legacy: its node names)
+    chooses the layers: the attention module of BERT's encoder layer keeps its four projections
+    float32, the two feed-forward MatMuls go to int8."""
+    import onnx
+
+    out = tmp_path / "out"
+    argv = ["--onnx", str(exported[entry.name]), "--target", "ort-cpu", "--precision", "int8"]
+    keep = "inner.encoder.layer.0.attention"
+    assert (
+        compile_script.main([*argv, "--keep-fp32", keep, "--check", "--quiet", "--out", str(out)])
+        == 0
+    )
+    record = json.loads((out / "manifest.json").read_text())["int8"]
+    assert record["layers"] == 6 and record["quantized"] == 2
+    assert sorted(k["layer"] for k in record["kept_fp32"]) == [
+        f"{keep}.output.dense",
+        f"{keep}.self.key",
+        f"{keep}.self.query",
+        f"{keep}.self.value",
+    ]
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    assert [n.op_type for n in every_node(model.graph)].count("MatMulInteger") == 2
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])

@@ -31,9 +31,10 @@ def checked(
     settings: Any,
     progress: Any,
     engine: bool = False,
+    hint: str = "",
 ) -> dict[str, Any] | None:
-    """The check's record (None unless ``settings.check``); CheckFailed above tolerance.
-    ``engine``: the session runs the TensorRT engine rather than the graph."""
+    """The check's record (None unless ``settings.check``); CheckFailed above tolerance, its message
+    followed by ``hint``. ``engine``: the session runs the TensorRT engine rather than the graph."""
     if not settings.check:
         return None
     with progress.step(f"checking {'the engine ' if engine else ''}against the references"):
@@ -41,7 +42,7 @@ def checked(
     progress.say(("TensorRT engine:\n" if engine else "") + report.table())
     if not report.passed:
         raise CheckFailed(
-            f"{'engine ' if engine else ''}check failed: {report.failure()}; nothing was written"
+            f"{'engine ' if engine else ''}check failed: {report.failure()}{hint}; nothing was written"
         )
     return report.to_json()
 

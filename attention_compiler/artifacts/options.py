@@ -87,6 +87,7 @@ def checked_settings(values: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(values.get(name), bool):
             raise SpecError(f"{name} must be True or False, got {values.get(name)!r}"[:200])
     _check_bounds(values)
+    _check_int8_layers(values)
     if values.get("external_data") not in ("auto", "always"):
         raise SpecError(
             f"external_data must be 'auto' or 'always', got {values.get('external_data')!r}"
@@ -110,3 +111,19 @@ def _check_bounds(values: dict[str, Any]) -> None:
             raise SpecError(
                 f"{name} must be a number above {low:g} and at most {high:g}, got {bound!r}"[:200]
             )
+
+
+def _check_int8_layers(values: dict[str, Any]) -> None:
+    """keep_fp32: layer or module names, for int8 only; fallback: True or False."""
+    keep = values.get("keep_fp32", ())
+    if isinstance(keep, str) or not (
+        isinstance(keep, (tuple, list)) and all(isinstance(k, str) and k for k in keep)
+    ):
+        raise SpecError(f"keep_fp32 must be a list of layer or module names, got {keep!r}"[:200])
+    if keep and values.get("precision") != "int8":
+        raise SpecError(
+            f"keep_fp32 keeps layers of an int8 graph in float32; precision is {values.get('precision')}"
+        )
+    values["keep_fp32"] = tuple(keep)
+    if not isinstance(values.get("fallback", True), bool):
+        raise SpecError(f"fallback must be True or False, got {values.get('fallback')!r}"[:200])

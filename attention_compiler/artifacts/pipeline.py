@@ -29,10 +29,12 @@ from attention_compiler.artifacts.files import (
     needs_external_data,
     save_model,
 )
+from attention_compiler.artifacts.int8_layers import Int8Layers
 from attention_compiler.artifacts.manifest import describe_graph, manifest_head
 from attention_compiler.artifacts.options import checked_settings, whole_number_problem
 from attention_compiler.artifacts.resources import memory_record
 from compiler import attention_form, compile_model, get_target
+from compiler.targets import prepare_int8
 from graphs import AttentionSpec, AttentionWeights, build_mha, spec_from_module
 from graphs.blocks import BlockSpec, BlockWeights, block_spec_from_module, build_block
 from graphs.builder import declare_maxima
@@ -90,6 +92,10 @@ class Settings:
     # the check's bound where given: relative error, and cosine similarity (default: the precision's)
     max_rel_error: float | None = None
     min_cosine: float | None = None
+    # int8: the layers (modules) kept float32, and whether the check may keep more (those that miss
+    # its bound alone) rather than refuse
+    keep_fp32: tuple[str, ...] = ()
+    fallback: bool = True
 
     @property
     def tolerance(self) -> float:
@@ -124,6 +130,17 @@ class Plan:
     feeds: Callable[[Session], dict[str, np.ndarray]]
     source: str | None = None  # the .onnx an ingested graph came from, for ONNX Runtime's errors
     extra: dict[str, Any] = field(default_factory=dict)
+    int8: Int8Layers | None = None  # an int8 graph's layers, to quantize again with more kept
+
+
+def _compiled(
+    model: onnx.ModelProto, settings: Settings, form: str | None
+) -> tuple[onnx.ModelProto, Int8Layers | None]:
+    """The target's passes over ``model``; for int8, also its layers, to quantize again."""
+    if settings.precision != "int8":
+        return compile_model(model, settings.target, settings.precision, form), None
+    layers = Int8Layers(prepare_int8(model, settings.target, form), settings.keep_fp32)
+    return layers.model(), layers
 
 
 def compile(  # noqa: A001  (the library's one verb; the builtin is not used here)
@@ -269,7 +286,7 @@ def _built(
         built = (build_mha if mha else build_block)(spec, weights)
         declare_maxima(built, settings.max_batch, settings.max_len)  # no forms for longer inputs
     with progress.step(f"running the {settings.target} passes"):
-        model = compile_model(built, settings.target, settings.precision, settings.form)
+        model, int8 = _compiled(built, settings, settings.form)
     declare_maxima(model, settings.max_batch, settings.max_len)
     return Plan(
         built,
@@ -289,6 +306,7 @@ def _built(
         ),
         feeds=lambda session: inputs(spec, shape, np.random.default_rng(0)),
         extra={"weights": dict(weights.source), "memory": memory},
+        int8=int8,
     )
 
 
@@ -310,7 +328,7 @@ def _ingested(
     from runtime.signature import input_specs
 
     name, original, digest = _read_onnx(source, progress)
-    model, findings = _passes_over(original, name, settings, progress)
+    model, findings, int8 = _passes_over(original, name, settings, progress)
     ranges = index_ranges(original)
     if isinstance(given, (str, os.PathLike)):
         given = read_inputs(given, input_specs(original))
@@ -339,6 +357,7 @@ def _ingested(
                 for f in findings
             ]
         },
+        int8=int8,
     )
 
 
@@ -367,7 +386,7 @@ def _graph_checker(
 
 def _passes_over(
     original: onnx.ModelProto, name: str, settings: Settings, progress: Progress
-) -> tuple[onnx.ModelProto, list[Any]]:
+) -> tuple[onnx.ModelProto, list[Any], Int8Layers | None]:
     """The target's passes over an ingested graph, and what they fused and left alone; a graph
     without attention comes back unchanged."""
     from compiler.float16 import weight_beyond_float16
@@ -380,13 +399,13 @@ def _passes_over(
         )
     _, form = get_target(settings.target, settings.precision, settings.form)
     with progress.step(f"running the {settings.target} passes"):
-        model = compile_model(original, settings.target, settings.precision, form.name)
+        model, int8 = _compiled(original, settings, form.name)
     findings = fusion_findings(original, model, form, attention_form(model))
     for finding in findings:
         progress.say(str(finding))
     if not any(f.attention for f in findings):
         model = _unchanged(original, name, settings, findings, progress)
-    return model, findings
+    return model, findings, int8
 
 
 def _read_onnx(
@@ -476,26 +495,67 @@ def _finish(
     workdir: str | os.PathLike[str] | None,
 ) -> Artifact:
     """Write the graph into the artifact's folder, validate, load, check, build the engine, time."""
-    external = settings.external_data == "always" or needs_external_data(plan.model)
     manifest = manifest_head(plan, settings, record)
     engine = _engine_plan(plan.model, settings, manifest)
     with _working_folder(workdir) as folder:
-        with progress.step(
-            "writing model.onnx" + (f" with its weights in {EXTERNAL_DATA}" if external else "")
-        ):
-            names = save_model(plan.model, folder, external=external)
-        with progress.step("validating the ONNX (onnx.checker, full check)"):
-            onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
-        with progress.step("loading it in ONNX Runtime"):
-            session = _loaded(folder / "model.onnx", plan)
+        names, session = _written(plan, settings, folder, progress)
+        checker, hint = plan.checker, ""
+        if plan.int8 is not None and settings.check:
+            names, session, checker, hint = _int8_fallback(
+                plan, settings, folder, names, session, progress
+            )
+        if plan.int8 is not None:
+            manifest["int8"] = plan.int8.record()
         manifest["files"] = file_records(folder, names)
-        manifest["check"] = checked(plan.checker, session, settings, progress)
+        manifest["check"] = checked(checker, session, settings, progress, hint=hint)
         if engine is not None and engine.reason is None:
             manifest["engine"] = engine.build(folder, manifest, plan.checker, settings, progress)
         manifest["latency"] = None
         if settings.latency:
             manifest["latency"] = _timed(plan, session, progress)
         return Artifact(plan.model, manifest, folder, plan.before, engine, settings.max_batch)
+
+
+def _written(
+    plan: Plan, settings: Settings, folder: Path, progress: Progress
+) -> tuple[list[str], Session]:
+    """``plan.model`` written into ``folder`` (its files' names), validated and loaded."""
+    external = settings.external_data == "always" or needs_external_data(plan.model)
+    with progress.step(
+        "writing model.onnx" + (f" with its weights in {EXTERNAL_DATA}" if external else "")
+    ):
+        names = save_model(plan.model, folder, external=external)
+    with progress.step("validating the ONNX (onnx.checker, full check)"):
+        onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+    with progress.step("loading it in ONNX Runtime"):
+        return names, _loaded(folder / "model.onnx", plan)
+
+
+def _int8_fallback(
+    plan: Plan,
+    settings: Settings,
+    folder: Path,
+    names: list[str],
+    session: Session,
+    progress: Progress,
+) -> tuple[list[str], Session, Callable[[Session], CheckReport], str]:
+    """An int8 graph beyond the check's bound, written again with each layer that is beyond it
+    alone kept float32 (unless ``settings.fallback`` is off); the files, the session, the check
+    (the report already made, where nothing changed) and what a refusal should add."""
+    assert plan.int8 is not None
+    with progress.step("checking against the references"):
+        report = plan.checker(session)
+    if report.passed or not settings.fallback:
+        return names, session, lambda _: report, ""
+    with progress.step(f"checking each of {len(plan.int8.layers)} layers in int8 alone"):
+        some_int8 = plan.int8.fall_back(plan.checker, progress.say)
+    if not some_int8:
+        return names, session, lambda _: report, " and every layer alone misses the bound"
+    plan.model = plan.int8.model()
+    for name in names:  # the first graph's files, ours: onnx appends to an existing data file
+        (folder / name).unlink()
+    names, session = _written(plan, settings, folder, progress)
+    return names, session, plan.checker, f" with {', '.join(plan.int8.kept())} kept float32"
 
 
 def _timed(plan: Plan, session: Session, progress: Progress) -> dict[str, Any]:

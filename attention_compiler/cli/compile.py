@@ -111,8 +111,7 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_output_flags(out: argparse._ArgumentGroup) -> None:
-    out.add_argument("--target", choices=TARGETS, default="portable")
+def _add_precision_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -137,6 +136,26 @@ def _add_output_flags(out: argparse._ArgumentGroup) -> None:
         help="--check's bound on each output's cosine similarity to the reference; default 0.999 for "
         "int8, none otherwise",
     )
+    out.add_argument(
+        "--keep-fp32",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="int8: keep these layers in float32, by module name as the findings print it "
+        "(encoder.layer.0 keeps every layer under it)",
+    )
+    out.add_argument(
+        "--no-fallback",
+        dest="fallback",
+        action="store_false",
+        help="int8 with --check: refuse a graph beyond the bound rather than keep float32 each layer "
+        "that alone puts it there",
+    )
+
+
+def _add_output_flags(out: argparse._ArgumentGroup) -> None:
+    out.add_argument("--target", choices=TARGETS, default="portable")
+    _add_precision_flags(out)
     out.add_argument(
         "--form",
         default=None,

@@ -232,6 +232,11 @@ def _value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
         return value  # under the option's own name: bias: false, not no_bias: true
     if value is None:
         return None
+    if action.nargs in ("+", "*"):  # keep_fp32: [encoder.layer.0, pooler], or one name
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(v, str) and v for v in names):
+            raise ConfigError(f"config {path!r}: {key} must be a list of names, got {shown(value)}")
+        return names
     if action.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config {path!r}: {key} must be an integer, got {shown(value)}")
