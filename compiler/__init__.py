@@ -1,5 +1,6 @@
 """Passes over the canonical graph and the per-target pipelines that order them."""
 
+from compiler.quantize_static import CALIBRATORS, Calibration
 from compiler.targets import (
     PRECISIONS,
     TARGETS,
@@ -9,4 +10,13 @@ from compiler.targets import (
     get_target,
 )
 
-__all__ = ["PRECISIONS", "attention_form", "TARGETS", "TargetError", "compile_model", "get_target"]
+__all__ = [
+    "CALIBRATORS",
+    "Calibration",
+    "PRECISIONS",
+    "attention_form",
+    "TARGETS",
+    "TargetError",
+    "compile_model",
+    "get_target",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from compiler.opset import UpgradeOpsetPass
 from compiler.opset_forms import MatchOpsetPass
 from compiler.pack_projections import PackProjectionsPass
 from compiler.quantize_int8 import DynamicInt8Pass, int8_layers, kept_layers
+from compiler.quantize_static import Calibration, StaticInt8Pass
 
 TARGETS = ("portable", "onnx-attention", "ort-cpu", "ort-cuda", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -53,6 +55,9 @@ class Target:
     name: str
     forms: tuple[Form, ...]  # the first is the default
     int8: Form | None = None  # the form --precision int8 takes, where the target has one
+    # int8 as calibrated QDQ with symmetric int8 activations (TensorRT's explicit quantization, and
+    # standard ops for any runtime); otherwise ONNX Runtime's CPU forms, dynamic unless calibrated
+    int8_qdq: bool = False
 
     def form(self, name: str | None) -> Form:
         if name is None:
@@ -163,14 +168,29 @@ _TENSORRT_MATMUL = Form(
     "the MatMul-Softmax-MatMul chain TensorRT fuses (TensorRT 8.6+)",
 )
 
+_QDQ_NOTE = (
+    "; then QuantizeLinear/DequantizeLinear pairs on both inputs of every MatMul with a constant weight: "
+    "weights int8 per output channel, activations int8 with zero point 0 at scales calibrated on "
+    "the --calibrate inputs (or drawn ones), the form TensorRT's explicit quantization takes; the "
+    "outputs, softmax, normalisations and residual sums stay float32"
+)
 TARGET_SPECS = {
-    "portable": Target("portable", (_PORTABLE,)),
+    "portable": Target(
+        "portable",
+        (_PORTABLE,),
+        dataclasses.replace(_PORTABLE, note=_PORTABLE.note + _QDQ_NOTE),
+        int8_qdq=True,
+    ),
     "onnx-attention": Target("onnx-attention", (_ONNX_ATTENTION, _ONNX_ATTENTION_BLOCKS)),
     "ort-cpu": Target("ort-cpu", (_ORT_CPU,), _ORT_CPU_INT8),
     "ort-cuda": Target("ort-cuda", (_ORT_CUDA,)),
+    # the Attention op needs TensorRT 10.14+
     "tensorrt": Target(
-        "tensorrt", (_TENSORRT_MATMUL, _ONNX_ATTENTION)
-    ),  # the Attention op needs TensorRT 10.14+
+        "tensorrt",
+        (_TENSORRT_MATMUL, _ONNX_ATTENTION),
+        dataclasses.replace(_TENSORRT_MATMUL, note=_TENSORRT_MATMUL.note + _QDQ_NOTE),
+        int8_qdq=True,
+    ),
 }
 
 
@@ -224,12 +244,14 @@ def compile_model(
     precision: str = "fp32",
     form: str | None = None,
     keep_fp32: Collection[str] = (),
+    calibration: Calibration | None = None,
 ) -> onnx.ModelProto:
     """Run ``target``'s passes, in order, over a copy of ``model``; fp16 converts after fusion, int8
     (the target's int8 form) quantizes last, but the layers ``keep_fp32`` names (modules, as
-    ``int8_layers`` gives them), and every node then takes the signature of the model's opset."""
+    ``int8_layers`` gives them), with activation scales from ``calibration`` where given (static;
+    portable and tensorrt need it), and every node then takes the signature of the model's opset."""
     if precision == "int8":
-        return quantize(prepare_int8(model, target, form), keep_fp32)
+        return quantize(prepare_int8(model, target, form), target, keep_fp32, calibration)
     if keep_fp32:
         raise TargetError(
             f"keep_fp32 chooses layers that int8 leaves float32; precision is {precision}"
@@ -248,8 +270,19 @@ def prepare_int8(model: onnx.ModelProto, target: str, form: str | None = None) -
     return _run(model, [make() for make in chosen.passes] + [MatchOpsetPass(), NameFixPass()])
 
 
-def quantize(prepared: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> onnx.ModelProto:
-    """``prepared`` (from ``prepare_int8``) in int8, but the layers ``keep_fp32`` names."""
+def quantize(
+    prepared: onnx.ModelProto,
+    target: str,
+    keep_fp32: Collection[str] = (),
+    calibration: Calibration | None = None,
+) -> onnx.ModelProto:
+    """``prepared`` (from ``prepare_int8``) in ``target``'s int8, but the layers ``keep_fp32``
+    names: dynamic without ``calibration`` (ort-cpu), else calibrated QDQ."""
+    qdq = get_target(target, "int8")[0].int8_qdq
+    if qdq and calibration is None:
+        raise TargetError(
+            f"int8 on {target} is calibrated (QDQ with fixed activation scales): give calibration inputs"
+        )
     ir_model = ir.serde.deserialize_model(prepared)
     layers = int8_layers(ir_model)
     for name in keep_fp32:
@@ -260,8 +293,11 @@ def quantize(prepared: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> onnx
                 f"are {', '.join(known[:6])}"
                 + (f" and {len(known) - 6} more" if len(known) > 6 else "")
             )
-    keep = [n for layer in kept_layers(layers, keep_fp32) for n in layers[layer]]
-    return _run(prepared, [DynamicInt8Pass(keep)])
+    kept = kept_layers(layers, keep_fp32)
+    if calibration is None:
+        return _run(prepared, [DynamicInt8Pass([n for k in kept for n in layers[k]])])
+    nodes = [n for layer, names in layers.items() if layer not in kept for n in names]
+    return _run(prepared, [StaticInt8Pass(calibration, nodes, symmetric=qdq)])
 
 
 def _run(model: onnx.ModelProto, passes: list[ir.passes.PassBase]) -> onnx.ModelProto:

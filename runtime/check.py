@@ -524,7 +524,7 @@ def _case(
     return feeds, _run_original(original, feeds)
 
 
-def _drawn_case(
+def drawn_case(
     original: Session,
     size: int,
     rng: np.random.Generator,
@@ -575,7 +575,7 @@ def check_against_graph(
     if inputs is not None:
         cases = [_case(original, dict(inputs), overrides)]
     else:
-        cases = [_drawn_case(original, size, rng, ranges, overrides) for size in (5, 11)]
+        cases = [drawn_case(original, size, rng, ranges, overrides) for size in (5, 11)]
     takes = {s.name for s in session.inputs + session.overridable}
     for feeds, want in cases:
         got = session.run({n: v for n, v in feeds.items() if n in takes})

@@ -170,9 +170,12 @@ def _check_drawable(spec: InputSpec, dims: tuple[int, ...]) -> None:
         )
 
 
-def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+def read_inputs(
+    path: str | Path, inputs: list[InputSpec], flag: str = "--inputs"
+) -> dict[str, np.ndarray]:
     """The arrays of an .npz file, one per graph input, checked (names, dtypes, ranks) against the
-    graph and bounded in size before any array is read; pickles are never loaded."""
+    graph and bounded in size before any array is read; pickles are never loaded. ``flag``: the
+    option that named the file, for messages."""
     import zipfile
 
     path = Path(path)
@@ -183,13 +186,13 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
             declared = sum(i.file_size for i in archive.infolist())
             if declared > INPUTS_LIMIT:
                 raise InputError(
-                    f"--inputs {str(path)!r} declares {declared} bytes, more than {INPUTS_LIMIT}"
+                    f"{flag} {str(path)!r} declares {declared} bytes, more than {INPUTS_LIMIT}"
                 )
             missing = [n for n in names if n not in members]
             extra = sorted(m for m in members if m not in names)
             if missing or extra:
                 raise InputError(
-                    f"--inputs {str(path)!r} holds {_listed(sorted(members)) or 'nothing'}; the graph "
+                    f"{flag} {str(path)!r} holds {_listed(sorted(members)) or 'nothing'}; the graph "
                     f"takes {_listed(list(names))}"
                     + (f" (missing {_listed(missing)})" if missing else "")
                 )
@@ -201,7 +204,7 @@ def read_inputs(path: str | Path, inputs: list[InputSpec]) -> dict[str, np.ndarr
         raise
     except Exception as exc:  # zipfile, zlib and NumPy raise several types for a damaged archive
         raise InputError(
-            f"--inputs {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})"
+            f"{flag} {str(path)!r} is not a readable .npz archive of arrays ({_first_line(exc)})"
         ) from exc
     return arrays
 

@@ -157,7 +157,11 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # explicit batch is the only mode in TensorRT 10; an int8 graph's Q/DQ pairs are explicit
+    # quantization, which TensorRT's documentation builds as a strongly typed network: each tensor
+    # takes the graph's own type (int8 between Q and DQ, float32 elsewhere), no precision flags
+    strongly_typed = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(strongly_typed if precision == "int8" else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(
         os.fspath(onnx_path)

@@ -113,6 +113,7 @@ def test_keep_fp32_keeps_the_layers_under_a_module_named():
     ) as a:
         assert _float_matmuls(a.model) == 2 and _ops(a.model)["MatMulInteger"] == 4
         assert a.manifest["int8"] == {
+            "activations": "quantized per call",
             "layers": 6,
             "quantized": 4,
             "kept_fp32": [
@@ -157,7 +158,10 @@ def test_a_layer_that_alone_misses_the_bound_is_kept_fp32_and_reported():
             "k_proj, out_proj, q_proj, v_proj",
         ),
         (["--target", "ort-cpu", "--keep-fp32", "q_proj"], "precision is fp32"),
-        (["--target", "portable", "--precision", "int8"], "precision int8 runs on ort-cpu only"),
+        (
+            ["--target", "ort-cuda", "--precision", "int8"],
+            "precision int8 runs on portable, ort-cpu, tensorrt only",
+        ),
         (["--target", "ort-cpu", "--precision", "int8", "--min-cosine", "2"], "min_cosine must be"),
         (["--target", "ort-cpu", "--tolerance", "nan"], "max_rel_error must be a number above 0"),
     ],
@@ -208,3 +212,129 @@ def test_a_config_file_keeps_layers_as_the_flags_do(run_cli, tmp_path):
     config.write_text("keep_fp32: [1]\n")
     result = run_cli("compile.py", "--config", config, "--out", tmp_path / "bad")
     assert result.returncode == 2 and "keep_fp32 must be a list of names" in result.stderr
+
+
+# Static int8: calibrated QDQ ------------------------------------------------------------------
+
+
+def _qdq(model) -> tuple[list, dict]:
+    """The QuantizeLinear nodes on activations, and each DequantizeLinear output's readers."""
+    readers: dict = collections.defaultdict(list)
+    for node in every_node(model.graph):
+        for name in node.input:
+            readers[name].append(node.op_type)
+    weights = {t.name for t in model.graph.initializer}
+    quantize = [
+        n
+        for n in every_node(model.graph)
+        if n.op_type == "QuantizeLinear" and n.input[0] not in weights
+    ]
+    dq = {
+        n.output[0]: readers[n.output[0]]
+        for n in every_node(model.graph)
+        if n.op_type == "DequantizeLinear"
+    }
+    return quantize, dq
+
+
+def _zero_points(model, quantize) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[2]] for n in quantize]
+
+
+@pytest.mark.parametrize("target", ["portable", "tensorrt"])
+def test_portable_and_tensorrt_take_int8_as_calibrated_qdq_with_symmetric_activations(target):
+    """Q/DQ pairs of standard ops on the inputs of each projection and feed-forward MatMul, with
+    int8 activations at zero point 0 (TensorRT takes no other); the score and context MatMuls of
+    the unfused core stay float32 (one int8 scale cannot hold a softmax), and so does every other
+    reader of a quantized activation (the residual sums)."""
+    with ac.compile(
+        BLOCK,
+        seed=1,
+        target=target,
+        precision="int8",
+        **({"check": False} if target == "tensorrt" else {}),
+    ) as artifact:
+        model = artifact.model
+        quantize, dq = _qdq(model)
+        assert quantize and all(
+            z.dtype == np.int8 and not z.any() for z in _zero_points(model, quantize)
+        )
+        assert all(readers and set(readers) <= {"MatMul"} for readers in dq.values())
+        assert _float_matmuls(model) == 0  # every constant weight goes through a DequantizeLinear
+        record = artifact.manifest["int8"]
+        # the layers (Q/K/V packed into one), the score and context MatMuls
+        assert _ops(model)["MatMul"] == record["layers"] + 2 == 4 + 2
+        assert all(not n.domain for n in every_node(model.graph))
+        assert record["activations"] == "calibrated" and record["quantized"] == record["layers"]
+        assert record["calibration"] == {"method": "minmax", "inputs": "8 drawn sets"}
+        if target == "portable":
+            assert artifact.check["passed"] and 1e-4 < artifact.check["worst_rel_error"] <= 5e-2
+
+
+def test_calibrate_makes_ort_cpu_int8_static_from_the_files_given(run_cli, tmp_path):
+    """--calibrate: fixed activation scales (uint8, ONNX Runtime's CPU form) from the inputs given,
+    no DynamicQuantizeLinear; each calibrator gives its own scales, and each graph checks."""
+    from runtime.check import block_inputs
+
+    files = []
+    for seed, length in enumerate((32, 8)):
+        files.append(tmp_path / f"calib{seed}.npz")
+        np.savez(files[-1], **block_inputs(BLOCK, (2, length, length), np.random.default_rng(seed)))
+    flags = [
+        "--block",
+        "encoder",
+        "--embed-dim",
+        "64",
+        "--num-heads",
+        "4",
+        "--dim-feedforward",
+        "128",
+    ]
+    scales = {}
+    for method in ("minmax", "percentile", "entropy"):
+        out = tmp_path / method
+        result = run_cli(
+            "compile.py", *flags, "--target", "ort-cpu", "--precision", "int8", "--check",
+            "--calibrate", *files, "--calibration-method", method, "--out", out,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        import onnx
+
+        model = onnx.load(out / "model.onnx")
+        quantize, dq = _qdq(model)
+        assert _ops(model)["DynamicQuantizeLinear"] == 0 and quantize
+        assert all(z.dtype == np.uint8 for z in _zero_points(model, quantize))
+        assert all(set(readers) <= {"MatMul"} for readers in dq.values())
+        record = json.loads((out / "manifest.json").read_text())["int8"]
+        assert record["calibration"] == {"method": method, "inputs": ", ".join(map(str, files))}
+        from onnx import numpy_helper
+
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        scales[method] = tuple(float(inits[n.input[1]]) for n in quantize)
+    # the percentile calibrator clips the tails the min-max one keeps; entropy's thresholds never
+    # reach past the range seen
+    assert scales["percentile"] != scales["minmax"]
+    assert all(e <= m for e, m in zip(scales["entropy"], scales["minmax"]))
+    assert "Collecting tensor data" not in result.stdout  # the calibrators' prints kept off
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--calibrate", "x.npz"],
+            "calibrate sets an int8 graph's activation scales; precision is fp32",
+        ),
+        (["--precision", "int8", "--calibrate", "missing.npz"], "missing.npz"),
+    ],
+)
+def test_calibration_where_it_cannot_apply_is_refused(run_cli, tmp_path, flags, message):
+    result = run_cli(
+        "compile.py", "--embed-dim", "16", "--num-heads", "2", "--target", "ort-cpu", *flags,
+        "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()

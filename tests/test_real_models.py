@@ -220,6 +220,37 @@ def test_keep_fp32_names_a_module_of_either_exporter(exported, tmp_path, entry):
     assert [n.op_type for n in every_node(model.graph)].count("MatMulInteger") == 2
 
 
+@pytest.mark.parametrize("target", ["portable", "ort-cpu"])
+@pytest.mark.parametrize("entry", INT8, ids=lambda e: e.name)
+def test_static_int8_on_real_exports_checks_within_the_bound(exported, tmp_path, entry, target):
+    """Calibrated int8: portable draws its calibration inputs and writes symmetric QDQ of standard
+    ops; ort-cpu calibrates on the export's own example inputs (--calibrate) in its uint8 form. The
+    cores fuse as in fp32 and the check holds the int8 bound against the export."""
+    import onnx
+
+    out = tmp_path / "out"
+    argv = ["--onnx", str(exported[entry.name]), "--target", target, "--precision", "int8"]
+    if target == "ort-cpu":
+        np.savez(tmp_path / "calib.npz", **model_zoo.example_inputs(entry))
+        argv += ["--calibrate", str(tmp_path / "calib.npz")]
+    assert compile_script.main([*argv, "--check", "--quiet", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["int8"]
+    assert record["activations"] == "calibrated"
+    # most layers in int8; any other kept by the fallback, which names it (T5's feed-forward output
+    # on ort-cpu, calibrated on one batch)
+    assert record["quantized"] + len(record["kept_fp32"]) == record["layers"]
+    assert record["quantized"] > len(record["kept_fp32"])
+    assert manifest["check"]["passed"] and 1e-4 < manifest["check"]["worst_rel_error"] <= 5e-2
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in every_node(model.graph)]
+    assert "DynamicQuantizeLinear" not in ops and "QuantizeLinear" in ops
+    if target == "portable":
+        assert all(not n.domain for n in every_node(model.graph))
+    else:
+        assert any(f["fused"] for f in manifest["fusion"])
+
+
 @pytest.mark.parametrize("target", ["ort-cpu", "onnx-attention"])
 @pytest.mark.parametrize("entry", LEFT_ALONE, ids=lambda e: e.name)
 def test_attention_left_unfused_is_named_with_its_reason_and_the_graph_still_checks(

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from compiler import CALIBRATORS
 from graphs.spec import SpecError
 
 LATENCY_SHAPE_RULE = (
@@ -114,7 +115,8 @@ def _check_bounds(values: dict[str, Any]) -> None:
 
 
 def _check_int8_layers(values: dict[str, Any]) -> None:
-    """keep_fp32: layer or module names, for int8 only; fallback: True or False."""
+    """keep_fp32: layer or module names, and calibrate: .npz paths, for int8 only; fallback: True or
+    False; calibration_method: a calibrator's name."""
     keep = values.get("keep_fp32", ())
     if isinstance(keep, str) or not (
         isinstance(keep, (tuple, list)) and all(isinstance(k, str) and k for k in keep)
@@ -125,5 +127,23 @@ def _check_int8_layers(values: dict[str, Any]) -> None:
             f"keep_fp32 keeps layers of an int8 graph in float32; precision is {values.get('precision')}"
         )
     values["keep_fp32"] = tuple(keep)
+    calibrate = values.get("calibrate") or ()
+    if isinstance(calibrate, (str, os.PathLike)):
+        calibrate = (calibrate,)
+    if not (
+        isinstance(calibrate, (tuple, list))
+        and all(isinstance(c, (str, os.PathLike)) for c in calibrate)
+    ):
+        raise SpecError(f"calibrate must be .npz paths, got {calibrate!r}"[:200])
+    if calibrate and values.get("precision") != "int8":
+        raise SpecError(
+            f"calibrate sets an int8 graph's activation scales; precision is {values.get('precision')}"
+        )
+    values["calibrate"] = tuple(calibrate)
+    method = values.get("calibration_method", "minmax")
+    if method not in CALIBRATORS:
+        raise SpecError(
+            f"calibration_method must be one of {', '.join(CALIBRATORS)}, got {method!r}"[:200]
+        )
     if not isinstance(values.get("fallback", True), bool):
         raise SpecError(f"fallback must be True or False, got {values.get('fallback')!r}"[:200])

@@ -8,6 +8,7 @@ those bytes: what is checked is what ``Artifact.save`` copies out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -29,7 +30,7 @@ from attention_compiler.artifacts.files import (
     needs_external_data,
     save_model,
 )
-from attention_compiler.artifacts.int8_layers import Int8Layers
+from attention_compiler.artifacts.int8_layers import Int8Layers, calibration_for
 from attention_compiler.artifacts.manifest import describe_graph, manifest_head
 from attention_compiler.artifacts.options import checked_settings, whole_number_problem
 from attention_compiler.artifacts.resources import memory_record
@@ -96,6 +97,10 @@ class Settings:
     # its bound alone) rather than refuse
     keep_fp32: tuple[str, ...] = ()
     fallback: bool = True
+    # int8: .npz files of real inputs to calibrate activation scales on (static int8; portable and
+    # tensorrt draw inputs without them), and the calibrator
+    calibrate: tuple[str | os.PathLike[str], ...] = ()
+    calibration_method: str = "minmax"
 
     @property
     def tolerance(self) -> float:
@@ -134,12 +139,18 @@ class Plan:
 
 
 def _compiled(
-    model: onnx.ModelProto, settings: Settings, form: str | None
+    model: onnx.ModelProto,
+    settings: Settings,
+    form: str | None,
+    draw: Callable[[np.random.Generator, Any], dict[str, np.ndarray]],
 ) -> tuple[onnx.ModelProto, Int8Layers | None]:
-    """The target's passes over ``model``; for int8, also its layers, to quantize again."""
+    """The target's passes over ``model``; for int8, also its layers, to quantize again, with the
+    calibration (``draw`` makes inputs where the target needs some and none are given)."""
     if settings.precision != "int8":
         return compile_model(model, settings.target, settings.precision, form), None
-    layers = Int8Layers(prepare_int8(model, settings.target, form), settings.keep_fp32)
+    calibration, calibrated_on = calibration_for(settings, model, draw)
+    prepared = prepare_int8(model, settings.target, form)
+    layers = Int8Layers(prepared, settings.target, calibration, calibrated_on, settings.keep_fp32)
     return layers.model(), layers
 
 
@@ -286,7 +297,9 @@ def _built(
         built = (build_mha if mha else build_block)(spec, weights)
         declare_maxima(built, settings.max_batch, settings.max_len)  # no forms for longer inputs
     with progress.step(f"running the {settings.target} passes"):
-        model, int8 = _compiled(built, settings, settings.form)
+        model, int8 = _compiled(
+            built, settings, settings.form, lambda rng, shape: inputs(spec, _spec_shape(shape), rng)
+        )
     declare_maxima(model, settings.max_batch, settings.max_len)
     return Plan(
         built,
@@ -328,8 +341,9 @@ def _ingested(
     from runtime.signature import input_specs
 
     name, original, digest = _read_onnx(source, progress)
-    model, findings, int8 = _passes_over(original, name, settings, progress)
     ranges = index_ranges(original)
+    draw = _graph_draw(original, name, ranges)
+    model, findings, int8 = _passes_over(original, name, settings, progress, draw)
     if isinstance(given, (str, os.PathLike)):
         given = read_inputs(given, input_specs(original))
     sizes = None if given is not None else settings.latency_shape
@@ -361,6 +375,26 @@ def _ingested(
     )
 
 
+def _graph_draw(
+    original: onnx.ModelProto, name: str, ranges: Mapping[str, int]
+) -> Callable[[np.random.Generator, Any], dict[str, np.ndarray]]:
+    """Random inputs at a shape's length that the graph takes, found as the check finds its own
+    (a decoder's total length as the sum of its cache's and the new tokens'): calibration's."""
+    from runtime.check import drawn_case
+    from runtime.graph_inputs import graph_inputs, onnx_axis_sizes, overridden_initializers
+    from runtime.signature import input_specs
+
+    specs = input_specs(original)
+    before = functools.cache(lambda: input_session(original, name))
+
+    def draw(rng: np.random.Generator, shape: Any) -> dict[str, np.ndarray]:
+        if isinstance(shape, Mapping):
+            return graph_inputs(specs, onnx_axis_sizes(specs, shape), rng, ranges=ranges)
+        return drawn_case(before(), shape[1], rng, ranges, overridden_initializers(original))[0]
+
+    return draw
+
+
 def _graph_checker(
     original: onnx.ModelProto,
     name: str,
@@ -385,7 +419,11 @@ def _graph_checker(
 
 
 def _passes_over(
-    original: onnx.ModelProto, name: str, settings: Settings, progress: Progress
+    original: onnx.ModelProto,
+    name: str,
+    settings: Settings,
+    progress: Progress,
+    draw: Callable[[np.random.Generator, Any], dict[str, np.ndarray]],
 ) -> tuple[onnx.ModelProto, list[Any], Int8Layers | None]:
     """The target's passes over an ingested graph, and what they fused and left alone; a graph
     without attention comes back unchanged."""
@@ -399,7 +437,7 @@ def _passes_over(
         )
     _, form = get_target(settings.target, settings.precision, settings.form)
     with progress.step(f"running the {settings.target} passes"):
-        model, int8 = _compiled(original, settings, form.name)
+        model, int8 = _compiled(original, settings, form.name, draw)
     findings = fusion_findings(original, model, form, attention_form(model))
     for finding in findings:
         progress.say(str(finding))

@@ -34,7 +34,7 @@ from attention_compiler.cli.spec_flags import (
     given_spec_flags,
     spec_from_args,
 )
-from compiler import PRECISIONS, TARGETS
+from compiler import CALIBRATORS, PRECISIONS, TARGETS
 from graphs.weight_files import first_line
 from runtime.session import BackendUnavailable
 from runtime.trt_engine import EngineBuildError
@@ -136,6 +136,9 @@ def _add_precision_flags(out: argparse._ArgumentGroup) -> None:
         help="--check's bound on each output's cosine similarity to the reference; default 0.999 for "
         "int8, none otherwise",
     )
+
+
+def _add_int8_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--keep-fp32",
         nargs="+",
@@ -151,11 +154,27 @@ def _add_precision_flags(out: argparse._ArgumentGroup) -> None:
         help="int8 with --check: refuse a graph beyond the bound rather than keep float32 each layer "
         "that alone puts it there",
     )
+    out.add_argument(
+        "--calibrate",
+        nargs="+",
+        default=[],
+        metavar="FILE.npz",
+        help="int8: real inputs (one array per graph input, each file one call) to calibrate "
+        "activation scales on: static int8 (default on ort-cpu: dynamic; portable and tensorrt "
+        "draw inputs without it)",
+    )
+    out.add_argument(
+        "--calibration-method",
+        choices=CALIBRATORS,
+        default="minmax",
+        help="int8 static: the calibrator that chooses each activation's range from the inputs",
+    )
 
 
 def _add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--target", choices=TARGETS, default="portable")
     _add_precision_flags(out)
+    _add_int8_flags(out)
     out.add_argument(
         "--form",
         default=None,
